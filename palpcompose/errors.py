@@ -1,0 +1,55 @@
+"""Errors that reach the user.
+
+`UserError` and its subclasses mean "your input is wrong": the CLI prints the message (no traceback) and exits 2,
+having written nothing. Anything else is a bug or an environment failure and exits 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class PalpcomposeError(Exception):
+    """Base class of every error palpcompose raises on purpose. Exit code 1 unless a subclass says otherwise."""
+
+    exit_code = 1
+
+
+class UserError(PalpcomposeError):
+    """The user's input (project file, images, command-line options) is wrong. Exit code 2."""
+
+    exit_code = 2
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One located problem in a project: where, what is wrong, and how to fix it."""
+
+    file: str
+    message: str
+    key: str | None = None
+    line: int | None = None
+    hint: str | None = None
+
+    def format(self) -> str:
+        where = self.file if self.line is None else f"{self.file}:{self.line}"
+        text = f"{where}: {self.key}: {self.message}" if self.key else f"{where}: {self.message}"
+        if self.hint:
+            text += f" (hint: {self.hint})"
+        return text
+
+
+class ProjectError(UserError):
+    """A project has one or more problems; all of them are listed at once."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = list(problems)
+        n = len(self.problems)
+        head = f"{n} problem{'s' if n != 1 else ''} found:"
+        super().__init__("\n".join([head] + ["  - " + p.format() for p in self.problems]))
+
+
+class Interrupted(PalpcomposeError):
+    """Training was interrupted (SIGINT/SIGTERM) after writing a resumable checkpoint. Exit code 130."""
+
+    exit_code = 130

@@ -1,0 +1,81 @@
+"""The trained weights of a project, as palpcompose stores them (final weights and every snapshot).
+
+A weights folder (`out/weights/final/`, `out/snapshots/step-000100/`, ...) holds two small safetensors files:
+- `lora.safetensors`: the UNet LoRA in peft's own key format, i.e. `peft.get_peft_model_state_dict(unet)`
+  (keys such as `down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight`), fp32.
+- `embeddings.safetensors`: one 1-D fp32 tensor per learned token, keyed by the token string (`<name-V1>`).
+Both carry metadata in the safetensors header (format, tokens, rank, alpha, base model, palpcompose version), so a
+file found on its own still says what it is. `export.py` converts this format to other tools' formats.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from palpcompose import __version__
+from palpcompose.errors import UserError
+from palpcompose.fsutil import atomic_save_safetensors
+
+LORA_FILE = "lora.safetensors"
+EMBEDDINGS_FILE = "embeddings.safetensors"
+
+
+@dataclass
+class TrainedWeights:
+    lora: dict[str, torch.Tensor]  # peft key -> tensor
+    embeddings: dict[str, torch.Tensor]  # token string -> (dim,)
+    placeholders: dict[str, str]  # "V1" -> "<name-V1>"
+    rank: int
+    lora_alpha: float
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    base_model: str = ""
+    step: int = 0
+
+    def metadata(self) -> dict[str, str]:
+        return {
+            "format": "palpcompose",
+            "palpcompose_version": __version__,
+            "placeholders": json.dumps(self.placeholders, sort_keys=True),
+            "rank": str(self.rank),
+            "lora_alpha": str(self.lora_alpha),
+            "target_modules": json.dumps(self.target_modules),
+            "base_model": self.base_model,
+            "step": str(self.step),
+        }
+
+
+def save_trained_weights(folder: str | Path, weights: TrainedWeights) -> None:
+    """Write both files atomically (each appears whole or not at all)."""
+    folder = Path(folder)
+    meta = weights.metadata()
+    atomic_save_safetensors(folder / LORA_FILE, {k: v.float() for k, v in weights.lora.items()}, meta)
+    atomic_save_safetensors(folder / EMBEDDINGS_FILE, {k: v.float() for k, v in weights.embeddings.items()}, meta)
+
+
+def load_trained_weights(folder: str | Path) -> TrainedWeights:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    lora_path, emb_path = folder / LORA_FILE, folder / EMBEDDINGS_FILE
+    for p in (lora_path, emb_path):
+        if not p.is_file():
+            raise UserError(f"{p}: trained weights not found (run `palpcompose train` first)")
+    with safe_open(str(lora_path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != "palpcompose":
+        raise UserError(f"{lora_path}: not a palpcompose weights file (no 'format: palpcompose' in its header)")
+    return TrainedWeights(
+        lora=load_file(str(lora_path)),
+        embeddings=load_file(str(emb_path)),
+        placeholders=json.loads(meta["placeholders"]),
+        rank=int(meta["rank"]),
+        lora_alpha=float(meta["lora_alpha"]),
+        target_modules=json.loads(meta["target_modules"]),
+        base_model=meta.get("base_model", ""),
+        step=int(meta.get("step", "0")),
+    )
