@@ -74,3 +74,62 @@ def _hub_cached(repo_id: str) -> bool:
         return isinstance(hit, str)
     except Exception:
         return False
+
+
+def load_pipeline(source: BaseModelSource, torch_dtype=None, allow_download: bool = False, allow_pickle: bool = False):
+    """Load the base text-to-image pipeline that `source` names, offline unless `allow_download`.
+
+    Returns a diffusers `StableDiffusionPipeline` (SD 1.x / 2.x). The caller moves it to a device and sets dtypes.
+    """
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    torch_dtype = torch_dtype or torch.float32
+    if source.kind in ("builtin", "folder"):
+        if not source.available:
+            raise UserError(source.detail)
+        return StableDiffusionPipeline.from_pretrained(
+            source.location, torch_dtype=torch_dtype, local_files_only=True, safety_checker=None,
+            requires_safety_checker=False,
+        )
+    if source.kind == "single_file":
+        if Path(source.location).suffix != ".safetensors" and not allow_pickle:
+            raise UserError(
+                f"{source.location}: this checkpoint format runs pickled code when loaded; convert it to .safetensors, "
+                "or pass --allow-pickle if you trust its origin"
+            )
+        return StableDiffusionPipeline.from_single_file(
+            source.location, torch_dtype=torch_dtype, local_files_only=not allow_download,
+        )
+    if source.kind == "hub":
+        try:
+            return StableDiffusionPipeline.from_pretrained(
+                source.location, torch_dtype=torch_dtype, local_files_only=not allow_download, safety_checker=None,
+                requires_safety_checker=False,
+            )
+        except OSError as exc:
+            raise UserError(
+                f"hub model {source.location!r} is not in the local Hugging Face cache and downloading is off: "
+                f"download it first (`hf download {source.location}`) or point base_model at a local folder ({exc})"
+            ) from exc
+    raise ValueError(f"unknown base model kind {source.kind!r}")
+
+
+def placeholder_tokens(project_name: str, subject_keys) -> dict[str, str]:
+    """The learned token of each subject: {"V1": "<name-v1>"}. Lower case, because CLIP's tokenizer lowercases text."""
+    return {key: f"<{project_name}-{key}>".lower() for key in subject_keys}
+
+
+_PLACEHOLDER = re.compile(r"\[(V\d+)\]")
+
+
+def expand_placeholders(prompt: str, tokens: dict[str, str]) -> str:
+    """Replace `[V1]` with subject V1's token. Unknown placeholders raise UserError."""
+
+    def sub(m: re.Match) -> str:
+        key = m.group(1)
+        if key not in tokens:
+            raise UserError(f"prompt {prompt!r} uses [{key}], which is not a subject of this project")
+        return tokens[key]
+
+    return _PLACEHOLDER.sub(sub, prompt)
