@@ -1,0 +1,167 @@
+"""Converting a project's trained weights to the formats other tools load (`palpcompose export`).
+
+- `diffusers`: `PATH/pytorch_lora_weights.safetensors` (UNet LoRA, keys as diffusers' own training scripts save them,
+  with the LoRA config in the `lora_adapter_metadata` header entry so `lora_alpha` survives), loadable by
+  `pipe.load_lora_weights(PATH)`, and one `PATH/<trigger>.safetensors` per subject holding `{token: embedding}`,
+  loadable by `pipe.load_textual_inversion(file, token=token)`.
+- `webui`: `PATH/<project>.safetensors`, a kohya-style LoRA (`lora_unet_..._to_q.lora_down.weight`, `.lora_up.weight`
+  and `.alpha` per layer) as AUTOMATIC1111, ComfyUI and most other tools load it, and one `PATH/<trigger>.safetensors`
+  per subject holding `{"emb_params": (1, dim)}`, the embedding format AUTOMATIC1111 writes itself.
+
+The trigger word of a subject is its token without the angle brackets (`<cat-wanderer-v1>` -> `cat-wanderer-v1`):
+AUTOMATIC1111 and ComfyUI name an embedding after its file, and `<` and `>` are not allowed in Windows file names.
+Key names come from diffusers' own converters (peft -> diffusers, peft -> kohya); nothing is mapped by hand.
+Every file carries the tokens, trigger words, base model and palpcompose version in its safetensors header.
+Existing files are never overwritten unless `force`; other files in PATH are left alone.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from palpcompose import __version__
+from palpcompose.errors import UserError
+from palpcompose.fsutil import atomic_save_safetensors
+from palpcompose.render import check_trained_for, locate_weights, read_manifest
+from palpcompose.weights import TrainedWeights, load_trained_weights
+
+FORMATS = ("diffusers", "webui")
+DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"  # the name `load_lora_weights(PATH)` looks for
+
+
+@dataclass(frozen=True)
+class ExportedFile:
+    path: Path
+    kind: str  # "lora" or "embedding"
+    subject: str | None  # "V1" for an embedding
+    token: str | None  # the token the embedding was trained as, e.g. "<cat-wanderer-v1>"
+    trigger: str | None  # the word to write in prompts of the target tool
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    out_dir: Path
+    fmt: str
+    weights: str  # "final" or "step-000100"
+    files: tuple[ExportedFile, ...]
+    warnings: tuple[str, ...]
+
+
+def trigger_word(token: str) -> str:
+    """`<cat-wanderer-v1>` -> `cat-wanderer-v1`: a token as a file name, and as the word other tools match."""
+    return token.strip("<>")
+
+
+def export(project, fmt: str, out_path, step: int | None = None, force: bool = False) -> ExportResult:
+    """Write the project's trained weights (final, or snapshot `step`) to `out_path` in format `fmt`."""
+    if fmt not in FORMATS:
+        raise UserError(f"--format {fmt!r} is not known; choose one of: {', '.join(FORMATS)}")
+    out_dir = project.root / "out"
+    folder, label, warnings = locate_weights(project, out_dir, step)
+    warnings += check_trained_for(project, out_dir, read_manifest(out_dir))
+    weights = load_trained_weights(folder)
+
+    out_path = Path(out_path).expanduser()
+    if out_path.exists() and not out_path.is_dir():
+        raise UserError(f"--out {out_path}: is a file; give a folder (it is created if missing)")
+    header = _header(project, weights, label)
+    if fmt == "diffusers":
+        plan = _diffusers_files(project, weights, out_path, header)
+    else:
+        plan = _webui_files(project, weights, out_path, header)
+
+    existing = [str(f.path) for f, _, _ in plan if f.path.exists()]
+    if existing and not force:
+        raise UserError(
+            f"--out {out_path}: would overwrite {', '.join(existing)}; choose another folder or pass --force"
+        )
+    for exported, tensors, metadata in plan:
+        atomic_save_safetensors(exported.path, tensors, metadata)
+    return ExportResult(out_path, fmt, label, tuple(f for f, _, _ in plan), tuple(warnings))
+
+
+def _header(project, weights: TrainedWeights, label: str) -> dict[str, str]:
+    """What every exported file says about itself (safetensors header values must be strings)."""
+    return {
+        "palpcompose_version": __version__,
+        "palpcompose_project": project.config.project.name,
+        "palpcompose_weights": label,
+        "palpcompose_step": str(weights.step),
+        "base_model": project.config.project.base_model,
+        "tokens": json.dumps(weights.placeholders, sort_keys=True),
+        "trigger_words": json.dumps({k: trigger_word(t) for k, t in weights.placeholders.items()}, sort_keys=True),
+    }
+
+
+def _embedding_files(weights, out_path, header, as_tensors):
+    """One file per subject, named after its trigger word."""
+    plan = []
+    for key, token in sorted(weights.placeholders.items()):
+        if token not in weights.embeddings:
+            raise UserError(f"the trained weights have no embedding for {token} (subject {key}); retrain the project")
+        vector = weights.embeddings[token].float().reshape(-1)
+        trigger = trigger_word(token)
+        meta = {**header, "subject": key, "token": token, "trigger_word": trigger}
+        exported = ExportedFile(out_path / f"{trigger}.safetensors", "embedding", key, token, trigger)
+        plan.append((exported, as_tensors(token, vector), meta))
+    return plan
+
+
+def _diffusers_files(project, weights: TrainedWeights, out_path: Path, header):
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    # peft keys (`...to_q.lora_A.weight`) -> diffusers keys (`unet....to_q.lora.down.weight`), as the diffusers LoRA
+    # training scripts save them; diffusers reads lora_alpha back from `lora_adapter_metadata` (else it assumes r).
+    lora = {f"unet.{k}": v.float() for k, v in convert_state_dict_to_diffusers(dict(weights.lora)).items()}
+    lora_config = {"r": weights.rank, "lora_alpha": weights.lora_alpha, "target_modules": list(weights.target_modules)}
+    meta = {
+        **header,
+        "format": "pt",
+        "lora_adapter_metadata": json.dumps({f"unet.{k}": v for k, v in lora_config.items()}, sort_keys=True),
+    }
+    plan = [(ExportedFile(out_path / DIFFUSERS_LORA_FILE, "lora", None, None, None), lora, meta)]
+    return plan + _embedding_files(weights, out_path, header, lambda token, vector: {token: vector})
+
+
+def _webui_files(project, weights: TrainedWeights, out_path: Path, header):
+    from diffusers.utils import convert_state_dict_to_kohya
+
+    # peft keys -> kohya keys (`lora_unet_down_blocks_0_..._to_q.lora_down.weight`). The converter writes
+    # alpha = rank (scale 1); the scale trained is lora_alpha / rank, so write the real alpha.
+    lora = convert_state_dict_to_kohya({f"unet.{k}": v.float() for k, v in weights.lora.items()})
+    for key in [k for k in lora if k.endswith(".alpha")]:
+        lora[key] = torch.tensor(float(weights.lora_alpha))
+    name = project.config.project.name
+    meta = {
+        **header,
+        "format": "pt",
+        # kohya's sd-scripts header entries, which AUTOMATIC1111's and ComfyUI's LoRA browsers display.
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(weights.rank),
+        "ss_network_alpha": str(weights.lora_alpha),
+        "ss_output_name": name,
+    }
+    plan = [(ExportedFile(out_path / f"{name}.safetensors", "lora", None, None, f"<lora:{name}:1>"), lora, meta)]
+    return plan + _embedding_files(weights, out_path, header, lambda token, vector: {"emb_params": vector[None, :]})
+
+
+def summary_table(result: ExportResult):
+    """A rich table: each file written and how to use it."""
+    from rich.table import Table
+
+    table = Table(title=f"exported {result.weights} weights ({result.fmt} format) to {result.out_dir}",
+                  title_justify="left")
+    table.add_column("file", overflow="fold")
+    table.add_column("what")
+    table.add_column("use in prompts")
+    for f in result.files:
+        if f.kind == "lora":
+            table.add_row(str(f.path), "UNet LoRA", f.trigger or "pipe.load_lora_weights(folder)")
+        else:
+            word = f.token if result.fmt == "diffusers" else f.trigger
+            table.add_row(str(f.path), f"embedding of [{f.subject}]", word)
+    return table

@@ -1,0 +1,518 @@
+"""Rendering prompts with a project's trained weights: plain renders, step sweeps, base-vs-personalized comparisons.
+
+A render loads the base model once, attaches the LoRA and the learned token embeddings (`attach_trained_weights`), and
+renders every (prompt, seed) pair. Each image's starting noise comes from its own CPU `torch.Generator` seeded with
+its seed, so an image depends only on its seed and the settings: not on the batch it was rendered in, nor on the
+device's random number generator. Outputs go to `DIR/out/renders/<run>/`: one PNG per image with its generation
+parameters in the `parameters` text chunk AUTOMATIC1111 and ComfyUI read, a captioned contact sheet, and
+`render.json` listing every image with its settings.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from palpcompose import __version__
+from palpcompose.errors import UserError
+from palpcompose.fsutil import atomic_save_image, atomic_write_json
+from palpcompose.weights import TrainedWeights, load_trained_weights
+
+ADAPTER_NAME = "palp"
+
+# --scheduler name -> (diffusers class name, extra config, the sampler's name in AUTOMATIC1111's `parameters` text).
+SCHEDULERS = {
+    "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}, "DPM++ 2M"),
+    "ddim": ("DDIMScheduler", {}, "DDIM"),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}, "Euler a"),
+}
+
+
+@dataclass(frozen=True)
+class RenderSettings:
+    """How each image is rendered; what every PNG's `parameters` chunk records."""
+
+    steps: int
+    guidance_scale: float
+    width: int
+    height: int
+    negative_prompt: str
+    scheduler: str  # a key of SCHEDULERS
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """One row group of a render: the personalized model at some weights, or the base model (weights None)."""
+
+    label: str  # "final", "step-000100" or "base"
+    weights: TrainedWeights | None
+    step: int | None
+
+
+@dataclass(frozen=True)
+class RenderedImage:
+    path: Path
+    model: str  # ModelChoice.label
+    step: int | None
+    prompt: str  # as the user wrote it, with [V1] placeholders
+    text: str  # what the text encoder saw (tokens, or class words for the base model)
+    seed: int
+
+
+@dataclass(frozen=True)
+class RenderResult:
+    run_dir: Path
+    images: tuple[RenderedImage, ...]
+    contact_sheet: Path
+    settings: RenderSettings
+    warnings: tuple[str, ...] = field(default_factory=tuple)
+
+
+# --- seeds, schedulers, trained weights ------------------------------------------------------------------------
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """`"0-7"`, `"1,5,9"` or mixes such as `"0-3,10"` -> seeds in the order given, duplicates dropped."""
+    seeds: list[int] = []
+    for part in text.replace(" ", "").split(","):
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if not m:
+            raise UserError(f"--seeds {text!r}: {part!r} is not a seed or a range; write e.g. 0-7, 1,5,9 or 0-3,10")
+        lo = int(m.group(1))
+        hi = int(m.group(2)) if m.group(2) is not None else lo
+        if hi < lo:
+            raise UserError(f"--seeds {text!r}: range {part!r} runs backwards; write {hi}-{lo}")
+        if hi - lo >= 10_000:
+            raise UserError(f"--seeds {text!r}: range {part!r} has more than 10000 seeds")
+        seeds.extend(s for s in range(lo, hi + 1) if s not in seeds)
+    return tuple(seeds)
+
+
+def make_scheduler(name: str, base_config):
+    """Build the sampler `name` from the base model's scheduler config, so its noise schedule and prediction type
+    (epsilon or v_prediction) carry over."""
+    import diffusers
+
+    if name not in SCHEDULERS:
+        raise UserError(f"--scheduler {name!r} is not known; choose one of: {', '.join(SCHEDULERS)}")
+    class_name, extra, _ = SCHEDULERS[name]
+    return getattr(diffusers, class_name).from_config(base_config, **extra)
+
+
+def attach_trained_weights(pipe, weights: TrainedWeights, adapter_name: str = ADAPTER_NAME) -> None:
+    """Put trained weights into a loaded pipeline: the LoRA into `pipe.unet` (peft), each learned token into the
+    tokenizer and its embedding into the text encoder's input embedding matrix. Calling it again with other weights
+    (e.g. another snapshot) replaces the previous ones. The adapter is left enabled and active."""
+    from peft import LoraConfig
+    from peft.utils import set_peft_model_state_dict
+
+    unet = pipe.unet
+    if adapter_name in getattr(unet, "peft_config", {}):
+        unet.delete_adapters(adapter_name)
+    config = LoraConfig(r=weights.rank, lora_alpha=weights.lora_alpha, target_modules=list(weights.target_modules))
+    unet.add_adapter(config, adapter_name=adapter_name)
+    lora = {k: v.to(device=unet.device, dtype=unet.dtype) for k, v in weights.lora.items()}
+    result = set_peft_model_state_dict(unet, lora, adapter_name=adapter_name)
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    missing = [k for k in getattr(result, "missing_keys", []) or [] if ".lora_" in k and adapter_name in k]
+    if unexpected or missing:
+        raise UserError(
+            f"the trained LoRA does not fit this base model ({len(unexpected)} unexpected, {len(missing)} missing "
+            f"keys, e.g. {(unexpected + missing)[0]}); render with the base model it was trained on"
+        )
+    unet.set_adapter(adapter_name)
+    unet.enable_adapters()
+
+    tokenizer, text_encoder = pipe.tokenizer, pipe.text_encoder
+    new_tokens = [t for t in weights.embeddings if t not in tokenizer.get_vocab()]
+    if new_tokens:
+        tokenizer.add_tokens(new_tokens)
+        text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # rows set below
+    table = text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        for token, vector in weights.embeddings.items():
+            if vector.numel() != table.shape[1]:
+                raise UserError(
+                    f"the embedding of {token} has {vector.numel()} values but this base model's text encoder "
+                    f"uses {table.shape[1]}; render with the base model it was trained on"
+                )
+            table[tokenizer.convert_tokens_to_ids(token)] = vector.reshape(-1).to(table)
+
+
+def snapshot_steps(out_dir: Path) -> list[int]:
+    """The steps of every snapshot in `out/snapshots/step-NNNNNN/` that holds weights, ascending."""
+    steps = []
+    for folder in (out_dir / "snapshots").glob("step-*"):
+        m = re.fullmatch(r"step-(\d+)", folder.name)
+        if m and (folder / "lora.safetensors").is_file():
+            steps.append(int(m.group(1)))
+    return sorted(steps)
+
+
+def snapshot_dir(out_dir: Path, step: int) -> Path:
+    return out_dir / "snapshots" / f"step-{step:06d}"
+
+
+def read_manifest(out_dir: Path) -> dict | None:
+    path = out_dir / "manifest.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: unreadable ({exc}); retrain with `palpcompose train` to rewrite it") from exc
+
+
+def check_trained_for(project, out_dir: Path, manifest: dict | None) -> list[str]:
+    """Guard rails shared by render and export: refuse when the trained weights belong to another base model, warn
+    when palp.toml changed since training. Returns the warnings."""
+    warnings = []
+    base_model = project.config.project.base_model
+    if manifest is not None:
+        trained_on = (manifest.get("base_model") or {}).get("spec")
+        if trained_on is not None and trained_on.strip() != base_model.strip():
+            raise UserError(
+                f"{project.file}: project.base_model is {base_model!r} but the weights in {out_dir} were trained on "
+                f"{trained_on!r}; set base_model back to {trained_on!r}, or retrain with `palpcompose train "
+                f"{project.root}`"
+            )
+        trained_hash = manifest.get("config_hash")
+        if trained_hash is not None and trained_hash != project.config.hash():
+            warnings.append(
+                f"{project.file} changed since training (configuration hash {project.config.hash()[:12]} vs "
+                f"{str(trained_hash)[:12]} in out/manifest.json); the weights were trained with the old settings"
+            )
+    return warnings
+
+
+def locate_weights(project, out_dir: Path, step: int | None) -> tuple[Path, str, list[str]]:
+    """Which weights folder to use: snapshot `step`, else the final weights, else (an unfinished run) the latest
+    snapshot. Returns (folder, label, warnings); UserError when there is nothing to use."""
+    steps = snapshot_steps(out_dir)
+    available = ", ".join(str(s) for s in steps) or "none"
+    if step is not None:
+        if step not in steps:
+            raise UserError(f"no snapshot at step {step} in {out_dir / 'snapshots'}; available steps: {available}")
+        return snapshot_dir(out_dir, step), f"step-{step:06d}", []
+    final = out_dir / "weights" / "final"
+    if (final / "lora.safetensors").is_file():
+        return final, "final", []
+    if steps:
+        return (
+            snapshot_dir(out_dir, steps[-1]),
+            f"step-{steps[-1]:06d}",
+            [f"training has not finished (no {final}); using the latest snapshot, step {steps[-1]}. "
+             f"`palpcompose train {project.root} --resume` finishes it"],
+        )
+    raise UserError(f"no trained weights in {out_dir}; run `palpcompose train {project.root}` first")
+
+
+# --- the render itself --------------------------------------------------------------------------------------------
+
+
+def a1111_parameters(prompt: str, settings: RenderSettings, seed: int, model: str, extra: dict[str, str]) -> str:
+    """The `parameters` text AUTOMATIC1111 writes into its PNGs (and ComfyUI and most image viewers read):
+    the prompt, an optional `Negative prompt:` line, then `Key: value` pairs separated by commas."""
+
+    def quote(value: str) -> str:
+        return json.dumps(value) if any(c in value for c in ',:\n"') else value
+
+    fields = {
+        "Steps": str(settings.steps),
+        "Sampler": SCHEDULERS[settings.scheduler][2],
+        "CFG scale": f"{settings.guidance_scale:g}",
+        "Seed": str(seed),
+        "Size": f"{settings.width}x{settings.height}",
+        "Model": model,
+        **extra,
+        "Version": f"palpcompose {__version__}",
+    }
+    lines = [prompt]
+    if settings.negative_prompt:
+        lines.append(f"Negative prompt: {settings.negative_prompt}")
+    lines.append(", ".join(f"{key}: {quote(value)}" for key, value in fields.items()))
+    return "\n".join(lines)
+
+
+def _pick_device() -> tuple[str, torch.dtype]:
+    if torch.cuda.is_available():
+        return "cuda", torch.float16
+    return "cpu", torch.float32
+
+
+def render(
+    project,
+    *,
+    prompts=None,
+    seeds=None,
+    step: int | None = None,
+    steps: int | None = None,
+    guidance_scale: float | None = None,
+    width: int | None = None,
+    height: int | None = None,
+    negative_prompt: str | None = None,
+    scheduler: str | None = None,
+    batch_size: int | None = None,
+    sweep: bool = False,
+    compare: bool = False,
+    console=None,
+) -> RenderResult:
+    """Render the project's prompts with its trained weights; arguments left None come from palp.toml's [render].
+
+    `seeds` is a sequence of ints or a string such as "0-7". `step` picks a snapshot. `sweep` renders every snapshot
+    and the final weights; `compare` adds the base model (class words instead of tokens). Everything is validated
+    before anything is written.
+    """
+    from palpcompose.models import expand_placeholders, load_pipeline, placeholder_tokens, resolve_base_model
+
+    cfg = project.config
+    rc = cfg.render
+    warnings: list[str] = []
+
+    # 1. Settings: options over palp.toml's [render], validated before any work.
+    if sweep and step is not None:
+        raise UserError("--sweep renders every snapshot; it cannot be combined with --step")
+    prompts = tuple(prompts) if prompts else (tuple(rc.prompts) or (cfg.palp.target_prompt,))
+    prompts = tuple(p for p in prompts if p)
+    if not prompts:
+        raise UserError(f"{project.file}: nothing to render; set render.prompts or palp.target_prompt, or pass --prompt")
+    if seeds is None:
+        seeds = tuple(rc.seeds)
+    elif isinstance(seeds, str):
+        seeds = parse_seeds(seeds)
+    seeds = tuple(int(s) for s in seeds)
+    if not seeds:
+        raise UserError("no seeds to render; pass --seeds, e.g. --seeds 0-3")
+    size = cfg.train.resolution
+    settings = RenderSettings(
+        steps=steps if steps is not None else rc.steps,
+        guidance_scale=guidance_scale if guidance_scale is not None else rc.guidance_scale,
+        width=width or rc.width or size,
+        height=height or rc.height or size,
+        negative_prompt=negative_prompt if negative_prompt is not None else rc.negative_prompt,
+        scheduler=scheduler or rc.scheduler,
+        batch_size=batch_size or rc.batch_size,
+    )
+    _validate(settings)
+
+    tokens = placeholder_tokens(cfg.project.name, cfg.subjects.keys())
+    class_words = {key: subject.class_name for key, subject in cfg.subjects.items()}
+    texts = {p: expand_placeholders(p, tokens) for p in prompts}  # raises on unknown [Vn]
+    base_texts = {p: expand_placeholders(p, class_words) for p in prompts}
+
+    # 2. Which weights: guard rails, then the model rows of the render.
+    out_dir = project.root / "out"
+    manifest = read_manifest(out_dir)
+    folder, label, found = locate_weights(project, out_dir, step)
+    warnings += found
+    warnings += check_trained_for(project, out_dir, manifest)
+    if sweep:
+        choices = [(snapshot_dir(out_dir, s), f"step-{s:06d}", s) for s in snapshot_steps(out_dir)]
+        final = out_dir / "weights" / "final"
+        if (final / "lora.safetensors").is_file():
+            choices.append((final, "final", None))
+    else:
+        choices = [(folder, label, step)]
+    models = [ModelChoice("base", None, None)] if compare else []
+    for path, name, at_step in choices:
+        weights = load_trained_weights(path)
+        missing = sorted(set(tokens.values()) - set(weights.embeddings))
+        if missing:
+            raise UserError(
+                f"{path}: has no embedding for {', '.join(missing)}; palp.toml's subjects changed since training. "
+                f"Retrain with `palpcompose train {project.root}`"
+            )
+        models.append(ModelChoice(name, weights, at_step if at_step is not None else weights.step))
+    for message in warnings:
+        if console is not None:
+            console.print(f"[yellow]warning:[/] {message}", highlight=False)
+
+    # 3. Base model and sampler.
+    source = resolve_base_model(cfg.project.base_model, project.root)
+    device, dtype = _pick_device()
+    pipe = load_pipeline(source, torch_dtype=dtype)
+    pipe.scheduler = make_scheduler(settings.scheduler, pipe.scheduler.config)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+
+    # 4. Render every model x prompt x seed, batch by batch, writing each PNG as soon as it exists.
+    run_dir = _new_run_dir(out_dir / "renders", "sweep" if sweep else "compare" if compare else "")
+    jobs = [(p_index, prompt, seed) for p_index, prompt in enumerate(prompts, 1) for seed in seeds]
+    images: list[RenderedImage] = []
+    started = time.perf_counter()
+    progress = _progress(console, total=len(models) * len(jobs))
+    with progress:
+        task = progress.add_task("rendering", total=len(models) * len(jobs))
+        for model in models:
+            if model.weights is None:
+                if getattr(pipe.unet, "peft_config", None):
+                    pipe.unet.disable_adapters()
+            else:
+                attach_trained_weights(pipe, model.weights)
+            for start in range(0, len(jobs), settings.batch_size):
+                batch = jobs[start : start + settings.batch_size]
+                batch_texts = [(base_texts if model.weights is None else texts)[prompt] for _, prompt, _ in batch]
+                pictures = generate(pipe, batch_texts, [seed for _, _, seed in batch], settings)
+                for (p_index, prompt, seed), text, picture in zip(batch, batch_texts, pictures):
+                    path = run_dir / f"{model.label}_p{p_index}_seed{seed}.png"
+                    extra = {"PALP weights": model.label if model.weights is not None else "none (base model)"}
+                    if model.step is not None:
+                        extra["PALP step"] = str(model.step)
+                    params = a1111_parameters(text, settings, seed, cfg.project.base_model, extra)
+                    _save_png(path, picture, params)
+                    images.append(RenderedImage(path, model.label, model.step, prompt, text, seed))
+                    progress.advance(task)
+
+    # 5. Contact sheet and the run's index.
+    sheet_path = run_dir / "contact-sheet.png"
+    atomic_save_image(sheet_path, contact_sheet(images, prompts, seeds, [m.label for m in models]))
+    atomic_write_json(
+        run_dir / "render.json",
+        {
+            "palpcompose_version": __version__,
+            "project": cfg.project.name,
+            "base_model": cfg.project.base_model,
+            "settings": settings.__dict__,
+            "prompts": list(prompts),
+            "seeds": list(seeds),
+            "device": device,
+            "wall_time_s": round(time.perf_counter() - started, 3),
+            "warnings": warnings,
+            "images": [
+                {"file": i.path.name, "model": i.model, "step": i.step, "prompt": i.prompt, "text": i.text,
+                 "seed": i.seed}
+                for i in images
+            ],
+        },
+    )
+    return RenderResult(run_dir, tuple(images), sheet_path, settings, tuple(warnings))
+
+
+def _validate(settings: RenderSettings) -> None:
+    if settings.scheduler not in SCHEDULERS:
+        raise UserError(f"scheduler {settings.scheduler!r} is not known; choose one of: {', '.join(SCHEDULERS)}")
+    if settings.steps < 1:
+        raise UserError(f"--steps must be at least 1 (got {settings.steps})")
+    if settings.guidance_scale < 0:
+        raise UserError(f"--guidance-scale must not be negative (got {settings.guidance_scale})")
+    if settings.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1 (got {settings.batch_size})")
+    for name, value in (("width", settings.width), ("height", settings.height)):
+        if value < 8 or value % 8:
+            raise UserError(f"--{name} must be a positive multiple of 8 (got {value})")
+
+
+def generate(pipe, texts: list[str], seeds: list[int], settings: RenderSettings):
+    """One batch through the pipeline. Each image gets its own CPU generator seeded with its seed, so an image is the
+    same whatever batch it is in and on whatever device it is rendered."""
+    generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+    with torch.inference_mode():
+        return pipe(
+            prompt=texts,
+            negative_prompt=[settings.negative_prompt] * len(texts) if settings.negative_prompt else None,
+            num_inference_steps=settings.steps,
+            guidance_scale=settings.guidance_scale,
+            width=settings.width,
+            height=settings.height,
+            generator=generators,
+        ).images
+
+
+def _new_run_dir(renders: Path, kind: str) -> Path:
+    """A fresh `out/renders/<YYYYmmdd-HHMMSS>[-kind][-n]/`; never reuses a folder."""
+    renders.mkdir(parents=True, exist_ok=True)
+    stem = time.strftime("%Y%m%d-%H%M%S") + (f"-{kind}" if kind else "")
+    for n in range(1, 1000):
+        run_dir = renders / (stem if n == 1 else f"{stem}-{n}")
+        try:
+            run_dir.mkdir()
+            return run_dir
+        except FileExistsError:
+            continue
+    raise UserError(f"{renders}: could not create a new run folder named {stem}-N")
+
+
+def _save_png(path: Path, image, parameters: str) -> None:
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", parameters)
+    atomic_save_image(path, image, pnginfo=info)
+
+
+def _progress(console, total: int):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        console=console, disable=console is None, transient=True,
+    )
+
+
+# --- contact sheets -------------------------------------------------------------------------------------------
+
+
+def contact_sheet(images: list[RenderedImage], prompts, seeds, model_labels, min_cell: int = 128):
+    """One labelled grid: a row per (prompt, model), a column per seed. Row captions name the model (or snapshot
+    step) and the prompt; column captions name the seed. Small images are enlarged (nearest neighbour) to stay
+    readable."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    by_key = {(i.prompt, i.model, i.seed): i.path for i in images}
+    first = Image.open(images[0].path)
+    scale = max(1, -(-min_cell // min(first.size)))  # ceil division
+    cell_w, cell_h = first.width * scale, first.height * scale
+    label_w, head_h, pad = 240, 24, 4
+    rows = [(p_index, prompt, label) for p_index, prompt in enumerate(prompts, 1) for label in model_labels]
+    sheet = Image.new("RGB", (label_w + len(seeds) * (cell_w + pad), head_h + len(rows) * (cell_h + pad)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for col, seed in enumerate(seeds):
+        draw.text((label_w + col * (cell_w + pad) + 4, 6), f"seed {seed}", fill="black", font=font)
+    for row, (p_index, prompt, label) in enumerate(rows):
+        y = head_h + row * (cell_h + pad)
+        caption = f"{label}\nprompt {p_index}:\n" + "\n".join(_wrap(prompt, 36)[:6])
+        draw.multiline_text((4, y + 4), caption, fill="black", font=font, spacing=2)
+        for col, seed in enumerate(seeds):
+            with Image.open(by_key[(prompt, label, seed)]) as picture:
+                cell = picture.convert("RGB").resize((cell_w, cell_h), Image.NEAREST)
+            sheet.paste(cell, (label_w + col * (cell_w + pad), y))
+    return sheet
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    lines, line = [], ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return lines + ([line] if line else [])
+
+
+def summary_table(result: RenderResult):
+    """A rich table saying where everything went."""
+    from rich.table import Table
+
+    table = Table(title=f"rendered {len(result.images)} image(s)", title_justify="left")
+    table.add_column("what")
+    table.add_column("where", overflow="fold")
+    models = sorted({i.model for i in result.images}, key=lambda m: (m != "base", m))
+    for model in models:
+        count = sum(1 for i in result.images if i.model == model)
+        table.add_row(f"{model}: {count} PNG(s)", str(result.run_dir / f"{model}_p*_seed*.png"))
+    table.add_row("contact sheet", str(result.contact_sheet))
+    table.add_row("index (prompts, seeds, settings)", str(result.run_dir / "render.json"))
+    s = result.settings
+    table.add_row(
+        "settings",
+        f"{SCHEDULERS[s.scheduler][2]}, {s.steps} steps, CFG {s.guidance_scale:g}, {s.width}x{s.height}",
+    )
+    return table
