@@ -47,6 +47,60 @@ def _root(
         os.environ["PALP_DEBUG"] = "1"
 
 
+@app.command()
+def render(
+    project_dir: ProjectDir,
+    prompt: Annotated[
+        Optional[list[str]],
+        typer.Option("--prompt", help="Prompt to render, with [V1]-style placeholders (repeatable). Default: "
+                     "render.prompts, else palp.target_prompt."),
+    ] = None,
+    seeds: Annotated[Optional[str], typer.Option("--seeds", help="Seeds: 0-7, 1,5,9 or mixes (0-3,10).")] = None,
+    step: Annotated[Optional[int], typer.Option("--step", help="Use the snapshot of step N instead of the final weights.")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Sampling steps.")] = None,
+    guidance_scale: Annotated[Optional[float], typer.Option("--guidance-scale", help="Classifier-free guidance scale.")] = None,
+    width: Annotated[Optional[int], typer.Option("--width", help="Image width in pixels (multiple of 8).")] = None,
+    height: Annotated[Optional[int], typer.Option("--height", help="Image height in pixels (multiple of 8).")] = None,
+    negative_prompt: Annotated[Optional[str], typer.Option("--negative-prompt", help="Negative prompt.")] = None,
+    scheduler: Annotated[Optional[str], typer.Option("--scheduler", help="Sampler: dpm++ (default), ddim or euler-a.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Images per forward pass (the images do not change).")] = None,
+    sweep: Annotated[bool, typer.Option("--sweep", help="Render every snapshot and the final weights in one grid.")] = False,
+    compare: Annotated[bool, typer.Option("--compare", help="Render the base model (class words, no LoRA) beside the personalized one.")] = False,
+) -> None:
+    """Render prompts with the trained weights: PNGs and a contact sheet under DIR/out/renders/<run>/."""
+    from palpcompose.project import load_project
+    from palpcompose.render import render as render_project
+    from palpcompose.render import summary_table
+
+    project = load_project(project_dir, check_images=False)
+    result = render_project(
+        project, prompts=prompt, seeds=seeds, step=step, steps=steps, guidance_scale=guidance_scale, width=width,
+        height=height, negative_prompt=negative_prompt, scheduler=scheduler, batch_size=batch_size, sweep=sweep,
+        compare=compare, console=err_console,
+    )
+    console.print(summary_table(result))
+
+
+@app.command()
+def export(
+    project_dir: ProjectDir,
+    fmt: Annotated[str, typer.Option("--format", help="diffusers or webui (AUTOMATIC1111, ComfyUI).")],
+    out: Annotated[Path, typer.Option("--out", help="Folder to write the files to (created if missing).")],
+    step: Annotated[Optional[int], typer.Option("--step", help="Export the snapshot of step N instead of the final weights.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite files of the same name in the --out folder.")] = False,
+) -> None:
+    """Write the trained weights in another tool's format (diffusers, or webui for AUTOMATIC1111 and ComfyUI)."""
+    from palpcompose.export import export as export_project
+    from palpcompose.export import summary_table
+    from palpcompose.project import load_project
+
+    project = load_project(project_dir, check_images=False)
+    result = export_project(project, fmt, out, step=step, force=force)
+    for message in result.warnings:
+        err_console.print(f"[yellow]warning:[/] {message}", highlight=False)
+    console.print(summary_table(result))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the Typer app and map errors to exit codes."""
     try:

@@ -182,11 +182,20 @@ def check_trained_for(project, out_dir: Path, manifest: dict | None) -> list[str
                 f"{trained_on!r}; set base_model back to {trained_on!r}, or retrain with `palpcompose train "
                 f"{project.root}`"
             )
-        trained_hash = manifest.get("config_hash")
-        if trained_hash is not None and trained_hash != project.config.hash():
+        # Training settings changed: the weights no longer match palp.toml. Only [render] or snapshot/preview
+        # periods changed (same training hash): the weights are unaffected, so this is only a note.
+        config_changed = manifest.get("config_hash") not in (None, project.config.hash())
+        training_hash = manifest.get("training_hash")
+        if config_changed and training_hash not in (None, project.config.training_hash()):
             warnings.append(
-                f"{project.file} changed since training (configuration hash {project.config.hash()[:12]} vs "
-                f"{str(trained_hash)[:12]} in out/manifest.json); the weights were trained with the old settings"
+                f"{project.file} changed since training (configuration hash {project.config.hash()[:12]}, "
+                f"{str(manifest['config_hash'])[:12]} in out/manifest.json): the weights were trained with the old "
+                f"settings; retrain with `palpcompose train {project.root}` to apply the new ones"
+            )
+        elif config_changed:
+            warnings.append(
+                f"{project.file} changed since training, but only in settings that do not affect the trained "
+                "weights ([render], snapshot or preview periods)"
             )
     return warnings
 
