@@ -1,0 +1,885 @@
+"""The project file `palp.toml`: its schema as frozen dataclasses, and validation that reports every problem at once.
+
+A project folder holds `palp.toml`, reference images (relative paths only, so the folder can live in git) and `out/`.
+`load_project(dir)` parses the file, checks every key (type, range, choices, unknown names with a did-you-mean), the
+placeholders in all prompts, the base model and the images, and raises one `ProjectError` listing every problem with
+its file, line, key and a hint. Nothing is written.
+
+The schema reference, docs/schema.md, is generated from the dataclasses below: `python -m palpcompose.project
+--schema-md > docs/schema.md` (a test fails when the two differ).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import re
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from palpcompose.errors import Problem, ProjectError, UserError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10 is not supported, but tomli keeps the import honest for tools
+    import tomli as tomllib
+
+PROJECT_FILE = "palp.toml"
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+SUBJECT_KEY = re.compile(r"^V[1-9][0-9]*$")
+PLACEHOLDER = re.compile(r"\[(V[1-9][0-9]*)\]")
+# Things that look like a placeholder but are not one: [v1], [V 1], [V01], [ V1 ].
+NEAR_PLACEHOLDER = re.compile(r"\[\s*[vV]\s*0*(\d+)\s*\]")
+
+# Subjects whose pictures are not mirror-symmetric: flipping them would teach the model mirrored text and art.
+NO_FLIP_CLASSES = frozenset(
+    "painting paintings artwork art drawing illustration sketch poster logo text sign book cover page document "
+    "calligraphy lettering map comic".split()
+)
+
+
+def _spec(doc: str, default: Any = dataclasses.MISSING, *, choices: tuple = (), ge: float | None = None,
+          gt: float | None = None, le: float | None = None, multiple_of: int | None = None,
+          extension: bool = False) -> Any:
+    """A dataclass field with its documentation and constraints attached (read by validation and the schema doc).
+
+    `extension` marks keys palpcompose adds on top of the contract's schema.
+    """
+    meta = dict(doc=doc, choices=choices, ge=ge, gt=gt, le=le, multiple_of=multiple_of, extension=extension)
+    return field(default=default, metadata=meta)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The schema. Field order is the order in the docs. Defaults follow the paper (method.md), see docs/schema.md.
+
+
+@dataclass(frozen=True)
+class ProjectSection:
+    name: str = _spec("Project name: letters, digits, '-' and '_' (1-64 characters). Makes the learned tokens "
+                      "unique: subject V1 of project `cat` is the token `<cat-v1>`.")
+    base_model: str = _spec("The pre-trained text-to-image model: `builtin:toy`, a hub id (`org/name`, used from the "
+                            "local Hugging Face cache), a local diffusers folder, or a single `.safetensors` file. "
+                            "Relative paths are relative to the project folder.")
+
+
+@dataclass(frozen=True)
+class SubjectConfig:
+    class_name: str = _spec("The subject's class word (`cat`, `painting`): used in clean prompts and, by default, "
+                            "to initialise the subject's token embedding.")
+    images: tuple[str, ...] = _spec("Reference images: files, folders (all images inside) or globs, relative to the "
+                                    "project folder. A single string is accepted for one entry.")
+    prompt: str | None = _spec("Personalization prompt y_P; must contain the subject's own placeholder, e.g. "
+                               "`A photo of [V1]`. Default: `A photo of [Vn]`.", None)
+    init_word: str | None = _spec("Word whose embedding initialises the subject's token. Default: `class_name`.",
+                                  None)
+    flip: bool | None = _spec("Random horizontal flips of the references during training. Default: on, except for "
+                              "classes that are not mirror-symmetric (painting, drawing, poster, logo, text, ...).",
+                              None, extension=True)
+
+
+@dataclass(frozen=True)
+class PalpConfig:
+    target_prompt: str | None = _spec("The prompt you want to render, with placeholders: `An oil painting of [V1] "
+                                      "inspired by [V2] painting`. Required unless guidance = `none`; the default "
+                                      "render prompt.", None)
+    clean_prompt: str | None = _spec("y_c, the target prompt without placeholders, naming the classes and the "
+                                     "scene: `An oil painting of a cat sitting on a rock`. Required unless "
+                                     "guidance = `none`.", None)
+    guidance: Literal["palp", "sds", "none"] = _spec(
+        "Prompt-alignment guidance: `palp` (paper Eq. 6, default), `sds` (Eq. 4, ablation) or `none` (plain TI+DB "
+        "personalization, the baseline).", "palp", choices=("palp", "sds", "none"))
+    alpha: float = _spec("Classifier-free guidance scale of the frozen base model on the clean prompt (Eq. 6).", 7.5,
+                         ge=0.0, le=100.0)
+    beta: float = _spec("Classifier-free guidance scale of the personalized model on y_P (Eq. 6); alpha > beta works "
+                        "better.", 1.0, ge=0.0, le=100.0)
+    weight: float = _spec("lambda, the weight of the alignment loss next to the personalization loss.", 1.0, ge=0.0,
+                          le=1000.0)
+    same_noise: bool = _spec("Re-noise x0-hat with the same noise and timestep as the personalization branch "
+                             "(better in the paper) instead of fresh noise.", True)
+    rescale: bool = _spec("Scale the guidance by sqrt(abar_t)/sqrt(1-abar_t) (Eq. 7), so it reuses the "
+                          "personalization branch's backward pass.", True)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = _spec("Optimizer steps.", 500, ge=1, le=1_000_000)
+    batch_size: int = _spec("Images per step (each picks a subject at random).", 1, ge=1, le=1024)
+    learning_rate: float = _spec("Learning rate of the LoRA weights.", 5e-5, gt=0.0, le=1.0)
+    embedding_learning_rate: float = _spec("Learning rate of the subjects' token embeddings (0 freezes them).", 5e-4,
+                                           ge=0.0, le=1.0)
+    lora_rank: int = _spec("LoRA rank on the UNet attention projections (to_q, to_k, to_v, to_out.0).", 32, ge=1,
+                           le=1024)
+    lora_alpha: float | None = _spec("LoRA scaling numerator (the update is scaled by lora_alpha / lora_rank). "
+                                     "Default: equal to lora_rank.", None, gt=0.0, extension=True)
+    resolution: int = _spec("Training resolution in pixels (square center crops); a multiple of 8.", 512, ge=8,
+                            le=4096, multiple_of=8)
+    seed: int = _spec("Seed of every random choice in training.", 0, ge=0, le=2**32 - 1)
+    mixed_precision: Literal["no", "fp16", "bf16"] = _spec(
+        "Precision of the frozen weights: `no` (fp32), `fp16` or `bf16`. Trainable weights stay fp32.", "bf16",
+        choices=("no", "fp16", "bf16"))
+    attention: Literal["auto", "sdpa", "xformers"] = _spec(
+        "Attention kernel: `auto` (xformers if installed, else PyTorch SDPA), `sdpa` or `xformers`.", "auto",
+        choices=("auto", "sdpa", "xformers"))
+    save_every: int = _spec("Snapshot period in steps (0: only the final weights).", 100, ge=0)
+    preview_every: int = _spec("Preview-grid period in steps (0: none).", 100, ge=0)
+    gradient_accumulation_steps: int = _spec("Steps whose gradients are summed before one optimizer update.", 1,
+                                             ge=1, le=1024, extension=True)
+    gradient_checkpointing: bool = _spec("Recompute UNet activations in the backward pass to save memory.", False,
+                                         extension=True)
+    max_grad_norm: float = _spec("Gradient clipping norm (0: no clipping).", 1.0, ge=0.0, extension=True)
+
+
+@dataclass(frozen=True)
+class RenderConfig:
+    prompts: tuple[str, ...] = _spec("Prompts `render` draws. Default: `[palp.target_prompt]`.", ())
+    seeds: tuple[int, ...] = _spec("One image per seed and prompt.", (0, 1, 2, 3), ge=0, le=2**32 - 1)
+    steps: int = _spec("Sampling steps.", 30, ge=1, le=1000)
+    guidance_scale: float = _spec("Classifier-free guidance scale at render time.", 7.5, ge=0.0, le=100.0)
+    negative_prompt: str = _spec("Negative prompt.", "", extension=True)
+    scheduler: Literal["dpm++", "ddim", "euler-a"] = _spec(
+        "Sampler: `dpm++` (DPM-Solver++ 2M), `ddim` or `euler-a` (Euler ancestral).", "dpm++",
+        choices=("dpm++", "ddim", "euler-a"), extension=True)
+    width: int | None = _spec("Image width in pixels, a multiple of 8. Default: train.resolution.", None, ge=8,
+                              le=4096, multiple_of=8, extension=True)
+    height: int | None = _spec("Image height in pixels, a multiple of 8. Default: train.resolution.", None, ge=8,
+                               le=4096, multiple_of=8, extension=True)
+    batch_size: int = _spec("Images generated per forward pass (does not change the images).", 1, ge=1, le=256,
+                            extension=True)
+
+
+@dataclass(frozen=True)
+class ProjectConfig:
+    project: ProjectSection
+    subjects: dict[str, SubjectConfig]
+    palp: PalpConfig
+    train: TrainConfig
+    render: RenderConfig
+
+    def to_dict(self) -> dict:
+        """The resolved configuration as plain JSON types (tuples become lists), for manifest.json."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def hash(self) -> str:
+        return _sha256_json(self.to_dict())
+
+    def training_hash(self) -> str:
+        """Hash of the settings that change the trained weights: not [render], not snapshot/preview periods."""
+        data = self.to_dict()
+        del data["render"]
+        for key in ("save_every", "preview_every"):
+            del data["train"][key]
+        return _sha256_json(data)
+
+
+def _sha256_json(data: dict) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+SECTIONS: dict[str, type] = {"project": ProjectSection, "palp": PalpConfig, "train": TrainConfig,
+                             "render": RenderConfig}
+TABLE_ORDER = ("project", "subjects", "palp", "train", "render")
+
+
+@dataclass(frozen=True)
+class Project:
+    root: Path  # the project folder (absolute)
+    file: Path  # root / "palp.toml"
+    config: ProjectConfig
+    images: dict[str, tuple[Path, ...]]  # subject key -> resolved absolute image paths, sorted, deduplicated
+    notes: tuple[str, ...]  # warnings and notes for the user (mode conversions, small images, ...)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_project(project_dir: str | Path, *, check_images: bool = True) -> Project:
+    """Read and validate DIR/palp.toml. Raises ProjectError listing ALL problems (UserError when there is no file).
+
+    With `check_images`, every reference image is opened and checked (missing, unreadable, truncated, huge,
+    duplicated), and conversions and small images are reported in `Project.notes`.
+    """
+    v, project = _validate(Path(project_dir), check_images)
+    if project is None or v.problems:
+        raise v.error()
+    return project
+
+
+def _validate(project_dir: Path, check_images: bool) -> tuple[_Validator, Project | None]:
+    """Everything load_project checks, without raising for the problems it collects (`check` adds more)."""
+    file = project_dir / PROJECT_FILE
+    if not project_dir.is_dir():
+        raise UserError(f"{project_dir}: no such project folder; create one with `palpcompose init {project_dir}`")
+    if not file.is_file():
+        raise UserError(f"{file}: not found; create a project with `palpcompose init {project_dir}`")
+    v = _Validator(file, file.read_bytes())
+    config = v.parse()
+    root = project_dir.resolve()
+    images: dict[str, tuple[Path, ...]] = {}
+    if v.checkable is not None:
+        section, subjects, resolution = v.checkable
+        if section is not None:
+            _check_base_model(v, section.base_model)
+        if check_images:
+            images = _check_images(v, root, subjects, resolution)
+    if config is None:
+        return v, None
+    return v, Project(root, root / PROJECT_FILE, config, images, tuple(v.notes))
+
+
+class _Validator:
+    """Collects every problem of one palp.toml. `lines` maps dotted key paths to line numbers (tomllib has none)."""
+
+    def __init__(self, file: Path, data: bytes):
+        self.file = file
+        self.data = data
+        self.problems: list[Problem] = []
+        self.notes: list[str] = []
+        self.text = ""
+        self.lines: dict[tuple[str, ...], int] = {}
+        self.checkable: tuple[ProjectSection | None, dict[str, SubjectConfig], int] | None = None
+
+    def error(self) -> ProjectError:
+        return ProjectError(sorted(self.problems, key=lambda p: (p.line is None, p.line or 0)))
+
+    def problem(self, key: str | None, message: str, hint: str | None = None, line: int | None = None) -> None:
+        if line is None and key is not None:
+            line = self.line_of(key)
+        self.problems.append(Problem(str(self.file), message, key=key, line=line, hint=hint))
+
+    def line_of(self, key: str) -> int | None:
+        """Line of a dotted key (`train.steps`, `render.seeds[2]`), else of its closest enclosing table."""
+        parts = tuple(re.sub(r"\[\d+\]$", "", key).split("."))
+        while parts:
+            if parts in self.lines:
+                return self.lines[parts]
+            parts = parts[:-1]
+        return None
+
+    # -- parsing ---------------------------------------------------------------------------------------------------
+
+    def parse(self) -> ProjectConfig | None:
+        try:
+            self.text = self.data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = self.data[: exc.start].count(b"\n") + 1
+            self.problem(None, "the file is not UTF-8 text", "save it as UTF-8", line=line)
+            return None
+        try:
+            doc = tomllib.loads(self.text)
+        except tomllib.TOMLDecodeError as exc:
+            message = re.sub(r"\s*\(at line \d+, column \d+\)$", "", str(exc))
+            self.problem(None, f"TOML syntax error: {message}", _syntax_hint(exc, self.text),
+                         line=getattr(exc, "lineno", None))
+            return None
+        self.lines = _key_lines(self.text)
+
+        for name in doc:
+            if name not in TABLE_ORDER:
+                self.problem(name, "unknown table" if isinstance(doc[name], dict) else "unknown key",
+                             _did_you_mean(name, TABLE_ORDER, f"allowed tables: {', '.join(TABLE_ORDER)}"))
+        sections: dict[str, Any] = {}
+        for name, cls in SECTIONS.items():
+            table = doc.get(name, {})
+            if name == "project" and "project" not in doc:
+                self.problem("project", "missing [project] table",
+                             'add:\n[project]\nname = "my-project"\nbase_model = "builtin:toy"', line=1)
+                sections[name] = None
+            elif not isinstance(table, dict):
+                self.problem(name, f"must be a table ([{name}]), got {_describe(table)}")
+                sections[name] = None
+            else:
+                sections[name] = self.section(cls, table, name)
+        subjects, declared, subjects_ok = self.subjects(doc.get("subjects"))
+        subjects = {key: dataclasses.replace(s, prompt=f"A photo of [{key}]" if s.prompt is None else s.prompt)
+                    for key, s in subjects.items()}
+        palp, train, render = sections["palp"], sections["train"], sections["render"]
+        self.cross_checks(doc, declared)
+        name_ok = self.check_name(doc)
+        # What the base-model and image checks can still look at when other parts are broken.
+        self.checkable = (sections["project"], subjects, train.resolution if train else TrainConfig.resolution)
+        if not (subjects_ok and name_ok) or any(section is None for section in sections.values()):
+            return None
+        # Resolve the documented "default: X" values, so every consumer sees the same numbers.
+        subjects = {key: dataclasses.replace(s, init_word=s.init_word or s.class_name,
+                                             flip=_auto_flip(s.class_name) if s.flip is None else s.flip)
+                    for key, s in subjects.items()}
+        train = dataclasses.replace(train, lora_alpha=float(train.lora_rank) if train.lora_alpha is None
+                                    else train.lora_alpha)
+        if not render.prompts and palp.target_prompt:
+            render = dataclasses.replace(render, prompts=(palp.target_prompt,))
+        return ProjectConfig(sections["project"], subjects, palp, train, render)
+
+    def section(self, cls: type, table: dict, prefix: str) -> Any:
+        """Build one dataclass from a TOML table; None when it has problems (they are recorded)."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        hints = typing.get_type_hints(cls)
+        values, ok = {}, True
+        for key, value in table.items():
+            if key not in fields:
+                extra = f"keys of [{prefix}]: {', '.join(fields)}"
+                self.problem(f"{prefix}.{key}", "unknown key", _did_you_mean(key, fields, extra))
+                ok = False
+                continue
+            converted = self.value(f"{prefix}.{key}", value, hints[key], fields[key].metadata)
+            if converted is _INVALID:
+                ok = False
+            else:
+                values[key] = converted
+        for name, f in fields.items():
+            if f.default is dataclasses.MISSING and name not in values and (name not in table):
+                self.problem(f"{prefix}.{name}", "required key is missing", f"add `{name} = ...` ({f.metadata['doc']})",
+                             line=self.line_of(prefix))
+                ok = False
+        return cls(**values) if ok else None
+
+    def subjects(self, table: Any) -> tuple[dict[str, SubjectConfig], set[str], bool]:
+        """(the subjects that parsed, every declared subject key, whether all of them parsed)."""
+        example = 'add a subject:\n[subjects.V1]\nclass_name = "cat"\nimages = ["refs/cat/*.jpg"]\nprompt = "A photo of [V1]"'
+        if not isinstance(table, dict) or not table:
+            self.problem("subjects", "no subjects: a project needs at least one", example,
+                         line=self.line_of("subjects") or 1)
+            return {}, set(), False
+        subjects, ok = {}, True
+        declared = {key for key in table if SUBJECT_KEY.match(key)}
+        for key, sub in table.items():
+            if not SUBJECT_KEY.match(key):
+                fixed = re.sub(r"^[vV]\s*0*", "V", key)
+                hint = f"did you mean [subjects.{fixed}]?" if SUBJECT_KEY.match(fixed) else \
+                    "subjects are named V1, V2, ... and used as [V1], [V2], ... in prompts"
+                self.problem(f"subjects.{key}", "subject keys must be V followed by a number (V1, V2, ...)", hint)
+                ok = False
+                continue
+            if not isinstance(sub, dict):
+                self.problem(f"subjects.{key}", f"must be a table ([subjects.{key}]), got {_describe(sub)}")
+                ok = False
+                continue
+            parsed = self.section(SubjectConfig, sub, f"subjects.{key}")
+            if parsed is None:
+                ok = False
+            elif not parsed.images:
+                self.problem(f"subjects.{key}.images", "no images listed", 'e.g. images = ["refs/cat/*.jpg"]')
+                ok = False
+            else:
+                subjects[key] = parsed
+        return dict(sorted(subjects.items(), key=lambda kv: int(kv[0][1:]))), declared, ok
+
+    def value(self, key: str, value: Any, hint: Any, meta: dict) -> Any:
+        """Check one value against its type and constraints. Returns the converted value or _INVALID."""
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+        if origin in (typing.Union, types.UnionType):  # `X | None`: TOML has no null, so just X
+            hint = next(a for a in args if a is not type(None))
+            origin, args = typing.get_origin(hint), typing.get_args(hint)
+        if origin is tuple:
+            item_type = args[0]
+            if isinstance(value, str) and item_type is str:
+                value = [value]
+            if not isinstance(value, list):
+                self.problem(key, f"must be a list of {_type_name(item_type)}s, got {_describe(value)}",
+                             f"e.g. {key.split('.')[-1]} = [{_example(item_type)}]")
+                return _INVALID
+            items = [self.value(f"{key}[{i}]", item, item_type, meta) for i, item in enumerate(value)]
+            return _INVALID if any(i is _INVALID for i in items) else tuple(items)
+        if origin is Literal:
+            choices = meta["choices"]
+            if value not in choices:
+                self.problem(key, f"must be one of {', '.join(map(repr, choices))}, got {_describe(value)}",
+                             _did_you_mean(str(value), choices))
+                return _INVALID
+            return value
+        expected = hint
+        ok = (isinstance(value, expected) and not (expected is int and isinstance(value, bool))) or (
+            expected is float and isinstance(value, int) and not isinstance(value, bool))
+        if not ok:
+            fix = None
+            if isinstance(value, str) and expected in (int, float) and _is_number(value):
+                fix = f"remove the quotes: {key.split('.')[-1].split('[')[0]} = {value.strip()}"
+            elif isinstance(value, str) and expected is bool and value.lower() in ("true", "false"):
+                fix = f"write {value.lower()} without quotes"
+            elif isinstance(value, float) and expected is int and value.is_integer():
+                fix = f"write {int(value)}"
+            self.problem(key, f"must be {_a(_type_name(expected))}, got {_describe(value)}", fix)
+            return _INVALID
+        if expected is float:
+            value = float(value)
+        if expected in (int, float) and not self.in_range(key, value, meta):
+            return _INVALID
+        return value
+
+    def in_range(self, key: str, value: float, meta: dict) -> bool:
+        ge, gt, le, multiple = meta["ge"], meta["gt"], meta["le"], meta["multiple_of"]
+        if (ge is not None and value < ge) or (gt is not None and value <= gt) or (le is not None and value > le):
+            bounds = [f">= {_num(ge)}" if ge is not None else None, f"> {_num(gt)}" if gt is not None else None,
+                      f"<= {_num(le)}" if le is not None else None]
+            self.problem(key, f"must be {' and '.join(b for b in bounds if b)}, got {_num(value)}")
+            return False
+        if multiple is not None and value % multiple:
+            lower = int(value) // multiple * multiple
+            near = " or ".join(str(n) for n in (lower, lower + multiple) if n >= (ge or 0) and n > 0)
+            self.problem(key, f"must be a multiple of {multiple}, got {_num(value)}", f"use {near}")
+            return False
+        return True
+
+    # -- checks across keys ----------------------------------------------------------------------------------------
+
+    def cross_checks(self, doc: dict, declared: set[str]) -> None:
+        """Placeholders and required prompts. Reads the raw TOML, so it runs even when other keys are broken."""
+        listed = ", ".join(f"[{k}]" for k in sorted(declared, key=lambda k: int(k[1:]))) or "none"
+        palp = doc.get("palp") if isinstance(doc.get("palp"), dict) else {}
+        render = doc.get("render") if isinstance(doc.get("render"), dict) else {}
+        subjects = doc.get("subjects") if isinstance(doc.get("subjects"), dict) else {}
+        prompts = [(f"subjects.{k}.prompt", sub.get("prompt", f"[{k}]")) for k, sub in subjects.items()
+                   if k in declared and isinstance(sub, dict)]
+        prompts += [("palp.target_prompt", palp.get("target_prompt")), ("palp.clean_prompt", palp.get("clean_prompt")),
+                    ("render.negative_prompt", render.get("negative_prompt"))]
+        if isinstance(render.get("prompts"), list):
+            prompts += [(f"render.prompts[{i}]", p) for i, p in enumerate(render["prompts"])]
+
+        for key, prompt in prompts:
+            if not isinstance(prompt, str):
+                continue  # missing, or a wrong type reported by the key's own check
+            for m in NEAR_PLACEHOLDER.finditer(prompt):
+                if not PLACEHOLDER.fullmatch(m.group(0)):
+                    self.problem(key, f"{m.group(0)!r} is not a placeholder",
+                                 f"placeholders are written exactly [V{m.group(1)}]")
+            used = list(dict.fromkeys(PLACEHOLDER.findall(prompt)))
+            if key == "palp.clean_prompt":
+                if used:
+                    self.problem(key, f"the clean prompt must not contain placeholders, found "
+                                      f"{', '.join(f'[{u}]' for u in used)}",
+                                 "name the classes instead, e.g. 'An oil painting of a cat sitting on a rock'")
+                continue
+            for u in used:
+                if u not in declared:
+                    self.problem(key, f"uses [{u}], which is not a subject of this project (subjects: {listed})",
+                                 f"add a [subjects.{u}] table or fix the placeholder")
+            subject = key.split(".")[1] if key.startswith("subjects.") else None
+            if subject and f"[{subject}]" not in prompt:
+                self.problem(key, f"must contain the subject's own placeholder [{subject}], got {prompt!r}",
+                             f'e.g. prompt = "A photo of [{subject}]"')
+
+        guidance = palp.get("guidance", PalpConfig.guidance)
+        if guidance in ("palp", "sds"):
+            for name in ("target_prompt", "clean_prompt"):
+                value = palp.get(name)
+                if value is None or (isinstance(value, str) and not value.strip()):
+                    self.problem(f"palp.{name}", f"required when palp.guidance = {guidance!r}",
+                                 'set it (see docs/schema.md), or set guidance = "none" to train without '
+                                 "prompt-alignment guidance", line=self.line_of(f"palp.{name}") or 1)
+        target = palp.get("target_prompt")
+        if isinstance(target, str) and target.strip() and not PLACEHOLDER.search(target):
+            self.notes.append(f"{self.file}: palp.target_prompt has no placeholder, so renders will not show any "
+                              "subject")
+        alpha, beta = palp.get("alpha", PalpConfig.alpha), palp.get("beta", PalpConfig.beta)
+        if guidance != "none" and isinstance(alpha, (int, float)) and isinstance(beta, (int, float)) and alpha <= beta:
+            self.notes.append(f"{self.file}: palp.alpha ({alpha}) <= palp.beta ({beta}); the paper finds alpha > beta "
+                              "aligns better")
+
+    def check_name(self, doc: dict) -> bool:
+        name = doc.get("project", {}).get("name") if isinstance(doc.get("project"), dict) else None
+        if not isinstance(name, str) or NAME_PATTERN.match(name):
+            return True
+        self.problem("project.name", f"{name!r} may contain only letters, digits, '-' and '_' (1-64 characters)",
+                     f"e.g. name = {sanitize_name(name)!r}")
+        return False
+
+
+def sanitize_name(text: str) -> str:
+    """A valid project name made from `text` (a folder name, say): other characters become '-'."""
+    name = re.sub(r"-{2,}", "-", re.sub(r"[^A-Za-z0-9_-]", "-", text)).strip("-_")[:64]
+    return name or "my-project"
+
+
+_INVALID = object()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Base model and images
+
+
+def _check_base_model(v: _Validator, spec: str) -> None:
+    from palpcompose.models import resolve_base_model
+
+    try:
+        resolve_base_model(spec, v.file.parent)
+    except UserError as exc:
+        v.problem("project.base_model", str(exc), "builtin:toy, a hub id (org/name), a diffusers folder or a "
+                                                  ".safetensors file")
+
+
+def _check_images(v: _Validator, root: Path, subjects: dict[str, SubjectConfig],
+                  resolution: int) -> dict[str, tuple[Path, ...]]:
+    """Expand every subject's `images` entries and open each image. Records problems and notes on `v`."""
+    from palpcompose.images import is_image_name, open_reference_image
+
+    owner: dict[Path, str] = {}  # image -> subject that uses it
+    by_content: dict[str, tuple[str, Path]] = {}
+    result: dict[str, tuple[Path, ...]] = {}
+    for key, subject in subjects.items():
+        skey = f"subjects.{key}.images"
+        found: set[Path] = set()
+        for i, entry in enumerate(subject.images):
+            if entry in subject.images[:i]:
+                v.problem(skey, f"{entry!r} is listed twice", "remove the repeated entry")
+                continue
+            for path in _expand_entry(v, root, skey, entry, is_image_name):
+                found.add(path)
+        for path in sorted(found):
+            shown = _shown(root, path)
+            if path in owner and owner[path] != key:
+                v.problem(skey, f"{shown} is also an image of {owner[path]}",
+                          "each subject needs its own pictures; remove it from one of them")
+                continue
+            owner[path] = key
+            try:
+                _, notes = open_reference_image(path, resolution)
+            except UserError as exc:
+                v.problem(skey, str(exc).replace(str(path), shown, 1))
+                continue
+            v.notes.extend(n.replace(str(path), shown, 1) for n in notes)
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            if digest in by_content:
+                other_key, other = by_content[digest]
+                where = "" if other_key == key else f" (of {other_key})"
+                v.problem(skey, f"{shown} is a duplicate of {_shown(root, other)}{where} (identical bytes)",
+                          "delete one of the two files: duplicates over-weight an image")
+                continue
+            by_content[digest] = (key, path)
+        result[key] = tuple(sorted(p for p in found if owner.get(p) == key))
+    return result
+
+
+def _expand_entry(v: _Validator, root: Path, skey: str, entry: str, is_image_name) -> list[Path]:
+    """The image files one `images` entry names: a file, a folder (its images) or a glob."""
+    parts = Path(entry).parts
+    if Path(entry).is_absolute() or entry.startswith("~") or ".." in parts:
+        v.problem(skey, f"{entry!r} points outside the project folder",
+                  "copy the images into the project (e.g. refs/) and use a relative path, so the project stays "
+                  "self-contained")
+        return []
+    if any(ch in entry for ch in "*?["):
+        matches = [p for p in root.glob(entry) if p.is_file()]
+        images = [p for p in matches if is_image_name(p)]
+        if not matches:
+            v.problem(skey, f"{entry!r} matches no files", _missing_hint(root, entry))
+        elif not images:
+            v.problem(skey, f"{entry!r} matches {len(matches)} file(s) but no images",
+                      "use image files (.png, .jpg, .webp, ...)")
+        return _inside(v, root, skey, images)
+    path = root / entry
+    if path.is_dir():
+        images = sorted(p for p in path.iterdir() if p.is_file() and is_image_name(p))
+        if not images:
+            v.problem(skey, f"folder {entry!r} contains no images",
+                      f"put 3-5 pictures of the subject (.png, .jpg, .webp) in {_shown(root, path)}/")
+        return _inside(v, root, skey, images)
+    if not path.exists():
+        v.problem(skey, f"{entry!r} not found", _missing_hint(root, entry))
+        return []
+    return _inside(v, root, skey, [path])
+
+
+def _inside(v: _Validator, root: Path, skey: str, paths: list[Path]) -> list[Path]:
+    """Resolve symlinks and drop (with a problem) anything that lands outside the project folder."""
+    kept = []
+    for path in paths:
+        resolved = path.resolve()
+        if not resolved.is_relative_to(root):
+            v.problem(skey, f"{_shown(root, path)} links outside the project folder (to {resolved})",
+                      "copy the image into the project instead of linking it")
+        else:
+            kept.append(resolved)
+    return kept
+
+
+def _missing_hint(root: Path, entry: str) -> str:
+    parent = (root / entry).parent
+    while not parent.is_dir() and parent != root:
+        parent = parent.parent
+    near = difflib.get_close_matches(Path(entry).name, [p.name for p in parent.iterdir()], n=1) if parent.is_dir() \
+        else []
+    if near:
+        return f"did you mean {_shown(root, parent / near[0])!r}?"
+    return f"put the subject's pictures in {_shown(root, (root / entry).parent)}/ (paths are relative to the project " \
+           "folder)"
+
+
+def _shown(root: Path, path: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# `palpcompose check`: everything load_project checks, plus the base model's reachability and prompt lengths.
+
+DEFAULT_TOKEN_LIMIT = 77  # CLIP's text encoders (SD 1.x and 2.x) read 77 tokens, start and end tokens included
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    project: Project
+    base_model: Any  # models.BaseModelSource
+    token_limit: int
+    token_limit_source: str  # where token_limit comes from ("the model's tokenizer" or why it is assumed)
+    prompt_tokens: tuple[tuple[str, str, int | None], ...]  # (key, prompt, token count or None when not counted)
+
+
+def check_project(project_dir: str | Path) -> CheckReport:
+    """Validate a project as `palpcompose check` does. Raises ProjectError listing every problem; writes nothing."""
+    from palpcompose.models import placeholder_tokens, resolve_base_model
+
+    v, project = _validate(Path(project_dir), check_images=True)
+    if project is None or v.problems:
+        raise v.error()
+    config = project.config
+    source = resolve_base_model(config.project.base_model, project.root)
+    tokenizer, limit_source = _load_tokenizer(source)
+    tokens = placeholder_tokens(config.project.name, config.subjects)
+    prompts = [(f"subjects.{k}.prompt", s.prompt) for k, s in config.subjects.items()]
+    prompts += [(f"palp.{name}", getattr(config.palp, name)) for name in ("target_prompt", "clean_prompt")
+                if getattr(config.palp, name)]
+    prompts += [(f"render.prompts[{i}]", p) for i, p in enumerate(config.render.prompts)
+                if p != config.palp.target_prompt]
+    if config.render.negative_prompt:
+        prompts.append(("render.negative_prompt", config.render.negative_prompt))
+
+    limit = DEFAULT_TOKEN_LIMIT
+    counts = []
+    if tokenizer is not None:
+        tokenizer.add_tokens(list(tokens.values()))
+        limit = tokenizer.model_max_length if tokenizer.model_max_length < 100_000 else DEFAULT_TOKEN_LIMIT
+    for key, prompt in prompts:
+        if tokenizer is None:
+            counts.append((key, prompt, None))
+            continue
+        text = PLACEHOLDER.sub(lambda m: tokens.get(m.group(1), m.group(0)), prompt)
+        n = len(tokenizer(text, truncation=False).input_ids)
+        counts.append((key, prompt, n))
+        if n > limit:
+            v.problem(key, f"is {n} tokens long, but the text encoder reads at most {limit} (start and end tokens "
+                           "included); the rest would be silently cut off", f"shorten it by {n - limit} tokens")
+    if v.problems:
+        raise v.error()
+    return CheckReport(project, source, limit, limit_source, tuple(counts))
+
+
+def _load_tokenizer(source) -> tuple[Any, str]:
+    """The base model's CLIP tokenizer when it can be read offline, else None and the reason."""
+    if not source.available or source.kind == "single_file":
+        why = "not verifiable offline" if not source.available else "single-file checkpoint"
+        return None, f"assumed {DEFAULT_TOKEN_LIMIT} ({why}: tokenizer not loaded, prompts not counted)"
+    from transformers import CLIPTokenizer
+
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(source.location, subfolder="tokenizer", local_files_only=True)
+    except (OSError, ValueError) as exc:
+        return None, f"assumed {DEFAULT_TOKEN_LIMIT} (could not read the model's tokenizer: {exc})"
+    return tokenizer, "the model's tokenizer"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Small helpers
+
+
+def _auto_flip(class_name: str) -> bool:
+    return not (set(re.findall(r"[a-z]+", class_name.lower())) & NO_FLIP_CLASSES)
+
+
+def _did_you_mean(word: str, choices, fallback: str | None = None) -> str | None:
+    near = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    if not near:
+        near = [c for c in choices if c.lower() == word.lower()]
+    return f"did you mean {near[0]!r}?" if near else fallback
+
+
+def _type_name(t: Any) -> str:
+    return {str: "string", int: "integer", float: "number", bool: "boolean (true or false)"}.get(t, str(t))
+
+
+def _a(noun: str) -> str:
+    return ("an " if noun[0] in "aeiou" else "a ") + noun
+
+
+def _example(t: Any) -> str:
+    return {str: '"..."', int: "0, 1", float: "1.0"}.get(t, "...")
+
+
+def _describe(value: Any) -> str:
+    kind = {bool: "boolean", int: "integer", float: "number", str: "string", list: "list", dict: "table"}.get(
+        type(value), type(value).__name__)
+    shown = json.dumps(value, default=str) if not isinstance(value, dict) else "{...}"
+    return f"{shown if len(shown) <= 60 else shown[:57] + '...'} ({kind})"
+
+
+def _num(x: float) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _syntax_hint(exc: Exception, text: str) -> str | None:
+    message = str(exc)
+    if "Invalid value" in message or "Invalid initial character" in message:
+        return 'strings need quotes, e.g. name = "my-project"'
+    if "Cannot overwrite a value" in message or "Cannot declare" in message:
+        return "each key and table may appear only once"
+    if "Unclosed" in message or "Expected" in message:
+        return "check for a missing quote, bracket or comma on this line"
+    return None
+
+
+_HEADER = re.compile(r"^\s*\[\[?\s*([^\]#]+?)\s*\]\]?\s*(#.*)?$")
+_KEY = re.compile(r"^\s*((?:[A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*')(?:\s*\.\s*(?:[A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*'))*)\s*=")
+
+
+def _key_lines(text: str) -> dict[tuple[str, ...], int]:
+    """Line numbers of `[table]` headers and `key =` lines, by full dotted path. Skips multi-line strings."""
+    lines: dict[tuple[str, ...], int] = {}
+    table: tuple[str, ...] = ()
+    in_string = None
+    for number, line in enumerate(text.splitlines(), start=1):
+        if in_string:
+            if line.count(in_string) % 2 == 1:
+                in_string = None
+            continue
+        header = _HEADER.match(line)
+        if header:
+            table = _split_key(header.group(1))
+            lines.setdefault(table, number)
+            continue
+        key = _KEY.match(line)
+        if key:
+            path = table + _split_key(key.group(1))
+            for i in range(len(table) + 1, len(path) + 1):
+                lines.setdefault(path[:i], number)
+        for quote in ('"""', "'''"):
+            if line.count(quote) % 2 == 1:
+                in_string = quote
+    return lines
+
+
+def _split_key(dotted: str) -> tuple[str, ...]:
+    parts = re.findall(r"\"[^\"]*\"|'[^']*'|[^.\s]+", dotted)
+    return tuple(p.strip("\"'") for p in parts)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The schema reference (docs/schema.md), generated from the dataclasses above.
+
+
+def schema_markdown() -> str:
+    out = [
+        "# `palp.toml` reference",
+        "",
+        "<!-- Generated by `python -m palpcompose.project --schema-md > docs/schema.md`; do not edit by hand. -->",
+        "",
+        "A project is a folder with a `palp.toml`, reference images at relative paths (usually under `refs/`) and",
+        "an `out/` folder for everything palpcompose generates. Unknown tables and keys are errors (with a",
+        "did-you-mean hint); `palpcompose check DIR` lists every problem at once with its line. Keys marked",
+        "*extension* are palpcompose's additions to the contract's schema. *required* keys have no default.",
+        "",
+        "Placeholders: subject `Vn` is written `[Vn]` in prompts and becomes the token `<name-vn>` (lower case,",
+        "since CLIP lowercases text). Each subject's prompt must contain its own placeholder, every placeholder",
+        "used anywhere must be a declared subject, and `palp.clean_prompt` must contain none.",
+        "",
+        "Images: each entry of `subjects.Vn.images` is a file, a folder (all its images) or a glob, relative to",
+        "the project folder; absolute paths, `..` and symlinks that leave the folder are refused. Globs and",
+        "folders pick up " + ", ".join(f"`{s}`" for s in _image_suffixes()) + " files. Files matched by several",
+        "entries count once; the same entry twice, byte-identical files and one file in two subjects are errors.",
+        "Unusual modes (RGBA, palette, CMYK, 16-bit) are converted to RGB with a note, EXIF orientation is",
+        "applied, images above 100 megapixels are refused, and images whose short side is below half of",
+        "`train.resolution` get a warning.",
+        "",
+    ]
+    for table in TABLE_ORDER:
+        cls = SubjectConfig if table == "subjects" else SECTIONS[table]
+        title = "[subjects.Vn]" if table == "subjects" else f"[{table}]"
+        out += [f"## `{title}`", ""]
+        if table == "subjects":
+            out += ["One table per subject, `[subjects.V1]`, `[subjects.V2]`, ...; at least one is required.", ""]
+        out += ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            meta = f.metadata
+            if f.default is dataclasses.MISSING:
+                default = "*required*"
+            elif f.default is None:
+                default = "see meaning"
+            else:
+                default = f"`{_toml_value(f.default)}`"
+            doc = meta["doc"] + _constraints(meta) + (" *extension*" if meta["extension"] else "")
+            out.append(f"| `{f.name}` | {_schema_type(hints[f.name])} | {default} | {doc} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def _image_suffixes() -> tuple[str, ...]:
+    from palpcompose.images import IMAGE_SUFFIXES
+
+    return IMAGE_SUFFIXES
+
+
+def _constraints(meta: dict) -> str:
+    rules = []
+    if meta["ge"] is not None:
+        rules.append(f">= {_num(meta['ge'])}")
+    if meta["gt"] is not None:
+        rules.append(f"> {_num(meta['gt'])}")
+    if meta["le"] is not None:
+        rules.append(f"<= {_num(meta['le'])}")
+    if meta["multiple_of"]:
+        rules.append(f"multiple of {meta['multiple_of']}")
+    return f" Allowed: {', '.join(rules)}." if rules else ""
+
+
+def _schema_type(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return _schema_type(next(a for a in args if a is not type(None)))
+    if origin is tuple:
+        return f"list of {_schema_type(args[0])}"
+    if origin is Literal:
+        return " \\| ".join(f'`"{a}"`' for a in args)
+    return {str: "string", int: "integer", float: "float", bool: "boolean"}[hint]
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return _num(value)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m palpcompose.project")
+    parser.add_argument("--schema-md", action="store_true", help="print the schema reference (docs/schema.md)")
+    args = parser.parse_args(argv)
+    if args.schema_md:
+        sys.stdout.write(schema_markdown())
+    else:
+        parser.print_help()
+
+
+if __name__ == "__main__":
+    main()
