@@ -1,0 +1,143 @@
+"""Stable-Diffusion-shaped models with random weights, built from configs: no download, same FLOPs as the real thing.
+
+`tiny` is the size of tests/tiny_pipeline.py (for CPU runs and tests); `sd15` has the real SD-1.5 UNet, VAE and
+CLIP-L text encoder shapes. Weights are random, so loss values mean nothing; time and memory are what we measure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from palpcompose.errors import UserError
+
+ARCHS = ("tiny", "sd15", "sdxl")
+
+# The paper's LoRA (method.md, "What is trained"): rank 32 on the attention projections, not on the text encoder.
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    name: str
+    unet: dict
+    vae: dict
+    text: dict
+    vae_scale_factor: int  # pixels per latent pixel
+    default_resolution: int
+
+
+TINY = ArchSpec(
+    name="tiny",
+    unet=dict(
+        block_out_channels=(8, 16), layers_per_block=1, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=(2, 4), norm_num_groups=4,
+    ),
+    vae=dict(
+        block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"), up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    ),
+    text=dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=2, vocab_size=1000),
+    vae_scale_factor=2,
+    default_resolution=32,
+)
+
+SD15 = ArchSpec(
+    name="sd15",
+    unet=dict(
+        block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
+    ),
+    vae=dict(
+        block_out_channels=(128, 256, 512, 512), in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32,
+    ),
+    text=dict(
+        hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12, vocab_size=49408,
+        projection_dim=768, hidden_act="quick_gelu",
+    ),
+    vae_scale_factor=8,
+    default_resolution=512,
+)
+
+
+def arch_spec(name: str) -> ArchSpec:
+    if name == "sdxl":
+        raise UserError("--arch sdxl: not yet supported: the SDXL issue has not landed; use --arch tiny or sd15")
+    specs = {"tiny": TINY, "sd15": SD15}
+    if name not in specs:
+        raise UserError(f"--arch {name!r}: unknown architecture; choose one of {', '.join(ARCHS)}")
+    return specs[name]
+
+
+@dataclass
+class Components:
+    """The pieces a training step needs, already on `device`, frozen weights in `dtype`, LoRA weights in fp32."""
+
+    spec: ArchSpec
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    scheduler: object  # a diffusers DDPMScheduler
+    device: torch.device
+    dtype: torch.dtype
+
+
+def build(spec: ArchSpec, device: str | torch.device, dtype: torch.dtype, seed: int = 0, lora_rank: int = 32) -> Components:
+    """Random-weight UNet (with a LoRA adapter), VAE, text encoder and the SD noise schedule."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from peft import LoraConfig
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    device = torch.device(device)
+    # Build directly on the device: initialising 1.1 B parameters on the CPU alone takes longer than the benchmark.
+    with torch.device(device):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(sample_size=spec.default_resolution // spec.vae_scale_factor, **spec.unet)
+        torch.manual_seed(seed)
+        vae = AutoencoderKL(sample_size=spec.default_resolution, **spec.vae)
+        torch.manual_seed(seed)
+        vocab = spec.text["vocab_size"]  # CLIP's tokenizer: BOS and EOS are the last two ids, padding is EOS
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            max_position_embeddings=77, bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1,
+            **spec.text,
+        ))
+    for module in (unet, vae, text_encoder):
+        module.requires_grad_(False)
+        module.to(dtype=dtype)
+        module.eval()
+    # As diffusers' train_dreambooth_lora.py: frozen weights in half precision, the trainable LoRA weights in fp32.
+    torch.manual_seed(seed)
+    unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+    for p in unet.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    scheduler = DDPMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        prediction_type="epsilon", clip_sample=False, steps_offset=1,
+    )
+    return Components(spec, unet, vae, text_encoder, scheduler, device, dtype)
+
+
+def lora_parameters(unet: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in unet.parameters() if p.requires_grad]
+
+
+def empty_prompt_ids(spec: ArchSpec, batch: int, device) -> torch.Tensor:
+    """Token ids of the empty prompt: BOS, then EOS padding, as CLIP's tokenizer pads to 77: (B, 77)."""
+    vocab = spec.text["vocab_size"]
+    ids = torch.full((batch, 77), vocab - 1, dtype=torch.long)  # EOS / padding: the last id
+    ids[:, 0] = vocab - 2  # BOS
+    return ids.to(device)
+
+
+def random_prompt_ids(spec: ArchSpec, batch: int, seed: int, device) -> torch.Tensor:
+    """Token ids of a seven-word prompt (BOS, words, EOS padding): (B, 77)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = empty_prompt_ids(spec, batch, "cpu")
+    ids[:, 1:8] = torch.randint(0, spec.text["vocab_size"] - 3, (batch, 7), generator=g)
+    return ids.to(device)
