@@ -133,3 +133,146 @@ def expand_placeholders(prompt: str, tokens: dict[str, str]) -> str:
         return tokens[key]
 
     return _PLACEHOLDER.sub(sub, prompt)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Preparing a base model for PALP training: components, frozen weights, placeholder tokens, LoRA, attention.
+
+LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+@dataclass
+class Components:
+    """The separately wired parts of a Stable Diffusion model (diffusers' component names).
+
+    `prediction_type` ("epsilon" | "v_prediction") and `alphas_cumprod` come from the model's own scheduler config.
+    SDXL will add a second tokenizer/text encoder and added conditioning here; the loop only calls `encode_prompt`.
+    """
+
+    unet: object
+    vae: object
+    text_encoder: object
+    tokenizer: object
+    noise_scheduler: object  # a DDPMScheduler built from the model's scheduler config (training-time schedule)
+    inference_scheduler_config: dict
+    prediction_type: str
+    alphas_cumprod: object  # (T,) float32 tensor
+
+
+def load_components(source: BaseModelSource) -> Components:
+    """Load the pipeline `source` names (offline) and split it into its components, all fp32 on the CPU."""
+    from diffusers import DDPMScheduler
+
+    pipe = load_pipeline(source)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise UserError(
+            f"base model {source.spec!r}: scheduler prediction_type {prediction_type!r} is not supported "
+            "(palpcompose trains epsilon and v_prediction models)"
+        )
+    return Components(
+        unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+        noise_scheduler=noise_scheduler, inference_scheduler_config=dict(pipe.scheduler.config),
+        prediction_type=prediction_type, alphas_cumprod=noise_scheduler.alphas_cumprod.float().clone(),
+    )
+
+
+def freeze(*modules) -> None:
+    """No gradients anywhere; the trainable parts (LoRA, placeholder rows) are switched back on explicitly."""
+    for module in modules:
+        module.requires_grad_(False)
+        module.eval()  # no dropout: training is deterministic given the seed
+
+
+def add_placeholder_tokens(tokenizer, text_encoder, tokens: dict[str, str], init_words: dict[str, str]) -> dict[str, int]:
+    """Add one new token per subject and initialise its embedding from its init word.
+
+    `tokens`: {"V1": "<name-v1>"}; `init_words`: {"V1": "cat"}. A word that the tokenizer splits into several
+    tokens is initialised with the mean of their embeddings. Returns {"V1": token_id}.
+    """
+    import torch
+
+    for key, token in tokens.items():
+        if token in tokenizer.get_vocab():
+            raise UserError(f"subject {key}: the token {token!r} already exists in the base model's vocabulary")
+    init_ids = {}
+    for key, word in init_words.items():
+        ids = tokenizer.encode(word, add_special_tokens=False)
+        if not ids:
+            raise UserError(f"subject {key}: init word {word!r} encodes to no token; set subjects.{key}.init_word")
+        init_ids[key] = ids
+    tokenizer.add_tokens(list(tokens.values()))
+    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    token_ids = {key: tokenizer.convert_tokens_to_ids(token) for key, token in tokens.items()}
+    table = text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        for key, ids in init_ids.items():
+            table[token_ids[key]] = table[ids].mean(dim=0)
+    return token_ids
+
+
+def add_lora(unet, rank: int, lora_alpha: float) -> list:
+    """Attach a peft LoRA adapter to the UNet's attention projections; returns its parameters, in fp32."""
+    import torch
+    from peft import LoraConfig
+
+    unet.add_adapter(
+        LoraConfig(r=rank, lora_alpha=lora_alpha, init_lora_weights="gaussian", target_modules=LORA_TARGET_MODULES)
+    )
+    params = [p for p in unet.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.to(torch.float32)  # trainable weights stay fp32 under bf16/fp16 autocast
+    return params
+
+
+def lora_state_dict(unet) -> dict:
+    """The adapter's weights in peft's key format (see weights.py), detached fp32 copies on the CPU."""
+    from peft.utils import get_peft_model_state_dict
+
+    return {k: v.detach().float().cpu().clone() for k, v in get_peft_model_state_dict(unet).items()}
+
+
+def load_lora_state_dict(unet, state: dict) -> None:
+    """Copy saved LoRA weights (peft key format) into the adapter that `add_lora` attached."""
+    from peft.utils import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(unet, state)
+    unexpected = getattr(result, "unexpected_keys", None) or []
+    if unexpected:
+        raise ValueError(f"LoRA weights do not fit this UNet: unexpected keys {unexpected[:3]}")
+
+
+def set_attention(unet, mode: str, device_type: str) -> str:
+    """Pick the attention kernel: "sdpa" (PyTorch scaled-dot-product, the default path), "xformers", or "auto"
+    (xformers when it imports and runs on this CUDA device, else SDPA). Returns a one-line notice, or ""."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    if mode not in ("auto", "sdpa", "xformers"):
+        raise UserError(f"train.attention must be auto, sdpa or xformers, not {mode!r}")
+    if mode in ("auto", "xformers"):
+        reason = "xformers needs a CUDA device" if device_type != "cuda" else ""
+        if not reason:
+            try:
+                unet.enable_xformers_memory_efficient_attention()
+                return ""
+            except Exception as exc:  # not installed, or built for another torch/CUDA
+                reason = f"xformers unavailable ({type(exc).__name__})"
+        if mode == "xformers":
+            raise UserError(f"train.attention = \"xformers\": {reason}; use \"auto\" or \"sdpa\"")
+        unet.set_attn_processor(AttnProcessor2_0())
+        return f"attention: {reason}, using PyTorch SDPA"
+    unet.set_attn_processor(AttnProcessor2_0())
+    return ""
+
+
+def tokenize(tokenizer, prompts: list[str]):
+    """Token ids (B, model_max_length), padded and truncated as Stable Diffusion does."""
+    return tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
+def encode_prompt(text_encoder, input_ids):
+    """Text embeddings (B, 77, D) for the UNet's cross-attention: the text encoder's last hidden state."""
+    return text_encoder(input_ids.to(text_encoder.device))[0]

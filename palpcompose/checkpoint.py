@@ -1,0 +1,158 @@
+"""The full training state for `train --resume`, in `out/checkpoint/`, without pickles.
+
+    lora.safetensors, embeddings.safetensors   the trained weights (palpcompose/weights.py format)
+    optimizer.safetensors                      AdamW moments, keyed "<param index>.<name>"
+    rng.safetensors                            torch CPU / CUDA RNG states and the data generator's state
+    state.json                                 step, optimizer param groups, LR scheduler state, python RNG, and the
+                                               settings the run was started with (a resume must match them)
+
+The embedding table's optimizer state is stored for the placeholder rows only: the other rows never receive a
+gradient (train.py masks it), so their moments are exactly zero and a 49408 x 768 table does not bloat every
+checkpoint. The folder is written next to the old one and swapped in with renames, so a crash or an interrupt
+leaves either the old or the new checkpoint, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from palpcompose.fsutil import atomic_save_safetensors, atomic_write_json
+from palpcompose.weights import TrainedWeights, load_trained_weights, save_trained_weights
+
+STATE_FILE = "state.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+RNG_FILE = "rng.safetensors"
+
+
+@dataclass
+class Checkpoint:
+    step: int
+    weights: TrainedWeights
+    optimizer: dict  # torch optimizer state_dict, embedding rows compacted (see module docstring)
+    lr_scheduler: dict
+    rng: dict  # {"torch": ByteTensor, "cuda": [ByteTensor...], "data": ByteTensor, "python": state}
+    settings: dict  # what the run was started with; train.py compares it on resume
+
+
+def rng_state(data_generator: torch.Generator) -> dict:
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "data": data_generator.get_state(),
+        "python": random.getstate(),
+    }
+
+
+def restore_rng_state(rng: dict, data_generator: torch.Generator) -> None:
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    data_generator.set_state(rng["data"])
+    random.setstate(rng["python"])
+
+
+def compact_rows(optimizer_state: dict, param_index: int, rows: list[int]) -> dict:
+    """Keep only `rows` of the state tensors of parameter `param_index` (the embedding table)."""
+    state = {k: dict(v) for k, v in optimizer_state["state"].items()}
+    if param_index in state:
+        for name, value in state[param_index].items():
+            if value.dim() > 0:
+                state[param_index][name] = value[rows].clone()
+    return {"state": state, "param_groups": optimizer_state["param_groups"]}
+
+
+def expand_rows(optimizer_state: dict, param_index: int, rows: list[int], full_shape) -> dict:
+    """Inverse of `compact_rows`: zero moments everywhere except `rows`."""
+    state = {k: dict(v) for k, v in optimizer_state["state"].items()}
+    if param_index in state:
+        for name, value in state[param_index].items():
+            if value.dim() > 0:
+                full = torch.zeros(full_shape, dtype=value.dtype)
+                full[rows] = value
+                state[param_index][name] = full
+    return {"state": state, "param_groups": optimizer_state["param_groups"]}
+
+
+def save_checkpoint(folder: str | Path, ckpt: Checkpoint) -> None:
+    """Write the checkpoint into a temporary sibling folder, then swap it in with renames."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-new-", dir=folder.parent))
+    try:
+        save_trained_weights(tmp, ckpt.weights)
+        tensors = {
+            f"{index}.{name}": value.reshape(1) if value.dim() == 0 else value
+            for index, entry in ckpt.optimizer["state"].items()
+            for name, value in entry.items()
+        }
+        scalar_keys = [f"{index}.{name}" for index, entry in ckpt.optimizer["state"].items()
+                       for name, value in entry.items() if value.dim() == 0]
+        atomic_save_safetensors(tmp / OPTIMIZER_FILE, tensors)
+        rng = {"torch": ckpt.rng["torch"], "data": ckpt.rng["data"]}
+        rng.update({f"cuda.{i}": s for i, s in enumerate(ckpt.rng["cuda"])})
+        atomic_save_safetensors(tmp / RNG_FILE, rng)
+        atomic_write_json(tmp / STATE_FILE, {
+            "step": ckpt.step,
+            "optimizer_param_groups": ckpt.optimizer["param_groups"],
+            "optimizer_scalar_keys": scalar_keys,
+            "lr_scheduler": ckpt.lr_scheduler,
+            "python_rng": ckpt.rng["python"],
+            "cuda_rng_devices": len(ckpt.rng["cuda"]),
+            "settings": ckpt.settings,
+        })
+        old = folder.parent / f".{folder.name}-old"
+        if old.exists():
+            shutil.rmtree(old)
+        if folder.exists():
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def checkpoint_folder(folder: str | Path) -> Path | None:
+    """The checkpoint to resume from: `folder`, or its previous version if a swap was cut short."""
+    folder = Path(folder)
+    for candidate in (folder, folder.parent / f".{folder.name}-old"):
+        if (candidate / STATE_FILE).is_file():
+            return candidate
+    return None
+
+
+def read_settings(folder: str | Path) -> dict:
+    return json.loads((Path(folder) / STATE_FILE).read_text())
+
+
+def load_checkpoint(folder: str | Path) -> Checkpoint:
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    meta = read_settings(folder)
+    flat = load_file(str(folder / OPTIMIZER_FILE))
+    scalar_keys = set(meta["optimizer_scalar_keys"])
+    state: dict[int, dict] = {}
+    for key, value in flat.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value.reshape(()) if key in scalar_keys else value
+    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["optimizer_param_groups"]]
+    rng_t = load_file(str(folder / RNG_FILE))
+    python_rng = meta["python_rng"]
+    rng = {
+        "torch": rng_t["torch"], "data": rng_t["data"],
+        "cuda": [rng_t[f"cuda.{i}"] for i in range(meta["cuda_rng_devices"])],
+        "python": (python_rng[0], tuple(python_rng[1]), python_rng[2]),
+    }
+    return Checkpoint(
+        step=int(meta["step"]), weights=load_trained_weights(folder), optimizer={"state": state, "param_groups": groups},
+        lr_scheduler=meta["lr_scheduler"], rng=rng, settings=meta["settings"],
+    )
