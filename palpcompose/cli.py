@@ -48,6 +48,87 @@ def _root(
 
 
 @app.command()
+def init(
+    project_dir: Annotated[Path, typer.Argument(help="The folder to create the project in (created if missing).")],
+    template: Annotated[
+        str, typer.Option("--template", help="single-subject, multi-subject, art-inspired or toy-demo.")
+    ] = "art-inspired",
+) -> None:
+    """Create a project: a commented palp.toml, refs/ for the reference images, .gitignore and a README."""
+    from palpcompose.project import init_project
+
+    result = init_project(project_dir, template)
+    for path in result.written:
+        console.print(f"[green]created[/] {path}", highlight=False)
+    for path in result.kept:
+        console.print(f"[dim]kept[/] {path} (already there)", highlight=False)
+    console.print(
+        f"\nProject [bold]{result.name}[/] ({template}). Next: put the reference images in "
+        f"{project_dir / 'refs'}/, edit {project_dir / 'palp.toml'}, then run `palpcompose check {project_dir}`.",
+        highlight=False,
+    )
+
+
+@app.command()
+def check(project_dir: ProjectDir) -> None:
+    """Validate a project (TOML, images, placeholders, base model, prompt lengths) without training or writing."""
+    from rich.table import Table
+
+    from palpcompose.models import placeholder_tokens
+    from palpcompose.project import check_project
+
+    report = check_project(project_dir)
+    config = report.project.config
+    tokens = placeholder_tokens(config.project.name, config.subjects)
+
+    subjects = Table(title=f"{report.project.file}: valid", title_justify="left")
+    for column in ("subject", "token", "class", "images", "prompt (y_P)"):
+        subjects.add_column(column)
+    for key, subject in config.subjects.items():
+        subjects.add_row(f"[{key}]", tokens[key], subject.class_name, str(len(report.project.images[key])),
+                         subject.prompt)
+    console.print(subjects, highlight=False)
+
+    prompts = Table(title=f"prompts (token limit {report.token_limit}: {report.token_limit_source})",
+                    title_justify="left")
+    prompts.add_column("key")
+    prompts.add_column("prompt")
+    prompts.add_column("tokens", justify="right")
+    for key, prompt, count in report.prompt_tokens:
+        prompts.add_row(key, prompt, "?" if count is None else str(count))
+    console.print(prompts, highlight=False)
+
+    palp = config.palp
+    settings = Table(show_header=False, title="settings", title_justify="left")
+    settings.add_row("base model", f"{config.project.base_model} ({report.base_model.detail})")
+    settings.add_row("guidance", f"{palp.guidance}" + ("" if palp.guidance == "none" else
+                     f" (alpha {palp.alpha:g}, beta {palp.beta:g}, weight {palp.weight:g})"))
+    settings.add_row("training", f"{config.train.steps} steps at {config.train.resolution} px, batch "
+                     f"{config.train.batch_size}, LoRA rank {config.train.lora_rank}, {config.train.mixed_precision}")
+    console.print(settings, highlight=False)
+    for note in report.notes:
+        err_console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def train(
+    project_dir: ProjectDir,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Train to N steps in total (default: train.steps).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from out/checkpoint (an interrupted or finished run).")] = False,
+    guidance: Annotated[Optional[str], typer.Option("--guidance", help="palp, sds or none (default: palp.guidance).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Retrain even when the weights are up to date.")] = False,
+) -> None:
+    """Train the project's subjects with PALP: progress bar, previews, snapshots, out/weights/final/."""
+    from palpcompose.project import load_project
+    from palpcompose.train import train as train_project
+
+    project = load_project(project_dir)
+    for note in project.notes:
+        err_console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
+    train_project(project, steps=steps, resume=resume, guidance=guidance, force=force, console=console)
+
+
+@app.command()
 def render(
     project_dir: ProjectDir,
     prompt: Annotated[
