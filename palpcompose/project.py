@@ -618,6 +618,68 @@ def _shown(root: Path, path: Path) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# `palpcompose init`
+
+TEMPLATES = ("single-subject", "multi-subject", "art-inspired", "toy-demo")
+DEFAULT_TEMPLATE = "art-inspired"
+_NAME_MARK = "__PROJECT_NAME__"
+
+
+@dataclass(frozen=True)
+class InitResult:
+    root: Path
+    name: str
+    written: tuple[Path, ...]  # files created or updated
+    kept: tuple[Path, ...]  # files that already existed and were left alone
+
+
+def init_project(project_dir: str | Path, template: str = DEFAULT_TEMPLATE) -> InitResult:
+    """Create a project folder from a template. Refuses (UserError, nothing written) if palp.toml already exists.
+
+    The project name comes from the folder's name, made valid. Existing files other than palp.toml are kept;
+    an existing .gitignore gets an `out/` line if it lacks one.
+    """
+    from importlib.resources import files
+
+    from palpcompose.fsutil import atomic_write_text
+
+    root = Path(project_dir)
+    if template not in TEMPLATES:
+        raise UserError(f"unknown template {template!r}; templates: {', '.join(TEMPLATES)}"
+                        + (f" ({_did_you_mean(template, TEMPLATES)})" if _did_you_mean(template, TEMPLATES) else ""))
+    if root.exists() and not root.is_dir():
+        raise UserError(f"{root}: exists and is not a folder; choose another project folder")
+    if (root / PROJECT_FILE).exists():
+        raise UserError(f"{root / PROJECT_FILE}: already exists; palpcompose init never overwrites a project "
+                        "(edit it, or init a new folder)")
+    name = sanitize_name(root.resolve().name)
+    source = files("palpcompose.templates") / template
+    texts = {rel: (source / rel).read_text(encoding="utf-8").replace(_NAME_MARK, name)
+             for rel in ("palp.toml", "README.md", "refs/README.md")}
+    written, kept = [], []
+    for rel, text in texts.items():
+        target = root / rel
+        if target.exists() and rel != PROJECT_FILE:
+            kept.append(target)
+            continue
+        atomic_write_text(target, text)
+        written.append(target)
+    gitignore = root / ".gitignore"
+    lines = gitignore.read_text(encoding="utf-8").splitlines() if gitignore.exists() else []
+    if not {"out/", "out", "/out/", "/out"} & {line.strip() for line in lines}:
+        atomic_write_text(gitignore, "\n".join(lines + ["out/"]) + "\n")
+        written.append(gitignore)
+    else:
+        kept.append(gitignore)
+    # One empty folder per subject folder the template names, so the user sees where the pictures go.
+    for sub in tomllib.loads(texts["palp.toml"])["subjects"].values():
+        for entry in sub["images"]:
+            if not any(ch in entry for ch in "*?["):
+                (root / entry).mkdir(parents=True, exist_ok=True)
+    return InitResult(root, name, tuple(written), tuple(kept))
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # `palpcompose check`: everything load_project checks, plus the base model's reachability and prompt lengths.
 
 DEFAULT_TOKEN_LIMIT = 77  # CLIP's text encoders (SD 1.x and 2.x) read 77 tokens, start and end tokens included
@@ -630,6 +692,7 @@ class CheckReport:
     token_limit: int
     token_limit_source: str  # where token_limit comes from ("the model's tokenizer" or why it is assumed)
     prompt_tokens: tuple[tuple[str, str, int | None], ...]  # (key, prompt, token count or None when not counted)
+    notes: tuple[str, ...]  # the project's notes, plus what could not be verified offline
 
 
 def check_project(project_dir: str | Path) -> CheckReport:
@@ -668,21 +731,23 @@ def check_project(project_dir: str | Path) -> CheckReport:
                            "included); the rest would be silently cut off", f"shorten it by {n - limit} tokens")
     if v.problems:
         raise v.error()
-    return CheckReport(project, source, limit, limit_source, tuple(counts))
+    notes = project.notes + (() if source.available else (f"{project.file}: project.base_model: {source.detail}",))
+    return CheckReport(project, source, limit, limit_source, tuple(counts), notes)
 
 
 def _load_tokenizer(source) -> tuple[Any, str]:
     """The base model's CLIP tokenizer when it can be read offline, else None and the reason."""
-    if not source.available or source.kind == "single_file":
-        why = "not verifiable offline" if not source.available else "single-file checkpoint"
-        return None, f"assumed {DEFAULT_TOKEN_LIMIT} ({why}: tokenizer not loaded, prompts not counted)"
+    if not source.available:
+        return None, "assumed: the base model cannot be read offline, prompts not counted"
+    if source.kind == "single_file":
+        return None, "assumed: check does not open single-file checkpoints, prompts not counted"
     from transformers import CLIPTokenizer
 
     try:
         tokenizer = CLIPTokenizer.from_pretrained(source.location, subfolder="tokenizer", local_files_only=True)
     except (OSError, ValueError) as exc:
-        return None, f"assumed {DEFAULT_TOKEN_LIMIT} (could not read the model's tokenizer: {exc})"
-    return tokenizer, "the model's tokenizer"
+        return None, f"assumed: could not read the model's tokenizer ({exc}), prompts not counted"
+    return tokenizer, "from the model's tokenizer"
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Project templates for `palpcompose init` (shipped inside the package as `palpcompose.templates`)."""

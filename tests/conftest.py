@@ -1,0 +1,129 @@
+"""Shared test fixtures: tiny pipelines, valid projects, and the `slow` / `gpu` switches.
+
+- `@pytest.mark.slow` tests run only with PALP_RUN_SLOW=1; `@pytest.mark.gpu` tests only when CUDA is available.
+- `tiny_pipeline_dir` / `tiny_vpred_pipeline_dir`: tiny SD-1-like (epsilon) and SD-2-like (v_prediction) diffusers
+  folders, built once per session (tests/tiny_pipeline.py; 16 px images, 8x8 latents).
+- `make_project(overrides=None, *, n_images=3, image_size=16, dirname="proj")`: writes a valid project folder whose
+  base model is the tiny pipeline, with `n_images` distinct PNGs per subject in refs/<Vn>/, and returns its path.
+  `overrides` is merged into the default palp.toml content table by table; a value of None deletes that key.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def pytest_collection_modifyitems(config, items):
+    run_slow = os.environ.get("PALP_RUN_SLOW") == "1"
+    has_cuda = None
+    for item in items:
+        if "slow" in item.keywords and not run_slow:
+            item.add_marker(pytest.mark.skip(reason="slow test: set PALP_RUN_SLOW=1 to run it"))
+        if "gpu" in item.keywords:
+            if has_cuda is None:
+                import torch
+
+                has_cuda = torch.cuda.is_available()
+            if not has_cuda:
+                item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tmp_path_factory) -> Path:
+    from tiny_pipeline import make_tiny_pipeline
+
+    return make_tiny_pipeline(tmp_path_factory.mktemp("tiny-eps") / "pipe", prediction_type="epsilon")
+
+
+@pytest.fixture(scope="session")
+def tiny_vpred_pipeline_dir(tmp_path_factory) -> Path:
+    from tiny_pipeline import make_tiny_pipeline
+
+    return make_tiny_pipeline(tmp_path_factory.mktemp("tiny-v") / "pipe", prediction_type="v_prediction")
+
+
+def default_project_config(base_model: str) -> dict:
+    """The palp.toml content `make_project` starts from: one subject, tiny and fast settings."""
+    return {
+        "project": {"name": "tiny", "base_model": base_model},
+        "subjects": {"V1": {"class_name": "cat", "images": ["refs/V1/*.png"], "prompt": "A photo of [V1]"}},
+        "palp": {"target_prompt": "An oil painting of [V1]", "clean_prompt": "An oil painting of a cat"},
+        "train": {"steps": 2, "resolution": 16, "mixed_precision": "no", "save_every": 1, "preview_every": 0,
+                  "lora_rank": 4},
+        "render": {"seeds": [0], "steps": 2},
+    }
+
+
+def _merge(base: dict, overrides: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def to_toml(data: dict) -> str:
+    """A small TOML writer for the value types palp.toml uses (tables, strings, numbers, booleans, lists)."""
+
+    def value(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        raise TypeError(f"cannot write {v!r} as TOML")
+
+    lines: list[str] = []
+
+    def table(name: str, content: dict):
+        scalars = {k: v for k, v in content.items() if not isinstance(v, dict)}
+        if scalars or not content:
+            lines.append(f"[{name}]")
+            lines.extend(f"{k} = {value(v)}" for k, v in scalars.items())
+            lines.append("")
+        for k, v in content.items():
+            if isinstance(v, dict):
+                table(f"{name}.{k}", v)
+
+    for name, content in data.items():
+        table(name, content)
+    return "\n".join(lines)
+
+
+def write_test_image(path: Path, seed: int, size: int = 16, mode: str = "RGB") -> Path:
+    """A deterministic noise image, different for every seed (so no two references are byte-identical)."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels, "RGB").convert(mode).save(path)
+    return path
+
+
+@pytest.fixture
+def make_project(tmp_path, tiny_pipeline_dir):
+    def factory(overrides: dict | None = None, *, n_images: int = 3, image_size: int = 16,
+                dirname: str = "proj") -> Path:
+        root = tmp_path / dirname
+        config = _merge(default_project_config(str(tiny_pipeline_dir)), overrides or {})
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "palp.toml").write_text(to_toml(config))
+        for i, key in enumerate(config.get("subjects", {})):
+            for j in range(n_images):
+                write_test_image(root / "refs" / key / f"{j}.png", seed=1000 * i + j, size=image_size)
+        return root
+
+    return factory
