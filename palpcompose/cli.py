@@ -89,7 +89,7 @@ def check(project_dir: ProjectDir) -> None:
                          subject.prompt)
     console.print(subjects, highlight=False)
 
-    prompts = Table(title=f"prompts (token limit {report.token_limit}: {report.token_limit_source})",
+    prompts = Table(title=f"prompts (token limit {report.token_limit}, {report.token_limit_source})",
                     title_justify="left")
     prompts.add_column("key")
     prompts.add_column("prompt")
