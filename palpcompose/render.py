@@ -507,21 +507,20 @@ def _wrap(text: str, width: int) -> list[str]:
 
 
 def summary_table(result: RenderResult):
-    """A rich table saying where everything went."""
+    """A rich table saying where everything went (file names relative to the run folder named in the title)."""
     from rich.table import Table
 
-    table = Table(title=f"rendered {len(result.images)} image(s)", title_justify="left")
+    table = Table(title=f"{len(result.images)} image(s) in {result.run_dir}", title_justify="left")
     table.add_column("what")
-    table.add_column("where", overflow="fold")
+    table.add_column("file", overflow="fold")
     models = sorted({i.model for i in result.images}, key=lambda m: (m != "base", m))
     for model in models:
         count = sum(1 for i in result.images if i.model == model)
-        table.add_row(f"{model}: {count} PNG(s)", str(result.run_dir / f"{model}_p*_seed*.png"))
-    table.add_row("contact sheet", str(result.contact_sheet))
-    table.add_row("index (prompts, seeds, settings)", str(result.run_dir / "render.json"))
+        what = "base model" if model == "base" else f"{model} weights"
+        table.add_row(f"{what}: {count} PNG(s)", f"{model}_p*_seed*.png")
+    table.add_row("contact sheet", result.contact_sheet.name)
+    table.add_row("index (prompts, seeds, settings)", "render.json")
     s = result.settings
-    table.add_row(
-        "settings",
-        f"{SCHEDULERS[s.scheduler][2]}, {s.steps} steps, CFG {s.guidance_scale:g}, {s.width}x{s.height}",
-    )
+    table.add_row("settings", f"{SCHEDULERS[s.scheduler][2]}, {s.steps} steps, CFG {s.guidance_scale:g}, "
+                              f"{s.width}x{s.height}")
     return table

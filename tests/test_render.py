@@ -1,0 +1,192 @@
+"""`render`: determinism, PNG parameters, contact sheets, sweeps, comparisons, and guard rails (issue 4)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from palpcompose.cli import main
+from palpcompose.errors import UserError
+from palpcompose.project import load_project
+from palpcompose.render import RenderSettings, generate, make_scheduler, parse_seeds, render
+from test_render_fixtures import make_project, tiny_base, write_manifest
+from tiny_pipeline import make_tiny_pipeline
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return tiny_base(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def sd2_scheduler_config(tmp_path_factory):
+    from diffusers import DDPMScheduler
+
+    folder = make_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "sd2", prediction_type="v_prediction")
+    return DDPMScheduler.from_pretrained(folder, subfolder="scheduler").config
+
+
+@pytest.fixture
+def project_dir(tmp_path, base):
+    return make_project(tmp_path / "proj", base)
+
+
+def pixels(path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB")).astype(np.int16)
+
+
+def test_parse_seeds_ranges_lists_and_mixes():
+    assert parse_seeds("0-3") == (0, 1, 2, 3)
+    assert parse_seeds("1,5,9") == (1, 5, 9)
+    assert parse_seeds("0-2, 10,1") == (0, 1, 2, 10)
+    for bad in ("", "a", "3-1", "1,,2", "-1"):
+        with pytest.raises(UserError):
+            parse_seeds(bad)
+
+
+@pytest.mark.parametrize("name,cls", [("dpm++", "DPMSolverMultistepScheduler"), ("ddim", "DDIMScheduler"),
+                                      ("euler-a", "EulerAncestralDiscreteScheduler")])
+def test_schedulers_keep_the_base_models_prediction_type(sd2_scheduler_config, name, cls):
+    base_config = sd2_scheduler_config
+    scheduler = make_scheduler(name, base_config)
+    assert type(scheduler).__name__ == cls
+    assert scheduler.config.prediction_type == "v_prediction"
+    assert scheduler.config.beta_schedule == "scaled_linear"
+    if name == "dpm++":
+        assert scheduler.config.algorithm_type == "dpmsolver++"
+
+
+def test_render_writes_pngs_with_a1111_parameters_and_a_contact_sheet(project_dir):
+    result = render(load_project(project_dir, check_images=False), seeds="0-2", negative_prompt="blurry")
+    run = result.run_dir
+    assert run.parent == project_dir / "out" / "renders"
+    assert sorted(p.name for p in run.glob("*.png")) == sorted(
+        [f"final_p1_seed{s}.png" for s in range(3)] + ["contact-sheet.png"])
+    with Image.open(run / "final_p1_seed2.png") as im:
+        assert im.size == (16, 16)  # train.resolution
+        params = im.text["parameters"]
+    prompt, negative, fields = params.split("\n")
+    assert prompt == "an oil painting of <duo-v1> inspired by <duo-v2> painting"
+    assert negative == "Negative prompt: blurry"
+    assert fields.startswith("Steps: 2, Sampler: DPM++ 2M, CFG scale: 7.5, Seed: 2, Size: 16x16, Model: ")
+    assert "PALP weights: final" in fields
+    with Image.open(result.contact_sheet) as sheet:
+        assert sheet.width > 3 * 128 and sheet.height >= 128  # 3 seed columns of enlarged cells + captions
+    index = json.loads((run / "render.json").read_text())
+    assert [i["seed"] for i in index["images"]] == [0, 1, 2]
+    assert index["settings"]["scheduler"] == "dpm++"
+
+
+def test_same_seed_same_image_whatever_the_batch(project_dir):
+    project = load_project(project_dir, check_images=False)
+    one = render(project, seeds="0-2", scheduler="euler-a", batch_size=1)
+    batched = render(project, seeds="2,0,1", scheduler="euler-a", batch_size=3)
+    assert one.run_dir != batched.run_dir
+    for seed in range(3):
+        a = pixels(one.run_dir / f"final_p1_seed{seed}.png")
+        b = pixels(batched.run_dir / f"final_p1_seed{seed}.png")
+        assert np.abs(a - b).max() <= 1, seed
+    assert np.abs(pixels(one.run_dir / "final_p1_seed0.png") - pixels(one.run_dir / "final_p1_seed1.png")).max() > 10
+
+
+def test_sweep_renders_every_snapshot_and_the_final_weights(project_dir):
+    result = render(load_project(project_dir, check_images=False), seeds=[3], sweep=True)
+    assert [(i.model, i.step) for i in result.images] == [("step-000002", 2), ("final", 4)]
+    snapshot, final = (pixels(i.path) for i in result.images)
+    assert np.abs(snapshot - final).max() > 10  # different weights, different images
+    with Image.open(result.contact_sheet) as sheet:
+        assert sheet.height >= 2 * 128  # one row per weights
+    assert result.run_dir.name.endswith("-sweep")
+
+
+def test_step_renders_that_snapshot(project_dir):
+    project = load_project(project_dir, check_images=False)
+    snap = render(project, seeds=[3], step=2)
+    sweep = render(project, seeds=[3], sweep=True)
+    assert snap.images[0].path.name == "step-000002_p1_seed3.png"
+    assert np.abs(pixels(snap.images[0].path) - pixels(sweep.images[0].path)).max() <= 1
+
+
+def test_compare_renders_the_base_model_with_class_words(project_dir, base):
+    from diffusers import StableDiffusionPipeline
+
+    result = render(load_project(project_dir, check_images=False), seeds=[0], compare=True, scheduler="ddim")
+    base_image, personal = result.images
+    assert base_image.model == "base" and personal.model == "final"
+    assert base_image.text == "an oil painting of cat inspired by painting painting"
+    assert np.abs(pixels(base_image.path) - pixels(personal.path)).max() > 10
+    # The base row is exactly the untouched base model: render it with plain diffusers.
+    pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = make_scheduler("ddim", pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    plain = generate(pipe, [base_image.text], [0], result.settings)[0]
+    assert np.abs(np.asarray(plain).astype(np.int16) - pixels(base_image.path)).max() <= 1
+
+
+# --- guard rails, through the command line --------------------------------------------------------------------
+
+
+def run_cli(*args) -> int:
+    try:
+        main(list(map(str, args)))
+    except SystemExit as exc:
+        return exc.code
+    return 0
+
+
+def test_cli_render_succeeds_and_says_where_everything_went(project_dir, capsys):
+    assert run_cli("render", project_dir, "--seeds", "1", "--prompt", "a photo of [V1] at night", "--steps", "1") == 0
+    out = capsys.readouterr().out
+    (run_dir,) = (project_dir / "out" / "renders").iterdir()
+    assert run_dir.name in out and "contact-sheet.png" in out and "final_p*_seed*.png" in out
+    assert (run_dir / "final_p1_seed1.png").is_file()
+
+
+def test_cli_refuses_without_trained_weights(tmp_path, base, capsys):
+    project_dir = make_project(tmp_path / "untrained", base, trained=False)
+    assert run_cli("render", project_dir) == 2
+    err = capsys.readouterr().err
+    assert "palpcompose train" in err and "Traceback" not in err
+    assert not (project_dir / "out").exists()
+
+
+def test_cli_missing_step_lists_the_available_steps(project_dir, capsys):
+    assert run_cli("render", project_dir, "--step", "3") == 2
+    assert "available steps: 2" in capsys.readouterr().err
+    assert not (project_dir / "out" / "renders").exists()
+
+
+@pytest.mark.parametrize("args", [["--seeds", "5-1"], ["--scheduler", "plms"], ["--width", "20"],
+                                  ["--sweep", "--step", "2"], ["--prompt", "a photo of [V3]"], ["--steps", "0"]])
+def test_cli_bad_options_exit_2_and_write_nothing(project_dir, args, capsys):
+    assert run_cli("render", project_dir, *args) == 2
+    assert "Traceback" not in capsys.readouterr().err
+    assert not (project_dir / "out" / "renders").exists()
+
+
+def test_cli_refuses_when_the_base_model_differs(project_dir, tmp_path, capsys):
+    project = load_project(project_dir, check_images=False)
+    write_manifest(project_dir, project, base_model={"spec": "other/model", "kind": "hub", "identity": "x"})
+    assert run_cli("render", project_dir) == 2
+    assert "other/model" in capsys.readouterr().err
+    assert not (project_dir / "out" / "renders").exists()
+
+
+def test_cli_warns_when_training_settings_changed(project_dir, capsys):
+    toml = project_dir / "palp.toml"
+    toml.write_text(toml.read_text().replace("steps = 4", "steps = 6"))
+    assert run_cli("render", project_dir, "--seeds", "0", "--steps", "1") == 0
+    err = capsys.readouterr().err
+    assert "changed since training" in err and "retrain" in err
+
+
+def test_unfinished_training_renders_the_latest_snapshot_with_a_warning(project_dir):
+    shutil.rmtree(project_dir / "out" / "weights")
+    result = render(load_project(project_dir, check_images=False), seeds=[0])
+    assert result.images[0].model == "step-000002"
+    assert any("--resume" in w for w in result.warnings)
