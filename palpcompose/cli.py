@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from palpcompose import __version__
 from palpcompose.errors import PalpcomposeError
@@ -59,13 +60,13 @@ def init(
 
     result = init_project(project_dir, template)
     for path in result.written:
-        console.print(f"[green]created[/] {path}", highlight=False)
+        console.print(f"[green]created[/] {escape(str(path))}", highlight=False)
     for path in result.kept:
-        console.print(f"[dim]kept[/] {path} (already there)", highlight=False)
+        console.print(f"[dim]kept[/] {escape(str(path))} (already there)", highlight=False)
     console.print(
-        f"\nProject [bold]{result.name}[/] ({template}). Next: put the reference images in "
-        f"{project_dir / 'refs'}/, edit {project_dir / 'palp.toml'}, then run `palpcompose check {project_dir}`.",
-        highlight=False,
+        f"\nProject {result.name} ({template}). Next: put the reference images in {project_dir / 'refs'}/, edit "
+        f"{project_dir / 'palp.toml'}, then run `palpcompose check {project_dir}`.",
+        highlight=False, markup=False,
     )
 
 
@@ -73,6 +74,7 @@ def init(
 def check(project_dir: ProjectDir) -> None:
     """Validate a project (TOML, images, placeholders, base model, prompt lengths) without training or writing."""
     from rich.table import Table
+    from rich.text import Text
 
     from palpcompose.models import placeholder_tokens
     from palpcompose.project import check_project
@@ -81,33 +83,33 @@ def check(project_dir: ProjectDir) -> None:
     config = report.project.config
     tokens = placeholder_tokens(config.project.name, config.subjects)
 
-    subjects = Table(title=f"{report.project.file}: valid", title_justify="left")
+    subjects = Table(title=Text(f"{report.project.file}: valid"), title_justify="left")
     for column in ("subject", "token", "class", "images", "prompt (y_P)"):
         subjects.add_column(column)
     for key, subject in config.subjects.items():
-        subjects.add_row(f"[{key}]", tokens[key], subject.class_name, str(len(report.project.images[key])),
-                         subject.prompt)
+        cells = (f"[{key}]", tokens[key], subject.class_name, str(len(report.project.images[key])), subject.prompt)
+        subjects.add_row(*map(Text, cells))
     console.print(subjects, highlight=False)
 
-    prompts = Table(title=f"prompts (token limit {report.token_limit}, {report.token_limit_source})",
+    prompts = Table(title=Text(f"prompts (token limit {report.token_limit}, {report.token_limit_source})"),
                     title_justify="left")
     prompts.add_column("key")
     prompts.add_column("prompt")
     prompts.add_column("tokens", justify="right")
     for key, prompt, count in report.prompt_tokens:
-        prompts.add_row(key, prompt, "?" if count is None else str(count))
+        prompts.add_row(Text(key), Text(prompt), "?" if count is None else str(count))
     console.print(prompts, highlight=False)
 
     palp = config.palp
     settings = Table(show_header=False, title="settings", title_justify="left")
-    settings.add_row("base model", f"{config.project.base_model} ({report.base_model.detail})")
+    settings.add_row("base model", Text(f"{config.project.base_model} ({report.base_model.detail})"))
     settings.add_row("guidance", f"{palp.guidance}" + ("" if palp.guidance == "none" else
                      f" (alpha {palp.alpha:g}, beta {palp.beta:g}, weight {palp.weight:g})"))
     settings.add_row("training", f"{config.train.steps} steps at {config.train.resolution} px, batch "
                      f"{config.train.batch_size}, LoRA rank {config.train.lora_rank}, {config.train.mixed_precision}")
     console.print(settings, highlight=False)
     for note in report.notes:
-        err_console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
+        err_console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -189,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     except PalpcomposeError as exc:
         if os.environ.get("PALP_DEBUG"):
             raise
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         err_console.print("interrupted")
@@ -204,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(2)
         if os.environ.get("PALP_DEBUG"):
             raise
-        err_console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc}", highlight=False)
+        err_console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {escape(str(exc))}", highlight=False)
         err_console.print("rerun with --debug for a traceback, and please report it.")
         sys.exit(1)
 
