@@ -274,9 +274,13 @@ class _Validator:
         try:
             doc = tomllib.loads(self.text)
         except tomllib.TOMLDecodeError as exc:
-            message = re.sub(r"\s*\(at line \d+, column \d+\)$", "", str(exc))
+            # Python < 3.14 puts the position only in the message: "Invalid value (at line 6, column 14)".
+            where = re.search(r"\(at line (\d+), column (\d+)\)$", str(exc))
+            message = str(exc)[: where.start()].rstrip() if where else str(exc)
+            if where:
+                message += f" (column {where.group(2)})"
             self.problem(None, f"TOML syntax error: {message}", _syntax_hint(exc, self.text),
-                         line=getattr(exc, "lineno", None))
+                         line=int(where.group(1)) if where else getattr(exc, "lineno", None))
             return None
         self.lines = _key_lines(self.text)
 

@@ -6,6 +6,8 @@
 - `make_project(overrides=None, *, n_images=3, image_size=16, dirname="proj")`: writes a valid project folder whose
   base model is the tiny pipeline, with `n_images` distinct PNGs per subject in refs/<Vn>/, and returns its path.
   `overrides` is merged into the default palp.toml content table by table; a value of None deletes that key.
+- `run_cli("check", dir)`: runs the CLI in-process through `cli.main` and returns CliResult(code, out, err).
+- `tree_snapshot(dir)`: a comparable picture of every file (size, mtime, hash), to assert nothing was written.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -127,3 +130,40 @@ def make_project(tmp_path, tiny_pipeline_dir):
         return root
 
     return factory
+
+
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Run `palpcompose ARGS...` in-process through `cli.main` (its error mapping included): CliResult."""
+    from palpcompose.cli import main
+
+    def run(*args) -> CliResult:
+        capsys.readouterr()
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return run
+
+
+def tree_snapshot(root: Path) -> dict[str, tuple]:
+    """Every file and folder under `root` with its size, mtime and content hash: compare two to prove nothing changed."""
+    import hashlib
+
+    snap = {}
+    for path in sorted(root.rglob("*")):
+        stat = path.lstat()
+        digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() and not path.is_symlink() else None
+        snap[path.relative_to(root).as_posix()] = (path.is_dir(), stat.st_size, stat.st_mtime_ns, digest)
+    return snap
