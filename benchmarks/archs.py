@@ -74,26 +74,58 @@ def arch_spec(name: str) -> ArchSpec:
     return specs[name]
 
 
+WORDS = "a an the of photo painting oil cat sitting on rock inspired by".split()
+
+
+def make_tokenizer(spec: ArchSpec, folder):
+    """A CLIP BPE tokenizer whose vocabulary has exactly the text encoder's size (49408 for SD-1.5): the byte-level
+    alphabet, a few whole words, filler entries, then BOS and EOS, as CLIP's. Written to `folder`, no download."""
+    import json
+    from pathlib import Path
+
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab: dict[str, int] = {}
+    alphabet = [chr(i) for i in range(ord("!"), ord("~") + 1)]
+    for ch in alphabet + [ch + "</w>" for ch in alphabet]:
+        vocab.setdefault(ch, len(vocab))
+    merges = []
+    for word in WORDS:  # merge left to right: c a t</w> -> ca t</w> -> cat</w>
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:
+            pair = f"{pieces[0]} {pieces[1]}"
+            if pair not in merges:
+                merges.append(pair)
+            vocab.setdefault(pieces[0] + pieces[1], len(vocab))
+            pieces = [pieces[0] + pieces[1]] + pieces[2:]
+    size = spec.text["vocab_size"]
+    for i in range(len(vocab), size - 2):
+        vocab[f"<filler{i}>"] = i
+    vocab["<|startoftext|>"] = size - 2
+    vocab["<|endoftext|>"] = size - 1
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+
+
 @dataclass
-class Components:
-    """The pieces a training step needs, already on `device`, frozen weights in `dtype`, LoRA weights in fp32."""
+class Models:
+    """Freshly initialised fp32 components on `device` (no adapter, nothing frozen yet)."""
 
     spec: ArchSpec
     unet: torch.nn.Module
     vae: torch.nn.Module
     text_encoder: torch.nn.Module
-    scheduler: object  # a diffusers DDPMScheduler
-    device: torch.device
-    dtype: torch.dtype
+    scheduler: object  # a diffusers DDPMScheduler with SD's training schedule
 
 
-def build(spec: ArchSpec, device: str | torch.device, dtype: torch.dtype, seed: int = 0, lora_rank: int = 32) -> Components:
-    """Random-weight UNet (with a LoRA adapter), VAE, text encoder and the SD noise schedule."""
+def build(spec: ArchSpec, device: str | torch.device, seed: int = 0) -> Models:
+    """Random-weight UNet, VAE, text encoder and the SD noise schedule; identical for identical seeds."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from peft import LoraConfig
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    device = torch.device(device)
     # Build directly on the device: initialising 1.1 B parameters on the CPU alone takes longer than the benchmark.
     with torch.device(device):
         torch.manual_seed(seed)
@@ -106,38 +138,36 @@ def build(spec: ArchSpec, device: str | torch.device, dtype: torch.dtype, seed: 
             max_position_embeddings=77, bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1,
             **spec.text,
         ))
-    for module in (unet, vae, text_encoder):
-        module.requires_grad_(False)
-        module.to(dtype=dtype)
-        module.eval()
-    # As diffusers' train_dreambooth_lora.py: frozen weights in half precision, the trainable LoRA weights in fp32.
-    torch.manual_seed(seed)
-    unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
-    for p in unet.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
     scheduler = DDPMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
         prediction_type="epsilon", clip_sample=False, steps_offset=1,
     )
-    return Components(spec, unet, vae, text_encoder, scheduler, device, dtype)
+    return Models(spec, unet, vae, text_encoder, scheduler)
 
 
-def lora_parameters(unet: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return [p for p in unet.parameters() if p.requires_grad]
+def prepare_for_reference(m: Models, dtype: torch.dtype, lora_rank: int = 32, seed: int = 0) -> list[torch.nn.Parameter]:
+    """As diffusers' train_dreambooth_lora.py: freeze all, frozen weights in `dtype`, LoRA on the UNet in fp32.
+    Returns the trainable parameters."""
+    from peft import LoraConfig
 
-
-def empty_prompt_ids(spec: ArchSpec, batch: int, device) -> torch.Tensor:
-    """Token ids of the empty prompt: BOS, then EOS padding, as CLIP's tokenizer pads to 77: (B, 77)."""
-    vocab = spec.text["vocab_size"]
-    ids = torch.full((batch, 77), vocab - 1, dtype=torch.long)  # EOS / padding: the last id
-    ids[:, 0] = vocab - 2  # BOS
-    return ids.to(device)
+    for module in (m.unet, m.vae, m.text_encoder):
+        module.requires_grad_(False)
+        module.to(dtype=dtype)
+        module.eval()
+    torch.manual_seed(seed)
+    m.unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian",
+                                  target_modules=LORA_TARGETS))
+    params = [p for p in m.unet.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    return params
 
 
 def random_prompt_ids(spec: ArchSpec, batch: int, seed: int, device) -> torch.Tensor:
-    """Token ids of a seven-word prompt (BOS, words, EOS padding): (B, 77)."""
+    """Token ids of a seven-word prompt: BOS, words, EOS padding to 77, as CLIP's tokenizer pads: (B, 77)."""
     g = torch.Generator().manual_seed(seed)
-    ids = empty_prompt_ids(spec, batch, "cpu")
-    ids[:, 1:8] = torch.randint(0, spec.text["vocab_size"] - 3, (batch, 7), generator=g)
+    vocab = spec.text["vocab_size"]
+    ids = torch.full((batch, 77), vocab - 1, dtype=torch.long)
+    ids[:, 0] = vocab - 2
+    ids[:, 1:8] = torch.randint(0, vocab - 2, (batch, 7), generator=g)
     return ids.to(device)

@@ -1,108 +1,80 @@
-"""Our training step (method.md "One training step"), built on random-weight components for benchmarking.
+"""Our training step: palpcompose.train.training_step, set up on random-weight models instead of a project folder.
 
-The math is palpcompose.guidance's; what this file adds is the engine's caching, at benchmark scale:
-- the reference images' latent distributions are encoded ONCE (mean, std); each step samples from them;
-- the empty prompt and the clean prompt y_c are encoded ONCE (the frozen text encoder never changes them);
-- the personalization prompt y_P is encoded every step, because its placeholder embedding row trains;
-- the guidance's no-grad UNet passes go through accel.GuidancePasses (batched CFG, optional CUDA graphs).
+The engine's own setup runs unchanged (train.prepare_state: freeze, placeholder token, LoRA, dtypes, optimizer,
+frozen prompts encoded once); the only difference from `palpcompose train` is where the reference latents come
+from: random pixels encoded once by the VAE here, image files there (data.encode_subject, the same math).
+The accel levers are applied around it: module-level ones on the UNet, a fused AdamW rebuilt before the first step,
+the SDPA backend as a context around the step, and CUDA graphs through the state's `graphs` hook.
 """
 
 from __future__ import annotations
 
-import contextlib
+from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
-from benchmarks.archs import Components, empty_prompt_ids, lora_parameters, random_prompt_ids
-from palpcompose import accel
-from palpcompose.guidance import GuidanceConfig, PalpGuidance, check_finite, predict_x0
+from benchmarks.archs import Models
+from palpcompose import accel, models, train
+from palpcompose.data import SubjectData, sample_batch
+from palpcompose.guidance import GuidanceConfig
+from palpcompose.project import PalpConfig, ProjectConfig, ProjectSection, RenderConfig, SubjectConfig, TrainConfig
+
+PROJECT = "bench"
+PERSONAL_PROMPT = "A photo of [V1]"
+CLEAN_PROMPT = "An oil painting of a cat sitting on a rock"
 
 
-class OurStep:
-    def __init__(
-        self, c: Components, guidance: GuidanceConfig, opts: accel.AccelOptions, pixel_values: torch.Tensor,
-        lr: float = 5e-5, embedding_lr: float = 5e-4, seed: int = 0,
-    ):
-        self.c, self.guidance, self.opts = c, PalpGuidance(guidance), opts
-        batch = pixel_values.shape[0]
-        accel.prepare_unet(c.unet, opts)
-        # Cache: the VAE runs once per reference image, never in the loop.
-        with torch.no_grad():
-            dist = c.vae.encode(pixel_values.to(c.dtype)).latent_dist
-        self.latent_mean, self.latent_std = dist.mean, dist.std
+def bench_config(mode: str, alpha: float, beta: float, batch: int, resolution: int, mixed_precision: str) -> ProjectConfig:
+    """A one-subject project with the paper's defaults (method.md), as `palpcompose train` would resolve it."""
+    return ProjectConfig(
+        project=ProjectSection(name=PROJECT, base_model="builtin:toy"),
+        subjects={"V1": SubjectConfig(class_name="cat", images=("refs/cat.png",), prompt=PERSONAL_PROMPT)},
+        palp=PalpConfig(target_prompt="An oil painting of [V1]", clean_prompt=CLEAN_PROMPT, guidance=mode,
+                        alpha=alpha, beta=beta),
+        train=TrainConfig(batch_size=batch, resolution=resolution, mixed_precision=mixed_precision),
+        render=RenderConfig(),
+    )
 
-        # Cache: the frozen prompts. y_P gets a placeholder token whose embedding row is the only trained one.
-        spec = c.spec
-        self.placeholder_id = spec.text["vocab_size"] - 3
-        self.personal_ids = random_prompt_ids(spec, batch, seed=1, device=c.device)
-        self.personal_ids[:, 4] = self.placeholder_id
-        with torch.no_grad():
-            self.null_embeds = c.text_encoder(empty_prompt_ids(spec, 1, device=c.device))[0]
-            clean_embeds = c.text_encoder(random_prompt_ids(spec, 1, seed=3, device=c.device))[0]
-        self.passes = accel.GuidancePasses(c.unet, self.null_embeds, clean_embeds, opts, c.scheduler.config.prediction_type)
 
-        # Trainable: the LoRA weights (fp32) and the token embedding table (fp32; all rows but the placeholder's are
-        # restored after each step, as diffusers' textual_inversion.py does).
-        embedding = c.text_encoder.get_input_embeddings()
-        embedding.weight.data = embedding.weight.data.float()
-        embedding.weight.requires_grad_(True)
-        self.frozen_rows = embedding.weight.detach().clone()
-        self.keep = torch.ones(embedding.weight.shape[0], dtype=torch.bool, device=c.device)
-        self.keep[self.placeholder_id] = False
-        self.embedding = embedding
-        self.lora_params = lora_parameters(c.unet)
-        self.optimizer = accel.make_adamw(
-            [{"params": self.lora_params, "lr": lr}, {"params": [embedding.weight], "lr": embedding_lr}], opts,
-            weight_decay=1e-2,
-        )
-        self.alphas_cumprod = c.scheduler.alphas_cumprod.to(c.device, torch.float32)
-        self.generator = torch.Generator(c.device).manual_seed(seed)
+def make_engine_step(
+    m: Models, tokenizer, mode: str, opts: accel.AccelOptions, pixel_values: torch.Tensor, *, alpha: float = 7.5,
+    beta: float = 1.0, mixed_precision: str = "no", seed: int = 0,
+) -> tuple[train.TrainState, Callable[[], dict[str, float]]]:
+    """Build the engine's TrainState on `m` (which it takes over) and a no-argument callable running one step."""
+    from accelerate import Accelerator
 
-    def autocast(self):
-        if self.c.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(self.c.device.type, dtype=self.c.dtype)
+    batch, _, resolution, _ = pixel_values.shape
+    config = bench_config(mode, alpha, beta, batch, resolution, mixed_precision)
+    components = models.Components(
+        unet=m.unet, vae=m.vae, text_encoder=m.text_encoder, tokenizer=tokenizer, noise_scheduler=m.scheduler,
+        inference_scheduler_config=dict(m.scheduler.config), prediction_type=m.scheduler.config.prediction_type,
+        alphas_cumprod=m.scheduler.alphas_cumprod.float().clone(),
+    )
+    accelerator = Accelerator(mixed_precision=mixed_precision)
+    models.set_attention(m.unet, "sdpa", accelerator.device.type)
+    tokens = models.placeholder_tokens(PROJECT, config.subjects)
+    state = train.prepare_state(config, components, accelerator, GuidanceConfig.from_palp(config.palp), tokens)
 
-    def draw(self) -> dict[str, torch.Tensor]:
-        """The step's randomness: latents from the cached distribution, noise, timesteps."""
-        g, c = self.generator, self.c
-        latents = self.latent_mean + self.latent_std * torch.randn(
-            self.latent_mean.shape, generator=g, device=c.device, dtype=self.latent_mean.dtype)
-        latents = latents.float() * c.vae.config.scaling_factor
-        noise = torch.randn(latents.shape, generator=g, device=c.device)
-        timesteps = torch.randint(0, c.scheduler.config.num_train_timesteps, (latents.shape[0],), generator=g,
-                                  device=c.device)
-        return {"latents": latents, "noise": noise, "timesteps": timesteps}
+    # The reference latents' distributions, encoded once (as data.encode_subject does for image files).
+    with torch.no_grad():
+        dist = m.vae.encode(pixel_values.to(accelerator.device, state.weight_dtype)).latent_dist
+    scale = m.vae.config.scaling_factor
+    prompt = models.expand_placeholders(PERSONAL_PROMPT, tokens)
+    subjects = [SubjectData("V1", models.tokenize(tokenizer, [prompt])[0], dist.mean.float().cpu() * scale,
+                            dist.std.float().cpu() * scale, batch, False)]
 
-    def __call__(self, draw: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        losses = self.losses(draw or self.draw())
-        losses["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(self.lora_params + [self.embedding.weight], 1.0)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():  # every embedding row but the placeholder's stays bit-identical
-            self.embedding.weight[self.keep] = self.frozen_rows[self.keep]
-        return {k: v.detach() for k, v in losses.items()}
+    accel.prepare_unet(accelerator.unwrap_model(state.unet), opts)
+    if opts.fused_adamw:
+        fused = accel.rebuild_adamw(state.optimizer.optimizer, fused=True)
+        state.optimizer = accelerator.prepare_optimizer(fused)
+        state.lr_scheduler = torch.optim.lr_scheduler.ConstantLR(fused, factor=1.0, total_iters=0)
+    if opts.cuda_graphs:
+        state.graphs = accel.GraphCache()
+    generator = torch.Generator("cpu").manual_seed(seed)
+    num_timesteps = m.scheduler.config.num_train_timesteps
 
-    def losses(self, draw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Forward only: loss_pers + weight * loss_align, with the graph kept for backward."""
-        c = self.c
-        latents, noise, timesteps = draw["latents"], draw["noise"], draw["timesteps"]
-        abar_t = self.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
-        noisy_latents = abar_t.sqrt() * latents + (1 - abar_t).sqrt() * noise  # x_t
-        with self.autocast(), accel.sdpa_context(self.opts):
-            personal_embeds = c.text_encoder(self.personal_ids)[0]
-            eps_hat = c.unet(accel.to_memory_format(noisy_latents, self.opts), timesteps, personal_embeds).sample
-        eps_hat = eps_hat.float()
-        loss_pers = F.mse_loss(eps_hat, noise)  # method.md step 2
-        check_finite("loss_pers", loss_pers)
-        x0_hat = predict_x0(noisy_latents, eps_hat, abar_t)  # Eq. 2, keeps the graph
-        terms = self.guidance(
-            x0_hat=x0_hat, noise=noise, abar_t=abar_t,
-            denoise=self.passes.bind(timesteps, abar_t, personal_embeds.to(c.dtype)),
-        )
-        loss = loss_pers
-        if "loss_align" in terms:
-            loss = loss + self.guidance.config.weight * terms["loss_align"]
-        return {"loss": loss, "loss_pers": loss_pers, **terms}
+    def step() -> dict[str, float]:
+        with accel.sdpa_context(opts):
+            return train.training_step(state, sample_batch(subjects, generator, batch, num_timesteps))
+
+    return state, step

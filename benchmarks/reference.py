@@ -10,30 +10,31 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from benchmarks.archs import Components, lora_parameters
+from benchmarks.archs import Models, prepare_for_reference
 
 
 class ReferenceStep:
-    def __init__(self, c: Components, lr: float = 5e-5, seed: int = 0):
-        self.c = c
-        self.params = lora_parameters(c.unet)
+    def __init__(self, m: Models, dtype: torch.dtype, lr: float = 5e-5, seed: int = 0):
+        self.m, self.dtype = m, dtype
+        self.device = m.unet.device
+        self.params = prepare_for_reference(m, dtype, seed=seed)
         self.optimizer = torch.optim.AdamW(self.params, lr=lr)  # torch's default implementation (foreach)
-        self.generator = torch.Generator(c.device).manual_seed(seed)
+        self.generator = torch.Generator(self.device).manual_seed(seed)
 
     def __call__(self, pixel_values: torch.Tensor, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        c = self.c
+        m, device = self.m, self.device
         # Images -> latents, every step (the peer does not cache them).
-        latents = c.vae.encode(pixel_values.to(c.dtype)).latent_dist.sample(generator=self.generator)
-        latents = latents * c.vae.config.scaling_factor
+        latents = m.vae.encode(pixel_values.to(self.dtype)).latent_dist.sample(generator=self.generator)
+        latents = latents * m.vae.config.scaling_factor
         # Forward diffusion: x_t = sqrt(abar_t) x + sqrt(1 - abar_t) eps.
-        noise = torch.randn(latents.shape, generator=self.generator, device=c.device, dtype=latents.dtype)
+        noise = torch.randn(latents.shape, generator=self.generator, device=device, dtype=latents.dtype)
         timesteps = torch.randint(
-            0, c.scheduler.config.num_train_timesteps, (latents.shape[0],), generator=self.generator, device=c.device
+            0, m.scheduler.config.num_train_timesteps, (latents.shape[0],), generator=self.generator, device=device
         )
-        noisy_latents = c.scheduler.add_noise(latents, noise, timesteps)
+        noisy_latents = m.scheduler.add_noise(latents, noise, timesteps)
         # Prompt -> text embeddings, every step.
-        encoder_hidden_states = c.text_encoder(input_ids)[0]
-        model_pred = c.unet(noisy_latents, timesteps, encoder_hidden_states).sample
+        encoder_hidden_states = m.text_encoder(input_ids)[0]
+        model_pred = m.unet(noisy_latents, timesteps, encoder_hidden_states).sample
         loss = F.mse_loss(model_pred.float(), noise.float(), reduction="mean")
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)

@@ -12,7 +12,7 @@ the process's peak resident set, shared by all variants).
 
 Variant names: `reference` | `none` | `palp` | `sds`, optionally followed by accel levers joined with "+":
 `graphs`, `fused`, `channels_last`, `compile`, `sdpa=flash|efficient|cudnn|math` (e.g. `palp+graphs+fused`).
-`compile` changes the shared UNet in place, so variants after it run compiled too: list it last.
+Every variant builds fresh, identically seeded models (the engine adds its token and LoRA to them).
 With --json the last stdout line is one JSON object (reference_ms, none_ms, palp_ms, peak_mem_gib, device, ...).
 """
 
@@ -21,18 +21,20 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import statistics
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 from benchmarks import archs
-from benchmarks.ours import OurStep
+from benchmarks.ours import make_engine_step
 from benchmarks.reference import ReferenceStep
 from palpcompose import accel
 from palpcompose.errors import UserError
-from palpcompose.guidance import GuidanceConfig
 
 RUN_STEPS = 500  # the paper's step count: the total-time figure users feel
 
@@ -149,35 +151,40 @@ def run(args: argparse.Namespace) -> dict:
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     parsed = {v: parse_variant(v) for v in variants}
 
-    t0 = time.perf_counter()
-    c = archs.build(spec, device, dtype)
-    _sync(device)
-    build_s = time.perf_counter() - t0
     g = torch.Generator().manual_seed(0)
     pixel_values = (torch.rand(args.batch, 3, resolution, resolution, generator=g) * 2 - 1).to(device)
     input_ids = archs.random_prompt_ids(spec, args.batch, seed=1, device=device)
+    tokenizer_dir = Path(tempfile.mkdtemp(prefix="palp-bench-tok-"))
 
     results: dict[str, dict] = {}
+    build_s = []
     for name in variants:
         mode, opts = parsed[name]
+        # Every variant gets fresh, identically seeded models: the engine adds its own token and LoRA to them.
+        t0 = time.perf_counter()
+        m = archs.build(spec, device)
+        _sync(device)
+        build_s.append(time.perf_counter() - t0)
         if mode == "reference":
-            def make_step():
-                ref = ReferenceStep(c)
+            def make_step(m=m):
+                ref = ReferenceStep(m, dtype)
                 return lambda: ref(pixel_values, input_ids)
         else:
-            guidance = GuidanceConfig(mode=mode, alpha=args.alpha, beta=args.beta)
-
-            def make_step(guidance=guidance, opts=opts):
-                return OurStep(c, guidance, opts, pixel_values)
+            def make_step(m=m, mode=mode, opts=opts):
+                tokenizer = archs.make_tokenizer(spec, tokenizer_dir)
+                mixed_precision = "no" if dtype == torch.float32 else dtype_name
+                return make_engine_step(m, tokenizer, mode, opts, pixel_values, alpha=args.alpha, beta=args.beta,
+                                        mixed_precision=mixed_precision)[1]
         results[name] = time_variant(make_step, args.steps, args.warmup, device, args.profile_steps, args.batch)
-        if opts.channels_last:  # the next variant starts from the default memory format again
-            c.unet.to(memory_format=torch.contiguous_format)
+        del m, make_step
         _print_row(name, results[name])
+    shutil.rmtree(tokenizer_dir, ignore_errors=True)
 
     report = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "arch": args.arch, "dtype": dtype_name, "resolution": resolution, "batch": args.batch,
-        "alpha": args.alpha, "beta": args.beta, "torch": torch.__version__, "build_s": round(build_s, 2),
+        "alpha": args.alpha, "beta": args.beta, "torch": torch.__version__,
+        "build_s_median": round(statistics.median(build_s), 2),
         "variants": results,
     }
     for mode in ("reference", "none", "palp"):

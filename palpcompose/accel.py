@@ -54,11 +54,13 @@ def to_memory_format(x: torch.Tensor, opts: AccelOptions) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if opts.channels_last and x.dim() == 4 else x
 
 
-def make_adamw(params, opts: AccelOptions, **kwargs) -> torch.optim.AdamW:
-    """AdamW over `params` (tensors or param groups), fused when asked (CUDA, and CPU since torch 2.4)."""
-    if opts.fused_adamw:
-        return torch.optim.AdamW(params, fused=True, **kwargs)
-    return torch.optim.AdamW(params, **kwargs)
+def rebuild_adamw(optimizer: torch.optim.AdamW, fused: bool) -> torch.optim.AdamW:
+    """A fresh AdamW over the same parameter groups and hyperparameters, fused or not (fused: CUDA, and the CPU
+    since torch 2.4). Call it before the first step: optimizer state is not carried over."""
+    if optimizer.state:
+        raise ValueError("rebuild_adamw: the optimizer has already stepped; rebuild it before training starts")
+    groups = [{k: v for k, v in group.items() if k not in ("fused", "foreach")} for group in optimizer.param_groups]
+    return torch.optim.AdamW(groups, fused=fused)
 
 
 def sdpa_context(opts: AccelOptions):
@@ -108,71 +110,20 @@ class GraphedNoGrad:
         return self.static_output.clone()
 
 
-class GuidancePasses:
-    """The no-grad UNet passes of the guidance term (method.md step 5), as few and as cheap as possible.
 
-    `bind(...)` returns the `denoise(x, adapter=..., prompt=..., scale=...)` callable that `guidance.PalpGuidance`
-    expects, for one step's timesteps and personalization-prompt embeddings:
-    - CFG with scale s != 1 runs the unconditional and conditional predictions as ONE batched pass (2B samples);
-      s == 1 runs the conditional pass only (G^1 = G(x, t, y)).
-    - `adapter=False` is the frozen model G_base: the same UNet with the peft adapters disabled around the call.
-    - with `opts.cuda_graphs`, each distinct pass (adapter on/off, with/without CFG) is captured once as a CUDA
-      graph at its first use and replayed afterwards; the adapter toggling is baked into the capture.
-    The returned prediction is eps in fp32 (v-prediction models are converted with the scheduler's abar_t).
+class GraphCache:
+    """CUDA graphs of no-grad calls, one per (key, input shapes and dtypes), each captured at its first use.
+
+    `cache(fn, key, *inputs)` replays the graph captured for `key` and these shapes, capturing `fn` first if needed.
+    `key` must name everything about `fn` that the inputs do not (e.g. whether the LoRA adapter is on): two calls
+    with the same key and shapes replay the same kernels. See GraphedNoGrad for what `fn` may do.
     """
 
-    def __init__(self, unet, null_embeds: torch.Tensor, clean_embeds: torch.Tensor, opts: AccelOptions,
-                 prediction_type: str = "epsilon"):
-        self.unet = unet
-        self.null_embeds = null_embeds.detach()  # (1, 77, D): the empty prompt, encoded once
-        self.clean_embeds = clean_embeds.detach()  # (1, 77, D): the clean target prompt y_c, encoded once
-        self.opts = opts
-        self.prediction_type = prediction_type
-        self.graphs: dict[tuple[bool, bool], GraphedNoGrad] = {}
+    def __init__(self):
+        self.graphs: dict[tuple, GraphedNoGrad] = {}
 
-    def _unet_pass(self, adapter: bool):
-        def run(latents, timesteps, embeds):
-            if not adapter:
-                self.unet.disable_adapters()
-            try:
-                with sdpa_context(self.opts):
-                    return self.unet(to_memory_format(latents, self.opts), timesteps, embeds).sample
-            finally:
-                if not adapter:
-                    self.unet.enable_adapters()
-
-        return run
-
-    def _predict(self, adapter: bool, with_cfg: bool, latents, timesteps, embeds):
-        run = self._unet_pass(adapter)
-        if not self.opts.cuda_graphs:
-            with torch.no_grad():
-                return run(latents, timesteps, embeds)
-        key = (adapter, with_cfg)
-        if key not in self.graphs:
-            self.graphs[key] = GraphedNoGrad(run, (latents, timesteps, embeds))
-        return self.graphs[key](latents, timesteps, embeds)
-
-    def bind(self, timesteps: torch.Tensor, abar_t: torch.Tensor, personal_embeds: torch.Tensor):
-        """`timesteps` (B,), `abar_t` (B, 1, 1, 1), `personal_embeds` (B, 77, D) for this step."""
-        personal_embeds = personal_embeds.detach()
-
-        def denoise(latents: torch.Tensor, *, adapter: bool, prompt: str, scale: float) -> torch.Tensor:
-            batch = latents.shape[0]
-            cond = self.clean_embeds.expand(batch, -1, -1) if prompt == "clean" else personal_embeds
-            unet_dtype = self.null_embeds.dtype
-            x = latents.to(unet_dtype)
-            if scale == 1.0:
-                out = self._predict(adapter, False, x, timesteps, cond.to(unet_dtype)).float()
-            else:
-                # One batched pass for G(x, t, null) and G(x, t, y): (2B, C, H, W), halves the kernel launches.
-                embeds = torch.cat([self.null_embeds.expand(batch, -1, -1), cond.to(unet_dtype)])
-                both = self._predict(adapter, True, torch.cat([x, x]), torch.cat([timesteps, timesteps]), embeds)
-                uncond, cond_pred = both.float().chunk(2)
-                out = uncond + scale * (cond_pred - uncond)  # classifier-free guidance G^s
-            if self.prediction_type == "v_prediction":
-                # eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t (CFG is linear, so converting after it is exact)
-                out = abar_t.sqrt() * out + (1 - abar_t).sqrt() * latents.float()
-            return out
-
-        return denoise
+    def __call__(self, fn: Callable[..., torch.Tensor], key, *inputs: torch.Tensor) -> torch.Tensor:
+        signature = (key, tuple((tuple(x.shape), x.dtype) for x in inputs))
+        if signature not in self.graphs:
+            self.graphs[signature] = GraphedNoGrad(fn, inputs)
+        return self.graphs[signature](*inputs)

@@ -76,6 +76,7 @@ class TrainState:
     clean_embeds: torch.Tensor | None  # (1, 77, D) the clean prompt y_c, encoded once (None for guidance none)
     weight_dtype: torch.dtype
     max_grad_norm: float
+    graphs: object = None  # an accel.GraphCache to replay the no-grad guidance passes from CUDA graphs, or None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -174,8 +175,13 @@ def make_denoiser(state: TrainState, timesteps: torch.Tensor, abar_t: torch.Tens
         else:  # one batched pass for G(x, t, null) and G(x, t, y): (2B, C, H, W)
             x, t, abar = torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), torch.cat([abar_t, abar_t])
             embeds = torch.cat([state.null_embeds.expand(batch, -1, -1), cond])
-        with adapters(unet, adapter), state.accelerator.autocast():
-            out = unet(x, t, embeds).sample.float()
+
+        def run(x, t, embeds):
+            with adapters(unet, adapter), state.accelerator.autocast():
+                return unet(x, t, embeds).sample
+
+        # accel hook: with state.graphs set, each distinct pass (adapter on/off, shapes) is captured once and replayed
+        out = (run(x, t, embeds) if state.graphs is None else state.graphs(run, adapter, x, t, embeds)).float()
         if prediction_type == "v_prediction":
             out = v_to_eps(out, x, abar)
         if scale != 1.0:
@@ -322,10 +328,10 @@ def render_preview(state: TrainState, config, tokens: dict[str, str], step: int,
                                          for seed in seeds]))
     path = folder / f"step-{step:06d}.png"
     atomic_save_image(path, _grid(grid_rows))
-    legend = {label: prompt for label, prompt in rows}
+    legend = [[label, prompt] for label, prompt in rows]  # top to bottom
     if config.palp.target_prompt:
-        legend["x0 base"] = f"x0-hat at t=T-1, base model (adapter off), {class_prompt!r}"
-        legend["x0 now"] = f"x0-hat at t=T-1, current weights, {current_prompt!r}"
+        legend.append(["x0 base", f"x0-hat at t=T-1, base model (adapter off), {class_prompt!r}"])
+        legend.append(["x0 now", f"x0-hat at t=T-1, current weights, {current_prompt!r}"])
     atomic_write_json(path.with_suffix(".json"), {"step": step, "seeds": seeds, "rows": legend})
     return path
 
