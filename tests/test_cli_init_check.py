@@ -1,0 +1,95 @@
+"""`palpcompose init` and `check` as a new user meets them."""
+
+from __future__ import annotations
+
+import tomllib
+
+import pytest
+from conftest import tree_snapshot, write_test_image
+
+from palpcompose.project import TEMPLATES
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
+def test_every_template_explains_what_is_missing_then_validates(tmp_path, run_cli, template):
+    root = tmp_path / "My Project"
+    result = run_cli("init", root, "--template", template)
+    assert result.code == 0, result.err
+    for rel in ("palp.toml", "README.md", "refs/README.md", ".gitignore"):
+        assert (root / rel).is_file(), rel
+    assert "out/" in (root / ".gitignore").read_text().splitlines()
+    config = tomllib.loads((root / "palp.toml").read_text())
+    assert config["project"]["name"] == "My-Project"
+    assert "__PROJECT_NAME__" not in (root / "README.md").read_text()
+
+    # Fresh from init, check names each empty image folder and what to put there; it writes nothing.
+    before = tree_snapshot(root)
+    result = run_cli("check", root)
+    assert result.code == 2 and tree_snapshot(root) == before
+    folders = [entry for sub in config["subjects"].values() for entry in sub["images"]]
+    for key, entry in ((k, e) for k, sub in config["subjects"].items() for e in sub["images"]):
+        assert f"subjects.{key}.images: folder '{entry}' contains no images" in result.err
+    assert f"{len(folders)} problem" in result.err
+
+    # Once the images exist, the template validates as it is.
+    for i, entry in enumerate(folders):
+        for j in range(3):
+            write_test_image(root / entry / f"{j}.png", seed=100 * i + j, size=64)
+    result = run_cli("check", root)
+    assert result.code == 0, result.err
+    assert ": valid" in result.out and "palp.target_prompt" in result.out
+    for key in config["subjects"]:
+        assert f"<my-project-{key.lower()}>" in result.out
+
+
+def test_init_refuses_to_overwrite(tmp_path, run_cli):
+    root = tmp_path / "proj"
+    assert run_cli("init", root).code == 0
+    (root / "palp.toml").write_text("# mine\n")
+    before = tree_snapshot(root)
+    result = run_cli("init", root, "--template", "toy-demo")
+    assert result.code == 2 and "already exists" in result.err and "never overwrites" in result.err
+    assert tree_snapshot(root) == before
+
+
+def test_init_unknown_template_writes_nothing(tmp_path, run_cli):
+    result = run_cli("init", tmp_path / "proj", "--template", "toy-dem")
+    assert result.code == 2
+    assert "unknown template 'toy-dem'" in result.err and "did you mean 'toy-demo'?" in result.err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_init_into_an_existing_folder_keeps_files(tmp_path, run_cli):
+    root = tmp_path / "proj"
+    root.mkdir()
+    (root / "README.md").write_text("my readme\n")
+    (root / ".gitignore").write_text("*.pyc")
+    result = run_cli("init", root, "--template", "single-subject")
+    assert result.code == 0, result.err
+    assert (root / "README.md").read_text() == "my readme\n" and "kept" in result.out
+    assert (root / ".gitignore").read_text() == "*.pyc\nout/\n"
+    assert tomllib.loads((root / "palp.toml").read_text())["project"]["name"] == "proj"
+
+
+def test_default_template_is_art_inspired(tmp_path, run_cli):
+    assert run_cli("init", tmp_path / "p").code == 0
+    assert "art-inspired" in run_cli("init", tmp_path / "q").out
+    assert "[subjects.V2]" in (tmp_path / "p" / "palp.toml").read_text()
+
+
+def test_check_summary(make_project, run_cli):
+    root = make_project({"subjects": {"V2": {"class_name": "painting", "images": ["refs/V2/*.png"],
+                                         "prompt": "An oil painting of [V2]"}},
+                         "palp": {"target_prompt": "An oil painting of [V1] inspired by [V2] painting"}})
+    result = run_cli("check", root)
+    assert result.code == 0, result.err
+    out = result.out
+    for text in ("[V1]", "<tiny-v1>", "[V2]", "<tiny-v2>", "painting", "palp.clean_prompt", "token limit 77",
+                 "from the model's tokenizer", "guidance", "palp (alpha 7.5, beta 1, weight 1)", "base model",
+                 "2 steps at 16 px"):
+        assert text in out, text
+
+
+def test_help_lists_init_and_check(run_cli):
+    out = run_cli("--help").out
+    assert "init" in out and "check" in out

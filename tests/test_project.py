@@ -1,0 +1,122 @@
+"""load_project's result: typed config, defaults resolved, hashes, the key-line scanner, and docs/schema.md in sync."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from palpcompose.project import (
+    PalpConfig,
+    ProjectConfig,
+    RenderConfig,
+    TrainConfig,
+    _key_lines,
+    load_project,
+    sanitize_name,
+    schema_markdown,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The schema of contract.md (names and defaults are fixed there; other people's code relies on them).
+CONTRACT_DEFAULTS = {
+    "palp": dict(guidance="palp", alpha=7.5, beta=1.0, weight=1.0, same_noise=True, rescale=True),
+    "train": dict(steps=500, batch_size=1, learning_rate=5e-5, embedding_learning_rate=5e-4, lora_rank=32,
+                  resolution=512, seed=0, mixed_precision="bf16", attention="auto", save_every=100, preview_every=100),
+    "render": dict(prompts=(), seeds=(0, 1, 2, 3), steps=30, guidance_scale=7.5),
+}
+
+
+@pytest.mark.parametrize("table, cls", [("palp", PalpConfig), ("train", TrainConfig), ("render", RenderConfig)])
+def test_contract_keys_and_defaults(table, cls):
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    for key, value in CONTRACT_DEFAULTS[table].items():
+        assert defaults[key] == value and type(defaults[key]) is type(value), (table, key)
+
+
+def test_loaded_project(make_project):
+    root = make_project({"subjects": {"V2": {"class_name": "oil painting", "images": ["refs/V2"]}}})
+    project = load_project(root)
+    assert project.root == root.resolve() and project.file == root.resolve() / "palp.toml"
+    assert list(project.images) == ["V1", "V2"]
+    assert [p.name for p in project.images["V1"]] == ["0.png", "1.png", "2.png"]
+    assert all(p.is_absolute() for paths in project.images.values() for p in paths)
+    config = project.config
+    assert isinstance(config, ProjectConfig) and config.train.steps == 2 and config.train.resolution == 16
+    # Documented defaults are resolved at load time.
+    v1, v2 = config.subjects["V1"], config.subjects["V2"]
+    assert v2.prompt == "A photo of [V2]" and v2.init_word == "oil painting"
+    assert v1.flip is True and v2.flip is False  # paintings are not mirrored
+    assert config.train.lora_alpha == 4.0  # = lora_rank
+    assert config.render.prompts == ("An oil painting of [V1]",)  # = [palp.target_prompt]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.train.steps = 3
+
+
+def test_single_string_images_entry(make_project):
+    root = make_project({"subjects": {"V1": {"images": "refs/V1/*.png"}}})
+    assert len(load_project(root).images["V1"]) == 3
+
+
+def test_check_images_false_skips_the_files(make_project):
+    root = make_project({"subjects": {"V1": {"images": ["refs/missing/*.png"]}}})
+    assert load_project(root, check_images=False).images == {}
+
+
+def test_to_dict_and_hashes(make_project):
+    base = load_project(make_project(dirname="a")).config
+    data = base.to_dict()
+    assert json.loads(json.dumps(data)) == data
+    assert data["render"]["seeds"] == [0] and data["subjects"]["V1"]["images"] == ["refs/V1/*.png"]
+    again = load_project(make_project(dirname="b")).config
+    assert base.hash() == again.hash() and base.training_hash() == again.training_hash()
+
+    render_only = load_project(make_project({"render": {"steps": 9}, "train": {"save_every": 7}}, dirname="c")).config
+    assert render_only.hash() != base.hash()
+    assert render_only.training_hash() == base.training_hash()
+
+    more_steps = load_project(make_project({"train": {"steps": 3}}, dirname="d")).config
+    assert more_steps.training_hash() != base.training_hash()
+
+
+def test_key_line_scanner():
+    text = '\n'.join([
+        "# comment",
+        "[project]",
+        'name = "x"  # [not.a.table]',
+        'notes = """',
+        "steps = 5",
+        '"""',
+        "[subjects.V1]",
+        'class_name = "cat"',
+        "[train]",
+        "seed = 1",
+        'render.steps = 4',
+    ])
+    lines = _key_lines(text)
+    assert lines[("project",)] == 2 and lines[("project", "name")] == 3
+    assert ("project", "steps") not in lines  # inside a multi-line string
+    assert lines[("subjects", "V1")] == 7 and lines[("subjects", "V1", "class_name")] == 8
+    assert lines[("train", "seed")] == 10 and lines[("train", "render", "steps")] == 11
+
+
+@pytest.mark.parametrize("folder, name", [("my cat", "my-cat"), ("Wanderer_2", "Wanderer_2"), ("___", "my-project"),
+                                          ("café/é", "caf")])
+def test_sanitize_name(folder, name):
+    assert sanitize_name(folder) == name
+
+
+def test_schema_doc_is_generated_from_the_code():
+    generated = subprocess.run([sys.executable, "-m", "palpcompose.project", "--schema-md"], capture_output=True,
+                               text=True, check=True).stdout
+    assert generated == schema_markdown()
+    on_disk = (REPO / "docs" / "schema.md").read_text()
+    assert on_disk == generated, "docs/schema.md is stale: run python -m palpcompose.project --schema-md > docs/schema.md"
+    for cls in (PalpConfig, TrainConfig, RenderConfig):
+        for f in dataclasses.fields(cls):
+            assert f"| `{f.name}` |" in on_disk
