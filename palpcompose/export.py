@@ -157,11 +157,16 @@ def summary_table(result: ExportResult):
                   title_justify="left")
     table.add_column("file", overflow="fold")
     table.add_column("what")
-    table.add_column("use in prompts")
+    table.add_column("in prompts")
     for f in result.files:
         if f.kind == "lora":
-            table.add_row(str(f.path), "UNet LoRA", f.trigger or "pipe.load_lora_weights(folder)")
+            table.add_row(str(f.path), "UNet LoRA", f.trigger or "")
         else:
-            word = f.token if result.fmt == "diffusers" else f.trigger
-            table.add_row(str(f.path), f"embedding of [{f.subject}]", word)
+            table.add_row(str(f.path), f"embedding of [{f.subject}]", f.token if result.fmt == "diffusers" else f.trigger)
+    if result.fmt == "diffusers":
+        table.caption = ("pipe.load_lora_weights(folder); pipe.load_textual_inversion(file, token=...) per embedding. "
+                         "See docs/render-export.md")
+    else:
+        table.caption = ("AUTOMATIC1111: LoRA to models/Lora, embeddings to embeddings/. ComfyUI: models/loras and "
+                         "models/embeddings (prompt: embedding:NAME). See docs/render-export.md")
     return table

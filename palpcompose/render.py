@@ -54,6 +54,12 @@ class ModelChoice:
     weights: TrainedWeights | None
     step: int | None
 
+    @property
+    def caption(self) -> str:
+        if self.weights is None:
+            return "base model"
+        return f"step {self.step}" if self.label.startswith("step-") else f"{self.label} (step {self.step})"
+
 
 @dataclass(frozen=True)
 class RenderedImage:
@@ -322,14 +328,13 @@ def render(
     warnings += found
     warnings += check_trained_for(project, out_dir, manifest)
     if sweep:
-        choices = [(snapshot_dir(out_dir, s), f"step-{s:06d}", s) for s in snapshot_steps(out_dir)]
-        final = out_dir / "weights" / "final"
-        if (final / "lora.safetensors").is_file():
-            choices.append((final, "final", None))
+        choices = [(snapshot_dir(out_dir, s), f"step-{s:06d}") for s in snapshot_steps(out_dir)]
+        if label == "final":
+            choices.append((folder, label))
     else:
-        choices = [(folder, label, step)]
+        choices = [(folder, label)]
     models = [ModelChoice("base", None, None)] if compare else []
-    for path, name, at_step in choices:
+    for path, name in choices:
         weights = load_trained_weights(path)
         missing = sorted(set(tokens.values()) - set(weights.embeddings))
         if missing:
@@ -337,7 +342,9 @@ def render(
                 f"{path}: has no embedding for {', '.join(missing)}; palp.toml's subjects changed since training. "
                 f"Retrain with `palpcompose train {project.root}`"
             )
-        models.append(ModelChoice(name, weights, at_step if at_step is not None else weights.step))
+        models.append(ModelChoice(name, weights, weights.step))
+    if sweep and models[-1].label == "final":  # the snapshot of the last step holds the final weights again
+        models = [m for m in models if m.label == "final" or m.step != models[-1].step]
     for message in warnings:
         if console is not None:
             console.print(f"[yellow]warning:[/] {message}", highlight=False)
@@ -380,7 +387,7 @@ def render(
 
     # 5. Contact sheet and the run's index.
     sheet_path = run_dir / "contact-sheet.png"
-    atomic_save_image(sheet_path, contact_sheet(images, prompts, seeds, [m.label for m in models]))
+    atomic_save_image(sheet_path, contact_sheet(images, prompts, seeds, {m.label: m.caption for m in models}))
     atomic_write_json(
         run_dir / "render.json",
         {
@@ -467,10 +474,10 @@ def _progress(console, total: int):
 # --- contact sheets -------------------------------------------------------------------------------------------
 
 
-def contact_sheet(images: list[RenderedImage], prompts, seeds, model_labels, min_cell: int = 128):
-    """One labelled grid: a row per (prompt, model), a column per seed. Row captions name the model (or snapshot
-    step) and the prompt; column captions name the seed. Small images are enlarged (nearest neighbour) to stay
-    readable."""
+def contact_sheet(images: list[RenderedImage], prompts, seeds, model_captions: dict[str, str], min_cell: int = 128):
+    """One labelled grid: a row per (prompt, model), a column per seed. Row captions name the model (base, or the
+    weights' step) and the prompt; column captions name the seed. Small images are enlarged (nearest neighbour) to
+    stay readable."""
     from PIL import Image, ImageDraw, ImageFont
 
     font = ImageFont.load_default()
@@ -479,14 +486,14 @@ def contact_sheet(images: list[RenderedImage], prompts, seeds, model_labels, min
     scale = max(1, -(-min_cell // min(first.size)))  # ceil division
     cell_w, cell_h = first.width * scale, first.height * scale
     label_w, head_h, pad = 240, 24, 4
-    rows = [(p_index, prompt, label) for p_index, prompt in enumerate(prompts, 1) for label in model_labels]
+    rows = [(p_index, prompt, label) for p_index, prompt in enumerate(prompts, 1) for label in model_captions]
     sheet = Image.new("RGB", (label_w + len(seeds) * (cell_w + pad), head_h + len(rows) * (cell_h + pad)), "white")
     draw = ImageDraw.Draw(sheet)
     for col, seed in enumerate(seeds):
         draw.text((label_w + col * (cell_w + pad) + 4, 6), f"seed {seed}", fill="black", font=font)
     for row, (p_index, prompt, label) in enumerate(rows):
         y = head_h + row * (cell_h + pad)
-        caption = f"{label}\nprompt {p_index}:\n" + "\n".join(_wrap(prompt, 36)[:6])
+        caption = f"{model_captions[label]}\nprompt {p_index}:\n" + "\n".join(_wrap(prompt, 36)[:6])
         draw.multiline_text((4, y + 4), caption, fill="black", font=font, spacing=2)
         for col, seed in enumerate(seeds):
             with Image.open(by_key[(prompt, label, seed)]) as picture:
@@ -513,8 +520,7 @@ def summary_table(result: RenderResult):
     table = Table(title=f"{len(result.images)} image(s) in {result.run_dir}", title_justify="left")
     table.add_column("what")
     table.add_column("file", overflow="fold")
-    models = sorted({i.model for i in result.images}, key=lambda m: (m != "base", m))
-    for model in models:
+    for model in dict.fromkeys(i.model for i in result.images):  # in render order
         count = sum(1 for i in result.images if i.model == model)
         what = "base model" if model == "base" else f"{model} weights"
         table.add_row(f"{what}: {count} PNG(s)", f"{model}_p*_seed*.png")

@@ -17,7 +17,7 @@ from palpcompose.export import export
 from palpcompose.project import load_project
 from palpcompose.render import generate, make_scheduler, render
 from palpcompose.weights import load_trained_weights
-from test_render_fixtures import ALPHA, RANK, make_project, tiny_base
+from test_render_fixtures import ALPHA, RANK, make_project
 
 TOKENS = {"V1": "<duo-v1>", "V2": "<duo-v2>"}
 PROMPT = "an oil painting of [V1] inspired by [V2] painting"
@@ -25,8 +25,8 @@ TEXT = "an oil painting of <duo-v1> inspired by <duo-v2> painting"
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return tiny_base(tmp_path_factory)
+def base(tiny_pipeline_dir):
+    return tiny_pipeline_dir
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """A trained-looking project for the render and export tests, built without the training engine.
 
-A tiny SD-1-like pipeline (tests/tiny_pipeline.py) gets a peft LoRA with random non-zero weights (lora_alpha != rank,
+A tiny SD-1-like pipeline (conftest's `tiny_pipeline_dir`) gets a peft LoRA with random non-zero weights (lora_alpha != rank,
 so a lost alpha shows) and two random token embeddings; they are written with palpcompose/weights.py into
 out/weights/final/ and out/snapshots/step-000002/, with out/manifest.json as the engine writes it. No tests here.
 """
@@ -14,7 +14,6 @@ import torch
 
 from palpcompose.project import load_project
 from palpcompose.weights import TrainedWeights, save_trained_weights
-from tiny_pipeline import make_tiny_pipeline
 
 RANK, ALPHA = 4, 8.0
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -107,7 +106,3 @@ def write_manifest(root: Path, project, **changes) -> None:
         **changes,
     }
     (root / "out" / "manifest.json").write_text(json.dumps(manifest))
-
-
-def tiny_base(tmp_path_factory) -> Path:
-    return make_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "sd1")
