@@ -255,6 +255,22 @@ def a1111_parameters(prompt: str, settings: RenderSettings, seed: int, model: st
     return "\n".join(lines)
 
 
+def _load_quietly(load_pipeline, source, dtype):
+    """Load the base model without diffusers' and transformers' per-component progress bars (render draws its own);
+    their previous state is restored afterwards."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    libraries = [lib for lib in (diffusers_logging, transformers_logging) if lib.is_progress_bar_enabled()]
+    for lib in libraries:
+        lib.disable_progress_bar()
+    try:
+        return load_pipeline(source, torch_dtype=dtype)
+    finally:
+        for lib in libraries:
+            lib.enable_progress_bar()
+
+
 def _pick_device() -> tuple[str, torch.dtype]:
     if torch.cuda.is_available():
         return "cuda", torch.float16
@@ -352,10 +368,11 @@ def render(
     # 3. Base model and sampler.
     source = resolve_base_model(cfg.project.base_model, project.root)
     device, dtype = _pick_device()
-    pipe = load_pipeline(source, torch_dtype=dtype)
+    pipe = _load_quietly(load_pipeline, source, dtype)
     pipe.scheduler = make_scheduler(settings.scheduler, pipe.scheduler.config)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
+    attach_trained_weights(pipe, next(m.weights for m in models if m.weights is not None))  # fits? (before writing)
 
     # 4. Render every model x prompt x seed, batch by batch, writing each PNG as soon as it exists.
     run_dir = _new_run_dir(out_dir / "renders", "sweep" if sweep else "compare" if compare else "")

@@ -192,3 +192,16 @@ def test_unfinished_training_renders_the_latest_snapshot_with_a_warning(project_
     result = render(load_project(project_dir, check_images=False), seeds=[0])
     assert result.images[0].model == "step-000002"
     assert any("--resume" in w for w in result.warnings)
+
+
+def test_cli_refuses_weights_that_do_not_fit_the_base_model(project_dir, capsys):
+    from palpcompose.weights import load_trained_weights, save_trained_weights
+
+    final = project_dir / "out/weights/final"
+    weights = load_trained_weights(final)
+    key = next(iter(weights.lora))
+    weights.lora["down_blocks.7." + key] = weights.lora.pop(key)
+    save_trained_weights(final, weights)
+    assert run_cli("render", project_dir) == 2
+    assert "does not fit this base model" in capsys.readouterr().err
+    assert not (project_dir / "out" / "renders").exists()
