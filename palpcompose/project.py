@@ -511,10 +511,13 @@ def _check_base_model(v: _Validator, spec: str) -> None:
     from palpcompose.models import resolve_base_model
 
     try:
-        resolve_base_model(spec, v.file.parent)
+        source = resolve_base_model(spec, v.file.parent)
     except UserError as exc:
         v.problem("project.base_model", str(exc), "builtin:toy, a hub id (org/name), a diffusers folder or a "
                                                   ".safetensors file")
+        return
+    if source.kind == "builtin" and not source.available:  # a broken installation, not a network question
+        v.problem("project.base_model", source.detail, "reinstall palpcompose (pip install -e . in a clone)")
 
 
 def _check_images(v: _Validator, root: Path, subjects: dict[str, SubjectConfig],

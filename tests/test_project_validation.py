@@ -183,6 +183,15 @@ def test_base_model_must_resolve(make_project, run_cli):
     check_fails(run_cli, root, located(root, "project.base_model", "base_model") + " unknown built-in model")
 
 
+def test_builtin_model_missing_from_the_installation(make_project, run_cli, monkeypatch, tmp_path):
+    from palpcompose import models
+
+    monkeypatch.setitem(models.BUILTIN_MODELS, "builtin:toy", tmp_path / "not-installed")
+    root = make_project({"project": {"base_model": "builtin:toy"}})
+    check_fails(run_cli, root, located(root, "project.base_model", "base_model") + " builtin:toy is not installed",
+                "hint: reinstall palpcompose")
+
+
 def test_uncached_hub_model_is_a_note_not_an_error(make_project, run_cli, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     root = make_project({"project": {"base_model": "nobody-here/no-such-model"}})
