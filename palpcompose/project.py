@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import re
 import sys
 import types
@@ -228,9 +229,8 @@ def _validate(project_dir: Path, check_images: bool) -> tuple[_Validator, Projec
             _check_base_model(v, section.base_model)
         if check_images:
             images = _check_images(v, root, subjects, resolution)
-    if config is None:
-        return v, None
-    return v, Project(root, root / PROJECT_FILE, config, images, tuple(v.notes))
+    project = None if config is None else Project(root, root / PROJECT_FILE, config, images, tuple(v.notes))
+    return v, project
 
 
 class _Validator:
@@ -334,6 +334,9 @@ class _Validator:
             converted = self.value(f"{prefix}.{key}", value, hints[key], fields[key].metadata)
             if converted is _INVALID:
                 ok = False
+            elif fields[key].default is dataclasses.MISSING and isinstance(converted, str) and not converted.strip():
+                self.problem(f"{prefix}.{key}", "must not be empty", f"({fields[key].metadata['doc']})")
+                ok = False
             else:
                 values[key] = converted
         for name, f in fields.items():
@@ -412,6 +415,9 @@ class _Validator:
             return _INVALID
         if expected is float:
             value = float(value)
+            if not math.isfinite(value):  # TOML allows inf and nan
+                self.problem(key, f"must be a finite number, got {value}")
+                return _INVALID
         if expected in (int, float) and not self.in_range(key, value, meta):
             return _INVALID
         return value
@@ -438,7 +444,8 @@ class _Validator:
         palp = doc.get("palp") if isinstance(doc.get("palp"), dict) else {}
         render = doc.get("render") if isinstance(doc.get("render"), dict) else {}
         subjects = doc.get("subjects") if isinstance(doc.get("subjects"), dict) else {}
-        prompts = [(f"subjects.{k}.prompt", sub.get("prompt", f"[{k}]")) for k, sub in subjects.items()
+        # A subject without a prompt gets "A photo of [Vn]", which passes every check below.
+        prompts = [(f"subjects.{k}.prompt", sub.get("prompt", f"A photo of [{k}]")) for k, sub in subjects.items()
                    if k in declared and isinstance(sub, dict)]
         prompts += [("palp.target_prompt", palp.get("target_prompt")), ("palp.clean_prompt", palp.get("clean_prompt")),
                     ("render.negative_prompt", render.get("negative_prompt"))]
@@ -564,6 +571,9 @@ def _check_images(v: _Validator, root: Path, subjects: dict[str, SubjectConfig],
 
 def _expand_entry(v: _Validator, root: Path, skey: str, entry: str, is_image_name) -> list[Path]:
     """The image files one `images` entry names: a file, a folder (its images) or a glob."""
+    if not entry.strip():
+        v.problem(skey, "empty entry \"\"", "remove it, or name a file, folder or glob such as refs/cat/*.jpg")
+        return []
     parts = Path(entry).parts
     if Path(entry).is_absolute() or entry.startswith("~") or ".." in parts:
         v.problem(skey, f"{entry!r} points outside the project folder",

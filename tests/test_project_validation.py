@@ -96,6 +96,7 @@ def test_unknown_key_in_subject(make_project, run_cli):
         ("palp", "guidance", "pal", "must be one of 'palp', 'sds', 'none', got \"pal\" (string)",
          "did you mean 'palp'?"),
         ("palp", "alpha", -1.0, "must be >= 0", None),
+        ("palp", "alpha", float("nan"), "must be a finite number, got nan", None),
         ("palp", "beta", -0.5, "must be >= 0", None),
         ("palp", "weight", -2, "must be >= 0", None),
         ("palp", "same_noise", 1, "must be a boolean (true or false), got 1 (integer)", None),
@@ -124,6 +125,13 @@ def test_missing_required_keys(make_project, run_cli):
     root = make_project({"project": {"base_model": None}, "subjects": {"V1": {"class_name": None}}})
     check_fails(run_cli, root, located(root, "project.base_model", "[project]") + " required key is missing",
                 located(root, "subjects.V1.class_name", "[subjects.V1]") + " required key is missing")
+
+
+def test_required_strings_must_not_be_empty(make_project, run_cli):
+    root = make_project({"subjects": {"V1": {"class_name": "  ", "images": ["refs/V1/*.png", ""]}}})
+    check_fails(run_cli, root, located(root, "subjects.V1.class_name", "class_name") + " must not be empty")
+    root = make_project({"subjects": {"V1": {"images": ["refs/V1/*.png", ""]}}}, dirname="other")
+    check_fails(run_cli, root, located(root, "subjects.V1.images", "images") + ' empty entry ""')
 
 
 def test_at_least_one_subject(make_project, run_cli):
