@@ -30,36 +30,40 @@ class ArchSpec:
 
 TINY = ArchSpec(
     name="tiny",
-    unet=dict(
-        block_out_channels=(8, 16), layers_per_block=1, in_channels=4, out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16, attention_head_dim=(2, 4), norm_num_groups=4,
-    ),
-    vae=dict(
-        block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=4,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"), up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-    ),
-    text=dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=2, vocab_size=1000),
+    unet={
+        "block_out_channels": (8, 16), "layers_per_block": 1, "in_channels": 4, "out_channels": 4,
+        "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+        "cross_attention_dim": 16, "attention_head_dim": (2, 4), "norm_num_groups": 4,
+    },
+    vae={
+        "block_out_channels": (8, 16), "in_channels": 3, "out_channels": 3, "latent_channels": 4, "norm_num_groups": 4,
+        "down_block_types": ("DownEncoderBlock2D",) * 2, "up_block_types": ("UpDecoderBlock2D",) * 2,
+    },
+    text={
+        "hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2, "num_hidden_layers": 2, "vocab_size": 1000,
+    },
     vae_scale_factor=2,
     default_resolution=32,
 )
 
 SD15 = ArchSpec(
     name="sd15",
-    unet=dict(
-        block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, in_channels=4, out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
-    ),
-    vae=dict(
-        block_out_channels=(128, 256, 512, 512), in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32,
-    ),
-    text=dict(
-        hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12, vocab_size=49408,
-        projection_dim=768, hidden_act="quick_gelu",
-    ),
+    unet={
+        "block_out_channels": (320, 640, 1280, 1280), "layers_per_block": 2, "in_channels": 4, "out_channels": 4,
+        "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        "cross_attention_dim": 768, "attention_head_dim": 8, "norm_num_groups": 32,
+    },
+    vae={
+        "block_out_channels": (128, 256, 512, 512), "in_channels": 3, "out_channels": 3, "latent_channels": 4,
+        "layers_per_block": 2,
+        "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4, "norm_num_groups": 32,
+    },
+    text={
+        "hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12, "num_hidden_layers": 12,
+        "vocab_size": 49408, "projection_dim": 768, "hidden_act": "quick_gelu",
+    },
     vae_scale_factor=8,
     default_resolution=512,
 )
@@ -74,7 +78,7 @@ def arch_spec(name: str) -> ArchSpec:
     return specs[name]
 
 
-WORDS = "a an the of photo painting oil cat sitting on rock inspired by".split()
+WORDS = ["a", "an", "the", "of", "photo", "painting", "oil", "cat", "sitting", "on", "rock", "inspired", "by"]
 
 
 def make_tokenizer(spec: ArchSpec, folder):

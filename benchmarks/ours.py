@@ -9,7 +9,7 @@ the SDPA backend as a context around the step, and CUDA graphs through the state
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -17,7 +17,14 @@ from benchmarks.archs import Models
 from palpcompose import accel, models, train
 from palpcompose.data import SubjectData, sample_batch
 from palpcompose.guidance import GuidanceConfig
-from palpcompose.project import PalpConfig, ProjectConfig, ProjectSection, RenderConfig, SubjectConfig, TrainConfig
+from palpcompose.project import (
+    PalpConfig,
+    ProjectConfig,
+    ProjectSection,
+    RenderConfig,
+    SubjectConfig,
+    TrainConfig,
+)
 
 PROJECT = "bench"
 PERSONAL_PROMPT = "A photo of [V1]"

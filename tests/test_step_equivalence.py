@@ -1,0 +1,149 @@
+"""The speed levers (palpcompose/accel.py) must not change the math of the training step.
+
+Each test runs the engine's `training_step` on the tiny random-weight model twice from identical seeds, once plain
+and once with one lever, and compares losses and gradients (captured before the optimizer consumes them) or the
+weights after a few steps. CUDA graphs cannot run on the CPU: their test is marked `gpu`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks import archs
+from benchmarks.ours import make_engine_step
+from palpcompose import accel, train
+from palpcompose.guidance import cfg
+
+RESOLUTION = 16  # tiny VAE: 8x8 latents
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: a second intra-op thread only spins (3x the CPU time on 2 cores); restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def engine(tmp_path, opts=None, mode="palp", alpha=7.5, beta=1.0, batch=1, device="cpu"):
+    """A fresh tiny engine state and its step; LoRA B matrices randomised so the adapter changes the output."""
+    opts = opts or accel.AccelOptions()
+    m = archs.build(archs.TINY, device, seed=0)
+    tokenizer = archs.make_tokenizer(archs.TINY, tmp_path / "tok")
+    pixels = torch.rand(batch, 3, RESOLUTION, RESOLUTION, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    state, step = make_engine_step(m, tokenizer, mode, opts, pixels.to(device), alpha=alpha, beta=beta)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in state.lora_params:  # peft's gaussian init leaves B = 0, i.e. G_lora == G_base
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return state, step
+
+
+def capture_grads(state) -> list[list[torch.Tensor]]:
+    """Per trainable tensor (LoRA weights, then the embedding table), its gradient after each backward pass.
+    Recorded by a hook, because the step zeroes gradients before it returns."""
+    params = state.lora_params + [state.embedding]
+    grads: list[list[torch.Tensor]] = [[] for _ in params]
+    for p, record in zip(params, grads):
+        p.register_post_accumulate_grad_hook(lambda p, record=record: record.append(p.grad.detach().clone()))
+    return grads
+
+
+def assert_same_step(tmp_path, opts: accel.AccelOptions, steps=1, rtol=1e-4, atol=1e-6):
+    """`steps` steps plain and with `opts` from identical seeds: same losses, same gradients. Returns both states."""
+    plain, plain_step = engine(tmp_path / "a")
+    fast, fast_step = engine(tmp_path / "b", opts)
+    plain_grads, fast_grads = capture_grads(plain), capture_grads(fast)
+    for _ in range(steps):
+        losses_plain, losses_fast = plain_step(), fast_step()
+        assert losses_plain.keys() == losses_fast.keys()
+        for key in losses_plain:
+            assert losses_fast[key] == pytest.approx(losses_plain[key], rel=rtol, abs=atol), key
+    assert len(plain_grads) == len(fast_grads) == len(plain.lora_params) + 1
+    for per_step_plain, per_step_fast in zip(plain_grads, fast_grads):
+        assert len(per_step_plain) == len(per_step_fast) == steps
+        for a, b in zip(per_step_plain, per_step_fast):
+            torch.testing.assert_close(b, a, rtol=rtol, atol=atol)
+    return plain, fast
+
+
+def test_palp_step_has_an_alignment_gradient(tmp_path):
+    """Guard for the tests below: the alignment term reaches the LoRA gradients, so comparing them means something."""
+    with_palp, palp_step = engine(tmp_path / "a", mode="palp")
+    without, none_step = engine(tmp_path / "b", mode="none")
+    grads_palp, grads_none = capture_grads(with_palp), capture_grads(without)
+    losses = palp_step()
+    none_step()
+    assert losses["loss_align"] != 0
+    assert not torch.allclose(grads_palp[0][0], grads_none[0][0])  # a LoRA weight's first gradient
+
+
+def test_channels_last_matches_eager(tmp_path):
+    _, fast = assert_same_step(tmp_path, accel.AccelOptions(channels_last=True))
+    conv = next(mod for mod in fast.components.unet.modules() if isinstance(mod, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_sdpa_math_backend_matches_default(tmp_path):
+    assert_same_step(tmp_path, accel.AccelOptions(sdpa_backend="math"))
+
+
+def test_fused_adamw_matches_foreach(tmp_path):
+    plain, fast = assert_same_step(tmp_path, accel.AccelOptions(fused_adamw=True), steps=2)
+    assert fast.optimizer.optimizer.defaults["fused"] and not plain.optimizer.optimizer.defaults["fused"]
+    # The updates agree too: same LoRA weights and placeholder row after the two steps.
+    for a, b in zip(plain.lora_params, fast.lora_params):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+    row = plain.token_ids["V1"]
+    torch.testing.assert_close(fast.embedding[row], plain.embedding[row], rtol=1e-5, atol=1e-7)
+
+
+def test_rebuild_adamw_refuses_a_used_optimizer():
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([p], lr=0.1)
+    p.grad = torch.ones(3)
+    opt.step()
+    with pytest.raises(ValueError, match="already stepped"):
+        accel.rebuild_adamw(opt, fused=False)
+
+
+def test_batched_cfg_pass_matches_separate_passes(tmp_path):
+    """make_denoiser's single batched (uncond, cond) pass equals two separate UNet passes combined by CFG."""
+    state, _ = engine(tmp_path, batch=2)
+    unet = state.components.unet
+    g = torch.Generator().manual_seed(3)
+    latents = torch.randn(2, 4, RESOLUTION // 2, RESOLUTION // 2, generator=g)
+    timesteps = torch.tensor([10, 900])
+    abar_t = state.components.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+    personal = torch.randn(2, 77, state.null_embeds.shape[-1], generator=g)
+    denoise = train.make_denoiser(state, timesteps, abar_t, personal)
+    for adapter, prompt, scale in [(False, "clean", 7.5), (True, "personal", 3.0), (True, "personal", 1.0)]:
+        with torch.no_grad():
+            batched = denoise(latents, adapter=adapter, prompt=prompt, scale=scale)
+            cond_embeds = state.clean_embeds.expand(2, -1, -1) if prompt == "clean" else personal
+            with train.adapters(unet, adapter):
+                cond = unet(latents, timesteps, cond_embeds).sample
+                uncond = unet(latents, timesteps, state.null_embeds.expand(2, -1, -1)).sample
+            with train.adapters(unet, not adapter):
+                other = unet(latents, timesteps, cond_embeds).sample
+        expected = cond if scale == 1.0 else cfg(uncond, cond, scale)
+        torch.testing.assert_close(batched, expected, rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(other, cond, atol=1e-4)  # the adapter state matters, so the check above is sharp
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_match_eager_on_gpu(tmp_path):
+    plain, plain_step = engine(tmp_path / "a", device="cuda")
+    fast, fast_step = engine(tmp_path / "b", accel.AccelOptions(cuda_graphs=True), device="cuda")
+    plain_grads, fast_grads = capture_grads(plain), capture_grads(fast)
+    for _ in range(3):  # the first step captures the graphs, the later ones replay them
+        losses_plain, losses_fast = plain_step(), fast_step()
+        for key in losses_plain:
+            assert losses_fast[key] == pytest.approx(losses_plain[key], rel=1e-4, abs=1e-6), key
+    assert len(fast.graphs.graphs) == 2  # one frozen-model pass with CFG, one personalized pass without
+    for per_step_plain, per_step_fast in zip(plain_grads, fast_grads):
+        assert len(per_step_fast) == 3
+        for a, b in zip(per_step_plain, per_step_fast):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
