@@ -93,7 +93,9 @@ def _header(project, weights: TrainedWeights, label: str) -> dict[str, str]:
         "palpcompose_step": str(weights.step),
         "base_model": project.config.project.base_model,
         "tokens": json.dumps(weights.placeholders, sort_keys=True),
-        "trigger_words": json.dumps({k: trigger_word(t) for k, t in weights.placeholders.items()}, sort_keys=True),
+        "trigger_words": json.dumps(
+            {k: trigger_word(t) for k, t in weights.placeholders.items()}, sort_keys=True
+        ),
     }
 
 
@@ -102,7 +104,9 @@ def _embedding_files(weights, out_path, header, as_tensors):
     plan = []
     for key, token in sorted(weights.placeholders.items()):
         if token not in weights.embeddings:
-            raise UserError(f"the trained weights have no embedding for {token} (subject {key}); retrain the project")
+            raise UserError(
+                f"the trained weights have no embedding for {token} (subject {key}); retrain the project"
+            )
         vector = weights.embeddings[token].float().reshape(-1)
         trigger = trigger_word(token)
         meta = {**header, "subject": key, "token": token, "trigger_word": trigger}
@@ -117,7 +121,11 @@ def _diffusers_files(project, weights: TrainedWeights, out_path: Path, header):
     # peft keys (`...to_q.lora_A.weight`) -> diffusers keys (`unet....to_q.lora.down.weight`), as the diffusers LoRA
     # training scripts save them; diffusers reads lora_alpha back from `lora_adapter_metadata` (else it assumes r).
     lora = {f"unet.{k}": v.float() for k, v in convert_state_dict_to_diffusers(dict(weights.lora)).items()}
-    lora_config = {"r": weights.rank, "lora_alpha": weights.lora_alpha, "target_modules": list(weights.target_modules)}
+    lora_config = {
+        "r": weights.rank,
+        "lora_alpha": weights.lora_alpha,
+        "target_modules": list(weights.target_modules),
+    }
     meta = {
         **header,
         "format": "pt",
@@ -145,16 +153,22 @@ def _webui_files(project, weights: TrainedWeights, out_path: Path, header):
         "ss_network_alpha": str(weights.lora_alpha),
         "ss_output_name": name,
     }
-    plan = [(ExportedFile(out_path / f"{name}.safetensors", "lora", None, None, f"<lora:{name}:1>"), lora, meta)]
-    return plan + _embedding_files(weights, out_path, header, lambda token, vector: {"emb_params": vector[None, :]})
+    plan = [
+        (ExportedFile(out_path / f"{name}.safetensors", "lora", None, None, f"<lora:{name}:1>"), lora, meta)
+    ]
+    return plan + _embedding_files(
+        weights, out_path, header, lambda token, vector: {"emb_params": vector[None, :]}
+    )
 
 
 def summary_table(result: ExportResult):
     """A rich table: each file written and how to use it."""
     from rich.table import Table
 
-    table = Table(title=f"exported {result.weights} weights ({result.fmt} format) to {result.out_dir}",
-                  title_justify="left")
+    table = Table(
+        title=f"exported {result.weights} weights ({result.fmt} format) to {result.out_dir}",
+        title_justify="left",
+    )
     table.add_column("file", overflow="fold")
     table.add_column("what")
     table.add_column("in prompts")
@@ -162,11 +176,19 @@ def summary_table(result: ExportResult):
         if f.kind == "lora":
             table.add_row(str(f.path), "UNet LoRA", f.trigger or "")
         else:
-            table.add_row(str(f.path), f"embedding of [{f.subject}]", f.token if result.fmt == "diffusers" else f.trigger)
+            table.add_row(
+                str(f.path),
+                f"embedding of [{f.subject}]",
+                f.token if result.fmt == "diffusers" else f.trigger,
+            )
     if result.fmt == "diffusers":
-        table.caption = ("pipe.load_lora_weights(folder); pipe.load_textual_inversion(file, token=...) per embedding. "
-                         "See docs/render-export.md")
+        table.caption = (
+            "pipe.load_lora_weights(folder); pipe.load_textual_inversion(file, token=...) per embedding. "
+            "See docs/render-export.md"
+        )
     else:
-        table.caption = ("AUTOMATIC1111: LoRA to models/Lora, embeddings to embeddings/. ComfyUI: models/loras and "
-                         "models/embeddings (prompt: embedding:NAME). See docs/render-export.md")
+        table.caption = (
+            "AUTOMATIC1111: LoRA to models/Lora, embeddings to embeddings/. ComfyUI: models/loras and "
+            "models/embeddings (prompt: embedding:NAME). See docs/render-export.md"
+        )
     return table

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,7 +27,11 @@ ADAPTER_NAME = "palp"
 
 # --scheduler name -> (diffusers class name, extra config, the sampler's name in AUTOMATIC1111's `parameters` text).
 SCHEDULERS = {
-    "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}, "DPM++ 2M"),
+    "dpm++": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "dpmsolver++", "solver_order": 2},
+        "DPM++ 2M",
+    ),
     "ddim": ("DDIMScheduler", {}, "DDIM"),
     "euler-a": ("EulerAncestralDiscreteScheduler", {}, "Euler a"),
 }
@@ -89,7 +93,9 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     for part in text.replace(" ", "").split(","):
         m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
         if not m:
-            raise UserError(f"--seeds {text!r}: {part!r} is not a seed or a range; write e.g. 0-7, 1,5,9 or 0-3,10")
+            raise UserError(
+                f"--seeds {text!r}: {part!r} is not a seed or a range; write e.g. 0-7, 1,5,9 or 0-3,10"
+            )
         lo = int(m.group(1))
         hi = int(m.group(2)) if m.group(2) is not None else lo
         if hi < lo:
@@ -121,7 +127,9 @@ def attach_trained_weights(pipe, weights: TrainedWeights, adapter_name: str = AD
     unet = pipe.unet
     if adapter_name in getattr(unet, "peft_config", {}):
         unet.delete_adapters(adapter_name)
-    config = LoraConfig(r=weights.rank, lora_alpha=weights.lora_alpha, target_modules=list(weights.target_modules))
+    config = LoraConfig(
+        r=weights.rank, lora_alpha=weights.lora_alpha, target_modules=list(weights.target_modules)
+    )
     unet.add_adapter(config, adapter_name=adapter_name)
     lora = {k: v.to(device=unet.device, dtype=unet.dtype) for k, v in weights.lora.items()}
     result = set_peft_model_state_dict(unet, lora, adapter_name=adapter_name)
@@ -172,7 +180,9 @@ def read_manifest(out_dir: Path) -> dict | None:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path}: unreadable ({exc}); retrain with `palpcompose train` to rewrite it") from exc
+        raise UserError(
+            f"{path}: unreadable ({exc}); retrain with `palpcompose train` to rewrite it"
+        ) from exc
 
 
 def check_trained_for(project, out_dir: Path, manifest: dict | None) -> list[str]:
@@ -213,7 +223,9 @@ def locate_weights(project, out_dir: Path, step: int | None) -> tuple[Path, str,
     available = ", ".join(str(s) for s in steps) or "none"
     if step is not None:
         if step not in steps:
-            raise UserError(f"no snapshot at step {step} in {out_dir / 'snapshots'}; available steps: {available}")
+            raise UserError(
+                f"no snapshot at step {step} in {out_dir / 'snapshots'}; available steps: {available}"
+            )
         return snapshot_dir(out_dir, step), f"step-{step:06d}", []
     final = out_dir / "weights" / "final"
     if (final / "lora.safetensors").is_file():
@@ -222,8 +234,10 @@ def locate_weights(project, out_dir: Path, step: int | None) -> tuple[Path, str,
         return (
             snapshot_dir(out_dir, steps[-1]),
             f"step-{steps[-1]:06d}",
-            [f"training has not finished (no {final}); using the latest snapshot, step {steps[-1]}. "
-             f"`palpcompose train {project.root} --resume` finishes it"],
+            [
+                f"training has not finished (no {final}); using the latest snapshot, step {steps[-1]}. "
+                f"`palpcompose train {project.root} --resume` finishes it"
+            ],
         )
     raise UserError(f"no trained weights in {out_dir}; run `palpcompose train {project.root}` first")
 
@@ -231,7 +245,9 @@ def locate_weights(project, out_dir: Path, step: int | None) -> tuple[Path, str,
 # --- the render itself --------------------------------------------------------------------------------------------
 
 
-def a1111_parameters(prompt: str, settings: RenderSettings, seed: int, model: str, extra: dict[str, str]) -> str:
+def a1111_parameters(
+    prompt: str, settings: RenderSettings, seed: int, model: str, extra: dict[str, str]
+) -> str:
     """The `parameters` text AUTOMATIC1111 writes into its PNGs (and ComfyUI and most image viewers read):
     the prompt, an optional `Negative prompt:` line, then `Key: value` pairs separated by commas."""
 
@@ -310,9 +326,11 @@ def render(
     if sweep and step is not None:
         raise UserError("--sweep renders every snapshot; it cannot be combined with --step")
     prompts = tuple(prompts) if prompts else (tuple(rc.prompts) or (cfg.palp.target_prompt,))
-    prompts = tuple(p for p in prompts if p)
+    prompts = tuple(dict.fromkeys(p for p in prompts if p))  # each prompt once, in order
     if not prompts:
-        raise UserError(f"{project.file}: nothing to render; set render.prompts or palp.target_prompt, or pass --prompt")
+        raise UserError(
+            f"{project.file}: nothing to render; set render.prompts or palp.target_prompt, or pass --prompt"
+        )
     if seeds is None:
         seeds = tuple(rc.seeds)
     elif isinstance(seeds, str):
@@ -321,14 +339,18 @@ def render(
     if not seeds:
         raise UserError("no seeds to render; pass --seeds, e.g. --seeds 0-3")
     size = cfg.train.resolution
+
+    def pick(option, configured):
+        return configured if option is None else option
+
     settings = RenderSettings(
-        steps=steps if steps is not None else rc.steps,
-        guidance_scale=guidance_scale if guidance_scale is not None else rc.guidance_scale,
-        width=width or rc.width or size,
-        height=height or rc.height or size,
-        negative_prompt=negative_prompt if negative_prompt is not None else rc.negative_prompt,
-        scheduler=scheduler or rc.scheduler,
-        batch_size=batch_size or rc.batch_size,
+        steps=pick(steps, rc.steps),
+        guidance_scale=pick(guidance_scale, rc.guidance_scale),
+        width=pick(width, rc.width or size),
+        height=pick(height, rc.height or size),
+        negative_prompt=pick(negative_prompt, rc.negative_prompt),
+        scheduler=pick(scheduler, rc.scheduler),
+        batch_size=pick(batch_size, rc.batch_size),
     )
     _validate(settings)
 
@@ -372,14 +394,16 @@ def render(
     pipe.scheduler = make_scheduler(settings.scheduler, pipe.scheduler.config)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    attach_trained_weights(pipe, next(m.weights for m in models if m.weights is not None))  # fits? (before writing)
+    attach_trained_weights(
+        pipe, next(m.weights for m in models if m.weights is not None)
+    )  # fits? (before writing)
 
     # 4. Render every model x prompt x seed, batch by batch, writing each PNG as soon as it exists.
     run_dir = _new_run_dir(out_dir / "renders", "sweep" if sweep else "compare" if compare else "")
     jobs = [(p_index, prompt, seed) for p_index, prompt in enumerate(prompts, 1) for seed in seeds]
     images: list[RenderedImage] = []
     started = time.perf_counter()
-    progress = _progress(console, total=len(models) * len(jobs))
+    progress = _progress(console)
     with progress:
         task = progress.add_task("rendering", total=len(models) * len(jobs))
         for model in models:
@@ -390,11 +414,15 @@ def render(
                 attach_trained_weights(pipe, model.weights)
             for start in range(0, len(jobs), settings.batch_size):
                 batch = jobs[start : start + settings.batch_size]
-                batch_texts = [(base_texts if model.weights is None else texts)[prompt] for _, prompt, _ in batch]
+                batch_texts = [
+                    (base_texts if model.weights is None else texts)[prompt] for _, prompt, _ in batch
+                ]
                 pictures = generate(pipe, batch_texts, [seed for _, _, seed in batch], settings)
                 for (p_index, prompt, seed), text, picture in zip(batch, batch_texts, pictures):
                     path = run_dir / f"{model.label}_p{p_index}_seed{seed}.png"
-                    extra = {"PALP weights": model.label if model.weights is not None else "none (base model)"}
+                    extra = {
+                        "PALP weights": model.label if model.weights is not None else "none (base model)"
+                    }
                     if model.step is not None:
                         extra["PALP step"] = str(model.step)
                     params = a1111_parameters(text, settings, seed, cfg.project.base_model, extra)
@@ -411,15 +439,21 @@ def render(
             "palpcompose_version": __version__,
             "project": cfg.project.name,
             "base_model": cfg.project.base_model,
-            "settings": settings.__dict__,
+            "settings": asdict(settings),
             "prompts": list(prompts),
             "seeds": list(seeds),
             "device": device,
             "wall_time_s": round(time.perf_counter() - started, 3),
             "warnings": warnings,
             "images": [
-                {"file": i.path.name, "model": i.model, "step": i.step, "prompt": i.prompt, "text": i.text,
-                 "seed": i.seed}
+                {
+                    "file": i.path.name,
+                    "model": i.model,
+                    "step": i.step,
+                    "prompt": i.prompt,
+                    "text": i.text,
+                    "seed": i.seed,
+                }
                 for i in images
             ],
         },
@@ -429,7 +463,9 @@ def render(
 
 def _validate(settings: RenderSettings) -> None:
     if settings.scheduler not in SCHEDULERS:
-        raise UserError(f"scheduler {settings.scheduler!r} is not known; choose one of: {', '.join(SCHEDULERS)}")
+        raise UserError(
+            f"scheduler {settings.scheduler!r} is not known; choose one of: {', '.join(SCHEDULERS)}"
+        )
     if settings.steps < 1:
         raise UserError(f"--steps must be at least 1 (got {settings.steps})")
     if settings.guidance_scale < 0:
@@ -479,19 +515,26 @@ def _save_png(path: Path, image, parameters: str) -> None:
     atomic_save_image(path, image, pnginfo=info)
 
 
-def _progress(console, total: int):
+def _progress(console):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        console=console, disable=console is None, transient=True,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=console is None,
+        transient=True,
     )
 
 
 # --- contact sheets -------------------------------------------------------------------------------------------
 
 
-def contact_sheet(images: list[RenderedImage], prompts, seeds, model_captions: dict[str, str], min_cell: int = 128):
+def contact_sheet(
+    images: list[RenderedImage], prompts, seeds, model_captions: dict[str, str], min_cell: int = 128
+):
     """One labelled grid: a row per (prompt, model), a column per seed. Row captions name the model (base, or the
     weights' step) and the prompt; column captions name the seed. Small images are enlarged (nearest neighbour) to
     stay readable."""
@@ -504,7 +547,9 @@ def contact_sheet(images: list[RenderedImage], prompts, seeds, model_captions: d
     cell_w, cell_h = first.width * scale, first.height * scale
     label_w, head_h, pad = 240, 24, 4
     rows = [(p_index, prompt, label) for p_index, prompt in enumerate(prompts, 1) for label in model_captions]
-    sheet = Image.new("RGB", (label_w + len(seeds) * (cell_w + pad), head_h + len(rows) * (cell_h + pad)), "white")
+    sheet = Image.new(
+        "RGB", (label_w + len(seeds) * (cell_w + pad), head_h + len(rows) * (cell_h + pad)), "white"
+    )
     draw = ImageDraw.Draw(sheet)
     for col, seed in enumerate(seeds):
         draw.text((label_w + col * (cell_w + pad) + 4, 6), f"seed {seed}", fill="black", font=font)
@@ -544,6 +589,8 @@ def summary_table(result: RenderResult):
     table.add_row("contact sheet", result.contact_sheet.name)
     table.add_row("index (prompts, seeds, settings)", "render.json")
     s = result.settings
-    table.add_row("settings", f"{SCHEDULERS[s.scheduler][2]}, {s.steps} steps, CFG {s.guidance_scale:g}, "
-                              f"{s.width}x{s.height}")
+    table.add_row(
+        "settings",
+        f"{SCHEDULERS[s.scheduler][2]}, {s.steps} steps, CFG {s.guidance_scale:g}, {s.width}x{s.height}",
+    )
     return table

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
+from test_render_fixtures import ALPHA, RANK, make_project
 
 from palpcompose.cli import main
 from palpcompose.errors import UserError
@@ -17,7 +18,6 @@ from palpcompose.export import export
 from palpcompose.project import load_project
 from palpcompose.render import generate, make_scheduler, render
 from palpcompose.weights import load_trained_weights
-from test_render_fixtures import ALPHA, RANK, make_project
 
 TOKENS = {"V1": "<duo-v1>", "V2": "<duo-v2>"}
 PROMPT = "an oil painting of [V1] inspired by [V2] painting"
@@ -91,18 +91,22 @@ def test_diffusers_export_loads_in_plain_diffusers_and_renders_the_same(project,
     logging.getLogger("diffusers").addHandler(warnings)
     try:
         pipe.load_lora_weights(tmp_path / "exp")
-        for key, token in TOKENS.items():
+        for token in TOKENS.values():
             pipe.load_textual_inversion(tmp_path / "exp" / f"{token.strip('<>')}.safetensors", token=token)
     finally:
         logging.getLogger("diffusers").removeHandler(warnings)
-    assert not [m for m in warnings.messages if "unexpected keys" in m or "missing keys" in m], warnings.messages
+    assert not [m for m in warnings.messages if "unexpected keys" in m or "missing keys" in m], (
+        warnings.messages
+    )
     assert_same_lora(loaded_lora(pipe), load_trained_weights(project.root / "out/weights/final").lora)
 
     image, settings = reference
     assert np.abs(render_plain(pipe, settings) - image).max() <= 2
 
 
-def test_webui_export_is_kohya_and_renders_the_same_as_the_diffusers_export(project, base, reference, tmp_path):
+def test_webui_export_is_kohya_and_renders_the_same_as_the_diffusers_export(
+    project, base, reference, tmp_path
+):
     export(project, "webui", tmp_path / "webui")
     lora = load_file(tmp_path / "webui" / "duo.safetensors")
     assert all(k.startswith("lora_unet_") for k in lora)
@@ -123,7 +127,9 @@ def test_webui_export_is_kohya_and_renders_the_same_as_the_diffusers_export(proj
             pipe.load_textual_inversion(tmp_path / "webui" / f"{token.strip('<>')}.safetensors", token=token)
     finally:
         logging.getLogger("diffusers").removeHandler(warnings)
-    assert not [m for m in warnings.messages if "unexpected keys" in m or "missing keys" in m], warnings.messages
+    assert not [m for m in warnings.messages if "unexpected keys" in m or "missing keys" in m], (
+        warnings.messages
+    )
     assert_same_lora(loaded_lora(pipe), load_trained_weights(project.root / "out/weights/final").lora)
 
     image, settings = reference
@@ -146,7 +152,9 @@ def test_every_exported_file_says_what_it_is_in_its_header(project, tmp_path, fm
 def test_export_of_a_snapshot_uses_its_weights(project, tmp_path):
     export(project, "diffusers", tmp_path / "snap", step=2)
     got = load_file(tmp_path / "snap" / "duo-v1.safetensors")["<duo-v1>"]
-    torch.testing.assert_close(got, load_trained_weights(project.root / "out/snapshots/step-000002").embeddings["<duo-v1>"])
+    torch.testing.assert_close(
+        got, load_trained_weights(project.root / "out/snapshots/step-000002").embeddings["<duo-v1>"]
+    )
 
 
 def test_export_never_overwrites_without_force(project, tmp_path):

@@ -8,13 +8,13 @@ import shutil
 import numpy as np
 import pytest
 from PIL import Image
+from test_render_fixtures import make_project, write_manifest
+from tiny_pipeline import make_tiny_pipeline
 
 from palpcompose.cli import main
 from palpcompose.errors import UserError
 from palpcompose.project import load_project
-from palpcompose.render import RenderSettings, generate, make_scheduler, parse_seeds, render
-from test_render_fixtures import make_project, write_manifest
-from tiny_pipeline import make_tiny_pipeline
+from palpcompose.render import generate, make_scheduler, parse_seeds, render
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +49,14 @@ def test_parse_seeds_ranges_lists_and_mixes():
             parse_seeds(bad)
 
 
-@pytest.mark.parametrize("name,cls", [("dpm++", "DPMSolverMultistepScheduler"), ("ddim", "DDIMScheduler"),
-                                      ("euler-a", "EulerAncestralDiscreteScheduler")])
+@pytest.mark.parametrize(
+    "name,cls",
+    [
+        ("dpm++", "DPMSolverMultistepScheduler"),
+        ("ddim", "DDIMScheduler"),
+        ("euler-a", "EulerAncestralDiscreteScheduler"),
+    ],
+)
 def test_schedulers_keep_the_base_models_prediction_type(sd2_scheduler_config, name, cls):
     base_config = sd2_scheduler_config
     scheduler = make_scheduler(name, base_config)
@@ -66,7 +72,8 @@ def test_render_writes_pngs_with_a1111_parameters_and_a_contact_sheet(project_di
     run = result.run_dir
     assert run.parent == project_dir / "out" / "renders"
     assert sorted(p.name for p in run.glob("*.png")) == sorted(
-        [f"final_p1_seed{s}.png" for s in range(3)] + ["contact-sheet.png"])
+        [f"final_p1_seed{s}.png" for s in range(3)] + ["contact-sheet.png"]
+    )
     with Image.open(run / "final_p1_seed2.png") as im:
         assert im.size == (16, 16)  # train.resolution
         params = im.text["parameters"]
@@ -91,7 +98,10 @@ def test_same_seed_same_image_whatever_the_batch(project_dir):
         a = pixels(one.run_dir / f"final_p1_seed{seed}.png")
         b = pixels(batched.run_dir / f"final_p1_seed{seed}.png")
         assert np.abs(a - b).max() <= 1, seed
-    assert np.abs(pixels(one.run_dir / "final_p1_seed0.png") - pixels(one.run_dir / "final_p1_seed1.png")).max() > 10
+    assert (
+        np.abs(pixels(one.run_dir / "final_p1_seed0.png") - pixels(one.run_dir / "final_p1_seed1.png")).max()
+        > 10
+    )
 
 
 def test_sweep_renders_every_snapshot_and_the_final_weights(project_dir):
@@ -142,7 +152,10 @@ def run_cli(*args) -> int:
 
 
 def test_cli_render_succeeds_and_says_where_everything_went(project_dir, capsys):
-    assert run_cli("render", project_dir, "--seeds", "1", "--prompt", "a photo of [V1] at night", "--steps", "1") == 0
+    assert (
+        run_cli("render", project_dir, "--seeds", "1", "--prompt", "a photo of [V1] at night", "--steps", "1")
+        == 0
+    )
     out = capsys.readouterr().out
     (run_dir,) = (project_dir / "out" / "renders").iterdir()
     assert run_dir.name in out and "contact-sheet.png" in out and "final_p*_seed*.png" in out
@@ -163,8 +176,17 @@ def test_cli_missing_step_lists_the_available_steps(project_dir, capsys):
     assert not (project_dir / "out" / "renders").exists()
 
 
-@pytest.mark.parametrize("args", [["--seeds", "5-1"], ["--scheduler", "plms"], ["--width", "20"],
-                                  ["--sweep", "--step", "2"], ["--prompt", "a photo of [V3]"], ["--steps", "0"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--seeds", "5-1"],
+        ["--scheduler", "plms"],
+        ["--width", "20"],
+        ["--sweep", "--step", "2"],
+        ["--prompt", "a photo of [V3]"],
+        ["--steps", "0"],
+    ],
+)
 def test_cli_bad_options_exit_2_and_write_nothing(project_dir, args, capsys):
     assert run_cli("render", project_dir, *args) == 2
     assert "Traceback" not in capsys.readouterr().err

@@ -78,7 +78,9 @@ def make_project(root: Path, base_dir: Path, *, trained: bool = True) -> Path:
     if trained:
         project = load_project(root, check_images=False)
         tokens = {"V1": "<duo-v1>", "V2": "<duo-v2>"}
-        save_trained_weights(root / "out/snapshots/step-000002", random_weights(base_dir, tokens, seed=1, step=2))
+        save_trained_weights(
+            root / "out/snapshots/step-000002", random_weights(base_dir, tokens, seed=1, step=2)
+        )
         save_trained_weights(root / "out/weights/final", random_weights(base_dir, tokens, seed=2, step=4))
         write_manifest(root, project)
     return root
