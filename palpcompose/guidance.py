@@ -10,8 +10,8 @@ Shapes: latents and predictions are (B, C, H, W); `abar_t` is (B, 1, 1, 1) so it
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -116,7 +116,7 @@ class GuidanceConfig:
             raise ValueError(f"guidance mode must be one of {GUIDANCE_MODES}, not {self.mode!r}")
 
     @classmethod
-    def from_palp(cls, palp, mode: str | None = None) -> "GuidanceConfig":
+    def from_palp(cls, palp, mode: str | None = None) -> GuidanceConfig:
         """Build from the project's `[palp]` section; `mode` overrides `palp.guidance` (the --guidance option)."""
         return cls(
             mode=mode or palp.guidance, alpha=float(palp.alpha), beta=float(palp.beta), weight=float(palp.weight),

@@ -17,7 +17,7 @@ import subprocess
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -28,14 +28,29 @@ from rich.table import Table
 
 from palpcompose import __version__, models
 from palpcompose.checkpoint import (
-    Checkpoint, checkpoint_folder, compact_rows, expand_rows, load_checkpoint, read_settings, restore_rng_state,
-    rng_state, save_checkpoint,
+    Checkpoint,
+    checkpoint_folder,
+    compact_rows,
+    expand_rows,
+    load_checkpoint,
+    read_settings,
+    restore_rng_state,
+    rng_state,
+    save_checkpoint,
 )
 from palpcompose.data import Batch, SubjectData, encode_subject, sample_batch
-from palpcompose.errors import Interrupted, PalpcomposeError, UserError
+from palpcompose.errors import Interrupted, UserError
 from palpcompose.fsutil import atomic_save_image, atomic_write_json, atomic_write_text, sha256_file
 from palpcompose.guidance import (
-    GUIDANCE_MODES, GuidanceConfig, NonFiniteError, PalpGuidance, add_noise, cfg, check_finite, predict_x0, v_to_eps,
+    GUIDANCE_MODES,
+    GuidanceConfig,
+    NonFiniteError,
+    PalpGuidance,
+    add_noise,
+    cfg,
+    check_finite,
+    predict_x0,
+    v_to_eps,
 )
 from palpcompose.weights import TrainedWeights, save_trained_weights
 
@@ -467,11 +482,11 @@ def base_model_identity(source: models.BaseModelSource) -> str:
 
 def _git(root: Path) -> dict | None:
     try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, check=False,
                                 timeout=10)
         if commit.returncode != 0:
             return None
-        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "."], capture_output=True,
+        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "."], check=False, capture_output=True,
                                 text=True, timeout=10)
         return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
     except (OSError, subprocess.SubprocessError):
@@ -479,7 +494,7 @@ def _git(root: Path) -> dict | None:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _device_name(device: torch.device) -> str:
