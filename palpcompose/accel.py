@@ -127,3 +127,37 @@ class GraphCache:
         if signature not in self.graphs:
             self.graphs[signature] = GraphedNoGrad(fn, inputs)
         return self.graphs[signature](*inputs)
+
+
+class GraphedInference:
+    """Rendering: replay the UNet's no-grad forward from CUDA graphs, one per input signature (batch, size).
+
+    Installs itself as `unet.forward` (an instance attribute, so the pipeline's `self.unet(...)` calls reach it);
+    `remove()` restores the eager forward. Calls it cannot replay exactly run eagerly: with gradients enabled,
+    off CUDA, or with extra conditioning (ControlNet residuals, timestep_cond, cross_attention_kwargs, ...).
+    The weights are read at replay time, so fuse or attach a LoRA BEFORE the first call: a capture bakes in which
+    modules run (an adapter attached later would be skipped).
+    """
+
+    def __init__(self, unet):
+        self.unet = unet
+        self.eager = unet.forward
+        self.graphs = GraphCache()
+        unet.forward = self.forward
+
+    def forward(self, sample, timestep, encoder_hidden_states, *args, return_dict: bool = True, **kwargs):
+        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+        extra = args or any(value is not None for value in kwargs.values())
+        if torch.is_grad_enabled() or extra or not sample.is_cuda:
+            return self.eager(sample, timestep, encoder_hidden_states, *args, return_dict=return_dict, **kwargs)
+        timestep = torch.as_tensor(timestep, device=sample.device)
+
+        def run(sample, timestep, encoder_hidden_states):
+            return self.eager(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+        out = self.graphs(run, "unet", sample, timestep, encoder_hidden_states)
+        return UNet2DConditionOutput(sample=out) if return_dict else (out,)
+
+    def remove(self) -> None:
+        del self.unet.forward

@@ -109,3 +109,55 @@ def test_reference_step_trains_only_the_lora():
     for k, v in m.unet.state_dict().items():
         if "lora" not in k:
             assert torch.equal(v, frozen[k]), k
+
+
+def test_render_json_report(capsys):
+    from benchmarks import render
+
+    code = render.main(["--arch", "tiny", "--batches", "1", "--steps", "2", "--resolution", "16", "--batch", "2",
+                        "--variants", "diffusers,ours,ours+fuse", "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["scheduler"] == "dpm++" and report["batch"] == 2 and report["steps"] == 2
+    for name in ("diffusers", "ours", "ours+fuse"):
+        v = report["variants"][name]
+        assert v["images_per_s"] == pytest.approx(2 / v["median_batch_s"], rel=1e-2)
+    assert report["ours_images_per_s"] == report["variants"]["ours"]["images_per_s"]
+    assert report["speedup_vs_diffusers"]["diffusers"] == 1.0
+
+
+def render_images(pipe, levers, steps=2):
+    import numpy as np
+
+    from benchmarks.render import levers_applied
+    from palpcompose.render import RenderSettings, generate
+
+    settings = RenderSettings(steps=steps, guidance_scale=7.5, width=16, height=16, negative_prompt="",
+                              scheduler="dpm++", batch_size=1)
+    with levers_applied(pipe, levers):
+        return np.stack([np.asarray(im, dtype=np.int16) for im in generate(pipe, ["a cat"], [0], settings)])
+
+
+def test_render_levers_keep_the_images(tmp_path):
+    """Fusing the LoRA and channels-last give the same pixels (within rounding), and are undone afterwards."""
+    from benchmarks.render import build_pipeline
+
+    pipe = build_pipeline(archs.TINY, "cpu", torch.float32, tmp_path / "tok")
+    eager = render_images(pipe, set())
+    fast = render_images(pipe, {"fuse", "channels_last"})
+    assert abs(fast - eager).max() <= 1
+    pipe.unet.disable_adapters()
+    base = render_images(pipe, set())
+    pipe.unet.enable_adapters()
+    assert abs(base - eager).max() > 1  # the LoRA changes the images, so the comparison above is sharp
+    assert abs(render_images(pipe, set()) - eager).max() == 0  # levers undone: weights unmerged, formats restored
+
+
+@pytest.mark.gpu
+def test_graphed_render_matches_eager_on_gpu(tmp_path):
+    from benchmarks.render import build_pipeline
+
+    pipe = build_pipeline(archs.TINY, "cuda", torch.float32, tmp_path / "tok")
+    eager = render_images(pipe, set(), steps=4)
+    graphed = render_images(pipe, {"graphs"}, steps=4)
+    assert abs(graphed - eager).max() <= 1
