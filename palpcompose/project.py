@@ -18,6 +18,7 @@ import json
 import math
 import re
 import sys
+import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,11 +26,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from palpcompose.errors import Problem, ProjectError, UserError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10 is not supported, but tomli keeps the import honest for tools
-    import tomli as tomllib
 
 PROJECT_FILE = "palp.toml"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -39,10 +35,10 @@ PLACEHOLDER = re.compile(r"\[(V[1-9][0-9]*)\]")
 NEAR_PLACEHOLDER = re.compile(r"\[\s*[vV]\s*0*(\d+)\s*\]")
 
 # Subjects whose pictures are not mirror-symmetric: flipping them would teach the model mirrored text and art.
-NO_FLIP_CLASSES = frozenset(
-    "painting paintings artwork art drawing illustration sketch poster logo text sign book cover page document "
-    "calligraphy lettering map comic".split()
-)
+NO_FLIP_CLASSES = frozenset({
+    "painting", "paintings", "artwork", "art", "drawing", "illustration", "sketch", "poster", "logo", "text", "sign",
+    "book", "cover", "page", "document", "calligraphy", "lettering", "map", "comic",
+})
 
 
 def _spec(doc: str, default: Any = dataclasses.MISSING, *, choices: tuple = (), ge: float | None = None,
@@ -52,7 +48,8 @@ def _spec(doc: str, default: Any = dataclasses.MISSING, *, choices: tuple = (), 
 
     `extension` marks keys palpcompose adds on top of the contract's schema.
     """
-    meta = dict(doc=doc, choices=choices, ge=ge, gt=gt, le=le, multiple_of=multiple_of, extension=extension)
+    meta = {"doc": doc, "choices": choices, "ge": ge, "gt": gt, "le": le, "multiple_of": multiple_of,
+            "extension": extension}
     return field(default=default, metadata=meta)
 
 

@@ -25,10 +25,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 # The schema of contract.md (names and defaults are fixed there; other people's code relies on them).
 CONTRACT_DEFAULTS = {
-    "palp": dict(guidance="palp", alpha=7.5, beta=1.0, weight=1.0, same_noise=True, rescale=True),
-    "train": dict(steps=500, batch_size=1, learning_rate=5e-5, embedding_learning_rate=5e-4, lora_rank=32,
-                  resolution=512, seed=0, mixed_precision="bf16", attention="auto", save_every=100, preview_every=100),
-    "render": dict(prompts=(), seeds=(0, 1, 2, 3), steps=30, guidance_scale=7.5),
+    "palp": {"guidance": "palp", "alpha": 7.5, "beta": 1.0, "weight": 1.0, "same_noise": True, "rescale": True},
+    "train": {"steps": 500, "batch_size": 1, "learning_rate": 5e-5, "embedding_learning_rate": 5e-4, "lora_rank": 32,
+              "resolution": 512, "seed": 0, "mixed_precision": "bf16", "attention": "auto", "save_every": 100,
+              "preview_every": 100},
+    "render": {"prompts": (), "seeds": (0, 1, 2, 3), "steps": 30, "guidance_scale": 7.5},
 }
 
 
@@ -85,19 +86,18 @@ def test_to_dict_and_hashes(make_project):
 
 
 def test_key_line_scanner():
-    text = '\n'.join([
-        "# comment",
-        "[project]",
-        'name = "x"  # [not.a.table]',
-        'notes = """',
-        "steps = 5",
-        '"""',
-        "[subjects.V1]",
-        'class_name = "cat"',
-        "[train]",
-        "seed = 1",
-        'render.steps = 4',
-    ])
+    text = """# comment
+[project]
+name = "x"  # [not.a.table]
+notes = \"\"\"
+steps = 5
+\"\"\"
+[subjects.V1]
+class_name = "cat"
+[train]
+seed = 1
+render.steps = 4
+"""
     lines = _key_lines(text)
     assert lines[("project",)] == 2 and lines[("project", "name")] == 3
     assert ("project", "steps") not in lines  # inside a multi-line string
