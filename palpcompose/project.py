@@ -481,6 +481,9 @@ class _Validator:
                                  'set it (see docs/schema.md), or set guidance = "none" to train without '
                                  "prompt-alignment guidance", line=self.line_of(f"palp.{name}") or 1)
         target = palp.get("target_prompt")
+        if guidance == "none" and not target and not render.get("prompts"):
+            self.notes.append(f"{self.file}: no palp.target_prompt and no render.prompts: `render` will need "
+                              "--prompt")
         if isinstance(target, str) and target.strip() and not PLACEHOLDER.search(target):
             self.notes.append(f"{self.file}: palp.target_prompt has no placeholder, so renders will not show any "
                               "subject")

@@ -183,7 +183,9 @@ def test_target_and_clean_prompts_required_with_guidance(make_project, run_cli, 
 
 def test_prompts_optional_without_guidance(make_project, run_cli):
     root = make_project({"palp": {"guidance": "none", "target_prompt": None, "clean_prompt": None}})
-    assert run_cli("check", root).code == 0
+    result = run_cli("check", root)
+    assert result.code == 0, result.err
+    assert "no palp.target_prompt and no render.prompts: `render` will need --prompt" in result.err
 
 
 def test_base_model_must_resolve(make_project, run_cli):
