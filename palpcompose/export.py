@@ -70,7 +70,7 @@ def export(project, fmt: str, out_path, step: int | None = None, force: bool = F
         raise UserError(f"--out {out_path}: is a file; give a folder (it is created if missing)")
     header = _header(project, weights, label)
     if fmt == "diffusers":
-        plan = _diffusers_files(project, weights, out_path, header)
+        plan = _diffusers_files(weights, out_path, header)
     else:
         plan = _webui_files(project, weights, out_path, header)
 
@@ -115,7 +115,7 @@ def _embedding_files(weights, out_path, header, as_tensors):
     return plan
 
 
-def _diffusers_files(project, weights: TrainedWeights, out_path: Path, header):
+def _diffusers_files(weights: TrainedWeights, out_path: Path, header):
     from diffusers.utils import convert_state_dict_to_diffusers
 
     # peft keys (`...to_q.lora_A.weight`) -> diffusers keys (`unet....to_q.lora.down.weight`), as the diffusers LoRA

@@ -231,14 +231,11 @@ def locate_weights(project, out_dir: Path, step: int | None) -> tuple[Path, str,
     if (final / "lora.safetensors").is_file():
         return final, "final", []
     if steps:
-        return (
-            snapshot_dir(out_dir, steps[-1]),
-            f"step-{steps[-1]:06d}",
-            [
-                f"training has not finished (no {final}); using the latest snapshot, step {steps[-1]}. "
-                f"`palpcompose train {project.root} --resume` finishes it"
-            ],
+        warning = (
+            f"training has not finished (no {final}); using the latest snapshot, step {steps[-1]}. "
+            f"`palpcompose train {project.root} --resume` finishes it"
         )
+        return snapshot_dir(out_dir, steps[-1]), f"step-{steps[-1]:06d}", [warning]
     raise UserError(f"no trained weights in {out_dir}; run `palpcompose train {project.root}` first")
 
 

@@ -107,12 +107,13 @@ def test_same_seed_same_image_whatever_the_batch(project_dir):
 def test_sweep_renders_every_snapshot_and_the_final_weights(project_dir):
     # The engine also snapshots the last step: that row would repeat the final weights, so it is left out.
     shutil.copytree(project_dir / "out/weights/final", project_dir / "out/snapshots/step-000004")
-    result = render(load_project(project_dir, check_images=False), seeds=[3], sweep=True)
-    assert [(i.model, i.step) for i in result.images] == [("step-000002", 2), ("final", 4)]
-    snapshot, final = (pixels(i.path) for i in result.images)
+    result = render(load_project(project_dir, check_images=False), seeds=[3], sweep=True, compare=True)
+    assert [(i.model, i.step) for i in result.images] == [("base", None), ("step-000002", 2), ("final", 4)]
+    base_image, snapshot, final = (pixels(i.path) for i in result.images)
     assert np.abs(snapshot - final).max() > 10  # different weights, different images
+    assert np.abs(base_image - final).max() > 10
     with Image.open(result.contact_sheet) as sheet:
-        assert sheet.height >= 2 * 128  # one row per weights
+        assert sheet.height >= 3 * 128  # one row per model
     assert result.run_dir.name.endswith("-sweep")
 
 
