@@ -97,13 +97,15 @@ def gpu_busy_ms(step, steps: int, device: torch.device) -> float:
 
 
 def time_variant(make_step, steps: int, warmup: int, device: torch.device, profile_steps: int, batch: int) -> dict:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    step = make_step()  # caches (latents, frozen prompts), optimizer, graphs are built lazily on first call
+    step = make_step()  # caches (latents, frozen prompts), optimizer; CUDA graphs are captured in the first step
     _sync(device)
     setup_s = time.perf_counter() - t0
+    if device.type == "cuda":
+        # Peak memory of training itself: the setup's fp32 -> bf16 casts of freshly built models would add a
+        # transient copy that `palpcompose train` never has (it casts on the way from the CPU).
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
     warmup_ms, step_ms = [], []
     for i in range(warmup + steps):
         t = time.perf_counter()
@@ -175,9 +177,16 @@ def run(args: argparse.Namespace) -> dict:
                 mixed_precision = "no" if dtype == torch.float32 else dtype_name
                 return make_engine_step(m, tokenizer, mode, opts, pixel_values, alpha=args.alpha, beta=args.beta,
                                         mixed_precision=mixed_precision)[1]
-        results[name] = time_variant(make_step, args.steps, args.warmup, device, args.profile_steps, args.batch)
+        try:
+            results[name] = time_variant(make_step, args.steps, args.warmup, device, args.profile_steps, args.batch)
+        except Exception as exc:  # noqa: BLE001 (one failing lever, e.g. a capture error, must not lose the rest)
+            results[name] = {"error": f"{type(exc).__name__}: {exc}"}
+            print(f"{name:32s} FAILED: {results[name]['error']}", flush=True)
+        else:
+            _print_row(name, results[name])
         del m, make_step
-        _print_row(name, results[name])
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     shutil.rmtree(tokenizer_dir, ignore_errors=True)
 
     report = {
@@ -187,16 +196,17 @@ def run(args: argparse.Namespace) -> dict:
         "build_s_median": round(statistics.median(build_s), 2),
         "variants": results,
     }
+    timed = {n: r for n, r in results.items() if "median_ms" in r}
     for mode in ("reference", "none", "palp"):
-        if mode in results:
+        if mode in timed:
             report[f"{mode}_ms"] = results[mode]["median_ms"]
             if "gpu_busy_ms" in results[mode]:
                 report[f"{mode}_busy_ms"] = results[mode]["gpu_busy_ms"]
-    if "reference" in results:
-        ref = results["reference"]["median_ms"]
-        report["ratios_vs_reference"] = {n: round(r["median_ms"] / ref, 3) for n, r in results.items()}
+    if "reference" in timed:
+        ref = timed["reference"]["median_ms"]
+        report["ratios_vs_reference"] = {n: round(r["median_ms"] / ref, 3) for n, r in timed.items()}
     if device.type == "cuda":
-        report["peak_mem_gib"] = max(r["peak_mem_gib"] for r in results.values())
+        report["peak_mem_gib"] = max((r["peak_mem_gib"] for r in timed.values()), default=None)
     else:
         report["peak_mem_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
         report["peak_mem_note"] = "CPU: peak resident set of the whole process (all variants, Python included)"
