@@ -1,7 +1,8 @@
 """Stable-Diffusion-shaped models with random weights, built from configs: no download, same FLOPs as the real thing.
 
-`tiny` is the size of tests/tiny_pipeline.py (for CPU runs and tests); `sd15` has the real SD-1.5 UNet, VAE and
-CLIP-L text encoder shapes. Weights are random, so loss values mean nothing; time and memory are what we measure.
+`tiny` is the size of tests/tiny_pipeline.py (for tests); `toy` the size of `builtin:toy` (the shapes of
+palpcompose/toyworld/train_base.py, for CPU figures); `sd15` has the real SD-1.5 UNet, VAE and CLIP-L text encoder
+shapes. Weights are random, so loss values mean nothing; time and memory are what we measure.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 
 from palpcompose.errors import UserError
 
-ARCHS = ("tiny", "sd15", "sdxl")
+ARCHS = ("tiny", "toy", "sd15", "sdxl")
 
 # The paper's LoRA (method.md, "What is trained"): rank 32 on the attention projections, not on the text encoder.
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -47,6 +48,26 @@ TINY = ArchSpec(
     default_resolution=32,
 )
 
+TOY = ArchSpec(  # palpcompose/toyworld/train_base.py: build_models (64 px images, 16x16 latents)
+    name="toy",
+    unet={
+        "block_out_channels": (32, 64, 128), "layers_per_block": 1, "in_channels": 4, "out_channels": 4,
+        "down_block_types": ("CrossAttnDownBlock2D",) * 3, "up_block_types": ("CrossAttnUpBlock2D",) * 3,
+        "cross_attention_dim": 128, "attention_head_dim": 4, "norm_num_groups": 32,
+    },
+    vae={
+        "block_out_channels": (32, 64, 64), "in_channels": 3, "out_channels": 3, "latent_channels": 4,
+        "layers_per_block": 1, "norm_num_groups": 16,
+        "down_block_types": ("DownEncoderBlock2D",) * 3, "up_block_types": ("UpDecoderBlock2D",) * 3,
+    },
+    text={
+        "hidden_size": 128, "intermediate_size": 512, "num_attention_heads": 4, "num_hidden_layers": 3,
+        "vocab_size": 683,
+    },
+    vae_scale_factor=4,
+    default_resolution=64,
+)
+
 SD15 = ArchSpec(
     name="sd15",
     unet={
@@ -72,7 +93,7 @@ SD15 = ArchSpec(
 def arch_spec(name: str) -> ArchSpec:
     if name == "sdxl":
         raise UserError("--arch sdxl: not yet supported: the SDXL issue has not landed; use --arch tiny or sd15")
-    specs = {"tiny": TINY, "sd15": SD15}
+    specs = {"tiny": TINY, "toy": TOY, "sd15": SD15}
     if name not in specs:
         raise UserError(f"--arch {name!r}: unknown architecture; choose one of {', '.join(ARCHS)}")
     return specs[name]

@@ -161,3 +161,25 @@ def test_graphed_render_matches_eager_on_gpu(tmp_path):
     eager = render_images(pipe, set(), steps=4)
     graphed = render_images(pipe, {"graphs"}, steps=4)
     assert abs(graphed - eager).max() <= 1
+
+
+def test_toy_arch_has_the_builtin_toy_shapes():
+    """`--arch toy` must time the model `builtin:toy` really is (palpcompose/toyworld/train_base.py)."""
+    from palpcompose.toyworld.tokenizer import build_vocab
+    from palpcompose.toyworld.train_base import build_models
+
+    class VocabOnly:  # build_models reads only the size and the special ids
+        bos_token_id, eos_token_id, pad_token_id = 1, 2, 2
+
+        def __len__(self):
+            return len(build_vocab()[0])
+
+    with torch.device("meta"):
+        vae, text_encoder, unet = build_models(VocabOnly())
+        ours = archs.build(archs.TOY, "meta")
+
+    def count(module):
+        return sum(p.numel() for p in module.parameters())
+
+    assert (count(ours.unet), count(ours.vae), count(ours.text_encoder)) == (count(unet), count(vae), count(text_encoder))
+    assert ours.unet.config.sample_size * archs.TOY.vae_scale_factor == archs.TOY.default_resolution
