@@ -180,7 +180,7 @@ def export(
     project = load_project(project_dir, check_images=False)
     result = export_project(project, fmt, out, step=step, force=force)
     for message in result.warnings:
-        err_console.print(f"[yellow]warning:[/] {message}", highlight=False)
+        err_console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False)
     console.print(summary_table(result))
 
 

@@ -162,11 +162,12 @@ def _webui_files(project, weights: TrainedWeights, out_path: Path, header):
 
 
 def summary_table(result: ExportResult):
-    """A rich table: each file written and how to use it."""
+    """A rich table: each file written and how to use it (cells are plain text, never rich markup)."""
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(
-        title=f"exported {result.weights} weights ({result.fmt} format) to {result.out_dir}",
+        title=Text(f"exported {result.weights} weights ({result.fmt} format) to {result.out_dir}"),
         title_justify="left",
     )
     table.add_column("file", overflow="fold")
@@ -174,21 +175,20 @@ def summary_table(result: ExportResult):
     table.add_column("in prompts")
     for f in result.files:
         if f.kind == "lora":
-            table.add_row(str(f.path), "UNet LoRA", f.trigger or "")
+            cells = (str(f.path), "UNet LoRA", f.trigger or "")
         else:
-            table.add_row(
-                str(f.path),
-                f"embedding of [{f.subject}]",
-                f.token if result.fmt == "diffusers" else f.trigger,
-            )
+            word = f.token if result.fmt == "diffusers" else f.trigger
+            cells = (str(f.path), f"embedding of [{f.subject}]", word)
+        table.add_row(*map(Text, cells))
     if result.fmt == "diffusers":
-        table.caption = (
+        caption = (
             "pipe.load_lora_weights(folder); pipe.load_textual_inversion(file, token=...) per embedding. "
             "See docs/render-export.md"
         )
     else:
-        table.caption = (
+        caption = (
             "AUTOMATIC1111: LoRA to models/Lora, embeddings to embeddings/. ComfyUI: models/loras and "
             "models/embeddings (prompt: embedding:NAME). See docs/render-export.md"
         )
+    table.caption = Text(caption)
     return table

@@ -313,6 +313,8 @@ def render(
     and the final weights; `compare` adds the base model (class words instead of tokens). Everything is validated
     before anything is written.
     """
+    from rich.markup import escape
+
     from palpcompose.models import expand_placeholders, load_pipeline, placeholder_tokens, resolve_base_model
 
     cfg = project.config
@@ -382,7 +384,7 @@ def render(
         models = [m for m in models if m.label == "final" or m.step != models[-1].step]
     for message in warnings:
         if console is not None:
-            console.print(f"[yellow]warning:[/] {message}", highlight=False)
+            console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False)
 
     # 3. Base model and sampler.
     source = resolve_base_model(cfg.project.base_model, project.root)
@@ -575,8 +577,9 @@ def _wrap(text: str, width: int) -> list[str]:
 def summary_table(result: RenderResult):
     """A rich table saying where everything went (file names relative to the run folder named in the title)."""
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=f"{len(result.images)} image(s) in {result.run_dir}", title_justify="left")
+    table = Table(title=Text(f"{len(result.images)} image(s) in {result.run_dir}"), title_justify="left")
     table.add_column("what")
     table.add_column("file", overflow="fold")
     for model in dict.fromkeys(i.model for i in result.images):  # in render order
