@@ -1,0 +1,222 @@
+"""`eval`: oracle and CLIP metrics, out/eval.json, --renders, and bad input exiting 2 with nothing written (issue 6)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from conftest import tree_snapshot
+from test_render_fixtures import make_project
+
+from palpcompose.evaluate import OracleScorer, class_word_prompt, evaluate, subjects_in
+from palpcompose.project import load_project
+from palpcompose.toyworld import oracle as toy_oracle
+from palpcompose.toyworld import world
+
+SHIPPED_ORACLE = toy_oracle.ORACLE_PATH.is_file()
+TARGET = "a sketch of [V1] inspired by [V2] painting at night"
+
+
+@pytest.fixture
+def oracle(monkeypatch):
+    """The shipped oracle; while it is not shipped yet, a seeded freshly initialised one (same code path)."""
+    if SHIPPED_ORACLE:
+        return toy_oracle.load_oracle()
+    torch.manual_seed(0)
+    model = toy_oracle.Oracle().eval()
+    monkeypatch.setattr(toy_oracle, "load_oracle", lambda *a, **k: model)
+    return model
+
+
+def toy_refs(folder, seed: int, count: int, style: str = "photo"):
+    """`count` toy-world PNGs of held-out subject `seed` in `style`."""
+    from palpcompose.fsutil import atomic_save_image
+    from palpcompose.toyworld.__main__ import _to_pil
+
+    subject = world.subject_from_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    images = world.render(world.subject_scenes(subject, count, g, style=style), g)
+    for i, img in enumerate(images):
+        atomic_save_image(folder / f"{seed}-{i}.png", _to_pil(img))
+    return subject
+
+
+@pytest.fixture
+def toy_project(tmp_path, tiny_pipeline_dir):
+    """A trained-looking two-subject project (tiny pipeline) whose references are toy-world images: V1 a held-out
+    subject (object), V2 one pixel-art picture (artwork), and a target prompt in toy-world words."""
+    root = make_project(tmp_path / "proj", tiny_pipeline_dir)
+    subject = toy_refs(root / "refs" / "obj", seed=7, count=3)
+    toy_refs(root / "refs" / "art", seed=11, count=1, style="pixel art")
+    text = (root / "palp.toml").read_text()
+    text = text.replace('class_name = "cat"', f'class_name = "{subject.class_name}"')
+    text = text.replace('images = ["refs/cat.png"]', 'images = ["refs/obj"]')
+    text = text.replace('images = ["refs/art.png"]', 'images = ["refs/art"]')
+    text = re.sub(r'target_prompt = ".*"', f'target_prompt = "{TARGET}"', text)
+    (root / "palp.toml").write_text(text)
+    return root
+
+
+def test_placeholders_become_class_words_for_the_metrics():
+    words = {"V1": "star", "V2": "painting"}
+    assert class_word_prompt("a sketch of [V1] inspired by [V2] painting", words) == (
+        "a sketch of star inspired by painting painting")
+    assert subjects_in("[V2] and [V1] and [V2] and [V9]", words) == ["V2", "V1"]
+
+
+def test_oracle_eval_writes_eval_json_with_means_in_range(toy_project, oracle, run_cli):
+    result = run_cli("eval", toy_project, "--oracle")
+    assert result.code == 0, result.err
+    data = json.loads((toy_project / "out" / "eval.json").read_text())
+    assert data["metric"] == "toy-oracle"
+    assert 0 <= data["text_alignment"] <= 1 and 0 <= data["subject_fidelity"] <= 1
+    assert len(data["images"]) == 2  # render.seeds = [0, 1], one target prompt
+    for row in data["images"]:
+        assert 0 <= row["text_alignment"] <= 1 and 0 <= row["subject_fidelity"] <= 1
+        assert set(row["subjects"]) == {"V1", "V2"}
+        # sketch, night and the class of [V1] are the named elements
+        assert sorted(row["elements"]) == sorted(["style sketch", "ambiance night",
+                                                  f"cls {world.subject_from_seed(7).class_name}"])
+        assert row["text_alignment"] == pytest.approx(sum(row["elements"].values()) / 3)
+    assert data["subjects"]["V1"]["scored_as"].startswith("object")
+    assert data["subjects"]["V2"]["scored_as"].startswith("style")
+    assert "mean" in result.out and "eval.json" in result.out
+
+
+def test_oracle_scores_match_the_oracle_module(toy_project, oracle):
+    """eval's per-image numbers are the oracle module's definitions (text alignment, object fidelity)."""
+    project = load_project(toy_project)
+    refs = [toy_project / "refs" / "obj" / f"7-{i}.png" for i in range(3)]
+    from PIL import Image
+
+    images = [Image.open(p).convert("RGB") for p in sorted((toy_project / "refs" / "art").glob("*.png")) + refs]
+    scores = OracleScorer(project, oracle).score(images, "a photo of [V1] at night")
+    expected_text = toy_oracle.score_text_alignment(images, "a photo of star at night".replace(
+        "star", project.config.subjects["V1"].class_name), oracle)
+    assert scores.text_alignment == pytest.approx(expected_text)
+    ref_images = [Image.open(p).convert("RGB") for p in refs]
+    assert scores.subjects["V1"] == pytest.approx(toy_oracle.score_subject_fidelity(images, ref_images, oracle))
+    assert set(scores.subjects) == {"V1"}
+
+
+@pytest.mark.skipif(not SHIPPED_ORACLE, reason="needs the shipped toy-world oracle weights")
+def test_fidelity_separates_the_subject_from_others(tmp_path, toy_project, oracle):
+    """The subject's own (unseen) pictures score high, another subject's low; the artwork's style likewise."""
+    project = load_project(toy_project)
+    scorer = OracleScorer(project, oracle)
+    own = toy_refs(tmp_path / "own", seed=7, count=4) and sorted((tmp_path / "own").glob("*.png"))
+    other = toy_refs(tmp_path / "other", seed=3, count=4) and sorted((tmp_path / "other").glob("*.png"))
+    from PIL import Image
+
+    def fidelity(paths, prompt):
+        return scorer.score([Image.open(p).convert("RGB") for p in paths], prompt).subjects
+
+    assert min(fidelity(own, "a photo of [V1]")["V1"]) > 0.8
+    assert max(fidelity(other, "a photo of [V1]")["V1"]) < 0.6
+    pixel = toy_refs(tmp_path / "pix", seed=3, count=4, style="pixel art") and sorted((tmp_path / "pix").glob("*.png"))
+    assert min(fidelity(pixel, "a photo of [V2] painting")["V2"]) > 0.8
+    assert max(fidelity(other, "a photo of [V2] painting")["V2"]) < 0.5
+
+
+def test_renders_option_scores_an_existing_run_without_rendering(toy_project, oracle, run_cli):
+    assert run_cli("render", toy_project, "--seeds", "0-2").code == 0
+    run = next((toy_project / "out" / "renders").iterdir())
+    result = run_cli("eval", toy_project, "--oracle", "--renders", run.name)
+    assert result.code == 0, result.err
+    data = json.loads((toy_project / "out" / "eval.json").read_text())
+    assert data["renders"] == str(run)
+    assert [r["seed"] for r in data["images"]] == [0, 1, 2]
+    assert len(list((toy_project / "out" / "renders").iterdir())) == 1  # nothing new rendered
+
+
+def write_tiny_clip(folder, tokenizer_dir):
+    """A random tiny CLIP (text + vision towers), its tokenizer and image processor, saved as a local folder."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                         num_hidden_layers=2, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=2,
+                           image_size=32, patch_size=8),
+        projection_dim=8,
+    )
+    CLIPModel(config).save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory, tiny_pipeline_dir):
+    return write_tiny_clip(tmp_path_factory.mktemp("clip") / "clip", tiny_pipeline_dir / "tokenizer")
+
+
+def test_clip_eval_on_a_tiny_random_clip(tmp_path, tiny_pipeline_dir, tiny_clip, run_cli):
+    root = make_project(tmp_path / "proj", tiny_pipeline_dir)
+    result = run_cli("eval", root, "--clip", tiny_clip, "--seeds", "0-2")
+    assert result.code == 0, result.err
+    data = json.loads((root / "out" / "eval.json").read_text())
+    assert data["metric"] == "clip" and data["clip_model"] == str(tiny_clip)
+    assert 0 <= data["text_alignment"] <= 1 and 0 <= data["subject_fidelity"] <= 1
+    assert len(data["images"]) == 3
+    for row in data["images"]:
+        assert -1 <= row["text_cosine"] <= 1
+        assert row["text_alignment"] == pytest.approx(max(row["text_cosine"], 0.0))
+        assert set(row["image_cosine"]) == {"V1", "V2"}
+        assert row["subject_fidelity"] == pytest.approx(
+            sum(max(c, 0.0) for c in row["image_cosine"].values()) / 2)
+
+
+def test_clip_text_uses_class_words(tmp_path, tiny_pipeline_dir, tiny_clip):
+    """The text side sees 'cat'/'painting', never the learned tokens: same score as the class-word prompt."""
+    from PIL import Image
+
+    from palpcompose.evaluate import ClipScorer
+
+    project = load_project(make_project(tmp_path / "proj", tiny_pipeline_dir))
+    scorer = ClipScorer(project, tiny_clip)
+    image = [Image.new("RGB", (16, 16), "green")]
+    with_placeholders = scorer.score(image, "an oil painting of [V1]")
+    assert with_placeholders.details[0]["text_cosine"] == pytest.approx(
+        scorer.score(image, "an oil painting of cat").details[0]["text_cosine"])
+    assert with_placeholders.details[0]["text_cosine"] != pytest.approx(
+        scorer.score(image, "an oil painting of dog").details[0]["text_cosine"])
+
+
+@pytest.mark.parametrize("case", ["untrained", "no-clip", "bad-clip", "no-toy-words", "clip-and-oracle",
+                                  "renders-and-seeds", "missing-renders"])
+def test_bad_input_exits_2_and_writes_nothing(case, tmp_path, tiny_pipeline_dir, toy_project, oracle, run_cli):
+    root = toy_project
+    args = ["eval", root, "--oracle"]
+    if case == "untrained":
+        root = make_project(tmp_path / "untrained", tiny_pipeline_dir, trained=False)
+        text = re.sub(r'target_prompt = ".*"', f'target_prompt = "{TARGET}"', (root / "palp.toml").read_text())
+        (root / "palp.toml").write_text(text)
+        args = ["eval", root, "--oracle"]
+    elif case == "no-clip":
+        args = ["eval", root]
+    elif case == "bad-clip":
+        args = ["eval", root, "--clip", tmp_path / "nowhere"]
+    elif case == "no-toy-words":
+        text = re.sub(r'target_prompt = ".*"', 'target_prompt = "an oil painting of [V2]"', (root / "palp.toml").read_text())
+        (root / "palp.toml").write_text(text)
+    elif case == "clip-and-oracle":
+        args += ["--clip", tmp_path]
+    elif case == "renders-and-seeds":
+        args += ["--renders", root / "out", "--seeds", "0"]
+    elif case == "missing-renders":
+        args += ["--renders", "no-such-run"]
+    before = tree_snapshot(root)
+    result = run_cli(*args)
+    assert result.code == 2, (result.out, result.err)
+    assert "Traceback" not in result.err and "error:" in result.err
+    assert tree_snapshot(root) == before
+    expected = {"untrained": "no trained weights", "no-clip": "--clip", "bad-clip": "not a CLIP model folder",
+                "no-toy-words": "names no toy-world element", "clip-and-oracle": "only one",
+                "renders-and-seeds": "--renders", "missing-renders": "no-such-run"}[case]
+    assert expected in " ".join(result.err.split())
