@@ -184,6 +184,32 @@ def export(
     console.print(summary_table(result))
 
 
+
+@app.command(name="eval")
+def eval_command(
+    project_dir: ProjectDir,
+    clip: Annotated[Optional[Path], typer.Option("--clip", help="A local CLIP model folder (transformers format): "
+                    "the paper's CLIP metrics. Needed for models other than builtin:toy.")] = None,
+    oracle: Annotated[bool, typer.Option("--oracle", help="Judge with the toy world's oracle (automatic for "
+                      "builtin:toy; for your own models trained on the toy world).")] = False,
+    renders: Annotated[Optional[Path], typer.Option("--renders", help="Score this render folder (or run name under "
+                       "out/renders/) instead of rendering the target prompt.")] = None,
+    seeds: Annotated[Optional[str], typer.Option("--seeds", help="Seeds to render: 0-7, 1,5,9 or mixes "
+                     "(default: render.seeds).")] = None,
+    step: Annotated[Optional[int], typer.Option("--step", help="Render with the snapshot of step N instead of the "
+                    "final weights.")] = None,
+) -> None:
+    """Measure text alignment and subject fidelity of renders: a table and out/eval.json (docs/evaluation.md)."""
+    from palpcompose.evaluate import evaluate, summary_table
+    from palpcompose.project import load_project
+
+    project = load_project(project_dir)
+    result = evaluate(project, clip=clip, oracle=oracle, renders=renders, seeds=seeds, step=step, console=err_console)
+    console.print(summary_table(result))
+    for key, info in result.subjects.items():
+        console.print(f"[{key}] {info['class_name']}: scored on {info['scored_as']}", highlight=False, markup=False)
+    console.print(f"wrote {result.eval_json}", highlight=False, markup=False)
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the Typer app and map errors to exit codes."""
     try:
