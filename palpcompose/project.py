@@ -693,6 +693,10 @@ def init_project(project_dir: str | Path, template: str = DEFAULT_TEMPLATE) -> I
         for entry in sub["images"]:
             if not any(ch in entry for ch in "*?["):
                 (root / entry).mkdir(parents=True, exist_ok=True)
+    if template == "toy-demo":  # the toy world draws this template's references (palpcompose/toydemo.py)
+        from palpcompose.toydemo import write_references
+
+        written += write_references(root)
     return InitResult(root, name, tuple(written), tuple(kept))
 
 

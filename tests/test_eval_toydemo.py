@@ -1,0 +1,48 @@
+"""The toy demo: `init --template toy-demo` draws its references, and projects/toy-demo/ is exactly such a project."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from palpcompose.evaluate import subjects_in
+from palpcompose.toyworld import oracle, world
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO = REPO / "projects" / "toy-demo"
+
+
+def files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and "out" not in p.relative_to(root).parts}
+
+
+def test_init_toy_demo_draws_the_references_and_matches_the_committed_project(tmp_path, run_cli):
+    root = tmp_path / "toy-demo"
+    result = run_cli("init", root, "--template", "toy-demo")
+    assert result.code == 0, result.err
+    fresh = files(root)
+    assert len([k for k in fresh if k.startswith("refs/subject/")]) == 5
+    assert [k for k in fresh if k.startswith("refs/artwork/")] == ["refs/artwork/pixel-art.png"]
+    assert fresh == files(DEMO)  # same folder name, so the same project name: byte for byte
+
+
+def test_init_keeps_existing_reference_images(tmp_path, run_cli):
+    root = tmp_path / "demo"
+    mine = root / "refs" / "subject" / "star-00.png"
+    mine.parent.mkdir(parents=True)
+    mine.write_bytes(b"my own picture")
+    assert run_cli("init", root, "--template", "toy-demo").code == 0
+    assert mine.read_bytes() == b"my own picture"
+
+
+def test_toy_demo_is_an_art_inspired_composition_the_oracle_can_read():
+    cfg = tomllib.loads((DEMO / "palp.toml").read_text())  # validated in full by test_main_job_on_builtin_toy
+    target, subjects = cfg["palp"]["target_prompt"], cfg["subjects"]
+    assert subjects_in(target, subjects) == ["V1", "V2"]
+    assert subjects["V1"]["class_name"] == world.subject_from_seed(1).class_name
+    assert subjects["V2"]["class_name"] not in world.CLASSES  # an artwork: eval judges its style
+    named = oracle.parse_prompt(target.replace("[V1]", "star").replace("[V2]", "painting")).named()
+    assert named == {"style": world.ALL_STYLES.index("pixel art"), "ambiance": world.AMBIANCES.index("night"),
+                     "cls": world.CLASSES.index("star")}
+    assert "pixel art" in world.HELD_OUT_STYLES  # the artwork's style is one the base model never saw
