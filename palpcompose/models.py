@@ -84,12 +84,13 @@ def load_pipeline(source: BaseModelSource, torch_dtype=None, allow_download: boo
     import torch
     from diffusers import StableDiffusionPipeline
 
-    torch_dtype = torch_dtype or torch.float32
+    # fp32 is every loader's default; passing it anyway triggers diffusers' torch_dtype -> dtype deprecation notice
+    dtype_kw = {} if torch_dtype in (None, torch.float32) else {"torch_dtype": torch_dtype}
     if source.kind in ("builtin", "folder"):
         if not source.available:
             raise UserError(source.detail)
         return StableDiffusionPipeline.from_pretrained(
-            source.location, torch_dtype=torch_dtype, local_files_only=True, safety_checker=None,
+            source.location, **dtype_kw, local_files_only=True, safety_checker=None,
             requires_safety_checker=False,
         )
     if source.kind == "single_file":
@@ -99,12 +100,12 @@ def load_pipeline(source: BaseModelSource, torch_dtype=None, allow_download: boo
                 "or pass --allow-pickle if you trust its origin"
             )
         return StableDiffusionPipeline.from_single_file(
-            source.location, torch_dtype=torch_dtype, local_files_only=not allow_download,
+            source.location, **dtype_kw, local_files_only=not allow_download,
         )
     if source.kind == "hub":
         try:
             return StableDiffusionPipeline.from_pretrained(
-                source.location, torch_dtype=torch_dtype, local_files_only=not allow_download, safety_checker=None,
+                source.location, **dtype_kw, local_files_only=not allow_download, safety_checker=None,
                 requires_safety_checker=False,
             )
         except OSError as exc:
