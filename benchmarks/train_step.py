@@ -106,12 +106,14 @@ def time_variant(make_step, steps: int, warmup: int, device: torch.device, profi
         # transient copy that `palpcompose train` never has (it casts on the way from the CPU).
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    warmup_ms, step_ms = [], []
+    warmup_ms, step_ms, cpu_ms = [], [], []
     for i in range(warmup + steps):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         step()
         _sync(device)
         (warmup_ms if i < warmup else step_ms).append((time.perf_counter() - t) * 1000)
+        if i >= warmup:
+            cpu_ms.append((time.process_time() - c) * 1000)
     median = statistics.median(step_ms)
     result = {
         "setup_s": round(setup_s, 3),
@@ -120,6 +122,9 @@ def time_variant(make_step, steps: int, warmup: int, device: torch.device, profi
         "p10_ms": round(_quantile(step_ms, 0.1), 3),
         "p90_ms": round(_quantile(step_ms, 0.9), 3),
         "steps_timed": steps,
+        # CPU time of this process per step (all threads): on a shared machine it does not count time spent waiting
+        # for other processes, so it is the steadier figure there; wall time is what a user waits.
+        "cpu_time_median_ms": round(statistics.median(cpu_ms), 3),
         "samples_per_s": round(batch * 1000 / median, 3),
         # Extrapolated, not measured: setup + measured warm-up + the remaining steps at the median step time.
         "total_500_steps_s_extrapolated": round(setup_s + sum(warmup_ms) / 1000 + (RUN_STEPS - warmup) * median / 1000, 2),
@@ -218,7 +223,8 @@ def _print_row(name: str, r: dict) -> None:
     mem = f"  peak {r['peak_mem_gib']:.2f} GiB" if "peak_mem_gib" in r else ""
     warm = ", ".join(f"{x:.0f}" for x in r["warmup_ms"])
     print(
-        f"{name:32s} median {r['median_ms']:9.2f} ms (p10 {r['p10_ms']:.1f}, p90 {r['p90_ms']:.1f}){busy}{mem}  "
+        f"{name:32s} median {r['median_ms']:9.2f} ms (p10 {r['p10_ms']:.1f}, p90 {r['p90_ms']:.1f}, "
+        f"cpu {r['cpu_time_median_ms']:.1f}){busy}{mem}  "
         f"warm-up [{warm}] ms  500 steps ~{r['total_500_steps_s_extrapolated']:.0f} s (extrapolated)",
         flush=True,
     )
