@@ -21,6 +21,13 @@ step() {  # step NAME SECONDS COMMAND...: run, tee the log, keep the last line (
     echo "=== $name: exit $rc"
 }
 
+# palpcompose imports rich, the equivalence tests need pytest: their pure-Python wheels sit in .whl/ too.
+python3 -c "
+import importlib.util
+missing = [m for m in ('rich', 'pytest', 'PIL', 'numpy', 'accelerate', 'peft', 'transformers', 'diffusers')
+           if importlib.util.find_spec(m) is None]
+print('missing modules:', ', '.join(missing) if missing else 'none')
+"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, diffusers, peft, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'diffusers', diffusers.__version__, 'peft', peft.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 

@@ -141,9 +141,9 @@ def test_cuda_graphs_match_eager_on_gpu(tmp_path):
     for _ in range(3):  # the first step captures the graphs, the later ones replay them
         losses_plain, losses_fast = plain_step(), fast_step()
         for key in losses_plain:
-            assert losses_fast[key] == pytest.approx(losses_plain[key], rel=1e-4, abs=1e-6), key
+            assert losses_fast[key] == pytest.approx(losses_plain[key], rel=1e-3, abs=1e-5), key
     assert len(fast.graphs.graphs) == 2  # one frozen-model pass with CFG, one personalized pass without
     for per_step_plain, per_step_fast in zip(plain_grads, fast_grads):
         assert len(per_step_fast) == 3
-        for a, b in zip(per_step_plain, per_step_fast):
-            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+        for a, b in zip(per_step_plain, per_step_fast):  # cuDNN/cuBLAS kernels may differ in the last bits
+            torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-5)
