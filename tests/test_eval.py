@@ -10,7 +10,7 @@ import torch
 from conftest import tree_snapshot
 from test_render_fixtures import make_project
 
-from palpcompose.evaluate import OracleScorer, class_word_prompt, evaluate, subjects_in
+from palpcompose.evaluate import OracleScorer, class_word_prompt, subjects_in
 from palpcompose.project import load_project
 from palpcompose.toyworld import oracle as toy_oracle
 from palpcompose.toyworld import world
@@ -121,8 +121,12 @@ def test_fidelity_separates_the_subject_from_others(tmp_path, toy_project, oracl
 
 
 def test_renders_option_scores_an_existing_run_without_rendering(toy_project, oracle, run_cli):
-    assert run_cli("render", toy_project, "--seeds", "0-2").code == 0
-    run = next((toy_project / "out" / "renders").iterdir())
+    """A run folder as `render` writes it (render.json + PNGs); here its images are toy-world pictures."""
+    run = toy_project / "out" / "renders" / "20260101-000000"
+    toy_refs(run, seed=7, count=3, style="sketch")
+    images = [{"file": f"7-{i}.png", "model": "final", "step": 4, "prompt": TARGET, "text": "", "seed": i}
+              for i in range(3)]
+    (run / "render.json").write_text(json.dumps({"images": images}))
     result = run_cli("eval", toy_project, "--oracle", "--renders", run.name)
     assert result.code == 0, result.err
     data = json.loads((toy_project / "out" / "eval.json").read_text())
@@ -138,11 +142,12 @@ def write_tiny_clip(folder, tokenizer_dir):
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(0)
     config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_attention_heads=2,
-                         num_hidden_layers=2, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=2,
-                           image_size=32, patch_size=8),
+        text_config={"vocab_size": len(tokenizer), "hidden_size": 16, "intermediate_size": 32,
+                     "num_attention_heads": 2, "num_hidden_layers": 2, "max_position_embeddings": 77,
+                     "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                     "pad_token_id": tokenizer.pad_token_id},
+        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2, "num_hidden_layers": 2,
+                       "image_size": 32, "patch_size": 8},
         projection_dim=8,
     )
     CLIPModel(config).save_pretrained(folder, safe_serialization=True)
