@@ -85,6 +85,7 @@ def _sync(device: torch.device) -> None:
 
 def gpu_busy_ms(step, steps: int, device: torch.device) -> float:
     """Sum of device kernel (and memcpy/memset) time per step, from torch.profiler."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     _sync(device)
@@ -92,7 +93,8 @@ def gpu_busy_ms(step, steps: int, device: torch.device) -> float:
         for _ in range(steps):
             step()
         _sync(device)
-    total_us = sum(evt.self_device_time_total for evt in prof.key_averages())
+    # Device-side events only: CPU ops also carry the time of the kernels they launched, which would count twice.
+    total_us = sum(evt.self_device_time_total for evt in prof.key_averages() if evt.device_type == DeviceType.CUDA)
     return total_us / 1000 / steps
 
 

@@ -46,6 +46,13 @@ def prepare_unet(unet: torch.nn.Module, opts: AccelOptions) -> torch.nn.Module:
     if opts.compile_blocks:
         # Regional compilation: the UNet repeats one transformer block class 16 times (SD-1.5); compiling that
         # block instead of the whole model compiles a few small graphs (one per shape) in seconds, not minutes.
+        # One training step calls the block in up to 3 widths x (grad, no-grad) x (adapter on, off) x 2 batch
+        # sizes: raise dynamo's recompile limit (8 by default) so none of them silently falls back to eager.
+        import torch._dynamo as dynamo
+
+        config = dynamo.config
+        limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # renamed in 2.6
+        setattr(config, limit, max(getattr(config, limit), 64))
         unet.compile_repeated_blocks()
     return unet
 
