@@ -68,7 +68,8 @@ def cmd_train_base(args) -> None:
     if args.smoke:  # tiny batches and evaluations: checks the whole script end to end in a minute on a CPU
         cfg = replace(cfg, batch=8, vae_batch=8, oracle_batch=8, eval_prompts=4, oracle_eval_images=32,
                       eval_every_s=15, sample_steps=4)
-    result = train_base(Path(args.out), args.device, args.minutes, resume, cfg=cfg, final_eval=args.final_eval)
+    result = train_base(Path(args.out), args.device, args.minutes, resume, cfg=cfg, final_eval=args.final_eval,
+                        more_oracle_minutes=args.more_oracle_minutes)
     print(json.dumps(result, indent=2))
 
 
@@ -113,6 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--minutes", type=float, default=8.0)
     p.add_argument("--resume", default=None)
     p.add_argument("--final-eval", type=int, default=200, help="prompts in the final evaluation (0: none)")
+    p.add_argument("--more-oracle-minutes", type=float, default=0.0,
+                   help="with --resume: train the already trained oracle this much longer")
     p.add_argument("--smoke", action="store_true", help="tiny batches: a quick end-to-end check of the script")
     p.set_defaults(func=cmd_train_base)
     p = sub.add_parser("export-base", help="write the shipped diffusers folder from a checkpoint")

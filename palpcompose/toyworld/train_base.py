@@ -57,6 +57,7 @@ class TrainConfig:
     oracle_batch: int = 512
     sample_steps: int = 20
     guidance_scale: float = 3.0
+    prediction_type: str = "v_prediction"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -88,16 +89,19 @@ def build_models(tokenizer):
     return vae, text_encoder, unet
 
 
-def noise_schedule_config() -> dict:
-    """The DDPM training schedule (linear betas, as in DDPM): strong enough noise at the end for 16x16 latents."""
+def noise_schedule_config(prediction_type: str) -> dict:
+    """The DDPM training schedule (linear betas, as in DDPM): strong enough noise at the end for 16x16 latents.
+    v-prediction: with epsilon prediction the near-pure-noise steps teach almost nothing (x_t is the noise), and
+    the first epsilon run's samples came out washed out and off-prompt (docs/toyworld.md)."""
     return dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
-                prediction_type="epsilon", timestep_spacing="trailing", steps_offset=1)
+                prediction_type=prediction_type, timestep_spacing="trailing", steps_offset=1)
 
 
-def sampling_scheduler():
+def sampling_scheduler(prediction_type: str):
     from diffusers import DPMSolverMultistepScheduler
 
-    return DPMSolverMultistepScheduler(**noise_schedule_config(), algorithm_type="dpmsolver++", solver_order=2)
+    return DPMSolverMultistepScheduler(**noise_schedule_config(prediction_type), algorithm_type="dpmsolver++",
+                                       solver_order=2)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -182,7 +186,15 @@ class Trainer:
             self.text_encoder.load_state_dict({k[13:]: v for k, v in raw.items() if k.startswith("text_encoder.")},
                                               strict=False)
         self.ema = load_sharded(folder, "ema")
-        self.vae.config.scaling_factor = self.state["scaling_factor"]
+        self.vae.register_to_config(scaling_factor=self.state["scaling_factor"])
+        previous = self.state.get("prediction_type", "epsilon")
+        if raw is not None and previous != self.cfg.prediction_type:
+            # a new training objective: the UNet keeps its weights (features), the EMA and step count restart
+            self.state["switched_objective"] = {"from": previous, "after_steps": self.state["unet_steps"],
+                                                "after_samples": self.state["unet_samples"]}
+            self.state.update(unet_steps=0, unet_samples=0, unet_seconds=0.0)
+            self.ema = None
+        self.state["prediction_type"] = self.cfg.prediction_type
 
     def save(self) -> None:
         save_sharded(self.out, "vae", self.vae.state_dict())
@@ -244,7 +256,7 @@ class Trainer:
             with self.autocast:
                 z = vae.encode(images * 2 - 1).latent_dist.mean.float()
         self.state["scaling_factor"] = float(1.0 / z.std())
-        vae.config.scaling_factor = self.state["scaling_factor"]
+        vae.register_to_config(scaling_factor=self.state["scaling_factor"])
         self.state["vae_done"] = True
         self.log({"phase": "vae", "done_steps": step, "scaling_factor": self.state["scaling_factor"]})
 
@@ -256,7 +268,7 @@ class Trainer:
 
     # -- phase 2: oracle ----------------------------------------------------------------------------------------
     def train_oracle(self, seconds: float) -> None:
-        model = self.oracle.train()
+        model = self.oracle.train().requires_grad_(True)
         opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
         start, step = time.time(), 0
         while time.time() - start < seconds:
@@ -292,7 +304,7 @@ class Trainer:
         cfg = self.cfg
         from diffusers import DDPMScheduler
 
-        sched = DDPMScheduler(**noise_schedule_config())
+        sched = DDPMScheduler(**noise_schedule_config(cfg.prediction_type))
         alphas = sched.alphas_cumprod.to(self.device)
         self.unet.train().requires_grad_(True)
         self.text_encoder.train().requires_grad_(True)
@@ -318,7 +330,11 @@ class Trainer:
             with self.autocast:
                 cond = self.text_encoder(self.encode_prompts(prompts))[0]
                 pred = self.unet(noisy, t, cond).sample
-            loss = F.mse_loss(pred.float(), noise)
+            if cfg.prediction_type == "v_prediction":  # v = sqrt(a) eps - sqrt(1 - a) z_0 (Salimans & Ho 2022)
+                target = a.sqrt() * noise - (1 - a).sqrt() * latents
+            else:
+                target = noise
+            loss = F.mse_loss(pred.float(), target)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -363,7 +379,7 @@ class Trainer:
                                      strict=False)
         pipe = StableDiffusionPipeline(
             vae=self.vae, text_encoder=text_encoder.eval(), tokenizer=self.tokenizer, unet=unet.eval(),
-            scheduler=sampling_scheduler(), safety_checker=None, feature_extractor=None,
+            scheduler=sampling_scheduler(self.cfg.prediction_type), safety_checker=None, feature_extractor=None,
             requires_safety_checker=False,
         )
         pipe.set_progress_bar_config(disable=True)
@@ -402,7 +418,7 @@ def evaluate_pipeline(pipe, oracle, n, guidance_scale, steps, seed, device, auto
 
 
 def train_base(out: Path, device: str, minutes: float, resume: Path | None = None, cfg: TrainConfig = TrainConfig(),
-               final_eval: int = 200) -> dict:
+               final_eval: int = 200, more_oracle_minutes: float = 0.0) -> dict:
     """Run the phases that are not done yet within `minutes`, save the checkpoint, and evaluate on `final_eval`
     prompts at several guidance scales. Returns the final evaluation."""
     if device == "cuda":
@@ -415,8 +431,8 @@ def train_base(out: Path, device: str, minutes: float, resume: Path | None = Non
     if not trainer.state["vae_done"]:
         trainer.train_vae(total * cfg.vae_fraction)
         trainer.save()
-    if not trainer.state["oracle_done"]:
-        trainer.train_oracle(total * cfg.oracle_fraction)
+    if not trainer.state["oracle_done"] or more_oracle_minutes > 0:
+        trainer.train_oracle(more_oracle_minutes * 60 if trainer.state["oracle_done"] else total * cfg.oracle_fraction)
         trainer.save()
     remaining = total - (time.time() - start)
     trainer.train_unet(max(remaining, 0.0))
@@ -438,7 +454,6 @@ def export_pipeline(ckpt: Path, dest: Path, oracle_path: Path) -> None:
     """Write the shipped `builtin:toy` diffusers folder (fp16, EMA weights) and the oracle (fp16) from a checkpoint."""
     trainer = Trainer(ckpt, "cpu", TrainConfig(), ckpt)
     pipe = trainer.pipeline()
-    pipe.vae.config.scaling_factor = trainer.state["scaling_factor"]
     pipe.to(torch.float16)
     dest.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(dest, safe_serialization=True)
