@@ -57,10 +57,6 @@ def prepare_unet(unet: torch.nn.Module, opts: AccelOptions) -> torch.nn.Module:
     return unet
 
 
-def to_memory_format(x: torch.Tensor, opts: AccelOptions) -> torch.Tensor:
-    return x.contiguous(memory_format=torch.channels_last) if opts.channels_last and x.dim() == 4 else x
-
-
 def rebuild_adamw(optimizer: torch.optim.AdamW, fused: bool) -> torch.optim.AdamW:
     """A fresh AdamW over the same parameter groups and hyperparameters, fused or not (fused: CUDA, and the CPU
     since torch 2.4). Call it before the first step: optimizer state is not carried over."""
