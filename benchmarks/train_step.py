@@ -207,8 +207,9 @@ def run(args: argparse.Namespace) -> dict:
     for mode in ("reference", "none", "palp"):
         if mode in timed:
             report[f"{mode}_ms"] = results[mode]["median_ms"]
-            if "gpu_busy_ms" in results[mode]:
-                report[f"{mode}_busy_ms"] = results[mode]["gpu_busy_ms"]
+            for key, out in (("gpu_busy_ms", "busy_ms"), ("peak_mem_gib", "peak_mem_gib")):
+                if key in results[mode]:
+                    report[f"{mode}_{out}"] = results[mode][key]
     if "reference" in timed:
         ref = timed["reference"]["median_ms"]
         report["ratios_vs_reference"] = {n: round(r["median_ms"] / ref, 3) for n, r in timed.items()}
