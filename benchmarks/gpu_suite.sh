@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
 # Every GPU measurement of docs/performance.md, in at most 8 minutes on one H100/H200 (the limits below add up to
-# 470 s; expected ~5-6 min). Run from the repository root:  bash benchmarks/gpu_suite.sh
+# 470 s plus ~10 s of installs; expected ~5-6 min). Run from the repository root:  bash benchmarks/gpu_suite.sh
 # Writes one JSON report and one log per measurement under $OUT (default ./out-gpu). Each measurement runs in its own
 # process under `timeout`, so one failure or overrun does not lose the others.
 set -u
@@ -38,21 +38,21 @@ step gpu_tests 45 python3 -m pytest -q -m gpu tests/test_step_equivalence.py tes
 #    lever on its own (two processes, so a timeout loses at most half).
 step train_b1 75 python3 -m benchmarks.train_step --arch sd15 --device cuda --batch 1 --steps 15 --warmup 3 \
     --profile-steps 3 --json --variants reference,none,palp,palp+graphs,palp+graphs+fused
-step train_b1_levers 75 python3 -m benchmarks.train_step --arch sd15 --device cuda --batch 1 --steps 15 --warmup 3 \
-    --profile-steps 3 --json --variants palp+fused,palp+channels_last,palp+sdpa=flash,palp+sdpa=cudnn
+step train_b1_levers 85 python3 -m benchmarks.train_step --arch sd15 --device cuda --batch 1 --steps 15 --warmup 3 \
+    --profile-steps 3 --json --variants palp+fused,palp+channels_last,palp+sdpa=flash,palp+sdpa=cudnn,palp+lowmem
 
-# 3. Batch 8: samples/s against GPU-busy time.
+# 3. Batch 8: samples/s against GPU-busy time, and what the low-memory candidate saves there.
 step train_b8 70 python3 -m benchmarks.train_step --arch sd15 --device cuda --batch 8 --steps 8 --warmup 2 \
     --profile-steps 3 --json \
-    --variants reference,palp,palp+graphs+fused
+    --variants reference,palp,palp+graphs+fused,palp+lowmem
 
 # 4. Regional compilation (compile time counts in the 500-step total), alone and with graphs.
-step train_compile 120 python3 -m benchmarks.train_step --arch sd15 --device cuda --batch 1 --steps 15 --warmup 3 \
+step train_compile 115 python3 -m benchmarks.train_step --arch sd15 --device cuda --batch 1 --steps 15 --warmup 3 \
     --profile-steps 3 --json \
     --variants palp+compile,palp+compile+graphs+fused
 
 # 5. Rendering, fp16, DPM++ 2M, 30 steps, 512 px: the plain diffusers call vs our path and its levers.
-step render_b1 55 python3 -m benchmarks.render --arch sd15 --device cuda --batch 1 --batches 3 --json \
+step render_b1 50 python3 -m benchmarks.render --arch sd15 --device cuda --batch 1 --batches 3 --json \
     --variants diffusers,ours,ours+fuse,ours+graphs,ours+fuse+graphs,ours+fuse+graphs+channels_last
 step render_b4 30 python3 -m benchmarks.render --arch sd15 --device cuda --batch 4 --batches 2 --json \
     --variants diffusers,ours+fuse+graphs

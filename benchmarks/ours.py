@@ -31,27 +31,30 @@ PERSONAL_PROMPT = "A photo of [V1]"
 CLEAN_PROMPT = "An oil painting of a cat sitting on a rock"
 
 
-def bench_config(mode: str, alpha: float, beta: float, batch: int, resolution: int, mixed_precision: str) -> ProjectConfig:
+def bench_config(mode: str, alpha: float, beta: float, batch: int, resolution: int, mixed_precision: str,
+                 gradient_checkpointing: bool = False) -> ProjectConfig:
     """A one-subject project with the paper's defaults (method.md), as `palpcompose train` would resolve it."""
     return ProjectConfig(
         project=ProjectSection(name=PROJECT, base_model="builtin:toy"),
         subjects={"V1": SubjectConfig(class_name="cat", images=("refs/cat.png",), prompt=PERSONAL_PROMPT)},
         palp=PalpConfig(target_prompt="An oil painting of [V1]", clean_prompt=CLEAN_PROMPT, guidance=mode,
                         alpha=alpha, beta=beta),
-        train=TrainConfig(batch_size=batch, resolution=resolution, mixed_precision=mixed_precision),
+        train=TrainConfig(batch_size=batch, resolution=resolution, mixed_precision=mixed_precision,
+                          gradient_checkpointing=gradient_checkpointing),
         render=RenderConfig(),
     )
 
 
 def make_engine_step(
     m: Models, tokenizer, mode: str, opts: accel.AccelOptions, pixel_values: torch.Tensor, *, alpha: float = 7.5,
-    beta: float = 1.0, mixed_precision: str = "no", seed: int = 0,
+    beta: float = 1.0, mixed_precision: str = "no", seed: int = 0, low_memory: bool = False,
 ) -> tuple[train.TrainState, Callable[[], dict[str, float]]]:
-    """Build the engine's TrainState on `m` (which it takes over) and a no-argument callable running one step."""
+    """Build the engine's TrainState on `m` (which it takes over) and a no-argument callable running one step.
+    `low_memory`: the engine's gradient checkpointing, and the VAE moved to the CPU once the latents are cached."""
     from accelerate import Accelerator
 
     batch, _, resolution, _ = pixel_values.shape
-    config = bench_config(mode, alpha, beta, batch, resolution, mixed_precision)
+    config = bench_config(mode, alpha, beta, batch, resolution, mixed_precision, gradient_checkpointing=low_memory)
     components = models.Components(
         unet=m.unet, vae=m.vae, text_encoder=m.text_encoder, tokenizer=tokenizer, noise_scheduler=m.scheduler,
         inference_scheduler_config=dict(m.scheduler.config), prediction_type=m.scheduler.config.prediction_type,
@@ -66,6 +69,8 @@ def make_engine_step(
     with torch.no_grad():
         dist = m.vae.encode(pixel_values.to(accelerator.device, state.weight_dtype)).latent_dist
     scale = m.vae.config.scaling_factor
+    if low_memory:
+        m.vae.to("cpu")  # the training step never uses it again
     prompt = models.expand_placeholders(PERSONAL_PROMPT, tokens)
     subjects = [SubjectData("V1", models.tokenize(tokenizer, [prompt])[0], dist.mean.float().cpu() * scale,
                             dist.std.float().cpu() * scale, batch, False)]

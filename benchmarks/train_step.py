@@ -11,7 +11,8 @@ time (the sum of device kernel time per step). Peak memory is CUDA's peak alloca
 the process's peak resident set, shared by all variants).
 
 Variant names: `reference` | `none` | `palp` | `sds`, optionally followed by accel levers joined with "+":
-`graphs`, `fused`, `channels_last`, `compile`, `sdpa=flash|efficient|cudnn|math` (e.g. `palp+graphs+fused`).
+`graphs`, `fused`, `channels_last`, `compile`, `sdpa=flash|efficient|cudnn|math` (e.g. `palp+graphs+fused`), and
+`lowmem`, the low-memory candidate (the engine's gradient checkpointing, VAE moved to the CPU after caching).
 Every variant builds fresh, identically seeded models (the engine adds its token and LoRA to them).
 With --json the last stdout line is one JSON object (reference_ms, none_ms, palp_ms, peak_mem_gib, device, ...).
 """
@@ -26,6 +27,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -56,8 +58,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def parse_variant(name: str) -> tuple[str, accel.AccelOptions]:
-    """"palp+graphs+sdpa=flash" -> ("palp", AccelOptions(cuda_graphs=True, sdpa_backend="flash"))."""
+@dataclass(frozen=True)
+class Variant:
+    mode: str  # reference | none | palp | sds
+    opts: accel.AccelOptions
+    low_memory: bool = False  # the low-memory candidate: gradient checkpointing, VAE on the CPU after caching
+
+
+def parse_variant(name: str) -> Variant:
+    """"palp+graphs+sdpa=flash" -> Variant("palp", AccelOptions(cuda_graphs=True, sdpa_backend="flash"))."""
     mode, *levers = name.split("+")
     if mode not in ("reference", "none", "palp", "sds"):
         raise UserError(f"variant {name!r}: must start with reference, none, palp or sds")
@@ -70,10 +79,11 @@ def parse_variant(name: str) -> tuple[str, accel.AccelOptions]:
             kwargs["sdpa_backend"] = lever.removeprefix("sdpa=")
         elif lever in flags:
             kwargs[flags[lever]] = True
-        else:
-            raise UserError(f"variant {name!r}: unknown lever {lever!r}; levers: {', '.join(flags)}, sdpa=BACKEND")
+        elif lever != "lowmem":
+            raise UserError(f"variant {name!r}: unknown lever {lever!r}; levers: {', '.join(flags)}, lowmem, "
+                            "sdpa=BACKEND")
     try:
-        return mode, accel.AccelOptions(**kwargs)
+        return Variant(mode, accel.AccelOptions(**kwargs), low_memory="lowmem" in levers)
     except ValueError as exc:
         raise UserError(f"variant {name!r}: {exc}") from exc
 
@@ -168,22 +178,23 @@ def run(args: argparse.Namespace) -> dict:
     results: dict[str, dict] = {}
     build_s = []
     for name in variants:
-        mode, opts = parsed[name]
+        variant = parsed[name]
         # Every variant gets fresh, identically seeded models: the engine adds its own token and LoRA to them.
         t0 = time.perf_counter()
         m = archs.build(spec, device)
         _sync(device)
         build_s.append(time.perf_counter() - t0)
-        if mode == "reference":
+        if variant.mode == "reference":
             def make_step(m=m):
                 ref = ReferenceStep(m, dtype)
                 return lambda: ref(pixel_values, input_ids)
         else:
-            def make_step(m=m, mode=mode, opts=opts):
+            def make_step(m=m, variant=variant):
                 tokenizer = archs.make_tokenizer(spec, tokenizer_dir)
                 mixed_precision = "no" if dtype == torch.float32 else dtype_name
-                return make_engine_step(m, tokenizer, mode, opts, pixel_values, alpha=args.alpha, beta=args.beta,
-                                        mixed_precision=mixed_precision)[1]
+                return make_engine_step(m, tokenizer, variant.mode, variant.opts, pixel_values, alpha=args.alpha,
+                                        beta=args.beta, mixed_precision=mixed_precision,
+                                        low_memory=variant.low_memory)[1]
         try:
             results[name] = time_variant(make_step, args.steps, args.warmup, device, args.profile_steps, args.batch)
         except Exception as exc:  # noqa: BLE001 (one failing lever, e.g. a capture error, must not lose the rest)

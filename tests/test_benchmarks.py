@@ -24,12 +24,12 @@ def one_thread():
 
 def test_train_step_json_report(capsys):
     code = train_step.main(["--arch", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--resolution", "16",
-                            "--variants", "reference,none,palp+fused", "--json"])
+                            "--variants", "reference,none,palp+fused+lowmem", "--json"])
     assert code == 0
     lines = capsys.readouterr().out.strip().splitlines()
     report = json.loads(lines[-1])
     assert report["device"].startswith("cpu") and report["arch"] == "tiny" and report["resolution"] == 16
-    assert set(report["variants"]) == {"reference", "none", "palp+fused"}
+    assert set(report["variants"]) == {"reference", "none", "palp+fused+lowmem"}
     assert report["reference_ms"] == report["variants"]["reference"]["median_ms"] > 0
     assert report["none_ms"] == report["variants"]["none"]["median_ms"] > 0
     assert "palp_ms" not in report  # only plain `palp` fills the headline key
@@ -41,21 +41,21 @@ def test_train_step_json_report(capsys):
         expected = v["setup_s"] + v["warmup_ms"][0] / 1000 + 499 * v["median_ms"] / 1000
         assert v["total_500_steps_s_extrapolated"] == pytest.approx(expected, abs=0.02)
         assert report["ratios_vs_reference"][name] == pytest.approx(v["median_ms"] / report["reference_ms"], abs=1e-3)
-    assert any(line.startswith("palp+fused") for line in lines[:-1])  # the human-readable table came first
+    assert any(line.startswith("palp+fused+lowmem") for line in lines[:-1])  # the human-readable table came first
 
 
-@pytest.mark.parametrize("name, mode, flags, label", [
-    ("palp", "palp", {}, "eager"),
-    ("palp+graphs+fused", "palp", {"cuda_graphs": True, "fused_adamw": True}, "graphs+fused"),
+@pytest.mark.parametrize("name, mode, flags, label, low_memory", [
+    ("palp", "palp", {}, "eager", False),
+    ("palp+graphs+fused", "palp", {"cuda_graphs": True, "fused_adamw": True}, "graphs+fused", False),
     ("none+channels_last+sdpa=flash", "none", {"channels_last": True, "sdpa_backend": "flash"},
-     "channels_last+sdpa=flash"),
-    ("sds+compile", "sds", {"compile_blocks": True}, "compile"),
+     "channels_last+sdpa=flash", False),
+    ("sds+compile+lowmem", "sds", {"compile_blocks": True}, "compile", True),
 ])
-def test_variant_names(name, mode, flags, label):
-    parsed_mode, opts = train_step.parse_variant(name)
-    assert parsed_mode == mode
-    assert opts == accel.AccelOptions(**flags)
-    assert opts.label() == label
+def test_variant_names(name, mode, flags, label, low_memory):
+    variant = train_step.parse_variant(name)
+    assert variant.mode == mode and variant.low_memory == low_memory
+    assert variant.opts == accel.AccelOptions(**flags)
+    assert variant.opts.label() == label
 
 
 @pytest.mark.parametrize("name, message", [

@@ -27,13 +27,14 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def engine(tmp_path, opts=None, mode="palp", alpha=7.5, beta=1.0, batch=1, device="cpu"):
+def engine(tmp_path, opts=None, mode="palp", alpha=7.5, beta=1.0, batch=1, device="cpu", low_memory=False):
     """A fresh tiny engine state and its step; LoRA B matrices randomised so the adapter changes the output."""
     opts = opts or accel.AccelOptions()
     m = archs.build(archs.TINY, device, seed=0)
     tokenizer = archs.make_tokenizer(archs.TINY, tmp_path / "tok")
     pixels = torch.rand(batch, 3, RESOLUTION, RESOLUTION, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    state, step = make_engine_step(m, tokenizer, mode, opts, pixels.to(device), alpha=alpha, beta=beta)
+    state, step = make_engine_step(m, tokenizer, mode, opts, pixels.to(device), alpha=alpha, beta=beta,
+                                   low_memory=low_memory)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in state.lora_params:  # peft's gaussian init leaves B = 0, i.e. G_lora == G_base
@@ -51,10 +52,10 @@ def capture_grads(state) -> list[list[torch.Tensor]]:
     return grads
 
 
-def assert_same_step(tmp_path, opts: accel.AccelOptions, steps=1, rtol=1e-4, atol=1e-6):
+def assert_same_step(tmp_path, opts: accel.AccelOptions, steps=1, rtol=1e-4, atol=1e-6, low_memory=False):
     """`steps` steps plain and with `opts` from identical seeds: same losses, same gradients. Returns both states."""
     plain, plain_step = engine(tmp_path / "a")
-    fast, fast_step = engine(tmp_path / "b", opts)
+    fast, fast_step = engine(tmp_path / "b", opts, low_memory=low_memory)
     plain_grads, fast_grads = capture_grads(plain), capture_grads(fast)
     for _ in range(steps):
         losses_plain, losses_fast = plain_step(), fast_step()
@@ -98,6 +99,12 @@ def test_fused_adamw_matches_foreach(tmp_path):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
     row = plain.token_ids["V1"]
     torch.testing.assert_close(fast.embedding[row], plain.embedding[row], rtol=1e-5, atol=1e-7)
+
+
+def test_low_memory_setup_matches_eager(tmp_path):
+    """Gradient checkpointing recomputes activations in backward; the VAE leaves the device: same step."""
+    _, fast = assert_same_step(tmp_path, accel.AccelOptions(), low_memory=True)
+    assert fast.components.unet.is_gradient_checkpointing
 
 
 def test_rebuild_adamw_refuses_a_used_optimizer():
