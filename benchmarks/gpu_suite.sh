@@ -14,7 +14,7 @@ step() {  # step NAME SECONDS COMMAND...: run, tee the log, keep the last line (
     local name=$1 limit=$2
     shift 2
     echo "=== $name (limit ${limit}s, $(( $(date +%s) - START ))s elapsed): $*"
-    timeout --signal=INT "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+    timeout --signal=INT --kill-after=5 "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
     local rc=${PIPESTATUS[0]}
     tail -n 1 "$OUT/$name.log" | python3 -c 'import json,sys; json.loads(sys.stdin.read())' 2>/dev/null \
         && tail -n 1 "$OUT/$name.log" > "$OUT/$name.json"
