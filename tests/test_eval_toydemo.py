@@ -5,6 +5,8 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
+import pytest
+
 from palpcompose.evaluate import subjects_in
 from palpcompose.toyworld import oracle, world
 
@@ -46,3 +48,24 @@ def test_toy_demo_is_an_art_inspired_composition_the_oracle_can_read():
     assert named == {"style": world.ALL_STYLES.index("pixel art"), "ambiance": world.AMBIANCES.index("night"),
                      "cls": world.CLASSES.index("star")}
     assert "pixel art" in world.HELD_OUT_STYLES  # the artwork's style is one the base model never saw
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (REPO / "palpcompose" / "builtin" / "toy" / "model_index.json").is_file(),
+                    reason="builtin:toy is not installed in this checkout")
+def test_main_job_on_builtin_toy(tmp_path, run_cli):
+    """The README's main job, shortened (20 steps, 2 seeds): check -> train -> render -> eval on builtin:toy."""
+    import json
+    import shutil
+
+    root = tmp_path / "toy-demo"
+    shutil.copytree(DEMO, root, ignore=shutil.ignore_patterns("out"))
+    assert run_cli("check", root).code == 0
+    assert run_cli("train", root, "--steps", "20").code == 0
+    assert run_cli("render", root, "--seeds", "0-1").code == 0
+    run = next((root / "out" / "renders").iterdir())
+    result = run_cli("eval", root, "--renders", run)
+    assert result.code == 0, result.err
+    data = json.loads((root / "out" / "eval.json").read_text())
+    assert data["metric"] == "toy-oracle" and len(data["images"]) == 2
+    assert 0 <= data["text_alignment"] <= 1 and 0 <= data["subject_fidelity"] <= 1
