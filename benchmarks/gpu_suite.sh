@@ -34,25 +34,26 @@ python3 -c "import torch, diffusers, peft, transformers; print('torch', torch.__
 # 1. The levers must not change the math on the GPU either (CUDA graphs, graphed rendering).
 step gpu_tests 40 python3 -m pytest -q -m gpu tests/test_step_equivalence.py tests/test_benchmarks.py -p no:cacheprovider
 
-# 2. SD-1.5 shapes, bf16, 512 px, batch 1: the peer, our step without and with PALP, CUDA graphs; then each other
+# 2. SD-1.5 shapes, bf16, 512 px, batch 1: the peer, our step without and with PALP, CUDA graphs (guidance passes,
+#    then the personalization pass too); then each other
 #    lever on its own (two processes, so a timeout loses at most half).
-step train_b1 75 python3 -m benchmarks.train_step --arch sd15 --device cuda --batch 1 --steps 15 --warmup 3 \
-    --profile-steps 3 --json --variants reference,none,palp,palp+graphs,palp+graphs+fused
+step train_b1 85 python3 -m benchmarks.train_step --arch sd15 --device cuda --batch 1 --steps 15 --warmup 3 \
+    --profile-steps 3 --json --variants reference,none,palp,palp+graphs,palp+graphs+fused,palp+graphs+graphs_pers+fused
 step train_b1_levers 85 python3 -m benchmarks.train_step --arch sd15 --device cuda --batch 1 --steps 15 --warmup 3 \
     --profile-steps 3 --json --variants palp+fused,palp+channels_last,palp+sdpa=flash,palp+sdpa=cudnn,palp+lowmem
 
 # 3. Batch 8: samples/s against GPU-busy time, and what the low-memory candidate saves there.
 step train_b8 80 python3 -m benchmarks.train_step --arch sd15 --device cuda --batch 8 --steps 8 --warmup 2 \
     --profile-steps 3 --json \
-    --variants reference,palp,palp+graphs+fused,palp+lowmem
+    --variants reference,palp,palp+graphs+graphs_pers+fused,palp+lowmem
 
 # 4. Regional compilation (compile time counts in the 500-step total), alone and with graphs.
-step train_compile 105 python3 -m benchmarks.train_step --arch sd15 --device cuda --batch 1 --steps 15 --warmup 3 \
+step train_compile 100 python3 -m benchmarks.train_step --arch sd15 --device cuda --batch 1 --steps 15 --warmup 3 \
     --profile-steps 3 --json \
     --variants palp+compile,palp+compile+graphs+fused
 
 # 5. Rendering, fp16, DPM++ 2M, 30 steps, 512 px: the plain diffusers call vs our path and its levers.
-step render_b1 50 python3 -m benchmarks.render --arch sd15 --device cuda --batch 1 --batches 3 --json \
+step render_b1 45 python3 -m benchmarks.render --arch sd15 --device cuda --batch 1 --batches 3 --json \
     --variants diffusers,ours,ours+fuse,ours+graphs,ours+fuse+graphs,ours+fuse+graphs+channels_last
 step render_b4 30 python3 -m benchmarks.render --arch sd15 --device cuda --batch 4 --batches 2 --json \
     --variants diffusers,ours+fuse+graphs

@@ -82,6 +82,8 @@ def make_engine_step(
         state.lr_scheduler = torch.optim.lr_scheduler.ConstantLR(fused, factor=1.0, total_iters=0)
     if opts.cuda_graphs:
         state.graphs = accel.GraphCache()
+    if opts.graph_personalization:
+        state.graphed_pass = accel.GraphedPersonalizationPass(state.unet)
     generator = torch.Generator("cpu").manual_seed(seed)
     num_timesteps = m.scheduler.config.num_train_timesteps
 

@@ -11,7 +11,8 @@ time (the sum of device kernel time per step). Peak memory is CUDA's peak alloca
 the process's peak resident set, shared by all variants).
 
 Variant names: `reference` | `none` | `palp` | `sds`, optionally followed by accel levers joined with "+":
-`graphs`, `fused`, `channels_last`, `compile`, `sdpa=flash|efficient|cudnn|math` (e.g. `palp+graphs+fused`), and
+`graphs` (the guidance's no-grad passes), `graphs_pers` (the personalization pass, forward and backward), `fused`,
+`channels_last`, `compile`, `sdpa=flash|efficient|cudnn|math` (e.g. `palp+graphs+fused`), and
 `lowmem`, the low-memory candidate (the engine's gradient checkpointing, VAE moved to the CPU after caching).
 Every variant builds fresh, identically seeded models (the engine adds its token and LoRA to them).
 With --json the last stdout line is one JSON object (reference_ms, none_ms, palp_ms, peak_mem_gib, device, ...).
@@ -72,7 +73,8 @@ def parse_variant(name: str) -> Variant:
         raise UserError(f"variant {name!r}: must start with reference, none, palp or sds")
     if mode == "reference" and levers:
         raise UserError(f"variant {name!r}: the reference step is the plain peer step; it takes no levers")
-    flags = {"graphs": "cuda_graphs", "fused": "fused_adamw", "channels_last": "channels_last", "compile": "compile_blocks"}
+    flags = {"graphs": "cuda_graphs", "graphs_pers": "graph_personalization", "fused": "fused_adamw",
+             "channels_last": "channels_last", "compile": "compile_blocks"}
     kwargs: dict = {}
     for lever in levers:
         if lever.startswith("sdpa="):

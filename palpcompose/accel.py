@@ -21,6 +21,7 @@ SDPA_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")
 @dataclass(frozen=True)
 class AccelOptions:
     cuda_graphs: bool = False  # replay the fixed-shape no-grad UNet passes of the guidance from CUDA graphs
+    graph_personalization: bool = False  # replay the personalization pass (forward + backward) from CUDA graphs
     fused_adamw: bool = False  # one fused kernel for the whole AdamW update instead of a few per tensor list
     channels_last: bool = False  # NHWC convolutions (cuDNN's fast path for half precision)
     sdpa_backend: str = "auto"  # auto | flash | efficient | cudnn | math: restrict scaled_dot_product_attention
@@ -32,7 +33,8 @@ class AccelOptions:
 
     def label(self) -> str:
         """A short name for logs and benchmark tables, e.g. "graphs+fused"."""
-        on = [name for name, flag in (("graphs", self.cuda_graphs), ("fused", self.fused_adamw),
+        on = [name for name, flag in (("graphs", self.cuda_graphs), ("graphs_pers", self.graph_personalization),
+                                      ("fused", self.fused_adamw),
                                       ("channels_last", self.channels_last), ("compile", self.compile_blocks)) if flag]
         if self.sdpa_backend != "auto":
             on.append(f"sdpa={self.sdpa_backend}")
@@ -164,3 +166,36 @@ class GraphedInference:
 
     def remove(self) -> None:
         del self.unet.forward
+
+
+class _UNetSample(torch.nn.Module):
+    """`unet(x, t, e).sample` as a module, so make_graphed_callables sees the LoRA weights as its parameters."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, latents, timesteps, embeds):
+        return self.unet(latents, timesteps, embeds).sample
+
+
+class GraphedPersonalizationPass:
+    """The personalization branch's UNet pass (forward AND backward, with gradients for the LoRA weights and the
+    text embeddings) replayed from CUDA graphs: torch.cuda.make_graphed_callables, one capture per input signature.
+
+    `unet` must run its own mixed precision (accelerate's prepared model wraps forward in autocast): the capture
+    itself runs with autocast off, as make_graphed_callables requires. The LoRA weights must keep their storage
+    (optimizers update in place) and their requires_grad flags at every call, as at capture.
+    """
+
+    def __init__(self, unet):
+        self.unet = unet
+        self.graphed: dict[tuple, torch.nn.Module] = {}
+
+    def __call__(self, latents: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        signature = tuple((tuple(x.shape), x.dtype, x.requires_grad) for x in (latents, timesteps, embeds))
+        if signature not in self.graphed:
+            sample_args = tuple(x.detach().clone().requires_grad_(x.requires_grad) for x in (latents, timesteps, embeds))
+            with torch.autocast(latents.device.type, enabled=False):
+                self.graphed[signature] = torch.cuda.make_graphed_callables(_UNetSample(self.unet), sample_args)
+        return self.graphed[signature](latents, timesteps, embeds)

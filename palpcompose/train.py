@@ -92,6 +92,7 @@ class TrainState:
     weight_dtype: torch.dtype
     max_grad_norm: float
     graphs: object = None  # an accel.GraphCache to replay the no-grad guidance passes from CUDA graphs, or None
+    graphed_pass: object = None  # an accel.GraphedPersonalizationPass (forward+backward from CUDA graphs), or None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -219,7 +220,10 @@ def training_step(state: TrainState, batch: Batch) -> dict[str, float]:
             # y_P with the learned token: gradients reach the placeholder rows
             personal_embeds = models.encode_prompt(state.text_encoder, batch.input_ids.to(device))
             noisy_latents = add_noise(latents, noise, abar_t)  # forward diffusion x_t
-            model_pred = state.unet(noisy_latents, timesteps, personal_embeds).sample.float()
+            if state.graphed_pass is not None:  # accel hook: this pass's forward and backward from CUDA graphs
+                model_pred = state.graphed_pass(noisy_latents, timesteps, personal_embeds).float()
+            else:
+                model_pred = state.unet(noisy_latents, timesteps, personal_embeds).sample.float()
         # Step 2: personalization loss, in the model's own target
         if c.prediction_type == "epsilon":
             target = noise

@@ -141,15 +141,21 @@ def test_batched_cfg_pass_matches_separate_passes(tmp_path):
 
 
 @pytest.mark.gpu
-def test_cuda_graphs_match_eager_on_gpu(tmp_path):
+@pytest.mark.parametrize("opts, graphs", [
+    (accel.AccelOptions(cuda_graphs=True), 2),  # one frozen-model pass with CFG, one personalized pass without
+    (accel.AccelOptions(graph_personalization=True), 0),
+    (accel.AccelOptions(cuda_graphs=True, graph_personalization=True, fused_adamw=True), 2),
+])
+def test_cuda_graphs_match_eager_on_gpu(tmp_path, opts, graphs):
     plain, plain_step = engine(tmp_path / "a", device="cuda")
-    fast, fast_step = engine(tmp_path / "b", accel.AccelOptions(cuda_graphs=True), device="cuda")
+    fast, fast_step = engine(tmp_path / "b", opts, device="cuda")
     plain_grads, fast_grads = capture_grads(plain), capture_grads(fast)
     for _ in range(3):  # the first step captures the graphs, the later ones replay them
         losses_plain, losses_fast = plain_step(), fast_step()
         for key in losses_plain:
             assert losses_fast[key] == pytest.approx(losses_plain[key], rel=1e-3, abs=1e-5), key
-    assert len(fast.graphs.graphs) == 2  # one frozen-model pass with CFG, one personalized pass without
+    assert len(fast.graphs.graphs if fast.graphs else ()) == graphs
+    assert len(fast.graphed_pass.graphed if fast.graphed_pass else ()) == int(opts.graph_personalization)
     for per_step_plain, per_step_fast in zip(plain_grads, fast_grads):
         assert len(per_step_fast) == 3
         for a, b in zip(per_step_plain, per_step_fast):  # cuDNN/cuBLAS kernels may differ in the last bits
