@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from palpcompose.errors import PalpcomposeError, UserError
-from palpcompose.fsutil import atomic_save_image, atomic_write_json, atomic_write_text
+from palpcompose.fsutil import atomic_save_image, atomic_write_json, atomic_write_text, sha256_file
 
 VARIANTS = {  # name -> [palp] settings
     "none": {"guidance": "none"},
@@ -161,9 +161,11 @@ class Renderer:
         return generate(self.pipe, texts, seeds, self.settings)
 
 
-def score_run(s: Settings, root: Path, prompt_indices: list[int], renderer: Renderer, oracle) -> dict:
+def score_run(s: Settings, root: Path, prompt_indices: list[int], renderer: Renderer, oracle,
+              base_scores: dict) -> dict:
     """Scores of every snapshot of a trained run (and step 0), cached in out/ablation-scores.json:
-    {"<step>": {"<prompt index>": {"text": [per seed], "fidelity": [per seed]}}}."""
+    {"<step>": {"<prompt index>": {"text": [per seed], "fidelity": [per seed]}}}. Step 0 (the base model with the
+    class word) is the same for every variant of a subject: `base_scores` keeps it across runs."""
     from palpcompose.evaluate import OracleScorer
     from palpcompose.models import expand_placeholders, placeholder_tokens
     from palpcompose.project import load_project
@@ -183,6 +185,7 @@ def score_run(s: Settings, root: Path, prompt_indices: list[int], renderer: Rend
     class_name = project.config.subjects["V1"].class_name
     prompts = target_prompts(class_name, max(prompt_indices) + 1)
     seeds = list(range(s.seeds))
+    references = tuple(sha256_file(p) for p in project.images["V1"])
     for step in [0] + snapshot_steps(root / "out"):
         done = cache["steps"].setdefault(str(step), {})
         todo = [i for i in prompt_indices if str(i) not in done]
@@ -192,9 +195,15 @@ def score_run(s: Settings, root: Path, prompt_indices: list[int], renderer: Rend
         words = {"V1": class_name} if weights is None else tokens
         for i in todo:
             target = prompts[i][0]
+            shared = (references, target)  # step 0 only: the same for every run with these references and prompt
+            if step == 0 and shared in base_scores:
+                done[str(i)] = base_scores[shared]
+                continue
             images = renderer.images(weights, [expand_placeholders(target, words)] * len(seeds), seeds)
             scores = scorer.score(images, target)
             done[str(i)] = {"text": scores.text_alignment, "fidelity": scores.subjects["V1"]}
+            if step == 0:
+                base_scores[shared] = done[str(i)]
         atomic_write_json(cache_path, cache)
     return cache["steps"]
 
@@ -379,7 +388,7 @@ def run_ablation(s: Settings, log=print) -> dict:
     started = time.monotonic()
     quiet = Console(quiet=True)
     oracle = toy_oracle.load_oracle()
-    renderer = None
+    renderer, base_scores = None, {}
     scored: dict[str, dict] = {v: {} for v in s.variants}
     plan = []  # (subject seed, variant, prompt index of the run or None, prompt indices it is scored on)
     for seed in s.subjects:
@@ -394,7 +403,7 @@ def run_ablation(s: Settings, log=print) -> dict:
         status = train_run(root, quiet)
         t1 = time.monotonic()
         renderer = renderer or Renderer(s)
-        steps = score_run(s, root, indices, renderer, oracle)
+        steps = score_run(s, root, indices, renderer, oracle, base_scores)
         log(f"[{n}/{len(plan)}] {root.name} ({world.subject_from_seed(seed).describe()['description']}): train "
             f"{status} {t1 - t0:.0f}s, score {time.monotonic() - t1:.0f}s")
         for i in indices:
