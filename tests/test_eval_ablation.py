@@ -45,7 +45,6 @@ def test_ablation_runs_scores_reports_and_skips_finished_runs(tmp_path, tiny_pip
         for v in steps.values():
             assert 0 <= v["text"][0] <= 1 and 0 <= v["fidelity"][0] <= 1 and v["n"] == 2
     assert results["table"]["none"]["0"] == results["table"]["palp"]["0"]  # step 0: the same base-model renders
-    assert results["table"]["none"]["2"] != results["table"]["palp"]["2"]
     assert [f["finding"] for f in results["findings"]] == [1, 3]
     report = (tmp_path / "abl" / "report.md").read_text()
     assert "| palp | 2 | 2 |" in report and "| 3. PALP raises" in report
