@@ -342,23 +342,35 @@ def evaluate(project, *, clip=None, oracle: bool = False, renders=None, seeds=No
 
 
 def summary_table(result: EvalResult):
-    """Per-image scores and the means, as a rich table."""
+    """Per-image scores and the means, as a rich table. The prompt is in the title when every image shares it."""
     from rich.table import Table
     from rich.text import Text
 
     keys = list(result.subjects)
-    table = Table(title=Text(f"eval ({result.metric}) of {len(result.images)} image(s) in {result.renders}"),
-                  title_justify="left")
-    for column in ("image", "prompt", "text alignment", "subject fidelity", *(f"[{k}]" for k in keys)):
-        table.add_column(Text(column), justify="left" if column in ("image", "prompt") else "right")
+    prompts = list(dict.fromkeys(row["prompt"] for row in result.images))
+    title = f"eval ({result.metric}) of {len(result.images)} image(s) in {result.renders}"
+    if len(prompts) == 1:
+        title += f"\nprompt: {prompts[0]}"
+    table = Table(title=Text(title), title_justify="left")
+    columns = ["image"] + (["prompt"] if len(prompts) > 1 else []) + ["text alignment"]
+    has_elements = any("elements" in row for row in result.images)
+    columns += (["elements recognised"] if has_elements else []) + ["subject fidelity"] + [f"[{k}]" for k in keys]
+    for column in columns:
+        table.add_column(Text(column), justify="right" if "alignment" in column or "fidelity" in column
+                         or column.startswith("[") else "left")
 
     def fmt(value):
         return "-" if value is None else f"{value:.3f}"
 
     for row in result.images:
-        table.add_row(Text(row["file"]), Text(row["prompt"]), fmt(row["text_alignment"]), fmt(row["subject_fidelity"]),
-                      *(fmt(row["subjects"].get(k)) for k in keys))
+        cells = [Text(row["file"])] + ([Text(row["prompt"])] if len(prompts) > 1 else []) + [fmt(row["text_alignment"])]
+        if has_elements:
+            found = [name.split(" ", 1)[1] for name, ok in row.get("elements", {}).items() if ok]
+            cells.append(Text(", ".join(found) or "none"))
+        cells += [fmt(row["subject_fidelity"])] + [fmt(row["subjects"].get(k)) for k in keys]
+        table.add_row(*cells)
     table.add_section()
-    table.add_row(Text("mean", style="bold"), "", fmt(result.text_alignment), fmt(result.subject_fidelity),
-                  *(fmt(result.subjects[k]["subject_fidelity"]) for k in keys))
+    means = [Text("mean", style="bold")] + ([""] if len(prompts) > 1 else []) + [fmt(result.text_alignment)]
+    means += ([""] if has_elements else []) + [fmt(result.subject_fidelity)]
+    table.add_row(*means, *(fmt(result.subjects[k]["subject_fidelity"]) for k in keys))
     return table
