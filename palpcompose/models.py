@@ -84,8 +84,9 @@ def load_pipeline(source: BaseModelSource, torch_dtype=None, allow_download: boo
     import torch
     from diffusers import StableDiffusionPipeline
 
-    # fp32 is every loader's default; passing it anyway triggers diffusers' torch_dtype -> dtype deprecation notice
-    dtype_kw = {} if torch_dtype in (None, torch.float32) else {"torch_dtype": torch_dtype}
+    # Always name the dtype: without one, diffusers keeps the stored dtype (builtin:toy ships fp16). `dtype` is the
+    # keyword diffusers 0.42 wants (`torch_dtype` prints a deprecation notice).
+    dtype_kw = {"dtype": torch_dtype or torch.float32}
     if source.kind in ("builtin", "folder"):
         if not source.available:
             raise UserError(source.detail)
