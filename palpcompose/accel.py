@@ -183,9 +183,11 @@ class GraphedPersonalizationPass:
     """The personalization branch's UNet pass (forward AND backward, with gradients for the LoRA weights and the
     text embeddings) replayed from CUDA graphs: torch.cuda.make_graphed_callables, one capture per input signature.
 
-    `unet` must run its own mixed precision (accelerate's prepared model wraps forward in autocast): the capture
-    itself runs with autocast off, as make_graphed_callables requires. The LoRA weights must keep their storage
-    (optimizers update in place) and their requires_grad flags at every call, as at capture.
+    `unet` must run its own mixed precision (accelerate's prepared model wraps forward in autocast). The capture runs
+    with autocast's weight cache off: a cast cached before the capture would be read by every replay, stale once the
+    optimizer has moved the fp32 LoRA weights (make_graphed_callables refuses an enabled cache for that reason; an
+    inner autocast inherits the setting). The LoRA weights must keep their storage (optimizers update in place) and
+    their requires_grad flags at every call, as at capture.
     """
 
     def __init__(self, unet):
@@ -196,6 +198,6 @@ class GraphedPersonalizationPass:
         signature = tuple((tuple(x.shape), x.dtype, x.requires_grad) for x in (latents, timesteps, embeds))
         if signature not in self.graphed:
             sample_args = tuple(x.detach().clone().requires_grad_(x.requires_grad) for x in (latents, timesteps, embeds))
-            with torch.autocast(latents.device.type, enabled=False):
+            with torch.autocast(latents.device.type, enabled=False, cache_enabled=False):
                 self.graphed[signature] = torch.cuda.make_graphed_callables(_UNetSample(self.unet), sample_args)
         return self.graphed[signature](latents, timesteps, embeds)
