@@ -5,6 +5,8 @@
   train-base --out DIR --device D --minutes M [--resume CKPT]   train builtin:toy (VAE, oracle, latent diffusion)
   export-base --ckpt DIR [--dest FOLDER]  write the shipped diffusers folder and oracle from a checkpoint
   eval-base [--model FOLDER] [--prompts N] [--steps K] [--guidance-scale G]   the bar: oracle on N rendered prompts
+  oracle-accuracy [--images N]            held-out accuracy of the shipped oracle per head and style
+  speed [--threads T]                     CPU timing of the shipped UNet (batch-1 forward, PALP-like step)
 """
 
 from __future__ import annotations
@@ -97,6 +99,59 @@ def cmd_eval_base(args) -> None:
     print(json.dumps({"prompts": args.prompts, "steps": args.steps, "guidance_scale": args.guidance_scale, **acc}))
 
 
+def cmd_speed(args) -> None:
+    """CPU cost of the shipped UNet: one forward at batch 1, and one PALP-like step (forward + backward at batch 1,
+    plus a no-grad forward at batch 2). Prints figures; timings are for reading, never for asserting."""
+    import time
+
+    import torch
+
+    from palpcompose.models import load_pipeline, resolve_base_model
+
+    torch.set_num_threads(args.threads)
+    pipe = load_pipeline(resolve_base_model(args.model), torch_dtype=torch.float32)
+    unet = pipe.unet
+    x = torch.randn(1, 4, unet.config.sample_size, unet.config.sample_size)
+    ids = pipe.tokenizer(["a photo of a red star"], padding="max_length", max_length=77, return_tensors="pt")
+    with torch.no_grad():
+        cond = pipe.text_encoder(ids.input_ids)[0]
+        for _ in range(3):
+            unet(x, 500, cond)
+        start = time.perf_counter()
+        for _ in range(args.repeats):
+            unet(x, 500, cond)
+        forward = (time.perf_counter() - start) / args.repeats
+    unet.requires_grad_(True)
+    start = time.perf_counter()
+    for _ in range(args.repeats):
+        unet(x, 500, cond).sample.square().mean().backward()
+        with torch.no_grad():
+            unet(x.repeat(2, 1, 1, 1), 500, cond.repeat(2, 1, 1))
+    step = (time.perf_counter() - start) / args.repeats
+    print(json.dumps({"threads": args.threads, "unet_forward_batch1_ms": round(forward * 1000, 1),
+                      "palp_like_step_ms": round(step * 1000, 1), "300_steps_s": round(300 * step, 1)}))
+
+
+def cmd_oracle_accuracy(args) -> None:
+    """Held-out accuracy of the shipped oracle per head, overall and per style, on freshly rendered scenes."""
+    import torch
+
+    from palpcompose.toyworld import world
+    from palpcompose.toyworld.oracle import load_oracle, oracle_targets, predict
+
+    g = torch.Generator().manual_seed(args.seed)
+    s = world.sample_scenes(args.images, g, styles=world.ALL_STYLES, exclude_held_out_subjects=False)
+    probs = predict(load_oracle(), world.render(s, g))
+    report = {}
+    for head, target in oracle_targets(s).items():
+        ok, keep = probs[head].argmax(-1) == target, target >= 0
+        report[head] = {"all_styles": round(float(ok[keep].float().mean()), 4)}
+        for i, style in enumerate(world.ALL_STYLES):
+            sel = keep & (s.style == i)
+            report[head][style] = round(float(ok[sel].float().mean()), 4)
+    print(json.dumps({"images": args.images, "seed": args.seed, "accuracy": report}, indent=2))
+
+
 def main(argv: list[str] | None = None) -> None:
     from palpcompose.models import BUILTIN_MODELS
 
@@ -129,6 +184,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance-scale", type=float, default=3.0)
     p.set_defaults(func=cmd_eval_base)
+    p = sub.add_parser("speed", help="CPU timing of the shipped UNet (forward, PALP-like step)")
+    p.add_argument("--model", default="builtin:toy")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=20)
+    p.set_defaults(func=cmd_speed)
+    p = sub.add_parser("oracle-accuracy", help="held-out accuracy of the shipped oracle, per head and style")
+    p.add_argument("--images", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=4242)
+    p.set_defaults(func=cmd_oracle_accuracy)
     args = parser.parse_args(argv)
     try:
         args.func(args)

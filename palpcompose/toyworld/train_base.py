@@ -55,6 +55,7 @@ class TrainConfig:
     oracle_eval_images: int = 2048
     vae_batch: int = 256
     oracle_batch: int = 512
+    oracle_lr: float = 2e-3
     sample_steps: int = 20
     guidance_scale: float = 3.0
     prediction_type: str = "v_prediction"
@@ -269,7 +270,7 @@ class Trainer:
     # -- phase 2: oracle ----------------------------------------------------------------------------------------
     def train_oracle(self, seconds: float) -> None:
         model = self.oracle.train().requires_grad_(True)
-        opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+        opt = torch.optim.AdamW(model.parameters(), lr=self.cfg.oracle_lr, weight_decay=1e-4)
         start, step = time.time(), 0
         while time.time() - start < seconds:
             s, images = self.render_batch(self.cfg.oracle_batch, styles=world.ALL_STYLES, exclude=False)
@@ -277,7 +278,7 @@ class Trainer:
             images = torch.cat([images[:half], self.reconstruct(images[half:])])
             frac = min(1.0, (time.time() - start) / seconds)
             for group in opt.param_groups:
-                group["lr"] = 2e-3 * 0.5 * (1 + math.cos(math.pi * frac))
+                group["lr"] = self.cfg.oracle_lr * 0.5 * (1 + math.cos(math.pi * frac))
             with self.autocast:
                 logits = model(images)
             targets = oracle_mod.oracle_targets(s)
