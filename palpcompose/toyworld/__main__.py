@@ -33,6 +33,8 @@ def cmd_subject(args) -> None:
 
     if args.count < 1:
         raise UserError(f"--count must be at least 1 (got {args.count})")
+    if args.seed < 0:
+        raise UserError(f"--seed must be 0 or more (got {args.seed}); seeds 0-63 are the held-out subjects")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder; choose a folder path")

@@ -16,13 +16,14 @@ Metrics (per image, in [0, 1]):
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from palpcompose.errors import UserError
 from palpcompose.toyworld import world
@@ -46,7 +47,7 @@ class Oracle(nn.Module):
         super().__init__()
         chans = [3, width, width * 2, width * 3, width * 4, width * 4]
         layers = []
-        for cin, cout in zip(chans, chans[1:]):
+        for cin, cout in itertools.pairwise(chans):
             layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
                        nn.Conv2d(cout, cout, 3, stride=2, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
         self.features = nn.Sequential(*layers)

@@ -7,16 +7,14 @@ encodes as exactly one token (a merge made for one word can split another, so we
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
 from palpcompose.fsutil import atomic_write_text
 from palpcompose.toyworld import world
 
-COMMON_WORDS = (
-    "a an the of in on at by with and photo painting picture drawing image art style inspired sketch pop watercolor "
-    "pixel night sunset snow underwater stripes dots checks toy object shape my white black sitting next to"
-).split()
+COMMON_WORDS = ["a", "an", "the", "of", "in", "on", "at", "by", "with", "and", "photo", "painting", "picture", "drawing", "image", "art", "style", "inspired", "sketch", "pop", "watercolor", "pixel", "night", "sunset", "snow", "underwater", "stripes", "dots", "checks", "toy", "object", "shape", "my", "white", "black", "sitting", "next", "to"]
 
 
 def words() -> list[str]:
@@ -45,7 +43,7 @@ def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
     """Byte-pair encoding of one word: repeatedly merge the adjacent pair with the lowest rank."""
     pieces = list(word[:-1]) + [word[-1] + "</w>"]
     while len(pieces) > 1:
-        pairs = [(ranks.get((a, b), 1 << 30), i) for i, (a, b) in enumerate(zip(pieces, pieces[1:]))]
+        pairs = [(ranks.get((a, b), 1 << 30), i) for i, (a, b) in enumerate(itertools.pairwise(pieces))]
         rank, _ = min(pairs)
         if rank == 1 << 30:
             break

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from palpcompose.errors import Interrupted
 from palpcompose.fsutil import atomic_save_safetensors, atomic_write_json, atomic_write_text
 from palpcompose.toyworld import oracle as oracle_mod
 from palpcompose.toyworld import tokenizer as tok_mod
@@ -94,8 +95,8 @@ def noise_schedule_config(prediction_type: str) -> dict:
     """The DDPM training schedule (linear betas, as in DDPM): strong enough noise at the end for 16x16 latents.
     v-prediction: with epsilon prediction the near-pure-noise steps teach almost nothing (x_t is the noise), and
     the first epsilon run's samples came out washed out and off-prompt (docs/toyworld.md)."""
-    return dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
-                prediction_type=prediction_type, timestep_spacing="trailing", steps_offset=1)
+    return {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear",
+            "prediction_type": prediction_type, "timestep_spacing": "trailing", "steps_offset": 1}
 
 
 def sampling_scheduler(prediction_type: str):
@@ -429,14 +430,20 @@ def train_base(out: Path, device: str, minutes: float, resume: Path | None = Non
     total = minutes * 60
     start = time.time()
     trainer = Trainer(out, device, cfg, resume)
-    if not trainer.state["vae_done"]:
-        trainer.train_vae(total * cfg.vae_fraction)
+    try:
+        if not trainer.state["vae_done"]:
+            trainer.train_vae(total * cfg.vae_fraction)
+            trainer.save()
+        if not trainer.state["oracle_done"] or more_oracle_minutes > 0:
+            extra = more_oracle_minutes * 60 if trainer.state["oracle_done"] else total * cfg.oracle_fraction
+            trainer.train_oracle(extra)
+            trainer.save()
+        remaining = total - (time.time() - start)
+        trainer.train_unet(max(remaining, 0.0))
+    except KeyboardInterrupt:
+        # an interrupted phase is redone on resume; finished phases and the UNet's progress are kept
         trainer.save()
-    if not trainer.state["oracle_done"] or more_oracle_minutes > 0:
-        trainer.train_oracle(more_oracle_minutes * 60 if trainer.state["oracle_done"] else total * cfg.oracle_fraction)
-        trainer.save()
-    remaining = total - (time.time() - start)
-    trainer.train_unet(max(remaining, 0.0))
+        raise Interrupted(f"training interrupted; checkpoint saved, continue with --resume {out}") from None
     trainer.save()
     result = {"unet_steps": trainer.state["unet_steps"], "unet_samples": trainer.state["unet_samples"],
               "steps": cfg.sample_steps, "prompts": final_eval, "by_guidance_scale": {}}
@@ -458,6 +465,7 @@ def export_pipeline(ckpt: Path, dest: Path, oracle_path: Path) -> None:
     pipe.to(torch.float16)
     dest.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(dest, safe_serialization=True)
+    tok_mod.write_tokenizer_files(dest / "tokenizer")  # vocab.json + merges.txt too, for slow-tokenizer loaders
     atomic_save_safetensors(oracle_path, {k: v.half() if v.is_floating_point() else v
                                           for k, v in trainer.oracle.state_dict().items()})
     summary = {k: trainer.state.get(k) for k in ("unet_steps", "unet_samples", "unet_seconds", "scaling_factor",

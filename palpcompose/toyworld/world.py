@@ -58,7 +58,7 @@ RGB = {
 
 # Subjects drawn from these seeds are held out: base-model training data never contains their
 # (class, colour, pattern, second colour) combination. Tests and docs use only these seeds.
-HELD_OUT_SUBJECT_SEEDS = range(0, 64)
+HELD_OUT_SUBJECT_SEEDS = range(64)
 
 
 def _rgb_table(names, device) -> torch.Tensor:
@@ -92,7 +92,7 @@ class Scenes:
     def __len__(self) -> int:
         return self.cls.shape[0]
 
-    def to(self, device) -> "Scenes":
+    def to(self, device) -> Scenes:
         return Scenes(**{k: v.to(device) for k, v in self.__dict__.items()})
 
 
@@ -122,16 +122,16 @@ def sample_layout(n: int, g: torch.Generator, device="cpu") -> dict[str, torch.T
     scale = _uniform(n, 0.30, 0.50, g, device)
     limit = 0.92 - scale
     center = (torch.rand((n, 2), generator=g, device=device) * 2 - 1) * limit[:, None]
-    return dict(
-        center=center,
-        scale=scale,
-        angle=_uniform(n, -0.3, 0.3, g, device),
-        pattern_freq=_uniform(n, 1.8, 2.6, g, device),
-        pattern_angle=_uniform(n, -0.6, 0.6, g, device),
-        horizon=_uniform(n, -0.55, -0.25, g, device),
-        points=torch.rand((n, 24, 2), generator=g, device=device) * 2 - 1,
-        noise_seed=torch.rand((n, 1, 8, 8), generator=g, device=device),
-    )
+    return {
+        "center": center,
+        "scale": scale,
+        "angle": _uniform(n, -0.3, 0.3, g, device),
+        "pattern_freq": _uniform(n, 1.8, 2.6, g, device),
+        "pattern_angle": _uniform(n, -0.6, 0.6, g, device),
+        "horizon": _uniform(n, -0.55, -0.25, g, device),
+        "points": torch.rand((n, 24, 2), generator=g, device=device) * 2 - 1,
+        "noise_seed": torch.rand((n, 1, 8, 8), generator=g, device=device),
+    }
 
 
 def sample_scenes(
