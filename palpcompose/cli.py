@@ -212,6 +212,8 @@ def eval_command(
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the Typer app and map errors to exit codes."""
+    # transformers warns on every import that torchvision is missing (we never need it); keep its errors only
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         app(args=argv, standalone_mode=False)
     except PalpcomposeError as exc:
