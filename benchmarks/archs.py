@@ -13,7 +13,7 @@ import torch
 
 from palpcompose.errors import UserError
 
-ARCHS = ("tiny", "toy", "sd15", "sdxl")
+ARCHS = ("tiny", "toy", "sd15", "sd15-thin", "sdxl")
 
 # The paper's LoRA (method.md, "What is trained"): rank 32 on the attention projections, not on the text encoder.
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -90,10 +90,23 @@ SD15 = ArchSpec(
 )
 
 
+# The CPU proxy for launch overhead: SD-1.5's exact module structure (same blocks, layers, heads, attention layers,
+# 12 text layers, 49408-token table), every width divided by 10 or so. Each op does almost no arithmetic, so CPU time
+# per step is Python + PyTorch dispatch for the same op sequence a GPU step issues: what a launch-bound GPU step costs.
+SD15_THIN = ArchSpec(
+    name="sd15-thin",
+    unet={**SD15.unet, "block_out_channels": (32, 64, 128, 128), "cross_attention_dim": 64},
+    vae={**SD15.vae, "block_out_channels": (32, 32, 64, 64)},
+    text={**SD15.text, "hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 4, "projection_dim": 64},
+    vae_scale_factor=8,
+    default_resolution=64,
+)
+
+
 def arch_spec(name: str) -> ArchSpec:
     if name == "sdxl":
         raise UserError("--arch sdxl: not yet supported: the SDXL issue has not landed; use --arch tiny or sd15")
-    specs = {"tiny": TINY, "toy": TOY, "sd15": SD15}
+    specs = {"tiny": TINY, "toy": TOY, "sd15": SD15, "sd15-thin": SD15_THIN}
     if name not in specs:
         raise UserError(f"--arch {name!r}: unknown architecture; choose one of {', '.join(ARCHS)}")
     return specs[name]

@@ -214,6 +214,14 @@ def add_placeholder_tokens(tokenizer, text_encoder, tokens: dict[str, str], init
     return token_ids
 
 
+def lora_layers(unet) -> list:
+    """The UNet's peft LoRA layers, collected once so that switching the adapter off and on (train.adapters) touches
+    only them: diffusers' `unet.disable_adapters()` walks every module of the UNet on each call."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [module for module in unet.modules() if isinstance(module, BaseTunerLayer)]
+
+
 def add_lora(unet, rank: int, lora_alpha: float) -> list:
     """Attach a peft LoRA adapter to the UNet's attention projections; returns its parameters, in fp32."""
     import torch

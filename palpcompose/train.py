@@ -91,6 +91,7 @@ class TrainState:
     clean_embeds: torch.Tensor | None  # (1, 77, D) the clean prompt y_c, encoded once (None for guidance none)
     weight_dtype: torch.dtype
     max_grad_norm: float
+    lora_layers: list = field(default_factory=list)  # the UNet's peft LoRA layers (adapters() toggles only these)
     graphs: object = None  # an accel.GraphCache to replay the no-grad guidance passes from CUDA graphs, or None
     graphed_pass: object = None  # an accel.GraphedPersonalizationPass (forward+backward from CUDA graphs), or None
 
@@ -144,7 +145,7 @@ def prepare_state(config, components: models.Components, accelerator, guidance_c
         guidance=PalpGuidance(guidance_config), optimizer=optimizer, lr_scheduler=lr_scheduler,
         lora_params=lora_params, embedding=embedding, token_ids=token_ids, frozen_rows=frozen_rows.to(device),
         original_embeddings=original_embeddings, null_embeds=null_embeds, clean_embeds=clean_embeds,
-        weight_dtype=weight_dtype, max_grad_norm=train_cfg.max_grad_norm,
+        weight_dtype=weight_dtype, max_grad_norm=train_cfg.max_grad_norm, lora_layers=models.lora_layers(c.unet),
     )
 
 
@@ -166,21 +167,27 @@ def prepare_subjects(project, config, state: TrainState, tokens: dict[str, str])
 
 
 @contextlib.contextmanager
-def adapters(unet, enabled: bool):
-    """G_lora with the adapter on, G_base with it off: the same UNet, no second copy."""
+def adapters(lora_layers, enabled: bool):
+    """G_lora with the adapter on, G_base with it off: the same UNet, no second copy. `lora_layers`: the UNet's
+    LoRA layers as models.lora_layers collects them (once: TrainState.lora_layers), or the UNet itself. peft's
+    per-layer switch restores the LoRA weights' requires_grad when it turns them back on."""
     if enabled:
         yield
         return
-    unet.disable_adapters()
+    if isinstance(lora_layers, torch.nn.Module):
+        lora_layers = models.lora_layers(lora_layers)
+    for layer in lora_layers:
+        layer.enable_adapters(False)
     try:
         yield
     finally:
-        unet.enable_adapters()
+        for layer in lora_layers:
+            layer.enable_adapters(True)
 
 
 def make_denoiser(state: TrainState, timesteps: torch.Tensor, abar_t: torch.Tensor, personal_embeds: torch.Tensor):
     """The `denoise` callable of guidance.PalpGuidance for this step: fp32 eps with CFG, adapter on or off."""
-    unet = state.accelerator.unwrap_model(state.unet)
+    unet = state.unet  # accelerate's prepared model: the UNet itself (its forward runs under autocast)
     prediction_type = state.components.prediction_type
 
     def denoise(latents, *, adapter: bool, prompt: str, scale: float) -> torch.Tensor:
@@ -193,7 +200,7 @@ def make_denoiser(state: TrainState, timesteps: torch.Tensor, abar_t: torch.Tens
             embeds = torch.cat([state.null_embeds.expand(batch, -1, -1), cond])
 
         def run(x, t, embeds):
-            with adapters(unet, adapter), state.accelerator.autocast():
+            with adapters(state.lora_layers, adapter), state.accelerator.autocast():
                 return unet(x, t, embeds).sample
 
         # accel hook: with state.graphs set, each distinct pass (adapter on/off, shapes) is captured once and replayed
@@ -368,7 +375,7 @@ def _x0_image(state: TrainState, pipe, prompt: str, adapter: bool, seed: int, re
     timesteps = torch.full((1,), t_last, device=device, dtype=torch.long)
     unet = state.accelerator.unwrap_model(state.unet)
     embeds = torch.cat([state.null_embeds, cond])
-    with adapters(unet, adapter):
+    with adapters(state.lora_layers, adapter):
         out = unet(torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), embeds).sample.float()
     if c.prediction_type == "v_prediction":
         out = v_to_eps(out, torch.cat([latents, latents]), abar)
