@@ -226,3 +226,24 @@ def test_builtin_toy_loads_offline_and_renders(monkeypatch):
     out = pipe("a pop art painting of a blue heart at sunset", num_inference_steps=4, guidance_scale=5.0,
                generator=torch.Generator().manual_seed(0), output_type="pt").images
     assert out.shape == (1, 3, 64, 64) and torch.isfinite(out).all() and out.std() > 0.05
+
+
+@pytest.mark.slow
+def test_train_base_smoke_resume_and_export(tmp_path):
+    """The whole training script end to end on a CPU with tiny batches: phases, checkpoint, resume, export, load."""
+    from palpcompose.models import load_pipeline, resolve_base_model
+
+    ck = tmp_path / "ck"
+    toyworld_main(["train-base", "--out", str(ck), "--device", "cpu", "--minutes", "0.2", "--final-eval", "0",
+                   "--smoke"])
+    state = json.loads((ck / "state.json").read_text())
+    assert state["vae_done"] and state["oracle_done"] and state["unet_steps"] >= 1
+    steps = state["unet_steps"]
+    toyworld_main(["train-base", "--out", str(ck), "--device", "cpu", "--minutes", "0.1", "--final-eval", "0",
+                   "--smoke", "--resume", str(ck)])
+    assert json.loads((ck / "state.json").read_text())["unet_steps"] > steps
+    dest = tmp_path / "toy"
+    toyworld_main(["export-base", "--ckpt", str(ck), "--dest", str(dest), "--oracle", str(tmp_path / "o.safetensors")])
+    pipe = load_pipeline(resolve_base_model(str(dest)))
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert (tmp_path / "o.safetensors").is_file()

@@ -154,7 +154,8 @@ class Trainer:
         self.vae, self.text_encoder, self.unet = build_models(self.tokenizer)
         self.oracle = oracle_mod.Oracle()
         self.state = {"vae_done": False, "oracle_done": False, "unet_steps": 0, "unet_samples": 0,
-                      "unet_seconds": 0.0, "scaling_factor": 1.0, "oracle_accuracy": {}, "config": asdict(cfg)}
+                      "unet_seconds": 0.0, "scaling_factor": 1.0, "oracle_accuracy": {}, "config": asdict(cfg),
+                      "prediction_type": cfg.prediction_type}
         self.ema = None
         if resume is not None:
             self._load(resume)
@@ -315,7 +316,7 @@ class Trainer:
         start, last_eval, step0 = time.time(), time.time(), self.state["unet_steps"]
         seconds_before = self.state["unet_seconds"]
         losses = []
-        while time.time() - start < seconds:
+        while time.time() - start < seconds or self.state["unet_steps"] == step0:  # at least one step per run
             step = self.state["unet_steps"]
             for group in opt.param_groups:  # warm-up after every (re)start: AdamW's moments start from zero
                 group["lr"] = cfg.lr * min(1.0, (step - step0 + 1) / cfg.warmup_steps)
