@@ -6,9 +6,8 @@
     state.json                                 step, optimizer param groups, LR scheduler state, python RNG, and the
                                                settings the run was started with (a resume must match them)
 
-The embedding table's optimizer state is stored for the placeholder rows only: the other rows never receive a
-gradient (train.py masks it), so their moments are exactly zero and a 49408 x 768 table does not bloat every
-checkpoint. The folder is written next to the old one and swapped in with renames, so a crash or an interrupt
+Only the placeholder tokens' rows train (train.py's PlaceholderEmbedding), so the optimizer state is the LoRA's and
+those rows' moments: a 49408 x 768 table never bloats a checkpoint. The folder is written next to the old one and swapped in with renames, so a crash or an interrupt
 leaves either the old or the new checkpoint, never half of one.
 """
 
@@ -36,7 +35,7 @@ RNG_FILE = "rng.safetensors"
 class Checkpoint:
     step: int
     weights: TrainedWeights
-    optimizer: dict  # torch optimizer state_dict, embedding rows compacted (see module docstring)
+    optimizer: dict  # torch optimizer state_dict (LoRA weights, then the placeholder rows)
     lr_scheduler: dict
     rng: dict  # {"torch": ByteTensor, "cuda": [ByteTensor...], "data": ByteTensor, "python": state}
     settings: dict  # what the run was started with; train.py compares it on resume
@@ -57,28 +56,6 @@ def restore_rng_state(rng: dict, data_generator: torch.Generator) -> None:
         torch.cuda.set_rng_state_all(rng["cuda"])
     data_generator.set_state(rng["data"])
     random.setstate(rng["python"])
-
-
-def compact_rows(optimizer_state: dict, param_index: int, rows: list[int]) -> dict:
-    """Keep only `rows` of the state tensors of parameter `param_index` (the embedding table)."""
-    state = {k: dict(v) for k, v in optimizer_state["state"].items()}
-    if param_index in state:
-        for name, value in state[param_index].items():
-            if value.dim() > 0:
-                state[param_index][name] = value[rows].clone()
-    return {"state": state, "param_groups": optimizer_state["param_groups"]}
-
-
-def expand_rows(optimizer_state: dict, param_index: int, rows: list[int], full_shape) -> dict:
-    """Inverse of `compact_rows`: zero moments everywhere except `rows`."""
-    state = {k: dict(v) for k, v in optimizer_state["state"].items()}
-    if param_index in state:
-        for name, value in state[param_index].items():
-            if value.dim() > 0:
-                full = torch.zeros(full_shape, dtype=value.dtype)
-                full[rows] = value
-                state[param_index][name] = full
-    return {"state": state, "param_groups": optimizer_state["param_groups"]}
 
 
 def save_checkpoint(folder: str | Path, ckpt: Checkpoint) -> None:

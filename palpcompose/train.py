@@ -30,8 +30,6 @@ from palpcompose import __version__, models
 from palpcompose.checkpoint import (
     Checkpoint,
     checkpoint_folder,
-    compact_rows,
-    expand_rows,
     load_checkpoint,
     read_settings,
     restore_rng_state,
@@ -83,10 +81,8 @@ class TrainState:
     optimizer: object
     lr_scheduler: object
     lora_params: list
-    embedding: torch.nn.Parameter  # the text encoder's token-embedding table, (V, D); only placeholder rows train
-    token_ids: dict[str, int]  # "V1" -> row of the table
-    frozen_rows: torch.Tensor  # (V,) bool, True for every row that must stay bit-identical
-    original_embeddings: torch.Tensor  # (V, D) copy of the table at the start
+    token_embedding: PlaceholderEmbedding  # the text encoder's table, frozen; `.rows` (n, D) are the trained tokens
+    token_ids: dict[str, int]  # "V1" -> row of the table (row i of token_embedding.rows for the i-th subject)
     null_embeds: torch.Tensor  # (1, 77, D) the empty prompt, encoded once
     clean_embeds: torch.Tensor | None  # (1, 77, D) the clean prompt y_c, encoded once (None for guidance none)
     weight_dtype: torch.dtype
@@ -100,6 +96,44 @@ class TrainState:
 # Setup
 
 
+class PlaceholderEmbedding(torch.nn.Module):
+    """The text encoder's token-embedding table, frozen, with the subjects' rows trained as their own parameter
+    `rows` (n, D) and spliced in at lookup: a position holding a placeholder id reads its trained row.
+
+    Training the whole (V, D) table (49409 x 768 for SD-1.5) and masking its gradient would cost a dense gradient,
+    dense AdamW moments (0.4 GiB) and a dense update every step for n useful rows; here the table is never written,
+    so every other row stays bit-identical by construction. The placeholder ids are the table's last n rows
+    (tokenizer.add_tokens appends them), in subject order.
+    """
+
+    def __init__(self, table: torch.nn.Embedding, first_id: int):
+        super().__init__()
+        self.table = table
+        self.first_id = first_id
+        self.rows = torch.nn.Parameter(table.weight[first_id:].detach().clone().float())
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        embeds = self.table(input_ids)
+        row = input_ids - self.first_id  # >= 0 exactly at the placeholder positions
+        spliced = F.embedding(row.clamp(min=0), self.rows).to(embeds.dtype)
+        return torch.where((row >= 0).unsqueeze(-1), spliced, embeds)
+
+    def full_table(self) -> torch.Tensor:
+        """The (V, D) table as the text encoder sees it: the frozen rows, then the trained placeholder rows."""
+        return torch.cat([self.table.weight[: self.first_id], self.rows.to(self.table.weight.dtype)])
+
+
+def train_placeholder_rows(text_encoder, token_ids: dict[str, int]) -> PlaceholderEmbedding:
+    """Give the text encoder a PlaceholderEmbedding whose rows (in `token_ids` order) are the trainable tokens."""
+    ids = list(token_ids.values())
+    table = text_encoder.get_input_embeddings()
+    if ids != list(range(table.num_embeddings - len(ids), table.num_embeddings)):
+        raise ValueError(f"placeholder token ids {ids} must be the last rows of the embedding table, in order")
+    module = PlaceholderEmbedding(table, ids[0])
+    text_encoder.set_input_embeddings(module)
+    return module
+
+
 def prepare_state(config, components: models.Components, accelerator, guidance_config: GuidanceConfig,
                   tokens: dict[str, str]) -> TrainState:
     """Freeze the model, add the subjects' tokens and the LoRA, set dtypes, build the optimizer, cache prompts."""
@@ -109,10 +143,7 @@ def prepare_state(config, components: models.Components, accelerator, guidance_c
     models.freeze(c.unet, c.vae, c.text_encoder)
     init_words = {key: s.init_word or s.class_name for key, s in config.subjects.items()}
     token_ids = models.add_placeholder_tokens(c.tokenizer, c.text_encoder, tokens, init_words)
-    embedding = c.text_encoder.get_input_embeddings().weight
-    embedding.requires_grad_(True)
-    frozen_rows = torch.ones(embedding.shape[0], dtype=torch.bool)
-    frozen_rows[list(token_ids.values())] = False
+    token_embedding = train_placeholder_rows(c.text_encoder, token_ids)
     torch.manual_seed(train_cfg.seed)  # LoRA initialisation
     lora_params = models.add_lora(c.unet, train_cfg.lora_rank, train_cfg.lora_alpha or train_cfg.lora_rank)
     if train_cfg.gradient_checkpointing:
@@ -126,10 +157,10 @@ def prepare_state(config, components: models.Components, accelerator, guidance_c
     for p in lora_params:
         p.data = p.data.float()
     c.text_encoder.to(device)
-    original_embeddings = embedding.detach().clone()
     optimizer = torch.optim.AdamW([
         {"params": lora_params, "lr": train_cfg.learning_rate, "weight_decay": LORA_WEIGHT_DECAY},
-        {"params": [embedding], "lr": train_cfg.embedding_learning_rate, "weight_decay": EMBEDDING_WEIGHT_DECAY},
+        {"params": [token_embedding.rows], "lr": train_cfg.embedding_learning_rate,
+         "weight_decay": EMBEDDING_WEIGHT_DECAY},
     ])
     lr_scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
     unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(c.unet, c.text_encoder, optimizer, lr_scheduler)
@@ -143,8 +174,8 @@ def prepare_state(config, components: models.Components, accelerator, guidance_c
     return TrainState(
         accelerator=accelerator, components=c, unet=unet, text_encoder=text_encoder,
         guidance=PalpGuidance(guidance_config), optimizer=optimizer, lr_scheduler=lr_scheduler,
-        lora_params=lora_params, embedding=embedding, token_ids=token_ids, frozen_rows=frozen_rows.to(device),
-        original_embeddings=original_embeddings, null_embeds=null_embeds, clean_embeds=clean_embeds,
+        lora_params=lora_params, token_embedding=token_embedding, token_ids=token_ids, null_embeds=null_embeds,
+        clean_embeds=clean_embeds,
         weight_dtype=weight_dtype, max_grad_norm=train_cfg.max_grad_norm, lora_layers=models.lora_layers(c.unet),
     )
 
@@ -250,16 +281,11 @@ def training_step(state: TrainState, batch: Batch) -> dict[str, float]:
             loss = loss + state.guidance.config.weight * terms["loss_align"]  # step 7
         check_finite("the training loss", loss)
         acc.backward(loss)
-        if acc.sync_gradients:
-            state.embedding.grad[state.frozen_rows] = 0  # only the placeholder rows train
-            if state.max_grad_norm > 0:
-                acc.clip_grad_norm_(state.lora_params + [state.embedding], state.max_grad_norm)
+        if acc.sync_gradients and state.max_grad_norm > 0:
+            acc.clip_grad_norm_(state.lora_params + [state.token_embedding.rows], state.max_grad_norm)
         state.optimizer.step()
         state.lr_scheduler.step()
         state.optimizer.zero_grad(set_to_none=True)
-        if acc.sync_gradients:
-            with torch.no_grad():  # every other row of the table stays bit-identical
-                state.embedding[state.frozen_rows] = state.original_embeddings[state.frozen_rows]
     return {k: float(v.detach()) for k, v in terms.items()}
 
 
@@ -271,7 +297,8 @@ def trained_weights(state: TrainState, config, tokens: dict[str, str], step: int
     unet = state.accelerator.unwrap_model(state.unet)
     return TrainedWeights(
         lora=models.lora_state_dict(unet),
-        embeddings={tokens[k]: state.embedding[i].detach().float().cpu().clone() for k, i in state.token_ids.items()},
+        embeddings={tokens[k]: row.detach().float().cpu().clone()
+                    for k, row in zip(state.token_ids, state.token_embedding.rows)},
         placeholders=dict(tokens), rank=config.train.lora_rank,
         lora_alpha=float(config.train.lora_alpha or config.train.lora_rank),
         target_modules=list(models.LORA_TARGET_MODULES), base_model=config.project.base_model, step=step,
@@ -279,11 +306,8 @@ def trained_weights(state: TrainState, config, tokens: dict[str, str], step: int
 
 
 def make_checkpoint(state: TrainState, config, tokens, step: int, generator, settings: dict) -> Checkpoint:
-    rows = list(state.token_ids.values())
-    optimizer_state = state.optimizer.state_dict()
     return Checkpoint(
-        step=step, weights=trained_weights(state, config, tokens, step),
-        optimizer=compact_rows(optimizer_state, len(state.lora_params), rows),
+        step=step, weights=trained_weights(state, config, tokens, step), optimizer=state.optimizer.state_dict(),
         lr_scheduler=state.lr_scheduler.state_dict(), rng=rng_state(generator), settings=settings,
     )
 
@@ -291,12 +315,11 @@ def make_checkpoint(state: TrainState, config, tokens, step: int, generator, set
 def restore_checkpoint(state: TrainState, ckpt: Checkpoint, tokens: dict[str, str], generator) -> None:
     unet = state.accelerator.unwrap_model(state.unet)
     models.load_lora_state_dict(unet, {k: v.to(state.accelerator.device) for k, v in ckpt.weights.lora.items()})
+    rows = state.token_embedding.rows
     with torch.no_grad():
-        for key, row in state.token_ids.items():
-            state.embedding[row] = ckpt.weights.embeddings[tokens[key]].to(state.embedding.device)
-    rows = list(state.token_ids.values())
-    state.optimizer.load_state_dict(expand_rows(ckpt.optimizer, len(state.lora_params), rows,
-                                                tuple(state.embedding.shape)))
+        for i, key in enumerate(state.token_ids):
+            rows[i] = ckpt.weights.embeddings[tokens[key]].to(rows.device)
+    state.optimizer.load_state_dict(ckpt.optimizer)
     state.lr_scheduler.load_state_dict(ckpt.lr_scheduler)
     restore_rng_state(ckpt.rng, generator)
 

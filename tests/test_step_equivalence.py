@@ -47,9 +47,9 @@ def engine(tmp_path, opts=None, mode="palp", alpha=7.5, beta=1.0, batch=1, devic
 
 
 def capture_grads(state) -> list[list[torch.Tensor]]:
-    """Per trainable tensor (LoRA weights, then the embedding table), its gradient after each backward pass.
+    """Per trainable tensor (LoRA weights, then the placeholder rows), its gradient after each backward pass.
     Recorded by a hook, because the step zeroes gradients before it returns."""
-    params = state.lora_params + [state.embedding]
+    params = state.lora_params + [state.token_embedding.rows]
     grads: list[list[torch.Tensor]] = [[] for _ in params]
     for p, record in zip(params, grads):
         p.register_post_accumulate_grad_hook(lambda p, record=record: record.append(p.grad.detach().clone()))
@@ -101,8 +101,7 @@ def test_fused_adamw_matches_foreach(tmp_path):
     # The updates agree too: same LoRA weights and placeholder row after the two steps.
     for a, b in zip(plain.lora_params, fast.lora_params):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
-    row = plain.token_ids["V1"]
-    torch.testing.assert_close(fast.embedding[row], plain.embedding[row], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(fast.token_embedding.rows, plain.token_embedding.rows, rtol=1e-5, atol=1e-7)
 
 
 def test_low_memory_setup_matches_eager(tmp_path):
@@ -167,3 +166,60 @@ def test_cuda_graphs_match_eager_on_gpu(tmp_path, opts, graphs, mixed_precision,
         assert len(per_step_fast) == 4
         for a, b in zip(per_step_plain, per_step_fast):  # cuDNN/cuBLAS kernels may differ in the last bits
             torch.testing.assert_close(b, a, rtol=tol, atol=tol * 1e-2)
+
+
+def test_placeholder_rows_match_the_masked_full_table_update(tmp_path):
+    """Training the placeholder rows as their own parameter (train.PlaceholderEmbedding) is the same math as the
+    earlier update of the whole table with every other row's gradient masked and restored: same text embeddings,
+    same row gradients, same clipped AdamW steps, and the other rows untouched."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from palpcompose import models
+
+    def text_encoder():
+        torch.manual_seed(0)
+        model = CLIPTextModel(CLIPTextConfig(max_position_embeddings=77, **archs.TINY.text)).eval()
+        models.freeze(model)
+        model.resize_token_embeddings(1002, mean_resizing=False)  # two placeholder tokens appended
+        return model
+
+    ids = torch.tensor([[998, 1000, 5, 1001, 999] + [999] * 72, [998, 7, 1001, 1001, 999] + [999] * 72])
+    target = torch.randn(2, 77, 16, generator=torch.Generator().manual_seed(0))
+    lora = [torch.nn.Parameter(torch.randn(4, 4, generator=torch.Generator().manual_seed(1))) for _ in range(2)]
+
+    def loss_of(model, lora_now):  # a LoRA-like term so clipping sees both parameter groups
+        return (model(ids)[0] - target).pow(2).mean() + sum(p.pow(2).sum() for p in lora_now) * 10
+
+    dense = text_encoder()
+    table = dense.get_input_embeddings().weight
+    table.requires_grad_(True)
+    original = table.detach().clone()
+    frozen = torch.ones(1002, dtype=torch.bool)
+    frozen[[1000, 1001]] = False
+    dense_lora = [torch.nn.Parameter(p.detach().clone()) for p in lora]
+    dense_opt = torch.optim.AdamW([{"params": dense_lora}, {"params": [table], "lr": 1e-2, "weight_decay": 0.0}])
+
+    spliced = text_encoder()
+    rows = train.train_placeholder_rows(spliced, {"V1": 1000, "V2": 1001})
+    rows_lora = [torch.nn.Parameter(p.detach().clone()) for p in lora]
+    rows_opt = torch.optim.AdamW([{"params": rows_lora}, {"params": [rows.rows], "lr": 1e-2, "weight_decay": 0.0}])
+
+    for _ in range(3):
+        loss_dense, loss_rows = loss_of(dense, dense_lora), loss_of(spliced, rows_lora)
+        torch.testing.assert_close(loss_rows, loss_dense, rtol=1e-6, atol=0)
+        loss_dense.backward()
+        loss_rows.backward()
+        table.grad[frozen] = 0  # the old update: mask every other row's gradient...
+        torch.testing.assert_close(rows.rows.grad, table.grad[1000:], rtol=1e-6, atol=1e-9)
+        norm_dense = torch.nn.utils.clip_grad_norm_(dense_lora + [table], 0.01)
+        norm_rows = torch.nn.utils.clip_grad_norm_(rows_lora + [rows.rows], 0.01)
+        torch.testing.assert_close(norm_rows, norm_dense, rtol=1e-6, atol=0)
+        assert norm_rows > 0.01  # the clip is active, so the norms' agreement matters
+        for opt in (dense_opt, rows_opt):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        with torch.no_grad():  # ...and restore the other rows after the step
+            table[frozen] = original[frozen]
+        torch.testing.assert_close(rows.full_table(), table.detach(), rtol=1e-6, atol=1e-8)
+    assert not torch.equal(rows.rows.detach(), original[1000:])  # the rows did move
+    assert torch.equal(rows.table.weight, original)  # the spliced model's table was never written

@@ -81,11 +81,11 @@ def test_unet_passes_per_step(make_project, guidance, beta, expected):
 
 def test_only_placeholder_rows_change(make_project):
     state, subjects = _state(make_project(TWO_SUBJECTS), "palp")
-    before = state.embedding.detach().clone()
+    before = state.token_embedding.full_table().detach().clone()
     g = torch.Generator().manual_seed(0)
     for _ in range(2):
         training_step(state, train_mod.sample_batch(subjects, g, 2, 1000))
-    after = state.embedding.detach()
+    after = state.token_embedding.full_table().detach()
     rows = list(state.token_ids.values())
     frozen = torch.ones(after.shape[0], dtype=torch.bool)
     frozen[rows] = False
