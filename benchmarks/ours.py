@@ -52,6 +52,7 @@ def make_engine_step(
     """Build the engine's TrainState on `m` (which it takes over) and a no-argument callable running one step.
     `low_memory`: the engine's gradient checkpointing, and the VAE moved to the CPU once the latents are cached."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     batch, _, resolution, _ = pixel_values.shape
     config = bench_config(mode, alpha, beta, batch, resolution, mixed_precision, gradient_checkpointing=low_memory)
@@ -60,6 +61,9 @@ def make_engine_step(
         inference_scheduler_config=dict(m.scheduler.config), prediction_type=m.scheduler.config.prediction_type,
         alphas_cumprod=m.scheduler.alphas_cumprod.float().clone(),
     )
+    # accelerate keeps one process-wide state and refuses a second Accelerator with another mixed precision; a
+    # benchmark or test process builds one engine per variant, so start each from a clean state (single process).
+    AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision=mixed_precision)
     models.set_attention(m.unet, "sdpa", accelerator.device.type)
     tokens = models.placeholder_tokens(PROJECT, config.subjects)

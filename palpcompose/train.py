@@ -286,7 +286,8 @@ def training_step(state: TrainState, batch: Batch) -> dict[str, float]:
         state.optimizer.step()
         state.lr_scheduler.step()
         state.optimizer.zero_grad(set_to_none=True)
-    return {k: float(v.detach()) for k, v in terms.items()}
+    # One device-to-host copy for all the logged values (each float(tensor) would wait for the GPU on its own)
+    return dict(zip(terms, torch.stack([v.detach().float() for v in terms.values()]).tolist(), strict=True))
 
 
 # ---------------------------------------------------------------------------------------------------------------
