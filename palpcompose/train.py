@@ -50,6 +50,7 @@ from palpcompose.guidance import (
     predict_x0,
     v_to_eps,
 )
+from palpcompose.memory import OutOfMemory, estimate_training_memory, out_of_memory_message
 from palpcompose.weights import TrainedWeights, save_trained_weights
 
 LORA_WEIGHT_DECAY = 1e-2  # AdamW default of diffusers' LoRA scripts
@@ -549,7 +550,8 @@ def _resume_settings(config, guidance: str) -> dict:
     """What a resumed run must share with the run it continues: everything that changes the weights but steps."""
     data = config.to_dict()
     del data["render"]
-    for key in ("steps", "save_every", "preview_every"):
+    # gradient_checkpointing recomputes activations and changes no result: switching it on to fit in memory resumes
+    for key in ("steps", "save_every", "preview_every", "gradient_checkpointing"):
         del data["train"][key]
     data["palp"]["guidance"] = guidance
     return data
@@ -660,6 +662,7 @@ def train(project, *, steps: int | None = None, resume: bool = False, guidance: 
         "steps_target": steps_target, "guidance": mode, "wall_time_s": 0.0, "device": "", "started_at": started_at,
         "finished_at": None,
     }
+    step, checkpoint_step, estimate = 0, None, None
     try:
         accelerator = Accelerator(mixed_precision=mixed_precision,
                                   gradient_accumulation_steps=config.train.gradient_accumulation_steps)
@@ -669,13 +672,21 @@ def train(project, *, steps: int | None = None, resume: bool = False, guidance: 
             if notice:
                 console.print(notice)
         state = prepare_state(config, components, accelerator, GuidanceConfig.from_palp(config.palp, mode), tokens)
+        if accelerator.device.type == "cuda":
+            estimate = estimate_training_memory(
+                components.unet, components.vae, components.text_encoder,
+                state.lora_params + [state.token_embedding.rows], resolution=config.train.resolution,
+                batch_size=config.train.batch_size, half_precision=state.weight_dtype != torch.float32,
+                gradient_checkpointing=config.train.gradient_checkpointing)
+            total = torch.cuda.get_device_properties(accelerator.device).total_memory / 2**30
+            console.print(f"{estimate.describe()}; this GPU has {total:.1f} GiB")
         subjects = prepare_subjects(project, config, state, tokens)
         generator = torch.Generator("cpu").manual_seed(config.train.seed + accelerator.process_index)
         step, log = 0, []
         if resume_from is not None:
             ckpt = load_checkpoint(resume_from)
             restore_checkpoint(state, ckpt, tokens, generator)
-            step = ckpt.step
+            step = checkpoint_step = ckpt.step
             old = _read_json(manifest_path) or {}
             manifest["started_at"] = old.get("started_at", started_at)
             log = [e for e in _read_jsonl(out / "logs" / "train.jsonl") if e["step"] <= step]
@@ -689,7 +700,9 @@ def train(project, *, steps: int | None = None, resume: bool = False, guidance: 
         last_snapshot = None
 
         def save_all(at_step: int, status: str) -> None:
+            nonlocal checkpoint_step
             save_checkpoint(out / "checkpoint", make_checkpoint(state, config, tokens, at_step, generator, settings))
+            checkpoint_step = at_step
             atomic_write_text(out / "logs" / "train.jsonl", "".join(json.dumps(e) + "\n" for e in log))
             manifest.update(status=status, steps_done=at_step, wall_time_s=round(prior_wall + time.monotonic() - t0, 3))
             atomic_write_json(manifest_path, manifest)
@@ -742,6 +755,12 @@ def train(project, *, steps: int | None = None, resume: bool = False, guidance: 
                              {k: v for k, v in losses.items()})
         _summary(console, result, log, mode)
         return result
+    except torch.OutOfMemoryError:
+        if manifest_path.is_file():
+            manifest.update(status="failed", finished_at=_now())
+            atomic_write_json(manifest_path, manifest)
+        raise OutOfMemory(out_of_memory_message(config, mixed_precision, manifest["device"], step, checkpoint_step,
+                                                out / "checkpoint", estimate)) from None
     except BaseException:
         if manifest["status"] == "running" and manifest_path.is_file():
             manifest.update(status="failed", finished_at=_now())
