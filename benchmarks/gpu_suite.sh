@@ -1,10 +1,20 @@
 #!/usr/bin/env bash
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
-# Every GPU measurement of docs/performance.md, in at most 8 minutes on one H100/H200 (the limits below add up to
-# 470 s plus ~10 s of installs and checks: 8 min at worst; expected ~5-6 min). Run from the repository root:  bash benchmarks/gpu_suite.sh
-# Writes one JSON report and one log per measurement under $OUT (default ./out-gpu). Each measurement runs in its own
-# process under `timeout`, so one failure or overrun does not lose the others.
+# Every GPU measurement of docs/performance.md, in three parts that each fit one device call (at most 10 minutes;
+# a session has 30 minutes of device time in all, machine start included, so run `core` first, then `levers`, then
+# `extra` if time is left). Run from the repository root:
+#     bash benchmarks/gpu_suite.sh core      # installs, GPU equivalence tests, SD-1.5 batch 1: limits add up to 510 s
+#     bash benchmarks/gpu_suite.sh levers    # each other lever alone at batch 1, and batch 8: 500 s
+#     bash benchmarks/gpu_suite.sh extra     # regional compilation, rendering: 560 s
+#     bash benchmarks/gpu_suite.sh all       # everything, on a machine without the per-call limit (~26 min at worst)
+# The limits are 2-3x what the 2026-11-23 H100 run needed per variant (~15 s setup and warm-up, 0.3-0.5 s per step,
+# 10-60 s to parse a profile; docs/data/gpu-2026-11-23/): that run's limits (45-85 s per measurement) killed most
+# measurements. Writes one JSON report and one log per measurement under $OUT (default ./out-gpu). Each measurement
+# runs in its own process under `timeout`, so one failure or overrun does not lose the others.
 set -u
+PART=${1:-all}
+case "$PART" in core|levers|extra|all) ;; *) echo "usage: bash benchmarks/gpu_suite.sh core|levers|extra|all" >&2; exit 2;; esac
+want() { [ "$PART" = all ] || [ "$PART" = "$1" ]; }
 OUT=${OUT:-$PWD/out-gpu}
 mkdir -p "$OUT"
 export TOKENIZERS_PARALLELISM=false
@@ -32,30 +42,29 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 python3 -c "import torch, diffusers, peft, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'diffusers', diffusers.__version__, 'peft', peft.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 
 # 1. The levers must not change the math on the GPU either (CUDA graphs, graphed rendering).
-step gpu_tests 60 python3 -m pytest -q -m gpu tests/test_step_equivalence.py tests/test_benchmarks.py -p no:cacheprovider
+want core && step gpu_tests 150 python3 -m pytest -q -m gpu tests/test_step_equivalence.py tests/test_benchmarks.py \
+    -p no:cacheprovider
 
 # 2. SD-1.5 shapes, bf16, 512 px, batch 1: the peer, our step without and with PALP, CUDA graphs (guidance passes,
-#    then the personalization pass too); then each other
-#    lever on its own (two processes, so a timeout loses at most half).
-step train_b1 85 python3 -m benchmarks.train_step --arch sd15 --device cuda --batch 1 --steps 15 --warmup 3 \
-    --profile-steps 3 --json --variants reference,none,palp,palp+graphs,palp+graphs+fused,palp+graphs+graphs_pers+fused
-step train_b1_levers 85 python3 -m benchmarks.train_step --arch sd15 --device cuda --batch 1 --steps 15 --warmup 3 \
-    --profile-steps 3 --json --variants palp+fused,palp+channels_last,palp+sdpa=flash,palp+sdpa=cudnn,palp+lowmem
+#    then the personalization pass too). One profiled step per variant (parsing a profile is slow).
+want core && step train_b1 360 python3 -m benchmarks.train_step --arch sd15 --device cuda --batch 1 --steps 15 \
+    --warmup 3 --profile-steps 1 --json \
+    --variants reference,none,palp,palp+graphs,palp+graphs+fused,palp+graphs+graphs_pers+fused
 
-# 3. Batch 8: samples/s against GPU-busy time, and what the low-memory candidate saves there.
-step train_b8 80 python3 -m benchmarks.train_step --arch sd15 --device cuda --batch 8 --steps 8 --warmup 2 \
-    --profile-steps 3 --json \
-    --variants reference,palp,palp+graphs+graphs_pers+fused,palp+lowmem
+# 3. Each other lever on its own at batch 1; batch 8: samples/s against GPU-busy time, the low-memory candidate.
+want levers && step train_b1_levers 260 python3 -m benchmarks.train_step --arch sd15 --device cuda --batch 1 \
+    --steps 15 --warmup 3 --profile-steps 1 --json \
+    --variants palp+fused,palp+channels_last,palp+sdpa=flash,palp+sdpa=cudnn,palp+lowmem
+want levers && step train_b8 240 python3 -m benchmarks.train_step --arch sd15 --device cuda --batch 8 --steps 8 \
+    --warmup 2 --profile-steps 1 --json --variants reference,palp,palp+graphs+graphs_pers+fused,palp+lowmem
 
-# 4. Regional compilation (compile time counts in the 500-step total), alone and with graphs.
-step train_compile 85 python3 -m benchmarks.train_step --arch sd15 --device cuda --batch 1 --steps 15 --warmup 3 \
-    --profile-steps 3 --json \
-    --variants palp+compile,palp+compile+graphs+fused
-
-# 5. Rendering, fp16, DPM++ 2M, 30 steps, 512 px: the plain diffusers call vs our path and its levers.
-step render_b1 45 python3 -m benchmarks.render --arch sd15 --device cuda --batch 1 --batches 3 --json \
+# 4. Regional compilation (compile time counts in the 500-step total), alone and with graphs; rendering, fp16,
+#    DPM++ 2M, 30 steps, 512 px: the plain diffusers call vs our path and its levers.
+want extra && step train_compile 320 python3 -m benchmarks.train_step --arch sd15 --device cuda --batch 1 --steps 15 \
+    --warmup 3 --profile-steps 1 --json --variants palp+compile,palp+compile+graphs+fused
+want extra && step render_b1 150 python3 -m benchmarks.render --arch sd15 --device cuda --batch 1 --batches 3 --json \
     --variants diffusers,ours,ours+fuse,ours+graphs,ours+fuse+graphs,ours+fuse+graphs+channels_last
-step render_b4 30 python3 -m benchmarks.render --arch sd15 --device cuda --batch 4 --batches 2 --json \
+want extra && step render_b4 90 python3 -m benchmarks.render --arch sd15 --device cuda --batch 4 --batches 2 --json \
     --variants diffusers,ours+fuse+graphs
 
 echo "=== done in $(( $(date +%s) - START ))s; JSON under $OUT:"
