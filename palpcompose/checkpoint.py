@@ -7,8 +7,8 @@
                                                settings the run was started with (a resume must match them)
 
 Only the placeholder tokens' rows train (train.py's PlaceholderEmbedding), so the optimizer state is the LoRA's and
-those rows' moments: a 49408 x 768 table never bloats a checkpoint. The folder is written next to the old one and swapped in with renames, so a crash or an interrupt
-leaves either the old or the new checkpoint, never half of one.
+those rows' moments: a 49408 x 768 table never bloats a checkpoint. The folder is written next to the old one and
+swapped in with renames, so a crash or an interrupt leaves either the old or the new checkpoint, never half of one.
 """
 
 from __future__ import annotations

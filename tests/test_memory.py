@@ -67,7 +67,8 @@ def test_out_of_memory_exits_1_names_the_fixes_and_keeps_the_checkpoint(make_pro
     # The advice holds: with gradient checkpointing switched on, the run resumes from that checkpoint.
     monkeypatch.setattr(train_mod, "training_step", real_step)
     toml = root / "palp.toml"
-    toml.write_text(re.sub(r"^\[train\]\n", "[train]\ngradient_checkpointing = true\n", toml.read_text(), flags=re.M))
+    text = re.sub(r"^\[train\]\n", "[train]\ngradient_checkpointing = true\n", toml.read_text(), flags=re.MULTILINE)
+    toml.write_text(text)
     main(["train", str(root), "--resume"])
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "completed" and manifest["steps_done"] == 2
@@ -77,7 +78,7 @@ def test_out_of_memory_exits_1_names_the_fixes_and_keeps_the_checkpoint(make_pro
 def test_gradient_checkpointing_recomputes_the_lora_pass(tmp_path, monkeypatch):
     """train.gradient_checkpointing really checkpoints the UNet's blocks in the personalization pass (only there:
     the guidance passes run without gradients)."""
-    import torch.utils.checkpoint as checkpoint
+    from torch.utils import checkpoint
 
     calls = []
     real = checkpoint.checkpoint
