@@ -11,29 +11,18 @@ from pathlib import Path
 
 import torch
 
+from palpcompose.toyworld.tokenizer import byte_level_alphabet
+
 WORDS = (
     "a an the of photo painting oil sketch cat dog rock sitting on in inspired by watercolor style picture "
     "toy cube ball at night snow sunset red blue green"
 ).split()
 
 
-def _byte_level_alphabet() -> list[str]:
-    """The 256 printable stand-ins byte-level BPE uses for raw bytes (printable bytes map to themselves)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return [chars[b] for b in range(256)]
-
-
 def write_tokenizer_files(folder: Path) -> None:
     """A CLIP BPE vocabulary: bytes as tokens (so any text encodes), a few whole words, start/end tokens."""
     folder.mkdir(parents=True, exist_ok=True)
-    byte_chars = _byte_level_alphabet()
+    byte_chars = byte_level_alphabet()
     vocab: dict[str, int] = {}
     for ch in byte_chars:
         vocab.setdefault(ch, len(vocab))
