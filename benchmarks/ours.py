@@ -32,7 +32,7 @@ CLEAN_PROMPT = "An oil painting of a cat sitting on a rock"
 
 
 def bench_config(mode: str, alpha: float, beta: float, batch: int, resolution: int, mixed_precision: str,
-                 gradient_checkpointing: bool = False) -> ProjectConfig:
+                 low_memory: bool = False) -> ProjectConfig:
     """A one-subject project with the paper's defaults (method.md), as `palpcompose train` would resolve it."""
     return ProjectConfig(
         project=ProjectSection(name=PROJECT, base_model="builtin:toy"),
@@ -40,7 +40,7 @@ def bench_config(mode: str, alpha: float, beta: float, batch: int, resolution: i
         palp=PalpConfig(target_prompt="An oil painting of [V1]", clean_prompt=CLEAN_PROMPT, guidance=mode,
                         alpha=alpha, beta=beta),
         train=TrainConfig(batch_size=batch, resolution=resolution, mixed_precision=mixed_precision,
-                          gradient_checkpointing=gradient_checkpointing),
+                          low_memory=low_memory),
         render=RenderConfig(),
     )
 
@@ -50,12 +50,13 @@ def make_engine_step(
     beta: float = 1.0, mixed_precision: str = "no", seed: int = 0, low_memory: bool = False,
 ) -> tuple[train.TrainState, Callable[[], dict[str, float]]]:
     """Build the engine's TrainState on `m` (which it takes over) and a no-argument callable running one step.
-    `low_memory`: the engine's gradient checkpointing, and the VAE moved to the CPU once the latents are cached."""
+    `low_memory`: the engine's low-memory preset (train.low_memory): gradient checkpointing, and the VAE moved to the
+    CPU once the latents are cached."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
     batch, _, resolution, _ = pixel_values.shape
-    config = bench_config(mode, alpha, beta, batch, resolution, mixed_precision, gradient_checkpointing=low_memory)
+    config = bench_config(mode, alpha, beta, batch, resolution, mixed_precision, low_memory=low_memory)
     components = models.Components(
         unet=m.unet, vae=m.vae, text_encoder=m.text_encoder, tokenizer=tokenizer, noise_scheduler=m.scheduler,
         inference_scheduler_config=dict(m.scheduler.config), prediction_type=m.scheduler.config.prediction_type,
@@ -74,7 +75,7 @@ def make_engine_step(
         dist = m.vae.encode(pixel_values.to(accelerator.device, state.weight_dtype)).latent_dist
     scale = m.vae.config.scaling_factor
     if low_memory:
-        m.vae.to("cpu")  # the training step never uses it again
+        train.offload_vae(state)  # as `palpcompose train` does: the training step never uses it again
     prompt = models.expand_placeholders(PERSONAL_PROMPT, tokens)
     subjects = [SubjectData("V1", models.tokenize(tokenizer, [prompt])[0], dist.mean.float().cpu() * scale,
                             dist.std.float().cpu() * scale, batch, False)]

@@ -13,7 +13,7 @@ the process's peak resident set, shared by all variants).
 Variant names: `reference` | `none` | `palp` | `sds`, optionally followed by accel levers joined with "+":
 `graphs` (the guidance's no-grad passes), `graphs_pers` (the personalization pass, forward and backward), `fused`,
 `channels_last`, `compile`, `sdpa=flash|efficient|cudnn|math` (e.g. `palp+graphs+fused`), and
-`lowmem`, the low-memory candidate (the engine's gradient checkpointing, VAE moved to the CPU after caching).
+`lowmem`, the low-memory preset (`train.low_memory`: gradient checkpointing, VAE moved to the CPU after caching).
 Every variant builds fresh, identically seeded models (the engine adds its token and LoRA to them).
 With --json the last stdout line is one JSON object (reference_ms, none_ms, palp_ms, peak_mem_gib, device, ...).
 """
@@ -63,7 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 class Variant:
     mode: str  # reference | none | palp | sds
     opts: accel.AccelOptions
-    low_memory: bool = False  # the low-memory candidate: gradient checkpointing, VAE on the CPU after caching
+    low_memory: bool = False  # train.low_memory: gradient checkpointing, VAE on the CPU after caching
 
 
 def parse_variant(name: str) -> Variant:

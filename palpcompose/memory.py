@@ -43,9 +43,11 @@ def _frozen_bytes(module) -> int:
 
 
 def estimate_training_memory(unet, vae, text_encoder, trained_params, *, resolution: int, batch_size: int,
-                             half_precision: bool, gradient_checkpointing: bool) -> MemoryEstimate:
-    """Peak GPU memory of `training_step` for these (already prepared) modules and settings, in GiB."""
-    weights = _frozen_bytes(unet) + _frozen_bytes(vae) + _frozen_bytes(text_encoder)
+                             half_precision: bool, gradient_checkpointing: bool,
+                             vae_on_device: bool = True) -> MemoryEstimate:
+    """Peak GPU memory of `training_step` for these (already prepared) modules and settings, in GiB.
+    `vae_on_device` False: train.low_memory, the VAE waits in host memory during the steps."""
+    weights = _frozen_bytes(unet) + (_frozen_bytes(vae) if vae_on_device else 0) + _frozen_bytes(text_encoder)
     trainable = sum(p.numel() for p in trained_params) * ADAMW_BYTES_PER_TRAINED_VALUE
     top_width = unet.config.block_out_channels[0]
     activations = (ACTIVATION_GIB_512_SD15 * batch_size * (resolution / 512) ** 2 * top_width / SD15_TOP_WIDTH
@@ -58,8 +60,9 @@ def out_of_memory_message(config, mixed_precision: str, device_name: str, step: 
     """What ran out, what to change (the keys a user sets), and what was kept."""
     train = config.train
     changes = [f"lower train.resolution (now {train.resolution}) or train.batch_size (now {train.batch_size})"]
-    if not train.gradient_checkpointing:
-        changes.append("set train.gradient_checkpointing = true (~30% slower, most activations recomputed)")
+    if not train.low_memory:
+        changes.append("set train.low_memory = true (the low-memory preset: gradient checkpointing, VAE off the GPU; "
+                       "slower steps, same results)")
     if mixed_precision == "no":
         changes.append('set train.mixed_precision = "bf16" (or "fp16" on GPUs without bf16)')
     estimated = f"; {estimate.describe()}" if estimate else ""
@@ -67,6 +70,7 @@ def out_of_memory_message(config, mixed_precision: str, device_name: str, step: 
         kept = "no checkpoint had been written yet"
     else:
         kept = (f"the checkpoint of step {checkpoint_step} in {checkpoint_dir} is kept: with only "
-                "train.gradient_checkpointing changed, `palpcompose train --resume` continues from it")
+                "train.low_memory (or train.gradient_checkpointing) changed, `palpcompose train --resume` continues "
+                "from it")
     return (f"CUDA ran out of memory on {device_name} at step {step + 1}{estimated}. To fit: " + "; ".join(changes)
             + f". {kept}")

@@ -147,7 +147,7 @@ def prepare_state(config, components: models.Components, accelerator, guidance_c
     token_embedding = train_placeholder_rows(c.text_encoder, token_ids)
     torch.manual_seed(train_cfg.seed)  # LoRA initialisation
     lora_params = models.add_lora(c.unet, train_cfg.lora_rank, train_cfg.lora_alpha or train_cfg.lora_rank)
-    if train_cfg.gradient_checkpointing:
+    if train_cfg.gradient_checkpointing or train_cfg.low_memory:
         c.unet.enable_gradient_checkpointing()
     # Frozen weights in the mixed-precision dtype, trainable ones (LoRA, text encoder's table) in fp32
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
@@ -179,6 +179,31 @@ def prepare_state(config, components: models.Components, accelerator, guidance_c
         clean_embeds=clean_embeds,
         weight_dtype=weight_dtype, max_grad_norm=train_cfg.max_grad_norm, lora_layers=models.lora_layers(c.unet),
     )
+
+
+def offload_vae(state: TrainState) -> None:
+    """train.low_memory: keep the VAE in host memory once the reference latents are cached. Previews bring it back
+    for their decode (vae_on_device)."""
+    state.components.vae.to("cpu")
+    if state.accelerator.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def vae_on_device(state: TrainState):
+    """The VAE on the training device for the duration (previews decode with it); back where it was after."""
+    vae, device = state.components.vae, state.accelerator.device
+    home = next(vae.parameters()).device
+    if home == device:
+        yield
+        return
+    vae.to(device)
+    try:
+        yield
+    finally:
+        vae.to(home)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def prepare_subjects(project, config, state: TrainState, tokens: dict[str, str]) -> list[SubjectData]:
@@ -360,7 +385,7 @@ def render_preview(state: TrainState, config, tokens: dict[str, str], step: int,
     rows = preview_prompts(config, tokens)
     grid_rows: list[tuple[str, list]] = []
     cuda_devices = [acc.device] if acc.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda_devices), acc.autocast():
+    with torch.random.fork_rng(devices=cuda_devices), acc.autocast(), vae_on_device(state):
         for label, prompt in rows:
             images = [
                 pipe(prompt, height=res, width=res, num_inference_steps=min(config.render.steps, PREVIEW_MAX_STEPS),
@@ -550,8 +575,9 @@ def _resume_settings(config, guidance: str) -> dict:
     """What a resumed run must share with the run it continues: everything that changes the weights but steps."""
     data = config.to_dict()
     del data["render"]
-    # gradient_checkpointing recomputes activations and changes no result: switching it on to fit in memory resumes
-    for key in ("steps", "save_every", "preview_every", "gradient_checkpointing"):
+    # gradient_checkpointing (and low_memory: that plus where the VAE waits) changes no result: switching either on
+    # to fit in memory resumes
+    for key in ("steps", "save_every", "preview_every", "gradient_checkpointing", "low_memory"):
         del data["train"][key]
     data["palp"]["guidance"] = guidance
     return data
@@ -677,10 +703,13 @@ def train(project, *, steps: int | None = None, resume: bool = False, guidance: 
                 components.unet, components.vae, components.text_encoder,
                 state.lora_params + [state.token_embedding.rows], resolution=config.train.resolution,
                 batch_size=config.train.batch_size, half_precision=state.weight_dtype != torch.float32,
-                gradient_checkpointing=config.train.gradient_checkpointing)
+                gradient_checkpointing=config.train.gradient_checkpointing or config.train.low_memory,
+                vae_on_device=not config.train.low_memory)
             total = torch.cuda.get_device_properties(accelerator.device).total_memory / 2**30
             console.print(f"{estimate.describe()}; this GPU has {total:.1f} GiB")
         subjects = prepare_subjects(project, config, state, tokens)
+        if config.train.low_memory:
+            offload_vae(state)  # the latents are cached: the step never uses the VAE again
         generator = torch.Generator("cpu").manual_seed(config.train.seed + accelerator.process_index)
         step, log = 0, []
         if resume_from is not None:

@@ -38,6 +38,8 @@ def test_estimate_counts_weights_and_trained_values_and_scales_activations():
     assert estimate(batch_size=4).activations_gib == pytest.approx(4 * base.activations_gib, rel=1e-6)
     assert estimate(half_precision=False).activations_gib == pytest.approx(2 * base.activations_gib, rel=1e-6)
     assert estimate(gradient_checkpointing=True).activations_gib < base.activations_gib
+    vae_bytes = sum(p.numel() * p.element_size() for p in m.vae.parameters())
+    assert base.weights_gib - estimate(vae_on_device=False).weights_gib == pytest.approx(vae_bytes / 2**30, rel=1e-6)
     assert "estimate" in base.describe() and f"{base.total_gib:.1f} GiB" in base.describe()
 
 
@@ -57,17 +59,17 @@ def test_out_of_memory_exits_1_names_the_fixes_and_keeps_the_checkpoint(make_pro
     assert exc.value.code == 1
     err = " ".join(capsys.readouterr().err.split())
     assert "ran out of memory" in err and "at step 2" in err and "Traceback" not in err
-    for fix in ("train.resolution (now 16)", "train.batch_size (now 1)", "train.gradient_checkpointing = true",
+    for fix in ("train.resolution (now 16)", "train.batch_size (now 1)", "train.low_memory = true",
                 'train.mixed_precision = "bf16"', "checkpoint of step 1"):
         assert fix in err, fix
     out = root / "out"
     assert json.loads((out / "manifest.json").read_text())["status"] == "failed"
     assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 1
     assert not (out / "train.lock").exists()
-    # The advice holds: with gradient checkpointing switched on, the run resumes from that checkpoint.
+    # The advice holds: with the low-memory preset switched on, the run resumes from that checkpoint.
     monkeypatch.setattr(train_mod, "training_step", real_step)
     toml = root / "palp.toml"
-    text = re.sub(r"^\[train\]\n", "[train]\ngradient_checkpointing = true\n", toml.read_text(), flags=re.MULTILINE)
+    text = re.sub(r"^\[train\]\n", "[train]\nlow_memory = true\n", toml.read_text(), flags=re.MULTILINE)
     toml.write_text(text)
     main(["train", str(root), "--resume"])
     manifest = json.loads((out / "manifest.json").read_text())
@@ -93,3 +95,47 @@ def test_gradient_checkpointing_recomputes_the_lora_pass(tmp_path, monkeypatch):
     del calls[:]
     step()
     assert not calls  # and the count above came from it
+
+
+def test_low_memory_preset_changes_no_result_and_keeps_the_vae_off_the_device(make_project, monkeypatch):
+    """train.low_memory: gradient checkpointing on, the VAE offloaded once the latents are cached and brought back
+    only for previews; the losses are those of the same run without the preset."""
+    logs = {}
+    offloads, preview_vae_devices = [], []
+    real_offload, real_preview = train_mod.offload_vae, train_mod.render_preview
+
+    def spy_offload(state):
+        offloads.append(state.components.unet.is_gradient_checkpointing)
+        real_offload(state)
+
+    def spy_preview(state, *a, **kw):
+        with train_mod.vae_on_device(state):
+            preview_vae_devices.append(next(state.components.vae.parameters()).device)
+        return real_preview(state, *a, **kw)
+
+    monkeypatch.setattr(train_mod, "offload_vae", spy_offload)
+    monkeypatch.setattr(train_mod, "render_preview", spy_preview)
+    for low in (False, True):
+        root = make_project({"train": {"steps": 3, "preview_every": 3, "low_memory": low}}, dirname=f"low-{low}")
+        main(["train", str(root)])
+        logs[low] = [json.loads(line) for line in (root / "out" / "logs" / "train.jsonl").read_text().splitlines()]
+    assert offloads == [True]  # only with the preset, and with gradient checkpointing on
+    assert len(preview_vae_devices) == 2 and all(d.type == "cpu" for d in preview_vae_devices)
+    for a, b in zip(logs[False], logs[True], strict=True):
+        for key in ("loss_pers", "loss_align"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["step"], key)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_vae_on_device_brings_the_offloaded_vae_back_and_returns_it():
+    m = archs.build(archs.TINY, "cuda")
+
+    class State:
+        components = m
+        accelerator = type("A", (), {"device": torch.device("cuda")})()
+
+    train_mod.offload_vae(State)
+    assert next(m.vae.parameters()).device.type == "cpu"
+    with train_mod.vae_on_device(State):
+        assert next(m.vae.parameters()).device.type == "cuda"
+    assert next(m.vae.parameters()).device.type == "cpu"
