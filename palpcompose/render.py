@@ -10,6 +10,7 @@ parameters in the `parameters` text chunk AUTOMATIC1111 and ComfyUI read, a capt
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
@@ -159,6 +160,26 @@ def attach_trained_weights(pipe, weights: TrainedWeights, adapter_name: str = AD
             table[tokenizer.convert_tokens_to_ids(token)] = vector.reshape(-1).to(table)
 
 
+@contextlib.contextmanager
+def merged_lora(unet):
+    """The LoRA merged into the base weights for the duration (W <- W + scale * B A, peft's `merge`), unmerged after.
+
+    A render then costs what the base model costs: no extra low-rank matmuls per attention projection at every
+    sampling step (docs/performance.md: 1.27x images/s on the toy model on a CPU). In fp32 the images are those of
+    the unmerged adapter to rounding (tests/test_render.py); in fp16 the merged weights are rounded to fp16 once.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer) and not m.disable_adapters]
+    for layer in layers:
+        layer.merge()
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.unmerge()
+
+
 def snapshot_steps(out_dir: Path) -> list[int]:
     """The steps of every snapshot in `out/snapshots/step-NNNNNN/` that holds weights, ascending."""
     steps = []
@@ -268,22 +289,6 @@ def a1111_parameters(
     return "\n".join(lines)
 
 
-def _load_quietly(load_pipeline, source, dtype):
-    """Load the base model without diffusers' and transformers' per-component progress bars (render draws its own);
-    their previous state is restored afterwards."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    libraries = [lib for lib in (diffusers_logging, transformers_logging) if lib.is_progress_bar_enabled()]
-    for lib in libraries:
-        lib.disable_progress_bar()
-    try:
-        return load_pipeline(source, torch_dtype=dtype)
-    finally:
-        for lib in libraries:
-            lib.enable_progress_bar()
-
-
 def _pick_device() -> tuple[str, torch.dtype]:
     if torch.cuda.is_available():
         return "cuda", torch.float16
@@ -389,7 +394,7 @@ def render(
     # 3. Base model and sampler.
     source = resolve_base_model(cfg.project.base_model, project.root)
     device, dtype = _pick_device()
-    pipe = _load_quietly(load_pipeline, source, dtype)
+    pipe = load_pipeline(source, torch_dtype=dtype)
     pipe.scheduler = make_scheduler(settings.scheduler, pipe.scheduler.config)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
@@ -411,23 +416,25 @@ def render(
                     pipe.unet.disable_adapters()
             else:
                 attach_trained_weights(pipe, model.weights)
-            for start in range(0, len(jobs), settings.batch_size):
-                batch = jobs[start : start + settings.batch_size]
-                batch_texts = [
-                    (base_texts if model.weights is None else texts)[prompt] for _, prompt, _ in batch
-                ]
-                pictures = generate(pipe, batch_texts, [seed for _, _, seed in batch], settings)
-                for (p_index, prompt, seed), text, picture in zip(batch, batch_texts, pictures):
-                    path = run_dir / f"{model.label}_p{p_index}_seed{seed}.png"
-                    extra = {
-                        "PALP weights": model.label if model.weights is not None else "none (base model)"
-                    }
-                    if model.step is not None:
-                        extra["PALP step"] = str(model.step)
-                    params = a1111_parameters(text, settings, seed, cfg.project.base_model, extra)
-                    _save_png(path, picture, params)
-                    images.append(RenderedImage(path, model.label, model.step, prompt, text, seed))
-                    progress.advance(task)
+            # merged once per model (not per batch: in fp16 each merge/unmerge pair rounds the base weights)
+            with merged_lora(pipe.unet) if model.weights is not None else contextlib.nullcontext():
+                for start in range(0, len(jobs), settings.batch_size):
+                    batch = jobs[start : start + settings.batch_size]
+                    batch_texts = [
+                        (base_texts if model.weights is None else texts)[prompt] for _, prompt, _ in batch
+                    ]
+                    pictures = generate(pipe, batch_texts, [seed for _, _, seed in batch], settings)
+                    for (p_index, prompt, seed), text, picture in zip(batch, batch_texts, pictures):
+                        path = run_dir / f"{model.label}_p{p_index}_seed{seed}.png"
+                        extra = {
+                            "PALP weights": model.label if model.weights is not None else "none (base model)"
+                        }
+                        if model.step is not None:
+                            extra["PALP step"] = str(model.step)
+                        params = a1111_parameters(text, settings, seed, cfg.project.base_model, extra)
+                        _save_png(path, picture, params)
+                        images.append(RenderedImage(path, model.label, model.step, prompt, text, seed))
+                        progress.advance(task)
 
     # 5. Contact sheet and the run's index.
     sheet_path = run_dir / "contact-sheet.png"

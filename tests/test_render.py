@@ -6,6 +6,7 @@ import json
 import shutil
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 from test_render_fixtures import make_project, write_manifest
@@ -228,3 +229,37 @@ def test_cli_refuses_weights_that_do_not_fit_the_base_model(project_dir, capsys)
     assert run_cli("render", project_dir) == 2
     assert "does not fit this base model" in capsys.readouterr().err
     assert not (project_dir / "out" / "renders").exists()
+
+
+def test_render_merges_the_lora_and_draws_what_the_unmerged_adapter_draws(project_dir, base, monkeypatch):
+    """The speed lever on by default: the LoRA is merged into the base weights for the render (no per-step low-rank
+    matmuls), and the images are those of the adapter applied unmerged, as diffusers + peft would draw them."""
+    from diffusers import StableDiffusionPipeline
+
+    from palpcompose import render as render_mod
+    from palpcompose.weights import load_trained_weights
+
+    merged_layers = []
+    real = render_mod.merged_lora
+
+    def spy(unet):
+        merged_layers.append(sum(1 for m in unet.modules() if hasattr(m, "merged_adapters")))
+        return real(unet)
+
+    monkeypatch.setattr(render_mod, "merged_lora", spy)
+    result = render(load_project(project_dir, check_images=False), seeds=[0, 1], scheduler="ddim")
+    assert merged_layers and merged_layers[0] > 0
+    pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = make_scheduler("ddim", pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    render_mod.attach_trained_weights(pipe, load_trained_weights(project_dir / "out/weights/final"))
+    unet_before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    plain = generate(pipe, [result.images[0].text] * 2, [0, 1], result.settings)
+    for image, expected in zip(result.images, plain, strict=True):
+        assert np.abs(np.asarray(expected).astype(np.int16) - pixels(image.path)).max() <= 1
+    with render_mod.merged_lora(pipe.unet):  # merged: other base weights, the same images
+        merged = generate(pipe, [result.images[0].text], [0], result.settings)[0]
+        assert any(not torch.equal(v, unet_before[k]) for k, v in pipe.unet.state_dict().items())
+    assert np.abs(np.asarray(merged).astype(np.int16) - np.asarray(plain[0]).astype(np.int16)).max() <= 1
+    for k, v in pipe.unet.state_dict().items():  # unmerged after: the base weights are back (to fp32 rounding)
+        torch.testing.assert_close(v, unet_before[k], rtol=1e-5, atol=1e-6)
