@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import shutil
 import statistics
 import sys
@@ -29,6 +28,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import archs
+from benchmarks._cli import run_main
 from palpcompose import accel
 from palpcompose.errors import UserError
 
@@ -186,20 +186,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.set_verbosity_error()
-    transformers_logging.set_verbosity_error()
-    try:
-        report = run(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(report))
-    return 0
+    return run_main(run, parse_args(argv), ())
 
 
 if __name__ == "__main__":

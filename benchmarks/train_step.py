@@ -21,7 +21,6 @@ With --json the last stdout line is one JSON object (reference_ms, none_ms, palp
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import shutil
 import statistics
@@ -34,6 +33,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import archs
+from benchmarks._cli import run_main
 from benchmarks.ours import make_engine_step
 from benchmarks.reference import ReferenceStep
 from palpcompose import accel
@@ -247,24 +247,7 @@ def _print_row(name: str, r: dict) -> None:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.set_verbosity_error()
-    transformers_logging.set_verbosity_error()
-    try:
-        report = run(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(report))
-    else:
-        for key in ("reference_ms", "none_ms", "palp_ms", "peak_mem_gib"):
-            if key in report:
-                print(f"{key}: {report[key]}")
-    return 0
+    return run_main(run, parse_args(argv), ("reference_ms", "none_ms", "palp_ms", "peak_mem_gib"))
 
 
 if __name__ == "__main__":

@@ -140,6 +140,17 @@ class CliResult:
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny models: a second intra-op thread only spins on 2 cores (3x the CPU time); restored afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def run_cli(capsys):
     """Run `palpcompose ARGS...` in-process through `cli.main` (its error mapping included): CliResult."""
     from palpcompose.cli import main

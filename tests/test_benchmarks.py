@@ -12,14 +12,7 @@ from benchmarks.reference import ReferenceStep
 from palpcompose import accel
 from palpcompose.errors import UserError
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: a second intra-op thread only spins on 2 cores; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run on one intra-op thread
 
 
 def test_train_step_json_report(capsys):

@@ -80,28 +80,33 @@ def assert_same_lora(loaded, trained):
         torch.testing.assert_close(loaded[key], value)
 
 
-def test_diffusers_export_loads_in_plain_diffusers_and_renders_the_same(project, base, reference, tmp_path):
-    result = export(project, "diffusers", tmp_path / "exp")
-    names = sorted(p.name for p in (tmp_path / "exp").iterdir())
-    assert names == ["duo-v1.safetensors", "duo-v2.safetensors", "pytorch_lora_weights.safetensors"]
-    assert len(result.files) == 3
-
+def assert_loads_in_plain_diffusers_and_renders_the_same(base, folder, weight_name, project, reference):
+    """Plain diffusers loads the exported LoRA (every key matched) and each embedding; the LoRA is the trained one,
+    and the image is the one palpcompose renders (`reference`)."""
     pipe = plain_pipeline(base)
     warnings = DiffusersWarnings()
     logging.getLogger("diffusers").addHandler(warnings)
     try:
-        pipe.load_lora_weights(tmp_path / "exp")
+        pipe.load_lora_weights(folder, **({"weight_name": weight_name} if weight_name else {}))
         for token in TOKENS.values():
-            pipe.load_textual_inversion(tmp_path / "exp" / f"{token.strip('<>')}.safetensors", token=token)
+            pipe.load_textual_inversion(folder / f"{token.strip('<>')}.safetensors", token=token)
     finally:
         logging.getLogger("diffusers").removeHandler(warnings)
     assert not [m for m in warnings.messages if "unexpected keys" in m or "missing keys" in m], (
         warnings.messages
     )
     assert_same_lora(loaded_lora(pipe), load_trained_weights(project.root / "out/weights/final").lora)
-
     image, settings = reference
     assert np.abs(render_plain(pipe, settings) - image).max() <= 2
+
+
+def test_diffusers_export_loads_in_plain_diffusers_and_renders_the_same(project, base, reference, tmp_path):
+    result = export(project, "diffusers", tmp_path / "exp")
+    names = sorted(p.name for p in (tmp_path / "exp").iterdir())
+    assert names == ["duo-v1.safetensors", "duo-v2.safetensors", "pytorch_lora_weights.safetensors"]
+    assert len(result.files) == 3
+
+    assert_loads_in_plain_diffusers_and_renders_the_same(base, tmp_path / "exp", None, project, reference)
 
 
 def test_webui_export_is_kohya_and_renders_the_same_as_the_diffusers_export(
@@ -118,22 +123,8 @@ def test_webui_export_is_kohya_and_renders_the_same_as_the_diffusers_export(
         assert list(embedding) == ["emb_params"] and embedding["emb_params"].shape == (1, 16)
 
     # Back through diffusers' kohya reader: every key matched, the very same weights, the same image.
-    pipe = plain_pipeline(base)
-    warnings = DiffusersWarnings()
-    logging.getLogger("diffusers").addHandler(warnings)
-    try:
-        pipe.load_lora_weights(tmp_path / "webui", weight_name="duo.safetensors")
-        for token in TOKENS.values():
-            pipe.load_textual_inversion(tmp_path / "webui" / f"{token.strip('<>')}.safetensors", token=token)
-    finally:
-        logging.getLogger("diffusers").removeHandler(warnings)
-    assert not [m for m in warnings.messages if "unexpected keys" in m or "missing keys" in m], (
-        warnings.messages
-    )
-    assert_same_lora(loaded_lora(pipe), load_trained_weights(project.root / "out/weights/final").lora)
-
-    image, settings = reference
-    assert np.abs(render_plain(pipe, settings) - image).max() <= 2
+    assert_loads_in_plain_diffusers_and_renders_the_same(base, tmp_path / "webui", "duo.safetensors", project,
+                                                         reference)
 
 
 @pytest.mark.parametrize("fmt", ["diffusers", "webui"])

@@ -18,13 +18,7 @@ from palpcompose.guidance import cfg
 RESOLUTION = 16  # tiny VAE: 8x8 latents
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: a second intra-op thread only spins (3x the CPU time on 2 cores); restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run on one intra-op thread
 
 
 def engine(tmp_path, opts=None, mode="palp", alpha=7.5, beta=1.0, batch=1, device="cpu", low_memory=False,
