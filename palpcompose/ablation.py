@@ -383,7 +383,13 @@ def report_markdown(s: Settings, table: dict, verdicts: list[dict], runs_done: d
 # The command
 
 
-def run_ablation(s: Settings, log=print) -> dict:
+def cached_scores(root: Path) -> dict:
+    """The scores a run's earlier scoring left in out/ablation-scores.json ({} when none)."""
+    path = root / "out" / "ablation-scores.json"
+    return json.loads(path.read_text()).get("steps", {}) if path.is_file() else {}
+
+
+def run_ablation(s: Settings, log=print, report_only: bool = False) -> dict:
     from rich.console import Console
 
     from palpcompose.toyworld import oracle as toy_oracle
@@ -402,6 +408,13 @@ def run_ablation(s: Settings, log=print) -> dict:
             else:
                 plan += [(seed, variant, i, [i]) for i in range(s.prompts)]
     for n, (seed, variant, prompt_index, indices) in enumerate(plan, 1):
+        if report_only:  # what earlier invocations scored; nothing is trained or rendered
+            steps = cached_scores(run_dir(s, seed, variant, prompt_index))
+            for i in indices:
+                runs = {int(step): by_prompt[str(i)] for step, by_prompt in steps.items() if str(i) in by_prompt}
+                if len(runs) > 1:
+                    scored[variant][(seed, i)] = runs
+            continue
         root = write_run(s, seed, variant, prompt_index)
         t0 = time.monotonic()
         status = train_run(root, quiet)
@@ -451,6 +464,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="a small version: 2 subjects, 2 prompts, 2 seeds, 200 steps, snapshots every 100")
     parser.add_argument("--base-model", default="builtin:toy", help="another toy-world model (diffusers folder)")
     parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--report-only", action="store_true",
+                        help="rebuild the report from the scores already in WORK (e.g. after runs split over several "
+                        "processes); trains and renders nothing")
     parser.add_argument("--learning-rate", type=float, default=Settings.learning_rate, help="LoRA learning rate")
     parser.add_argument("--embedding-learning-rate", type=float, default=Settings.embedding_learning_rate,
                         help="learning rate of the placeholder embedding")
@@ -483,7 +499,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.quick:
             s = replace(s, subjects=s.subjects[:2], prompts=min(s.prompts, 2), seeds=min(s.seeds, 2), steps=200,
                         every=100)
-        result = run_ablation(s, log=lambda m: print(m, flush=True))
+        result = run_ablation(s, log=lambda m: print(m, flush=True), report_only=args.report_only)
         for f in result["findings"]:
             print(f"finding {f['finding']}: {f['verdict']}: {f['figure']}")
         print(f"report: {s.work / 'report.md'}")

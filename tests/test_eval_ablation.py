@@ -32,7 +32,8 @@ def test_findings_verdicts_follow_the_numbers():
                         4: "same direction, within noise (2 SE)", 5: "not reproduced"}
 
 
-def test_ablation_runs_scores_reports_and_skips_finished_runs(tmp_path, tiny_pipeline_dir, oracle, capsys):
+def test_ablation_runs_scores_reports_and_skips_finished_runs(tmp_path, tiny_pipeline_dir, oracle, capsys,
+                                                              monkeypatch):
     args = ["--work", str(tmp_path / "abl"), "--subjects", "3", "--prompts", "1", "--seeds", "2", "--steps", "2",
             "--every", "1", "--variants", "none,palp", "--base-model", str(tiny_pipeline_dir), "--resolution", "16"]
     ablation.main(args)
@@ -53,6 +54,12 @@ def test_ablation_runs_scores_reports_and_skips_finished_runs(tmp_path, tiny_pip
     ablation.main(args)
     second = capsys.readouterr().out
     assert "train completed" not in second and second.count("train up_to_date") == 2
+    assert json.loads((tmp_path / "abl" / "results.json").read_text())["table"] == results["table"]
+    # --report-only: the same table from the cached scores, with nothing trained or rendered
+    (tmp_path / "abl" / "results.json").unlink()
+    monkeypatch.setattr(ablation, "train_run", lambda *a: pytest.fail("--report-only trained"))
+    monkeypatch.setattr(ablation, "Renderer", lambda *a: pytest.fail("--report-only rendered"))
+    ablation.main(args + ["--report-only"])
     assert json.loads((tmp_path / "abl" / "results.json").read_text())["table"] == results["table"]
 
 
