@@ -171,10 +171,12 @@ class ProjectConfig:
         return _sha256_json(self.to_dict())
 
     def training_hash(self) -> str:
-        """Hash of the settings that change the trained weights: not [render], not snapshot/preview periods."""
+        """Hash of the settings that change the trained weights: not [render], not snapshot/preview periods, not the
+        low-memory preset (same results; left out also so that projects trained before the key existed stay up to
+        date)."""
         data = self.to_dict()
         del data["render"]
-        for key in ("save_every", "preview_every"):
+        for key in ("save_every", "preview_every", "low_memory"):
             del data["train"][key]
         return _sha256_json(data)
 

@@ -146,6 +146,11 @@ def test_palp_and_none_train_different_weights_and_up_to_date(make_project):
     console = quiet()
     assert train(a, guidance="palp", console=console).status == "up_to_date"
     assert "weights are up to date" in console.file.getvalue()
+    # the low-memory preset changes no result: switching it on keeps the weights up to date
+    toml = a / "palp.toml"
+    toml.write_text(toml.read_text().replace("[train]\n", "[train]\nlow_memory = true\n", 1))
+    assert "low_memory = true" in toml.read_text()
+    assert train(a, guidance="palp", console=quiet()).status == "up_to_date"
     assert train(a, guidance="none", console=quiet()).status == "completed"  # another setting: retrains
     before = (a / "out" / "manifest.json").read_text()
     assert train(a, guidance="none", force=True, console=quiet()).status == "completed"
