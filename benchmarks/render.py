@@ -90,27 +90,19 @@ def build_pipeline(spec: archs.ArchSpec, device: str, dtype: torch.dtype, tokeni
 @contextlib.contextmanager
 def levers_applied(pipe, levers: set[str]):
     """Apply render levers for one variant and undo them afterwards, so variants do not leak into each other."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
+    from palpcompose.render import merged_lora
 
-    lora_layers = [mod for mod in pipe.unet.modules() if isinstance(mod, BaseTunerLayer)]
-    if "fuse" in levers:
-        for layer in lora_layers:  # W <- W + scale * B A: the LoRA costs nothing at render time
-            layer.merge()
-    if "channels_last" in levers:
-        pipe.unet.to(memory_format=torch.channels_last)
-        pipe.vae.to(memory_format=torch.channels_last)
-    graphs = accel.GraphedInference(pipe.unet) if "graphs" in levers else None
-    try:
-        yield
-    finally:
-        if graphs is not None:
-            graphs.remove()
-        if "channels_last" in levers:
-            pipe.unet.to(memory_format=torch.contiguous_format)
-            pipe.vae.to(memory_format=torch.contiguous_format)
+    with contextlib.ExitStack() as undo:  # undone in reverse order
         if "fuse" in levers:
-            for layer in lora_layers:
-                layer.unmerge()
+            undo.enter_context(merged_lora(pipe.unet))  # as `palpcompose render` does
+        if "channels_last" in levers:
+            pipe.unet.to(memory_format=torch.channels_last)
+            pipe.vae.to(memory_format=torch.channels_last)
+            undo.callback(pipe.vae.to, memory_format=torch.contiguous_format)
+            undo.callback(pipe.unet.to, memory_format=torch.contiguous_format)
+        if "graphs" in levers:
+            undo.callback(accel.GraphedInference(pipe.unet).remove)
+        yield
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -473,9 +473,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # as the CLI: no torchvision notices
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    from diffusers.utils import logging as diffusers_logging
-
-    diffusers_logging.disable_progress_bar()  # "Loading pipeline components" for each of the ~100 runs
     try:
         variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
         unknown = [v for v in variants if v not in VARIANTS]

@@ -165,7 +165,7 @@ def merged_lora(unet):
     """The LoRA merged into the base weights for the duration (W <- W + scale * B A, peft's `merge`), unmerged after.
 
     A render then costs what the base model costs: no extra low-rank matmuls per attention projection at every
-    sampling step (docs/performance.md: 1.27x images/s on the toy model on a CPU). In fp32 the images are those of
+    sampling step (docs/performance.md: 1.13x images/s over the unmerged adapter, toy model, CPU). In fp32 the images are those of
     the unmerged adapter to rounding (tests/test_render.py); in fp16 the merged weights are rounded to fp16 once.
     """
     from peft.tuners.tuners_utils import BaseTunerLayer
