@@ -136,6 +136,11 @@ class TrainConfig:
         "images are encoded (it comes back only to draw previews). Same results, slower steps.", False,
         extension=True)
 
+    @property
+    def recomputes_activations(self) -> bool:
+        """Gradient checkpointing is on: asked for directly, or through the low-memory preset."""
+        return self.gradient_checkpointing or self.low_memory
+
 
 @dataclass(frozen=True)
 class RenderConfig:

@@ -88,7 +88,7 @@ class TrainState:
     clean_embeds: torch.Tensor | None  # (1, 77, D) the clean prompt y_c, encoded once (None for guidance none)
     weight_dtype: torch.dtype
     max_grad_norm: float
-    lora_layers: list = field(default_factory=list)  # the UNet's peft LoRA layers (adapters() toggles only these)
+    lora_layers: list  # the UNet's peft LoRA layers (adapters() toggles only these; empty would leave LoRA on)
     graphs: object = None  # an accel.GraphCache to replay the no-grad guidance passes from CUDA graphs, or None
     graphed_pass: object = None  # an accel.GraphedPersonalizationPass (forward+backward from CUDA graphs), or None
 
@@ -147,7 +147,7 @@ def prepare_state(config, components: models.Components, accelerator, guidance_c
     token_embedding = train_placeholder_rows(c.text_encoder, token_ids)
     torch.manual_seed(train_cfg.seed)  # LoRA initialisation
     lora_params = models.add_lora(c.unet, train_cfg.lora_rank, train_cfg.lora_alpha or train_cfg.lora_rank)
-    if train_cfg.gradient_checkpointing or train_cfg.low_memory:
+    if train_cfg.recomputes_activations:
         c.unet.enable_gradient_checkpointing()
     # Frozen weights in the mixed-precision dtype, trainable ones (LoRA, text encoder's table) in fp32
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
@@ -703,7 +703,7 @@ def train(project, *, steps: int | None = None, resume: bool = False, guidance: 
                 components.unet, components.vae, components.text_encoder,
                 state.lora_params + [state.token_embedding.rows], resolution=config.train.resolution,
                 batch_size=config.train.batch_size, half_precision=state.weight_dtype != torch.float32,
-                gradient_checkpointing=config.train.gradient_checkpointing or config.train.low_memory,
+                gradient_checkpointing=config.train.recomputes_activations,
                 vae_on_device=not config.train.low_memory)
             total = torch.cuda.get_device_properties(accelerator.device).total_memory / 2**30
             console.print(f"{estimate.describe()}; this GPU has {total:.1f} GiB")
