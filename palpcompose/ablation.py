@@ -482,6 +482,9 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError(f"--prompts must be between 1 and {len(PROMPTS)}")
         if args.seeds < 1 or args.steps < 1 or args.every < 1:
             raise UserError("--seeds, --steps and --every must be at least 1")
+        if not 0 < args.learning_rate <= 1 or not 0 <= args.embedding_learning_rate <= 1:  # train.* bounds
+            raise UserError("--learning-rate must be in (0, 1] and --embedding-learning-rate in [0, 1], e.g. 1e-3 "
+                            "and 5e-3")
         if args.device == "cpu":
             os.environ["CUDA_VISIBLE_DEVICES"] = ""  # train() and the renderer use CUDA whenever they see it
         else:

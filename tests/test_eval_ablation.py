@@ -68,3 +68,8 @@ def test_bad_options_exit_2(tmp_path, capsys):
         ablation.main(["--work", str(tmp_path / "abl"), "--variants", "palp,dds"])
     assert exc.value.code == 2 and "dds" in capsys.readouterr().err
     assert not (tmp_path / "abl").exists()
+    for option in ("--learning-rate", "--embedding-learning-rate"):
+        with pytest.raises(SystemExit) as exc:
+            ablation.main(["--work", str(tmp_path / "abl"), option, "-1"])
+        assert exc.value.code == 2 and option in capsys.readouterr().err
+        assert not (tmp_path / "abl").exists()
