@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -28,7 +28,7 @@ app = typer.Typer(
 console = Console()
 err_console = Console(stderr=True)
 
-ProjectDir = Annotated[Path, typer.Argument(help="The project folder (holds palp.toml).")]
+ProjectDir = Annotated[Path, typer.Argument(metavar="DIR", help="The project folder (holds palp.toml).", show_default=False)]
 
 
 def _version_callback(value: bool) -> None:
@@ -41,7 +41,7 @@ def _version_callback(value: bool) -> None:
 def _root(
     debug: Annotated[bool, typer.Option("--debug", help="Show Python tracebacks on errors.")] = False,
     version: Annotated[
-        Optional[bool], typer.Option("--version", callback=_version_callback, is_eager=True, help="Print the version.")
+        bool | None, typer.Option("--version", callback=_version_callback, is_eager=True, help="Print the version.")
     ] = None,
 ) -> None:
     if debug:
@@ -50,9 +50,9 @@ def _root(
 
 @app.command()
 def init(
-    project_dir: Annotated[Path, typer.Argument(help="The folder to create the project in (created if missing).")],
+    project_dir: Annotated[Path, typer.Argument(metavar="DIR", help="The folder to create the project in (created if missing).")],
     template: Annotated[
-        str, typer.Option("--template", help="single-subject, multi-subject, art-inspired or toy-demo.")
+        str, typer.Option("--template", metavar="NAME", help="single-subject, multi-subject, art-inspired or toy-demo.")
     ] = "art-inspired",
 ) -> None:
     """Create a project: a commented palp.toml, refs/ for the reference images, .gitignore and a README."""
@@ -115,9 +115,9 @@ def check(project_dir: ProjectDir) -> None:
 @app.command()
 def train(
     project_dir: ProjectDir,
-    steps: Annotated[Optional[int], typer.Option("--steps", help="Train to N steps in total (default: train.steps).")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", metavar="N", help="Train to N steps in total (default: train.steps).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from out/checkpoint (an interrupted or finished run).")] = False,
-    guidance: Annotated[Optional[str], typer.Option("--guidance", help="palp, sds or none (default: palp.guidance).")] = None,
+    guidance: Annotated[str | None, typer.Option("--guidance", metavar="MODE", help="palp, sds or none (default: palp.guidance).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Retrain even when the weights are up to date.")] = False,
 ) -> None:
     """Train the project's subjects with PALP: progress bar, previews, snapshots, out/weights/final/."""
@@ -134,19 +134,19 @@ def train(
 def render(
     project_dir: ProjectDir,
     prompt: Annotated[
-        Optional[list[str]],
-        typer.Option("--prompt", help="Prompt to render, with [V1]-style placeholders (repeatable). Default: "
+        list[str] | None,
+        typer.Option("--prompt", metavar="TEXT", help="Prompt to render, with [V1]-style placeholders (repeatable). Default: "
                      "render.prompts, else palp.target_prompt."),
     ] = None,
-    seeds: Annotated[Optional[str], typer.Option("--seeds", help="Seeds: 0-7, 1,5,9 or mixes (0-3,10).")] = None,
-    step: Annotated[Optional[int], typer.Option("--step", help="Use the snapshot of step N instead of the final weights.")] = None,
-    steps: Annotated[Optional[int], typer.Option("--steps", help="Sampling steps.")] = None,
-    guidance_scale: Annotated[Optional[float], typer.Option("--guidance-scale", help="Classifier-free guidance scale.")] = None,
-    width: Annotated[Optional[int], typer.Option("--width", help="Image width in pixels (multiple of 8).")] = None,
-    height: Annotated[Optional[int], typer.Option("--height", help="Image height in pixels (multiple of 8).")] = None,
-    negative_prompt: Annotated[Optional[str], typer.Option("--negative-prompt", help="Negative prompt.")] = None,
-    scheduler: Annotated[Optional[str], typer.Option("--scheduler", help="Sampler: dpm++ (default), ddim or euler-a.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Images per forward pass (the images do not change).")] = None,
+    seeds: Annotated[str | None, typer.Option("--seeds", metavar="SEEDS", help="Seeds: 0-7, 1,5,9 or mixes (0-3,10).")] = None,
+    step: Annotated[int | None, typer.Option("--step", metavar="N", help="Use the snapshot of step N instead of the final weights.")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", metavar="N", help="Sampling steps.")] = None,
+    guidance_scale: Annotated[float | None, typer.Option("--guidance-scale", metavar="FLOAT", help="Classifier-free guidance scale.")] = None,
+    width: Annotated[int | None, typer.Option("--width", metavar="PX", help="Image width in pixels (multiple of 8).")] = None,
+    height: Annotated[int | None, typer.Option("--height", metavar="PX", help="Image height in pixels (multiple of 8).")] = None,
+    negative_prompt: Annotated[str | None, typer.Option("--negative-prompt", metavar="TEXT", help="Negative prompt.")] = None,
+    scheduler: Annotated[str | None, typer.Option("--scheduler", metavar="NAME", help="Sampler: dpm++ (default), ddim or euler-a.")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", metavar="N", help="Images per forward pass (the images do not change).")] = None,
     sweep: Annotated[bool, typer.Option("--sweep", help="Render every snapshot and the final weights in one grid.")] = False,
     compare: Annotated[bool, typer.Option("--compare", help="Render the base model (class words, no LoRA) beside the personalized one.")] = False,
 ) -> None:
@@ -167,9 +167,9 @@ def render(
 @app.command()
 def export(
     project_dir: ProjectDir,
-    fmt: Annotated[str, typer.Option("--format", help="diffusers or webui (AUTOMATIC1111, ComfyUI).")],
-    out: Annotated[Path, typer.Option("--out", help="Folder to write the files to (created if missing).")],
-    step: Annotated[Optional[int], typer.Option("--step", help="Export the snapshot of step N instead of the final weights.")] = None,
+    fmt: Annotated[str, typer.Option("--format", metavar="FORMAT", help="diffusers or webui (AUTOMATIC1111, ComfyUI).")],
+    out: Annotated[Path, typer.Option("--out", metavar="PATH", help="Folder to write the files to (created if missing).")],
+    step: Annotated[int | None, typer.Option("--step", metavar="N", help="Export the snapshot of step N instead of the final weights.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite files of the same name in the --out folder.")] = False,
 ) -> None:
     """Write the trained weights in another tool's format (diffusers, or webui for AUTOMATIC1111 and ComfyUI)."""
@@ -188,15 +188,15 @@ def export(
 @app.command(name="eval")
 def eval_command(
     project_dir: ProjectDir,
-    clip: Annotated[Optional[Path], typer.Option("--clip", help="A local CLIP model folder (transformers format): "
+    clip: Annotated[Path | None, typer.Option("--clip", metavar="PATH", help="A local CLIP model folder (transformers format): "
                     "the paper's CLIP metrics. Needed for models other than builtin:toy.")] = None,
     oracle: Annotated[bool, typer.Option("--oracle", help="Judge with the toy world's oracle (automatic for "
                       "builtin:toy; for your own models trained on the toy world).")] = False,
-    renders: Annotated[Optional[Path], typer.Option("--renders", help="Score this render folder (or run name under "
+    renders: Annotated[Path | None, typer.Option("--renders", metavar="PATH", help="Score this render folder (or run name under "
                        "out/renders/) instead of rendering the target prompt.")] = None,
-    seeds: Annotated[Optional[str], typer.Option("--seeds", help="Seeds to render: 0-7, 1,5,9 or mixes "
+    seeds: Annotated[str | None, typer.Option("--seeds", metavar="SEEDS", help="Seeds to render: 0-7, 1,5,9 or mixes "
                      "(default: render.seeds).")] = None,
-    step: Annotated[Optional[int], typer.Option("--step", help="Render with the snapshot of step N instead of the "
+    step: Annotated[int | None, typer.Option("--step", metavar="N", help="Render with the snapshot of step N instead of the "
                     "final weights.")] = None,
 ) -> None:
     """Measure text alignment and subject fidelity of renders: a table and out/eval.json (docs/evaluation.md)."""

@@ -73,7 +73,7 @@ def _hub_cached(repo_id: str) -> bool:
 
         hit = try_to_load_from_cache(repo_id, "model_index.json")
         return isinstance(hit, str)
-    except Exception:
+    except Exception:  # noqa: BLE001 - a cache we cannot read counts as no cache (the load then says what to do)
         return False
 
 
@@ -296,7 +296,7 @@ def set_attention(unet, mode: str, device_type: str) -> str:
             try:
                 unet.enable_xformers_memory_efficient_attention()
                 return ""
-            except Exception as exc:  # built for another torch/CUDA (measured: 0.35 on torch 2.11 + CUDA 13)
+            except Exception as exc:  # noqa: BLE001 - built for another torch/CUDA (measured: 0.35 on torch 2.11 + CUDA 13)
                 reason = f"xformers is installed but does not run here ({type(exc).__name__})"
         if mode == "xformers":
             raise UserError(f"train.attention = \"xformers\": {reason}; use \"auto\" or \"sdpa\"")

@@ -6,8 +6,8 @@ import json
 import shutil
 
 import numpy as np
-import torch
 import pytest
+import torch
 from PIL import Image
 from test_render_fixtures import make_project, write_manifest
 from tiny_pipeline import make_tiny_pipeline

@@ -11,23 +11,19 @@ from pathlib import Path
 
 import torch
 
-from palpcompose.toyworld.tokenizer import byte_level_alphabet
+from palpcompose.toyworld.tokenizer import byte_level_vocab
 
 WORDS = (
-    "a an the of photo painting oil sketch cat dog rock sitting on in inspired by watercolor style picture "
-    "toy cube ball at night snow sunset red blue green"
-).split()
+    "a", "an", "the", "of", "photo", "painting", "oil", "sketch", "cat", "dog", "rock", "sitting", "on", "in",
+    "inspired", "by", "watercolor", "style", "picture", "toy", "cube", "ball", "at", "night", "snow", "sunset", "red",
+    "blue", "green",
+)
 
 
 def write_tokenizer_files(folder: Path) -> None:
     """A CLIP BPE vocabulary: bytes as tokens (so any text encodes), a few whole words, start/end tokens."""
     folder.mkdir(parents=True, exist_ok=True)
-    byte_chars = byte_level_alphabet()
-    vocab: dict[str, int] = {}
-    for ch in byte_chars:
-        vocab.setdefault(ch, len(vocab))
-    for ch in byte_chars:
-        vocab.setdefault(ch + "</w>", len(vocab))
+    vocab = byte_level_vocab()
     merges: list[str] = []
     for word in WORDS:
         # merge left to right: w o r d</w> -> wo r d</w> -> wor d</w> -> word</w>

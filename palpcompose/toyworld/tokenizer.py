@@ -39,6 +39,15 @@ def byte_level_alphabet() -> list[str]:
     return chars
 
 
+def byte_level_vocab() -> dict[str, int]:
+    """The vocabulary every CLIP BPE vocabulary starts with: each byte stand-in, then each as a word end ("a</w>")."""
+    vocab: dict[str, int] = {}
+    for suffix in ("", "</w>"):
+        for ch in byte_level_alphabet():
+            vocab.setdefault(ch + suffix, len(vocab))
+    return vocab
+
+
 def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
     """Byte-pair encoding of one word: repeatedly merge the adjacent pair with the lowest rank."""
     pieces = list(word[:-1]) + [word[-1] + "</w>"]
@@ -61,12 +70,7 @@ def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
 
 
 def build_vocab() -> tuple[dict[str, int], list[str]]:
-    byte_chars = byte_level_alphabet()
-    vocab: dict[str, int] = {}
-    for ch in byte_chars:
-        vocab.setdefault(ch, len(vocab))
-    for ch in byte_chars:
-        vocab.setdefault(ch + "</w>", len(vocab))
+    vocab = byte_level_vocab()
     merges: list[tuple[str, str]] = []
     ranks: dict[tuple[str, str], int] = {}
     changed = True
