@@ -32,11 +32,14 @@ CLEAN_PROMPT = "An oil painting of a cat sitting on a rock"
 
 
 def bench_config(mode: str, alpha: float, beta: float, batch: int, resolution: int, mixed_precision: str,
-                 low_memory: bool = False) -> ProjectConfig:
-    """A one-subject project with the paper's defaults (method.md), as `palpcompose train` would resolve it."""
+                 low_memory: bool = False, num_subjects: int = 1) -> ProjectConfig:
+    """A project of `num_subjects` subjects (V1, V2, ...) with the paper's defaults (method.md), as `palpcompose
+    train` would resolve it."""
     return ProjectConfig(
         project=ProjectSection(name=PROJECT, base_model="builtin:toy"),
-        subjects={"V1": SubjectConfig(class_name="cat", images=("refs/cat.png",), prompt=PERSONAL_PROMPT)},
+        subjects={f"V{k}": SubjectConfig(class_name="cat", images=("refs/cat.png",),
+                                         prompt=PERSONAL_PROMPT.replace("[V1]", f"[V{k}]"))
+                  for k in range(1, num_subjects + 1)},
         palp=PalpConfig(target_prompt="An oil painting of [V1]", clean_prompt=CLEAN_PROMPT, guidance=mode,
                         alpha=alpha, beta=beta),
         train=TrainConfig(batch_size=batch, resolution=resolution, mixed_precision=mixed_precision,
@@ -47,16 +50,18 @@ def bench_config(mode: str, alpha: float, beta: float, batch: int, resolution: i
 
 def make_engine_step(
     m: Models, tokenizer, mode: str, opts: accel.AccelOptions, pixel_values: torch.Tensor, *, alpha: float = 7.5,
-    beta: float = 1.0, mixed_precision: str = "no", seed: int = 0, low_memory: bool = False,
+    beta: float = 1.0, mixed_precision: str = "no", seed: int = 0, low_memory: bool = False, num_subjects: int = 1,
 ) -> tuple[train.TrainState, Callable[[], dict[str, float]]]:
     """Build the engine's TrainState on `m` (which it takes over) and a no-argument callable running one step.
     `low_memory`: the engine's low-memory preset (train.low_memory): gradient checkpointing, and the VAE moved to the
-    CPU once the latents are cached."""
+    CPU once the latents are cached. `num_subjects`: that many subjects, each with its own placeholder row and the
+    same reference latents; each sample of a batch draws one (data.sample_batch)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
     batch, _, resolution, _ = pixel_values.shape
-    config = bench_config(mode, alpha, beta, batch, resolution, mixed_precision, low_memory=low_memory)
+    config = bench_config(mode, alpha, beta, batch, resolution, mixed_precision, low_memory=low_memory,
+                          num_subjects=num_subjects)
     components = models.Components(
         unet=m.unet, vae=m.vae, text_encoder=m.text_encoder, tokenizer=tokenizer, noise_scheduler=m.scheduler,
         inference_scheduler_config=dict(m.scheduler.config), prediction_type=m.scheduler.config.prediction_type,
@@ -76,9 +81,9 @@ def make_engine_step(
     scale = m.vae.config.scaling_factor
     if low_memory:
         train.offload_vae(state)  # as `palpcompose train` does: the training step never uses it again
-    prompt = models.expand_placeholders(PERSONAL_PROMPT, tokens)
-    subjects = [SubjectData("V1", models.tokenize(tokenizer, [prompt])[0], dist.mean.float().cpu() * scale,
-                            dist.std.float().cpu() * scale, batch, False)]
+    subjects = [SubjectData(key, models.tokenize(tokenizer, [models.expand_placeholders(subject.prompt, tokens)])[0],
+                            dist.mean.float().cpu() * scale, dist.std.float().cpu() * scale, batch, False)
+                for key, subject in config.subjects.items()]
 
     accel.prepare_unet(accelerator.unwrap_model(state.unet), opts)
     if opts.fused_adamw:

@@ -49,6 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20, help="timed steps per variant (after warm-up)")
     p.add_argument("--warmup", type=int, default=3, help="untimed-in-median warm-up steps per variant")
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--subjects", type=int, default=1,
+                   help="subjects in the project (ours; each sample draws one, so the step's work should not grow)")
     p.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: the arch's)")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None, help="default: bf16 on cuda, fp32 on cpu")
     p.add_argument("--variants", default="reference,none,palp")
@@ -169,6 +171,8 @@ def run(args: argparse.Namespace) -> dict:
     resolution = args.resolution or spec.default_resolution
     if resolution % (spec.vae_scale_factor * 8):
         raise UserError(f"--resolution {resolution}: must be a multiple of {spec.vae_scale_factor * 8} for --arch {args.arch}")
+    if args.subjects < 1 or args.batch < 1:
+        raise UserError("--subjects and --batch must be at least 1")
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     parsed = {v: parse_variant(v) for v in variants}
 
@@ -196,7 +200,7 @@ def run(args: argparse.Namespace) -> dict:
                 mixed_precision = "no" if dtype == torch.float32 else dtype_name
                 return make_engine_step(m, tokenizer, variant.mode, variant.opts, pixel_values, alpha=args.alpha,
                                         beta=args.beta, mixed_precision=mixed_precision,
-                                        low_memory=variant.low_memory)[1]
+                                        low_memory=variant.low_memory, num_subjects=args.subjects)[1]
         try:
             results[name] = time_variant(make_step, args.steps, args.warmup, device, args.profile_steps, args.batch)
         except Exception as exc:  # noqa: BLE001 (one failing lever, e.g. a capture error, must not lose the rest)
@@ -212,7 +216,7 @@ def run(args: argparse.Namespace) -> dict:
     report = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "arch": args.arch, "dtype": dtype_name, "resolution": resolution, "batch": args.batch,
-        "alpha": args.alpha, "beta": args.beta, "torch": torch.__version__,
+        "subjects": args.subjects, "alpha": args.alpha, "beta": args.beta, "torch": torch.__version__,
         "build_s_median": round(statistics.median(build_s), 2),
         "variants": results,
     }

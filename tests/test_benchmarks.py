@@ -85,6 +85,24 @@ def test_sd15_shapes_match_the_real_model():
     assert sum(p.numel() for p in unet.parameters()) == 859_520_964
 
 
+def test_engine_step_with_several_subjects_trains_each_subjects_row(tmp_path):
+    """--subjects N: N placeholder rows; the balanced sampling reaches every subject, and each trains its own row."""
+    from benchmarks.ours import make_engine_step
+
+    spec = archs.arch_spec("tiny")
+    m = archs.build(spec, torch.device("cpu"))
+    pixels = torch.rand(2, 3, 16, 16) * 2 - 1
+    state, step = make_engine_step(m, archs.make_tokenizer(spec, tmp_path), "palp", accel.AccelOptions(), pixels,
+                                   num_subjects=3)
+    rows = state.token_embedding.rows
+    assert rows.shape[0] == 3 and sorted(state.token_ids) == ["V1", "V2", "V3"]
+    before = rows.detach().clone()
+    for _ in range(6):  # 12 samples drawn from 3 subjects
+        step()
+    moved = (rows.detach() - before).abs().amax(dim=1)
+    assert bool((moved > 0).all()), moved
+
+
 def test_reference_step_trains_only_the_lora():
     m = archs.build(archs.TINY, "cpu")
     step = ReferenceStep(m, torch.float32)
