@@ -1,5 +1,4 @@
 #!/usr/bin/env bash
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
 # Every GPU measurement of docs/performance.md, in three parts that each fit one device call (at most 10 minutes;
 # a session has 30 minutes of device time in all, machine start included, so run `core` first, then `levers`, then
 # `extra` if time is left). Run from the repository root:
@@ -31,7 +30,14 @@ step() {  # step NAME SECONDS COMMAND...: run, tee the log, keep the last line (
     echo "=== $name: exit $rc"
 }
 
-# palpcompose imports rich, the equivalence tests need pytest: their pure-Python wheels sit in .whl/ too.
+# The device image has no diffusers: benchmarks/gpu_wheels.sh fetches its wheel into .whl/ (here), the call carries
+# .whl, and this installs it beside the image's own packages.
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site:$PWD
+else
+    export PYTHONPATH=$PWD
+fi
 python3 -c "
 import importlib.util
 missing = [m for m in ('rich', 'pytest', 'PIL', 'numpy', 'accelerate', 'peft', 'transformers', 'diffusers')
