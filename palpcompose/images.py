@@ -78,7 +78,7 @@ def open_reference_image(path: str | os.PathLike, resolution: int | None = None)
         notes.append(f"{path}: converted from {converted_from} to 8-bit RGB")
     if resolution is not None and min(image.size) < resolution * SMALL_FACTOR:
         notes.append(
-            f"{path}: warning: {image.width}x{image.height} is much smaller than train.resolution = {resolution}; "
+            f"{path}: {image.width}x{image.height} is much smaller than train.resolution = {resolution}; "
             f"it will be upscaled and look soft (use images at least {resolution} px on the short side)"
         )
     return image, notes

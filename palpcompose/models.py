@@ -3,7 +3,8 @@
 `base_model` may be
 - `builtin:toy`: the project's own tiny model, shipped in `palpcompose/builtin/toy/` (a diffusers folder);
 - a local diffusers folder (holds `model_index.json`);
-- a single checkpoint file (`.safetensors`; `.ckpt` only with allow_pickle, since it executes pickled code);
+- a single checkpoint file (`.safetensors`; `.ckpt`/`.pt`/`.bin` only with `project.allow_pickle = true`, since
+  loading them runs pickled code);
 - a hub id (`org/name`), used from the local Hugging Face cache; downloading happens only when allowed.
 """
 
@@ -19,6 +20,8 @@ from palpcompose.errors import UserError
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 BUILTIN_MODELS = {"builtin:toy": BUILTIN_DIR / "toy"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+PICKLED_SUFFIXES = (".ckpt", ".pt", ".bin")
+_BASE_MODEL_HINT = "base_model must be builtin:toy, a hub id (org/name), a diffusers folder or a .safetensors file"
 
 
 @dataclass(frozen=True)
@@ -30,8 +33,10 @@ class BaseModelSource:
     detail: str  # one line for `check`: what was found, or why it cannot be verified
 
 
-def resolve_base_model(spec: str, project_dir: Path | None = None) -> BaseModelSource:
-    """Say what `spec` refers to without loading it. Raises UserError when it cannot refer to anything."""
+def resolve_base_model(spec: str, project_dir: Path | None = None, allow_pickle: bool = False) -> BaseModelSource:
+    """Say what `spec` refers to without loading its weights (a folder's model_index.json and a .safetensors file's
+    header are read). Raises UserError when it cannot be a base model, or is a pickled file and `allow_pickle` is
+    off (`project.allow_pickle`)."""
     spec = spec.strip()
     if spec.startswith("builtin:"):
         folder = BUILTIN_MODELS.get(spec)
@@ -45,17 +50,23 @@ def resolve_base_model(spec: str, project_dir: Path | None = None) -> BaseModelS
     if not path.is_absolute() and project_dir is not None and (project_dir / path).exists():
         path = project_dir / path
     if path.is_dir():
-        if not (path / "model_index.json").is_file():
-            raise UserError(
-                f"{path}: folder has no model_index.json; base_model must be a diffusers pipeline folder "
-                "(as saved by `pipeline.save_pretrained`), a .safetensors file, a hub id or builtin:toy"
-            )
+        _check_pipeline_folder(path)
         return BaseModelSource(spec, "folder", str(path), True, f"diffusers folder {path}")
     if path.is_file():
-        if path.suffix not in (".safetensors", ".ckpt", ".pt", ".bin"):
+        if path.suffix in PICKLED_SUFFIXES:
+            if not allow_pickle:
+                raise UserError(
+                    f"{path}: a {path.suffix} checkpoint runs pickled code when it is loaded, so palpcompose does not "
+                    "open it; use a .safetensors copy of the model, or set `allow_pickle = true` under [project] if "
+                    "you trust where the file comes from")
+        elif path.suffix == ".safetensors":
+            _check_single_file(path)
+        else:
             raise UserError(f"{path}: unsupported checkpoint type {path.suffix!r}; use a .safetensors file")
         return BaseModelSource(spec, "single_file", str(path), True, f"single checkpoint file {path}")
-    if path.suffix in (".safetensors", ".ckpt") or spec.startswith((".", "/", "~")):
+    if path.is_symlink():
+        raise UserError(f"base model {spec!r} is a broken symbolic link (to {path.readlink()})")
+    if path.suffix in (".safetensors", *PICKLED_SUFFIXES) or spec.startswith((".", "/", "~")):
         raise UserError(f"base model file {spec!r} not found (relative paths are relative to the project folder)")
     if _HUB_ID.match(spec):
         cached = _hub_cached(spec)
@@ -65,6 +76,49 @@ def resolve_base_model(spec: str, project_dir: Path | None = None) -> BaseModelS
     raise UserError(
         f"base_model {spec!r} is neither builtin:toy, an existing folder or .safetensors file, nor a hub id (org/name)"
     )
+
+
+def _check_pipeline_folder(path: Path) -> None:
+    """A diffusers pipeline folder: a readable model_index.json that names a UNet, a VAE and a text encoder."""
+    import json
+
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise UserError(f"{path}: folder has no model_index.json; {_BASE_MODEL_HINT} (a folder as saved by "
+                        "`pipeline.save_pretrained`)")
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{index}: unreadable ({exc}); the folder is not a complete diffusers pipeline (copy it "
+                        "again, or save it with `pipeline.save_pretrained`)") from exc
+    missing = [name for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+               if not isinstance(data, dict) or name not in data]
+    if missing:
+        raise UserError(f"{index}: names no {', '.join(missing)}; palpcompose needs a Stable Diffusion text-to-image "
+                        "pipeline folder")
+
+
+def _check_single_file(path: Path) -> None:
+    """Read a .safetensors file's header (no weights, no code) and make sure it holds a Stable Diffusion UNet, so a
+    LoRA or an embedding given as base_model gets a clear message instead of a failed download of configs."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    except Exception as exc:  # safetensors raises its own error types for every kind of bad header
+        raise UserError(f"{path}: not a readable .safetensors file ({type(exc).__name__}: {exc}); download it "
+                        "again") from exc
+    if any(k.startswith("model.diffusion_model.") for k in keys):
+        return
+    if any(k.startswith(("lora_unet_", "lora_te", "unet.", "text_encoder.")) or ".lora_" in k or "lora_A" in k
+           for k in keys):
+        what = "is a LoRA, not a base model"
+    elif any(k in ("emb_params", "string_to_param", "clip_l", "clip_g") for k in keys):
+        what = "is a textual-inversion embedding, not a base model"
+    else:
+        what = f"holds no Stable Diffusion UNet ({len(keys)} tensors, none named model.diffusion_model.*)"
+    raise UserError(f"{path}: this file {what}; {_BASE_MODEL_HINT} holding a whole model")
 
 
 def _hub_cached(repo_id: str) -> bool:
@@ -77,8 +131,9 @@ def _hub_cached(repo_id: str) -> bool:
         return False
 
 
-def load_pipeline(source: BaseModelSource, torch_dtype=None, allow_download: bool = False, allow_pickle: bool = False):
-    """Load the base text-to-image pipeline that `source` names, offline unless `allow_download`.
+def load_pipeline(source: BaseModelSource, torch_dtype=None, allow_download: bool = False):
+    """Load the base text-to-image pipeline that `source` names, offline unless `allow_download`. A pickled single
+    file is loaded only because `resolve_base_model` let it through (`project.allow_pickle`).
 
     Returns a diffusers `StableDiffusionPipeline` (SD 1.x / 2.x). The caller moves it to a device and sets dtypes.
     """
@@ -88,9 +143,9 @@ def load_pipeline(source: BaseModelSource, torch_dtype=None, allow_download: boo
     # keyword diffusers 0.42 wants (`torch_dtype` prints a deprecation notice).
     dtype_kw = {"dtype": torch_dtype or torch.float32}
     if source.kind == "hub" and allow_download:  # a download: its progress bars are the only sign of life
-        return _load(source, dtype_kw, allow_download, allow_pickle)
+        return _load(source, dtype_kw, allow_download)
     with _library_progress_bars_off():
-        return _load(source, dtype_kw, allow_download, allow_pickle)
+        return _load(source, dtype_kw, allow_download)
 
 
 @contextlib.contextmanager
@@ -110,7 +165,7 @@ def _library_progress_bars_off():
             lib.enable_progress_bar()
 
 
-def _load(source: BaseModelSource, dtype_kw: dict, allow_download: bool, allow_pickle: bool):
+def _load(source: BaseModelSource, dtype_kw: dict, allow_download: bool):
     from diffusers import StableDiffusionPipeline
 
     if source.kind in ("builtin", "folder"):
@@ -121,14 +176,19 @@ def _load(source: BaseModelSource, dtype_kw: dict, allow_download: bool, allow_p
             requires_safety_checker=False,
         )
     if source.kind == "single_file":
-        if Path(source.location).suffix != ".safetensors" and not allow_pickle:
-            raise UserError(
-                f"{source.location}: this checkpoint format runs pickled code when loaded; convert it to .safetensors, "
-                "or pass --allow-pickle if you trust its origin"
+        try:
+            return StableDiffusionPipeline.from_single_file(
+                source.location, **dtype_kw, local_files_only=not allow_download,
             )
-        return StableDiffusionPipeline.from_single_file(
-            source.location, **dtype_kw, local_files_only=not allow_download,
-        )
+        except OSError as exc:  # huggingface_hub's LocalEntryNotFoundError and friends
+            if allow_download:
+                raise
+            raise UserError(
+                f"{source.location}: diffusers reads a single-file checkpoint with the configuration files of its "
+                "model family (SD 1.x or 2.x) from the Hugging Face cache, and they are not cached here; on a "
+                "machine with network, load it once (or convert it to a diffusers folder with diffusers' "
+                f"convert_original_stable_diffusion_to_diffusers.py) and point base_model at the folder ({exc})"
+            ) from exc
     if source.kind == "hub":
         try:
             return StableDiffusionPipeline.from_pretrained(

@@ -11,6 +11,7 @@ The schema reference, docs/schema.md, is generated from the dataclasses below: `
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import hashlib
@@ -64,6 +65,9 @@ class ProjectSection:
     base_model: str = _spec("The pre-trained text-to-image model: `builtin:toy`, a hub id (`org/name`, used from the "
                             "local Hugging Face cache), a local diffusers folder, or a single `.safetensors` file. "
                             "Relative paths are relative to the project folder.")
+    allow_pickle: bool = _spec("Let base_model be a pickled checkpoint (`.ckpt`, `.pt`, `.bin`). Loading one runs "
+                               "code stored in the file: turn this on only for files whose origin you trust; prefer "
+                               "a `.safetensors` copy.", False, extension=True)
 
 
 @dataclass(frozen=True)
@@ -173,17 +177,31 @@ class ProjectConfig:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
     def hash(self) -> str:
-        return _sha256_json(self.to_dict())
+        return _sha256_json(self._hashed())
 
     def training_hash(self) -> str:
         """Hash of the settings that change the trained weights: not [render], not snapshot/preview periods, not the
         low-memory preset (same results; left out also so that projects trained before the key existed stay up to
-        date)."""
-        data = self.to_dict()
+        date), not project.allow_pickle (a permission)."""
+        data = self._hashed()
         del data["render"]
         for key in ("save_every", "preview_every", "low_memory"):
             del data["train"][key]
+        data["project"].pop("allow_pickle", None)
         return _sha256_json(data)
+
+    def _hashed(self) -> dict:
+        """to_dict() without the keys added after projects were first trained while they hold their default, so
+        that adding a key does not make every earlier manifest look out of date."""
+        data = self.to_dict()
+        for (section, key), default in ADDED_LATER.items():
+            if data[section].get(key) == default:
+                del data[section][key]
+        return data
+
+
+# (section, key) -> default: keys left out of both hashes while at their default (ProjectConfig._hashed).
+ADDED_LATER = {("project", "allow_pickle"): False}
 
 
 def _sha256_json(data: dict) -> str:
@@ -223,8 +241,16 @@ def load_project(project_dir: str | Path, *, check_images: bool = True) -> Proje
 def _validate(project_dir: Path, check_images: bool) -> tuple[_Validator, Project | None]:
     """Everything load_project checks, without raising for the problems it collects (`check` adds more)."""
     file = project_dir / PROJECT_FILE
+    if project_dir.is_file():
+        if project_dir.name == PROJECT_FILE:
+            raise UserError(f"{project_dir}: give the project folder, not its palp.toml: {project_dir.parent}")
+        raise UserError(f"{project_dir}: is a file, not a project folder; give the folder that holds palp.toml")
     if not project_dir.is_dir():
         raise UserError(f"{project_dir}: no such project folder; create one with `palpcompose init {project_dir}`")
+    if file.is_dir():
+        raise UserError(f"{file}: is a folder; the project file must be a file named palp.toml")
+    if file.is_symlink() and not file.exists():
+        raise UserError(f"{file}: is a broken symbolic link (to {file.readlink()}); replace it with the file")
     if not file.is_file():
         raise UserError(f"{file}: not found; create a project with `palpcompose init {project_dir}`")
     v = _Validator(file, file.read_bytes())
@@ -234,7 +260,7 @@ def _validate(project_dir: Path, check_images: bool) -> tuple[_Validator, Projec
     if v.checkable is not None:
         section, subjects, resolution = v.checkable
         if section is not None:
-            _check_base_model(v, section.base_model)
+            _check_base_model(v, section.base_model, section.allow_pickle)
         if check_images:
             images = _check_images(v, root, subjects, resolution)
     project = None if config is None else Project(root, root / PROJECT_FILE, config, images, tuple(v.notes))
@@ -274,7 +300,7 @@ class _Validator:
 
     def parse(self) -> ProjectConfig | None:
         try:
-            self.text = self.data.decode("utf-8")
+            self.text = self.data.decode("utf-8").removeprefix("\ufeff")  # Notepad's "UTF-8 with BOM" is UTF-8
         except UnicodeDecodeError as exc:
             line = self.data[: exc.start].count(b"\n") + 1
             self.problem(None, "the file is not UTF-8 text", "save it as UTF-8", line=line)
@@ -343,7 +369,7 @@ class _Validator:
             if converted is _INVALID:
                 ok = False
             elif fields[key].default is dataclasses.MISSING and isinstance(converted, str) and not converted.strip():
-                self.problem(f"{prefix}.{key}", "must not be empty", f"({fields[key].metadata['doc']})")
+                self.problem(f"{prefix}.{key}", "must not be empty", fields[key].metadata["doc"])
                 ok = False
             else:
                 values[key] = converted
@@ -465,8 +491,10 @@ class _Validator:
                 continue  # missing, or a wrong type reported by the key's own check
             for m in NEAR_PLACEHOLDER.finditer(prompt):
                 if not PLACEHOLDER.fullmatch(m.group(0)):
+                    number = int(m.group(1))
                     self.problem(key, f"{m.group(0)!r} is not a placeholder",
-                                 f"placeholders are written exactly [V{m.group(1)}]")
+                                 f"placeholders are written exactly [V{number}]" if number else
+                                 "subjects are numbered from 1: use [V1] (and a [subjects.V1] table)")
             used = list(dict.fromkeys(PLACEHOLDER.findall(prompt)))
             if key == "palp.clean_prompt":
                 if used:
@@ -482,6 +510,10 @@ class _Validator:
             if subject and f"[{subject}]" not in prompt:
                 self.problem(key, f"must contain the subject's own placeholder [{subject}], got {prompt!r}",
                              f'e.g. prompt = "A photo of [{subject}]"')
+
+        if render.get("seeds") == []:
+            self.problem("render.seeds", "is empty: render would draw nothing",
+                         "list at least one seed, e.g. seeds = [0, 1, 2, 3], or remove the key for that default")
 
         guidance = palp.get("guidance", PalpConfig.guidance)
         if guidance in ("palp", "sds"):
@@ -505,7 +537,7 @@ class _Validator:
 
     def check_name(self, doc: dict) -> bool:
         name = doc.get("project", {}).get("name") if isinstance(doc.get("project"), dict) else None
-        if not isinstance(name, str) or NAME_PATTERN.match(name):
+        if not isinstance(name, str) or not name.strip() or NAME_PATTERN.match(name):  # "" is reported as empty
             return True
         self.problem("project.name", f"{name!r} may contain only letters, digits, '-' and '_' (1-64 characters)",
                      f"e.g. name = {sanitize_name(name)!r}")
@@ -525,14 +557,13 @@ _INVALID = object()
 # Base model and images
 
 
-def _check_base_model(v: _Validator, spec: str) -> None:
+def _check_base_model(v: _Validator, spec: str, allow_pickle: bool) -> None:
     from palpcompose.models import resolve_base_model
 
     try:
-        source = resolve_base_model(spec, v.file.parent)
+        source = resolve_base_model(spec, v.file.parent, allow_pickle)
     except UserError as exc:
-        v.problem("project.base_model", str(exc), "builtin:toy, a hub id (org/name), a diffusers folder or a "
-                                                  ".safetensors file")
+        v.problem("project.base_model", str(exc))  # its message says what base_model may be
         return
     if source.kind == "builtin" and not source.available:  # a broken installation, not a network question
         v.problem("project.base_model", source.detail, "reinstall palpcompose (pip install -e . in a clone)")
@@ -591,7 +622,11 @@ def _expand_entry(v: _Validator, root: Path, skey: str, entry: str, is_image_nam
                   "copy the images into the project (e.g. refs/) and use a relative path, so the project stays "
                   "self-contained")
         return []
-    if any(ch in entry for ch in "*?["):
+    if "\\" in entry:
+        v.problem(skey, f"{entry!r} uses backslashes", f"write paths with forward slashes: "
+                  f"{entry.replace(chr(92), '/')!r} (they work on Windows too)")
+        return []
+    if any(ch in entry for ch in "*?[") and not (root / entry).exists():  # a file may be called img[1].png
         matches = [p for p in root.glob(entry) if p.is_file()]
         images = [p for p in matches if is_image_name(p)]
         if not matches:
@@ -605,10 +640,18 @@ def _expand_entry(v: _Validator, root: Path, skey: str, entry: str, is_image_nam
         images = sorted(p for p in path.iterdir() if p.is_file() and is_image_name(p))
         if not images:
             v.problem(skey, f"folder {entry!r} contains no images",
-                      f"put 3-5 pictures of the subject (.png, .jpg, .webp) in {_shown(root, path)}/")
+                      "put pictures of the subject (.png, .jpg, .webp; 3-5 of an object, one is enough for an "
+                      f"artwork) in {_shown(root, path)}/")
         return _inside(v, root, skey, images)
+    if path.is_symlink() and not path.exists():
+        v.problem(skey, f"{entry!r} is a broken symbolic link (to {path.readlink()})",
+                  "replace the link with the image file")
+        return []
     if not path.exists():
         v.problem(skey, f"{entry!r} not found", _missing_hint(root, entry))
+        return []
+    if not path.is_file():
+        v.problem(skey, f"{entry!r} is not a regular file", "name an image file, a folder of images or a glob")
         return []
     return _inside(v, root, skey, [path])
 
@@ -627,6 +670,13 @@ def _inside(v: _Validator, root: Path, skey: str, paths: list[Path]) -> list[Pat
 
 
 def _missing_hint(root: Path, entry: str) -> str:
+    if any(ch in entry for ch in "*?["):  # a glob: matching is case-sensitive, folder entries are not
+        folder, pattern = (root / entry).parent, Path(entry).name.lower()
+        other_case = next((f.name for f in sorted(folder.iterdir()) if Path(f.name.lower()).match(pattern)), None) \
+            if folder.is_dir() else None
+        if other_case:
+            return (f"glob patterns are case-sensitive: {Path(entry).name!r} does not match {other_case!r}; fix the "
+                    f"case, or list the folder {_shown(root, folder)!r} itself (folders match any case)")
     parent = (root / entry).parent
     while not parent.is_dir() and parent != root:
         parent = parent.parent
@@ -675,40 +725,83 @@ def init_project(project_dir: str | Path, template: str = DEFAULT_TEMPLATE) -> I
     if template not in TEMPLATES:
         raise UserError(f"unknown template {template!r}; templates: {', '.join(TEMPLATES)}"
                         + (f" ({_did_you_mean(template, TEMPLATES)})" if _did_you_mean(template, TEMPLATES) else ""))
+    if root.name == PROJECT_FILE:
+        raise UserError(f"{root}: give the folder the project goes in, not its palp.toml: "
+                        f"`palpcompose init {root.parent}`")
     if root.exists() and not root.is_dir():
         raise UserError(f"{root}: exists and is not a folder; choose another project folder")
-    if (root / PROJECT_FILE).exists():
+    if (root / PROJECT_FILE).exists() or (root / PROJECT_FILE).is_symlink():
         raise UserError(f"{root / PROJECT_FILE}: already exists; palpcompose init never overwrites a project "
                         "(edit it, or init a new folder)")
     name = sanitize_name(root.resolve().name)
     source = files("palpcompose.templates") / template
     texts = {rel: (source / rel).read_text(encoding="utf-8").replace(_NAME_MARK, name)
              for rel in ("palp.toml", "README.md", "refs/README.md")}
-    written, kept = [], []
-    for rel, text in texts.items():
-        target = root / rel
-        if target.exists() and rel != PROJECT_FILE:
-            kept.append(target)
-            continue
-        atomic_write_text(target, text)
-        written.append(target)
-    gitignore = root / ".gitignore"
-    lines = gitignore.read_text(encoding="utf-8").splitlines() if gitignore.exists() else []
-    if not {"out/", "out", "/out/", "/out"} & {line.strip() for line in lines}:
-        atomic_write_text(gitignore, "\n".join(lines + ["out/"]) + "\n")
-        written.append(gitignore)
-    else:
-        kept.append(gitignore)
     # One empty folder per subject folder the template names, so the user sees where the pictures go.
-    for sub in tomllib.loads(texts["palp.toml"])["subjects"].values():
-        for entry in sub["images"]:
-            if not any(ch in entry for ch in "*?["):
-                (root / entry).mkdir(parents=True, exist_ok=True)
-    if template == "toy-demo":  # the toy world draws this template's references (palpcompose/toydemo.py)
-        from palpcompose.toydemo import write_references
+    folders = [root / entry for sub in tomllib.loads(texts["palp.toml"])["subjects"].values()
+               for entry in sub["images"] if not any(ch in entry for ch in "*?[")]
+    gitignore = root / ".gitignore"
+    _init_preflight(root, [root / rel for rel in texts] + [gitignore], folders)
 
-        written += write_references(root)
+    # Write; on a failure (disk full, permissions), remove what this call created. .gitignore, the one file that
+    # may already exist and be changed, comes last.
+    needed = [*folders, *((root / rel).parent for rel in texts)]
+    new_dirs = sorted({d for folder in needed for d in (folder, *folder.parents) if not d.exists()},
+                      key=lambda d: len(d.parts), reverse=True)  # deepest first, for the clean-up
+    written, kept = [], []
+    try:
+        for rel, text in texts.items():
+            target = root / rel
+            if target.exists() and rel != PROJECT_FILE:
+                kept.append(target)
+                continue
+            atomic_write_text(target, text)
+            written.append(target)
+        for folder in folders:
+            folder.mkdir(parents=True, exist_ok=True)
+        if template == "toy-demo":  # the toy world draws this template's references (palpcompose/toydemo.py)
+            from palpcompose.toydemo import write_references
+
+            written += write_references(root)
+        lines = gitignore.read_text(encoding="utf-8").splitlines() if gitignore.is_file() else []
+        if not {"out/", "out", "/out/", "/out"} & {line.strip() for line in lines}:
+            atomic_write_text(gitignore, "\n".join(lines + ["out/"]) + "\n")
+            written.append(gitignore)
+        else:
+            kept.append(gitignore)
+    except OSError as exc:
+        for path in written:
+            path.unlink(missing_ok=True)
+        for folder in new_dirs:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if empty: never removes anything the user had
+        raise UserError(f"{root}: could not create the project ({exc.strerror or exc}: {exc.filename}); nothing "
+                        "was left behind; choose a folder you can write to") from exc
     return InitResult(root, name, tuple(written), tuple(kept))
+
+
+def _init_preflight(root: Path, files: list[Path], folders: list[Path]) -> None:
+    """Before `init` writes anything: every file and folder it will create can be created (no file where a folder
+    goes, or the other way round), and the nearest existing folder is writable."""
+    import os
+
+    existing = root
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{existing}: is a file, so {root} cannot be created inside it; choose another folder")
+    if not os.access(existing, os.W_OK):
+        raise UserError(f"{existing}: not writable, so {root} cannot be created there; choose a folder you can "
+                        "write to")
+    for path, is_folder in [(f, False) for f in files] + [(d, True) for d in folders]:
+        for parent in reversed(path.relative_to(root).parents[:-1]):  # refs/, refs/subject/, ... (root checked)
+            if (root / parent).exists() and not (root / parent).is_dir():
+                raise UserError(f"{root / parent}: is a file where the project needs a folder; move it away, or "
+                                "init another folder")
+        if path.exists() and path.is_dir() != is_folder:
+            what = "a folder where the project needs a file" if not is_folder else \
+                "a file where the project needs a folder"
+            raise UserError(f"{path}: is {what}; move it away, or init another folder")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -729,15 +822,31 @@ class CheckReport:
 
 def check_project(project_dir: str | Path) -> CheckReport:
     """Validate a project as `palpcompose check` does. Raises ProjectError listing every problem; writes nothing."""
-    from palpcompose.models import placeholder_tokens, resolve_base_model
+    from palpcompose.models import resolve_base_model
 
     v, project = _validate(Path(project_dir), check_images=True)
     if project is None or v.problems:
         raise v.error()
     config = project.config
-    source = resolve_base_model(config.project.base_model, project.root)
+    source = resolve_base_model(config.project.base_model, project.root, config.project.allow_pickle)
     tokenizer, limit_source = _load_tokenizer(source)
-    tokens = placeholder_tokens(config.project.name, config.subjects)
+    prompts = config_prompts(config)
+    if tokenizer is None:
+        limit, counts = DEFAULT_TOKEN_LIMIT, [(key, prompt, None) for key, prompt in prompts]
+    else:
+        limit, counts = count_prompt_tokens(tokenizer, prompts)
+        for key, prompt, n in counts:
+            if n > limit:
+                v.problem(key, *_too_long(n, limit))
+    if v.problems:
+        raise v.error()
+    notes = project.notes + (() if source.available else (f"{project.file}: project.base_model: {source.detail}",))
+    return CheckReport(project, source, limit, limit_source, tuple(counts), notes)
+
+
+def config_prompts(config: ProjectConfig) -> list[tuple[str, str]]:
+    """(key, prompt) of every prompt in palp.toml: the subjects' y_P, the target and clean prompts, the render
+    prompts and the negative prompt."""
     prompts = [(f"subjects.{k}.prompt", s.prompt) for k, s in config.subjects.items()]
     prompts += [(f"palp.{name}", getattr(config.palp, name)) for name in ("target_prompt", "clean_prompt")
                 if getattr(config.palp, name)]
@@ -745,26 +854,37 @@ def check_project(project_dir: str | Path) -> CheckReport:
                 if p != config.palp.target_prompt]
     if config.render.negative_prompt:
         prompts.append(("render.negative_prompt", config.render.negative_prompt))
+    return prompts
 
-    limit = DEFAULT_TOKEN_LIMIT
-    counts = []
-    if tokenizer is not None:
-        tokenizer.add_tokens(list(tokens.values()))
-        limit = tokenizer.model_max_length if tokenizer.model_max_length < 100_000 else DEFAULT_TOKEN_LIMIT
-    for key, prompt in prompts:
-        if tokenizer is None:
-            counts.append((key, prompt, None))
-            continue
-        text = PLACEHOLDER.sub(lambda m: tokens.get(m.group(1), m.group(0)), prompt)
-        n = len(tokenizer(text, truncation=False).input_ids)
-        counts.append((key, prompt, n))
+
+def count_prompt_tokens(tokenizer, prompts: list[tuple[str, str]]) -> tuple[int, list[tuple[str, str, int]]]:
+    """The text encoder's token limit and each prompt's length in tokens, start and end tokens included. A
+    placeholder counts as the one token it becomes; the tokenizer is not changed."""
+    limit = tokenizer.model_max_length if tokenizer.model_max_length < 100_000 else DEFAULT_TOKEN_LIMIT
+    # " x " is one token in every byte-level BPE vocabulary, as each placeholder token is once added
+    counts = [(key, prompt, len(tokenizer(PLACEHOLDER.sub(" x ", prompt), truncation=False, verbose=False).input_ids))
+              for key, prompt in prompts]
+    return limit, counts
+
+
+def too_long_problems(file: Path, tokenizer, prompts: list[tuple[str, str]]) -> list[Problem]:
+    """A Problem for each prompt longer than the text encoder reads (for train and render, as check does)."""
+    limit, counts = count_prompt_tokens(tokenizer, prompts)
+    text = file.read_text(encoding="utf-8-sig") if file.is_file() else ""
+    lines = _key_lines(text) if text else {}
+    problems = []
+    for key, _, n in counts:
         if n > limit:
-            v.problem(key, f"is {n} tokens long, but the text encoder reads at most {limit} (start and end tokens "
-                           "included); the rest would be silently cut off", f"shorten it by {n - limit} tokens")
-    if v.problems:
-        raise v.error()
-    notes = project.notes + (() if source.available else (f"{project.file}: project.base_model: {source.detail}",))
-    return CheckReport(project, source, limit, limit_source, tuple(counts), notes)
+            message, hint = _too_long(n, limit)
+            line = lines.get(tuple(re.sub(r"\[\d+\]$", "", key).split(".")))
+            problems.append(Problem(str(file), message, key=key, line=line, hint=hint))
+    return problems
+
+
+def _too_long(n: int, limit: int) -> tuple[str, str]:
+    message = (f"is {n} tokens long, but the text encoder reads at most {limit} (start and end tokens included); "
+               "the rest would be silently cut off")
+    return message, f"shorten it by {n - limit} tokens"
 
 
 def _load_tokenizer(source) -> tuple[Any, str]:

@@ -221,12 +221,16 @@ def check_trained_for(project, out_dir: Path, manifest: dict | None) -> list[str
             )
         # Training settings changed: the weights no longer match palp.toml. Only [render] or snapshot/preview
         # periods changed (same training hash): the weights are unaffected, so this is only a note.
-        config_changed = manifest.get("config_hash") not in (None, project.config.hash())
-        training_hash = manifest.get("training_hash")
+        # Compared with palp.toml as it was when training started (`palp_toml`), not with the configuration the
+        # run used, which also holds the --steps/--guidance overrides (older manifests have only the latter).
+        trained = manifest.get("palp_toml") or manifest
+        config_hash = trained.get("config_hash")
+        config_changed = config_hash not in (None, project.config.hash())
+        training_hash = trained.get("training_hash")
         if config_changed and training_hash not in (None, project.config.training_hash()):
             warnings.append(
                 f"{project.file} changed since training (configuration hash {project.config.hash()[:12]}, "
-                f"{str(manifest['config_hash'])[:12]} in out/manifest.json): the weights were trained with the old "
+                f"{str(config_hash)[:12]} in out/manifest.json): the weights were trained with the old "
                 f"settings; retrain with `palpcompose train {project.root}` to apply the new ones"
             )
         elif config_changed:
@@ -235,6 +239,28 @@ def check_trained_for(project, out_dir: Path, manifest: dict | None) -> list[str
                 "weights ([render], snapshot or preview periods)"
             )
     return warnings
+
+
+def _check_prompt_lengths(project, tokenizer, prompts, negative_prompt: str, *, from_options: bool,
+                          negative_from_option: bool) -> None:
+    """Refuse prompts longer than the text encoder reads (they would be cut off without a word), naming the
+    palp.toml key or the option they came from."""
+    from palpcompose.errors import ProjectError
+    from palpcompose.project import config_prompts, count_prompt_tokens, too_long_problems
+
+    if not from_options and not negative_from_option:
+        problems = too_long_problems(project.file, tokenizer, config_prompts(project.config))
+        if problems:
+            raise ProjectError(problems)
+        return
+    named = [("--prompt", p) for p in prompts] if from_options else []
+    if negative_prompt:
+        named.append(("--negative-prompt" if negative_from_option else "render.negative_prompt", negative_prompt))
+    limit, counts = count_prompt_tokens(tokenizer, named)
+    for option, prompt, n in counts:
+        if n > limit:
+            raise UserError(f"{option} {prompt[:40]!r}...: {n} tokens, but the text encoder reads at most {limit} "
+                            f"(start and end tokens included); shorten it by {n - limit} tokens")
 
 
 def locate_weights(project, out_dir: Path, step: int | None) -> tuple[Path, str, list[str]]:
@@ -329,8 +355,12 @@ def render(
     # 1. Settings: options over palp.toml's [render], validated before any work.
     if sweep and step is not None:
         raise UserError("--sweep renders every snapshot; it cannot be combined with --step")
+    prompt_options = prompts
+    if prompts and not any(p.strip() for p in prompts):
+        raise UserError("--prompt is empty; give the text to render, e.g. --prompt \"A sketch of [V1]\", or leave "
+                        "--prompt out to render render.prompts / palp.target_prompt")
     prompts = tuple(prompts) if prompts else (tuple(rc.prompts) or (cfg.palp.target_prompt,))
-    prompts = tuple(dict.fromkeys(p for p in prompts if p))  # each prompt once, in order
+    prompts = tuple(dict.fromkeys(p for p in prompts if p and p.strip()))  # each prompt once, in order
     if not prompts:
         raise UserError(
             f"{project.file}: nothing to render; set render.prompts or palp.target_prompt, or pass --prompt"
@@ -392,9 +422,11 @@ def render(
             console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False)
 
     # 3. Base model and sampler.
-    source = resolve_base_model(cfg.project.base_model, project.root)
+    source = resolve_base_model(cfg.project.base_model, project.root, cfg.project.allow_pickle)
     device, dtype = _pick_device()
     pipe = load_pipeline(source, torch_dtype=dtype)
+    _check_prompt_lengths(project, pipe.tokenizer, prompts, settings.negative_prompt, from_options=bool(
+        prompt_options), negative_from_option=negative_prompt is not None)
     pipe.scheduler = make_scheduler(settings.scheduler, pipe.scheduler.config)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)

@@ -37,7 +37,7 @@ from palpcompose.checkpoint import (
     save_checkpoint,
 )
 from palpcompose.data import Batch, SubjectData, encode_subject, sample_batch
-from palpcompose.errors import Interrupted, UserError
+from palpcompose.errors import Interrupted, ProjectError, UserError
 from palpcompose.fsutil import atomic_save_image, atomic_write_json, atomic_write_text, sha256_file
 from palpcompose.guidance import (
     GUIDANCE_MODES,
@@ -615,7 +615,7 @@ def train(project, *, steps: int | None = None, resume: bool = False, guidance: 
     """Train the project's subjects. `project` is a Project or a project folder. See docs/training.md."""
     from accelerate import Accelerator
 
-    from palpcompose.project import load_project
+    from palpcompose.project import config_prompts, load_project, too_long_problems
 
     console = console or Console()
     t0 = time.monotonic()
@@ -631,12 +631,14 @@ def train(project, *, steps: int | None = None, resume: bool = False, guidance: 
     if mode != "none" and not (config.palp.target_prompt and config.palp.clean_prompt):
         raise UserError(f"{project.file}: guidance {mode!r} needs palp.target_prompt and palp.clean_prompt; set "
                         "both, or use --guidance none")
+    # palp.toml as written: render compares it with the file later, whatever --steps/--guidance overrode here
+    file_hashes = {"config_hash": config.hash(), "training_hash": config.training_hash()}
     config = replace(config, palp=replace(config.palp, guidance=mode),
                      train=replace(config.train, steps=steps or config.train.steps))
     steps_target = config.train.steps
     out = project.root / "out"
     manifest_path, lock_path = out / "manifest.json", out / "train.lock"
-    source = models.resolve_base_model(config.project.base_model, project.root)
+    source = models.resolve_base_model(config.project.base_model, project.root, config.project.allow_pickle)
     if not source.available:
         raise UserError(f"project.base_model: {source.detail}")
     identity = base_model_identity(source)
@@ -674,6 +676,9 @@ def train(project, *, steps: int | None = None, resume: bool = False, guidance: 
         raise UserError(f"project.base_model: {config.project.base_model!r} could not be loaded "
                         f"({type(exc).__name__}: {exc}); point it at a diffusers folder, a .safetensors file, "
                         "a cached hub id or builtin:toy") from exc
+    too_long = too_long_problems(project.file, components.tokenizer, config_prompts(config))
+    if too_long:  # as `check` says: the text encoder would silently cut them off
+        raise ProjectError(too_long)
 
     acquire_lock(lock_path)
     stop: dict = {}
@@ -684,6 +689,7 @@ def train(project, *, steps: int | None = None, resume: bool = False, guidance: 
         "palpcompose_version": __version__, "status": "running",
         "base_model": {"spec": source.spec, "kind": source.kind, "identity": identity},
         "config": config.to_dict(), "config_hash": config.hash(), "training_hash": config.training_hash(),
+        "palp_toml": file_hashes,
         "images": images, "tokens": tokens, "git": _git(project.root), "steps_done": 0,
         "steps_target": steps_target, "guidance": mode, "wall_time_s": 0.0, "device": "", "started_at": started_at,
         "finished_at": None,

@@ -81,6 +81,40 @@ def test_init_into_an_existing_folder_keeps_files(tmp_path, run_cli):
     assert tomllib.loads((root / "palp.toml").read_text())["project"]["name"] == "proj"
 
 
+@pytest.mark.parametrize("blocker, target, message", [
+    ("afile", "afile/sub", "afile: is a file, so "),
+    ("proj/refs", "proj", "refs: is a file where the project needs a folder"),
+    ("proj/.gitignore/", "proj", ".gitignore: is a folder where the project needs a file"),
+    (None, "proj/palp.toml", "give the folder the project goes in, not its palp.toml"),
+])
+def test_init_checks_every_path_before_writing(tmp_path, run_cli, blocker, target, message):
+    if blocker:
+        (tmp_path / blocker.rstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+        if blocker.endswith("/"):
+            (tmp_path / blocker).mkdir()
+        else:
+            (tmp_path / blocker).write_text("x")
+    before = {path: v[:2] + v[3:] for path, v in tree_snapshot(tmp_path).items()}  # without folder mtimes
+    result = run_cli("init", tmp_path / target)
+    assert result.code == 2 and message in result.err and "internal error" not in result.err, result.err
+    assert {path: v[:2] + v[3:] for path, v in tree_snapshot(tmp_path).items()} == before
+
+
+def test_init_that_fails_half_way_leaves_nothing_behind(tmp_path, run_cli, monkeypatch):
+    from palpcompose import toydemo
+
+    def disk_full(root):
+        raise OSError(28, "No space left on device", str(root / "refs" / "subject" / "star-00.png"))
+
+    monkeypatch.setattr(toydemo, "write_references", disk_full)
+    (tmp_path / "proj").mkdir()
+    (tmp_path / "proj" / ".gitignore").write_text("*.log\n")
+    before = tree_snapshot(tmp_path / "proj")
+    result = run_cli("init", tmp_path / "proj", "--template", "toy-demo")
+    assert result.code == 2 and "No space left on device" in result.err and "nothing was left behind" in result.err
+    assert tree_snapshot(tmp_path / "proj") == before  # palp.toml, READMEs and refs/ removed, .gitignore untouched
+
+
 def test_default_template_is_art_inspired(tmp_path, run_cli):
     assert run_cli("init", tmp_path / "p").code == 0
     assert "art-inspired" in run_cli("init", tmp_path / "q").out

@@ -239,7 +239,7 @@ def test_missing_file_with_did_you_mean(make_project, run_cli):
 def test_empty_folder(make_project, run_cli):
     root = make_project({"subjects": {"V1": {"images": ["refs/empty"]}}})
     (root / "refs" / "empty").mkdir()
-    images_problem(run_cli, root, "folder 'refs/empty' contains no images", "hint: put 3-5 pictures")
+    images_problem(run_cli, root, "folder 'refs/empty' contains no images", "hint: put pictures of the subject")
 
 
 def test_not_an_image(make_project, run_cli):
@@ -336,7 +336,7 @@ def test_small_images_are_warned(make_project, run_cli):
     root = make_project({"train": {"resolution": 64}})
     result = run_cli("check", root)
     assert result.code == 0, result.err
-    assert "refs/V1/0.png: warning: 16x16 is much smaller than train.resolution = 64" in result.err
+    assert "refs/V1/0.png: 16x16 is much smaller than train.resolution = 64" in result.err
 
 
 # -- several problems at once --------------------------------------------------------------------------------------
@@ -365,3 +365,109 @@ def test_missing_project_file(tmp_path, run_cli):
     assert result.code == 2
     assert "palp.toml: not found" in result.err and "palpcompose init" in result.err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_palp_toml_with_a_utf8_bom_reads_like_without(make_project, run_cli):
+    root = make_project()
+    (root / "palp.toml").write_bytes(b"\xef\xbb\xbf" + (root / "palp.toml").read_bytes())
+    result = run_cli("check", root)
+    assert result.code == 0, result.err
+
+
+def test_wrong_paths_to_the_project_say_what_to_pass(make_project, run_cli, tmp_path):
+    root = make_project()
+    result = run_cli("check", root / "palp.toml")
+    assert result.code == 2 and f"give the project folder, not its palp.toml: {root}" in result.err
+    (tmp_path / "afile").write_text("x")
+    result = run_cli("check", tmp_path / "afile")
+    assert result.code == 2 and "is a file, not a project folder" in result.err
+    (tmp_path / "odd" / "palp.toml").mkdir(parents=True)
+    result = run_cli("check", tmp_path / "odd")
+    assert result.code == 2 and "palp.toml: is a folder" in result.err
+
+
+def test_pickled_base_model_is_refused_by_check_unless_allowed(make_project, run_cli):
+    root = make_project()
+    marker = root.parent / "unpickled"
+    # A pickle that would create `marker` if anything unpickled it.
+    (root / "model.ckpt").write_bytes(
+        b"cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR.")
+    text = (root / "palp.toml").read_text()
+    (root / "palp.toml").write_text(re.sub(r'base_model = ".*"', 'base_model = "model.ckpt"', text))
+    check_fails(run_cli, root, located(root, "project.base_model", "base_model") + " ",
+                "runs pickled code", "allow_pickle = true")
+    for command in ("train", "render"):
+        result = run_cli(command, root)
+        assert result.code == 2 and "allow_pickle = true" in result.err, (command, result.err)
+    assert not marker.exists() and not (root / "out").exists()
+    # Allowed: check accepts it (it never opens a checkpoint's weights).
+    (root / "palp.toml").write_text(re.sub(r'base_model = ".*"', 'base_model = "model.ckpt"\nallow_pickle = true',
+                                           text))
+    assert run_cli("check", root).code == 0 and not marker.exists()
+
+
+@pytest.mark.parametrize("tensors, message", [
+    ({"foo": 3}, "holds no Stable Diffusion UNet (1 tensors"),
+    ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": 3}, "is a LoRA, not a base model"),
+    ({"emb_params": 3}, "is a textual-inversion embedding, not a base model"),
+    (None, "not a readable .safetensors file"),
+])
+def test_safetensors_base_model_that_is_not_a_model(make_project, run_cli, tensors, message):
+    import torch
+    from safetensors.torch import save_file
+
+    root = make_project()
+    if tensors is None:
+        (root / "model.safetensors").write_bytes(b"\x00" * 64)
+    else:
+        save_file({k: torch.zeros(n) for k, n in tensors.items()}, str(root / "model.safetensors"))
+    text = (root / "palp.toml").read_text()
+    (root / "palp.toml").write_text(re.sub(r'base_model = ".*"', 'base_model = "model.safetensors"', text))
+    check_fails(run_cli, root, located(root, "project.base_model", "base_model") + " ", message)
+
+
+def test_pipeline_folder_with_a_broken_model_index(make_project, run_cli):
+    root = make_project()
+    (root / "model").mkdir()
+    (root / "model" / "model_index.json").write_text("{")
+    text = (root / "palp.toml").read_text()
+    (root / "palp.toml").write_text(re.sub(r'base_model = ".*"', 'base_model = "model"', text))
+    check_fails(run_cli, root, "model_index.json: unreadable", "not a complete diffusers pipeline")
+
+
+def test_too_long_prompt_is_refused_by_train_too(make_project, run_cli):
+    long = "An oil painting of [V1] " + "with a red ball " * 30
+    root = make_project({"palp": {"target_prompt": long}})
+    before = tree_snapshot(root)
+    result = run_cli("train", root)
+    assert result.code == 2 and "but the text encoder reads at most 77" in result.err, result.err
+    assert f"{root / 'palp.toml'}:{line_of(root, 'target_prompt')}: palp.target_prompt:" in result.err
+    assert "Token indices sequence length" not in result.err  # no transformers warning besides ours
+    assert tree_snapshot(root) == before  # render's own check: tests/test_render.py
+
+
+def test_empty_render_seeds(make_project, run_cli):
+    root = make_project({"render": {"seeds": []}})
+    check_fails(run_cli, root, located(root, "render.seeds", "seeds") + " is empty", "hint: list at least one seed")
+
+
+def test_subject_numbers_start_at_one(make_project, run_cli):
+    root = make_project({"palp": {"target_prompt": "A photo of [V0] and [V1]"}})
+    check_fails(run_cli, root, "'[V0]' is not a placeholder", "subjects are numbered from 1")
+
+
+def test_image_entries_that_look_like_globs_backslashes_links_and_case(make_project, run_cli):
+    root = make_project({"subjects": {"V1": {"images": ["refs/V1/img[1].png"]}}})
+    write_test_image(root / "refs" / "V1" / "img[1].png", seed=7)
+    assert run_cli("check", root).code == 0  # the literal file name wins over the glob reading
+    for entries, fragment in [
+        (["refs\\V1"], "uses backslashes (hint: write paths with forward slashes: 'refs/V1'"),
+        (["refs/V1/*.PNG"], "glob patterns are case-sensitive: '*.PNG' does not match '0.png'"),
+        (["refs/gone.png"], "'refs/gone.png' is a broken symbolic link"),
+    ]:
+        if not (root / "refs" / "gone.png").is_symlink():
+            (root / "refs" / "gone.png").symlink_to(root / "nowhere.png")
+        text = (root / "palp.toml").read_text()
+        images = "images = [" + ", ".join('"' + e.replace("\\", "\\\\") + '"' for e in entries) + "]"
+        (root / "palp.toml").write_text(re.sub(r"images = \[.*\]", lambda _, images=images: images, text, count=1))
+        images_problem(run_cli, root, fragment)

@@ -187,11 +187,19 @@ def test_cli_missing_step_lists_the_available_steps(project_dir, capsys):
         ["--sweep", "--step", "2"],
         ["--prompt", "a photo of [V3]"],
         ["--steps", "0"],
+        ["--prompt", ""],
+        ["--prompt", "a photo of [V1] " + "red " * 80],
+        ["--negative-prompt", "blurry " * 80],
     ],
 )
 def test_cli_bad_options_exit_2_and_write_nothing(project_dir, args, capsys):
     assert run_cli("render", project_dir, *args) == 2
-    assert "Traceback" not in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    if args[0] != "--seeds" and len(args[-1]) > 200:  # the too-long prompts name their option and the overflow
+        assert f"{args[0]} " in err and "the text encoder reads at most 77" in err and "shorten it by" in err
+    if args == ["--prompt", ""]:
+        assert "--prompt is empty" in err
     assert not (project_dir / "out" / "renders").exists()
 
 

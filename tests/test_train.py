@@ -24,7 +24,7 @@ from palpcompose.train import prepare_state, prepare_subjects, train, training_s
 
 MANIFEST_KEYS = {
     "palpcompose_version", "status", "base_model", "config", "config_hash", "training_hash", "images", "tokens", "git",
-    "steps_done", "steps_target", "guidance", "wall_time_s", "device", "started_at", "finished_at",
+    "steps_done", "steps_target", "guidance", "wall_time_s", "device", "started_at", "finished_at", "palp_toml",
 }
 TWO_SUBJECTS = {
     "subjects": {"V2": {"class_name": "painting", "images": ["refs/V2/*.png"], "prompt": "An oil painting of [V2]"}},
@@ -152,6 +152,17 @@ def test_palp_and_none_train_different_weights_and_up_to_date(make_project):
     assert "low_memory = true" in toml.read_text()
     assert train(a, guidance="palp", console=quiet()).status == "up_to_date"
     assert train(a, guidance="none", console=quiet()).status == "completed"  # another setting: retrains
+    # ... through an override: palp.toml itself did not change, so render has nothing to warn about
+    from palpcompose.render import check_trained_for, read_manifest
+
+    project = load_project(a)
+    assert check_trained_for(project, a / "out", read_manifest(a / "out")) == []
+    # a key added later, written at its default, changes neither hash: still no warning
+    toml.write_text(toml.read_text().replace("[project]\n", "[project]\nallow_pickle = false\n", 1))
+    assert "allow_pickle = false" in toml.read_text()
+    assert check_trained_for(load_project(a), a / "out", read_manifest(a / "out")) == []
+    toml.write_text(toml.read_text().replace("steps = ", "steps = 1", 1))  # a real change is still reported
+    assert "changed since training" in check_trained_for(load_project(a), a / "out", read_manifest(a / "out"))[0]
     before = (a / "out" / "manifest.json").read_text()
     assert train(a, guidance="none", force=True, console=quiet()).status == "completed"
     assert json.loads((a / "out" / "manifest.json").read_text())["started_at"] >= json.loads(before)["started_at"]
