@@ -63,11 +63,10 @@ def init(
         console.print(f"[green]created[/] {escape(str(path))}", highlight=False)
     for path in result.kept:
         console.print(f"[dim]kept[/] {escape(str(path))} (already there)", highlight=False)
-    console.print(
-        f"\nProject {result.name} ({template}). Next: put the reference images in {project_dir / 'refs'}/, edit "
-        f"{project_dir / 'palp.toml'}, then run `palpcompose check {project_dir}`.",
-        highlight=False, markup=False,
-    )
+    first = ("the reference images are drawn; try" if template == "toy-demo" else
+             f"put the reference images in {project_dir / 'refs'}/, edit {project_dir / 'palp.toml'}, then run")
+    console.print(f"\nProject {result.name} ({template}). Next: {first} `palpcompose check {project_dir}`.",
+                  highlight=False, markup=False)
 
 
 @app.command()
@@ -106,7 +105,8 @@ def check(project_dir: ProjectDir) -> None:
     settings.add_row("guidance", f"{palp.guidance}" + ("" if palp.guidance == "none" else
                      f" (alpha {palp.alpha:g}, beta {palp.beta:g}, weight {palp.weight:g})"))
     settings.add_row("training", f"{config.train.steps} steps at {config.train.resolution} px, batch "
-                     f"{config.train.batch_size}, LoRA rank {config.train.lora_rank}, {config.train.mixed_precision}")
+                     f"{config.train.batch_size}, LoRA rank {config.train.lora_rank}, mixed precision "
+                     f"{config.train.mixed_precision}")
     console.print(settings, highlight=False)
     for note in report.notes:
         err_console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     # transformers warns on every import that torchvision is missing (we never need it); keep its errors only
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
     except PalpcomposeError as exc:
         if os.environ.get("PALP_DEBUG"):
             raise
@@ -237,6 +237,12 @@ def main(argv: list[str] | None = None) -> None:
         err_console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {escape(str(exc))}", highlight=False)
         err_console.print("rerun with --debug for a traceback, and please report it.")
         sys.exit(1)
+    # Outside standalone mode Typer hands back, instead of raising, what it caught: Ctrl-C outside our own handlers
+    # (loading a model, rendering) comes back as 130.
+    if isinstance(code, int) and code != 0:
+        if code == 130:
+            err_console.print("interrupted")
+        sys.exit(code)
 
 
 if __name__ == "__main__":

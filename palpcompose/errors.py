@@ -50,6 +50,7 @@ class ProjectError(UserError):
 
 
 class Interrupted(PalpcomposeError):
-    """Training was interrupted (SIGINT/SIGTERM) after writing a resumable checkpoint. Exit code 130."""
+    """A command was interrupted (SIGINT/SIGTERM); the message says what was kept (training: the checkpoint to
+    resume from). Exit code 130."""
 
     exit_code = 130

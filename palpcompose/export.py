@@ -25,7 +25,7 @@ import torch
 
 from palpcompose import __version__
 from palpcompose.errors import UserError
-from palpcompose.fsutil import atomic_save_safetensors
+from palpcompose.fsutil import atomic_save_safetensors, check_folder_can_be_made
 from palpcompose.render import check_trained_for, locate_weights, read_manifest
 from palpcompose.weights import TrainedWeights, load_trained_weights
 
@@ -79,8 +79,18 @@ def export(project, fmt: str, out_path, step: int | None = None, force: bool = F
         raise UserError(
             f"--out {out_path}: would overwrite {', '.join(existing)}; choose another folder or pass --force"
         )
-    for exported, tensors, metadata in plan:
-        atomic_save_safetensors(exported.path, tensors, metadata)
+    check_folder_can_be_made(out_path, "--out")
+    written = []
+    try:
+        for exported, tensors, metadata in plan:
+            atomic_save_safetensors(exported.path, tensors, metadata)
+            written.append(exported.path)
+    except OSError as exc:  # disk full, a read-only file system: no half export
+        for path in written:
+            if str(path) not in existing:
+                path.unlink(missing_ok=True)
+        raise UserError(f"--out {out_path}: could not write ({exc.strerror or exc}: {exc.filename}); choose a folder "
+                        "you can write to") from exc
     return ExportResult(out_path, fmt, label, tuple(f for f, _, _ in plan), tuple(warnings))
 
 

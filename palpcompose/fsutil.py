@@ -75,3 +75,17 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def check_folder_can_be_made(folder: Path, what: str) -> None:
+    """Before writing into `folder` (created if missing): raise UserError, naming `what` (e.g. "--out"), when a
+    file stands where the folder or one of its parents must be, or the nearest existing folder is not writable."""
+    from palpcompose.errors import UserError
+
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{what} {folder}: {existing} is a file, so the folder cannot be created; choose another")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {folder}: {existing} is not writable; choose a folder you can write to")

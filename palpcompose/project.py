@@ -783,16 +783,9 @@ def init_project(project_dir: str | Path, template: str = DEFAULT_TEMPLATE) -> I
 def _init_preflight(root: Path, files: list[Path], folders: list[Path]) -> None:
     """Before `init` writes anything: every file and folder it will create can be created (no file where a folder
     goes, or the other way round), and the nearest existing folder is writable."""
-    import os
+    from palpcompose.fsutil import check_folder_can_be_made
 
-    existing = root
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UserError(f"{existing}: is a file, so {root} cannot be created inside it; choose another folder")
-    if not os.access(existing, os.W_OK):
-        raise UserError(f"{existing}: not writable, so {root} cannot be created there; choose a folder you can "
-                        "write to")
+    check_folder_can_be_made(root, "init")
     for path, is_folder in [(f, False) for f in files] + [(d, True) for d in folders]:
         for parent in reversed(path.relative_to(root).parents[:-1]):  # refs/, refs/subject/, ... (root checked)
             if (root / parent).exists() and not (root / parent).is_dir():

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from palpcompose import __version__
-from palpcompose.errors import UserError
+from palpcompose.errors import Interrupted, UserError
 from palpcompose.fsutil import atomic_save_image, atomic_write_json
 from palpcompose.weights import TrainedWeights, load_trained_weights
 
@@ -88,6 +88,9 @@ class RenderResult:
 # --- seeds, schedulers, trained weights ------------------------------------------------------------------------
 
 
+MAX_SEED = 2**32 - 1  # render.seeds' upper bound (project.py), the range other tools' seeds use
+
+
 def parse_seeds(text: str) -> tuple[int, ...]:
     """`"0-7"`, `"1,5,9"` or mixes such as `"0-3,10"` -> seeds in the order given, duplicates dropped."""
     seeds: list[int] = []
@@ -101,6 +104,8 @@ def parse_seeds(text: str) -> tuple[int, ...]:
         hi = int(m.group(2)) if m.group(2) is not None else lo
         if hi < lo:
             raise UserError(f"--seeds {text!r}: range {part!r} runs backwards; write {hi}-{lo}")
+        if hi > MAX_SEED:
+            raise UserError(f"--seeds {text!r}: {hi} is too large; seeds go from 0 to {MAX_SEED} (as render.seeds)")
         if hi - lo >= 10_000:
             raise UserError(f"--seeds {text!r}: range {part!r} has more than 10000 seeds")
         seeds.extend(s for s in range(lo, hi + 1) if s not in seeds)
@@ -227,15 +232,17 @@ def check_trained_for(project, out_dir: Path, manifest: dict | None) -> list[str
         config_hash = trained.get("config_hash")
         config_changed = config_hash not in (None, project.config.hash())
         training_hash = trained.get("training_hash")
+        changes = _changed_keys(trained.get("config"), project.config.to_dict())
+        what = f" ({changes})" if changes else (f" (configuration hash {project.config.hash()[:12]}, "
+                                                f"{str(config_hash)[:12]} in out/manifest.json)")
         if config_changed and training_hash not in (None, project.config.training_hash()):
             warnings.append(
-                f"{project.file} changed since training (configuration hash {project.config.hash()[:12]}, "
-                f"{str(config_hash)[:12]} in out/manifest.json): the weights were trained with the old "
+                f"{project.file} changed since training{what}: the weights were trained with the old "
                 f"settings; retrain with `palpcompose train {project.root}` to apply the new ones"
             )
         elif config_changed:
             warnings.append(
-                f"{project.file} changed since training, but only in settings that do not affect the trained "
+                f"{project.file} changed since training{what}, but only in settings that do not affect the trained "
                 "weights ([render], snapshot or preview periods)"
             )
     return warnings
@@ -261,6 +268,29 @@ def _check_prompt_lengths(project, tokenizer, prompts, negative_prompt: str, *, 
         if n > limit:
             raise UserError(f"{option} {prompt[:40]!r}...: {n} tokens, but the text encoder reads at most {limit} "
                             f"(start and end tokens included); shorten it by {n - limit} tokens")
+
+
+def _changed_keys(before: dict | None, now: dict, most: int = 4) -> str:
+    """'train.steps 200 -> 40, subjects.V1.class_name ...': the keys whose values differ between two resolved
+    configurations."""
+    if not isinstance(before, dict):
+        return ""
+
+    def flat(data: dict, prefix: str = "") -> dict:
+        out = {}
+        for key, value in data.items():
+            out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+        return out
+
+    from palpcompose.project import ADDED_LATER
+
+    old, new = flat(before), flat(now)
+    for (section, key), default in ADDED_LATER.items():  # a key added since, at its default, is no change
+        old.setdefault(f"{section}.{key}", default)
+    changed = [f"{key} {json.dumps(old.get(key))} -> {json.dumps(new.get(key))}"
+               for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+    more = f", and {len(changed) - most} more" if len(changed) > most else ""
+    return ", ".join(changed[:most]) + more
 
 
 def locate_weights(project, out_dir: Path, step: int | None) -> tuple[Path, str, list[str]]:
@@ -359,6 +389,13 @@ def render(
     if prompts and not any(p.strip() for p in prompts):
         raise UserError("--prompt is empty; give the text to render, e.g. --prompt \"A sketch of [V1]\", or leave "
                         "--prompt out to render render.prompts / palp.target_prompt")
+    from palpcompose.project import NEAR_PLACEHOLDER, PLACEHOLDER
+
+    for text in prompt_options or ():  # as check does for palp.toml's prompts
+        for m in NEAR_PLACEHOLDER.finditer(text):
+            if not PLACEHOLDER.fullmatch(m.group(0)):
+                raise UserError(f"--prompt {text!r}: {m.group(0)!r} is not a placeholder; write it exactly "
+                                f"[V{int(m.group(1))}]")
     prompts = tuple(prompts) if prompts else (tuple(rc.prompts) or (cfg.palp.target_prompt,))
     prompts = tuple(dict.fromkeys(p for p in prompts if p and p.strip()))  # each prompt once, in order
     if not prompts:
@@ -440,33 +477,42 @@ def render(
     images: list[RenderedImage] = []
     started = time.perf_counter()
     progress = _progress(console)
-    with progress:
-        task = progress.add_task("rendering", total=len(models) * len(jobs))
-        for model in models:
-            if model.weights is None:
-                if getattr(pipe.unet, "peft_config", None):
-                    pipe.unet.disable_adapters()
-            else:
-                attach_trained_weights(pipe, model.weights)
-            # merged once per model (not per batch: in fp16 each merge/unmerge pair rounds the base weights)
-            with merged_lora(pipe.unet) if model.weights is not None else contextlib.nullcontext():
-                for start in range(0, len(jobs), settings.batch_size):
-                    batch = jobs[start : start + settings.batch_size]
-                    batch_texts = [
-                        (base_texts if model.weights is None else texts)[prompt] for _, prompt, _ in batch
-                    ]
-                    pictures = generate(pipe, batch_texts, [seed for _, _, seed in batch], settings)
-                    for (p_index, prompt, seed), text, picture in zip(batch, batch_texts, pictures):
-                        path = run_dir / f"{model.label}_p{p_index}_seed{seed}.png"
-                        extra = {
-                            "PALP weights": model.label if model.weights is not None else "none (base model)"
-                        }
-                        if model.step is not None:
-                            extra["PALP step"] = str(model.step)
-                        params = a1111_parameters(text, settings, seed, cfg.project.base_model, extra)
-                        _save_png(path, picture, params)
-                        images.append(RenderedImage(path, model.label, model.step, prompt, text, seed))
-                        progress.advance(task)
+    try:
+        with progress:
+            task = progress.add_task("rendering", total=len(models) * len(jobs))
+            for model in models:
+                if model.weights is None:
+                    if getattr(pipe.unet, "peft_config", None):
+                        pipe.unet.disable_adapters()
+                else:
+                    attach_trained_weights(pipe, model.weights)
+                # merged once per model (not per batch: in fp16 each merge/unmerge pair rounds the base weights)
+                with merged_lora(pipe.unet) if model.weights is not None else contextlib.nullcontext():
+                    for start in range(0, len(jobs), settings.batch_size):
+                        batch = jobs[start : start + settings.batch_size]
+                        batch_texts = [
+                            (base_texts if model.weights is None else texts)[prompt] for _, prompt, _ in batch
+                        ]
+                        pictures = generate(pipe, batch_texts, [seed for _, _, seed in batch], settings)
+                        for (p_index, prompt, seed), text, picture in zip(batch, batch_texts, pictures):
+                            path = run_dir / f"{model.label}_p{p_index}_seed{seed}.png"
+                            extra = {
+                                "PALP weights": model.label if model.weights is not None else "none (base model)"
+                            }
+                            if model.step is not None:
+                                extra["PALP step"] = str(model.step)
+                            params = a1111_parameters(text, settings, seed, cfg.project.base_model, extra)
+                            _save_png(path, picture, params)
+                            images.append(RenderedImage(path, model.label, model.step, prompt, text, seed))
+                            progress.advance(task)
+    except KeyboardInterrupt:  # keep what was drawn; an empty run folder would only confuse
+        if not images:
+            import shutil
+
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise Interrupted("interrupted before the first image was drawn; nothing was written") from None
+        raise Interrupted(f"interrupted after {len(images)} of {len(models) * len(jobs)} images; they are in "
+                          f"{run_dir} (no contact sheet or render.json)") from None
 
     # 5. Contact sheet and the run's index.
     sheet_path = run_dir / "contact-sheet.png"

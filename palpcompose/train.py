@@ -580,6 +580,7 @@ def _resume_settings(config, guidance: str) -> dict:
     for key in ("steps", "save_every", "preview_every", "gradient_checkpointing", "low_memory"):
         del data["train"][key]
     data["palp"]["guidance"] = guidance
+    data["project"].pop("allow_pickle", None)  # a permission, not a setting of the run
     return data
 
 
@@ -632,7 +633,7 @@ def train(project, *, steps: int | None = None, resume: bool = False, guidance: 
         raise UserError(f"{project.file}: guidance {mode!r} needs palp.target_prompt and palp.clean_prompt; set "
                         "both, or use --guidance none")
     # palp.toml as written: render compares it with the file later, whatever --steps/--guidance overrode here
-    file_hashes = {"config_hash": config.hash(), "training_hash": config.training_hash()}
+    file_hashes = {"config": config.to_dict(), "config_hash": config.hash(), "training_hash": config.training_hash()}
     config = replace(config, palp=replace(config.palp, guidance=mode),
                      train=replace(config.train, steps=steps or config.train.steps))
     steps_target = config.train.steps
@@ -660,13 +661,21 @@ def train(project, *, steps: int | None = None, resume: bool = False, guidance: 
         resume_from = checkpoint_folder(out / "checkpoint")
         if resume_from is None:
             raise UserError(f"{out / 'checkpoint'}: nothing to resume; run `palpcompose train` without --resume")
-        saved = read_settings(resume_from)["settings"]
+        state_json = read_settings(resume_from)
+        saved = state_json["settings"]
         if saved != settings:
-            changed = [f"{section}.{key}" for section, values in settings.items() for key in values
+            changed = [(f"{section}.{key}", saved.get(section, {}).get(key), values[key])
+                       for section, values in settings.items() for key in values
                        if saved.get(section, {}).get(key) != values[key]]
-            raise UserError(
-                f"{project.file}: the checkpoint was trained with other settings ({', '.join(changed) or 'subjects'})"
-                "; restore them to resume, or train without --resume to start over")
+            listed = "; ".join(f"{key} was {then!r}, now {now!r}" for key, then, now in changed) or "the subjects"
+            old_guidance = saved.get("palp", {}).get("guidance")
+            how = (f"pass --guidance {old_guidance} again" if any(k == "palp.guidance" for k, _, _ in changed)
+                   and len(changed) == 1 else "restore them in palp.toml (or the --guidance of that run)")
+            raise UserError(f"{project.file}: the checkpoint was trained with other settings ({listed}); {how} to "
+                            "resume, or train without --resume to start over")
+        if steps_target < state_json["step"]:
+            raise UserError(f"--steps {steps_target}: the checkpoint is already at step {state_json['step']}; resume "
+                            f"with --steps {state_json['step']} or more, or train without --resume to start over")
     mixed_precision, precision_notice = _choose_mixed_precision(config.train.mixed_precision)
     try:
         components = models.load_components(source)
@@ -727,6 +736,9 @@ def train(project, *, steps: int | None = None, resume: bool = False, guidance: 
             log = [e for e in _read_jsonl(out / "logs" / "train.jsonl") if e["step"] <= step]
             console.print(f"resuming at step {step} of {steps_target}")
         else:
+            if previous and previous.get("steps_done"):
+                console.print(f"starting over: the earlier run ({previous.get('status')}, {previous['steps_done']} "
+                              f"steps) is replaced; `--resume` continues a run instead")
             for stale in ("snapshots", "previews", "logs", "checkpoint", "weights"):
                 _remove_tree(out / stale)  # outputs of an earlier run would be mistaken for this one's
         prior_wall = float((_read_json(manifest_path) or {}).get("wall_time_s", 0.0)) if resume_from else 0.0
@@ -796,6 +808,17 @@ def train(project, *, steps: int | None = None, resume: bool = False, guidance: 
             atomic_write_json(manifest_path, manifest)
         raise OutOfMemory(out_of_memory_message(config, mixed_precision, manifest["device"], step, checkpoint_step,
                                                 out / "checkpoint", estimate)) from None
+    except KeyboardInterrupt:  # a second Ctrl-C (the first one stops after the step): at once, no new checkpoint
+        if manifest_path.is_file():
+            manifest.update(status="interrupted", steps_done=checkpoint_step or 0, finished_at=_now())
+            atomic_write_json(manifest_path, manifest)
+        if checkpoint_step is None:
+            raise Interrupted(f"stopped at once at step {step} of {steps_target} (second interrupt), before the "
+                              f"first checkpoint; run `palpcompose train {project.root}` again") from None
+        raise Interrupted(
+            f"stopped at once at step {step} of {steps_target} (second interrupt); the last checkpoint is at step "
+            f"{checkpoint_step}. Resume with: palpcompose train {project.root} --resume"
+            + (f" --steps {steps_target}" if steps is not None else "")) from None
     except BaseException:
         if manifest["status"] == "running" and manifest_path.is_file():
             manifest.update(status="failed", finished_at=_now())
@@ -849,6 +872,7 @@ def _summary(console: Console, result: TrainResult, log: list[dict], mode: str) 
             first = next((e[key] for e in log if key in e), value)
             table.add_row(key, f"{value:.4f} (first {first:.4f})")
     table.add_row("weights", str(result.weights_dir))
-    table.add_row("previews", str(result.out_dir / "previews"))
+    if (result.out_dir / "previews").is_dir():
+        table.add_row("previews", str(result.out_dir / "previews"))
     table.add_row("log", str(result.out_dir / "logs" / "train.jsonl"))
     console.print(table)

@@ -82,7 +82,7 @@ def test_init_into_an_existing_folder_keeps_files(tmp_path, run_cli):
 
 
 @pytest.mark.parametrize("blocker, target, message", [
-    ("afile", "afile/sub", "afile: is a file, so "),
+    ("afile", "afile/sub", "afile is a file, so the folder cannot be created"),
     ("proj/refs", "proj", "refs: is a file where the project needs a folder"),
     ("proj/.gitignore/", "proj", ".gitignore: is a folder where the project needs a file"),
     (None, "proj/palp.toml", "give the folder the project goes in, not its palp.toml"),

@@ -172,6 +172,29 @@ def test_cli_export_bad_input_exits_2_and_writes_nothing(project, tmp_path, args
     assert not out.exists()
 
 
+def test_cli_export_to_a_folder_that_cannot_be_made_exits_2(project, tmp_path, capsys, monkeypatch):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SystemExit) as exc:
+        main(["export", str(project.root), "--format", "diffusers", "--out", str(tmp_path / "afile" / "sub")])
+    assert exc.value.code == 2 and "afile is a file, so the folder cannot be created" in capsys.readouterr().err
+    # a write that fails half way (disk full) removes what this export wrote
+    from palpcompose import export as export_mod
+
+    real_save, saved = export_mod.atomic_save_safetensors, []
+
+    def disk_full_on_the_second_file(path, tensors, metadata):
+        if saved:
+            raise OSError(28, "No space left on device", str(path))
+        real_save(path, tensors, metadata)
+        saved.append(path)
+
+    monkeypatch.setattr(export_mod, "atomic_save_safetensors", disk_full_on_the_second_file)
+    with pytest.raises(SystemExit) as exc:
+        main(["export", str(project.root), "--format", "diffusers", "--out", str(tmp_path / "full")])
+    assert exc.value.code == 2 and "No space left on device" in capsys.readouterr().err
+    assert saved and list((tmp_path / "full").iterdir()) == []
+
+
 def test_cli_export_prints_the_files(project, tmp_path, capsys):
     main(["export", str(project.root), "--format", "webui", "--out", str(tmp_path / "w")])
     out = capsys.readouterr().out

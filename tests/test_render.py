@@ -188,6 +188,9 @@ def test_cli_missing_step_lists_the_available_steps(project_dir, capsys):
         ["--prompt", "a photo of [V3]"],
         ["--steps", "0"],
         ["--prompt", ""],
+        ["--prompt", "   "],
+        ["--prompt", "a photo of [v1]"],
+        ["--seeds", "4294967296"],
         ["--prompt", "a photo of [V1] " + "red " * 80],
         ["--negative-prompt", "blurry " * 80],
     ],
@@ -198,8 +201,12 @@ def test_cli_bad_options_exit_2_and_write_nothing(project_dir, args, capsys):
     assert "Traceback" not in err
     if args[0] != "--seeds" and len(args[-1]) > 200:  # the too-long prompts name their option and the overflow
         assert f"{args[0]} " in err and "the text encoder reads at most 77" in err and "shorten it by" in err
-    if args == ["--prompt", ""]:
+    if args[0] == "--prompt" and not args[1].strip():
         assert "--prompt is empty" in err
+    if args[1] == "a photo of [v1]":
+        assert "'[v1]' is not a placeholder; write it exactly [V1]" in err
+    if args[1] == "4294967296":
+        assert "seeds go from 0 to 4294967295" in err
     assert not (project_dir / "out" / "renders").exists()
 
 
@@ -271,3 +278,15 @@ def test_render_merges_the_lora_and_draws_what_the_unmerged_adapter_draws(projec
     assert np.abs(np.asarray(merged).astype(np.int16) - np.asarray(plain[0]).astype(np.int16)).max() <= 1
     for k, v in pipe.unet.state_dict().items():  # unmerged after: the base weights are back (to fp32 rounding)
         torch.testing.assert_close(v, unet_before[k], rtol=1e-5, atol=1e-6)
+
+
+def test_cli_interrupted_render_exits_130_and_leaves_no_empty_folder(project_dir, monkeypatch, capsys):
+    from palpcompose import render as render_mod
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(render_mod, "generate", interrupted)
+    assert run_cli("render", project_dir, "--seeds", "0", "--steps", "1") == 130
+    assert "interrupted before the first image was drawn" in capsys.readouterr().err
+    assert list((project_dir / "out" / "renders").iterdir()) == []

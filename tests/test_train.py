@@ -210,8 +210,42 @@ def test_resume_refuses_changed_settings_and_missing_checkpoint(make_project):
         train(root, resume=True, console=quiet())
     assert not (root / "out").exists()  # nothing written for bad input
     train(root, console=quiet())
-    with pytest.raises(UserError, match="palp.guidance"):
+    with pytest.raises(UserError, match=r"palp.guidance was 'palp', now 'sds'\); pass --guidance palp again"):
         train(root, resume=True, steps=3, guidance="sds", console=quiet())
+    manifest = (root / "out" / "manifest.json").read_text()
+    with pytest.raises(UserError, match="already at step 2; resume with --steps 2 or more"):
+        train(root, resume=True, steps=1, console=quiet())
+    assert (root / "out" / "manifest.json").read_text() == manifest
+
+
+def test_second_interrupt_stops_at_once_and_says_which_checkpoint_is_kept(make_project, monkeypatch):
+    root = make_project({"train": {"steps": 4, "save_every": 1}})
+    real_step, calls = train_mod.training_step, []
+
+    def second_ctrl_c_in_step_3(state, batch):  # what the handler raises on a second SIGINT
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_step(state, batch)
+
+    monkeypatch.setattr(train_mod, "training_step", second_ctrl_c_in_step_3)
+    with pytest.raises(Interrupted, match="stopped at once at step 2 of 4.*last checkpoint is at step 2.*--resume"):
+        train(root, console=quiet())
+    manifest = json.loads((root / "out" / "manifest.json").read_text())
+    assert manifest["status"] == "interrupted" and manifest["steps_done"] == 2
+    assert not (root / "out" / "train.lock").exists()
+
+
+def test_ctrl_c_while_loading_exits_130_not_0(make_project, monkeypatch, capsys):
+    root = make_project()
+
+    def interrupted_load(source):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(models, "load_components", interrupted_load)
+    with pytest.raises(SystemExit) as info:
+        main(["train", str(root)])
+    assert info.value.code == 130 and "interrupted" in capsys.readouterr().err
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_snapshot(make_project, monkeypatch):
