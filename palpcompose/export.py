@@ -25,7 +25,7 @@ import torch
 
 from palpcompose import __version__
 from palpcompose.errors import UserError
-from palpcompose.fsutil import atomic_save_safetensors, check_folder_can_be_made
+from palpcompose.fsutil import atomic_write_files, check_folder_can_be_made, os_error_text, safetensors_bytes
 from palpcompose.render import check_trained_for, locate_weights, read_manifest
 from palpcompose.weights import TrainedWeights, load_trained_weights
 
@@ -80,17 +80,12 @@ def export(project, fmt: str, out_path, step: int | None = None, force: bool = F
             f"--out {out_path}: would overwrite {', '.join(existing)}; choose another folder or pass --force"
         )
     check_folder_can_be_made(out_path, "--out")
-    written = []
-    try:
-        for exported, tensors, metadata in plan:
-            atomic_save_safetensors(exported.path, tensors, metadata)
-            written.append(exported.path)
-    except OSError as exc:  # disk full, a read-only file system: no half export
-        for path in written:
-            if str(path) not in existing:
-                path.unlink(missing_ok=True)
-        raise UserError(f"--out {out_path}: could not write ({exc.strerror or exc}: {exc.filename}); choose a folder "
-                        "you can write to") from exc
+    try:  # all files or none: a full disk leaves --out as it was (with --force too)
+        atomic_write_files({exported.path: safetensors_bytes(tensors, metadata)
+                            for exported, tensors, metadata in plan})
+    except OSError as exc:
+        raise UserError(f"--out {out_path}: could not write ({os_error_text(exc)}); nothing was changed there; "
+                        "choose a folder you can write to") from exc
     return ExportResult(out_path, fmt, label, tuple(f for f, _, _ in plan), tuple(warnings))
 
 

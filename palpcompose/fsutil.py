@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -50,12 +51,42 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def atomic_save_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> None:
-    """Save a dict of tensors with `safetensors.torch.save`, atomically. Tensors are made contiguous on the CPU."""
+def safetensors_bytes(tensors: dict, metadata: dict[str, str] | None = None) -> bytes:
+    """A .safetensors file's bytes (`safetensors.torch.save`); tensors are made contiguous on the CPU."""
     from safetensors.torch import save
 
-    data = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    atomic_write_bytes(path, save(data, metadata=metadata))
+    return save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, metadata=metadata)
+
+
+def atomic_save_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    """Save a dict of tensors as a .safetensors file, atomically."""
+    atomic_write_bytes(path, safetensors_bytes(tensors, metadata))
+
+
+def atomic_write_files(files: dict[Path, bytes]) -> None:
+    """Write several files all or nothing: every one to a temporary file first (where a full disk fails), then all
+    renamed into place. On a failure the temporary files, and folders this call created, are removed and the
+    earlier files stay as they were."""
+    created = sorted({d for path in files for d in (path.parent, *path.parent.parents) if not d.exists()},
+                     key=lambda d: len(d.parts))
+    temps: dict[Path, Path] = {}
+    try:
+        for path, data in files.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temps[path] = _tmp_path(path)
+            with open(temps[path], "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+    except BaseException:
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)
+        for folder in reversed(created):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+    for path, tmp in temps.items():
+        os.replace(tmp, path)
 
 
 def atomic_save_image(path: str | os.PathLike, image, **save_kwargs) -> None:
@@ -89,3 +120,9 @@ def check_folder_can_be_made(folder: Path, what: str) -> None:
         raise UserError(f"{what} {folder}: {existing} is a file, so the folder cannot be created; choose another")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"{what} {folder}: {existing} is not writable; choose a folder you can write to")
+
+
+def os_error_text(exc: OSError) -> str:
+    """'No space left on device: /path', or without the path when the OS did not name one (a failed write)."""
+    text = exc.strerror or str(exc)
+    return f"{text}: {exc.filename}" if exc.filename else text

@@ -47,7 +47,8 @@ def resolve_base_model(spec: str, project_dir: Path | None = None, allow_pickle:
         return BaseModelSource(spec, "builtin", str(folder), ok, detail)
 
     path = Path(spec).expanduser()
-    if not path.is_absolute() and project_dir is not None and (project_dir / path).exists():
+    if not path.is_absolute() and project_dir is not None and (
+            (project_dir / path).exists() or (project_dir / path).is_symlink()):
         path = project_dir / path
     if path.is_dir():
         _check_pipeline_folder(path)

@@ -512,8 +512,8 @@ class _Validator:
                              f'e.g. prompt = "A photo of [{subject}]"')
 
         if render.get("seeds") == []:
-            self.problem("render.seeds", "is empty: render would draw nothing",
-                         "list at least one seed, e.g. seeds = [0, 1, 2, 3], or remove the key for that default")
+            self.notes.append(f"{self.file}: render.seeds is empty: `render` will need --seeds (or list seeds, e.g. "
+                              "seeds = [0, 1, 2, 3], or remove the key for that default)")
 
         guidance = palp.get("guidance", PalpConfig.guidance)
         if guidance in ("palp", "sds"):
@@ -622,10 +622,10 @@ def _expand_entry(v: _Validator, root: Path, skey: str, entry: str, is_image_nam
                   "copy the images into the project (e.g. refs/) and use a relative path, so the project stays "
                   "self-contained")
         return []
-    if "\\" in entry:
-        v.problem(skey, f"{entry!r} uses backslashes", f"write paths with forward slashes: "
-                  f"{entry.replace(chr(92), '/')!r} (they work on Windows too)")
-        return []
+    if "\\" in entry and not (root / entry).exists():  # a Windows path: read it the way Windows would
+        v.notes.append(f"{v.file}: {skey}: {entry!r} read as {entry.replace(chr(92), '/')!r}; write forward slashes "
+                       "so the project works on every system")
+        entry = entry.replace("\\", "/")
     if any(ch in entry for ch in "*?[") and not (root / entry).exists():  # a file may be called img[1].png
         matches = [p for p in root.glob(entry) if p.is_file()]
         images = [p for p in matches if is_image_name(p)]
@@ -719,7 +719,7 @@ def init_project(project_dir: str | Path, template: str = DEFAULT_TEMPLATE) -> I
     """
     from importlib.resources import files
 
-    from palpcompose.fsutil import atomic_write_text
+    from palpcompose.fsutil import atomic_write_bytes, atomic_write_text, os_error_text
 
     root = Path(project_dir)
     if template not in TEMPLATES:
@@ -762,10 +762,11 @@ def init_project(project_dir: str | Path, template: str = DEFAULT_TEMPLATE) -> I
         if template == "toy-demo":  # the toy world draws this template's references (palpcompose/toydemo.py)
             from palpcompose.toydemo import write_references
 
-            written += write_references(root)
-        lines = gitignore.read_text(encoding="utf-8").splitlines() if gitignore.is_file() else []
-        if not {"out/", "out", "/out/", "/out"} & {line.strip() for line in lines}:
-            atomic_write_text(gitignore, "\n".join(lines + ["out/"]) + "\n")
+            write_references(root, written)
+        # Bytes, not text: a .gitignore in another encoding is kept as it is, with one line added.
+        data = gitignore.read_bytes() if gitignore.is_file() else b""
+        if not {b"out/", b"out", b"/out/", b"/out"} & {line.strip() for line in data.splitlines()}:
+            atomic_write_bytes(gitignore, data + (b"\n" if data and not data.endswith(b"\n") else b"") + b"out/\n")
             written.append(gitignore)
         else:
             kept.append(gitignore)
@@ -775,8 +776,8 @@ def init_project(project_dir: str | Path, template: str = DEFAULT_TEMPLATE) -> I
         for folder in new_dirs:
             with contextlib.suppress(OSError):
                 folder.rmdir()  # only if empty: never removes anything the user had
-        raise UserError(f"{root}: could not create the project ({exc.strerror or exc}: {exc.filename}); nothing "
-                        "was left behind; choose a folder you can write to") from exc
+        raise UserError(f"{root}: could not create the project ({os_error_text(exc)}); nothing was left behind; "
+                        "choose a folder you can write to") from exc
     return InitResult(root, name, tuple(written), tuple(kept))
 
 

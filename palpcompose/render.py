@@ -255,14 +255,15 @@ def _check_prompt_lengths(project, tokenizer, prompts, negative_prompt: str, *, 
     from palpcompose.errors import ProjectError
     from palpcompose.project import config_prompts, count_prompt_tokens, too_long_problems
 
-    if not from_options and not negative_from_option:
-        problems = too_long_problems(project.file, tokenizer, config_prompts(project.config))
-        if problems:
-            raise ProjectError(problems)
-        return
+    from_file = [(key, text) for key, text in config_prompts(project.config)
+                 if not ((from_options and key.startswith(("render.prompts", "palp.target_prompt")))
+                         or (negative_from_option and key == "render.negative_prompt"))]
+    problems = too_long_problems(project.file, tokenizer, from_file)
+    if problems:
+        raise ProjectError(problems)
     named = [("--prompt", p) for p in prompts] if from_options else []
-    if negative_prompt:
-        named.append(("--negative-prompt" if negative_from_option else "render.negative_prompt", negative_prompt))
+    if negative_from_option and negative_prompt:
+        named.append(("--negative-prompt", negative_prompt))
     limit, counts = count_prompt_tokens(tokenizer, named)
     for option, prompt, n in counts:
         if n > limit:
@@ -394,8 +395,9 @@ def render(
     for text in prompt_options or ():  # as check does for palp.toml's prompts
         for m in NEAR_PLACEHOLDER.finditer(text):
             if not PLACEHOLDER.fullmatch(m.group(0)):
-                raise UserError(f"--prompt {text!r}: {m.group(0)!r} is not a placeholder; write it exactly "
-                                f"[V{int(m.group(1))}]")
+                number = int(m.group(1))
+                fix = f"write it exactly [V{number}]" if number else "subjects are numbered from 1: [V1], [V2], ..."
+                raise UserError(f"--prompt {text!r}: {m.group(0)!r} is not a placeholder; {fix}")
     prompts = tuple(prompts) if prompts else (tuple(rc.prompts) or (cfg.palp.target_prompt,))
     prompts = tuple(dict.fromkeys(p for p in prompts if p and p.strip()))  # each prompt once, in order
     if not prompts:
@@ -408,7 +410,7 @@ def render(
         seeds = parse_seeds(seeds)
     seeds = tuple(int(s) for s in seeds)
     if not seeds:
-        raise UserError("no seeds to render; pass --seeds, e.g. --seeds 0-3")
+        raise UserError(f"{project.file}: render.seeds is empty; list seeds there, or pass --seeds, e.g. --seeds 0-3")
     size = cfg.train.resolution
 
     def pick(option, configured):

@@ -49,13 +49,13 @@ def artwork_image(seed: int = ARTWORK_SEED, style: str = ARTWORK_STYLE):
     return _to_pil(world.render(scenes, g)[0])
 
 
-def write_references(root: str | Path) -> list[Path]:
+def write_references(root: str | Path, written: list[Path] | None = None) -> list[Path]:
     """Write the toy demo's references into project folder `root`; returns the files written (existing ones are
-    kept)."""
+    kept), appending each to `written` as soon as it exists (so a caller can clean up after a failure)."""
     root = Path(root)
     wanted = {root / "refs" / "subject" / f"star-{i:02d}.png": image for i, image in enumerate(subject_images())}
     wanted[root / "refs" / "artwork" / "pixel-art.png"] = artwork_image()
-    written = []
+    written = [] if written is None else written
     for path, image in wanted.items():
         if not path.exists():
             atomic_save_image(path, image)

@@ -674,8 +674,9 @@ def train(project, *, steps: int | None = None, resume: bool = False, guidance: 
             raise UserError(f"{project.file}: the checkpoint was trained with other settings ({listed}); {how} to "
                             "resume, or train without --resume to start over")
         if steps_target < state_json["step"]:
-            raise UserError(f"--steps {steps_target}: the checkpoint is already at step {state_json['step']}; resume "
-                            f"with --steps {state_json['step']} or more, or train without --resume to start over")
+            asked = f"--steps {steps_target}" if steps is not None else f"{project.file}: train.steps = {steps_target}"
+            raise UserError(f"{asked}: the checkpoint is already at step {state_json['step']}; resume with --steps "
+                            f"{state_json['step']} or more, or train without --resume to start over")
     mixed_precision, precision_notice = _choose_mixed_precision(config.train.mixed_precision)
     try:
         components = models.load_components(source)
@@ -704,6 +705,7 @@ def train(project, *, steps: int | None = None, resume: bool = False, guidance: 
         "finished_at": None,
     }
     step, checkpoint_step, estimate = 0, None, None
+    ours = False  # until this run writes its manifest, the one on disk (if any) is the previous run's: leave it be
     try:
         accelerator = Accelerator(mixed_precision=mixed_precision,
                                   gradient_accumulation_steps=config.train.gradient_accumulation_steps)
@@ -744,6 +746,7 @@ def train(project, *, steps: int | None = None, resume: bool = False, guidance: 
         prior_wall = float((_read_json(manifest_path) or {}).get("wall_time_s", 0.0)) if resume_from else 0.0
         manifest["steps_done"] = step
         atomic_write_json(manifest_path, manifest)
+        ours = True  # from here on out/manifest.json is this run's
         last_snapshot = None
 
         def save_all(at_step: int, status: str) -> None:
@@ -803,15 +806,19 @@ def train(project, *, steps: int | None = None, resume: bool = False, guidance: 
         _summary(console, result, log, mode)
         return result
     except torch.OutOfMemoryError:
-        if manifest_path.is_file():
+        if ours:
             manifest.update(status="failed", finished_at=_now())
             atomic_write_json(manifest_path, manifest)
         raise OutOfMemory(out_of_memory_message(config, mixed_precision, manifest["device"], step, checkpoint_step,
                                                 out / "checkpoint", estimate)) from None
     except KeyboardInterrupt:  # a second Ctrl-C (the first one stops after the step): at once, no new checkpoint
-        if manifest_path.is_file():
-            manifest.update(status="interrupted", steps_done=checkpoint_step or 0, finished_at=_now())
-            atomic_write_json(manifest_path, manifest)
+        again = f"palpcompose train {project.root}" + (" --resume" if resume_from else "") + (
+            f" --steps {steps_target}" if steps is not None else "")
+        if not ours:  # still setting up: nothing of the previous run was touched
+            raise Interrupted(f"interrupted before training started; nothing was changed. Run again with: {again}"
+                              ) from None
+        manifest.update(status="interrupted", steps_done=checkpoint_step or 0, finished_at=_now())
+        atomic_write_json(manifest_path, manifest)
         if checkpoint_step is None:
             raise Interrupted(f"stopped at once at step {step} of {steps_target} (second interrupt), before the "
                               f"first checkpoint; run `palpcompose train {project.root}` again") from None
@@ -820,7 +827,7 @@ def train(project, *, steps: int | None = None, resume: bool = False, guidance: 
             f"{checkpoint_step}. Resume with: palpcompose train {project.root} --resume"
             + (f" --steps {steps_target}" if steps is not None else "")) from None
     except BaseException:
-        if manifest["status"] == "running" and manifest_path.is_file():
+        if ours and manifest["status"] == "running":
             manifest.update(status="failed", finished_at=_now())
             atomic_write_json(manifest_path, manifest)
         raise

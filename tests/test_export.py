@@ -177,22 +177,31 @@ def test_cli_export_to_a_folder_that_cannot_be_made_exits_2(project, tmp_path, c
     with pytest.raises(SystemExit) as exc:
         main(["export", str(project.root), "--format", "diffusers", "--out", str(tmp_path / "afile" / "sub")])
     assert exc.value.code == 2 and "afile is a file, so the folder cannot be created" in capsys.readouterr().err
-    # a write that fails half way (disk full) removes what this export wrote
-    from palpcompose import export as export_mod
+    # a disk that fills up half way: nothing changes in --out, with --force over an earlier export too
+    import os
 
-    real_save, saved = export_mod.atomic_save_safetensors, []
+    from palpcompose import fsutil
 
-    def disk_full_on_the_second_file(path, tensors, metadata):
-        if saved:
-            raise OSError(28, "No space left on device", str(path))
-        real_save(path, tensors, metadata)
-        saved.append(path)
+    main(["export", str(project.root), "--format", "diffusers", "--out", str(tmp_path / "full")])
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in (tmp_path / "full").iterdir()}
+    real_fsync, calls = os.fsync, []
 
-    monkeypatch.setattr(export_mod, "atomic_save_safetensors", disk_full_on_the_second_file)
-    with pytest.raises(SystemExit) as exc:
-        main(["export", str(project.root), "--format", "diffusers", "--out", str(tmp_path / "full")])
-    assert exc.value.code == 2 and "No space left on device" in capsys.readouterr().err
-    assert saved and list((tmp_path / "full").iterdir()) == []
+    def disk_full_on_the_second_file(fd):
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(fsutil.os, "fsync", disk_full_on_the_second_file)
+    for out in (tmp_path / "full", tmp_path / "new" / "deeper"):
+        calls.clear()
+        with pytest.raises(SystemExit) as exc:
+            main(["export", str(project.root), "--format", "diffusers", "--out", str(out), "--step", "2", "--force"])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and "(No space left on device); nothing was changed" in err, err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "full").iterdir()} == before  # no temp files either
+    assert not (tmp_path / "new").exists()
 
 
 def test_cli_export_prints_the_files(project, tmp_path, capsys):

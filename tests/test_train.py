@@ -213,8 +213,12 @@ def test_resume_refuses_changed_settings_and_missing_checkpoint(make_project):
     with pytest.raises(UserError, match=r"palp.guidance was 'palp', now 'sds'\); pass --guidance palp again"):
         train(root, resume=True, steps=3, guidance="sds", console=quiet())
     manifest = (root / "out" / "manifest.json").read_text()
-    with pytest.raises(UserError, match="already at step 2; resume with --steps 2 or more"):
+    with pytest.raises(UserError, match="--steps 1: the checkpoint is already at step 2; resume with --steps 2"):
         train(root, resume=True, steps=1, console=quiet())
+    toml = root / "palp.toml"
+    toml.write_text(toml.read_text().replace("steps = 2", "steps = 1", 1))
+    with pytest.raises(UserError, match=r"train.steps = 1: the checkpoint is already at step 2"):  # no --steps given
+        train(root, resume=True, console=quiet())
     assert (root / "out" / "manifest.json").read_text() == manifest
 
 
@@ -234,6 +238,23 @@ def test_second_interrupt_stops_at_once_and_says_which_checkpoint_is_kept(make_p
     manifest = json.loads((root / "out" / "manifest.json").read_text())
     assert manifest["status"] == "interrupted" and manifest["steps_done"] == 2
     assert not (root / "out" / "train.lock").exists()
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_second_interrupt_while_setting_up_leaves_the_previous_run_alone(make_project, monkeypatch, resume):
+    root = make_project({"train": {"steps": 2, "save_every": 1}})
+    train(root, console=quiet())
+    before = (root / "out" / "manifest.json").read_text()
+
+    def interrupted(*args, **kwargs):  # a second Ctrl-C while the references are encoded
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "prepare_subjects", interrupted)
+    with pytest.raises(Interrupted, match="before training started; nothing was changed") as info:
+        train(root, steps=3, resume=resume, force=True, console=quiet())
+    assert ("--resume" in str(info.value)) == resume
+    assert (root / "out" / "manifest.json").read_text() == before
+    assert train(root, console=quiet()).status == "up_to_date"
 
 
 def test_ctrl_c_while_loading_exits_130_not_0(make_project, monkeypatch, capsys):
