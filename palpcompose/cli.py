@@ -210,19 +210,48 @@ def eval_command(
         console.print(f"[{key}] {info['class_name']}: scored on {info['scored_as']}", highlight=False, markup=False)
     console.print(f"wrote {result.eval_json}", highlight=False, markup=False)
 
+def _sigterm_is_ctrl_c() -> None:
+    """SIGTERM (a scheduler stopping the job) interrupts like Ctrl-C: exit 130 with a message, not death by signal.
+    `train` installs its own handlers for both while it trains. Signals arriving while we exit are ignored."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
+def _stop_listening() -> None:
+    """Once we are exiting after an interrupt, a further Ctrl-C must not cut the message or the exit code short."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the Typer app and map errors to exit codes."""
     # transformers warns on every import that torchvision is missing (we never need it); keep its errors only
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    _sigterm_is_ctrl_c()
     try:
         code = app(args=argv, standalone_mode=False)
     except PalpcomposeError as exc:
+        if exc.exit_code == 130:
+            _stop_listening()
         if os.environ.get("PALP_DEBUG"):
             raise
         err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        err_console.print("interrupted")
+        _stop_listening()
+        err_console.print("interrupted; nothing was written")
         sys.exit(130)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
@@ -241,7 +270,8 @@ def main(argv: list[str] | None = None) -> None:
     # (loading a model, rendering) comes back as 130.
     if isinstance(code, int) and code != 0:
         if code == 130:
-            err_console.print("interrupted")
+            _stop_listening()
+            err_console.print("interrupted; nothing was written")
         sys.exit(code)
 
 

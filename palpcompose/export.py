@@ -65,6 +65,8 @@ def export(project, fmt: str, out_path, step: int | None = None, force: bool = F
     warnings += check_trained_for(project, out_dir, read_manifest(out_dir))
     weights = load_trained_weights(folder)
 
+    if not str(out_path).strip():
+        raise UserError("--out is empty; give the folder to write to, e.g. --out exported/")
     out_path = Path(out_path).expanduser()
     if out_path.exists() and not out_path.is_dir():
         raise UserError(f"--out {out_path}: is a file; give a folder (it is created if missing)")

@@ -31,6 +31,7 @@ class BaseModelSource:
     location: str  # a folder, a file, or a hub id
     available: bool  # can be loaded without the network
     detail: str  # one line for `check`: what was found, or why it cannot be verified
+    allow_pickle: bool = False  # project.allow_pickle: pickled weight files may be loaded
 
 
 def resolve_base_model(spec: str, project_dir: Path | None = None, allow_pickle: bool = False) -> BaseModelSource:
@@ -51,8 +52,8 @@ def resolve_base_model(spec: str, project_dir: Path | None = None, allow_pickle:
             (project_dir / path).exists() or (project_dir / path).is_symlink()):
         path = project_dir / path
     if path.is_dir():
-        _check_pipeline_folder(path)
-        return BaseModelSource(spec, "folder", str(path), True, f"diffusers folder {path}")
+        _check_pipeline_folder(path, allow_pickle)
+        return BaseModelSource(spec, "folder", str(path), True, f"diffusers folder {path}", allow_pickle)
     if path.is_file():
         if path.suffix in PICKLED_SUFFIXES:
             if not allow_pickle:
@@ -72,14 +73,15 @@ def resolve_base_model(spec: str, project_dir: Path | None = None, allow_pickle:
     if _HUB_ID.match(spec):
         cached = _hub_cached(spec)
         if cached:
-            return BaseModelSource(spec, "hub", spec, True, f"hub model {spec} found in the local cache")
-        return BaseModelSource(spec, "hub", spec, False, f"hub model {spec}: not in the local cache, not verifiable offline")
+            return BaseModelSource(spec, "hub", spec, True, f"hub model {spec} found in the local cache", allow_pickle)
+        return BaseModelSource(spec, "hub", spec, False, f"hub model {spec}: not in the local cache, not verifiable "
+                               "offline", allow_pickle)
     raise UserError(
         f"base_model {spec!r} is neither builtin:toy, an existing folder or .safetensors file, nor a hub id (org/name)"
     )
 
 
-def _check_pipeline_folder(path: Path) -> None:
+def _check_pipeline_folder(path: Path, allow_pickle: bool = False) -> None:
     """A diffusers pipeline folder: a readable model_index.json that names a UNet, a VAE and a text encoder."""
     import json
 
@@ -97,6 +99,22 @@ def _check_pipeline_folder(path: Path) -> None:
     if missing:
         raise UserError(f"{index}: names no {', '.join(missing)}; palpcompose needs a Stable Diffusion text-to-image "
                         "pipeline folder")
+    for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        if not (path / name).is_dir():
+            raise UserError(f"{path / name}: missing; the pipeline folder is incomplete (copy it again, or save it "
+                            "with `pipeline.save_pretrained`)")
+    for name in ("unet", "vae", "text_encoder"):
+        files = [f for f in (path / name).iterdir() if f.is_file()]
+        if any(f.suffix == ".safetensors" for f in files):
+            continue
+        if any(f.suffix in PICKLED_SUFFIXES for f in files):
+            if not allow_pickle:
+                raise UserError(f"{path / name}: its weights are a pickled file, which runs code when it is loaded; "
+                                "save the pipeline again with safetensors (`save_pretrained(..., "
+                                "safe_serialization=True)`), or set `allow_pickle = true` under [project] if you "
+                                "trust where it comes from")
+            continue
+        raise UserError(f"{path / name}: no weights file; the pipeline folder is incomplete")
 
 
 def _check_single_file(path: Path) -> None:
@@ -174,7 +192,7 @@ def _load(source: BaseModelSource, dtype_kw: dict, allow_download: bool):
             raise UserError(source.detail)
         return StableDiffusionPipeline.from_pretrained(
             source.location, **dtype_kw, local_files_only=True, safety_checker=None,
-            requires_safety_checker=False,
+            requires_safety_checker=False, use_safetensors=None if source.allow_pickle else True,
         )
     if source.kind == "single_file":
         try:
@@ -194,7 +212,7 @@ def _load(source: BaseModelSource, dtype_kw: dict, allow_download: bool):
         try:
             return StableDiffusionPipeline.from_pretrained(
                 source.location, **dtype_kw, local_files_only=not allow_download, safety_checker=None,
-                requires_safety_checker=False,
+                requires_safety_checker=False, use_safetensors=None if source.allow_pickle else True,
             )
         except OSError as exc:
             raise UserError(

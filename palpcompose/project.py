@@ -241,6 +241,8 @@ def load_project(project_dir: str | Path, *, check_images: bool = True) -> Proje
 def _validate(project_dir: Path, check_images: bool) -> tuple[_Validator, Project | None]:
     """Everything load_project checks, without raising for the problems it collects (`check` adds more)."""
     file = project_dir / PROJECT_FILE
+    if project_dir.name.lower() == PROJECT_FILE and not project_dir.is_dir():
+        raise UserError(f"{project_dir}: give the project folder, not its palp.toml: {project_dir.parent}")
     if project_dir.is_file():
         if project_dir.name == PROJECT_FILE:
             raise UserError(f"{project_dir}: give the project folder, not its palp.toml: {project_dir.parent}")
@@ -485,6 +487,9 @@ class _Validator:
                     ("render.negative_prompt", render.get("negative_prompt"))]
         if isinstance(render.get("prompts"), list):
             prompts += [(f"render.prompts[{i}]", p) for i, p in enumerate(render["prompts"])]
+            for i, p in enumerate(render["prompts"]):
+                if isinstance(p, str) and not p.strip():
+                    self.problem(f"render.prompts[{i}]", "is empty", "remove it, or write the prompt to render")
 
         for key, prompt in prompts:
             if not isinstance(prompt, str):
@@ -725,7 +730,7 @@ def init_project(project_dir: str | Path, template: str = DEFAULT_TEMPLATE) -> I
     if template not in TEMPLATES:
         raise UserError(f"unknown template {template!r}; templates: {', '.join(TEMPLATES)}"
                         + (f" ({_did_you_mean(template, TEMPLATES)})" if _did_you_mean(template, TEMPLATES) else ""))
-    if root.name == PROJECT_FILE:
+    if root.name.lower() == PROJECT_FILE:
         raise UserError(f"{root}: give the folder the project goes in, not its palp.toml: "
                         f"`palpcompose init {root.parent}`")
     if root.exists() and not root.is_dir():

@@ -230,12 +230,15 @@ def check_trained_for(project, out_dir: Path, manifest: dict | None) -> list[str
         # run used, which also holds the --steps/--guidance overrides (older manifests have only the latter).
         trained = manifest.get("palp_toml") or manifest
         config_hash = trained.get("config_hash")
-        config_changed = config_hash not in (None, project.config.hash())
+        # palp.toml edited to what the run was told on the command line (steps = N after --steps N) is no change
+        config_changed = config_hash is not None and project.config.hash() not in (config_hash,
+                                                                                   manifest.get("config_hash"))
         training_hash = trained.get("training_hash")
         changes = _changed_keys(trained.get("config"), project.config.to_dict())
         what = f" ({changes})" if changes else (f" (configuration hash {project.config.hash()[:12]}, "
                                                 f"{str(config_hash)[:12]} in out/manifest.json)")
-        if config_changed and training_hash not in (None, project.config.training_hash()):
+        if config_changed and project.config.training_hash() not in (training_hash, manifest.get("training_hash")) \
+                and training_hash is not None:
             warnings.append(
                 f"{project.file} changed since training{what}: the weights were trained with the old "
                 f"settings; retrain with `palpcompose train {project.root}` to apply the new ones"
@@ -387,17 +390,24 @@ def render(
     if sweep and step is not None:
         raise UserError("--sweep renders every snapshot; it cannot be combined with --step")
     prompt_options = prompts
-    if prompts and not any(p.strip() for p in prompts):
+    if prompts and not all(p.strip() for p in prompts):
         raise UserError("--prompt is empty; give the text to render, e.g. --prompt \"A sketch of [V1]\", or leave "
                         "--prompt out to render render.prompts / palp.target_prompt")
     from palpcompose.project import NEAR_PLACEHOLDER, PLACEHOLDER
 
-    for text in prompt_options or ():  # as check does for palp.toml's prompts
+    named = [("--prompt", text) for text in prompt_options or ()]
+    if negative_prompt:
+        named.append(("--negative-prompt", negative_prompt))
+    for option, text in named:  # as check does for palp.toml's prompts
+        for m in PLACEHOLDER.finditer(text):
+            if m.group(1) not in cfg.subjects:
+                raise UserError(f"{option} {text!r} uses [{m.group(1)}], which is not a subject of this project "
+                                f"(subjects: {', '.join(f'[{k}]' for k in cfg.subjects)})")
         for m in NEAR_PLACEHOLDER.finditer(text):
             if not PLACEHOLDER.fullmatch(m.group(0)):
                 number = int(m.group(1))
                 fix = f"write it exactly [V{number}]" if number else "subjects are numbered from 1: [V1], [V2], ..."
-                raise UserError(f"--prompt {text!r}: {m.group(0)!r} is not a placeholder; {fix}")
+                raise UserError(f"{option} {text!r}: {m.group(0)!r} is not a placeholder; {fix}")
     prompts = tuple(prompts) if prompts else (tuple(rc.prompts) or (cfg.palp.target_prompt,))
     prompts = tuple(dict.fromkeys(p for p in prompts if p and p.strip()))  # each prompt once, in order
     if not prompts:

@@ -162,7 +162,8 @@ def test_export_never_overwrites_without_force(project, tmp_path):
     assert (out / "notes.txt").read_text() == "mine"
 
 
-@pytest.mark.parametrize("args", [["--format", "onnx"], ["--format", "webui", "--step", "7"]])
+@pytest.mark.parametrize("args", [["--format", "onnx"], ["--format", "webui", "--step", "7"],
+                                  ["--format", "webui", "--out", " "]])
 def test_cli_export_bad_input_exits_2_and_writes_nothing(project, tmp_path, args, capsys):
     out = tmp_path / "never"
     with pytest.raises(SystemExit) as exc:

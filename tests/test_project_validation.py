@@ -483,3 +483,24 @@ def test_broken_symlink_as_base_model_is_named(make_project, run_cli):
     text = (root / "palp.toml").read_text()
     (root / "palp.toml").write_text(re.sub(r'base_model = ".*"', 'base_model = "model.safetensors"', text))
     check_fails(run_cli, root, "is a broken symbolic link")
+
+
+def test_pickled_weights_inside_a_pipeline_folder_are_refused(make_project, run_cli, tiny_pipeline_dir):
+    import shutil
+
+    root = make_project()
+    shutil.copytree(tiny_pipeline_dir, root / "model")
+    (weights,) = (root / "model" / "unet").glob("*.safetensors")
+    weights.rename(weights.with_suffix(".bin"))  # check refuses by name, before anything is read
+    text = (root / "palp.toml").read_text()
+    (root / "palp.toml").write_text(re.sub(r'base_model = ".*"', 'base_model = "model"', text))
+    check_fails(run_cli, root, "unet: its weights are a pickled file", "allow_pickle = true")
+    shutil.rmtree(root / "model" / "tokenizer")
+    check_fails(run_cli, root, "tokenizer: missing; the pipeline folder is incomplete")
+
+
+def test_blank_render_prompt_and_palp_toml_named_in_any_case(make_project, run_cli):
+    root = make_project({"render": {"prompts": ["A photo of [V1]", "  "]}})
+    check_fails(run_cli, root, "render.prompts[1]: is empty")
+    result = run_cli("check", root / "PALP.TOML")
+    assert result.code == 2 and "give the project folder, not its palp.toml" in result.err

@@ -191,6 +191,8 @@ def test_cli_missing_step_lists_the_available_steps(project_dir, capsys):
         ["--prompt", "   "],
         ["--prompt", "a photo of [v1]"],
         ["--seeds", "4294967296"],
+        ["--negative-prompt", "[V3]"],
+        ["--prompt", "a photo of [V1]", "--prompt", " "],
         ["--prompt", "a photo of [V1] " + "red " * 80],
         ["--negative-prompt", "blurry " * 80],
     ],
@@ -201,7 +203,9 @@ def test_cli_bad_options_exit_2_and_write_nothing(project_dir, args, capsys):
     assert "Traceback" not in err
     if args[0] != "--seeds" and len(args[-1]) > 200:  # the too-long prompts name their option and the overflow
         assert f"{args[0]} " in err and "the text encoder reads at most 77" in err and "shorten it by" in err
-    if args[0] == "--prompt" and not args[1].strip():
+    if args[0] == "--negative-prompt" and args[1] == "[V3]":
+        assert "uses [V3], which is not a subject of this project" in err
+    if args[0] == "--prompt" and not args[-1].strip():
         assert "--prompt is empty" in err
     if args[1] == "a photo of [v1]":
         assert "'[v1]' is not a placeholder; write it exactly [V1]" in err

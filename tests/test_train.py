@@ -157,6 +157,10 @@ def test_palp_and_none_train_different_weights_and_up_to_date(make_project):
 
     project = load_project(a)
     assert check_trained_for(project, a / "out", read_manifest(a / "out")) == []
+    c = make_project(dirname="c")  # palp.toml edited to what an override said is no change either
+    train(c, steps=3, console=quiet())
+    (c / "palp.toml").write_text((c / "palp.toml").read_text().replace("steps = 2", "steps = 3", 1))
+    assert check_trained_for(load_project(c), c / "out", read_manifest(c / "out")) == []
     # a key added later, written at its default, changes neither hash: still no warning
     toml.write_text(toml.read_text().replace("[project]\n", "[project]\nallow_pickle = false\n", 1))
     assert "allow_pickle = false" in toml.read_text()
