@@ -632,7 +632,12 @@ def _expand_entry(v: _Validator, root: Path, skey: str, entry: str, is_image_nam
                        "so the project works on every system")
         entry = entry.replace("\\", "/")
     if any(ch in entry for ch in "*?[") and not (root / entry).exists():  # a file may be called img[1].png
-        matches = [p for p in root.glob(entry) if p.is_file()]
+        import glob
+
+        parent, name = Path(entry).parent, Path(entry).name
+        # a folder may be called c[1]: only the file-name part is a pattern then
+        pattern = f"{glob.escape(parent.as_posix())}/{name}" if (root / parent).is_dir() else entry
+        matches = [p for p in root.glob(pattern) if p.is_file()]
         images = [p for p in matches if is_image_name(p)]
         if not matches:
             v.problem(skey, f"{entry!r} matches no files", _missing_hint(root, entry))

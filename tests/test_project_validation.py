@@ -461,6 +461,10 @@ def test_image_entries_that_look_like_globs_backslashes_links_and_case(make_proj
     root = make_project({"subjects": {"V1": {"images": ["refs/V1/img[1].png"]}}})
     write_test_image(root / "refs" / "V1" / "img[1].png", seed=7)
     assert run_cli("check", root).code == 0  # the literal file name wins over the glob reading
+    write_test_image(root / "refs" / "c[1]" / "a.png", seed=8)
+    text = (root / "palp.toml").read_text()
+    (root / "palp.toml").write_text(text.replace('"refs/V1/img[1].png"', '"refs/V1/img[1].png", "refs/c[1]/*.png"'))
+    assert run_cli("check", root).code == 0  # a folder named like a glob: only the file name is a pattern
     text = (root / "palp.toml").read_text()
     (root / "palp.toml").write_text(re.sub(r"images = \[.*\]", lambda _: 'images = ["refs\\\\V1"]', text, count=1))
     result = run_cli("check", root)  # a Windows path is read as one, with a note
