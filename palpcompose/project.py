@@ -476,7 +476,6 @@ class _Validator:
 
     def cross_checks(self, doc: dict, declared: set[str]) -> None:
         """Placeholders and required prompts. Reads the raw TOML, so it runs even when other keys are broken."""
-        listed = ", ".join(f"[{k}]" for k in sorted(declared, key=lambda k: int(k[1:]))) or "none"
         palp = doc.get("palp") if isinstance(doc.get("palp"), dict) else {}
         render = doc.get("render") if isinstance(doc.get("render"), dict) else {}
         subjects = doc.get("subjects") if isinstance(doc.get("subjects"), dict) else {}
@@ -494,23 +493,17 @@ class _Validator:
         for key, prompt in prompts:
             if not isinstance(prompt, str):
                 continue  # missing, or a wrong type reported by the key's own check
-            for m in NEAR_PLACEHOLDER.finditer(prompt):
-                if not PLACEHOLDER.fullmatch(m.group(0)):
-                    number = int(m.group(1))
-                    self.problem(key, f"{m.group(0)!r} is not a placeholder",
-                                 f"placeholders are written exactly [V{number}]" if number else
-                                 "subjects are numbered from 1: use [V1] (and a [subjects.V1] table)")
             used = list(dict.fromkeys(PLACEHOLDER.findall(prompt)))
             if key == "palp.clean_prompt":
+                for message, hint in placeholder_problems(prompt, None):
+                    self.problem(key, message, hint)
                 if used:
                     self.problem(key, f"the clean prompt must not contain placeholders, found "
                                       f"{', '.join(f'[{u}]' for u in used)}",
                                  "name the classes instead, e.g. 'An oil painting of a cat sitting on a rock'")
                 continue
-            for u in used:
-                if u not in declared:
-                    self.problem(key, f"uses [{u}], which is not a subject of this project (subjects: {listed})",
-                                 f"add a [subjects.{u}] table or fix the placeholder")
+            for message, hint in placeholder_problems(prompt, declared):
+                self.problem(key, message, hint)
             subject = key.split(".")[1] if key.startswith("subjects.") else None
             if subject and f"[{subject}]" not in prompt:
                 self.problem(key, f"must contain the subject's own placeholder [{subject}], got {prompt!r}",
@@ -547,6 +540,24 @@ class _Validator:
         self.problem("project.name", f"{name!r} may contain only letters, digits, '-' and '_' (1-64 characters)",
                      f"e.g. name = {sanitize_name(name)!r}")
         return False
+
+
+def placeholder_problems(prompt: str, declared) -> list[tuple[str, str]]:
+    """(message, hint) for each near-miss placeholder in `prompt` ([v1], [V 1], [V0]) and, unless `declared` is
+    None, each [Vn] that is not one of the `declared` subject keys. Shared by palp.toml's checks and render's."""
+    problems = []
+    for m in NEAR_PLACEHOLDER.finditer(prompt):
+        if not PLACEHOLDER.fullmatch(m.group(0)):
+            number = int(m.group(1))
+            problems.append((f"{m.group(0)!r} is not a placeholder", f"placeholders are written exactly [V{number}]"
+                             if number else "subjects are numbered from 1: use [V1] (and a [subjects.V1] table)"))
+    if declared is not None:
+        listed = ", ".join(f"[{k}]" for k in sorted(declared, key=lambda k: int(k[1:]))) or "none"
+        for u in dict.fromkeys(PLACEHOLDER.findall(prompt)):
+            if u not in declared:
+                problems.append((f"uses [{u}], which is not a subject of this project (subjects: {listed})",
+                                 f"add a [subjects.{u}] table or fix the placeholder"))
+    return problems
 
 
 def sanitize_name(text: str) -> str:

@@ -393,21 +393,14 @@ def render(
     if prompts and not all(p.strip() for p in prompts):
         raise UserError("--prompt is empty; give the text to render, e.g. --prompt \"A sketch of [V1]\", or leave "
                         "--prompt out to render render.prompts / palp.target_prompt")
-    from palpcompose.project import NEAR_PLACEHOLDER, PLACEHOLDER
+    from palpcompose.project import placeholder_problems
 
     named = [("--prompt", text) for text in prompt_options or ()]
     if negative_prompt:
         named.append(("--negative-prompt", negative_prompt))
     for option, text in named:  # as check does for palp.toml's prompts
-        for m in PLACEHOLDER.finditer(text):
-            if m.group(1) not in cfg.subjects:
-                raise UserError(f"{option} {text!r} uses [{m.group(1)}], which is not a subject of this project "
-                                f"(subjects: {', '.join(f'[{k}]' for k in cfg.subjects)})")
-        for m in NEAR_PLACEHOLDER.finditer(text):
-            if not PLACEHOLDER.fullmatch(m.group(0)):
-                number = int(m.group(1))
-                fix = f"write it exactly [V{number}]" if number else "subjects are numbered from 1: [V1], [V2], ..."
-                raise UserError(f"{option} {text!r}: {m.group(0)!r} is not a placeholder; {fix}")
+        for message, hint in placeholder_problems(text, cfg.subjects):
+            raise UserError(f"{option} {text!r}: {message}; {hint}")
     prompts = tuple(prompts) if prompts else (tuple(rc.prompts) or (cfg.palp.target_prompt,))
     prompts = tuple(dict.fromkeys(p for p in prompts if p and p.strip()))  # each prompt once, in order
     if not prompts:

@@ -208,7 +208,7 @@ def test_cli_bad_options_exit_2_and_write_nothing(project_dir, args, capsys):
     if args[0] == "--prompt" and not args[-1].strip():
         assert "--prompt is empty" in err
     if args[1] == "a photo of [v1]":
-        assert "'[v1]' is not a placeholder; write it exactly [V1]" in err
+        assert "'[v1]' is not a placeholder; placeholders are written exactly [V1]" in err
     if args[1] == "4294967296":
         assert "seeds go from 0 to 4294967295" in err
     assert not (project_dir / "out" / "renders").exists()
