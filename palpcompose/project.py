@@ -244,8 +244,6 @@ def _validate(project_dir: Path, check_images: bool) -> tuple[_Validator, Projec
     if project_dir.name.lower() == PROJECT_FILE and not project_dir.is_dir():
         raise UserError(f"{project_dir}: give the project folder, not its palp.toml: {project_dir.parent}")
     if project_dir.is_file():
-        if project_dir.name == PROJECT_FILE:
-            raise UserError(f"{project_dir}: give the project folder, not its palp.toml: {project_dir.parent}")
         raise UserError(f"{project_dir}: is a file, not a project folder; give the folder that holds palp.toml")
     if not project_dir.is_dir():
         raise UserError(f"{project_dir}: no such project folder; create one with `palpcompose init {project_dir}`")
@@ -885,15 +883,12 @@ def count_prompt_tokens(tokenizer, prompts: list[tuple[str, str]]) -> tuple[int,
 def too_long_problems(file: Path, tokenizer, prompts: list[tuple[str, str]]) -> list[Problem]:
     """A Problem for each prompt longer than the text encoder reads (for train and render, as check does)."""
     limit, counts = count_prompt_tokens(tokenizer, prompts)
-    text = file.read_text(encoding="utf-8-sig") if file.is_file() else ""
-    lines = _key_lines(text) if text else {}
-    problems = []
+    v = _Validator(file, b"")  # for its key -> line lookup
+    v.lines = _key_lines(file.read_text(encoding="utf-8-sig")) if file.is_file() else {}
     for key, _, n in counts:
         if n > limit:
-            message, hint = _too_long(n, limit)
-            line = lines.get(tuple(re.sub(r"\[\d+\]$", "", key).split(".")))
-            problems.append(Problem(str(file), message, key=key, line=line, hint=hint))
-    return problems
+            v.problem(key, *_too_long(n, limit))
+    return v.problems
 
 
 def _too_long(n: int, limit: int) -> tuple[str, str]:
