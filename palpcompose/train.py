@@ -637,6 +637,8 @@ def train(project, *, steps: int | None = None, resume: bool = False, guidance: 
     config = replace(config, palp=replace(config.palp, guidance=mode),
                      train=replace(config.train, steps=steps or config.train.steps))
     steps_target = config.train.steps
+    steps_option = f" --steps {steps_target}" if steps is not None else ""
+    resume_command = f"palpcompose train {project.root} --resume{steps_option}"  # what interrupt messages print
     out = project.root / "out"
     manifest_path, lock_path = out / "manifest.json", out / "train.lock"
     source = models.resolve_base_model(config.project.base_model, project.root, config.project.allow_pickle)
@@ -789,8 +791,7 @@ def train(project, *, steps: int | None = None, resume: bool = False, guidance: 
                     save_all(step, "interrupted")
                     raise Interrupted(
                         f"interrupted at step {step} of {steps_target}; a checkpoint was written. Resume with: "
-                        f"palpcompose train {project.root} --resume" + (f" --steps {steps_target}"
-                                                                        if steps is not None else ""))
+                        f"{resume_command}")
 
         # Final weights (and the snapshot of the last step), checkpoint, log, plot, manifest
         final = trained_weights(state, config, tokens, step)
@@ -812,8 +813,7 @@ def train(project, *, steps: int | None = None, resume: bool = False, guidance: 
         raise OutOfMemory(out_of_memory_message(config, mixed_precision, manifest["device"], step, checkpoint_step,
                                                 out / "checkpoint", estimate)) from None
     except KeyboardInterrupt:  # a second Ctrl-C (the first one stops after the step): at once, no new checkpoint
-        again = f"palpcompose train {project.root}" + (" --resume" if resume_from else "") + (
-            f" --steps {steps_target}" if steps is not None else "")
+        again = resume_command if resume_from else f"palpcompose train {project.root}{steps_option}"
         if not ours:  # still setting up: nothing of the previous run was touched
             raise Interrupted(f"interrupted before training started; nothing was changed. Run again with: {again}"
                               ) from None
@@ -824,8 +824,7 @@ def train(project, *, steps: int | None = None, resume: bool = False, guidance: 
                               f"first checkpoint; run `palpcompose train {project.root}` again") from None
         raise Interrupted(
             f"stopped at once at step {step} of {steps_target} (second interrupt); the last checkpoint is at step "
-            f"{checkpoint_step}. Resume with: palpcompose train {project.root} --resume"
-            + (f" --steps {steps_target}" if steps is not None else "")) from None
+            f"{checkpoint_step}. Resume with: {resume_command}") from None
     except BaseException:
         if ours and manifest["status"] == "running":
             manifest.update(status="failed", finished_at=_now())
