@@ -167,7 +167,7 @@ def attach_trained_weights(pipe, weights: TrainedWeights, adapter_name: str = AD
 
 @contextlib.contextmanager
 def merged_lora(unet):
-    """The LoRA merged into the base weights for the duration (W <- W + scale * B A, peft's `merge`), unmerged after.
+    """The LoRA merged into the base weights for the duration (W <- W + scale * B A, peft's `merge`); afterwards the base weights are put back bit for bit.
 
     A render then costs what the base model costs: no extra low-rank matmuls per attention projection at every
     sampling step (docs/performance.md: 1.13x images/s over the unmerged adapter, toy model, CPU). In fp32 the images are those of
@@ -176,13 +176,18 @@ def merged_lora(unet):
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer) and not m.disable_adapters]
+    # unmerge() subtracts what merge() added, which is exact only to rounding: keep the base weights (on the CPU, so
+    # the GPU's peak does not grow) and put them back bit for bit afterwards
+    saved = [layer.get_base_layer().weight.detach().to("cpu", copy=True) for layer in layers]
     for layer in layers:
         layer.merge()
     try:
         yield
     finally:
-        for layer in layers:
-            layer.unmerge()
+        with torch.no_grad():
+            for layer, weight in zip(layers, saved):
+                layer.unmerge()
+                layer.get_base_layer().weight.copy_(weight)
 
 
 def snapshot_steps(out_dir: Path) -> list[int]:
