@@ -118,7 +118,8 @@ def train(
     steps: Annotated[int | None, typer.Option("--steps", metavar="N", help="Train to N steps in total (default: train.steps).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from out/checkpoint (an interrupted or finished run).")] = False,
     guidance: Annotated[str | None, typer.Option("--guidance", metavar="MODE", help="palp, sds or none (default: palp.guidance).")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Retrain even when the weights are up to date.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Start a new run even when the weights are up to date or the "
+                     "run could be continued; the earlier run is kept in out/runs/<id>/.")] = False,
 ) -> None:
     """Train the project's subjects with PALP: progress bar, previews, snapshots, out/weights/final/."""
     from palpcompose.project import load_project
@@ -149,6 +150,8 @@ def render(
     batch_size: Annotated[int | None, typer.Option("--batch-size", metavar="N", help="Images per forward pass (the images do not change).")] = None,
     sweep: Annotated[bool, typer.Option("--sweep", help="Render every snapshot and the final weights in one grid.")] = False,
     compare: Annotated[bool, typer.Option("--compare", help="Render the base model (class words, no LoRA) beside the personalized one.")] = False,
+    run: Annotated[str | None, typer.Option("--run", metavar="ID", help="Use the earlier training run kept in "
+                   "out/runs/ID/ instead of the current one.")] = None,
 ) -> None:
     """Render prompts with the trained weights: PNGs and a contact sheet under DIR/out/renders/<run>/."""
     from palpcompose.project import load_project
@@ -159,7 +162,7 @@ def render(
     result = render_project(
         project, prompts=prompt, seeds=seeds, step=step, steps=steps, guidance_scale=guidance_scale, width=width,
         height=height, negative_prompt=negative_prompt, scheduler=scheduler, batch_size=batch_size, sweep=sweep,
-        compare=compare, console=err_console,
+        compare=compare, console=err_console, run=run,
     )
     console.print(summary_table(result))
 
@@ -171,6 +174,8 @@ def export(
     out: Annotated[Path, typer.Option("--out", metavar="PATH", help="Folder to write the files to (created if missing).")],
     step: Annotated[int | None, typer.Option("--step", metavar="N", help="Export the snapshot of step N instead of the final weights.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite files of the same name in the --out folder.")] = False,
+    run: Annotated[str | None, typer.Option("--run", metavar="ID", help="Use the earlier training run kept in "
+                   "out/runs/ID/ instead of the current one.")] = None,
 ) -> None:
     """Write the trained weights in another tool's format (diffusers, or webui for AUTOMATIC1111 and ComfyUI)."""
     from palpcompose.export import export as export_project
@@ -178,7 +183,7 @@ def export(
     from palpcompose.project import load_project
 
     project = load_project(project_dir, check_images=False)
-    result = export_project(project, fmt, out, step=step, force=force)
+    result = export_project(project, fmt, out, step=step, force=force, run=run)
     for message in result.warnings:
         err_console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False)
     console.print(summary_table(result))
@@ -198,13 +203,16 @@ def eval_command(
                      "(default: render.seeds).")] = None,
     step: Annotated[int | None, typer.Option("--step", metavar="N", help="Render with the snapshot of step N instead of the "
                     "final weights.")] = None,
+    run: Annotated[str | None, typer.Option("--run", metavar="ID", help="Use the earlier training run kept in "
+                   "out/runs/ID/ instead of the current one.")] = None,
 ) -> None:
     """Measure text alignment and subject fidelity of renders: a table and out/eval.json (docs/evaluation.md)."""
     from palpcompose.evaluate import evaluate, summary_table
     from palpcompose.project import load_project
 
     project = load_project(project_dir)
-    result = evaluate(project, clip=clip, oracle=oracle, renders=renders, seeds=seeds, step=step, console=err_console)
+    result = evaluate(project, clip=clip, oracle=oracle, renders=renders, seeds=seeds, step=step, console=err_console,
+                      run=run)
     console.print(summary_table(result))
     for key, info in result.subjects.items():
         console.print(f"[{key}] {info['class_name']}: scored on {info['scored_as']}", highlight=False, markup=False)

@@ -379,12 +379,13 @@ def render(
     sweep: bool = False,
     compare: bool = False,
     console=None,
+    run: str | None = None,
 ) -> RenderResult:
     """Render the project's prompts with its trained weights; arguments left None come from palp.toml's [render].
 
     `seeds` is a sequence of ints or a string such as "0-7". `step` picks a snapshot. `sweep` renders every snapshot
-    and the final weights; `compare` adds the base model (class words instead of tokens). Everything is validated
-    before anything is written.
+    and the final weights; `compare` adds the base model (class words instead of tokens). `run` picks a training
+    run kept in out/runs/<run>/ (its renders go there too). Everything is validated before anything is written.
     """
     from rich.markup import escape
 
@@ -444,7 +445,9 @@ def render(
     base_texts = {p: expand_placeholders(p, class_words) for p in prompts}
 
     # 2. Which weights: guard rails, then the model rows of the render.
-    out_dir = project.root / "out"
+    from palpcompose.run import run_out_dir
+
+    out_dir = run_out_dir(project, run)
     manifest = read_manifest(out_dir)
     folder, label, found = locate_weights(project, out_dir, step)
     warnings += found

@@ -473,6 +473,8 @@ def train(project, *, steps: int | None = None, resume: bool = False, guidance: 
         console.print(f"weights are up to date ({plan.final_dir}); use --force to retrain")
         return TrainResult("up_to_date", plan.previous.get("steps_done", 0), plan.out, plan.final_dir)
     components, mixed_precision, precision_notice = load_base_model(plan)  # the last checks: still nothing written
+    if plan.notice:  # before anything is moved
+        console.print(plan.notice, highlight=False, markup=False, soft_wrap=True)
     from accelerate import Accelerator
 
     accelerator = Accelerator(mixed_precision=mixed_precision,
@@ -563,10 +565,7 @@ def setup(plan: Plan, record: RunRecord, components: models.Components, accelera
         restore_checkpoint(state, ckpt, tokens, generator)
         resumed_step = ckpt.step
         console.print(f"resuming at step {resumed_step} of {plan.steps_target}")
-    elif plan.previous and plan.previous.get("steps_done"):
-        console.print(f"starting over: the earlier run ({plan.previous.get('status')}, "
-                      f"{plan.previous['steps_done']} steps) is replaced; `--resume` continues a run instead")
-    record.begin(resumed_step)
+    record.begin(resumed_step, plan.archive)
     return state, subjects, generator
 
 
