@@ -316,15 +316,18 @@ def locate_weights(project, out_dir: Path, step: int | None) -> tuple[Path, str,
                 f"no snapshot at step {step} in {out_dir / 'snapshots'}; available steps: {available}"
             )
         return snapshot_dir(out_dir, step), f"step-{step:06d}", []
+    from palpcompose.run import unfinished
+
     final = out_dir / "weights" / "final"
     if (final / "lora.safetensors").is_file():
         return final, "final", []
+    state = unfinished(project, out_dir)
     if steps:
-        warning = (
-            f"training has not finished (no {final}); using the latest snapshot, step {steps[-1]}. "
-            f"`palpcompose train {project.root} --resume` finishes it"
-        )
+        warning = (f"{state or 'training has not finished'} (no {final}); using the latest snapshot, step "
+                   f"{steps[-1]}")
         return snapshot_dir(out_dir, steps[-1]), f"step-{steps[-1]:06d}", [warning]
+    if state is not None:
+        raise UserError(f"no trained weights in {out_dir} yet: {state}")
     raise UserError(f"no trained weights in {out_dir}; run `palpcompose train {project.root}` first")
 
 

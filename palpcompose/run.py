@@ -190,6 +190,28 @@ def _archive_folder(out: Path, previous: dict | None) -> Path:
     raise UserError(f"{out / 'runs'}: could not name a folder for the earlier run ({stem}-N)")
 
 
+def unfinished(project, out: Path) -> str | None:
+    """Why `out` has no final weights although training started: "training in progress (pid P ...)" or "training
+    was interrupted at step N: `palpcompose train DIR --resume`" (None when no training ever started there)."""
+    live = TrainingLock(out / LOCK_FILE).holder()
+    if live is not None:
+        return (f"training in progress (pid {live.get('pid')} on {live.get('host')}, started {live.get('started_at')});"
+                " wait for it to finish")
+    kept = out != project.root / "out"  # a run kept in out/runs/: it cannot be resumed
+    status = (read_json(out / MANIFEST_FILE) or {}).get("status") or "interrupted"
+    if status in ("running", "completed"):  # no live lock: the process is gone
+        status = "interrupted"
+    checkpoint = checkpoint_folder(out / "checkpoint")
+    if checkpoint is not None:
+        step = (read_json(checkpoint / "state.json") or {}).get("step", "?")
+        how = "" if kept else f": `palpcompose train {project.root} --resume`"
+        return f"training was {status} at step {step}{how}"
+    if has_run(out):
+        how = "" if kept else f": `palpcompose train {project.root}` starts it again"
+        return f"training was {status} before its first checkpoint{how}"
+    return None
+
+
 def run_out_dir(project, run: str | None) -> Path:
     """The folder holding the trained run that render/export/eval use: out/, or out/runs/<run>/ (--run)."""
     out = project.root / "out"

@@ -140,3 +140,25 @@ def test_the_earlier_run_moves_only_once_the_new_one_starts(make_project, run_cl
     assert result.code == 130 and "nothing was changed" in result.err
     assert "train.lora_rank 4 -> 8" in result.out  # said before anything moved
     assert tree_snapshot(root / "out") == before
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. Render, export and eval say why there are no final weights
+
+
+@pytest.mark.parametrize("command", ["render", "export", "eval"])
+def test_no_final_weights_says_interrupted_or_in_progress(make_project, run_cli, monkeypatch, tmp_path, command):
+    root = make_project({"train": {"steps": 4, "save_every": 0},
+                         "palp": {"target_prompt": "a sketch of [V1] at night"}})
+    args = {"render": [], "export": ["--format", "diffusers", "--out", tmp_path / "exp"], "eval": ["--oracle"]}[command]
+    real_step = interrupt_in_step(monkeypatch, 2)
+    with pytest.raises(Interrupted):
+        train(root, console=quiet())
+    monkeypatch.setattr(train_mod, "training_step", real_step)
+    result = run_cli(command, root, *args)
+    assert result.code == 2, result.err
+    assert f"training was interrupted at step 2: `palpcompose train {root} --resume`" in " ".join(result.err.split())
+    lock = root / "out" / "train.lock"  # another `train` holds the project
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": __import__("socket").gethostname(), "started_at": "now"}))
+    result = run_cli(command, root, *args)
+    assert result.code == 2 and f"training in progress (pid {os.getpid()}" in " ".join(result.err.split())
