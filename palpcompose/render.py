@@ -323,8 +323,8 @@ def locate_weights(project, out_dir: Path, step: int | None) -> tuple[Path, str,
         return final, "final", []
     state = unfinished(project, out_dir)
     if steps:
-        warning = (f"{state or 'training has not finished'} (no {final}); using the latest snapshot, step "
-                   f"{steps[-1]}")
+        state = state or f"training has not finished; `palpcompose train {project.root} --resume` finishes it"
+        warning = f"{state} (no {final}); using the latest snapshot, step {steps[-1]}"
         return snapshot_dir(out_dir, steps[-1]), f"step-{steps[-1]:06d}", [warning]
     if state is not None:
         raise UserError(f"no trained weights in {out_dir} yet: {state}")

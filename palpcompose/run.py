@@ -206,7 +206,7 @@ def unfinished(project, out: Path) -> str | None:
         step = (read_json(checkpoint / "state.json") or {}).get("step", "?")
         how = "" if kept else f": `palpcompose train {project.root} --resume`"
         return f"training was {status} at step {step}{how}"
-    if has_run(out):
+    if has_run(out) and not (out / "snapshots").is_dir():  # snapshots come with a checkpoint
         how = "" if kept else f": `palpcompose train {project.root}` starts it again"
         return f"training was {status} before its first checkpoint{how}"
     return None
