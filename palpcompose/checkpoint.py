@@ -23,8 +23,9 @@ from pathlib import Path
 
 import torch
 
+from palpcompose.errors import DamagedFile
 from palpcompose.fsutil import atomic_save_safetensors, atomic_write_json
-from palpcompose.weights import TrainedWeights, load_trained_weights, save_trained_weights
+from palpcompose.weights import TrainedWeights, load_trained_weights, read_safetensors, save_trained_weights
 
 STATE_FILE = "state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -107,28 +108,38 @@ def checkpoint_folder(folder: str | Path) -> Path | None:
 
 
 def read_settings(folder: str | Path) -> dict:
-    return json.loads((Path(folder) / STATE_FILE).read_text())
+    """The checkpoint's state.json; DamagedFile when it is not the JSON object a checkpoint writes."""
+    path = Path(folder) / STATE_FILE
+    try:
+        meta = json.loads(path.read_text())
+        if not isinstance(meta, dict) or not isinstance(meta.get("step"), int) or "settings" not in meta:
+            raise ValueError("no step or settings in it")
+    except (OSError, ValueError) as exc:
+        raise DamagedFile(path, str(exc)) from None
+    return meta
 
 
 def load_checkpoint(folder: str | Path) -> Checkpoint:
-    from safetensors.torch import load_file
-
+    """The whole checkpoint; DamagedFile names the first damaged file (truncated, bad header, bad JSON)."""
     folder = Path(folder)
     meta = read_settings(folder)
-    flat = load_file(str(folder / OPTIMIZER_FILE))
-    scalar_keys = set(meta["optimizer_scalar_keys"])
-    state: dict[int, dict] = {}
-    for key, value in flat.items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value.reshape(()) if key in scalar_keys else value
-    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["optimizer_param_groups"]]
-    rng_t = load_file(str(folder / RNG_FILE))
-    python_rng = meta["python_rng"]
-    rng = {
-        "torch": rng_t["torch"], "data": rng_t["data"],
-        "cuda": [rng_t[f"cuda.{i}"] for i in range(meta["cuda_rng_devices"])],
-        "python": (python_rng[0], tuple(python_rng[1]), python_rng[2]),
-    }
+    flat, _ = read_safetensors(folder / OPTIMIZER_FILE)
+    rng_t, _ = read_safetensors(folder / RNG_FILE)
+    try:
+        scalar_keys = set(meta["optimizer_scalar_keys"])
+        state: dict[int, dict] = {}
+        for key, value in flat.items():
+            index, name = key.split(".", 1)
+            state.setdefault(int(index), {})[name] = value.reshape(()) if key in scalar_keys else value
+        groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["optimizer_param_groups"]]
+        python_rng = meta["python_rng"]
+        rng = {
+            "torch": rng_t["torch"], "data": rng_t["data"],
+            "cuda": [rng_t[f"cuda.{i}"] for i in range(meta["cuda_rng_devices"])],
+            "python": (python_rng[0], tuple(python_rng[1]), python_rng[2]),
+        }
+    except (KeyError, ValueError, TypeError, IndexError) as exc:
+        raise DamagedFile(folder / STATE_FILE, f"incomplete: {type(exc).__name__}: {exc}") from None
     return Checkpoint(
         step=int(meta["step"]), weights=load_trained_weights(folder), optimizer={"state": state, "param_groups": groups},
         lr_scheduler=meta["lr_scheduler"], rng=rng, settings=meta["settings"],

@@ -205,15 +205,17 @@ def snapshot_dir(out_dir: Path, step: int) -> Path:
 
 
 def read_manifest(out_dir: Path) -> dict | None:
-    path = out_dir / "manifest.json"
-    if not path.is_file():
-        return None
+    """out/manifest.json (None when missing); DamagedFile when unreadable, with what to do about it."""
+    from palpcompose.errors import DamagedFile
+    from palpcompose.run import read_json
+
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(
-            f"{path}: unreadable ({exc}); retrain with `palpcompose train` to rewrite it"
-        ) from exc
+        return read_json(out_dir / "manifest.json", strict=True)
+    except DamagedFile as exc:
+        root = out_dir.parent.parent.parent if out_dir.parent.name == "runs" else out_dir.parent
+        raise exc.with_options(f"Options: `palpcompose train {root} --resume` rewrites it from the checkpoint; "
+                               f"`palpcompose train {root} --force` starts over, keeping this run in out/runs/"
+                               ) from None
 
 
 def check_trained_for(project, out_dir: Path, manifest: dict | None) -> list[str]:

@@ -19,8 +19,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from palpcompose import models
-from palpcompose.checkpoint import Checkpoint, checkpoint_folder, read_settings, save_checkpoint
-from palpcompose.errors import UserError
+from palpcompose.checkpoint import (
+    Checkpoint,
+    checkpoint_folder,
+    load_checkpoint,
+    read_settings,
+    save_checkpoint,
+)
+from palpcompose.errors import DamagedFile, UserError
 from palpcompose.fsutil import atomic_save_image, atomic_write_json, atomic_write_text, sha256_file
 from palpcompose.guidance import GUIDANCE_MODES
 from palpcompose.project import changed_weight_settings, weight_settings
@@ -51,6 +57,7 @@ class Plan:
     previous: dict | None  # the manifest of the run in out/, if any
     settings: dict  # what a resume must share with the run it continues (the checkpoint's "settings")
     resume_from: Path | None = None  # the checkpoint folder to continue from; None: a fresh run
+    checkpoint: Checkpoint | None = None  # the checkpoint in resume_from, read (and so checked) by the plan
     up_to_date: bool = False  # nothing to do: the weights in out/ were trained with exactly this
     archive: Path | None = None  # a fresh run moves the earlier run here (out/runs/<id>/) before it writes
     notice: str = ""  # what happens to the earlier run, and why (printed before anything is moved)
@@ -92,10 +99,15 @@ def make_plan(project, *, steps: int | None = None, resume: bool = False, guidan
         source=source, identity=base_model_identity(source),
         images={p.relative_to(project.root).as_posix(): sha256_file(p)
                 for key in config.subjects for p in project.images[key]},
-        previous=read_json(out / MANIFEST_FILE), settings=resume_settings(config),
+        previous=None, settings=resume_settings(config),
         resume_command=f"palpcompose train {project.root} --resume{steps_option}",
         fresh_command=f"palpcompose train {project.root}{steps_option}",
     )
+    try:
+        plan.previous = read_json(out / MANIFEST_FILE, strict=True)
+    except DamagedFile as exc:  # --resume rewrites it from the checkpoint; --force keeps it in out/runs/
+        if not (resume or force):
+            raise exc.with_options(_damaged_run_options(plan, resume=True)) from None
     if not force and not resume and _trained_with(plan, plan.previous):
         plan.up_to_date = True
         return plan
@@ -104,7 +116,28 @@ def make_plan(project, *, steps: int | None = None, resume: bool = False, guidan
         plan.resume_from = _resumable_checkpoint(plan, steps)
     elif has_run(out):
         _continue_or_keep(plan, force)
+    if plan.resume_from is not None:
+        try:
+            plan.checkpoint = load_checkpoint(plan.resume_from)
+            read_jsonl(out / "logs" / "train.jsonl")
+        except DamagedFile as exc:
+            raise exc.with_options(_damaged_run_options(plan, resume=False)) from None
     return plan
+
+
+def _damaged_run_options(plan: Plan, *, resume: bool) -> str:
+    """What a user can do when a file of the run in out/ is damaged."""
+    from palpcompose.render import snapshot_steps
+
+    options = []
+    if resume and checkpoint_folder(plan.out / "checkpoint") is not None:
+        options.append(f"`{plan.resume_command}` continues from the checkpoint (and rewrites the file)")
+    snapshots = snapshot_steps(plan.out)
+    if snapshots:
+        options.append(f"`palpcompose render {plan.project.root} --step {snapshots[-1]}` (or export --step) uses the "
+                       f"last snapshot")
+    options.append(f"`{plan.fresh_command} --force` starts over, keeping this run in out/runs/")
+    return "Options: " + "; ".join(options)
 
 
 def has_run(out: Path) -> bool:
@@ -174,8 +207,8 @@ def _checkpoint_matches(plan: Plan, checkpoint: Path, step: int) -> bool:
     """The checkpoint is the completed run's last state, trained with this plan's settings."""
     try:
         state_json = read_settings(checkpoint)
-    except (OSError, ValueError):
-        return False
+    except DamagedFile as exc:
+        raise exc.with_options(_damaged_run_options(plan, resume=False)) from None
     return state_json.get("step") == step and state_json.get("settings") == plan.settings
 
 
@@ -246,7 +279,10 @@ def _resumable_checkpoint(plan: Plan, steps: int | None) -> Path:
     resume_from = checkpoint_folder(checkpoint)
     if resume_from is None:
         raise UserError(f"{checkpoint}: nothing to resume; run `palpcompose train` without --resume")
-    state_json = read_settings(resume_from)
+    try:
+        state_json = read_settings(resume_from)
+    except DamagedFile as exc:
+        raise exc.with_options(_damaged_run_options(plan, resume=False)) from None
     saved, settings = state_json["settings"], plan.settings
     if saved != settings:
         changed = [(f"{section}.{key}", saved.get(section, {}).get(key), values[key])
@@ -467,14 +503,33 @@ def now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def read_json(path: Path) -> dict | None:
+def read_json(path: Path, strict: bool = False) -> dict | None:
+    """A JSON object from `path`; None when it is missing, or (unless `strict`: DamagedFile) unreadable."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise TypeError("not a JSON object")
+        return data
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, TypeError) as exc:
+        if strict:
+            raise DamagedFile(path, str(exc)) from None
         return None
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    """out/logs/train.jsonl: one JSON object per line; DamagedFile names the first line that is not one."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    entries = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                entry = json.loads(line)
+                if not isinstance(entry, dict) or not isinstance(entry.get("step"), int):
+                    raise TypeError("not a log entry with a step")
+            except (ValueError, TypeError) as exc:
+                raise DamagedFile(path, f"line {n}: {exc}") from None
+            entries.append(entry)
+    return entries

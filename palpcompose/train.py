@@ -23,7 +23,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from palpcompose import __version__, models
-from palpcompose.checkpoint import Checkpoint, load_checkpoint, restore_rng_state, rng_state
+from palpcompose.checkpoint import Checkpoint, restore_rng_state, rng_state
 from palpcompose.data import Batch, SubjectData, encode_subject, sample_batch
 from palpcompose.errors import Interrupted, ProjectError, UserError
 from palpcompose.fsutil import atomic_save_image
@@ -561,7 +561,7 @@ def setup(plan: Plan, record: RunRecord, components: models.Components, accelera
     generator = torch.Generator("cpu").manual_seed(config.train.seed + accelerator.process_index)
     resumed_step = None
     if plan.resume_from is not None:
-        ckpt = load_checkpoint(plan.resume_from)
+        ckpt = plan.checkpoint
         restore_checkpoint(state, ckpt, tokens, generator)
         resumed_step = ckpt.step
         console.print(f"resuming at step {resumed_step} of {plan.steps_target}")

@@ -162,3 +162,55 @@ def test_no_final_weights_says_interrupted_or_in_progress(make_project, run_cli,
     lock.write_text(json.dumps({"pid": os.getpid(), "host": __import__("socket").gethostname(), "started_at": "now"}))
     result = run_cli(command, root, *args)
     assert result.code == 2 and f"training in progress (pid {os.getpid()}" in " ".join(result.err.split())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. A damaged file we wrote is the user's to fix (exit 2, which file, the options), never an internal error
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[: max(1, path.stat().st_size // 2)])
+
+
+def bad_json(path):
+    path.write_text("{not json")
+
+
+def test_damaged_files_exit_2_naming_the_file_and_the_options(make_project, run_cli):
+    from conftest import tree_snapshot
+
+    root = make_project({"train": {"steps": 2, "save_every": 1},
+                         "palp": {"target_prompt": "a sketch of [V1] at night"}})
+    assert run_cli("train", root).code == 0
+    assert run_cli("render", root).code == 0
+    out = root / "out"
+    [render_json] = list((out / "renders").glob("*/render.json"))
+    resume = ["train", root, "--resume", "--steps", "3"]
+    cases = [  # (file, how it is damaged, command, an option the message must name)
+        ("checkpoint/optimizer.safetensors", truncate, resume, "--force"),
+        ("checkpoint/rng.safetensors", truncate, resume, "--step 2"),
+        ("checkpoint/lora.safetensors", truncate, resume, "--force"),
+        ("checkpoint/embeddings.safetensors", truncate, ["train", root, "--steps", "3"], "--force"),
+        ("checkpoint/state.json", bad_json, resume, "--force"),
+        ("logs/train.jsonl", bad_json, resume, "--force"),
+        ("manifest.json", bad_json, ["train", root], "--resume"),
+        ("manifest.json", truncate, ["render", root], "--force"),
+        ("weights/final/lora.safetensors", truncate, ["render", root], "--step N"),
+        ("weights/final/embeddings.safetensors", truncate, ["export", root, "--format", "webui", "--out",
+                                                            root / "exp"], "--force"),
+        ("snapshots/step-000001/lora.safetensors", truncate, ["render", root, "--step", "1"], "step-000002"),
+        (render_json.relative_to(out).as_posix(), bad_json,
+         ["eval", root, "--oracle", "--renders", render_json.parent.name], "render again"),
+    ]
+    for name, damage, command, option in cases:
+        path = out / name
+        intact = path.read_bytes()
+        damage(path)
+        before = tree_snapshot(root)
+        result = run_cli(*command)
+        err = " ".join(result.err.split())
+        assert result.code == 2, (name, result.err)
+        assert "internal error" not in err and str(path) in err and option in err, (name, err)
+        assert tree_snapshot(root) == before, name  # nothing written or moved
+        path.write_bytes(intact)
+    assert run_cli(*resume).code == 0  # all repaired: the run continues
