@@ -221,7 +221,8 @@ def read_manifest(out_dir: Path) -> dict | None:
 def check_trained_for(project, out_dir: Path, manifest: dict | None) -> list[str]:
     """Guard rails shared by render and export: refuse when the trained weights belong to another base model, warn
     when palp.toml changed since training. Returns the warnings."""
-    from palpcompose.project import changed_weight_settings
+    from palpcompose.project import changed_weight_settings, listed_images
+    from palpcompose.run import image_changes, image_hashes
 
     warnings = []
     base_model = project.config.project.base_model
@@ -258,6 +259,13 @@ def check_trained_for(project, out_dir: Path, manifest: dict | None) -> list[str
                 f"{project.file} changed since training{what}, but only in settings that do not affect the trained "
                 "weights ([render], snapshot or preview periods, memory savers)"
             )
+        try:
+            images = image_changes(manifest.get("images"), image_hashes(project, listed_images(project)))
+        except OSError:  # an unreadable image is train's and check's to report
+            images = ""
+        if images:
+            warnings.append(f"the reference images changed since training ({images}): the weights never saw them; "
+                            f"retrain with `palpcompose train {project.root}`")
     return warnings
 
 

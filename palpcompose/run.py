@@ -97,8 +97,7 @@ def make_plan(project, *, steps: int | None = None, resume: bool = False, guidan
     plan = Plan(
         project=project, config=config, file_hashes=file_hashes, mode=mode, steps_target=steps_target, out=out,
         source=source, identity=base_model_identity(source),
-        images={p.relative_to(project.root).as_posix(): sha256_file(p)
-                for key in config.subjects for p in project.images[key]},
+        images=image_hashes(project, project.images),
         previous=None, settings=resume_settings(config),
         resume_command=f"palpcompose train {project.root} --resume{steps_option}",
         fresh_command=f"palpcompose train {project.root}{steps_option}",
@@ -192,9 +191,14 @@ def _differences(plan: Plan, previous: dict | None) -> list[str]:
     return why
 
 
+def image_hashes(project, images: dict[str, tuple[Path, ...]]) -> dict[str, str]:
+    """{path relative to the project: sha256} of every reference image (manifest.json's "images")."""
+    return {p.relative_to(project.root).as_posix(): sha256_file(p) for paths in images.values() for p in paths}
+
+
 def image_changes(before: dict | None, now: dict[str, str], most: int = 5) -> str:
     """'refs/V1/3.png is new, refs/V1/0.png changed, refs/V1/2.png is gone' ("" when the same)."""
-    if not isinstance(before, dict) or before == now:
+    if not isinstance(before, dict) or not before or before == now:  # {}: no record (a run has images)
         return ""
     changes = ([f"{p} is new" for p in sorted(set(now) - set(before))]
                + [f"{p} changed" for p in sorted(set(now) & set(before)) if now[p] != before[p]]
@@ -294,6 +298,11 @@ def _resumable_checkpoint(plan: Plan, steps: int | None) -> Path:
                and len(changed) == 1 else "restore them in palp.toml (or the --guidance of that run)")
         raise UserError(f"{plan.project.file}: the checkpoint was trained with other settings ({listed}); {how} to "
                         "resume, or train without --resume to start over")
+    changed = image_changes((plan.previous or {}).get("images"), plan.images)
+    if changed:
+        raise UserError(f"{plan.project.file}: the reference images changed since the checkpoint ({changed}), so "
+                        f"--resume would continue on images the run never saw; `{plan.fresh_command}` starts a new "
+                        "run with them (keeping this one in out/runs/), or restore the images to resume")
     if plan.steps_target < state_json["step"]:
         asked = (f"--steps {plan.steps_target}" if steps is not None
                  else f"{plan.project.file}: train.steps = {plan.steps_target}")

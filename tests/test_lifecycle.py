@@ -214,3 +214,27 @@ def test_damaged_files_exit_2_naming_the_file_and_the_options(make_project, run_
         assert tree_snapshot(root) == before, name  # nothing written or moved
         path.write_bytes(intact)
     assert run_cli(*resume).code == 0  # all repaired: the run continues
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. New or changed images: no resume onto them, no "up to date", and render warns
+
+
+def test_changed_images_refuse_resume_and_are_not_up_to_date(make_project, run_cli):
+    from conftest import tree_snapshot, write_test_image
+
+    root = make_project({"train": {"steps": 2, "save_every": 1}})
+    assert run_cli("train", root).code == 0
+    write_test_image(root / "refs" / "V1" / "3.png", seed=77)
+    before = tree_snapshot(root)
+    result = run_cli("train", root, "--resume", "--steps", "3")
+    assert result.code == 2 and "refs/V1/3.png is new" in " ".join(result.err.split())
+    assert tree_snapshot(root) == before
+    rendered = run_cli("render", root)
+    assert rendered.code == 0 and "refs/V1/3.png is new" in " ".join(rendered.err.split())
+    write_test_image(root / "refs" / "V1" / "0.png", seed=78)  # an image edited in place
+    retrained = run_cli("train", root)
+    assert retrained.code == 0 and "up to date" not in retrained.out
+    assert "reference images changed: refs/V1/3.png is new, refs/V1/0.png changed" in retrained.out
+    assert len(kept_runs(root)) == 1 and "refs/V1/3.png" in manifest(root)["images"]
+    assert run_cli("train", root).out.startswith("weights are up to date")
