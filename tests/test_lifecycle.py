@@ -238,3 +238,32 @@ def test_changed_images_refuse_resume_and_are_not_up_to_date(make_project, run_c
     assert "reference images changed: refs/V1/3.png is new, refs/V1/0.png changed" in retrained.out
     assert len(kept_runs(root)) == 1 and "refs/V1/3.png" in manifest(root)["images"]
     assert run_cli("train", root).out.startswith("weights are up to date")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 8. Progress: a bar that fits 80 columns, plain lines when not on a terminal
+
+
+def test_the_progress_bar_fits_80_columns_with_elapsed_and_eta():
+    import io
+
+    from rich.console import Console
+
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=80, force_terminal=True, color_system=None)
+    progress = train_mod.TrainingProgress(console, 100_000, 0)
+    progress.update(54_321, {"loss_pers": 0.12345, "loss_align": 3.8211, "guidance_norm": 1.0})
+    console.print(progress.bar.make_tasks_table(progress.bar.tasks))
+    [line] = buffer.getvalue().splitlines()
+    assert len(line) <= 80 and "…" not in line
+    assert "54321/100000" in line and "align 3.8211" in line
+    assert line.endswith("0:00:00 ETA -:--:--")  # elapsed, then the ETA (unknown after a single update)
+
+
+def test_plain_progress_lines_when_not_on_a_terminal(make_project, run_cli):
+    root = make_project({"train": {"steps": 25, "save_every": 0}})
+    result = run_cli("train", root, "--guidance", "none")  # stdout captured: not a terminal
+    assert result.code == 0, result.err
+    lines = [line for line in result.out.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in lines] == ["10/25", "20/25", "25/25"]  # every max(10 steps, 5%), the last
+    assert all("pers " in line and " elapsed " in line and " ETA " in line for line in lines)
