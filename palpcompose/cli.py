@@ -63,6 +63,8 @@ def init(
         console.print(f"[green]created[/] {escape(str(path))}", highlight=False)
     for path in result.kept:
         console.print(f"[dim]kept[/] {escape(str(path))} (already there)", highlight=False)
+    for note in result.notes:
+        err_console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
     first = ("the reference images are drawn; try" if template == "toy-demo" else
              f"put the reference images in {project_dir / 'refs'}/, edit {project_dir / 'palp.toml'}, then run")
     console.print(f"\nProject {result.name} ({template}). Next: {first} `palpcompose check {project_dir}`.",
