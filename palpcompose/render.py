@@ -58,6 +58,7 @@ class ModelChoice:
     label: str  # "final", "step-000100" or "base"
     weights: TrainedWeights | None
     step: int | None
+    guidance: str = "base"  # the guidance mode that trained the weights ("base": the untrained model)
 
     @property
     def caption(self) -> str:
@@ -74,6 +75,7 @@ class RenderedImage:
     prompt: str  # as the user wrote it, with [V1] placeholders
     text: str  # what the text encoder saw (tokens, or class words for the base model)
     seed: int
+    guidance: str = "base"  # ModelChoice.guidance
 
 
 @dataclass(frozen=True)
@@ -398,7 +400,7 @@ def render(
     if prompts and not all(p.strip() for p in prompts):
         raise UserError("--prompt is empty; give the text to render, e.g. --prompt \"A sketch of [V1]\", or leave "
                         "--prompt out to render render.prompts / palp.target_prompt")
-    from palpcompose.project import placeholder_problems
+    from palpcompose.project import PLACEHOLDER, placeholder_problems
 
     named = [("--prompt", text) for text in prompt_options or ()]
     if negative_prompt:
@@ -412,6 +414,9 @@ def render(
         raise UserError(
             f"{project.file}: nothing to render; set render.prompts or palp.target_prompt, or pass --prompt"
         )
+    listed = ", ".join(f"[{key}]" for key in cfg.subjects)
+    warnings += [f"prompt {p!r} has no placeholder ({listed}), so its images show none of the trained subjects"
+                 for p in prompts if not PLACEHOLDER.search(p)]
     if seeds is None:
         seeds = tuple(rc.seeds)
     elif isinstance(seeds, str):
@@ -461,7 +466,9 @@ def render(
                 f"{path}: has no embedding for {', '.join(missing)}; palp.toml's subjects changed since training. "
                 f"Retrain with `palpcompose train {project.root}`"
             )
-        models.append(ModelChoice(name, weights, weights.step))
+        # weights written before their header said so: the guidance of the run in out/manifest.json
+        guidance = weights.guidance or (manifest or {}).get("guidance") or "unknown"
+        models.append(ModelChoice(name, weights, weights.step, guidance))
     if sweep and models[-1].label == "final":  # the snapshot of the last step holds the final weights again
         models = [m for m in models if m.label == "final" or m.step != models[-1].step]
     for message in warnings:
@@ -511,9 +518,11 @@ def render(
                             }
                             if model.step is not None:
                                 extra["PALP step"] = str(model.step)
+                                extra["PALP guidance"] = model.guidance
                             params = a1111_parameters(text, settings, seed, cfg.project.base_model, extra)
                             _save_png(path, picture, params)
-                            images.append(RenderedImage(path, model.label, model.step, prompt, text, seed))
+                            images.append(RenderedImage(path, model.label, model.step, prompt, text, seed,
+                                                        model.guidance))
                             progress.advance(task)
     except KeyboardInterrupt:  # keep what was drawn; an empty run folder would only confuse
         if not images:
@@ -539,11 +548,13 @@ def render(
             "device": device,
             "wall_time_s": round(time.perf_counter() - started, 3),
             "warnings": warnings,
+            "training": _training_record(manifest),
             "images": [
                 {
                     "file": i.path.name,
                     "model": i.model,
                     "step": i.step,
+                    "guidance": i.guidance,
                     "prompt": i.prompt,
                     "text": i.text,
                     "seed": i.seed,
@@ -553,6 +564,14 @@ def render(
         },
     )
     return RenderResult(run_dir, tuple(images), sheet_path, settings, tuple(warnings))
+
+
+def _training_record(manifest: dict | None) -> dict | None:
+    """The training run whose weights a render used, as render.json records it (from out/manifest.json)."""
+    if manifest is None:
+        return None
+    keys = ("guidance", "status", "steps_done", "steps_target", "started_at", "finished_at", "training_hash")
+    return {key: manifest.get(key) for key in keys}
 
 
 def _validate(settings: RenderSettings) -> None:

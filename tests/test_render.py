@@ -294,3 +294,38 @@ def test_cli_interrupted_render_exits_130_and_leaves_no_empty_folder(project_dir
     assert run_cli("render", project_dir, "--seeds", "0", "--steps", "1") == 130
     assert "interrupted before the first image was drawn" in capsys.readouterr().err
     assert list((project_dir / "out" / "renders").iterdir()) == []
+
+
+def test_render_records_the_guidance_that_trained_the_weights(project_dir):
+    # final/ says in its header it was trained with sds; the snapshot is older (no such key): out/manifest.json's
+    # run guidance stands in for it. The base model's rows are "base".
+    from palpcompose.weights import load_trained_weights, save_trained_weights
+
+    final = load_trained_weights(project_dir / "out/weights/final")
+    final.guidance = "sds"
+    save_trained_weights(project_dir / "out/weights/final", final)
+    project = load_project(project_dir, check_images=False)
+    result = render(project, seeds=[0], sweep=True, compare=True)
+    guidance = {i.model: i.guidance for i in result.images}
+    assert guidance == {"base": "base", "step-000002": "palp", "final": "sds"}
+    with Image.open(result.run_dir / "final_p1_seed0.png") as im:
+        assert "PALP step: 4, PALP guidance: sds," in im.text["parameters"]
+    with Image.open(result.run_dir / "step-000002_p1_seed0.png") as im:
+        assert "PALP guidance: palp" in im.text["parameters"]
+    index = json.loads((result.run_dir / "render.json").read_text())
+    assert {i["model"]: i["guidance"] for i in index["images"]} == guidance
+    assert index["training"]["guidance"] == "palp" and index["training"]["steps_done"] == 4
+    assert index["training"]["started_at"] == "2025-01-01T00:00:00"
+
+
+def test_render_warns_about_a_prompt_without_placeholders(project_dir, capsys):
+    from rich.console import Console
+
+    project = load_project(project_dir, check_images=False)
+    result = render(project, prompts=["a photo of a cat", "a photo of [V1]"], seeds=[0], console=Console(stderr=True))
+    err = capsys.readouterr().err
+    assert "'a photo of a cat' has no placeholder ([V1], [V2])" in err
+    assert "'a photo of [V1]'" not in err
+    assert any("has no placeholder" in w for w in result.warnings)
+    index = json.loads((result.run_dir / "render.json").read_text())
+    assert any("'a photo of a cat' has no placeholder" in w for w in index["warnings"])
