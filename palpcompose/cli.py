@@ -29,6 +29,22 @@ console = Console()
 err_console = Console(stderr=True)
 
 ProjectDir = Annotated[Path, typer.Argument(metavar="DIR", help="The project folder (holds palp.toml).", show_default=False)]
+# `--step` is the contract's spelling; `--snapshot` says what it picks, next to train's `--steps` (how many to train)
+SnapshotOpt = Annotated[int | None, typer.Option("--snapshot", "--step", metavar="N", help="Use the snapshot saved at "
+                        "training step N instead of the final weights.")]
+
+
+def _renamed(command: str, old: str, old_value, new: str, new_value):
+    """The value of an option that was renamed: the new spelling, else the old one with a note saying so."""
+    from palpcompose.errors import UserError
+
+    if old_value is None:
+        return new_value
+    if new_value is not None:
+        raise UserError(f"{command}: {old} is the old name of {new}; give only {new}")
+    err_console.print(f"[yellow]note:[/] {command} {old} is now {new} (same meaning); {old} will be removed",
+                      highlight=False, soft_wrap=True)
+    return old_value
 
 
 def _version_callback(value: bool) -> None:
@@ -141,8 +157,9 @@ def render(
                      "render.prompts, else palp.target_prompt."),
     ] = None,
     seeds: Annotated[str | None, typer.Option("--seeds", metavar="SEEDS", help="Seeds: 0-7, 1,5,9 or mixes (0-3,10).")] = None,
-    step: Annotated[int | None, typer.Option("--step", metavar="N", help="Use the snapshot of step N instead of the final weights.")] = None,
-    steps: Annotated[int | None, typer.Option("--steps", metavar="N", help="Sampling steps.")] = None,
+    snapshot: SnapshotOpt = None,
+    sampling_steps: Annotated[int | None, typer.Option("--sampling-steps", metavar="N", help="Denoising steps per image (default: render.steps).")] = None,
+    old_steps: Annotated[int | None, typer.Option("--steps", hidden=True)] = None,  # before --sampling-steps
     guidance_scale: Annotated[float | None, typer.Option("--guidance-scale", metavar="FLOAT", help="Classifier-free guidance scale.")] = None,
     width: Annotated[int | None, typer.Option("--width", metavar="PX", help="Image width in pixels (multiple of 8).")] = None,
     height: Annotated[int | None, typer.Option("--height", metavar="PX", help="Image height in pixels (multiple of 8).")] = None,
@@ -157,9 +174,10 @@ def render(
     from palpcompose.render import render as render_project
     from palpcompose.render import summary_table
 
+    steps = _renamed("render", "--steps", old_steps, "--sampling-steps", sampling_steps)
     project = load_project(project_dir, check_images=False)
     result = render_project(
-        project, prompts=prompt, seeds=seeds, step=step, steps=steps, guidance_scale=guidance_scale, width=width,
+        project, prompts=prompt, seeds=seeds, step=snapshot, steps=steps, guidance_scale=guidance_scale, width=width,
         height=height, negative_prompt=negative_prompt, scheduler=scheduler, batch_size=batch_size, sweep=sweep,
         compare=compare, console=err_console,
     )
@@ -171,7 +189,7 @@ def export(
     project_dir: ProjectDir,
     fmt: Annotated[str, typer.Option("--format", metavar="FORMAT", help="diffusers or webui (AUTOMATIC1111, ComfyUI).")],
     out: Annotated[Path, typer.Option("--out", metavar="PATH", help="Folder to write the files to (created if missing).")],
-    step: Annotated[int | None, typer.Option("--step", metavar="N", help="Export the snapshot of step N instead of the final weights.")] = None,
+    snapshot: SnapshotOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite files of the same name in the --out folder.")] = False,
 ) -> None:
     """Write the trained weights in another tool's format (diffusers, or webui for AUTOMATIC1111 and ComfyUI)."""
@@ -180,7 +198,7 @@ def export(
     from palpcompose.project import load_project
 
     project = load_project(project_dir, check_images=False)
-    result = export_project(project, fmt, out, step=step, force=force)
+    result = export_project(project, fmt, out, step=snapshot, force=force)
     for message in result.warnings:
         err_console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False)
     console.print(summary_table(result))
@@ -198,15 +216,15 @@ def eval_command(
                        "out/renders/) instead of rendering the target prompt.")] = None,
     seeds: Annotated[str | None, typer.Option("--seeds", metavar="SEEDS", help="Seeds to render: 0-7, 1,5,9 or mixes "
                      "(default: render.seeds).")] = None,
-    step: Annotated[int | None, typer.Option("--step", metavar="N", help="Render with the snapshot of step N instead of the "
-                    "final weights.")] = None,
+    snapshot: SnapshotOpt = None,
 ) -> None:
     """Measure text alignment and subject fidelity of renders: a table and out/eval.json (docs/evaluation.md)."""
     from palpcompose.evaluate import evaluate, summary_table
     from palpcompose.project import load_project
 
     project = load_project(project_dir)
-    result = evaluate(project, clip=clip, oracle=oracle, renders=renders, seeds=seeds, step=step, console=err_console)
+    result = evaluate(project, clip=clip, oracle=oracle, renders=renders, seeds=seeds, step=snapshot,
+                      console=err_console)
     console.print(summary_table(result))
     for key, info in result.subjects.items():
         console.print(f"[{key}] {info['class_name']}: scored on {info['scored_as']}", highlight=False, markup=False)

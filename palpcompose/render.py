@@ -395,7 +395,7 @@ def render(
 
     # 1. Settings: options over palp.toml's [render], validated before any work.
     if sweep and step is not None:
-        raise UserError("--sweep renders every snapshot; it cannot be combined with --step")
+        raise UserError("--sweep renders every snapshot; it cannot be combined with --snapshot")
     prompt_options = prompts
     if prompts and not all(p.strip() for p in prompts):
         raise UserError("--prompt is empty; give the text to render, e.g. --prompt \"A sketch of [V1]\", or leave "
@@ -580,7 +580,7 @@ def _validate(settings: RenderSettings) -> None:
             f"scheduler {settings.scheduler!r} is not known; choose one of: {', '.join(SCHEDULERS)}"
         )
     if settings.steps < 1:
-        raise UserError(f"--steps must be at least 1 (got {settings.steps})")
+        raise UserError(f"--sampling-steps must be at least 1 (got {settings.steps})")
     if settings.guidance_scale < 0:
         raise UserError(f"--guidance-scale must not be negative (got {settings.guidance_scale})")
     if settings.batch_size < 1:

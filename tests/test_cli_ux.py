@@ -3,6 +3,8 @@ quoted paths in hints, and messages that name what is wrong."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from conftest import tree_snapshot
 
@@ -17,3 +19,48 @@ def test_init_with_a_hub_template_says_the_model_must_be_downloaded(tmp_path, ru
     assert "hf download stabilityai/stable-diffusion-2-1-base" in result.err and "builtin:toy" in result.err
     toy = run_cli("init", tmp_path / "toy", "--template", "toy-demo")
     assert toy.code == 0 and "Hugging Face" not in toy.err
+
+
+@pytest.fixture
+def trained(tmp_path, tiny_pipeline_dir):
+    """A project with final weights and a snapshot at step 2 (test_render_fixtures), without training."""
+    from test_render_fixtures import make_project
+
+    return make_project(tmp_path / "proj", tiny_pipeline_dir)
+
+
+def _only_render(root):
+    (run,) = (root / "out" / "renders").iterdir()
+    return json.loads((run / "render.json").read_text())
+
+
+def test_render_sampling_steps_and_snapshot_are_named_for_what_they_do(trained, run_cli):
+    result = run_cli("render", trained, "--seeds", "0", "--sampling-steps", "1", "--snapshot", "2")
+    assert result.code == 0, result.err
+    assert "note:" not in result.err
+    index = _only_render(trained)
+    assert index["settings"]["steps"] == 1 and {i["model"] for i in index["images"]} == {"step-000002"}
+    help_text = run_cli("render", "--help").out
+    assert "--sampling-steps" in help_text and "--snapshot" in help_text
+    assert "--steps " not in help_text  # the old name is hidden, train's --steps is the only one shown
+
+
+def test_render_old_steps_spelling_still_works_with_a_note(trained, run_cli):
+    result = run_cli("render", trained, "--seeds", "0", "--steps", "1", "--step", "2")  # --step: the contract's
+    assert result.code == 0, result.err
+    assert "note: render --steps is now --sampling-steps" in result.err
+    assert "--step is" not in result.err  # --step, the contract's spelling of --snapshot, is not deprecated
+    index = _only_render(trained)
+    assert index["settings"]["steps"] == 1 and index["images"][0]["model"] == "step-000002"
+    both = run_cli("render", trained, "--steps", "1", "--sampling-steps", "2")
+    assert both.code == 2 and "give only --sampling-steps" in both.err
+
+
+def test_export_and_eval_take_snapshot_too(trained, run_cli, tmp_path):
+    result = run_cli("export", trained, "--format", "diffusers", "--out", tmp_path / "exp", "--snapshot", "2")
+    assert result.code == 0, result.err
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "exp" / "pytorch_lora_weights.safetensors"), "pt") as f:
+        assert f.metadata()["palpcompose_step"] == "2"
+    assert "--snapshot" in run_cli("eval", "--help").out

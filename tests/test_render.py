@@ -155,7 +155,7 @@ def run_cli(*args) -> int:
 
 def test_cli_render_succeeds_and_says_where_everything_went(project_dir, capsys):
     assert (
-        run_cli("render", project_dir, "--seeds", "1", "--prompt", "a photo of [V1] at night", "--steps", "1")
+        run_cli("render", project_dir, "--seeds", "1", "--prompt", "a photo of [V1] at night", "--sampling-steps", "1")
         == 0
     )
     out = capsys.readouterr().out
@@ -186,6 +186,7 @@ def test_cli_missing_step_lists_the_available_steps(project_dir, capsys):
         ["--width", "20"],
         ["--sweep", "--step", "2"],
         ["--prompt", "a photo of [V3]"],
+        ["--sampling-steps", "0"],
         ["--steps", "0"],
         ["--prompt", ""],
         ["--prompt", "   "],
@@ -225,7 +226,7 @@ def test_cli_refuses_when_the_base_model_differs(project_dir, tmp_path, capsys):
 def test_cli_warns_when_training_settings_changed(project_dir, capsys):
     toml = project_dir / "palp.toml"
     toml.write_text(toml.read_text().replace("steps = 4", "steps = 6"))
-    assert run_cli("render", project_dir, "--seeds", "0", "--steps", "1") == 0
+    assert run_cli("render", project_dir, "--seeds", "0", "--sampling-steps", "1") == 0
     err = capsys.readouterr().err
     assert "changed since training" in err and "retrain" in err
 
@@ -291,7 +292,7 @@ def test_cli_interrupted_render_exits_130_and_leaves_no_empty_folder(project_dir
         raise KeyboardInterrupt
 
     monkeypatch.setattr(render_mod, "generate", interrupted)
-    assert run_cli("render", project_dir, "--seeds", "0", "--steps", "1") == 130
+    assert run_cli("render", project_dir, "--seeds", "0", "--sampling-steps", "1") == 130
     assert "interrupted before the first image was drawn" in capsys.readouterr().err
     assert list((project_dir / "out" / "renders").iterdir()) == []
 
