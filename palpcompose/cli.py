@@ -24,6 +24,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
+    # click's plain help: Typer's rich panels print every flag as `--resume <bool>`, as if it took a value
+    rich_markup_mode=None,
 )
 console = Console()
 err_console = Console(stderr=True)
@@ -55,7 +58,8 @@ def _version_callback(value: bool) -> None:
 
 @app.callback()
 def _root(
-    debug: Annotated[bool, typer.Option("--debug", help="Show Python tracebacks on errors.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show Python tracebacks on errors (also after the command: "
+                                        "`palpcompose train DIR --debug`).")] = False,
     version: Annotated[
         bool | None, typer.Option("--version", callback=_version_callback, is_eager=True, help="Print the version.")
     ] = None,
@@ -153,23 +157,26 @@ def render(
     project_dir: ProjectDir,
     prompt: Annotated[
         list[str] | None,
-        typer.Option("--prompt", metavar="TEXT", help="Prompt to render, with [V1]-style placeholders (repeatable). Default: "
-                     "render.prompts, else palp.target_prompt."),
+        typer.Option("--prompt", metavar="TEXT", help="Prompt to render, with [V1]-style placeholders (repeatable; default: "
+                     "render.prompts, else palp.target_prompt)."),
     ] = None,
-    seeds: Annotated[str | None, typer.Option("--seeds", metavar="SEEDS", help="Seeds: 0-7, 1,5,9 or mixes (0-3,10).")] = None,
+    seeds: Annotated[str | None, typer.Option("--seeds", metavar="SEEDS", help="Seeds: 0-7, 1,5,9 or mixes (0-3,10) "
+                     "(default: render.seeds, [0, 1, 2, 3] unless set).")] = None,
     snapshot: SnapshotOpt = None,
     sampling_steps: Annotated[int | None, typer.Option("--sampling-steps", metavar="N", help="Denoising steps per image (default: render.steps).")] = None,
     old_steps: Annotated[int | None, typer.Option("--steps", hidden=True)] = None,  # before --sampling-steps
-    guidance_scale: Annotated[float | None, typer.Option("--guidance-scale", metavar="FLOAT", help="Classifier-free guidance scale.")] = None,
-    width: Annotated[int | None, typer.Option("--width", metavar="PX", help="Image width in pixels (multiple of 8).")] = None,
-    height: Annotated[int | None, typer.Option("--height", metavar="PX", help="Image height in pixels (multiple of 8).")] = None,
-    negative_prompt: Annotated[str | None, typer.Option("--negative-prompt", metavar="TEXT", help="Negative prompt.")] = None,
-    scheduler: Annotated[str | None, typer.Option("--scheduler", metavar="NAME", help="Sampler: dpm++ (default), ddim or euler-a.")] = None,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", metavar="N", help="Images per forward pass (the images do not change).")] = None,
+    guidance_scale: Annotated[float | None, typer.Option("--guidance-scale", metavar="FLOAT", help="Classifier-free guidance scale (default: render.guidance_scale).")] = None,
+    width: Annotated[int | None, typer.Option("--width", metavar="PX", help="Image width in pixels, a multiple of 8 (default: render.width, else train.resolution).")] = None,
+    height: Annotated[int | None, typer.Option("--height", metavar="PX", help="Image height in pixels, a multiple of 8 (default: render.height, else train.resolution).")] = None,
+    negative_prompt: Annotated[str | None, typer.Option("--negative-prompt", metavar="TEXT", help="Negative prompt (default: render.negative_prompt).")] = None,
+    scheduler: Annotated[str | None, typer.Option("--scheduler", metavar="NAME", help="Sampler: dpm++, ddim or euler-a (default: render.scheduler, dpm++ unless set).")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", metavar="N", help="Images per forward pass; the images do not change (default: render.batch_size).")] = None,
     sweep: Annotated[bool, typer.Option("--sweep", help="Render every snapshot and the final weights in one grid.")] = False,
     compare: Annotated[bool, typer.Option("--compare", help="Render the base model (class words, no LoRA) beside the personalized one.")] = False,
+    out: Annotated[Path | None, typer.Option("--out", metavar="PATH", help="Write the images to this new or empty folder "
+                   "(default: a new DIR/out/renders/<run>/).")] = None,
 ) -> None:
-    """Render prompts with the trained weights: PNGs and a contact sheet under DIR/out/renders/<run>/."""
+    """Render prompts with the trained weights: PNGs and a contact sheet under DIR/out/renders/<run>/ (or --out)."""
     from palpcompose.project import load_project
     from palpcompose.render import render as render_project
     from palpcompose.render import summary_table
@@ -179,7 +186,7 @@ def render(
     result = render_project(
         project, prompts=prompt, seeds=seeds, step=snapshot, steps=steps, guidance_scale=guidance_scale, width=width,
         height=height, negative_prompt=negative_prompt, scheduler=scheduler, batch_size=batch_size, sweep=sweep,
-        compare=compare, console=err_console,
+        compare=compare, out=out, console=err_console,
     )
     console.print(summary_table(result))
 
@@ -255,18 +262,31 @@ def _stop_listening() -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def _take_debug_flag(argv: list[str]) -> list[str]:
+    """`--debug` wherever it is written (before or after the command, not after `--`): set PALP_DEBUG and drop it,
+    so that every command accepts it without declaring it."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    if "--debug" not in argv[:end]:
+        return argv
+    os.environ["PALP_DEBUG"] = "1"
+    return [a for a in argv[:end] if a != "--debug"] + argv[end:]
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the Typer app and map errors to exit codes."""
     # transformers warns on every import that torchvision is missing (we never need it); keep its errors only
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     _sigterm_is_ctrl_c()
+    argv = _take_debug_flag(list(sys.argv[1:] if argv is None else argv))
     try:
         code = app(args=argv, standalone_mode=False)
     except PalpcomposeError as exc:
         if exc.exit_code == 130:
             _stop_listening()
-        if os.environ.get("PALP_DEBUG"):
-            raise
+        if os.environ.get("PALP_DEBUG"):  # the traceback, then the same message and exit code as without --debug
+            import traceback
+
+            traceback.print_exception(exc, file=sys.stderr)
         err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:

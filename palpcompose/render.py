@@ -377,13 +377,15 @@ def render(
     batch_size: int | None = None,
     sweep: bool = False,
     compare: bool = False,
+    out: str | Path | None = None,
     console=None,
 ) -> RenderResult:
     """Render the project's prompts with its trained weights; arguments left None come from palp.toml's [render].
 
     `seeds` is a sequence of ints or a string such as "0-7". `step` picks a snapshot. `sweep` renders every snapshot
-    and the final weights; `compare` adds the base model (class words instead of tokens). Everything is validated
-    before anything is written.
+    and the final weights; `compare` adds the base model (class words instead of tokens). `out` is the folder to
+    write to (new or empty) instead of a new `out/renders/<run>/`. Everything is validated before anything is
+    written.
     """
     from rich.markup import escape
 
@@ -396,6 +398,8 @@ def render(
     # 1. Settings: options over palp.toml's [render], validated before any work.
     if sweep and step is not None:
         raise UserError("--sweep renders every snapshot; it cannot be combined with --snapshot")
+    if out is not None:
+        _check_out_folder(Path(out))
     prompt_options = prompts
     if prompts and not all(p.strip() for p in prompts):
         raise UserError("--prompt is empty; give the text to render, e.g. --prompt \"A sketch of [V1]\", or leave "
@@ -489,7 +493,11 @@ def render(
     )  # fits? (before writing)
 
     # 4. Render every model x prompt x seed, batch by batch, writing each PNG as soon as it exists.
-    run_dir = _new_run_dir(out_dir / "renders", "sweep" if sweep else "compare" if compare else "")
+    if out is None:
+        run_dir, made = _new_run_dir(out_dir / "renders", "sweep" if sweep else "compare" if compare else ""), True
+    else:
+        run_dir, made = Path(out), not Path(out).exists()
+        run_dir.mkdir(parents=True, exist_ok=True)
     jobs = [(p_index, prompt, seed) for p_index, prompt in enumerate(prompts, 1) for seed in seeds]
     images: list[RenderedImage] = []
     started = time.perf_counter()
@@ -526,9 +534,10 @@ def render(
                             progress.advance(task)
     except KeyboardInterrupt:  # keep what was drawn; an empty run folder would only confuse
         if not images:
-            import shutil
+            if made:  # a folder this render created (an empty --out folder of the user's stays)
+                import shutil
 
-            shutil.rmtree(run_dir, ignore_errors=True)
+                shutil.rmtree(run_dir, ignore_errors=True)
             raise Interrupted("interrupted before the first image was drawn; nothing was written") from None
         raise Interrupted(f"interrupted after {len(images)} of {len(models) * len(jobs)} images; they are in "
                           f"{run_dir} (no contact sheet or render.json)") from None
@@ -604,6 +613,16 @@ def generate(pipe, texts: list[str], seeds: list[int], settings: RenderSettings)
             height=settings.height,
             generator=generators,
         ).images
+
+
+def _check_out_folder(folder: Path) -> None:
+    """--out: a new or empty folder that can be created, so that a render never overwrites or mixes with files."""
+    from palpcompose.fsutil import check_folder_can_be_made
+
+    if folder.is_dir() and any(folder.iterdir()):
+        raise UserError(f"--out {folder}: the folder is not empty; render writes a whole run (PNGs, contact sheet, "
+                        "render.json) and never overwrites, so give a new or empty folder")
+    check_folder_can_be_made(folder, "--out")
 
 
 def _new_run_dir(renders: Path, kind: str) -> Path:

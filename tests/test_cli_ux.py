@@ -64,3 +64,63 @@ def test_export_and_eval_take_snapshot_too(trained, run_cli, tmp_path):
     with safe_open(str(tmp_path / "exp" / "pytorch_lora_weights.safetensors"), "pt") as f:
         assert f.metadata()["palpcompose_step"] == "2"
     assert "--snapshot" in run_cli("eval", "--help").out
+
+
+COMMANDS = ("init", "check", "train", "render", "export", "eval")
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_shows_flags_as_flags_and_h_is_help(run_cli, command):
+    long, short = run_cli(command, "--help"), run_cli(command, "-h")
+    assert long.code == short.code == 0 and long.out == short.out
+    assert "<bool>" not in long.out and "-h, --help" in long.out
+    if command == "train":
+        assert "--resume " in long.out and "--resume <" not in long.out
+
+
+def test_root_help_lists_debug_and_h(run_cli):
+    result = run_cli("-h")
+    assert result.code == 0 and "--debug" in result.out and "<bool>" not in result.out
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_anywhere_shows_the_traceback_and_keeps_exit_2(tmp_path, run_cli, monkeypatch, where):
+    monkeypatch.setenv("PALP_DEBUG", "")  # restored after the test: --debug sets it
+    missing = tmp_path / "nowhere"
+    args = ["--debug", "check", missing] if where == "before" else ["check", missing, "--debug"]
+    result = run_cli(*args)
+    assert result.code == 2, result.err
+    assert "Traceback" in result.err and "UserError" in result.err
+    assert "error:" in result.err and "no such project folder" in result.err
+
+
+def test_without_debug_no_traceback(tmp_path, run_cli, monkeypatch):
+    monkeypatch.delenv("PALP_DEBUG", raising=False)
+    result = run_cli("check", tmp_path / "nowhere")
+    assert result.code == 2 and "Traceback" not in result.err
+
+
+def test_render_help_gives_every_default(run_cli):
+    out = " ".join(run_cli("render", "--help").out.split())  # unwrapped
+    for default in ("default: render.seeds", "default: render.steps", "default: render.guidance_scale",
+                    "default: render.prompts, else palp.target_prompt", "default: a new DIR/out/renders/<run>/"):
+        assert default in out, default
+
+
+def test_render_out_writes_the_run_where_asked(trained, run_cli, tmp_path):
+    target = tmp_path / "picked" / "here"
+    result = run_cli("render", trained, "--seeds", "0", "--sampling-steps", "1", "--out", target)
+    assert result.code == 0, result.err
+    assert sorted(p.name for p in target.iterdir()) == ["contact-sheet.png", "final_p1_seed0.png", "render.json"]
+    assert not (trained / "out" / "renders").exists()
+    assert str(target) in "".join(result.out.split())  # the table names the folder (wrapped)
+
+
+def test_render_out_refuses_a_folder_with_files(trained, run_cli, tmp_path):
+    target = tmp_path / "busy"
+    target.mkdir()
+    (target / "mine.png").write_bytes(b"not yours")
+    before = tree_snapshot(tmp_path)
+    result = run_cli("render", trained, "--seeds", "0", "--out", target)
+    assert result.code == 2 and "--out" in result.err and "not empty" in result.err, result.err
+    assert tree_snapshot(tmp_path) == before
