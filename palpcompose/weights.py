@@ -4,8 +4,8 @@ A weights folder (`out/weights/final/`, `out/snapshots/step-000100/`, ...) holds
 - `lora.safetensors`: the UNet LoRA in peft's own key format, i.e. `peft.get_peft_model_state_dict(unet)`
   (keys such as `down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight`), fp32.
 - `embeddings.safetensors`: one 1-D fp32 tensor per learned token, keyed by the token string (`<name-V1>`).
-Both carry metadata in the safetensors header (format, tokens, rank, alpha, base model, palpcompose version), so a
-file found on its own still says what it is. `export.py` converts this format to other tools' formats.
+Both carry metadata in the safetensors header (format, tokens, rank, alpha, base model, step, the guidance mode that
+trained them, palpcompose version), so a file found on its own still says what it is. `export.py` converts this format to other tools' formats.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ class TrainedWeights:
     target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     base_model: str = ""
     step: int = 0
+    guidance: str = ""  # the guidance mode that trained them (palp, sds, none); "" in files older than the key
 
     def metadata(self) -> dict[str, str]:
         return {
@@ -45,6 +46,7 @@ class TrainedWeights:
             "target_modules": json.dumps(self.target_modules),
             "base_model": self.base_model,
             "step": str(self.step),
+            "guidance": self.guidance,
         }
 
 
@@ -78,4 +80,5 @@ def load_trained_weights(folder: str | Path) -> TrainedWeights:
         target_modules=json.loads(meta["target_modules"]),
         base_model=meta.get("base_model", ""),
         step=int(meta.get("step", "0")),
+        guidance=meta.get("guidance", ""),
     )
