@@ -318,6 +318,7 @@ class _Validator:
         self.text = ""
         self.lines: dict[tuple[str, ...], int] = {}
         self.checkable: tuple[ProjectSection | None, dict[str, SubjectConfig], int] | None = None
+        self.base_model = None  # the models.BaseModelSource project.base_model names, once resolved
 
     def error(self) -> ProjectError:
         return ProjectError(sorted(self.problems, key=lambda p: (p.line is None, p.line or 0)))
@@ -619,6 +620,7 @@ def _check_base_model(v: _Validator, spec: str, allow_pickle: bool) -> None:
     except UserError as exc:
         v.problem("project.base_model", str(exc))  # its message says what base_model may be
         return
+    v.base_model = source
     if source.kind == "builtin" and not source.available:  # a broken installation, not a network question
         v.problem("project.base_model", source.detail, "reinstall palpcompose (pip install -e . in a clone)")
 
@@ -768,6 +770,7 @@ class InitResult:
     name: str
     written: tuple[Path, ...]  # files created or updated
     kept: tuple[Path, ...]  # files that already existed and were left alone
+    notes: tuple[str, ...] = ()  # what the user should know before `check` (the base model is not here yet, ...)
 
 
 def init_project(project_dir: str | Path, template: str = DEFAULT_TEMPLATE) -> InitResult:
@@ -837,7 +840,17 @@ def init_project(project_dir: str | Path, template: str = DEFAULT_TEMPLATE) -> I
                 folder.rmdir()  # only if empty: never removes anything the user had
         raise UserError(f"{root}: could not create the project ({os_error_text(exc)}); nothing was left behind; "
                         "choose a folder you can write to") from exc
-    return InitResult(root, name, tuple(written), tuple(kept))
+    return InitResult(root, name, tuple(written), tuple(kept), tuple(_init_notes(texts["palp.toml"])))
+
+
+def _init_notes(toml_text: str) -> list[str]:
+    """A template's base model that this machine does not have (a hub id not in the cache): say so now, not only
+    at `check`, with the way out."""
+    from palpcompose.models import resolve_base_model
+
+    spec = tomllib.loads(toml_text)["project"]["base_model"]
+    source = resolve_base_model(spec)
+    return [] if source.available else [f"palp.toml: project.base_model: {source.detail}"]
 
 
 def _init_preflight(root: Path, files: list[Path], folders: list[Path]) -> None:
@@ -870,19 +883,19 @@ class CheckReport:
     token_limit: int
     token_limit_source: str  # where token_limit comes from ("the model's tokenizer" or why it is assumed)
     prompt_tokens: tuple[tuple[str, str, int | None], ...]  # (key, prompt, token count or None when not counted)
-    notes: tuple[str, ...]  # the project's notes, plus what could not be verified offline
+    notes: tuple[str, ...]  # the project's notes (converted images, small images, ...)
 
 
 def check_project(project_dir: str | Path) -> CheckReport:
     """Validate a project as `palpcompose check` does. Raises ProjectError listing every problem; writes nothing."""
-    from palpcompose.models import resolve_base_model
-
     v, project = _validate(Path(project_dir), check_images=True)
+    source = v.base_model
+    if source is not None and source.kind == "hub" and not source.available:
+        v.problem("project.base_model", source.detail)  # train and render would refuse it: so does check
     if project is None or v.problems:
         raise v.error()
-    config = project.config
-    source = resolve_base_model(config.project.base_model, project.root, config.project.allow_pickle)
     tokenizer, limit_source = _load_tokenizer(source)
+    config = project.config
     prompts = config_prompts(config)
     if tokenizer is None:
         limit, counts = DEFAULT_TOKEN_LIMIT, [(key, prompt, None) for key, prompt in prompts]
@@ -893,8 +906,7 @@ def check_project(project_dir: str | Path) -> CheckReport:
                 v.problem(key, *_too_long(n, limit))
     if v.problems:
         raise v.error()
-    notes = project.notes + (() if source.available else (f"{project.file}: project.base_model: {source.detail}",))
-    return CheckReport(project, source, limit, limit_source, tuple(counts), notes)
+    return CheckReport(project, source, limit, limit_source, tuple(counts), project.notes)
 
 
 def config_prompts(config: ProjectConfig) -> list[tuple[str, str]]:
@@ -938,9 +950,8 @@ def _too_long(n: int, limit: int) -> tuple[str, str]:
 
 
 def _load_tokenizer(source) -> tuple[Any, str]:
-    """The base model's CLIP tokenizer when it can be read offline, else None and the reason."""
-    if not source.available:
-        return None, "assumed: the base model cannot be read offline, prompts not counted"
+    """The base model's CLIP tokenizer when it can be read offline (check_project has made sure the model is
+    there), else None and the reason."""
     if source.kind == "single_file":
         return None, "assumed: check does not open single-file checkpoints, prompts not counted"
     from transformers import CLIPTokenizer

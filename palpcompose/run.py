@@ -133,7 +133,7 @@ def _damaged_run_options(plan: Plan, *, resume: bool) -> str:
         options.append(f"`{plan.resume_command}` continues from the checkpoint (and rewrites the file)")
     snapshots = snapshot_steps(plan.out)
     if snapshots:
-        options.append(f"`palpcompose render {plan.project.root} --step {snapshots[-1]}` (or export --step) uses the "
+        options.append(f"`palpcompose render {plan.project.root} --snapshot {snapshots[-1]}` (or export --snapshot) uses the "
                        f"last snapshot")
     options.append(f"`{plan.fresh_command} --force` starts over, keeping this run in out/runs/")
     return "Options: " + "; ".join(options)

@@ -318,6 +318,7 @@ def trained_weights(state: TrainState, config, tokens: dict[str, str], step: int
         placeholders=dict(tokens), rank=config.train.lora_rank,
         lora_alpha=float(config.train.lora_alpha or config.train.lora_rank),
         target_modules=list(models.LORA_TARGET_MODULES), base_model=config.project.base_model, step=step,
+        guidance=config.palp.guidance,  # the run's mode (train() puts --guidance into config)
     )
 
 

@@ -4,8 +4,8 @@ A weights folder (`out/weights/final/`, `out/snapshots/step-000100/`, ...) holds
 - `lora.safetensors`: the UNet LoRA in peft's own key format, i.e. `peft.get_peft_model_state_dict(unet)`
   (keys such as `down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight`), fp32.
 - `embeddings.safetensors`: one 1-D fp32 tensor per learned token, keyed by the token string (`<name-V1>`).
-Both carry metadata in the safetensors header (format, tokens, rank, alpha, base model, palpcompose version), so a
-file found on its own still says what it is. `export.py` converts this format to other tools' formats.
+Both carry metadata in the safetensors header (format, tokens, rank, alpha, base model, step, the guidance mode that
+trained them, palpcompose version), so a file found on its own still says what it is. `export.py` converts this format to other tools' formats.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ class TrainedWeights:
     target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     base_model: str = ""
     step: int = 0
+    guidance: str = ""  # the guidance mode that trained them (palp, sds, none); "" in files older than the key
 
     def metadata(self) -> dict[str, str]:
         return {
@@ -45,6 +46,7 @@ class TrainedWeights:
             "target_modules": json.dumps(self.target_modules),
             "base_model": self.base_model,
             "step": str(self.step),
+            "guidance": self.guidance,
         }
 
 
@@ -85,7 +87,7 @@ def load_trained_weights(folder: str | Path) -> TrainedWeights:
                 lora=lora, embeddings=embeddings, placeholders=json.loads(meta["placeholders"]),
                 rank=int(meta["rank"]), lora_alpha=float(meta["lora_alpha"]),
                 target_modules=json.loads(meta["target_modules"]), base_model=meta.get("base_model", ""),
-                step=int(meta.get("step", "0")),
+                step=int(meta.get("step", "0")), guidance=meta.get("guidance", ""),
             )
         except (KeyError, ValueError, TypeError) as exc:
             raise DamagedFile(lora_path, f"bad header metadata: {type(exc).__name__}: {exc}") from None
@@ -100,5 +102,5 @@ def _instead(folder: Path) -> str:
     out = folder.parent.parent
     root = out.parent.parent if out.parent.name == "runs" else out.parent  # a kept run: out/runs/<id>/
     others = sorted(p.name for p in (out / "snapshots").glob("step-*") if p != folder and (p / LORA_FILE).is_file())
-    use = f"use a snapshot with --step N ({', '.join(others[-3:])} exist), or " if others else ""
+    use = f"use a snapshot with --snapshot N ({', '.join(others[-3:])} exist), or " if others else ""
     return f"Options: {use}train again with `palpcompose train {root} --force` (the damaged run is kept in out/runs/)"

@@ -188,17 +188,17 @@ def test_damaged_files_exit_2_naming_the_file_and_the_options(make_project, run_
     resume = ["train", root, "--resume", "--steps", "3"]
     cases = [  # (file, how it is damaged, command, an option the message must name)
         ("checkpoint/optimizer.safetensors", truncate, resume, "--force"),
-        ("checkpoint/rng.safetensors", truncate, resume, "--step 2"),
+        ("checkpoint/rng.safetensors", truncate, resume, "--snapshot 2"),
         ("checkpoint/lora.safetensors", truncate, resume, "--force"),
         ("checkpoint/embeddings.safetensors", truncate, ["train", root, "--steps", "3"], "--force"),
         ("checkpoint/state.json", bad_json, resume, "--force"),
         ("logs/train.jsonl", bad_json, resume, "--force"),
         ("manifest.json", bad_json, ["train", root], "--resume"),
         ("manifest.json", truncate, ["render", root], "--force"),
-        ("weights/final/lora.safetensors", truncate, ["render", root], "--step N"),
+        ("weights/final/lora.safetensors", truncate, ["render", root], "--snapshot N"),
         ("weights/final/embeddings.safetensors", truncate, ["export", root, "--format", "webui", "--out",
                                                             root / "exp"], "--force"),
-        ("snapshots/step-000001/lora.safetensors", truncate, ["render", root, "--step", "1"], "step-000002"),
+        ("snapshots/step-000001/lora.safetensors", truncate, ["render", root, "--snapshot", "1"], "step-000002"),
         (render_json.relative_to(out).as_posix(), bad_json,
          ["eval", root, "--oracle", "--renders", render_json.parent.name], "render again"),
     ]
