@@ -133,8 +133,8 @@ def _damaged_run_options(plan: Plan, *, resume: bool) -> str:
         options.append(f"`{plan.resume_command}` continues from the checkpoint (and rewrites the file)")
     snapshots = snapshot_steps(plan.out)
     if snapshots:
-        options.append(f"`palpcompose render {plan.project.root} --snapshot {snapshots[-1]}` (or export --snapshot) uses the "
-                       f"last snapshot")
+        options.append(f"`palpcompose render {plan.project.root} --snapshot {snapshots[-1]}` (or export "
+                       "--snapshot) uses the last snapshot")
     options.append(f"`{plan.fresh_command} --force` starts over, keeping this run in out/runs/")
     return "Options: " + "; ".join(options)
 
@@ -153,7 +153,8 @@ def _continue_or_keep(plan: Plan, force: bool) -> None:
         why.insert(0, f"{plan.out / MANIFEST_FILE} is missing or unreadable")
     elif previous.get("status") != "completed":
         why.insert(0, f"it was {previous.get('status')} at step {previous.get('steps_done', 0)} of "
-                      f"{previous.get('steps_target', '?')} (`{plan.resume_command}` continues it instead)")
+                      f"{previous.get('steps_target', '?')}; to continue it instead, press Ctrl-C now (nothing has moved "
+                      f"yet) and run `{plan.resume_command}`")
     only_steps_grew = (previous is not None and previous.get("status") == "completed"
                        and len(why) == 1 and isinstance(previous.get("config"), dict)
                        and [k for k, _, _ in changed_weight_settings(previous["config"], now_config)] == ["train.steps"]

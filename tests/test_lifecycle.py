@@ -118,7 +118,8 @@ def test_train_after_ctrl_c_without_resume_keeps_the_checkpoint(make_project, ru
     monkeypatch.setattr(train_mod, "training_step", real_step)
     result = run_cli("train", root)
     assert result.code == 0, result.err
-    assert "interrupted at step 2 of 4" in result.out and "--resume` continues it" in result.out
+    assert "interrupted at step 2 of 4; to continue it instead, press Ctrl-C now" in result.out
+    assert f"`palpcompose train {root} --resume`" in result.out
     [run_id] = kept_runs(root)
     kept = root / "out" / "runs" / run_id
     assert json.loads((kept / "checkpoint" / "state.json").read_text())["step"] == 2
