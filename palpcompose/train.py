@@ -703,6 +703,7 @@ def train(project, *, steps: int | None = None, resume: bool = False, guidance: 
         "config": config.to_dict(), "config_hash": config.hash(), "training_hash": config.training_hash(),
         "palp_toml": file_hashes,
         "images": images, "tokens": tokens, "git": _git(project.root), "steps_done": 0,
+        "model_defaults": {key: value for key, (value, _) in getattr(project, "model_defaults", {}).items()},
         "steps_target": steps_target, "guidance": mode, "wall_time_s": 0.0, "device": "", "started_at": started_at,
         "finished_at": None,
     }

@@ -1,0 +1,77 @@
+"""The toy demo's reference images, drawn by the toy world when `palpcompose init DIR --template toy-demo` runs.
+
+- `refs/subject/`: photo-like pictures of a personal object the base model never saw as such (held-out subject
+  SUBJECT_SEED of the toy world), at varied placements, all in one ambiance (SUBJECT_AMBIANCE) that its
+  personalization prompt `a photo of [V1]` does not name: the shared, unnamed context a baseline over-fits to.
+- `refs/artwork/`: one "artwork" (ARTWORK_STYLE, ARTWORK_AMBIANCE): a landscape of the toy world without any object,
+  so that what [V2] can lend a render is its look (style and ambiance), not a second object (the toy world draws
+  one object per scene).
+
+docs/evaluation.md says how this composition was chosen. Everything is deterministic: every init writes the same
+pixels, so projects/toy-demo/ in the repository matches a fresh init (a test checks it). Existing files are kept, as
+init keeps every file but palp.toml.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from palpcompose.fsutil import atomic_save_image
+
+SUBJECT_SEED = 1  # world.subject_from_seed(1): a blue star with white dots (held out of base training)
+SUBJECT_IMAGES = 5
+SUBJECT_AMBIANCE = "sunset"
+ARTWORK_SEED = 2024  # the artwork's layout and grain
+ARTWORK_STYLE = "sketch"
+ARTWORK_AMBIANCE = "night"
+
+
+def _to_pil(image: torch.Tensor):
+    """(3, H, W) in [0, 1] -> an RGB PIL image."""
+    from PIL import Image
+
+    return Image.fromarray((image.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy())
+
+
+def subject_images(seed: int = SUBJECT_SEED, count: int = SUBJECT_IMAGES, ambiance: str = "day") -> list:
+    """`count` photo-like PIL images of held-out toy-world subject `seed` in `ambiance` (by default "day", as
+    `python -m palpcompose.toyworld subject` draws them)."""
+    from palpcompose.toyworld import world
+
+    g = torch.Generator().manual_seed(seed)
+    scenes = world.subject_scenes(world.subject_from_seed(seed), count, g, ambiance=ambiance)
+    return [_to_pil(image) for image in world.render(scenes, g)]
+
+
+def artwork_image(seed: int = ARTWORK_SEED, style: str = ARTWORK_STYLE, ambiance: str = ARTWORK_AMBIANCE):
+    """One picture in `style` and `ambiance` of an empty toy-world landscape (the scene's object is moved out of
+    the frame, so nothing of it is drawn)."""
+    from palpcompose.toyworld import world
+
+    g = torch.Generator().manual_seed(seed)
+    scenes = world.sample_scenes(1, g, styles=(style,))
+    scenes = replace(scenes, ambiance=torch.tensor([world.AMBIANCES.index(ambiance)]),
+                     center=torch.tensor([[10.0, 10.0]]))  # 10 image units away: the object is off the canvas
+    return _to_pil(world.render(scenes, g)[0])
+
+
+def reference_files(root: str | Path) -> dict[Path, object]:
+    """The demo's reference images by path in project folder `root`."""
+    root = Path(root)
+    files = {root / "refs" / "subject" / f"star-{i:02d}.png": image for i, image in enumerate(subject_images(ambiance=SUBJECT_AMBIANCE))}
+    files[root / "refs" / "artwork" / "artwork.png"] = artwork_image()
+    return files
+
+
+def write_references(root: str | Path, written: list[Path] | None = None) -> list[Path]:
+    """Write the toy demo's references into project folder `root`; returns the files written (existing ones are
+    kept), appending each to `written` as soon as it exists (so a caller can clean up after a failure)."""
+    written = [] if written is None else written
+    for path, image in reference_files(root).items():
+        if not path.exists():
+            atomic_save_image(path, image)
+            written.append(path)
+    return written
