@@ -230,6 +230,72 @@ def _load(source: BaseModelSource, dtype_kw: dict, allow_download: bool):
     raise ValueError(f"unknown base model kind {source.kind!r}")
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Defaults that depend on the base model (docs/schema.md marks those keys "model-dependent").
+
+# builtin:toy's own training and render settings. Chosen on the TI+LoRA baseline (guidance none) alone, never on
+# PALP's scores (docs/evaluation.md): batch 1, LoRA 1e-3 / embedding 5e-3 and 500 steps is where the baseline learns
+# the subject (fidelity 0.32 -> 0.62 over 500 steps) and, with references that share a context their prompt does
+# not name, starts losing the target prompt (issue 11's lead); CFG 5 with 20 DPM++ steps is where builtin:toy
+# recognises all four attributes of its prompts most often (training.json). fp32: a 64 px model on a CPU.
+TOY_DEFAULTS = {
+    "train.steps": 500,
+    "train.learning_rate": 1e-3,
+    "train.embedding_learning_rate": 5e-3,
+    "train.mixed_precision": "no",
+    "render.steps": 20,
+    "render.guidance_scale": 5.0,
+}
+
+
+def native_resolution(source: BaseModelSource) -> int | None:
+    """The image size the base model was trained at, from its own configs: the UNet's latent `sample_size` times
+    the VAE's downsampling factor (2 ** (len(block_out_channels) - 1)): 64 for builtin:toy, 512 for SD 1.x and
+    SD 2 base, 768 for SD 2 768-v, 1024 for SDXL. None when the configs cannot be read offline (a single-file
+    checkpoint, a hub id that is not cached)."""
+    import json
+
+    def read(name: str) -> dict | None:
+        if source.kind in ("builtin", "folder"):
+            path = Path(source.location) / name / "config.json"
+        elif source.kind == "hub":
+            try:
+                from huggingface_hub import try_to_load_from_cache
+
+                hit = try_to_load_from_cache(source.location, f"{name}/config.json")
+            except Exception:  # noqa: BLE001 - a cache we cannot read counts as no cache
+                return None
+            if not isinstance(hit, str):
+                return None
+            path = Path(hit)
+        else:
+            return None
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    unet, vae = read("unet"), read("vae")
+    try:
+        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (TypeError, KeyError, ValueError):
+        return None
+
+
+def model_defaults(source: BaseModelSource) -> dict[str, tuple[object, str]]:
+    """The defaults that `source` decides: dotted palp.toml key -> (value, why). Keys not listed keep the schema's
+    defaults (the paper's Stable Diffusion values)."""
+    defaults: dict[str, tuple[object, str]] = {}
+    size = native_resolution(source)
+    if size is not None:
+        defaults["train.resolution"] = (size, f"the native size of {source.spec} (its UNet and VAE configs)")
+    if source.spec == "builtin:toy":
+        for key, value in TOY_DEFAULTS.items():
+            defaults[key] = (value, "builtin:toy's own default")
+    return defaults
+
+
 def placeholder_tokens(project_name: str, subject_keys) -> dict[str, str]:
     """The learned token of each subject: {"V1": "<name-v1>"}. Lower case, because CLIP's tokenizer lowercases text."""
     return {key: f"<{project_name}-{key}>".lower() for key in subject_keys}

@@ -532,6 +532,8 @@ def new_manifest(plan: Plan, accelerator) -> dict:
         "config": config.to_dict(), "config_hash": config.hash(), "training_hash": config.training_hash(),
         "palp_toml": plan.file_hashes, "images": plan.images,
         "tokens": models.placeholder_tokens(config.project.name, config.subjects), "git": git_state(plan.project.root),
+        # the defaults the base model chose for keys palp.toml leaves out (project.resolve_model_defaults)
+        "model_defaults": {key: value for key, (value, _) in getattr(plan.project, "model_defaults", {}).items()},
         "steps_done": 0, "steps_target": plan.steps_target, "guidance": plan.mode, "wall_time_s": 0.0,
         "device": _device_name(accelerator.device), "started_at": now(), "finished_at": None,
     }
