@@ -113,3 +113,23 @@ def test_every_command_refuses_an_unsupported_model_with_exit_2(command, make_pr
     assert "Traceback" not in result.err and "internal error" not in result.err
     assert "a Stable Diffusion 3 model" in result.err and "Stable Diffusion XL" in result.err
     assert tree_snapshot(root) == before
+
+
+# --------------------------------------------------------------------------------------------------------------
+# (b) the tiny SDXL pipeline: built from configs, seeded, loads and renders as SDXL
+
+
+def test_tiny_sdxl_pipeline_is_sdxl_and_seeded(tiny_sdxl_pipeline_dir, tmp_path):
+    from safetensors.torch import load_file
+    from tiny_pipeline import make_tiny_sdxl_pipeline
+
+    source = models.resolve_base_model(str(tiny_sdxl_pipeline_dir))
+    assert source.family == "sdxl" and "Stable Diffusion XL" in source.detail
+    pipe = models.load_pipeline(source)
+    assert type(pipe).__name__ == "StableDiffusionXLPipeline"
+    assert pipe.text_encoder_2.config.projection_dim == 16 and pipe.unet.config.addition_embed_type == "text_time"
+    again = make_tiny_sdxl_pipeline(tmp_path / "again")
+    for part in ("unet/diffusion_pytorch_model", "text_encoder/model", "text_encoder_2/model"):
+        a = load_file(str(tiny_sdxl_pipeline_dir / f"{part}.safetensors"))
+        b = load_file(str(again / f"{part}.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
