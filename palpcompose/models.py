@@ -382,7 +382,8 @@ class Components:
     """The separately wired parts of a Stable Diffusion model (diffusers' component names).
 
     `prediction_type` ("epsilon" | "v_prediction") and `alphas_cumprod` come from the model's own scheduler config.
-    SDXL will add a second tokenizer/text encoder and added conditioning here; the loop only calls `encode_prompt`.
+    SDXL (`family` "sdxl"): `text_encoder` is conditioning.SDXLTextEncoders (both encoders as one module) and
+    `tokenizer_2` the second tokenizer; the loop only calls `tokenize`, `encode_prompt` and `unet_forward`.
     """
 
     unet: object
@@ -393,11 +394,27 @@ class Components:
     inference_scheduler_config: dict
     prediction_type: str
     alphas_cumprod: object  # (T,) float32 tensor
+    family: str = "sd1"  # detect_family's answer
+    tokenizer_2: object = None  # SDXL's second tokenizer, else None
+    force_zeros_for_empty_prompt: bool = False  # SDXL: the empty prompt is encoded as zeros (its pipeline config)
+
+    @property
+    def text_encoders(self) -> list:
+        """The CLIP text encoder(s) themselves: [text_encoder] or SDXL's [text_encoder, text_encoder_2]."""
+        if self.tokenizer_2 is None:
+            return [self.text_encoder]
+        return [self.text_encoder.text_encoder, self.text_encoder.text_encoder_2]
+
+    @property
+    def tokenizers(self) -> list:
+        return [self.tokenizer] if self.tokenizer_2 is None else [self.tokenizer, self.tokenizer_2]
 
 
 def load_components(source: BaseModelSource) -> Components:
     """Load the pipeline `source` names (offline) and split it into its components, all fp32 on the CPU."""
     from diffusers import DDPMScheduler
+
+    from palpcompose.conditioning import SDXLTextEncoders
 
     pipe = load_pipeline(source)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -407,10 +424,14 @@ def load_components(source: BaseModelSource) -> Components:
             f"base model {source.spec!r}: scheduler prediction_type {prediction_type!r} is not supported "
             "(palpcompose trains epsilon and v_prediction models)"
         )
+    sdxl = source.family == "sdxl"
     return Components(
-        unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+        unet=pipe.unet, vae=pipe.vae, tokenizer=pipe.tokenizer,
+        text_encoder=SDXLTextEncoders(pipe.text_encoder, pipe.text_encoder_2) if sdxl else pipe.text_encoder,
         noise_scheduler=noise_scheduler, inference_scheduler_config=dict(pipe.scheduler.config),
         prediction_type=prediction_type, alphas_cumprod=noise_scheduler.alphas_cumprod.float().clone(),
+        family=source.family, tokenizer_2=pipe.tokenizer_2 if sdxl else None,
+        force_zeros_for_empty_prompt=sdxl and bool(pipe.config.get("force_zeros_for_empty_prompt", True)),
     )
 
 
@@ -515,13 +536,34 @@ def set_attention(unet, mode: str, device_type: str) -> str:
     return ""
 
 
-def tokenize(tokenizer, prompts: list[str]):
-    """Token ids (B, model_max_length), padded and truncated as Stable Diffusion does."""
-    return tokenizer(
-        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
+def tokenize(tokenizer, prompts: list[str], tokenizer_2=None):
+    """Token ids (B, model_max_length), padded and truncated as Stable Diffusion does; with SDXL's second tokenizer
+    (B, 2, model_max_length), one row per tokenizer (what conditioning.SDXLTextEncoders reads)."""
+
+    def ids(tok):
+        return tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                   return_tensors="pt").input_ids
+
+    if tokenizer_2 is None:
+        return ids(tokenizer)
+    import torch
+
+    return torch.stack([ids(tokenizer), ids(tokenizer_2)], dim=1)
 
 
 def encode_prompt(text_encoder, input_ids):
-    """Text embeddings (B, 77, D) for the UNet's cross-attention: the text encoder's last hidden state."""
-    return text_encoder(input_ids.to(text_encoder.device))[0]
+    """The prompts' conditioning.Conditioning: SD 1.x / 2.x, the text encoder's last hidden state (B, 77, D); SDXL
+    (SDXLTextEncoders), both penultimate states and the pooled embedding."""
+    from palpcompose.conditioning import Conditioning
+
+    out = text_encoder(input_ids.to(text_encoder.device))
+    return out if isinstance(out, Conditioning) else Conditioning(out[0])
+
+
+def unet_forward(unet, latents, timesteps, cond, time_ids=None):
+    """`unet(x, t, y).sample`. SDXL (cond.pooled set): the pooled embedding and the size values `time_ids` (1, 6)
+    go in `added_cond_kwargs`; SD 1.x / 2.x get nothing added, the call of the UNet as before."""
+    if cond.pooled is None:
+        return unet(latents, timesteps, cond.embeds).sample
+    added = {"text_embeds": cond.pooled, "time_ids": time_ids.to(latents.device).expand(latents.shape[0], -1)}
+    return unet(latents, timesteps, cond.embeds, added_cond_kwargs=added).sample

@@ -133,3 +133,146 @@ def test_tiny_sdxl_pipeline_is_sdxl_and_seeded(tiny_sdxl_pipeline_dir, tmp_path)
         a = load_file(str(tiny_sdxl_pipeline_dir / f"{part}.safetensors"))
         b = load_file(str(again / f"{part}.safetensors"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# (c) training: a token per subject in both encoders, pooled + size conditioning on every UNet pass
+
+TWO_SUBJECTS = {
+    "subjects": {"V2": {"class_name": "painting", "images": ["refs/V2/*.png"], "prompt": "An oil painting of [V2]"}},
+    "palp": {"target_prompt": "An oil painting of [V1] inspired by [V2] painting"},
+}
+
+
+@pytest.fixture
+def make_sdxl_project(make_project, tiny_sdxl_pipeline_dir):
+    def factory(overrides: dict | None = None, **kwargs):
+        overrides = dict(overrides or {})
+        overrides["project"] = {"base_model": str(tiny_sdxl_pipeline_dir), **overrides.get("project", {})}
+        return make_project(overrides, **kwargs)
+
+    return factory
+
+
+def _state(root, guidance):
+    from accelerate import Accelerator
+
+    from palpcompose.guidance import GuidanceConfig
+    from palpcompose.project import load_project
+    from palpcompose.train import prepare_state, prepare_subjects
+
+    project = load_project(root)
+    config = project.config
+    c = models.load_components(models.resolve_base_model(config.project.base_model, project.root))
+    tokens = models.placeholder_tokens(config.project.name, config.subjects)
+    state = prepare_state(config, c, Accelerator(mixed_precision="no"),
+                          GuidanceConfig.from_palp(config.palp, guidance), tokens)
+    return state, prepare_subjects(project, config, state, tokens)
+
+
+def test_a_token_per_subject_in_both_encoders(make_sdxl_project, one_thread):
+    from palpcompose.train import sample_batch, training_step
+
+    state, subjects = _state(make_sdxl_project(TWO_SUBJECTS), "palp")
+    c = state.components
+    assert c.family == "sdxl" and len(c.text_encoders) == 2
+    tables = [enc.get_input_embeddings() for enc in c.text_encoders]
+    width = tables[0].table.weight.shape[1]
+    assert all(t.rows is state.token_embedding.rows for t in tables)  # one trained parameter, both encoders
+    for tokenizer, table, columns in zip(c.tokenizers, tables, (slice(0, width), slice(width, None))):
+        for i, (key, word) in enumerate((("V1", "cat"), ("V2", "painting"))):
+            token = f"<tiny-{key.lower()}>"
+            assert tokenizer.convert_tokens_to_ids(token) == table.first_id + i
+            word_ids = tokenizer.encode(word, add_special_tokens=False)
+            expected = table.table.weight[word_ids].mean(0)  # from the class word, in this encoder's own table
+            assert torch.equal(state.token_embedding.rows[i, columns].detach(), expected)
+    before = [t.full_table().detach().clone() for t in tables]
+    g = torch.Generator().manual_seed(0)
+    training_step(state, sample_batch(subjects, g, 2, 1000))
+    for table, old in zip(tables, before):
+        new = table.full_table().detach()
+        assert torch.equal(new[: table.first_id], old[: table.first_id])  # every other row bit-identical
+        assert (new[table.first_id:] - old[table.first_id:]).abs().max() > 0  # both encoders' tokens trained
+
+
+@pytest.mark.parametrize("guidance,beta,passes", [("none", 1.0, 1), ("sds", 1.0, 2), ("palp", 2.0, 3)])
+def test_every_unet_pass_gets_pooled_and_size_conditioning(make_sdxl_project, guidance, beta, passes, one_thread):
+    from palpcompose.train import sample_batch, training_step
+
+    state, subjects = _state(make_sdxl_project({"palp": {"beta": beta}}), guidance)
+    assert state.null_cond.pooled is not None and torch.count_nonzero(state.null_cond.embeds) == 0  # force zeros
+    if guidance != "none":
+        assert state.clean_cond.pooled is not None and state.clean_cond.pooled.abs().sum() > 0  # cached, pooled too
+    seen = []
+
+    def hook(module, args, kwargs):
+        added = kwargs.get("added_cond_kwargs") or {}
+        seen.append((args[0].shape[0], added.get("text_embeds"), added.get("time_ids")))
+
+    handle = state.components.unet.register_forward_pre_hook(hook, with_kwargs=True)
+    training_step(state, sample_batch(subjects, torch.Generator().manual_seed(0), 1, 1000))
+    handle.remove()
+    assert len(seen) == passes  # personalization; frozen cond+uncond (batched); personalized beta pass (batched)
+    for batch, pooled, time_ids in seen:
+        assert pooled is not None and pooled.shape == (batch, 16)
+        assert time_ids.tolist() == [[16.0, 16.0, 0.0, 0.0, 16.0, 16.0]] * batch  # original, crop, target size
+
+
+def test_sd1_passes_get_nothing_added(make_project, one_thread):
+    from palpcompose.train import sample_batch, training_step
+
+    state, subjects = _state(make_project({"palp": {"beta": 2.0}}), "palp")
+    assert state.time_ids is None and state.null_cond.pooled is None
+    kwargs_seen = []
+    handle = state.components.unet.register_forward_pre_hook(lambda m, a, kw: kwargs_seen.append(dict(kw)),
+                                                             with_kwargs=True)
+    training_step(state, sample_batch(subjects, torch.Generator().manual_seed(0), 1, 1000))
+    handle.remove()
+    assert len(kwargs_seen) == 3 and all("added_cond_kwargs" not in kw for kw in kwargs_seen)
+
+
+def quiet():
+    import io
+
+    from rich.console import Console
+
+    return Console(file=io.StringIO(), width=120)
+
+
+def _final(root):
+    from palpcompose.weights import load_trained_weights
+
+    return load_trained_weights(root / "out" / "weights" / "final")
+
+
+@pytest.mark.parametrize("guidance", ["palp", "sds", "none"])
+def test_train_each_guidance_mode(make_sdxl_project, guidance, one_thread):
+    from palpcompose.train import train
+
+    root = make_sdxl_project({"train": {"steps": 2, "preview_every": 2 if guidance == "palp" else 0},
+                              **(TWO_SUBJECTS if guidance == "palp" else {})})
+    result = train(root, guidance=guidance, console=quiet())
+    assert result.status == "completed" and result.steps_done == 2
+    weights = _final(root)
+    assert weights.text_encoder_dims == (16, 16)
+    for token in weights.placeholders.values():
+        clip_l, clip_g = weights.per_encoder(token)
+        assert clip_l.shape == clip_g.shape == (16,)
+    assert any(".lora_A." in k for k in weights.lora)
+    if guidance == "palp":  # the preview grid rendered through StableDiffusionXLPipeline and the x0-hat rows
+        assert (root / "out" / "previews" / "step-000002.png").is_file()
+
+
+def test_resume_equals_an_uninterrupted_run(make_sdxl_project, one_thread):
+    from palpcompose.train import train
+
+    settings = {"train": {"steps": 2, "save_every": 1}}
+    straight = make_sdxl_project(settings, dirname="straight")
+    train(straight, console=quiet())
+    resumed = make_sdxl_project(settings, dirname="resumed")
+    train(resumed, steps=1, console=quiet())
+    train(resumed, steps=2, resume=True, console=quiet())
+    a, b = _final(straight), _final(resumed)
+    for mine, theirs in ((a.lora, b.lora), (a.embeddings, b.embeddings)):
+        assert mine.keys() == theirs.keys()
+        assert max((mine[k] - theirs[k]).abs().max().item() for k in mine) <= 1e-5
