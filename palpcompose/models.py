@@ -177,7 +177,7 @@ def detect_family(kind: str, location: str) -> str:
     if kind == "single_file":
         kind_found, family = _family_from_keys(_safetensors_keys(Path(location)), Path(location))
     else:
-        read = _config_reader(kind, location)
+        read = config_reader(kind, location)
         index = read("model_index.json")
         if index is None:
             return "unknown"
@@ -188,7 +188,7 @@ def detect_family(kind: str, location: str) -> str:
     return family
 
 
-def _config_reader(kind: str, location: str):
+def config_reader(kind: str, location: str):
     """read(name) -> the JSON object in `name` of a pipeline folder or cached hub model, or None."""
 
     def read(name: str):

@@ -276,3 +276,46 @@ def test_resume_equals_an_uninterrupted_run(make_sdxl_project, one_thread):
     for mine, theirs in ((a.lora, b.lora), (a.embeddings, b.embeddings)):
         assert mine.keys() == theirs.keys()
         assert max((mine[k] - theirs[k]).abs().max().item() for k in mine) <= 1e-5
+
+
+# --------------------------------------------------------------------------------------------------------------
+# (d) render through StableDiffusionXLPipeline at its own default size; sweeps and --compare
+
+
+@pytest.fixture(scope="module")
+def trained_sdxl(tmp_path_factory, tiny_sdxl_pipeline_dir):
+    """One SDXL project trained for 2 steps (snapshots at 1 and 2), shared by the render and export tests."""
+    from conftest import _merge, default_project_config, to_toml, write_test_image
+
+    from palpcompose.train import train
+
+    root = tmp_path_factory.mktemp("xl") / "proj"
+    config = _merge(default_project_config(str(tiny_sdxl_pipeline_dir)),
+                    # a learning rate at which 2 steps move the LoRA far enough to change a render clearly
+                    {"train": {"resolution": 8, "lora_rank": 4, "learning_rate": 0.01},
+                     "render": {"seeds": [0, 1]}})
+    root.mkdir()
+    (root / "palp.toml").write_text(to_toml(config))
+    for j in range(2):
+        write_test_image(root / "refs" / "V1" / f"{j}.png", seed=j)
+    train(root, console=quiet())
+    return root
+
+
+def test_render_sweep_and_compare_at_the_pipelines_default_size(trained_sdxl, one_thread):
+    from PIL import Image
+
+    from palpcompose.project import load_project
+    from palpcompose.render import render
+
+    project = load_project(trained_sdxl)
+    result = render(project, compare=True, sweep=True, steps=2)
+    labels = {i.model for i in result.images}
+    assert labels == {"base", "step-000001", "final"}
+    assert result.settings.width == result.settings.height == 16  # the pipeline's default (8 latents x 2), not 8
+    by = {(i.model, i.seed): i.path for i in result.images}
+    with Image.open(by[("base", 0)]) as image:
+        assert image.size == (16, 16)
+    texts = {i.model: i.text for i in result.images}
+    assert "<tiny-v1>" in texts["final"] and "cat" in texts["base"]
+    assert result.contact_sheet.is_file()
