@@ -319,3 +319,95 @@ def test_render_sweep_and_compare_at_the_pipelines_default_size(trained_sdxl, on
     texts = {i.model: i.text for i in result.images}
     assert "<tiny-v1>" in texts["final"] and "cat" in texts["base"]
     assert result.contact_sheet.is_file()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# (e) export: both formats reloaded by plain diffusers, as their users load them
+
+
+def _plain_render(pipe, prompt: str):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(prompt, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
+
+
+def _load_sdxl_embedding(pipe, path: Path, token: str) -> None:
+    """diffusers' documented way for SDXL pivotal tuning: clip_l into the first encoder, clip_g into the second."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    pipe.load_textual_inversion(state["clip_l"], token=token, text_encoder=pipe.text_encoder,
+                                tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(state["clip_g"], token=token, text_encoder=pipe.text_encoder_2,
+                                tokenizer=pipe.tokenizer_2)
+
+
+def test_both_exports_reload_in_plain_diffusers(trained_sdxl, tiny_sdxl_pipeline_dir, tmp_path, one_thread):
+    import numpy as np
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import load_file
+
+    from palpcompose.export import export
+    from palpcompose.project import load_project
+
+    project = load_project(trained_sdxl)
+    weights = _final(trained_sdxl)
+    token = weights.placeholders["V1"]
+    prompt = f"a photo of {token}"
+    clip_l, clip_g = weights.per_encoder(token)
+
+    def plain():
+        return StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl_pipeline_dir), add_watermarker=False)
+
+    renders = {}
+    for fmt in ("diffusers", "webui"):
+        result = export(project, fmt, tmp_path / fmt)
+        lora_file = next(f.path for f in result.files if f.kind == "lora")
+        embedding = next(f.path for f in result.files if f.kind == "embedding")
+        state = load_file(str(embedding))  # the SDXL embedding format: one (1, D) tensor per encoder
+        assert set(state) == {"clip_l", "clip_g"}
+        assert torch.equal(state["clip_l"][0], clip_l) and torch.equal(state["clip_g"][0], clip_g)
+        lora = load_file(str(lora_file))
+        if fmt == "webui":  # kohya's SDXL names: SGM blocks, UNet only (no text-encoder LoRA is trained)
+            assert all(k.startswith("lora_unet_") for k in lora)
+            assert {re.match(r"lora_unet_(input_blocks|middle_block|output_blocks)_", k)[1] for k in lora} == {
+                "input_blocks", "middle_block", "output_blocks"}
+            assert "lora_unet_input_blocks_3_1_transformer_blocks_0_attn1_to_q.lora_down.weight" in lora
+        pipe = plain()
+        _load_sdxl_embedding(pipe, embedding, token)
+        rows = [enc.get_input_embeddings().weight[tok.convert_tokens_to_ids(token)]
+                for tok, enc in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2))]
+        assert torch.equal(rows[0], clip_l) and torch.equal(rows[1], clip_g)
+        without = _plain_render(pipe, prompt)
+        pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name)
+        renders[fmt] = _plain_render(pipe, prompt)
+        assert np.abs(renders[fmt] - without).max() > 1e-3  # the LoRA is loaded and changes the render
+    # both formats carry the same LoRA: the same render (to float rounding)
+    assert np.abs(renders["diffusers"] - renders["webui"]).max() < 1e-4
+
+
+def test_sgm_key_numbering_matches_diffusers_inverse():
+    """sgm_key is the inverse of diffusers' own SGM -> diffusers mapping, for SDXL base's layers_per_block=2."""
+    from types import SimpleNamespace
+
+    from diffusers.loaders.lora_conversion_utils import _maybe_map_sgm_blocks_to_diffusers
+
+    from palpcompose.export import sgm_key
+
+    ours = [f"lora_unet_down_blocks_{i}_attentions_{j}_transformer_blocks_0_attn1_to_q" for i in (1, 2) for j in (0, 1)]
+    ours += ["lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_k"]
+    ours += [f"lora_unet_up_blocks_{i}_attentions_{j}_transformer_blocks_0_attn1_to_v" for i in (0, 1) for j in (0, 1, 2)]
+    sgm = {f"{sgm_key(k, 2)}.lora_down.weight": k for k in ours}
+    assert "lora_unet_input_blocks_7_1_transformer_blocks_0_attn1_to_q.lora_down.weight" in sgm  # down 2, attn 0
+    assert "lora_unet_output_blocks_5_1_transformer_blocks_0_attn1_to_v.lora_down.weight" in sgm  # up 1, attn 2
+    back = _maybe_map_sgm_blocks_to_diffusers({k: torch.zeros(1) for k in sgm}, SimpleNamespace(layers_per_block=2))
+    # diffusers renumbers to (block, attention) and renames the blocks in a later step of its kohya loader
+    names = {"input_blocks": "down_blocks", "middle_block": "mid_block", "output_blocks": "up_blocks"}
+    back = [re.sub("|".join(names), lambda m: names[m[0]], k.split(".")[0]) for k in back]
+    assert sorted(back) == sorted(ours)
+
+
+def test_export_cli_says_how_to_load_sdxl_embeddings(trained_sdxl, run_cli, tmp_path):
+    result = run_cli("export", trained_sdxl, "--format", "diffusers", "--out", tmp_path / "out")
+    assert result.code == 0, result.err
+    text = " ".join(result.out.split())
+    assert "clip_g" in text and "text_encoder_2" in text
