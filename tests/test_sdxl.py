@@ -411,3 +411,29 @@ def test_export_cli_says_how_to_load_sdxl_embeddings(trained_sdxl, run_cli, tmp_
     assert result.code == 0, result.err
     text = " ".join(result.out.split())
     assert "clip_g" in text and "text_encoder_2" in text
+
+
+# --------------------------------------------------------------------------------------------------------------
+# (f) memory: the estimate counts both text encoders; benchmarks.memory_estimate builds SDXL on the meta device
+
+
+def test_memory_estimate_counts_both_text_encoders():
+    from benchmarks import archs
+    from benchmarks.memory_estimate import meta_models
+
+    from palpcompose import memory
+
+    unet, vae, text_encoder, lora = meta_models(archs.SDXL_THIN, rank=4)
+    both = [text_encoder.text_encoder, text_encoder.text_encoder_2]
+
+    def estimate(**kw):
+        settings = {"resolution": 512, "batch_size": 1, "half_precision": True, "gradient_checkpointing": False, **kw}
+        return memory.estimate_training_memory(unet, vae, text_encoder, lora, **settings)
+
+    frozen = sum(p.numel() * p.element_size() for mod in (unet, vae, *both) for p in mod.parameters()
+                 if not p.requires_grad)
+    assert estimate().weights_gib == pytest.approx(frozen / 2**30, rel=1e-6)
+    text_bytes = sum(p.numel() * 4 for enc in both for p in enc.parameters())  # fp32, as training keeps them
+    assert estimate().weights_gib * 2**30 > text_bytes + sum(p.numel() * 2 for p in unet.parameters()
+                                                            if not p.requires_grad)
+    assert estimate(resolution=1024).activations_gib == pytest.approx(4 * estimate().activations_gib, rel=1e-6)
