@@ -437,3 +437,29 @@ def test_memory_estimate_counts_both_text_encoders():
     assert estimate().weights_gib * 2**30 > text_bytes + sum(p.numel() * 2 for p in unet.parameters()
                                                             if not p.requires_grad)
     assert estimate(resolution=1024).activations_gib == pytest.approx(4 * estimate().activations_gib, rel=1e-6)
+
+
+def test_check_passes_and_sigint_resumes(make_sdxl_project, run_cli, monkeypatch, one_thread):
+    import os
+    import signal
+
+    from palpcompose import train as train_mod
+    from palpcompose.errors import Interrupted
+
+    root = make_sdxl_project({"train": {"steps": 2, "save_every": 0}})
+    result = run_cli("check", root)
+    assert result.code == 0, result.err
+    real_step, calls = train_mod.training_step, []
+
+    def step_then_signal(state, batch):
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(state, batch)
+
+    monkeypatch.setattr(train_mod, "training_step", step_then_signal)
+    with pytest.raises(Interrupted, match="--resume"):
+        train_mod.train(root, console=quiet())
+    monkeypatch.setattr(train_mod, "training_step", real_step)
+    assert json.loads((root / "out" / "manifest.json").read_text())["steps_done"] == 1
+    assert train_mod.train(root, resume=True, console=quiet()).steps_done == 2
