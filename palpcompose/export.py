@@ -219,7 +219,7 @@ def _is_sdxl_embedding(path: Path) -> bool:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        return "clip_g" in f.keys()
+        return "clip_g" in set(f.keys())  # a safe_open handle, not a dict
 
 
 def summary_table(result: ExportResult):

@@ -420,7 +420,6 @@ def test_export_cli_says_how_to_load_sdxl_embeddings(trained_sdxl, run_cli, tmp_
 def test_memory_estimate_counts_both_text_encoders():
     from benchmarks import archs
     from benchmarks.memory_estimate import meta_models
-
     from palpcompose import memory
 
     unet, vae, text_encoder, lora = meta_models(archs.SDXL_THIN, rank=4)

@@ -113,7 +113,12 @@ def make_tiny_sdxl_pipeline(folder: str | Path, sample_size: int = 8) -> Path:
     size values (original size, crop, target size) embedded in 8 features each: 16 + 6 * 8 = 64 inputs."""
     import shutil
 
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     folder = Path(folder)
@@ -139,11 +144,11 @@ def make_tiny_sdxl_pipeline(folder: str | Path, sample_size: int = 8) -> Path:
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), latent_channels=4, norm_num_groups=4,
         sample_size=sample_size * 2, scaling_factor=0.13025,
     )
-    text_config = dict(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, hidden_size=16,
-        intermediate_size=32, num_attention_heads=2, num_hidden_layers=3, vocab_size=len(tokenizer),
-        max_position_embeddings=77, hidden_act="gelu", projection_dim=16,
-    )
+    text_config = {
+        "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id, "hidden_size": 16,
+        "intermediate_size": 32, "num_attention_heads": 2, "num_hidden_layers": 3, "vocab_size": len(tokenizer),
+        "max_position_embeddings": 77, "hidden_act": "gelu", "projection_dim": 16,
+    }
     torch.manual_seed(0)
     text_encoder = CLIPTextModel(CLIPTextConfig(pad_token_id=tokenizer.pad_token_id, **text_config))
     torch.manual_seed(1)
