@@ -462,3 +462,14 @@ def test_check_passes_and_sigint_resumes(make_sdxl_project, run_cli, monkeypatch
     monkeypatch.setattr(train_mod, "training_step", real_step)
     assert json.loads((root / "out" / "manifest.json").read_text())["steps_done"] == 1
     assert train_mod.train(root, resume=True, console=quiet()).steps_done == 2
+
+
+def test_clip_eval_of_an_sdxl_project(trained_sdxl, tiny_sdxl_pipeline_dir, tmp_path, run_cli, one_thread):
+    from test_eval import write_tiny_clip
+
+    clip = write_tiny_clip(tmp_path / "clip", tiny_sdxl_pipeline_dir / "tokenizer")
+    result = run_cli("eval", trained_sdxl, "--clip", clip, "--seeds", "0-1")
+    assert result.code == 0, result.err
+    data = json.loads((trained_sdxl / "out" / "eval.json").read_text())
+    assert data["metric"] == "clip" and len(data["images"]) == 2
+    assert 0 <= data["text_alignment"] <= 1 and 0 <= data["subject_fidelity"] <= 1
