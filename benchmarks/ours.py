@@ -83,7 +83,7 @@ def make_engine_step(
 
     # The reference latents' distributions, encoded once (as data.encode_subject does for image files).
     with torch.no_grad():
-        dist = m.vae.encode(pixel_values.to(accelerator.device, state.weight_dtype)).latent_dist
+        dist = m.vae.encode(pixel_values.to(accelerator.device, m.vae.dtype)).latent_dist
     scale = m.vae.config.scaling_factor
     if low_memory:
         train.offload_vae(state)  # as `palpcompose train` does: the training step never uses it again

@@ -187,9 +187,11 @@ def prepare_state(config, components: models.Components, accelerator, guidance_c
         c.unet.enable_gradient_checkpointing()
     # Frozen weights in the mixed-precision dtype, trainable ones (LoRA, text encoder's table) in fp32
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    # (SDXL's VAE overflows in fp16, its config says force_upcast: under fp16 it stays fp32, as its pipeline does)
+    vae_fp32 = c.tokenizer_2 is not None and weight_dtype == torch.float16 and c.vae.config.get("force_upcast", True)
     for module in (c.unet, c.vae):
         module.to(device)
-        if weight_dtype != torch.float32:
+        if weight_dtype != torch.float32 and not (module is c.vae and vae_fp32):
             module.to(dtype=weight_dtype)
     for p in lora_params:
         p.data = p.data.float()
@@ -253,7 +255,7 @@ def prepare_subjects(project, config, state: TrainState, tokens: dict[str, str])
     for key, subject in config.subjects.items():
         prompt = models.expand_placeholders(subject.prompt or f"A photo of [{key}]", tokens)
         mean, std = encode_subject(c.vae, list(project.images[key]), config.train.resolution, bool(subject.flip),
-                                   state.accelerator.device, state.weight_dtype)
+                                   state.accelerator.device, c.vae.dtype)
         subjects.append(SubjectData(key, models.tokenize(c.tokenizer, [prompt], c.tokenizer_2)[0], mean, std,
                                     len(project.images[key]), bool(subject.flip)))
     return subjects

@@ -473,3 +473,29 @@ def test_clip_eval_of_an_sdxl_project(trained_sdxl, tiny_sdxl_pipeline_dir, tmp_
     data = json.loads((trained_sdxl / "out" / "eval.json").read_text())
     assert data["metric"] == "clip" and len(data["images"]) == 2
     assert 0 <= data["text_alignment"] <= 1 and 0 <= data["subject_fidelity"] <= 1
+
+
+def test_fp16_keeps_the_sdxl_vae_in_fp32(make_sdxl_project, tiny_pipeline_dir, make_project, one_thread):
+    """SDXL's VAE overflows in fp16 (force_upcast): under fp16 it stays fp32 and encodes the references in fp32;
+    the UNet goes to fp16. An SD-1 VAE follows the UNet as before."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from palpcompose.guidance import GuidanceConfig
+    from palpcompose.project import load_project
+    from palpcompose.train import prepare_state, prepare_subjects
+
+    for root, vae_dtype in ((make_sdxl_project(dirname="xl"), torch.float32),
+                            (make_project(dirname="sd1"), torch.float16)):
+        project = load_project(root)
+        config = project.config
+        c = models.load_components(models.resolve_base_model(config.project.base_model, project.root))
+        tokens = models.placeholder_tokens(config.project.name, config.subjects)
+        AcceleratorState._reset_state()
+        state = prepare_state(config, c, Accelerator(mixed_precision="fp16", cpu=True),
+                              GuidanceConfig.from_palp(config.palp, "palp"), tokens)
+        assert c.unet.dtype == torch.float16 and c.vae.dtype == vae_dtype
+        if vae_dtype == torch.float32:
+            subjects = prepare_subjects(project, config, state, tokens)
+            assert torch.isfinite(subjects[0].latent_mean).all()
+    AcceleratorState._reset_state()
