@@ -280,15 +280,15 @@ class EvalResult:
 
 
 def evaluate(project, *, clip=None, oracle: bool = False, renders=None, seeds=None, step: int | None = None,
-             console=None, scorer=None) -> EvalResult:
+             console=None, scorer=None, run: str | None = None) -> EvalResult:
     """Score renders of `project` and write out/eval.json. Without `renders`, renders the target prompt for `seeds`
     (default: render.seeds) with the final weights (or snapshot `step`) first. `scorer` overrides the metric (tests,
     the ablation)."""
     from palpcompose.render import render
 
     cfg = project.config
-    if renders is not None and (seeds is not None or step is not None):
-        raise UserError("--renders scores existing images; --seeds and --step only apply when eval renders")
+    if renders is not None and (seeds is not None or step is not None or run is not None):
+        raise UserError("--renders scores existing images; --seeds, --step and --run only apply when eval renders")
     # 1. Validate everything before rendering or writing anything.
     folder = resolve_renders(project, renders) if renders is not None else None
     if folder is None and not cfg.palp.target_prompt:
@@ -301,7 +301,7 @@ def evaluate(project, *, clip=None, oracle: bool = False, renders=None, seeds=No
 
     # 2. Images: render the target prompt, or the folder's images.
     if listed is None:
-        result = render(project, prompts=[cfg.palp.target_prompt], seeds=seeds, step=step, console=console)
+        result = render(project, prompts=[cfg.palp.target_prompt], seeds=seeds, step=step, console=console, run=run)
         folder = result.run_dir
         listed = [EvalImage(i.path, i.prompt, i.seed, i.model, i.step) for i in result.images]
 

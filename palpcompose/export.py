@@ -67,11 +67,15 @@ def trigger_word(token: str) -> str:
     return token.strip("<>")
 
 
-def export(project, fmt: str, out_path, step: int | None = None, force: bool = False) -> ExportResult:
-    """Write the project's trained weights (final, or snapshot `step`) to `out_path` in format `fmt`."""
+def export(project, fmt: str, out_path, step: int | None = None, force: bool = False,
+           run: str | None = None) -> ExportResult:
+    """Write the project's trained weights (final, or snapshot `step`; of the run kept in out/runs/<run>/ with
+    `run`) to `out_path` in format `fmt`."""
+    from palpcompose.run import run_out_dir
+
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r} is not known; choose one of: {', '.join(FORMATS)}")
-    out_dir = project.root / "out"
+    out_dir = run_out_dir(project, run)
     folder, label, warnings = locate_weights(project, out_dir, step)
     warnings += check_trained_for(project, out_dir, read_manifest(out_dir))
     weights = load_trained_weights(folder)

@@ -5,7 +5,7 @@
 - a local diffusers folder (holds `model_index.json`);
 - a single checkpoint file (`.safetensors`; `.ckpt`/`.pt`/`.bin` only with `project.allow_pickle = true`, since
   loading them runs pickled code);
-- a hub id (`org/name`), used from the local Hugging Face cache; downloading happens only when allowed.
+- a hub id (`org/name`), used from the local Hugging Face cache (the commands never download).
 """
 
 from __future__ import annotations
@@ -81,11 +81,19 @@ def resolve_base_model(spec: str, project_dir: Path | None = None, allow_pickle:
             family = detect_family("hub", spec)
             return BaseModelSource(spec, "hub", spec, True, f"hub model {spec} found in the local cache "
                                    f"({FAMILY_NAMES[family]})", allow_pickle, family)
-        return BaseModelSource(spec, "hub", spec, False, f"hub model {spec}: not in the local cache, not verifiable "
-                               "offline", allow_pickle)
+        return BaseModelSource(spec, "hub", spec, False, uncached_hub_message(spec), allow_pickle)
     raise UserError(
         f"base_model {spec!r} is neither builtin:toy, an existing folder or .safetensors file, nor a hub id (org/name)"
     )
+
+
+def uncached_hub_message(repo_id: str) -> str:
+    """What `check`, `train` and `render` say about a hub id missing from the local cache: palpcompose never
+    downloads, so the model has to be fetched once, on a machine with network, or replaced by the toy model."""
+    folder = f"models/{repo_id.split('/')[-1]}"
+    return (f"hub model {repo_id} is not in this machine's Hugging Face cache, and palpcompose never downloads; "
+            f"download it once where there is network (`hf download {repo_id} --local-dir {folder}`) and set "
+            f"base_model = \"{folder}\", or use base_model = \"builtin:toy\" to try the toy model first")
 
 
 def _check_pipeline_folder(path: Path, allow_pickle: bool = False) -> str:

@@ -182,15 +182,9 @@ class ProjectConfig:
         return _sha256_json(self._hashed())
 
     def training_hash(self) -> str:
-        """Hash of the settings that change the trained weights: not [render], not snapshot/preview periods, not the
-        low-memory preset (same results; left out also so that projects trained before the key existed stay up to
-        date), not project.allow_pickle (a permission)."""
-        data = self._hashed()
-        del data["render"]
-        for key in ("save_every", "preview_every", "low_memory"):
-            del data["train"][key]
-        data["project"].pop("allow_pickle", None)
-        return _sha256_json(data)
+        """Hash of the settings that change the trained weights (weight_settings). A record in manifest.json: what
+        is up to date is decided by comparing the settings themselves (changed_weight_settings)."""
+        return _sha256_json(weight_settings(self._hashed()))
 
     def _hashed(self) -> dict:
         """to_dict() without the keys added after projects were first trained while they hold their default, so
@@ -204,6 +198,38 @@ class ProjectConfig:
 
 # (section, key) -> default: keys left out of both hashes while at their default (ProjectConfig._hashed).
 ADDED_LATER = {("project", "allow_pickle"): False}
+
+# The one list of settings that never change the trained weights (with all of [render]): snapshot and preview
+# periods, the memory savers (gradient checkpointing and the low-memory preset recompute the same values), and
+# project.allow_pickle (a permission). Everything else changes the weights; train.steps only by training longer.
+WEIGHT_NEUTRAL = (("train", "save_every"), ("train", "preview_every"), ("train", "gradient_checkpointing"),
+                  ("train", "low_memory"), ("project", "allow_pickle"))
+
+
+def weight_settings(config: dict, *, steps: bool = True) -> dict:
+    """The part of a resolved configuration (ProjectConfig.to_dict(), or manifest.json's "config") that changes the
+    trained weights: all but [render] and WEIGHT_NEUTRAL; without train.steps when `steps` is false (what a resume
+    must share with the run it continues). Keys added since `config` was written count at their default."""
+    data = json.loads(json.dumps(config))
+    data.pop("render", None)
+    for (section, key), default in ADDED_LATER.items():
+        data.setdefault(section, {}).setdefault(key, default)
+    for section, key in WEIGHT_NEUTRAL + (() if steps else (("train", "steps"),)):
+        data.get(section, {}).pop(key, None)
+    return data
+
+
+def changed_weight_settings(before: dict, now: dict, *, steps: bool = True) -> list[tuple[str, object, object]]:
+    """[(dotted key, old value, new value)] of the weight-changing settings that differ between two resolved
+    configurations, in key order (subjects.V1.images, palp.guidance, train.steps, ...)."""
+    def flat(data: dict, prefix: str = "") -> dict:
+        out = {}
+        for key, value in data.items():
+            out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+        return out
+
+    old, new = flat(weight_settings(before, steps=steps)), flat(weight_settings(now, steps=steps))
+    return [(key, old.get(key), new.get(key)) for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
 
 
 def _sha256_json(data: dict) -> str:
@@ -280,6 +306,7 @@ class _Validator:
         self.text = ""
         self.lines: dict[tuple[str, ...], int] = {}
         self.checkable: tuple[ProjectSection | None, dict[str, SubjectConfig], int] | None = None
+        self.base_model = None  # the models.BaseModelSource project.base_model names, once resolved
 
     def error(self) -> ProjectError:
         return ProjectError(sorted(self.problems, key=lambda p: (p.line is None, p.line or 0)))
@@ -581,6 +608,7 @@ def _check_base_model(v: _Validator, spec: str, allow_pickle: bool) -> None:
     except UserError as exc:
         v.problem("project.base_model", str(exc))  # its message says what base_model may be
         return
+    v.base_model = source
     if source.kind == "builtin" and not source.available:  # a broken installation, not a network question
         v.problem("project.base_model", source.detail, "reinstall palpcompose (pip install -e . in a clone)")
 
@@ -730,6 +758,7 @@ class InitResult:
     name: str
     written: tuple[Path, ...]  # files created or updated
     kept: tuple[Path, ...]  # files that already existed and were left alone
+    notes: tuple[str, ...] = ()  # what the user should know before `check` (the base model is not here yet, ...)
 
 
 def init_project(project_dir: str | Path, template: str = DEFAULT_TEMPLATE) -> InitResult:
@@ -799,7 +828,17 @@ def init_project(project_dir: str | Path, template: str = DEFAULT_TEMPLATE) -> I
                 folder.rmdir()  # only if empty: never removes anything the user had
         raise UserError(f"{root}: could not create the project ({os_error_text(exc)}); nothing was left behind; "
                         "choose a folder you can write to") from exc
-    return InitResult(root, name, tuple(written), tuple(kept))
+    return InitResult(root, name, tuple(written), tuple(kept), tuple(_init_notes(texts["palp.toml"])))
+
+
+def _init_notes(toml_text: str) -> list[str]:
+    """A template's base model that this machine does not have (a hub id not in the cache): say so now, not only
+    at `check`, with the way out."""
+    from palpcompose.models import resolve_base_model
+
+    spec = tomllib.loads(toml_text)["project"]["base_model"]
+    source = resolve_base_model(spec)
+    return [] if source.available else [f"palp.toml: project.base_model: {source.detail}"]
 
 
 def _init_preflight(root: Path, files: list[Path], folders: list[Path]) -> None:
@@ -832,19 +871,19 @@ class CheckReport:
     token_limit: int
     token_limit_source: str  # where token_limit comes from ("the model's tokenizer" or why it is assumed)
     prompt_tokens: tuple[tuple[str, str, int | None], ...]  # (key, prompt, token count or None when not counted)
-    notes: tuple[str, ...]  # the project's notes, plus what could not be verified offline
+    notes: tuple[str, ...]  # the project's notes (converted images, small images, ...)
 
 
 def check_project(project_dir: str | Path) -> CheckReport:
     """Validate a project as `palpcompose check` does. Raises ProjectError listing every problem; writes nothing."""
-    from palpcompose.models import resolve_base_model
-
     v, project = _validate(Path(project_dir), check_images=True)
+    source = v.base_model
+    if source is not None and source.kind == "hub" and not source.available:
+        v.problem("project.base_model", source.detail)  # train and render would refuse it: so does check
     if project is None or v.problems:
         raise v.error()
-    config = project.config
-    source = resolve_base_model(config.project.base_model, project.root, config.project.allow_pickle)
     tokenizer, limit_source = _load_tokenizer(source)
+    config = project.config
     prompts = config_prompts(config)
     if tokenizer is None:
         limit, counts = DEFAULT_TOKEN_LIMIT, [(key, prompt, None) for key, prompt in prompts]
@@ -855,8 +894,7 @@ def check_project(project_dir: str | Path) -> CheckReport:
                 v.problem(key, *_too_long(n, limit))
     if v.problems:
         raise v.error()
-    notes = project.notes + (() if source.available else (f"{project.file}: project.base_model: {source.detail}",))
-    return CheckReport(project, source, limit, limit_source, tuple(counts), notes)
+    return CheckReport(project, source, limit, limit_source, tuple(counts), project.notes)
 
 
 def config_prompts(config: ProjectConfig) -> list[tuple[str, str]]:
@@ -900,9 +938,8 @@ def _too_long(n: int, limit: int) -> tuple[str, str]:
 
 
 def _load_tokenizer(source) -> tuple[Any, str]:
-    """The base model's CLIP tokenizer when it can be read offline, else None and the reason."""
-    if not source.available:
-        return None, "assumed: the base model cannot be read offline, prompts not counted"
+    """The base model's CLIP tokenizer when it can be read offline (check_project has made sure the model is
+    there), else None and the reason."""
     if source.kind == "single_file":
         return None, "assumed: check does not open single-file checkpoints, prompts not counted"
     from transformers import CLIPTokenizer

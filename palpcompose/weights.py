@@ -6,8 +6,8 @@ A weights folder (`out/weights/final/`, `out/snapshots/step-000100/`, ...) holds
 - `embeddings.safetensors`: one 1-D fp32 tensor per learned token, keyed by the token string (`<name-V1>`). SDXL:
   the token's embeddings in both text encoders end to end, [CLIP-L (768) | OpenCLIP-G (1280)], and the header's
   `text_encoder_dims` ("[768, 1280]") says where they split (`TrainedWeights.per_encoder`).
-Both carry metadata in the safetensors header (format, tokens, rank, alpha, base model, palpcompose version), so a
-file found on its own still says what it is. `export.py` converts this format to other tools' formats.
+Both carry metadata in the safetensors header (format, tokens, rank, alpha, base model, step, the guidance mode that
+trained them, palpcompose version), so a file found on its own still says what it is. `export.py` converts this format to other tools' formats.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ class TrainedWeights:
     target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     base_model: str = ""
     step: int = 0
+    guidance: str = ""  # the guidance mode that trained them (palp, sds, none); "" in files older than the key
     text_encoder_dims: tuple[int, ...] = ()  # SDXL: (D1, D2), each embedding is [encoder 1 | encoder 2]; else ()
 
     def per_encoder(self, token: str) -> list[torch.Tensor]:
@@ -55,6 +56,7 @@ class TrainedWeights:
             "target_modules": json.dumps(self.target_modules),
             "base_model": self.base_model,
             "step": str(self.step),
+            "guidance": self.guidance,
         }
 
 
@@ -89,4 +91,5 @@ def load_trained_weights(folder: str | Path) -> TrainedWeights:
         base_model=meta.get("base_model", ""),
         step=int(meta.get("step", "0")),
         text_encoder_dims=tuple(json.loads(meta.get("text_encoder_dims", "[]"))),
+        guidance=meta.get("guidance", ""),
     )

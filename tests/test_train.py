@@ -21,6 +21,7 @@ from palpcompose.errors import Interrupted, UserError
 from palpcompose.guidance import GuidanceConfig, NonFiniteError
 from palpcompose.project import load_project
 from palpcompose.train import prepare_state, prepare_subjects, train, training_step
+from palpcompose.weights import load_trained_weights
 
 MANIFEST_KEYS = {
     "palpcompose_version", "status", "base_model", "config", "config_hash", "training_hash", "images", "tokens", "git",
@@ -120,6 +121,7 @@ def test_full_run(make_project, tiny_vpred_pipeline_dir, guidance, vpred):
     assert not (out / "train.lock").exists()
     for name in ("snapshots/step-000001", "snapshots/step-000002", "weights/final"):
         assert (out / name / "lora.safetensors").is_file() and (out / name / "embeddings.safetensors").is_file()
+        assert load_trained_weights(out / name).guidance == guidance  # what render records in every PNG
     text = console.file.getvalue()
     assert "training summary" in text and "loss_pers" in text
     lora, emb = final_weights(root)
