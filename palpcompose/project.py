@@ -163,10 +163,12 @@ class RenderConfig:
     scheduler: Literal["dpm++", "ddim", "euler-a"] = _spec(
         "Sampler: `dpm++` (DPM-Solver++ 2M), `ddim` or `euler-a` (Euler ancestral).", "dpm++",
         choices=("dpm++", "ddim", "euler-a"), extension=True)
-    width: int | None = _spec("Image width in pixels, a multiple of 8. Default: train.resolution.", None, ge=8,
-                              le=4096, multiple_of=8, extension=True)
-    height: int | None = _spec("Image height in pixels, a multiple of 8. Default: train.resolution.", None, ge=8,
-                               le=4096, multiple_of=8, extension=True)
+    width: int | None = _spec("Image width in pixels, a multiple of 8. Default: train.resolution (SDXL: the "
+                              "pipeline's own size, 1024 for SDXL base).", None, ge=8, le=4096, multiple_of=8,
+                              extension=True)
+    height: int | None = _spec("Image height in pixels, a multiple of 8. Default: train.resolution (SDXL: the "
+                               "pipeline's own size, 1024 for SDXL base).", None, ge=8, le=4096, multiple_of=8,
+                               extension=True)
     batch_size: int = _spec("Images generated per forward pass (does not change the images).", 1, ge=1, le=256,
                             extension=True)
 
