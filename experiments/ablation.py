@@ -72,6 +72,9 @@ class Settings:
     accumulation: int = 1  # gradient accumulation: an effective batch of batch_size x accumulation
     weight: float = 1.0  # palp.weight (lambda)
     alpha: float = 7.5  # palp.alpha (the frozen model's CFG scale on the clean prompt)
+    # True: the k-th subject of `subjects` is trained and scored on target prompt k mod `prompts` only (a reduced
+    # design: every prompt is covered, by len(subjects) / prompts subjects each, at a quarter of the runs)
+    rotate: bool = False
 
 
 NAMED_AMBIANCES = ("night", "snow", "sunset", "underwater")
@@ -405,7 +408,8 @@ def report_markdown(s: Settings, table: dict, verdicts: list[dict], runs_done: d
          f"{s.seeds}; {s.steps} steps, snapshots every {s.every}; base model {s.base_model}; device {s.device}."),
         (f"Regime: references' context {s.context}; learning rates {s.learning_rate:g} (LoRA) / "
          f"{s.embedding_learning_rate:g} (embedding); batch {s.batch_size} x accumulation {s.accumulation}; "
-         f"palp.weight {s.weight:g}, palp.alpha {s.alpha:g}."),
+         f"palp.weight {s.weight:g}, palp.alpha {s.alpha:g}"
+         + ("; each subject on one prompt (k-th subject: prompt k mod prompts)." if s.rotate else ".")),
         (f"Subjects with finished and scored runs, per variant: {', '.join(f'{v} {n}' for v, n in runs_done.items())}"
          f"; wall time of this invocation {wall / 60:.1f} min."), "",
         "Mean over subjects x prompts x seeds (± 2 standard errors).", "",
@@ -442,12 +446,13 @@ def run_ablation(s: Settings, log=print, report_only: bool = False) -> dict:
     renderer, base_scores = None, {}
     scored: dict[str, dict] = {v: {} for v in s.variants}
     plan = []  # (subject seed, variant, prompt index of the run or None, prompt indices it is scored on)
-    for seed in s.subjects:
+    for k, seed in enumerate(s.subjects):
+        prompts = [k % s.prompts] if s.rotate else list(range(s.prompts))
         for variant in s.variants:
             if variant == "none":  # the baseline does not read the target prompt: one run serves them all
-                plan.append((seed, variant, None, list(range(s.prompts))))
+                plan.append((seed, variant, None, prompts))
             else:
-                plan += [(seed, variant, i, [i]) for i in range(s.prompts)]
+                plan += [(seed, variant, i, [i]) for i in prompts]
     for n, (seed, variant, prompt_index, indices) in enumerate(plan, 1):
         if report_only:  # what earlier invocations scored; nothing is trained or rendered
             steps = cached_scores(run_dir(s, seed, variant, prompt_index))
@@ -518,6 +523,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=Settings.batch_size, help="train.batch_size")
     parser.add_argument("--accumulation", type=int, default=Settings.accumulation,
                         help="train.gradient_accumulation_steps (effective batch: batch size x accumulation)")
+    parser.add_argument("--rotate", action="store_true",
+                        help="the k-th subject gets only target prompt k mod --prompts (a quarter of the runs)")
     parser.add_argument("--weight", type=float, default=Settings.weight, help="palp.weight (lambda)")
     parser.add_argument("--alpha", type=float, default=Settings.alpha,
                         help="palp.alpha (CFG scale of the frozen model on the clean prompt)")
@@ -556,7 +563,7 @@ def main(argv: list[str] | None = None) -> None:
                      args.device, args.base_model, args.resolution,
                      learning_rate=args.learning_rate, embedding_learning_rate=args.embedding_learning_rate,
                      context=args.context, batch_size=args.batch_size, accumulation=args.accumulation,
-                     weight=args.weight, alpha=args.alpha)
+                     weight=args.weight, alpha=args.alpha, rotate=args.rotate)
         if args.quick:
             s = replace(s, subjects=s.subjects[:2], prompts=min(s.prompts, 2), seeds=min(s.seeds, 2), steps=200,
                         every=100)
