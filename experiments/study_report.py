@@ -25,8 +25,10 @@ def load(work: Path) -> dict:
         if not scores.is_file():
             continue
         name = root.name.split("-")
-        subject, variant = int(name[0][1:]), "-".join(p for p in name[1:] if not p.startswith("p"))
-        prompt = next((int(p[1:]) for p in name[1:] if p.startswith("p") and p[1:].isdigit()), None)
+        is_prompt = [p.startswith("p") and p[1:].isdigit() for p in name]
+        subject = int(name[0][1:])
+        variant = "-".join(p for p, flag in zip(name[1:], is_prompt[1:]) if not flag)
+        prompt = next((int(p[1:]) for p, flag in zip(name, is_prompt) if flag), None)
         log_path = root / "out" / "logs" / "train.jsonl"
         log = [json.loads(x) for x in log_path.read_text().splitlines()] if log_path.is_file() else []
         runs[(subject, variant, prompt)] = {"scores": json.loads(scores.read_text())["steps"], "log": log}
