@@ -303,6 +303,20 @@ def make_denoiser(state: TrainState, timesteps: torch.Tensor, abar_t: torch.Tens
     return denoise
 
 
+def gradient_norms(terms: dict[str, torch.Tensor], weight: float, model_pred: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The balance of the two loss terms as the UNet's prediction sees it (logged per step in train.jsonl):
+    `grad_pers` = ||d L_pers / d pred||, `grad_align` = ||d (lambda * L_align) / d pred|| (L2 over the whole
+    micro-batch, in the model's own parameterisation: eps or v). Both terms reach the trained weights only through
+    `pred`, so their ratio is the ratio of their pulls on it. Only the small graph from `pred` to the losses is
+    traversed (not the UNet): about the cost of a few elementwise ops."""
+    norms = {}
+    for name, term, scale in (("grad_pers", terms["loss_pers"], 1.0), ("grad_align", terms.get("loss_align"), weight)):
+        if term is not None and term.requires_grad:
+            (grad,) = torch.autograd.grad(term, model_pred, retain_graph=True)
+            norms[name] = grad.float().norm() * scale
+    return norms
+
+
 def training_step(state: TrainState, batch: Batch) -> dict[str, float]:
     """One micro-step (method.md steps 2-7): forward, loss, backward, and the optimizer step when gradients sync."""
     acc, c = state.accelerator, state.components
@@ -338,6 +352,7 @@ def training_step(state: TrainState, batch: Batch) -> dict[str, float]:
             terms.update(state.guidance(x0_hat=x0_hat, noise=noise, abar_t=abar_t, denoise=denoise,
                                         fresh_noise=batch.fresh_noise.to(device)))
             loss = loss + state.guidance.config.weight * terms["loss_align"]  # step 7
+        terms.update(gradient_norms(terms, state.guidance.config.weight, model_pred))
         check_finite("the training loss", loss)
         acc.backward(loss)
         if acc.sync_gradients and state.max_grad_norm > 0:
