@@ -129,6 +129,15 @@ def check(project_dir: ProjectDir) -> None:
     settings.add_row("training", f"{config.train.steps} steps at {config.train.resolution} px, batch "
                      f"{config.train.batch_size}, LoRA rank {config.train.lora_rank}, mixed precision "
                      f"{config.train.mixed_precision}")
+    rc = config.render
+    settings.add_row("training rates", f"LoRA {config.train.learning_rate:g}, embeddings "
+                     f"{config.train.embedding_learning_rate:g}")
+    settings.add_row("rendering", f"{rc.steps} {rc.scheduler} steps at CFG {rc.guidance_scale:g}, "
+                     f"{len(rc.seeds)} seed(s)")
+    if report.project.model_defaults:
+        chosen = ", ".join(f"{key} = {value!r}" for key, (value, _) in report.project.model_defaults.items())
+        reasons = "; ".join(dict.fromkeys(why for _, why in report.project.model_defaults.values()))
+        settings.add_row("from the base model", Text(f"{chosen} ({reasons})"))
     console.print(settings, highlight=False)
     for note in report.notes:
         err_console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)

@@ -151,20 +151,29 @@ def attach_trained_weights(pipe, weights: TrainedWeights, adapter_name: str = AD
     unet.set_adapter(adapter_name)
     unet.enable_adapters()
 
-    tokenizer, text_encoder = pipe.tokenizer, pipe.text_encoder
-    new_tokens = [t for t in weights.embeddings if t not in tokenizer.get_vocab()]
-    if new_tokens:
-        tokenizer.add_tokens(new_tokens)
-        text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # rows set below
-    table = text_encoder.get_input_embeddings().weight
-    with torch.no_grad():
-        for token, vector in weights.embeddings.items():
-            if vector.numel() != table.shape[1]:
-                raise UserError(
-                    f"the embedding of {token} has {vector.numel()} values but this base model's text encoder "
-                    f"uses {table.shape[1]}; render with the base model it was trained on"
-                )
-            table[tokenizer.convert_tokens_to_ids(token)] = vector.reshape(-1).to(table)
+    # SDXL: each token into both tokenizers and text encoders, its [clip_l | clip_g] embedding split between them
+    pairs = [(pipe.tokenizer, pipe.text_encoder)]
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
+    if len(pairs) != max(len(weights.text_encoder_dims), 1):
+        trained, here = ("SDXL", "an SD 1.x/2.x") if weights.text_encoder_dims else ("SD 1.x/2.x", "an SDXL")
+        raise UserError(f"the weights were trained on an {trained} model and this is {here} base model; render "
+                        "with the base model they were trained on")
+    for i, (tokenizer, text_encoder) in enumerate(pairs):
+        new_tokens = [t for t in weights.embeddings if t not in tokenizer.get_vocab()]
+        if new_tokens:
+            tokenizer.add_tokens(new_tokens)
+            text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # rows set below
+        table = text_encoder.get_input_embeddings().weight
+        with torch.no_grad():
+            for token in weights.embeddings:
+                vector = weights.per_encoder(token)[i]
+                if vector.numel() != table.shape[1]:
+                    raise UserError(
+                        f"the embedding of {token} has {vector.numel()} values but this base model's text encoder "
+                        f"uses {table.shape[1]}; render with the base model it was trained on"
+                    )
+                table[tokenizer.convert_tokens_to_ids(token)] = vector.to(table)
 
 
 @contextlib.contextmanager
@@ -372,6 +381,20 @@ def a1111_parameters(
     return "\n".join(lines)
 
 
+def default_render_size(source) -> int:
+    """The image side StableDiffusionXLPipeline renders at by default: its UNet's sample size times the VAE's
+    scale factor, read from the model's configs; SDXL's native 1024 when they cannot be read (a single file)."""
+    from palpcompose.models import SDXL_RESOLUTION, config_reader
+
+    if source.kind not in ("folder", "hub"):
+        return SDXL_RESOLUTION
+    read = config_reader(source.kind, source.location)
+    unet, vae = read("unet/config.json") or {}, read("vae/config.json") or {}
+    if "sample_size" not in unet or "block_out_channels" not in vae:
+        return SDXL_RESOLUTION
+    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+
+
 def _pick_device() -> tuple[str, torch.dtype]:
     if torch.cuda.is_available():
         return "cuda", torch.float16
@@ -445,7 +468,9 @@ def render(
     seeds = tuple(int(s) for s in seeds)
     if not seeds:
         raise UserError(f"{project.file}: render.seeds is empty; list seeds there, or pass --seeds, e.g. --seeds 0-3")
-    size = cfg.train.resolution
+    source = resolve_base_model(cfg.project.base_model, project.root, cfg.project.allow_pickle)
+    # SD 1.x/2.x: the size trained at; SDXL: the pipeline's own default size (1024 for SDXL base)
+    size = default_render_size(source) if source.family == "sdxl" else cfg.train.resolution
 
     def pick(option, configured):
         return configured if option is None else option
@@ -499,7 +524,6 @@ def render(
             console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False)
 
     # 3. Base model and sampler.
-    source = resolve_base_model(cfg.project.base_model, project.root, cfg.project.allow_pickle)
     device, dtype = _pick_device()
     pipe = load_pipeline(source, torch_dtype=dtype)
     _check_prompt_lengths(project, pipe.tokenizer, prompts, settings.negative_prompt, from_options=bool(
