@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from palpcompose.errors import Problem, ProjectError, UserError
+from palpcompose.errors import Problem, ProjectError, UserError, command_line
 
 PROJECT_FILE = "palp.toml"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -60,7 +60,7 @@ def _spec(doc: str, default: Any = dataclasses.MISSING, *, choices: tuple = (), 
 
 @dataclass(frozen=True)
 class ProjectSection:
-    name: str = _spec("Project name: letters, digits, '-' and '_' (1-64 characters). Makes the learned tokens "
+    name: str = _spec("Project name: ASCII letters (a-z, A-Z), digits, '-' and '_' (1-64 characters). Makes the learned tokens "
                       "unique: subject V1 of project `cat` is the token `<cat-v1>`.")
     base_model: str = _spec("The pre-trained text-to-image model: `builtin:toy`, a hub id (`org/name`, used from the "
                             "local Hugging Face cache), a local diffusers folder, or a single `.safetensors` file. "
@@ -246,13 +246,14 @@ def _validate(project_dir: Path, check_images: bool) -> tuple[_Validator, Projec
     if project_dir.is_file():
         raise UserError(f"{project_dir}: is a file, not a project folder; give the folder that holds palp.toml")
     if not project_dir.is_dir():
-        raise UserError(f"{project_dir}: no such project folder; create one with `palpcompose init {project_dir}`")
+        raise UserError(f"{project_dir}: no such project folder; create one with "
+                        f"`{command_line('palpcompose', 'init', project_dir)}`")
     if file.is_dir():
         raise UserError(f"{file}: is a folder; the project file must be a file named palp.toml")
     if file.is_symlink() and not file.exists():
         raise UserError(f"{file}: is a broken symbolic link (to {file.readlink()}); replace it with the file")
     if not file.is_file():
-        raise UserError(f"{file}: not found; create a project with `palpcompose init {project_dir}`")
+        raise UserError(f"{file}: not found; create a project with `{command_line('palpcompose', 'init', project_dir)}`")
     v = _Validator(file, file.read_bytes())
     config = v.parse()
     root = project_dir.resolve()
@@ -536,7 +537,8 @@ class _Validator:
         name = doc.get("project", {}).get("name") if isinstance(doc.get("project"), dict) else None
         if not isinstance(name, str) or not name.strip() or NAME_PATTERN.match(name):  # "" is reported as empty
             return True
-        self.problem("project.name", f"{name!r} may contain only letters, digits, '-' and '_' (1-64 characters)",
+        self.problem("project.name", f"{name!r} may contain only ASCII letters (a-z, A-Z), digits, '-' and '_' "
+                     "(1-64 characters): it becomes part of the learned tokens, <name-v1>",
                      f"e.g. name = {sanitize_name(name)!r}")
         return False
 
@@ -560,9 +562,16 @@ def placeholder_problems(prompt: str, declared) -> list[tuple[str, str]]:
 
 
 def sanitize_name(text: str) -> str:
-    """A valid project name made from `text` (a folder name, say): other characters become '-'."""
-    name = re.sub(r"-{2,}", "-", re.sub(r"[^A-Za-z0-9_-]", "-", text)).strip("-_")[:64]
-    return name or "my-project"
+    """A valid project name made from `text` (a folder name, say): accents are dropped (`café` -> `cafe`), other
+    characters become '-'; "my-project" when nothing is left (a folder named `猫`)."""
+    return _ascii_name(text) or "my-project"
+
+
+def _ascii_name(text: str) -> str:
+    import unicodedata
+
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    return re.sub(r"-{2,}", "-", re.sub(r"[^A-Za-z0-9_-]", "-", ascii_text)).strip("-_")[:64]
 
 
 _INVALID = object()
@@ -749,13 +758,14 @@ def init_project(project_dir: str | Path, template: str = DEFAULT_TEMPLATE) -> I
                         + (f" ({_did_you_mean(template, TEMPLATES)})" if _did_you_mean(template, TEMPLATES) else ""))
     if root.name.lower() == PROJECT_FILE:
         raise UserError(f"{root}: give the folder the project goes in, not its palp.toml: "
-                        f"`palpcompose init {root.parent}`")
+                        f"`{command_line('palpcompose', 'init', root.parent)}`")
     if root.exists() and not root.is_dir():
         raise UserError(f"{root}: exists and is not a folder; choose another project folder")
     if (root / PROJECT_FILE).exists() or (root / PROJECT_FILE).is_symlink():
         raise UserError(f"{root / PROJECT_FILE}: already exists; palpcompose init never overwrites a project "
                         "(edit it, or init a new folder)")
-    name = sanitize_name(root.resolve().name)
+    folder_name = root.resolve().name
+    name = sanitize_name(folder_name)
     source = files("palpcompose.templates") / template
     texts = {rel: (source / rel).read_text(encoding="utf-8").replace(_NAME_MARK, name)
              for rel in ("palp.toml", "README.md", "refs/README.md")}
@@ -800,17 +810,27 @@ def init_project(project_dir: str | Path, template: str = DEFAULT_TEMPLATE) -> I
                 folder.rmdir()  # only if empty: never removes anything the user had
         raise UserError(f"{root}: could not create the project ({os_error_text(exc)}); nothing was left behind; "
                         "choose a folder you can write to") from exc
-    return InitResult(root, name, tuple(written), tuple(kept), tuple(_init_notes(texts["palp.toml"])))
+    return InitResult(root, name, tuple(written), tuple(kept), tuple(_init_notes(texts["palp.toml"], folder_name)))
 
 
-def _init_notes(toml_text: str) -> list[str]:
-    """A template's base model that this machine does not have (a hub id not in the cache): say so now, not only
-    at `check`, with the way out."""
+def _init_notes(toml_text: str, folder_name: str) -> list[str]:
+    """What `init` chose without being told: a project name other than the folder's, and a template's base model
+    that this machine does not have (a hub id not in the cache, which `check` refuses), each with the way out."""
     from palpcompose.models import resolve_base_model
 
+    notes = []
+    name = tomllib.loads(toml_text)["project"]["name"]
+    if name != folder_name:
+        how = (f"the folder name {folder_name!r} has no ASCII letters or digits to make one of" if not
+               _ascii_name(folder_name) else f"made from the folder name {folder_name!r}")
+        notes.append(f"palp.toml: project.name is {name!r} ({how}: a project name may contain only ASCII letters, "
+                     f"digits, '-' and '_'); edit project.name to choose another, it names the learned tokens "
+                     f"(<{name.lower()}-v1>)")
     spec = tomllib.loads(toml_text)["project"]["base_model"]
     source = resolve_base_model(spec)
-    return [] if source.available else [f"palp.toml: project.base_model: {source.detail}"]
+    if not source.available:
+        notes.append(f"palp.toml: project.base_model: {source.detail}")
+    return notes
 
 
 def _init_preflight(root: Path, files: list[Path], folders: list[Path]) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from palpcompose import __version__
-from palpcompose.errors import Interrupted, UserError
+from palpcompose.errors import Interrupted, UserError, command_line
 from palpcompose.fsutil import atomic_save_image, atomic_write_json
 from palpcompose.weights import TrainedWeights, load_trained_weights
 
@@ -228,8 +228,8 @@ def check_trained_for(project, out_dir: Path, manifest: dict | None) -> list[str
         if trained_on is not None and trained_on.strip() != base_model.strip():
             raise UserError(
                 f"{project.file}: project.base_model is {base_model!r} but the weights in {out_dir} were trained on "
-                f"{trained_on!r}; set base_model back to {trained_on!r}, or retrain with `palpcompose train "
-                f"{project.root}`"
+                f"{trained_on!r}; set base_model back to {trained_on!r}, or retrain with "
+                f"`{command_line('palpcompose', 'train', project.root)}`"
             )
         # Training settings changed: the weights no longer match palp.toml. Only [render] or snapshot/preview
         # periods changed (same training hash): the weights are unaffected, so this is only a note.
@@ -248,7 +248,7 @@ def check_trained_for(project, out_dir: Path, manifest: dict | None) -> list[str
                 and training_hash is not None:
             warnings.append(
                 f"{project.file} changed since training{what}: the weights were trained with the old "
-                f"settings; retrain with `palpcompose train {project.root}` to apply the new ones"
+                f"settings; retrain with `{command_line('palpcompose', 'train', project.root)}` to apply the new ones"
             )
         elif config_changed:
             warnings.append(
@@ -321,10 +321,10 @@ def locate_weights(project, out_dir: Path, step: int | None) -> tuple[Path, str,
     if steps:
         warning = (
             f"training has not finished (no {final}); using the latest snapshot, step {steps[-1]}. "
-            f"`palpcompose train {project.root} --resume` finishes it"
+            f"`{command_line('palpcompose', 'train', project.root, '--resume')}` finishes it"
         )
         return snapshot_dir(out_dir, steps[-1]), f"step-{steps[-1]:06d}", [warning]
-    raise UserError(f"no trained weights in {out_dir}; run `palpcompose train {project.root}` first")
+    raise UserError(f"no trained weights in {out_dir}; run `{command_line('palpcompose', 'train', project.root)}` first")
 
 
 # --- the render itself --------------------------------------------------------------------------------------------
@@ -468,7 +468,7 @@ def render(
         if missing:
             raise UserError(
                 f"{path}: has no embedding for {', '.join(missing)}; palp.toml's subjects changed since training. "
-                f"Retrain with `palpcompose train {project.root}`"
+                f"Retrain with `{command_line('palpcompose', 'train', project.root)}`"
             )
         # weights written before their header said so: the guidance of the run in out/manifest.json
         guidance = weights.guidance or (manifest or {}).get("guidance") or "unknown"

@@ -37,7 +37,7 @@ from palpcompose.checkpoint import (
     save_checkpoint,
 )
 from palpcompose.data import Batch, SubjectData, encode_subject, sample_batch
-from palpcompose.errors import Interrupted, ProjectError, UserError
+from palpcompose.errors import Interrupted, ProjectError, UserError, command_line
 from palpcompose.fsutil import atomic_save_image, atomic_write_json, atomic_write_text, sha256_file
 from palpcompose.guidance import (
     GUIDANCE_MODES,
@@ -639,7 +639,7 @@ def train(project, *, steps: int | None = None, resume: bool = False, guidance: 
                      train=replace(config.train, steps=steps or config.train.steps))
     steps_target = config.train.steps
     steps_option = f" --steps {steps_target}" if steps is not None else ""
-    resume_command = f"palpcompose train {project.root} --resume{steps_option}"  # what interrupt messages print
+    resume_command = command_line("palpcompose", "train", project.root, "--resume") + steps_option  # for interrupts
     out = project.root / "out"
     manifest_path, lock_path = out / "manifest.json", out / "train.lock"
     source = models.resolve_base_model(config.project.base_model, project.root, config.project.allow_pickle)
@@ -814,7 +814,7 @@ def train(project, *, steps: int | None = None, resume: bool = False, guidance: 
         raise OutOfMemory(out_of_memory_message(config, mixed_precision, manifest["device"], step, checkpoint_step,
                                                 out / "checkpoint", estimate)) from None
     except KeyboardInterrupt:  # a second Ctrl-C (the first one stops after the step): at once, no new checkpoint
-        again = resume_command if resume_from else f"palpcompose train {project.root}{steps_option}"
+        again = resume_command if resume_from else command_line("palpcompose", "train", project.root) + steps_option
         if not ours:  # still setting up: nothing of the previous run was touched
             raise Interrupted(f"interrupted before training started; nothing was changed. Run again with: {again}"
                               ) from None
@@ -822,7 +822,8 @@ def train(project, *, steps: int | None = None, resume: bool = False, guidance: 
         atomic_write_json(manifest_path, manifest)
         if checkpoint_step is None:
             raise Interrupted(f"stopped at once at step {step} of {steps_target} (second interrupt), before the "
-                              f"first checkpoint; run `palpcompose train {project.root}` again") from None
+                              f"first checkpoint; run `{command_line('palpcompose', 'train', project.root)}` again"
+                              ) from None
         raise Interrupted(
             f"stopped at once at step {step} of {steps_target} (second interrupt); the last checkpoint is at step "
             f"{checkpoint_step}. Resume with: {resume_command}") from None

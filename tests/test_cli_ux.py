@@ -4,6 +4,8 @@ quoted paths in hints, and messages that name what is wrong."""
 from __future__ import annotations
 
 import json
+import shlex
+import shutil
 
 import pytest
 from conftest import tree_snapshot
@@ -124,3 +126,45 @@ def test_render_out_refuses_a_folder_with_files(trained, run_cli, tmp_path):
     result = run_cli("render", trained, "--seeds", "0", "--out", target)
     assert result.code == 2 and "--out" in result.err and "not empty" in result.err, result.err
     assert tree_snapshot(tmp_path) == before
+
+
+def test_hints_quote_paths_for_the_shell(tmp_path, run_cli, trained):
+    root = tmp_path / "mon chat é"
+    result = run_cli("init", root, "--template", "toy-demo")
+    assert result.code == 0, result.err
+    assert f"`palpcompose check {shlex.quote(str(root))}`" in " ".join(result.out.split())
+    missing = run_cli("check", tmp_path / "no such")
+    assert f"`palpcompose init '{tmp_path / 'no such'}'`" in missing.err
+    # render's advice names the project folder the way a shell reads it
+    moved = trained.rename(tmp_path / "trained é")
+    for weights in ("weights", "snapshots"):
+        shutil.rmtree(moved / "out" / weights)
+    untrained = run_cli("render", moved)
+    assert untrained.code == 2 and f"`palpcompose train '{moved}'`" in untrained.err, untrained.err
+
+
+@pytest.mark.parametrize("folder, name, says", [
+    ("猫", "my-project", "the folder name '猫' has no ASCII letters or digits"),
+    ("café au lait", "cafe-au-lait", "made from the folder name 'café au lait'"),
+])
+def test_init_says_how_it_named_the_project(tmp_path, run_cli, folder, name, says):
+    import tomllib
+
+    result = run_cli("init", tmp_path / folder, "--template", "toy-demo")
+    assert result.code == 0, result.err
+    assert tomllib.loads((tmp_path / folder / "palp.toml").read_text())["project"]["name"] == name
+    err = " ".join(result.err.split())
+    assert f"project.name is '{name}' ({says}" in err and "only ASCII letters" in err
+    assert f"Project {name} " in result.out
+
+
+def test_init_with_a_valid_folder_name_says_nothing_about_it(tmp_path, run_cli):
+    result = run_cli("init", tmp_path / "cat_2", "--template", "toy-demo")
+    assert result.code == 0 and "project.name" not in result.err
+
+
+def test_name_rule_says_ascii_letters(make_project, run_cli):
+    root = make_project({"project": {"name": "café"}})
+    result = run_cli("check", root)
+    assert result.code == 2 and "'café' may contain only ASCII letters (a-z, A-Z), digits" in result.err
+    assert "e.g. name = 'cafe'" in result.err
