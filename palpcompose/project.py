@@ -313,10 +313,15 @@ class _Validator:
             # Python < 3.14 puts the position only in the message: "Invalid value (at line 6, column 14)".
             where = re.search(r"\(at line (\d+), column (\d+)\)$", str(exc))
             message = str(exc)[: where.start()].rstrip() if where else str(exc)
+            line = int(where.group(1)) if where else getattr(exc, "lineno", None)
+            twice = _defined_twice(self.text, line) if message.startswith("Cannot") and line else None
+            if twice:  # tomllib names neither the key nor where it was first set
+                key, hint, first = twice
+                self.problem(key, f"is defined twice{f' (first on line {first})' if first else ''}", hint, line=line)
+                return None
             if where:
                 message += f" (column {where.group(2)})"
-            self.problem(None, f"TOML syntax error: {message}", _syntax_hint(exc, self.text),
-                         line=int(where.group(1)) if where else getattr(exc, "lineno", None))
+            self.problem(None, f"TOML syntax error: {message}", _syntax_hint(exc, self.text), line=line)
             return None
         self.lines = _key_lines(self.text)
 
@@ -661,14 +666,15 @@ def _expand_entry(v: _Validator, root: Path, skey: str, entry: str, is_image_nam
         images = [p for p in matches if is_image_name(p)]
         if not matches:
             v.problem(skey, f"{entry!r} matches no files", _missing_hint(root, entry))
-        elif not images:
+        elif not _heic_problem(v, root, skey, f"{entry!r} matches", matches, images) and not images:
             v.problem(skey, f"{entry!r} matches {len(matches)} file(s) but no images",
                       "use image files (.png, .jpg, .webp, ...)")
         return _inside(v, root, skey, images)
     path = root / entry
     if path.is_dir():
-        images = sorted(p for p in path.iterdir() if p.is_file() and is_image_name(p))
-        if not images:
+        files = sorted(p for p in path.iterdir() if p.is_file())
+        images = [p for p in files if is_image_name(p)]
+        if not _heic_problem(v, root, skey, f"folder {entry!r} holds", files, images) and not images:
             v.problem(skey, f"folder {entry!r} contains no images",
                       "put pictures of the subject (.png, .jpg, .webp; 3-5 of an object, one is enough for an "
                       f"artwork) in {_shown(root, path)}/")
@@ -684,6 +690,24 @@ def _expand_entry(v: _Validator, root: Path, skey: str, entry: str, is_image_nam
         v.problem(skey, f"{entry!r} is not a regular file", "name an image file, a folder of images or a glob")
         return []
     return _inside(v, root, skey, [path])
+
+
+def _heic_problem(v: _Validator, root: Path, skey: str, what: str, files: list[Path], images: list[Path]) -> bool:
+    """HEIC/HEIF photos among `files`, which no glob or folder picks up: a problem when they are all there is, a
+    note saying they are skipped otherwise. True when there were any."""
+    from palpcompose.images import heic_fix, is_heic_name
+
+    heic = sorted(p for p in files if is_heic_name(p))
+    if not heic:
+        return False
+    names = ", ".join(_shown(root, p) for p in heic[:3]) + (f" and {len(heic) - 3} more" if len(heic) > 3 else "")
+    if images:
+        v.notes.append(f"{v.file}: {skey}: {names}: skipped, HEIC/HEIF photos are not supported; "
+                       f"{heic_fix(heic[0])}")
+    else:
+        v.problem(skey, f"{what} {len(heic)} HEIC/HEIF photo(s) ({names}) and no other images: HEIC is not "
+                        "supported (Pillow cannot read it)", heic_fix(heic[0]))
+    return True
 
 
 def _inside(v: _Validator, root: Path, skey: str, paths: list[Path]) -> list[Path]:
@@ -1028,6 +1052,29 @@ def _key_lines(text: str) -> dict[tuple[str, ...], int]:
             if line.count(quote) % 2 == 1:
                 in_string = quote
     return lines
+
+
+def _defined_twice(text: str, line: int) -> tuple[str, str, int | None] | None:
+    """For tomllib's "Cannot overwrite a value" / "Cannot declare ... twice" at `line`: (the dotted key defined
+    twice, a hint, the line of its first definition)."""
+    lines = text.splitlines()
+    if not 0 < line <= len(lines):
+        return None
+    before = _key_lines("\n".join(lines[: line - 1]))
+    table: tuple[str, ...] = ()
+    for earlier in lines[: line - 1]:  # the table the line is in
+        header = _HEADER.match(earlier)
+        if header:
+            table = _split_key(header.group(1))
+    header, key = _HEADER.match(lines[line - 1]), _KEY.match(lines[line - 1])
+    if header:
+        path = _split_key(header.group(1))
+        hint = f"each table may appear only once: move the keys under this [{'.'.join(path)}] into the first one"
+    elif key:
+        path, hint = table + _split_key(key.group(1)), "each key may appear only once: delete one of the two lines"
+    else:
+        return None
+    return ".".join(path), hint, before.get(path)
 
 
 def _split_key(dotted: str) -> tuple[str, ...]:
