@@ -875,10 +875,14 @@ def _summary(console: Console, result: TrainResult, log: list[dict], mode: str) 
     table.add_row("guidance", mode)
     table.add_row("steps", str(result.steps_done))
     table.add_row("wall time", f"{result.wall_time_s:.1f} s")
-    for key, value in result.final_losses.items():
-        if key.startswith("loss_"):
-            first = next((e[key] for e in log if key in e), value)
-            table.add_row(key, f"{value:.4f} (first {first:.4f})")
+    # One step's loss is noise (t and the image are drawn at random each step): compare means over windows
+    for key in (k for k in result.final_losses if k.startswith("loss_")):
+        values = [e[key] for e in log if key in e]
+        if not values:
+            continue
+        n = max(1, min(50, len(values) // 4))
+        last, first = sum(values[-n:]) / n, sum(values[:n]) / n
+        table.add_row(key, f"{last:.4f} (mean of the last {n} step{'s' if n > 1 else ''}; first {n}: {first:.4f})")
     table.add_row("weights", str(result.weights_dir))
     if (result.out_dir / "previews").is_dir():
         table.add_row("previews", str(result.out_dir / "previews"))

@@ -4,8 +4,10 @@ quoted paths in hints, and messages that name what is wrong."""
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import shutil
+from pathlib import Path
 
 import pytest
 from conftest import tree_snapshot
@@ -168,3 +170,32 @@ def test_name_rule_says_ascii_letters(make_project, run_cli):
     result = run_cli("check", root)
     assert result.code == 2 and "'café' may contain only ASCII letters (a-z, A-Z), digits" in result.err
     assert "e.g. name = 'cafe'" in result.err
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_toy_template_cites_the_page_that_gives_its_guidance_scale():
+    line = next(li for li in (REPO / "templates/toy-demo/palp.toml").read_text().splitlines()
+                if li.startswith("guidance_scale"))
+    cited = re.search(r"docs/[\w-]+\.md", line).group(0)
+    assert "Recommended sampling: 20 steps, guidance scale 5" in (REPO / cited).read_text()
+
+
+def test_toyworld_and_evaluation_count_a_placeholder_prompt_the_same_way():
+    # both pages: "a sketch of [V1] at night" with [V1] a star names three elements
+    for page in ("toyworld.md", "evaluation.md"):
+        text = " ".join((REPO / "docs" / page).read_text().split())
+        assert re.search(r"a sketch of \[V1\] at night[`\"]? with `?\[V1\]`? a star (names|has) three elements", text), page
+
+
+def test_refs_readmes_do_not_ask_to_create_the_folders_init_made():
+    for readme in (REPO / "templates").glob("*/refs/README.md"):
+        assert "Create the" not in readme.read_text(), readme
+
+
+def test_render_export_doc_covers_toy_exports_and_sd2_in_a1111():
+    text = " ".join((REPO / "docs/render-export.md").read_text().split())
+    assert 'StableDiffusionPipeline.from_pretrained(BUILTIN_MODELS["builtin:toy"]' in text
+    assert "`builtin:toy` projects cannot be used there." in text
+    assert "v2-inference.yaml" in text and "v2-inference-v.yaml" in text
