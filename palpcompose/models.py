@@ -86,8 +86,10 @@ def uncached_hub_message(repo_id: str) -> str:
     folder = f"models/{repo_id.split('/')[-1]}"
     download = command_line("hf", "download", repo_id, "--local-dir", folder)
     return (f"hub model {repo_id} is not in this machine's Hugging Face cache, and palpcompose never downloads; "
-            f"download it once where there is network (`{download}`) and set "
-            f"base_model = \"{folder}\", or use base_model = \"builtin:toy\" to try the toy model first")
+            f"download it once: `{command_line('hf', 'download', repo_id)}` fills this machine's cache (base_model "
+            f"then works as it is), or `{download}` in the project folder (anywhere with network, then copy the "
+            f"folder over) and set base_model = \"{folder}\"; or use base_model = \"builtin:toy\" to try the toy "
+            "model first")
 
 
 def _check_pipeline_folder(path: Path, allow_pickle: bool = False) -> None:
