@@ -130,6 +130,15 @@ def check(project_dir: ProjectDir) -> None:
     settings.add_row("training", f"{config.train.steps} steps at {config.train.resolution} px, batch "
                      f"{config.train.batch_size}, LoRA rank {config.train.lora_rank}, mixed precision "
                      f"{config.train.mixed_precision}")
+    rc = config.render
+    settings.add_row("training rates", f"LoRA {config.train.learning_rate:g}, embeddings "
+                     f"{config.train.embedding_learning_rate:g}")
+    settings.add_row("rendering", f"{rc.steps} {rc.scheduler} steps at CFG {rc.guidance_scale:g}, "
+                     f"{len(rc.seeds)} seed(s)")
+    if report.project.model_defaults:
+        chosen = ", ".join(f"{key} = {value!r}" for key, (value, _) in report.project.model_defaults.items())
+        reasons = "; ".join(dict.fromkeys(why for _, why in report.project.model_defaults.values()))
+        settings.add_row("from the base model", Text(f"{chosen} ({reasons})"))
     console.print(settings, highlight=False)
     for note in report.notes:
         err_console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
@@ -141,7 +150,8 @@ def train(
     steps: Annotated[int | None, typer.Option("--steps", metavar="N", help="Train to N steps in total (default: train.steps).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from out/checkpoint (an interrupted or finished run).")] = False,
     guidance: Annotated[str | None, typer.Option("--guidance", metavar="MODE", help="palp, sds or none (default: palp.guidance).")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Retrain even when the weights are up to date.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Start a new run even when the weights are up to date or the "
+                     "run could be continued; the earlier run is kept in out/runs/<id>/.")] = False,
 ) -> None:
     """Train the project's subjects with PALP: progress bar, previews, snapshots, out/weights/final/."""
     from palpcompose.project import load_project
@@ -174,8 +184,10 @@ def render(
     batch_size: Annotated[int | None, typer.Option("--batch-size", metavar="N", help="Images per forward pass; the images do not change (default: render.batch_size).")] = None,
     sweep: Annotated[bool, typer.Option("--sweep", help="Render every snapshot and the final weights in one grid.")] = False,
     compare: Annotated[bool, typer.Option("--compare", help="Render the base model (class words, no LoRA) beside the personalized one.")] = False,
+    run: Annotated[str | None, typer.Option("--run", metavar="ID", help="Use the earlier training run kept in "
+                   "out/runs/ID/ instead of the current one.")] = None,
     out: Annotated[Path | None, typer.Option("--out", metavar="PATH", help="Write the images to this new or empty folder "
-                   "(default: a new DIR/out/renders/<run>/).")] = None,
+                   "(default: a new folder in DIR/out/renders/).")] = None,
 ) -> None:
     """Render prompts with the trained weights: PNGs and a contact sheet under DIR/out/renders/<run>/ (or --out)."""
     from palpcompose.project import load_project
@@ -187,7 +199,7 @@ def render(
     result = render_project(
         project, prompts=prompt, seeds=seeds, step=snapshot, steps=steps, guidance_scale=guidance_scale, width=width,
         height=height, negative_prompt=negative_prompt, scheduler=scheduler, batch_size=batch_size, sweep=sweep,
-        compare=compare, out=out, console=err_console,
+        compare=compare, out=out, console=err_console, run=run,
     )
     console.print(summary_table(result))
 
@@ -199,6 +211,8 @@ def export(
     out: Annotated[Path, typer.Option("--out", metavar="PATH", help="Folder to write the files to (created if missing).")],
     snapshot: SnapshotOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite files of the same name in the --out folder.")] = False,
+    run: Annotated[str | None, typer.Option("--run", metavar="ID", help="Use the earlier training run kept in "
+                   "out/runs/ID/ instead of the current one.")] = None,
 ) -> None:
     """Write the trained weights in another tool's format (diffusers, or webui for AUTOMATIC1111 and ComfyUI)."""
     from palpcompose.export import export as export_project
@@ -206,7 +220,7 @@ def export(
     from palpcompose.project import load_project
 
     project = load_project(project_dir, check_images=False)
-    result = export_project(project, fmt, out, step=snapshot, force=force)
+    result = export_project(project, fmt, out, step=snapshot, force=force, run=run)
     for message in result.warnings:
         err_console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False)
     console.print(summary_table(result))
@@ -225,6 +239,8 @@ def eval_command(
     seeds: Annotated[str | None, typer.Option("--seeds", metavar="SEEDS", help="Seeds to render: 0-7, 1,5,9 or mixes "
                      "(default: render.seeds).")] = None,
     snapshot: SnapshotOpt = None,
+    run: Annotated[str | None, typer.Option("--run", metavar="ID", help="Use the earlier training run kept in "
+                   "out/runs/ID/ instead of the current one.")] = None,
 ) -> None:
     """Measure text alignment and subject fidelity of renders: a table and out/eval.json (docs/evaluation.md)."""
     from palpcompose.evaluate import evaluate, summary_table
@@ -232,7 +248,7 @@ def eval_command(
 
     project = load_project(project_dir)
     result = evaluate(project, clip=clip, oracle=oracle, renders=renders, seeds=seeds, step=snapshot,
-                      console=err_console)
+                      console=err_console, run=run)
     console.print(summary_table(result))
     for key, info in result.subjects.items():
         console.print(f"[{key}] {info['class_name']}: scored on {info['scored_as']}", highlight=False, markup=False)

@@ -151,20 +151,29 @@ def attach_trained_weights(pipe, weights: TrainedWeights, adapter_name: str = AD
     unet.set_adapter(adapter_name)
     unet.enable_adapters()
 
-    tokenizer, text_encoder = pipe.tokenizer, pipe.text_encoder
-    new_tokens = [t for t in weights.embeddings if t not in tokenizer.get_vocab()]
-    if new_tokens:
-        tokenizer.add_tokens(new_tokens)
-        text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # rows set below
-    table = text_encoder.get_input_embeddings().weight
-    with torch.no_grad():
-        for token, vector in weights.embeddings.items():
-            if vector.numel() != table.shape[1]:
-                raise UserError(
-                    f"the embedding of {token} has {vector.numel()} values but this base model's text encoder "
-                    f"uses {table.shape[1]}; render with the base model it was trained on"
-                )
-            table[tokenizer.convert_tokens_to_ids(token)] = vector.reshape(-1).to(table)
+    # SDXL: each token into both tokenizers and text encoders, its [clip_l | clip_g] embedding split between them
+    pairs = [(pipe.tokenizer, pipe.text_encoder)]
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
+    if len(pairs) != max(len(weights.text_encoder_dims), 1):
+        trained, here = ("SDXL", "an SD 1.x/2.x") if weights.text_encoder_dims else ("SD 1.x/2.x", "an SDXL")
+        raise UserError(f"the weights were trained on an {trained} model and this is {here} base model; render "
+                        "with the base model they were trained on")
+    for i, (tokenizer, text_encoder) in enumerate(pairs):
+        new_tokens = [t for t in weights.embeddings if t not in tokenizer.get_vocab()]
+        if new_tokens:
+            tokenizer.add_tokens(new_tokens)
+            text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # rows set below
+        table = text_encoder.get_input_embeddings().weight
+        with torch.no_grad():
+            for token in weights.embeddings:
+                vector = weights.per_encoder(token)[i]
+                if vector.numel() != table.shape[1]:
+                    raise UserError(
+                        f"the embedding of {token} has {vector.numel()} values but this base model's text encoder "
+                        f"uses {table.shape[1]}; render with the base model it was trained on"
+                    )
+                table[tokenizer.convert_tokens_to_ids(token)] = vector.to(table)
 
 
 @contextlib.contextmanager
@@ -221,6 +230,8 @@ def read_manifest(out_dir: Path) -> dict | None:
 def check_trained_for(project, out_dir: Path, manifest: dict | None) -> list[str]:
     """Guard rails shared by render and export: refuse when the trained weights belong to another base model, warn
     when palp.toml changed since training. Returns the warnings."""
+    from palpcompose.project import changed_weight_settings
+
     warnings = []
     base_model = project.config.project.base_model
     if manifest is not None:
@@ -240,12 +251,13 @@ def check_trained_for(project, out_dir: Path, manifest: dict | None) -> list[str
         # palp.toml edited to what the run was told on the command line (steps = N after --steps N) is no change
         config_changed = config_hash is not None and project.config.hash() not in (config_hash,
                                                                                    manifest.get("config_hash"))
-        training_hash = trained.get("training_hash")
         changes = _changed_keys(trained.get("config"), project.config.to_dict())
         what = f" ({changes})" if changes else (f" (configuration hash {project.config.hash()[:12]}, "
                                                 f"{str(config_hash)[:12]} in out/manifest.json)")
-        if config_changed and project.config.training_hash() not in (training_hash, manifest.get("training_hash")) \
-                and training_hash is not None:
+        # the weights are stale when the file's weight settings match neither the file trained from nor the run
+        weights_changed = all(changed_weight_settings(before, project.config.to_dict())
+                              for before in (trained.get("config"), manifest.get("config")) if isinstance(before, dict))
+        if config_changed and weights_changed and isinstance(trained.get("config"), dict):
             warnings.append(
                 f"{project.file} changed since training{what}: the weights were trained with the old "
                 f"settings; retrain with `{command_line('palpcompose', 'train', project.root)}` to apply the new ones"
@@ -253,7 +265,7 @@ def check_trained_for(project, out_dir: Path, manifest: dict | None) -> list[str
         elif config_changed:
             warnings.append(
                 f"{project.file} changed since training{what}, but only in settings that do not affect the trained "
-                "weights ([render], snapshot or preview periods)"
+                "weights ([render], snapshot or preview periods, memory savers)"
             )
     return warnings
 
@@ -315,15 +327,19 @@ def locate_weights(project, out_dir: Path, step: int | None) -> tuple[Path, str,
                 f"no snapshot at step {step} in {out_dir / 'snapshots'}; available steps: {available}"
             )
         return snapshot_dir(out_dir, step), f"step-{step:06d}", []
+    from palpcompose.run import unfinished
+
     final = out_dir / "weights" / "final"
     if (final / "lora.safetensors").is_file():
         return final, "final", []
+    state = unfinished(project, out_dir)
     if steps:
-        warning = (
-            f"training has not finished (no {final}); using the latest snapshot, step {steps[-1]}. "
-            f"`{command_line('palpcompose', 'train', project.root, '--resume')}` finishes it"
-        )
+        resume = command_line("palpcompose", "train", project.root, "--resume")
+        state = state or f"training has not finished; `{resume}` finishes it"
+        warning = f"{state} (no {final}); using the latest snapshot, step {steps[-1]}"
         return snapshot_dir(out_dir, steps[-1]), f"step-{steps[-1]:06d}", [warning]
+    if state is not None:
+        raise UserError(f"no trained weights in {out_dir} yet: {state}")
     raise UserError(f"no trained weights in {out_dir}; run `{command_line('palpcompose', 'train', project.root)}` first")
 
 
@@ -356,6 +372,20 @@ def a1111_parameters(
     return "\n".join(lines)
 
 
+def default_render_size(source) -> int:
+    """The image side StableDiffusionXLPipeline renders at by default: its UNet's sample size times the VAE's
+    scale factor, read from the model's configs; SDXL's native 1024 when they cannot be read (a single file)."""
+    from palpcompose.models import SDXL_RESOLUTION, config_reader
+
+    if source.kind not in ("folder", "hub"):
+        return SDXL_RESOLUTION
+    read = config_reader(source.kind, source.location)
+    unet, vae = read("unet/config.json") or {}, read("vae/config.json") or {}
+    if "sample_size" not in unet or "block_out_channels" not in vae:
+        return SDXL_RESOLUTION
+    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+
+
 def _pick_device() -> tuple[str, torch.dtype]:
     if torch.cuda.is_available():
         return "cuda", torch.float16
@@ -379,13 +409,14 @@ def render(
     compare: bool = False,
     out: str | Path | None = None,
     console=None,
+    run: str | None = None,
 ) -> RenderResult:
     """Render the project's prompts with its trained weights; arguments left None come from palp.toml's [render].
 
     `seeds` is a sequence of ints or a string such as "0-7". `step` picks a snapshot. `sweep` renders every snapshot
-    and the final weights; `compare` adds the base model (class words instead of tokens). `out` is the folder to
-    write to (new or empty) instead of a new `out/renders/<run>/`. Everything is validated before anything is
-    written.
+    and the final weights; `compare` adds the base model (class words instead of tokens). `run` picks a training
+    run kept in out/runs/<run>/ (its renders go there too). `out` is the folder to write to (new or empty) instead of
+    a new render folder. Everything is validated before anything is written.
     """
     from rich.markup import escape
 
@@ -428,7 +459,9 @@ def render(
     seeds = tuple(int(s) for s in seeds)
     if not seeds:
         raise UserError(f"{project.file}: render.seeds is empty; list seeds there, or pass --seeds, e.g. --seeds 0-3")
-    size = cfg.train.resolution
+    source = resolve_base_model(cfg.project.base_model, project.root, cfg.project.allow_pickle)
+    # SD 1.x/2.x: the size trained at; SDXL: the pipeline's own default size (1024 for SDXL base)
+    size = default_render_size(source) if source.family == "sdxl" else cfg.train.resolution
 
     def pick(option, configured):
         return configured if option is None else option
@@ -450,7 +483,9 @@ def render(
     base_texts = {p: expand_placeholders(p, class_words) for p in prompts}
 
     # 2. Which weights: guard rails, then the model rows of the render.
-    out_dir = project.root / "out"
+    from palpcompose.run import run_out_dir
+
+    out_dir = run_out_dir(project, run)
     manifest = read_manifest(out_dir)
     folder, label, found = locate_weights(project, out_dir, step)
     warnings += found
@@ -480,7 +515,6 @@ def render(
             console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False)
 
     # 3. Base model and sampler.
-    source = resolve_base_model(cfg.project.base_model, project.root, cfg.project.allow_pickle)
     device, dtype = _pick_device()
     pipe = load_pipeline(source, torch_dtype=dtype)
     _check_prompt_lengths(project, pipe.tokenizer, prompts, settings.negative_prompt, from_options=bool(
@@ -558,6 +592,7 @@ def render(
             "wall_time_s": round(time.perf_counter() - started, 3),
             "warnings": warnings,
             "training": _training_record(manifest),
+            "training_run": run,  # None: the current run in out/; else the id of a run kept in out/runs/
             "images": [
                 {
                     "file": i.path.name,

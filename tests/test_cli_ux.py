@@ -107,7 +107,7 @@ def test_without_debug_no_traceback(tmp_path, run_cli, monkeypatch):
 def test_render_help_gives_every_default(run_cli):
     out = " ".join(run_cli("render", "--help").out.split())  # unwrapped
     for default in ("default: render.seeds", "default: render.steps", "default: render.guidance_scale",
-                    "default: render.prompts, else palp.target_prompt", "default: a new DIR/out/renders/<run>/"):
+                    "default: render.prompts, else palp.target_prompt", "default: a new folder in DIR/out/renders/"):
         assert default in out, default
 
 

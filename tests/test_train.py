@@ -26,6 +26,7 @@ from palpcompose.weights import load_trained_weights
 MANIFEST_KEYS = {
     "palpcompose_version", "status", "base_model", "config", "config_hash", "training_hash", "images", "tokens", "git",
     "steps_done", "steps_target", "guidance", "wall_time_s", "device", "started_at", "finished_at", "palp_toml",
+    "model_defaults",
 }
 TWO_SUBJECTS = {
     "subjects": {"V2": {"class_name": "painting", "images": ["refs/V2/*.png"], "prompt": "An oil painting of [V2]"}},
@@ -101,8 +102,8 @@ def test_only_placeholder_rows_change(make_project):
 
 @pytest.mark.parametrize("guidance,vpred", [("palp", False), ("sds", True), ("none", False)])
 def test_full_run(make_project, tiny_vpred_pipeline_dir, guidance, vpred):
-    overrides = {"train": {"steps": 2, "preview_every": 2 if guidance != "none" else 0, "save_every": 1},
-                 **TWO_SUBJECTS}
+    overrides = {"train": {"steps": 2, "preview_every": 2 if guidance != "none" else 0, "save_every": 1,
+                           "resolution": None}, **TWO_SUBJECTS}  # the resolution: the model's native size
     if vpred:
         overrides["project"] = {"base_model": str(tiny_vpred_pipeline_dir)}
     root = make_project(overrides)
@@ -118,6 +119,7 @@ def test_full_run(make_project, tiny_vpred_pipeline_dir, guidance, vpred):
     assert set(manifest["images"]) == {f"refs/{k}/{i}.png" for k in ("V1", "V2") for i in range(3)}
     assert manifest["base_model"]["identity"].startswith("sha256:")
     assert manifest["config"]["palp"]["guidance"] == guidance
+    assert manifest["model_defaults"] == {"train.resolution": 16} and manifest["config"]["train"]["resolution"] == 16
     assert not (out / "train.lock").exists()
     for name in ("snapshots/step-000001", "snapshots/step-000002", "weights/final"):
         assert (out / name / "lora.safetensors").is_file() and (out / name / "embeddings.safetensors").is_file()
