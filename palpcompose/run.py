@@ -26,7 +26,7 @@ from palpcompose.checkpoint import (
     read_settings,
     save_checkpoint,
 )
-from palpcompose.errors import DamagedFile, UserError
+from palpcompose.errors import DamagedFile, UserError, command_line
 from palpcompose.fsutil import atomic_save_image, atomic_write_json, atomic_write_text, sha256_file
 from palpcompose.guidance import GUIDANCE_MODES
 from palpcompose.project import changed_weight_settings, weight_settings
@@ -99,8 +99,8 @@ def make_plan(project, *, steps: int | None = None, resume: bool = False, guidan
         source=source, identity=base_model_identity(source),
         images=image_hashes(project, project.images),
         previous=None, settings=resume_settings(config),
-        resume_command=f"palpcompose train {project.root} --resume{steps_option}",
-        fresh_command=f"palpcompose train {project.root}{steps_option}",
+        resume_command=command_line("palpcompose", "train", project.root, "--resume") + steps_option,
+        fresh_command=command_line("palpcompose", "train", project.root) + steps_option,
     )
     try:
         plan.previous = read_json(out / MANIFEST_FILE, strict=True)
@@ -242,10 +242,10 @@ def unfinished(project, out: Path) -> str | None:
     checkpoint = checkpoint_folder(out / "checkpoint")
     if checkpoint is not None:
         step = (read_json(checkpoint / "state.json") or {}).get("step", "?")
-        how = "" if kept else f": `palpcompose train {project.root} --resume`"
+        how = "" if kept else f": `{command_line('palpcompose', 'train', project.root, '--resume')}`"
         return f"training was {status} at step {step}{how}"
     if has_run(out) and not (out / "snapshots").is_dir():  # snapshots come with a checkpoint
-        how = "" if kept else f": `palpcompose train {project.root}` starts it again"
+        how = "" if kept else f": `{command_line('palpcompose', 'train', project.root)}` starts it again"
         return f"training was {status} before its first checkpoint{how}"
     return None
 

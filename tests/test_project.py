@@ -107,7 +107,7 @@ render.steps = 4
 
 
 @pytest.mark.parametrize("folder, name", [("my cat", "my-cat"), ("Wanderer_2", "Wanderer_2"), ("___", "my-project"),
-                                          ("café/é", "caf")])
+                                          ("café/é", "cafe-e"), ("猫", "my-project")])
 def test_sanitize_name(folder, name):
     assert sanitize_name(folder) == name
 
