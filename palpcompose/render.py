@@ -383,17 +383,11 @@ def a1111_parameters(
 
 
 def default_render_size(source) -> int:
-    """The image side StableDiffusionXLPipeline renders at by default: its UNet's sample size times the VAE's
-    scale factor, read from the model's configs; SDXL's native 1024 when they cannot be read (a single file)."""
-    from palpcompose.models import SDXL_RESOLUTION, config_reader
+    """The image side StableDiffusionXLPipeline renders at by default: the model's native size (its UNet's sample
+    size times the VAE's scale factor, models.native_resolution); SDXL's 1024 when its configs cannot be read."""
+    from palpcompose.models import SDXL_RESOLUTION, native_resolution
 
-    if source.kind not in ("folder", "hub"):
-        return SDXL_RESOLUTION
-    read = config_reader(source.kind, source.location)
-    unet, vae = read("unet/config.json") or {}, read("vae/config.json") or {}
-    if "sample_size" not in unet or "block_out_channels" not in vae:
-        return SDXL_RESOLUTION
-    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    return native_resolution(source) or SDXL_RESOLUTION
 
 
 def _pick_device() -> tuple[str, torch.dtype]:
