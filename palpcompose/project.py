@@ -894,8 +894,8 @@ def init_project(project_dir: str | Path, template: str = DEFAULT_TEMPLATE) -> I
             written.append(target)
         for folder in folders:
             folder.mkdir(parents=True, exist_ok=True)
-        if template == "toy-demo":  # the toy world draws this template's references (palpcompose/toydemo.py)
-            from palpcompose.toydemo import write_references
+        if template == "toy-demo":  # the toy world draws this template's references (palpcompose/toyworld/demo.py)
+            from palpcompose.toyworld.demo import write_references
 
             write_references(root, written)
         # Bytes, not text: a .gitignore in another encoding is kept as it is, with one line added.
