@@ -105,7 +105,7 @@ def reference_images(seed: int, context: str, count: int = REFERENCE_IMAGES) -> 
     `toyworld subject` and toydemo.subject_images draw)."""
     import torch
 
-    from palpcompose.toydemo import _to_pil
+    from palpcompose.toyworld.demo import _to_pil
     from palpcompose.toyworld import world
 
     g = torch.Generator().manual_seed(seed)

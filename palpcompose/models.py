@@ -375,7 +375,7 @@ TOY_DEFAULTS = {
     "train.learning_rate": 1e-3,
     "train.embedding_learning_rate": 5e-3,
     "train.mixed_precision": "no",
-    "render.steps": 20,
+    "render.steps": 20,  # the toy model's recommended sampling (docs/toyworld.md)
     "render.guidance_scale": 5.0,
 }
 

@@ -175,11 +175,17 @@ def test_name_rule_says_ascii_letters(make_project, run_cli):
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_toy_template_cites_the_page_that_gives_its_guidance_scale():
-    line = next(li for li in (REPO / "templates/toy-demo/palp.toml").read_text().splitlines()
-                if li.startswith("guidance_scale"))
-    cited = re.search(r"docs/[\w-]+\.md", line).group(0)
-    assert "Recommended sampling: 20 steps, guidance scale 5" in (REPO / cited).read_text()
+def test_toy_sampling_defaults_are_the_ones_toyworld_md_recommends():
+    # builtin:toy's render defaults come from the model (models.TOY_DEFAULTS), whose comment cites toyworld.md; a
+    # template that still sets a guidance scale must cite that page too
+    from palpcompose.models import TOY_DEFAULTS
+
+    found = re.search(r"Recommended sampling: (\d+) steps, guidance scale ([\d.]+)", (REPO / "docs/toyworld.md").read_text())
+    assert (TOY_DEFAULTS["render.steps"], TOY_DEFAULTS["render.guidance_scale"]) == (int(found[1]), float(found[2]))
+    assert "docs/toyworld.md" in (REPO / "palpcompose/models.py").read_text().split("TOY_DEFAULTS = {", 1)[1][:600]
+    for line in (REPO / "templates/toy-demo/palp.toml").read_text().splitlines():
+        if line.startswith("guidance_scale"):
+            assert "docs/toyworld.md" in line
 
 
 def test_toyworld_and_evaluation_count_a_placeholder_prompt_the_same_way():
