@@ -56,8 +56,10 @@ def init(
     ] = "art-inspired",
 ) -> None:
     """Create a project: a commented palp.toml, refs/ for the reference images, .gitignore and a README."""
+    from palpcompose.distributed import refuse_launcher
     from palpcompose.project import init_project
 
+    refuse_launcher("init")
     result = init_project(project_dir, template)
     for path in result.written:
         console.print(f"[green]created[/] {escape(str(path))}", highlight=False)
@@ -151,10 +153,12 @@ def render(
     compare: Annotated[bool, typer.Option("--compare", help="Render the base model (class words, no LoRA) beside the personalized one.")] = False,
 ) -> None:
     """Render prompts with the trained weights: PNGs and a contact sheet under DIR/out/renders/<run>/."""
+    from palpcompose.distributed import refuse_launcher
     from palpcompose.project import load_project
     from palpcompose.render import render as render_project
     from palpcompose.render import summary_table
 
+    refuse_launcher("render")
     project = load_project(project_dir, check_images=False)
     result = render_project(
         project, prompts=prompt, seeds=seeds, step=step, steps=steps, guidance_scale=guidance_scale, width=width,
@@ -173,10 +177,12 @@ def export(
     force: Annotated[bool, typer.Option("--force", help="Overwrite files of the same name in the --out folder.")] = False,
 ) -> None:
     """Write the trained weights in another tool's format (diffusers, or webui for AUTOMATIC1111 and ComfyUI)."""
+    from palpcompose.distributed import refuse_launcher
     from palpcompose.export import export as export_project
     from palpcompose.export import summary_table
     from palpcompose.project import load_project
 
+    refuse_launcher("export")
     project = load_project(project_dir, check_images=False)
     result = export_project(project, fmt, out, step=step, force=force)
     for message in result.warnings:
@@ -200,9 +206,11 @@ def eval_command(
                     "final weights.")] = None,
 ) -> None:
     """Measure text alignment and subject fidelity of renders: a table and out/eval.json (docs/evaluation.md)."""
+    from palpcompose.distributed import refuse_launcher
     from palpcompose.evaluate import evaluate, summary_table
     from palpcompose.project import load_project
 
+    refuse_launcher("eval")
     project = load_project(project_dir)
     result = evaluate(project, clip=clip, oracle=oracle, renders=renders, seeds=seeds, step=step, console=err_console)
     console.print(summary_table(result))
@@ -247,7 +255,8 @@ def main(argv: list[str] | None = None) -> None:
             _stop_listening()
         if os.environ.get("PALP_DEBUG"):
             raise
-        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        if not exc.quiet:
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         _stop_listening()
