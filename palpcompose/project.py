@@ -180,15 +180,9 @@ class ProjectConfig:
         return _sha256_json(self._hashed())
 
     def training_hash(self) -> str:
-        """Hash of the settings that change the trained weights: not [render], not snapshot/preview periods, not the
-        low-memory preset (same results; left out also so that projects trained before the key existed stay up to
-        date), not project.allow_pickle (a permission)."""
-        data = self._hashed()
-        del data["render"]
-        for key in ("save_every", "preview_every", "low_memory"):
-            del data["train"][key]
-        data["project"].pop("allow_pickle", None)
-        return _sha256_json(data)
+        """Hash of the settings that change the trained weights (weight_settings). A record in manifest.json: what
+        is up to date is decided by comparing the settings themselves (changed_weight_settings)."""
+        return _sha256_json(weight_settings(self._hashed()))
 
     def _hashed(self) -> dict:
         """to_dict() without the keys added after projects were first trained while they hold their default, so
@@ -202,6 +196,38 @@ class ProjectConfig:
 
 # (section, key) -> default: keys left out of both hashes while at their default (ProjectConfig._hashed).
 ADDED_LATER = {("project", "allow_pickle"): False}
+
+# The one list of settings that never change the trained weights (with all of [render]): snapshot and preview
+# periods, the memory savers (gradient checkpointing and the low-memory preset recompute the same values), and
+# project.allow_pickle (a permission). Everything else changes the weights; train.steps only by training longer.
+WEIGHT_NEUTRAL = (("train", "save_every"), ("train", "preview_every"), ("train", "gradient_checkpointing"),
+                  ("train", "low_memory"), ("project", "allow_pickle"))
+
+
+def weight_settings(config: dict, *, steps: bool = True) -> dict:
+    """The part of a resolved configuration (ProjectConfig.to_dict(), or manifest.json's "config") that changes the
+    trained weights: all but [render] and WEIGHT_NEUTRAL; without train.steps when `steps` is false (what a resume
+    must share with the run it continues). Keys added since `config` was written count at their default."""
+    data = json.loads(json.dumps(config))
+    data.pop("render", None)
+    for (section, key), default in ADDED_LATER.items():
+        data.setdefault(section, {}).setdefault(key, default)
+    for section, key in WEIGHT_NEUTRAL + (() if steps else (("train", "steps"),)):
+        data.get(section, {}).pop(key, None)
+    return data
+
+
+def changed_weight_settings(before: dict, now: dict, *, steps: bool = True) -> list[tuple[str, object, object]]:
+    """[(dotted key, old value, new value)] of the weight-changing settings that differ between two resolved
+    configurations, in key order (subjects.V1.images, palp.guidance, train.steps, ...)."""
+    def flat(data: dict, prefix: str = "") -> dict:
+        out = {}
+        for key, value in data.items():
+            out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+        return out
+
+    old, new = flat(weight_settings(before, steps=steps)), flat(weight_settings(now, steps=steps))
+    return [(key, old.get(key), new.get(key)) for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
 
 
 def _sha256_json(data: dict) -> str:

@@ -219,6 +219,8 @@ def read_manifest(out_dir: Path) -> dict | None:
 def check_trained_for(project, out_dir: Path, manifest: dict | None) -> list[str]:
     """Guard rails shared by render and export: refuse when the trained weights belong to another base model, warn
     when palp.toml changed since training. Returns the warnings."""
+    from palpcompose.project import changed_weight_settings
+
     warnings = []
     base_model = project.config.project.base_model
     if manifest is not None:
@@ -238,12 +240,13 @@ def check_trained_for(project, out_dir: Path, manifest: dict | None) -> list[str
         # palp.toml edited to what the run was told on the command line (steps = N after --steps N) is no change
         config_changed = config_hash is not None and project.config.hash() not in (config_hash,
                                                                                    manifest.get("config_hash"))
-        training_hash = trained.get("training_hash")
         changes = _changed_keys(trained.get("config"), project.config.to_dict())
         what = f" ({changes})" if changes else (f" (configuration hash {project.config.hash()[:12]}, "
                                                 f"{str(config_hash)[:12]} in out/manifest.json)")
-        if config_changed and project.config.training_hash() not in (training_hash, manifest.get("training_hash")) \
-                and training_hash is not None:
+        # the weights are stale when the file's weight settings match neither the file trained from nor the run
+        weights_changed = all(changed_weight_settings(before, project.config.to_dict())
+                              for before in (trained.get("config"), manifest.get("config")) if isinstance(before, dict))
+        if config_changed and weights_changed and isinstance(trained.get("config"), dict):
             warnings.append(
                 f"{project.file} changed since training{what}: the weights were trained with the old "
                 f"settings; retrain with `palpcompose train {project.root}` to apply the new ones"
@@ -251,7 +254,7 @@ def check_trained_for(project, out_dir: Path, manifest: dict | None) -> list[str
         elif config_changed:
             warnings.append(
                 f"{project.file} changed since training{what}, but only in settings that do not affect the trained "
-                "weights ([render], snapshot or preview periods)"
+                "weights ([render], snapshot or preview periods, memory savers)"
             )
     return warnings
 

@@ -1,23 +1,19 @@
 """`palpcompose train`: PALP personalization (arXiv:2401.06105) of a text-to-image model on a project's subjects.
 
-The loop follows docs/method.md ("One training step"). It reads top to bottom:
-  validate the project -> resolve and load the base model -> freeze, add tokens and LoRA -> cache latents and
-  frozen prompt embeddings -> (resume) -> loop: sample, `training_step`, log, preview, snapshot+checkpoint -> save.
-`training_step(state, batch)` is one micro-step with every UNet pass in it, callable on its own (benchmarks).
+`train()` reads top to bottom: plan (run.make_plan: every check, nothing written) -> lock (run.TrainingLock) ->
+setup (load and freeze the base model, add tokens and LoRA, cache latents and frozen prompt embeddings, restore a
+checkpoint) -> loop (sample, `training_step`, log, preview, snapshot + checkpoint) -> finish (final weights,
+summary). Everything written to out/ goes through run.RunRecord. The step follows docs/method.md ("One training
+step"); `training_step(state, batch)` is one micro-step with every UNet pass in it, callable on its own (benchmarks).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import signal
-import socket
-import subprocess
 import threading
 import time
-from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,20 +23,11 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from palpcompose import __version__, models
-from palpcompose.checkpoint import (
-    Checkpoint,
-    checkpoint_folder,
-    load_checkpoint,
-    read_settings,
-    restore_rng_state,
-    rng_state,
-    save_checkpoint,
-)
+from palpcompose.checkpoint import Checkpoint, load_checkpoint, restore_rng_state, rng_state
 from palpcompose.data import Batch, SubjectData, encode_subject, sample_batch
 from palpcompose.errors import Interrupted, ProjectError, UserError
-from palpcompose.fsutil import atomic_save_image, atomic_write_json, atomic_write_text, sha256_file
+from palpcompose.fsutil import atomic_save_image
 from palpcompose.guidance import (
-    GUIDANCE_MODES,
     GuidanceConfig,
     NonFiniteError,
     PalpGuidance,
@@ -51,7 +38,8 @@ from palpcompose.guidance import (
     v_to_eps,
 )
 from palpcompose.memory import OutOfMemory, estimate_training_memory, out_of_memory_message
-from palpcompose.weights import TrainedWeights, save_trained_weights
+from palpcompose.run import LOCK_FILE, Plan, RunRecord, TrainingLock, git_state, make_plan, now
+from palpcompose.weights import TrainedWeights
 
 LORA_WEIGHT_DECAY = 1e-2  # AdamW default of diffusers' LoRA scripts
 EMBEDDING_WEIGHT_DECAY = 0.0  # decay would shrink the new tokens' norm away from CLIP's embedding scale
@@ -364,8 +352,9 @@ def preview_prompts(config, tokens: dict[str, str]) -> list[tuple[str, str]]:
 
 
 @torch.no_grad()
-def render_preview(state: TrainState, config, tokens: dict[str, str], step: int, folder: Path) -> Path:
-    """One grid PNG (rows: prompts, then the x0-hat diagnostic; columns: fixed seeds) plus a JSON legend.
+def render_preview(state: TrainState, config, tokens: dict[str, str], step: int, record: RunRecord) -> Path:
+    """One grid PNG (rows: prompts, then the x0-hat diagnostic; columns: fixed seeds) plus a JSON legend, written
+    by `record` into out/previews/.
 
     Runs under forked RNG with its own seeded generators, and casts nothing: training is unaffected.
     """
@@ -402,14 +391,11 @@ def render_preview(state: TrainState, config, tokens: dict[str, str], step: int,
             for label, prompt, adapter in (("x0 base", class_prompt, False), ("x0 now", current_prompt, True)):
                 grid_rows.append((label, [_x0_image(state, pipe, prompt, adapter, seed, res, config.render.guidance_scale)
                                          for seed in seeds]))
-    path = folder / f"step-{step:06d}.png"
-    atomic_save_image(path, _grid(grid_rows))
     legend = [[label, prompt] for label, prompt in rows]  # top to bottom
     if config.palp.target_prompt:
         legend.append(["x0 base", f"x0-hat at t=T-1, base model (adapter off), {class_prompt!r}"])
         legend.append(["x0 now", f"x0-hat at t=T-1, current weights, {current_prompt!r}"])
-    atomic_write_json(path.with_suffix(".json"), {"step": step, "seeds": seeds, "rows": legend})
-    return path
+    return record.preview(step, _grid(grid_rows), {"step": step, "seeds": seeds, "rows": legend})
 
 
 def _x0_image(state: TrainState, pipe, prompt: str, adapter: bool, seed: int, res: int, scale: float):
@@ -474,114 +460,210 @@ def plot_losses(log: list[dict], path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Bookkeeping: lock, identity, manifest
+# The command: plan -> lock -> setup -> loop -> finish
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def train(project, *, steps: int | None = None, resume: bool = False, guidance: str | None = None,
+          force: bool = False, console: Console | None = None) -> TrainResult:
+    """Train the project's subjects. `project` is a Project or a project folder. See docs/training.md."""
+    console = console or Console()
+    t0 = time.monotonic()
+    plan = make_plan(project, steps=steps, resume=resume, guidance=guidance, force=force)  # writes nothing
+    if plan.up_to_date:
+        console.print(f"weights are up to date ({plan.final_dir}); use --force to retrain")
+        return TrainResult("up_to_date", plan.previous.get("steps_done", 0), plan.out, plan.final_dir)
+    components, mixed_precision, precision_notice = load_base_model(plan)  # the last checks: still nothing written
+    from accelerate import Accelerator
 
-
-def _read_lock(lock: Path) -> dict | None:
-    """The live lock's content, or None when there is no lock or it is stale (its process is gone)."""
-    try:
-        info = json.loads(lock.read_text())
-    except (OSError, ValueError):
-        return None
-    if info.get("host") == socket.gethostname() and not _pid_alive(int(info.get("pid", -1))):
-        return None
-    return info
-
-
-def _lock_error(lock: Path, info: dict) -> UserError:
-    return UserError(
-        f"{lock}: this project is already training (pid {info.get('pid')} on {info.get('host')}, started "
-        f"{info.get('started_at')}); wait for it, or stop it. If no such run exists, delete the lock file"
-    )
-
-
-def acquire_lock(lock: Path) -> None:
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    info = {"pid": os.getpid(), "host": socket.gethostname(), "started_at": _now()}
-    for _ in range(2):
+    accelerator = Accelerator(mixed_precision=mixed_precision,
+                              gradient_accumulation_steps=plan.config.train.gradient_accumulation_steps)
+    record = RunRecord(plan.out, new_manifest(plan, accelerator), writer=accelerator.is_main_process)
+    lock = TrainingLock(plan.out / LOCK_FILE) if record.writer else contextlib.nullcontext()
+    memory: dict = {}  # the estimate printed before training, for an out-of-memory message
+    with lock, _stop_requests() as stop:
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            live = _read_lock(lock)
-            if live is not None:
-                raise _lock_error(lock, live) from None
-            lock.unlink(missing_ok=True)  # stale: its process is gone
-            continue
-        with os.fdopen(fd, "w") as f:
-            json.dump(info, f)
+            state, subjects, generator = setup(plan, record, components, accelerator, console,
+                                               [precision_notice], memory)
+            losses = loop(plan, record, state, subjects, generator, stop, console, t0)
+            return finish(plan, record, state, generator, losses, console, t0)
+        except torch.OutOfMemoryError:
+            record.mark(status="failed", finished_at=now())
+            raise OutOfMemory(out_of_memory_message(
+                plan.config, mixed_precision, record.manifest["device"], record.step, record.checkpoint_step,
+                plan.out / "checkpoint", memory.get("estimate"))) from None
+        except KeyboardInterrupt:  # a second Ctrl-C (the first one stops after the step): at once, no new checkpoint
+            raise _stopped_at_once(plan, record) from None
+        except BaseException:
+            if record.manifest["status"] == "running":
+                record.mark(status="failed", finished_at=now())
+            raise
+
+
+def load_base_model(plan: Plan) -> tuple[models.Components, str, str]:
+    """The base model's components, the mixed precision to train in and its notice; refuses prompts the text
+    encoder would cut off (as `check` says)."""
+    from palpcompose.project import config_prompts, too_long_problems
+
+    config = plan.config
+    mixed_precision, precision_notice = _choose_mixed_precision(config.train.mixed_precision)
+    try:
+        components = models.load_components(plan.source)
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(f"project.base_model: {config.project.base_model!r} could not be loaded "
+                        f"({type(exc).__name__}: {exc}); point it at a diffusers folder, a .safetensors file, "
+                        "a cached hub id or builtin:toy") from exc
+    too_long = too_long_problems(plan.project.file, components.tokenizer, config_prompts(config))
+    if too_long:
+        raise ProjectError(too_long)
+    return components, mixed_precision, precision_notice
+
+
+def new_manifest(plan: Plan, accelerator) -> dict:
+    """This run's out/manifest.json as it starts (RunRecord.begin writes it)."""
+    config = plan.config
+    return {
+        "palpcompose_version": __version__, "status": "running",
+        "base_model": {"spec": plan.source.spec, "kind": plan.source.kind, "identity": plan.identity},
+        "config": config.to_dict(), "config_hash": config.hash(), "training_hash": config.training_hash(),
+        "palp_toml": plan.file_hashes, "images": plan.images,
+        "tokens": models.placeholder_tokens(config.project.name, config.subjects), "git": git_state(plan.project.root),
+        "steps_done": 0, "steps_target": plan.steps_target, "guidance": plan.mode, "wall_time_s": 0.0,
+        "device": _device_name(accelerator.device), "started_at": now(), "finished_at": None,
+    }
+
+
+def setup(plan: Plan, record: RunRecord, components: models.Components, accelerator, console: Console,
+          notices: list[str], memory: dict) -> tuple[TrainState, list[SubjectData], torch.Generator]:
+    """Model, optimizer, cached latents and prompts, the data generator; the checkpoint restored on a resume. Ends
+    by starting the run's record (the first write of a fresh run)."""
+    config, tokens = plan.config, record.manifest["tokens"]
+    notices = [*notices, models.set_attention(components.unet, config.train.attention, accelerator.device.type)]
+    for notice in notices:
+        if notice:
+            console.print(notice)
+    state = prepare_state(config, components, accelerator, GuidanceConfig.from_palp(config.palp, plan.mode), tokens)
+    if accelerator.device.type == "cuda":
+        memory["estimate"] = estimate = estimate_training_memory(
+            components.unet, components.vae, components.text_encoder,
+            state.lora_params + [state.token_embedding.rows], resolution=config.train.resolution,
+            batch_size=config.train.batch_size, half_precision=state.weight_dtype != torch.float32,
+            gradient_checkpointing=config.train.recomputes_activations,
+            vae_on_device=not config.train.low_memory)
+        total = torch.cuda.get_device_properties(accelerator.device).total_memory / 2**30
+        console.print(f"{estimate.describe()}; this GPU has {total:.1f} GiB")
+    subjects = prepare_subjects(plan.project, config, state, tokens)
+    if config.train.low_memory:
+        offload_vae(state)  # the latents are cached: the step never uses the VAE again
+    generator = torch.Generator("cpu").manual_seed(config.train.seed + accelerator.process_index)
+    resumed_step = None
+    if plan.resume_from is not None:
+        ckpt = load_checkpoint(plan.resume_from)
+        restore_checkpoint(state, ckpt, tokens, generator)
+        resumed_step = ckpt.step
+        console.print(f"resuming at step {resumed_step} of {plan.steps_target}")
+    elif plan.previous and plan.previous.get("steps_done"):
+        console.print(f"starting over: the earlier run ({plan.previous.get('status')}, "
+                      f"{plan.previous['steps_done']} steps) is replaced; `--resume` continues a run instead")
+    record.begin(resumed_step)
+    return state, subjects, generator
+
+
+def loop(plan: Plan, record: RunRecord, state: TrainState, subjects: list[SubjectData], generator, stop: dict,
+         console: Console, t0: float) -> dict[str, float]:
+    """sample -> step -> log -> preview -> snapshot + checkpoint, to plan.steps_target. Returns the last losses."""
+    config, tokens, target = plan.config, record.manifest["tokens"], plan.steps_target
+
+    def save_checkpoint(status: str) -> None:
+        ckpt = make_checkpoint(state, config, tokens, record.step, generator, plan.settings)
+        record.checkpoint(ckpt, status, time.monotonic() - t0)
+
+    losses: dict[str, float] = {}
+    with _progress(console) as progress:
+        task = progress.add_task("training", total=target, completed=record.step, losses="")
+        while record.step < target:
+            for _ in range(config.train.gradient_accumulation_steps):
+                batch = sample_batch(subjects, generator, config.train.batch_size,
+                                     state.components.noise_scheduler.config.num_train_timesteps)
+                try:
+                    losses = training_step(state, batch)
+                except NonFiniteError as exc:
+                    record.mark(status="failed", steps_done=record.step, finished_at=now(),
+                                wall_time_s=record.wall_time(time.monotonic() - t0))
+                    kept = (f"the last good snapshot is {record.last_snapshot}" if record.last_snapshot
+                            else "no snapshot yet")
+                    raise NonFiniteError(f"stopped at step {record.step + 1}: {exc}. {kept}; the last checkpoint in "
+                                         f"{plan.out / 'checkpoint'} is untouched") from None
+            record.step += 1
+            step = record.step
+            record.log.append({"step": step, **{k: round(v, 6) for k, v in losses.items()},
+                               "lr": state.optimizer.param_groups[0]["lr"], "time_s": round(time.monotonic() - t0, 3)})
+            progress.update(task, completed=step, losses="  ".join(f"{k} {v:.4f}" for k, v in losses.items()
+                                                                 if k.startswith("loss_")))
+            if record.writer and config.train.preview_every and step % config.train.preview_every == 0:
+                render_preview(state, config, tokens, step, record)  # on the main process only
+            if config.train.save_every and step % config.train.save_every == 0 and step < target:
+                record.snapshot(step, trained_weights(state, config, tokens, step))
+                save_checkpoint("running")
+            if stop.get("signal") is not None and step < target:
+                save_checkpoint("interrupted")
+                raise Interrupted(f"interrupted at step {step} of {target}; a checkpoint was written. Resume with: "
+                                  f"{plan.resume_command}")
+    return losses
+
+
+def finish(plan: Plan, record: RunRecord, state: TrainState, generator, losses: dict[str, float],
+           console: Console, t0: float) -> TrainResult:
+    """Final weights (and the snapshot of the last step), checkpoint, log, plot, manifest, summary."""
+    config, tokens, step = plan.config, record.manifest["tokens"], record.step
+    final = trained_weights(state, config, tokens, step)
+    final_dir = record.final(final)
+    if config.train.save_every:
+        record.snapshot(step, final)
+    record.manifest["finished_at"] = now()
+    ckpt = make_checkpoint(state, config, tokens, step, generator, plan.settings)
+    record.checkpoint(ckpt, "completed", time.monotonic() - t0)
+    record.plot(plot_losses)
+    result = TrainResult("completed", step, plan.out, final_dir, record.manifest["wall_time_s"], dict(losses))
+    _summary(console, result, record.log, plan.mode)
+    return result
+
+
+def _stopped_at_once(plan: Plan, record: RunRecord) -> Interrupted:
+    """The message of a second Ctrl-C: what was kept, and the command to continue."""
+    target = plan.steps_target
+    if not record.ours:  # still setting up: nothing of the previous run was touched
+        again = plan.resume_command if plan.resume_from else plan.fresh_command
+        return Interrupted(f"interrupted before training started; nothing was changed. Run again with: {again}")
+    record.mark(status="interrupted", steps_done=record.checkpoint_step or 0, finished_at=now())
+    if record.checkpoint_step is None:
+        return Interrupted(f"stopped at once at step {record.step} of {target} (second interrupt), before the "
+                           f"first checkpoint; run `palpcompose train {plan.project.root}` again")
+    return Interrupted(f"stopped at once at step {record.step} of {target} (second interrupt); the last checkpoint "
+                       f"is at step {record.checkpoint_step}. Resume with: {plan.resume_command}")
+
+
+@contextlib.contextmanager
+def _stop_requests():
+    """SIGINT/SIGTERM ask the loop to stop after the current step (the dict gets "signal"); a second Ctrl-C
+    stops at once (KeyboardInterrupt). The earlier handlers come back on exit."""
+    stop: dict = {}
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
         return
-    raise UserError(f"{lock}: could not take the training lock; delete the file if no run is active")
 
+    def handler(signum, frame):
+        if stop.get("signal") is not None:
+            raise KeyboardInterrupt
+        stop["signal"] = signum
 
-def base_model_identity(source: models.BaseModelSource) -> str:
-    """Hub revision, sha256 of a single file, or sha256 over a folder's weight files (path + file hash)."""
-    if source.kind == "hub":
-        from huggingface_hub import try_to_load_from_cache
-
-        hit = try_to_load_from_cache(source.location, "model_index.json")
-        return f"revision:{Path(hit).parent.name}" if isinstance(hit, str) else "revision:unknown"
-    if source.kind == "single_file":
-        return f"sha256:{sha256_file(source.location)}"
-    import hashlib
-
-    folder = Path(source.location)
-    h = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.suffix in (".safetensors", ".bin", ".ckpt", ".pt")):
-        h.update(f"{path.relative_to(folder).as_posix()}:{sha256_file(path)}\n".encode())
-    return f"sha256:{h.hexdigest()}"
-
-
-def _git(root: Path) -> dict | None:
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, check=False,
-                                timeout=10)
-        if commit.returncode != 0:
-            return None
-        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "."], check=False, capture_output=True,
-                                text=True, timeout=10)
-        return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{device} ({torch.cuda.get_device_name(device)})"
-    return str(device)
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _resume_settings(config, guidance: str) -> dict:
-    """What a resumed run must share with the run it continues: everything that changes the weights but steps."""
-    data = config.to_dict()
-    del data["render"]
-    # gradient_checkpointing (and low_memory: that plus where the VAE waits) changes no result: switching either on
-    # to fit in memory resumes
-    for key in ("steps", "save_every", "preview_every", "gradient_checkpointing", "low_memory"):
-        del data["train"][key]
-    data["palp"]["guidance"] = guidance
-    data["project"].pop("allow_pickle", None)  # a permission, not a setting of the run
-    return data
+        yield stop
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def _choose_mixed_precision(requested: str) -> tuple[str, str]:
@@ -591,262 +673,10 @@ def _choose_mixed_precision(requested: str) -> tuple[str, str]:
     return requested, ""
 
 
-def _install_signal_handlers(stop: dict):
-    """SIGINT/SIGTERM ask the loop to stop after the current step; a second Ctrl-C stops at once."""
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-
-    def handler(signum, frame):
-        if stop.get("signal") is not None:
-            raise KeyboardInterrupt
-        stop["signal"] = signum
-
-    previous = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        previous[sig] = signal.signal(sig, handler)
-    return previous
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The command
-
-
-def train(project, *, steps: int | None = None, resume: bool = False, guidance: str | None = None,
-          force: bool = False, console: Console | None = None) -> TrainResult:
-    """Train the project's subjects. `project` is a Project or a project folder. See docs/training.md."""
-    from accelerate import Accelerator
-
-    from palpcompose.project import config_prompts, load_project, too_long_problems
-
-    console = console or Console()
-    t0 = time.monotonic()
-    # Validate everything before writing anything: project, overrides, base model, lock, checkpoint
-    if not hasattr(project, "config"):
-        project = load_project(project)
-    config = project.config
-    if guidance is not None and guidance not in GUIDANCE_MODES:
-        raise UserError(f"--guidance must be one of {', '.join(GUIDANCE_MODES)}, not {guidance!r}")
-    if steps is not None and steps < 1:
-        raise UserError(f"--steps must be at least 1, not {steps}")
-    mode = guidance or config.palp.guidance
-    if mode != "none" and not (config.palp.target_prompt and config.palp.clean_prompt):
-        raise UserError(f"{project.file}: guidance {mode!r} needs palp.target_prompt and palp.clean_prompt; set "
-                        "both, or use --guidance none")
-    # palp.toml as written: render compares it with the file later, whatever --steps/--guidance overrode here
-    file_hashes = {"config": config.to_dict(), "config_hash": config.hash(), "training_hash": config.training_hash()}
-    config = replace(config, palp=replace(config.palp, guidance=mode),
-                     train=replace(config.train, steps=steps or config.train.steps))
-    steps_target = config.train.steps
-    steps_option = f" --steps {steps_target}" if steps is not None else ""
-    resume_command = f"palpcompose train {project.root} --resume{steps_option}"  # what interrupt messages print
-    out = project.root / "out"
-    manifest_path, lock_path = out / "manifest.json", out / "train.lock"
-    source = models.resolve_base_model(config.project.base_model, project.root, config.project.allow_pickle)
-    if not source.available:
-        raise UserError(f"project.base_model: {source.detail}")
-    identity = base_model_identity(source)
-    images = {p.relative_to(project.root).as_posix(): sha256_file(p)
-              for key in config.subjects for p in project.images[key]}
-    previous = _read_json(manifest_path)
-    if (not force and not resume and previous and previous.get("status") == "completed"
-            and previous.get("training_hash") == config.training_hash() and previous.get("images") == images
-            and previous.get("base_model", {}).get("identity") == identity
-            and (out / "weights" / "final" / "lora.safetensors").is_file()):
-        console.print(f"weights are up to date ({out / 'weights' / 'final'}); use --force to retrain")
-        return TrainResult("up_to_date", previous.get("steps_done", 0), out, out / "weights" / "final")
-    live = _read_lock(lock_path)
-    if live is not None:
-        raise _lock_error(lock_path, live)
-    settings = _resume_settings(config, mode)
-    resume_from = None
-    if resume:
-        resume_from = checkpoint_folder(out / "checkpoint")
-        if resume_from is None:
-            raise UserError(f"{out / 'checkpoint'}: nothing to resume; run `palpcompose train` without --resume")
-        state_json = read_settings(resume_from)
-        saved = state_json["settings"]
-        if saved != settings:
-            changed = [(f"{section}.{key}", saved.get(section, {}).get(key), values[key])
-                       for section, values in settings.items() for key in values
-                       if saved.get(section, {}).get(key) != values[key]]
-            listed = "; ".join(f"{key} was {then!r}, now {now!r}" for key, then, now in changed) or "the subjects"
-            old_guidance = saved.get("palp", {}).get("guidance")
-            how = (f"pass --guidance {old_guidance} again" if any(k == "palp.guidance" for k, _, _ in changed)
-                   and len(changed) == 1 else "restore them in palp.toml (or the --guidance of that run)")
-            raise UserError(f"{project.file}: the checkpoint was trained with other settings ({listed}); {how} to "
-                            "resume, or train without --resume to start over")
-        if steps_target < state_json["step"]:
-            asked = f"--steps {steps_target}" if steps is not None else f"{project.file}: train.steps = {steps_target}"
-            raise UserError(f"{asked}: the checkpoint is already at step {state_json['step']}; resume with --steps "
-                            f"{state_json['step']} or more, or train without --resume to start over")
-    mixed_precision, precision_notice = _choose_mixed_precision(config.train.mixed_precision)
-    try:
-        components = models.load_components(source)
-    except UserError:
-        raise
-    except Exception as exc:
-        raise UserError(f"project.base_model: {config.project.base_model!r} could not be loaded "
-                        f"({type(exc).__name__}: {exc}); point it at a diffusers folder, a .safetensors file, "
-                        "a cached hub id or builtin:toy") from exc
-    too_long = too_long_problems(project.file, components.tokenizer, config_prompts(config))
-    if too_long:  # as `check` says: the text encoder would silently cut them off
-        raise ProjectError(too_long)
-
-    acquire_lock(lock_path)
-    stop: dict = {}
-    previous_handlers = _install_signal_handlers(stop)
-    started_at = _now()
-    tokens = models.placeholder_tokens(config.project.name, config.subjects)
-    manifest = {
-        "palpcompose_version": __version__, "status": "running",
-        "base_model": {"spec": source.spec, "kind": source.kind, "identity": identity},
-        "config": config.to_dict(), "config_hash": config.hash(), "training_hash": config.training_hash(),
-        "palp_toml": file_hashes,
-        "images": images, "tokens": tokens, "git": _git(project.root), "steps_done": 0,
-        "steps_target": steps_target, "guidance": mode, "wall_time_s": 0.0, "device": "", "started_at": started_at,
-        "finished_at": None,
-    }
-    step, checkpoint_step, estimate = 0, None, None
-    ours = False  # until this run writes its manifest, the one on disk (if any) is the previous run's: leave it be
-    try:
-        accelerator = Accelerator(mixed_precision=mixed_precision,
-                                  gradient_accumulation_steps=config.train.gradient_accumulation_steps)
-        manifest["device"] = _device_name(accelerator.device)
-        for notice in (precision_notice, models.set_attention(components.unet, config.train.attention,
-                                                                accelerator.device.type)):
-            if notice:
-                console.print(notice)
-        state = prepare_state(config, components, accelerator, GuidanceConfig.from_palp(config.palp, mode), tokens)
-        if accelerator.device.type == "cuda":
-            estimate = estimate_training_memory(
-                components.unet, components.vae, components.text_encoder,
-                state.lora_params + [state.token_embedding.rows], resolution=config.train.resolution,
-                batch_size=config.train.batch_size, half_precision=state.weight_dtype != torch.float32,
-                gradient_checkpointing=config.train.recomputes_activations,
-                vae_on_device=not config.train.low_memory)
-            total = torch.cuda.get_device_properties(accelerator.device).total_memory / 2**30
-            console.print(f"{estimate.describe()}; this GPU has {total:.1f} GiB")
-        subjects = prepare_subjects(project, config, state, tokens)
-        if config.train.low_memory:
-            offload_vae(state)  # the latents are cached: the step never uses the VAE again
-        generator = torch.Generator("cpu").manual_seed(config.train.seed + accelerator.process_index)
-        step, log = 0, []
-        if resume_from is not None:
-            ckpt = load_checkpoint(resume_from)
-            restore_checkpoint(state, ckpt, tokens, generator)
-            step = checkpoint_step = ckpt.step
-            old = _read_json(manifest_path) or {}
-            manifest["started_at"] = old.get("started_at", started_at)
-            log = [e for e in _read_jsonl(out / "logs" / "train.jsonl") if e["step"] <= step]
-            console.print(f"resuming at step {step} of {steps_target}")
-        else:
-            if previous and previous.get("steps_done"):
-                console.print(f"starting over: the earlier run ({previous.get('status')}, {previous['steps_done']} "
-                              f"steps) is replaced; `--resume` continues a run instead")
-            for stale in ("snapshots", "previews", "logs", "checkpoint", "weights"):
-                _remove_tree(out / stale)  # outputs of an earlier run would be mistaken for this one's
-        prior_wall = float((_read_json(manifest_path) or {}).get("wall_time_s", 0.0)) if resume_from else 0.0
-        manifest["steps_done"] = step
-        atomic_write_json(manifest_path, manifest)
-        ours = True  # from here on out/manifest.json is this run's
-        last_snapshot = None
-
-        def save_all(at_step: int, status: str) -> None:
-            nonlocal checkpoint_step
-            save_checkpoint(out / "checkpoint", make_checkpoint(state, config, tokens, at_step, generator, settings))
-            checkpoint_step = at_step
-            atomic_write_text(out / "logs" / "train.jsonl", "".join(json.dumps(e) + "\n" for e in log))
-            manifest.update(status=status, steps_done=at_step, wall_time_s=round(prior_wall + time.monotonic() - t0, 3))
-            atomic_write_json(manifest_path, manifest)
-
-        # The loop: sample -> step -> log -> preview -> snapshot + checkpoint
-        losses: dict[str, float] = {}
-        with _progress(console) as progress:
-            task = progress.add_task("training", total=steps_target, completed=step, losses="")
-            while step < steps_target:
-                for _ in range(config.train.gradient_accumulation_steps):
-                    batch = sample_batch(subjects, generator, config.train.batch_size,
-                                         components.noise_scheduler.config.num_train_timesteps)
-                    try:
-                        losses = training_step(state, batch)
-                    except NonFiniteError as exc:
-                        manifest.update(status="failed", steps_done=step, finished_at=_now(),
-                                        wall_time_s=round(prior_wall + time.monotonic() - t0, 3))
-                        atomic_write_json(manifest_path, manifest)
-                        kept = f"the last good snapshot is {last_snapshot}" if last_snapshot else "no snapshot yet"
-                        raise NonFiniteError(f"stopped at step {step + 1}: {exc}. {kept}; the last checkpoint in "
-                                             f"{out / 'checkpoint'} is untouched") from None
-                step += 1
-                log.append({"step": step, **{k: round(v, 6) for k, v in losses.items()},
-                            "lr": state.optimizer.param_groups[0]["lr"], "time_s": round(time.monotonic() - t0, 3)})
-                progress.update(task, completed=step, losses="  ".join(f"{k} {v:.4f}" for k, v in losses.items()
-                                                                     if k.startswith("loss_")))
-                if config.train.preview_every and step % config.train.preview_every == 0:
-                    render_preview(state, config, tokens, step, out / "previews")
-                if config.train.save_every and step % config.train.save_every == 0 and step < steps_target:
-                    last_snapshot = out / "snapshots" / f"step-{step:06d}"
-                    save_trained_weights(last_snapshot, trained_weights(state, config, tokens, step))
-                    save_all(step, "running")
-                if stop.get("signal") is not None and step < steps_target:
-                    save_all(step, "interrupted")
-                    raise Interrupted(
-                        f"interrupted at step {step} of {steps_target}; a checkpoint was written. Resume with: "
-                        f"{resume_command}")
-
-        # Final weights (and the snapshot of the last step), checkpoint, log, plot, manifest
-        final = trained_weights(state, config, tokens, step)
-        save_trained_weights(out / "weights" / "final", final)
-        if config.train.save_every:
-            save_trained_weights(out / "snapshots" / f"step-{step:06d}", final)
-        manifest["finished_at"] = _now()
-        save_all(step, "completed")
-        if log:
-            plot_losses(log, out / "logs" / "loss.png")
-        result = TrainResult("completed", step, out, out / "weights" / "final", manifest["wall_time_s"],
-                             {k: v for k, v in losses.items()})
-        _summary(console, result, log, mode)
-        return result
-    except torch.OutOfMemoryError:
-        if ours:
-            manifest.update(status="failed", finished_at=_now())
-            atomic_write_json(manifest_path, manifest)
-        raise OutOfMemory(out_of_memory_message(config, mixed_precision, manifest["device"], step, checkpoint_step,
-                                                out / "checkpoint", estimate)) from None
-    except KeyboardInterrupt:  # a second Ctrl-C (the first one stops after the step): at once, no new checkpoint
-        again = resume_command if resume_from else f"palpcompose train {project.root}{steps_option}"
-        if not ours:  # still setting up: nothing of the previous run was touched
-            raise Interrupted(f"interrupted before training started; nothing was changed. Run again with: {again}"
-                              ) from None
-        manifest.update(status="interrupted", steps_done=checkpoint_step or 0, finished_at=_now())
-        atomic_write_json(manifest_path, manifest)
-        if checkpoint_step is None:
-            raise Interrupted(f"stopped at once at step {step} of {steps_target} (second interrupt), before the "
-                              f"first checkpoint; run `palpcompose train {project.root}` again") from None
-        raise Interrupted(
-            f"stopped at once at step {step} of {steps_target} (second interrupt); the last checkpoint is at step "
-            f"{checkpoint_step}. Resume with: {resume_command}") from None
-    except BaseException:
-        if ours and manifest["status"] == "running":
-            manifest.update(status="failed", finished_at=_now())
-            atomic_write_json(manifest_path, manifest)
-        raise
-    finally:
-        for sig, handler in previous_handlers.items():
-            signal.signal(sig, handler)
-        lock_path.unlink(missing_ok=True)
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _remove_tree(path: Path) -> None:
-    import shutil
-
-    if path.is_dir():
-        shutil.rmtree(path)
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)
 
 
 class _RateColumn(TextColumn):

@@ -1,0 +1,358 @@
+"""A training run's lifecycle around the loop in train.py: the plan, the lock, and the record in `out/`.
+
+    make_plan(project, ...) -> Plan   every check, nothing written: project, overrides, base model, images, the
+                                      state of out/ (up to date, resumable, held by another run)
+    TrainingLock(out/train.lock)      one `train` per project at a time (pid + host; a dead pid's lock is stale)
+    RunRecord(out, writer=...)        the only writer of out/: manifest, train.jsonl, checkpoint, snapshots,
+                                      previews, final weights, loss plot. writer=False (a non-main process of a
+                                      multi-process run) makes every write a no-op.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+from palpcompose import models
+from palpcompose.checkpoint import Checkpoint, checkpoint_folder, read_settings, save_checkpoint
+from palpcompose.errors import UserError
+from palpcompose.fsutil import atomic_save_image, atomic_write_json, atomic_write_text, sha256_file
+from palpcompose.guidance import GUIDANCE_MODES
+from palpcompose.project import changed_weight_settings, weight_settings
+from palpcompose.weights import TrainedWeights, save_trained_weights
+
+MANIFEST_FILE = "manifest.json"
+LOCK_FILE = "train.lock"
+RUN_FOLDERS = ("snapshots", "previews", "logs", "checkpoint", "weights")  # what one run writes besides the manifest
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The plan
+
+
+@dataclass
+class Plan:
+    """What `train` is about to do, decided before anything is written."""
+
+    project: object
+    config: object  # the project's configuration with --steps/--guidance applied
+    file_hashes: dict  # palp.toml as written (manifest "palp_toml"): render compares the file with it later
+    mode: str  # the guidance mode of this run
+    steps_target: int
+    out: Path
+    source: models.BaseModelSource
+    identity: str  # the base model's identity (hub revision or sha256)
+    images: dict[str, str]  # relative path -> sha256 of every reference image
+    previous: dict | None  # the manifest of the run in out/, if any
+    settings: dict  # what a resume must share with the run it continues (the checkpoint's "settings")
+    resume_from: Path | None = None  # the checkpoint folder to continue from; None: a fresh run
+    up_to_date: bool = False  # nothing to do: the weights in out/ were trained with exactly this
+    resume_command: str = ""  # what interrupt messages print
+    fresh_command: str = ""
+
+    @property
+    def final_dir(self) -> Path:
+        return self.out / "weights" / "final"
+
+
+def make_plan(project, *, steps: int | None = None, resume: bool = False, guidance: str | None = None,
+              force: bool = False) -> Plan:
+    """Validate everything `train` needs and decide fresh / resume / up to date. Writes nothing."""
+    from palpcompose.project import load_project
+
+    if not hasattr(project, "config"):
+        project = load_project(project)
+    config = project.config
+    if guidance is not None and guidance not in GUIDANCE_MODES:
+        raise UserError(f"--guidance must be one of {', '.join(GUIDANCE_MODES)}, not {guidance!r}")
+    if steps is not None and steps < 1:
+        raise UserError(f"--steps must be at least 1, not {steps}")
+    mode = guidance or config.palp.guidance
+    if mode != "none" and not (config.palp.target_prompt and config.palp.clean_prompt):
+        raise UserError(f"{project.file}: guidance {mode!r} needs palp.target_prompt and palp.clean_prompt; set "
+                        "both, or use --guidance none")
+    file_hashes = {"config": config.to_dict(), "config_hash": config.hash(), "training_hash": config.training_hash()}
+    config = replace(config, palp=replace(config.palp, guidance=mode),
+                     train=replace(config.train, steps=steps or config.train.steps))
+    steps_target = config.train.steps
+    steps_option = f" --steps {steps_target}" if steps is not None else ""
+    out = project.root / "out"
+    source = models.resolve_base_model(config.project.base_model, project.root, config.project.allow_pickle)
+    if not source.available:
+        raise UserError(f"project.base_model: {source.detail}")
+    plan = Plan(
+        project=project, config=config, file_hashes=file_hashes, mode=mode, steps_target=steps_target, out=out,
+        source=source, identity=base_model_identity(source),
+        images={p.relative_to(project.root).as_posix(): sha256_file(p)
+                for key in config.subjects for p in project.images[key]},
+        previous=read_json(out / MANIFEST_FILE), settings=resume_settings(config),
+        resume_command=f"palpcompose train {project.root} --resume{steps_option}",
+        fresh_command=f"palpcompose train {project.root}{steps_option}",
+    )
+    if not force and not resume and _trained_with(plan, plan.previous):
+        plan.up_to_date = True
+        return plan
+    TrainingLock(out / LOCK_FILE).check()
+    if resume:
+        plan.resume_from = _resumable_checkpoint(plan, steps)
+    return plan
+
+
+def resume_settings(config) -> dict:
+    """What a resumed run must share with the run it continues: every weight-changing setting but train.steps."""
+    return weight_settings(config.to_dict(), steps=False)
+
+
+def _trained_with(plan: Plan, previous: dict | None) -> bool:
+    """The run recorded in `previous` completed with this plan's weight settings, images and base model."""
+    return bool(
+        previous and previous.get("status") == "completed" and isinstance(previous.get("config"), dict)
+        and not changed_weight_settings(previous["config"], plan.config.to_dict())
+        and previous.get("images") == plan.images
+        and (previous.get("base_model") or {}).get("identity") == plan.identity
+        and (plan.final_dir / "lora.safetensors").is_file()
+    )
+
+
+def _resumable_checkpoint(plan: Plan, steps: int | None) -> Path:
+    """The checkpoint `--resume` continues from, after checking it was trained with this plan's settings."""
+    checkpoint = plan.out / "checkpoint"
+    resume_from = checkpoint_folder(checkpoint)
+    if resume_from is None:
+        raise UserError(f"{checkpoint}: nothing to resume; run `palpcompose train` without --resume")
+    state_json = read_settings(resume_from)
+    saved, settings = state_json["settings"], plan.settings
+    if saved != settings:
+        changed = [(f"{section}.{key}", saved.get(section, {}).get(key), values[key])
+                   for section, values in settings.items() for key in values
+                   if saved.get(section, {}).get(key) != values[key]]
+        listed = "; ".join(f"{key} was {then!r}, now {now!r}" for key, then, now in changed) or "the subjects"
+        old_guidance = saved.get("palp", {}).get("guidance")
+        how = (f"pass --guidance {old_guidance} again" if any(k == "palp.guidance" for k, _, _ in changed)
+               and len(changed) == 1 else "restore them in palp.toml (or the --guidance of that run)")
+        raise UserError(f"{plan.project.file}: the checkpoint was trained with other settings ({listed}); {how} to "
+                        "resume, or train without --resume to start over")
+    if plan.steps_target < state_json["step"]:
+        asked = (f"--steps {plan.steps_target}" if steps is not None
+                 else f"{plan.project.file}: train.steps = {plan.steps_target}")
+        raise UserError(f"{asked}: the checkpoint is already at step {state_json['step']}; resume with --steps "
+                        f"{state_json['step']} or more, or train without --resume to start over")
+    return resume_from
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The lock
+
+
+class TrainingLock:
+    """out/train.lock: {pid, host, started_at} while a `train` runs. A lock whose process is gone (same host) is
+    stale and taken over. Use as a context manager: acquired on entry, removed on exit."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def holder(self) -> dict | None:
+        """The live lock's content, or None when there is no lock or it is stale."""
+        try:
+            info = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+        if info.get("host") == socket.gethostname() and not _pid_alive(int(info.get("pid", -1))):
+            return None
+        return info
+
+    def check(self) -> None:
+        """Raise UserError when another run holds the lock."""
+        live = self.holder()
+        if live is not None:
+            raise self._held(live)
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "started_at": now()}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                self.check()
+                self.path.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(info, f)
+            return
+        raise UserError(f"{self.path}: could not take the training lock; delete the file if no run is active")
+
+    def release(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def _held(self, info: dict) -> UserError:
+        return UserError(
+            f"{self.path}: this project is already training (pid {info.get('pid')} on {info.get('host')}, started "
+            f"{info.get('started_at')}); wait for it, or stop it. If no such run exists, delete the lock file"
+        )
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The record
+
+
+@dataclass
+class RunRecord:
+    """Everything a run writes under out/. Until `begin` writes this run's manifest, the manifest on disk (if
+    any) is the previous run's and `mark` leaves it be. With writer=False nothing is written at all."""
+
+    out: Path
+    manifest: dict
+    writer: bool = True
+    ours: bool = False  # out/manifest.json is this run's
+    step: int = 0  # the optimizer steps done so far (resumed ones included)
+    checkpoint_step: int | None = None  # the step of the last checkpoint this run wrote (or resumed from)
+    last_snapshot: Path | None = None
+    prior_wall: float = 0.0  # wall time of the runs this one continues
+    log: list[dict] = field(default_factory=list)
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.out / MANIFEST_FILE
+
+    @property
+    def log_path(self) -> Path:
+        return self.out / "logs" / "train.jsonl"
+
+    def begin(self, resumed_step: int | None) -> None:
+        """Start this run's record: continue the log and wall time of the run it resumes (`resumed_step`), or
+        clear the previous run's outputs so nothing in out/ mixes two runs. Writes this run's manifest."""
+        if resumed_step is not None:
+            old = read_json(self.manifest_path) or {}
+            self.manifest["started_at"] = old.get("started_at", self.manifest["started_at"])
+            self.prior_wall = float(old.get("wall_time_s", 0.0))
+            self.log = [e for e in read_jsonl(self.log_path) if e["step"] <= resumed_step]
+            self.checkpoint_step = resumed_step
+        elif self.writer:
+            for stale in RUN_FOLDERS:
+                if (self.out / stale).is_dir():
+                    shutil.rmtree(self.out / stale)
+        self.step = self.manifest["steps_done"] = resumed_step or 0
+        self._write_manifest()
+        self.ours = True
+
+    def mark(self, **fields) -> None:
+        """Update this run's manifest (status, steps_done, finished_at, ...); the previous run's is left alone."""
+        if self.ours:
+            self.manifest.update(**fields)
+            self._write_manifest()
+
+    def wall_time(self, elapsed: float) -> float:
+        return round(self.prior_wall + elapsed, 3)
+
+    def checkpoint(self, ckpt: Checkpoint, status: str, elapsed: float) -> None:
+        """The checkpoint, the log so far and the manifest: what a resume continues from."""
+        if self.writer:
+            save_checkpoint(self.out / "checkpoint", ckpt)
+            atomic_write_text(self.log_path, "".join(json.dumps(e) + "\n" for e in self.log))
+        self.checkpoint_step = ckpt.step
+        self.mark(status=status, steps_done=ckpt.step, wall_time_s=self.wall_time(elapsed))
+
+    def snapshot(self, step: int, weights: TrainedWeights) -> Path:
+        folder = self.out / "snapshots" / f"step-{step:06d}"
+        if self.writer:
+            save_trained_weights(folder, weights)
+        self.last_snapshot = folder
+        return folder
+
+    def final(self, weights: TrainedWeights) -> Path:
+        folder = self.out / "weights" / "final"
+        if self.writer:
+            save_trained_weights(folder, weights)
+        return folder
+
+    def preview(self, step: int, grid, legend: dict) -> Path:
+        """out/previews/step-NNNNNN.png (the grid, a PIL image) and .json (its legend)."""
+        path = self.out / "previews" / f"step-{step:06d}.png"
+        if self.writer:
+            atomic_save_image(path, grid)
+            atomic_write_json(path.with_suffix(".json"), legend)
+        return path
+
+    def plot(self, plot_losses) -> None:
+        if self.writer and self.log:
+            plot_losses(self.log, self.out / "logs" / "loss.png")
+
+    def _write_manifest(self) -> None:
+        if self.writer:
+            atomic_write_json(self.manifest_path, self.manifest)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Identity and small readers
+
+
+def base_model_identity(source: models.BaseModelSource) -> str:
+    """Hub revision, sha256 of a single file, or sha256 over a folder's weight files (path + file hash)."""
+    if source.kind == "hub":
+        from huggingface_hub import try_to_load_from_cache
+
+        hit = try_to_load_from_cache(source.location, "model_index.json")
+        return f"revision:{Path(hit).parent.name}" if isinstance(hit, str) else "revision:unknown"
+    if source.kind == "single_file":
+        return f"sha256:{sha256_file(source.location)}"
+    import hashlib
+
+    folder = Path(source.location)
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.suffix in (".safetensors", ".bin", ".ckpt", ".pt")):
+        h.update(f"{path.relative_to(folder).as_posix()}:{sha256_file(path)}\n".encode())
+    return f"sha256:{h.hexdigest()}"
+
+
+def git_state(root: Path) -> dict | None:
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                check=False, timeout=10)
+        if commit.returncode != 0:
+            return None
+        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "."], check=False,
+                                capture_output=True, text=True, timeout=10)
+        return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
