@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from palpcompose.errors import UserError
+from palpcompose.errors import PalpcomposeError, UserError
 
 # What accelerate itself reads, in its order (accelerate/state.py): torchrun and `accelerate launch` set the first
 RANK_VARS = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
@@ -135,6 +135,15 @@ def any_process(accelerator, flag: bool) -> bool:
     return bool(value.item())
 
 
+def mean(accelerator, values: dict[str, float]) -> dict[str, float]:
+    """The mean over processes of each value (the logged losses: the whole effective batch's, not rank 0's)."""
+    if not _distributed(accelerator) or not values:
+        return values
+    stacked = torch.tensor(list(values.values()), dtype=torch.float64, device=accelerator.device)
+    torch.distributed.all_reduce(stacked, op=torch.distributed.ReduceOp.SUM)
+    return dict(zip(values, (stacked / accelerator.num_processes).tolist(), strict=True))
+
+
 def gather(accelerator, obj) -> list:
     """Every process's `obj` (picklable), in rank order, on every process."""
     if not _distributed(accelerator):
@@ -151,6 +160,37 @@ def broadcast(accelerator, obj):
     box = [obj if accelerator.is_main_process else None]
     torch.distributed.broadcast_object_list(box, src=0)
     return box[0]
+
+
+class FailedOnMain(PalpcomposeError):
+    """What a non-main process raises when the main one failed at a step `decided_by_main` shares: the main
+    process prints the error, this one exits with the same code, quietly."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message, quiet=True)
+        self.exit_code = exit_code
+
+
+def decided_by_main(accelerator, decide):
+    """`decide()` on the main process only (the plan, the lock, reading the checkpoint), its result on every
+    process; when it raises, the main process re-raises and every other process raises FailedOnMain with the
+    same exit code. The others never read out/, so they cannot disagree with the main process about it (nor
+    refuse to train because the main process has just taken the lock)."""
+    if not _distributed(accelerator):
+        return decide()
+    result, failure, error = None, None, None
+    if accelerator.is_main_process:
+        try:
+            result = decide()
+        except Exception as exc:  # noqa: BLE001 - the others must learn of any failure, or they wait forever
+            error = exc
+            failure = (str(exc), exc.exit_code if isinstance(exc, PalpcomposeError) else 1)
+    result, failure = broadcast(accelerator, (result, failure))
+    if error is not None:
+        raise error
+    if failure is not None:
+        raise FailedOnMain(*failure)
+    return result
 
 
 def barrier(accelerator) -> None:

@@ -19,8 +19,14 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from palpcompose import models
-from palpcompose.checkpoint import Checkpoint, checkpoint_folder, read_settings, save_checkpoint
+from palpcompose import distributed, models
+from palpcompose.checkpoint import (
+    Checkpoint,
+    checkpoint_folder,
+    checkpoint_processes,
+    read_settings,
+    save_checkpoint,
+)
 from palpcompose.errors import UserError
 from palpcompose.fsutil import atomic_save_image, atomic_write_json, atomic_write_text, sha256_file
 from palpcompose.guidance import GUIDANCE_MODES
@@ -53,6 +59,7 @@ class Plan:
     settings: dict  # what a resume must share with the run it continues (the checkpoint's "settings")
     resume_from: Path | None = None  # the checkpoint folder to continue from; None: a fresh run
     up_to_date: bool = False  # nothing to do: the weights in out/ were trained with exactly this
+    num_processes: int = 1  # processes of this run (the launcher's WORLD_SIZE)
     resume_command: str = ""  # what interrupt messages print
     fresh_command: str = ""
 
@@ -82,6 +89,8 @@ def make_plan(project, *, steps: int | None = None, resume: bool = False, guidan
                      train=replace(config.train, steps=steps or config.train.steps))
     steps_target = config.train.steps
     steps_option = f" --steps {steps_target}" if steps is not None else ""
+    num_processes = distributed.launch().world_size
+    launched = f"{num_processes} processes (the same torchrun / accelerate launch command) of " if num_processes > 1 else ""
     out = project.root / "out"
     source = models.resolve_base_model(config.project.base_model, project.root, config.project.allow_pickle)
     if not source.available:
@@ -92,8 +101,9 @@ def make_plan(project, *, steps: int | None = None, resume: bool = False, guidan
         images={p.relative_to(project.root).as_posix(): sha256_file(p)
                 for key in config.subjects for p in project.images[key]},
         previous=read_json(out / MANIFEST_FILE), settings=resume_settings(config),
-        resume_command=f"palpcompose train {project.root} --resume{steps_option}",
-        fresh_command=f"palpcompose train {project.root}{steps_option}",
+        num_processes=num_processes,
+        resume_command=f"{launched}palpcompose train {project.root} --resume{steps_option}",
+        fresh_command=f"{launched}palpcompose train {project.root}{steps_option}",
     )
     if not force and not resume and _trained_with(plan, plan.previous):
         plan.up_to_date = True
@@ -116,6 +126,7 @@ def _trained_with(plan: Plan, previous: dict | None) -> bool:
         and not changed_weight_settings(previous["config"], plan.config.to_dict())
         and previous.get("images") == plan.images
         and (previous.get("base_model") or {}).get("identity") == plan.identity
+        and previous.get("num_processes", 1) == plan.num_processes  # another effective batch, other weights
         and (plan.final_dir / "lora.safetensors").is_file()
     )
 
@@ -127,6 +138,15 @@ def _resumable_checkpoint(plan: Plan, steps: int | None) -> Path:
     if resume_from is None:
         raise UserError(f"{checkpoint}: nothing to resume; run `palpcompose train` without --resume")
     state_json = read_settings(resume_from)
+    written_by = checkpoint_processes(state_json)
+    if written_by != plan.num_processes:
+        launch = (f"torchrun --nproc_per_node {written_by} $(which palpcompose) train {plan.project.root} --resume"
+                  if written_by > 1 else f"palpcompose train {plan.project.root} --resume, without a launcher")
+        raise UserError(
+            f"{resume_from}: the checkpoint was written by a run of {written_by} process{'es' if written_by > 1 else ''}"
+            f", this one has {plan.num_processes}: the effective batch and every process's random draws would "
+            f"change, so it would not continue that run. Resume with {written_by} (e.g. {launch}), or train "
+            "without --resume to start over")
     saved, settings = state_json["settings"], plan.settings
     if saved != settings:
         changed = [(f"{section}.{key}", saved.get(section, {}).get(key), values[key])

@@ -25,6 +25,7 @@ from palpcompose.train import prepare_state, prepare_subjects, train, training_s
 MANIFEST_KEYS = {
     "palpcompose_version", "status", "base_model", "config", "config_hash", "training_hash", "images", "tokens", "git",
     "steps_done", "steps_target", "guidance", "wall_time_s", "device", "started_at", "finished_at", "palp_toml",
+    "num_processes", "effective_batch_size",
 }
 TWO_SUBJECTS = {
     "subjects": {"V2": {"class_name": "painting", "images": ["refs/V2/*.png"], "prompt": "An oil painting of [V2]"}},
@@ -117,11 +118,13 @@ def test_full_run(make_project, tiny_vpred_pipeline_dir, guidance, vpred):
     assert set(manifest["images"]) == {f"refs/{k}/{i}.png" for k in ("V1", "V2") for i in range(3)}
     assert manifest["base_model"]["identity"].startswith("sha256:")
     assert manifest["config"]["palp"]["guidance"] == guidance
+    assert manifest["num_processes"] == 1 and manifest["effective_batch_size"] == 1  # 1 process x batch 1 x 1
     assert not (out / "train.lock").exists()
     for name in ("snapshots/step-000001", "snapshots/step-000002", "weights/final"):
         assert (out / name / "lora.safetensors").is_file() and (out / name / "embeddings.safetensors").is_file()
     text = console.file.getvalue()
     assert "training summary" in text and "loss_pers" in text
+    assert "effective batch 1 = 1 process x batch_size 1 x gradient_accumulation_steps 1" in text
     lora, emb = final_weights(root)
     assert all(v.dtype == torch.float32 for v in lora.values()) and set(emb) == {"<tiny-v1>", "<tiny-v2>"}
     log = [json.loads(line) for line in (out / "logs" / "train.jsonl").read_text().splitlines()]
