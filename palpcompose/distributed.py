@@ -62,6 +62,20 @@ def launch(environ=None) -> Launch:
                   local_rank=_first_int(LOCAL_RANK_VARS, 0, environ))
 
 
+def launcher_prefix(num_processes: int | None = None, environ=None) -> str:
+    """How to start `palpcompose` again with as many processes as this run (or `num_processes`), for the
+    messages that give a command: "torchrun --nproc_per_node 2 $(which palpcompose)" on one machine, a pointer to
+    the launcher on several (each machine runs its own command), "" with one process."""
+    environ = os.environ if environ is None else environ
+    where = launch(environ)
+    n = where.world_size if num_processes is None else num_processes
+    if n <= 1:
+        return ""
+    if _first_int(("LOCAL_WORLD_SIZE",), where.world_size, environ) != where.world_size:
+        return f"(your launcher's command on every machine, {n} processes in all) palpcompose"
+    return f"torchrun --nproc_per_node {n} $(which palpcompose)"
+
+
 def refuse_launcher(command: str) -> None:
     """`render`, `eval` and `export` run as one process: under a launcher of N processes each copy would write the
     same files. Exit 2 before anything is loaded; only rank 0 says why (the others exit quietly)."""
@@ -196,6 +210,18 @@ def decided_by_main(accelerator, decide):
 def barrier(accelerator) -> None:
     if _distributed(accelerator):
         accelerator.wait_for_everyone()
+
+
+class ProcessLost(PalpcomposeError):
+    """Another process of the run stopped (killed, out of memory, a crash): a collective failed here. Exit 1."""
+
+
+def lost_peer(accelerator, exc: BaseException) -> bool:
+    """`exc` is a collective failing because another process is gone: torch's DistError (NCCL), or gloo's plain
+    RuntimeError from its TCP transport."""
+    if not _distributed(accelerator) or not isinstance(exc, RuntimeError):
+        return False
+    return isinstance(exc, torch.distributed.DistError) or "gloo" in str(exc) or "by peer" in str(exc)
 
 
 def check_all_reduced(accelerator, models: list, params: list) -> None:

@@ -90,7 +90,7 @@ def make_plan(project, *, steps: int | None = None, resume: bool = False, guidan
     steps_target = config.train.steps
     steps_option = f" --steps {steps_target}" if steps is not None else ""
     num_processes = distributed.launch().world_size
-    launched = f"{num_processes} processes (the same torchrun / accelerate launch command) of " if num_processes > 1 else ""
+    launched = distributed.launcher_prefix()  # "torchrun --nproc_per_node 2 $(which palpcompose)" or ""
     out = project.root / "out"
     source = models.resolve_base_model(config.project.base_model, project.root, config.project.allow_pickle)
     if not source.available:
@@ -102,8 +102,8 @@ def make_plan(project, *, steps: int | None = None, resume: bool = False, guidan
                 for key in config.subjects for p in project.images[key]},
         previous=read_json(out / MANIFEST_FILE), settings=resume_settings(config),
         num_processes=num_processes,
-        resume_command=f"{launched}palpcompose train {project.root} --resume{steps_option}",
-        fresh_command=f"{launched}palpcompose train {project.root}{steps_option}",
+        resume_command=f"{launched or 'palpcompose'} train {project.root} --resume{steps_option}",
+        fresh_command=f"{launched or 'palpcompose'} train {project.root}{steps_option}",
     )
     if not force and not resume and _trained_with(plan, plan.previous):
         plan.up_to_date = True
@@ -140,8 +140,8 @@ def _resumable_checkpoint(plan: Plan, steps: int | None) -> Path:
     state_json = read_settings(resume_from)
     written_by = checkpoint_processes(state_json)
     if written_by != plan.num_processes:
-        launch = (f"torchrun --nproc_per_node {written_by} $(which palpcompose) train {plan.project.root} --resume"
-                  if written_by > 1 else f"palpcompose train {plan.project.root} --resume, without a launcher")
+        launch = (f"{distributed.launcher_prefix(written_by)} train {plan.project.root} --resume" if written_by > 1
+                  else f"palpcompose train {plan.project.root} --resume, without a launcher")
         raise UserError(
             f"{resume_from}: the checkpoint was written by a run of {written_by} process{'es' if written_by > 1 else ''}"
             f", this one has {plan.num_processes}: the effective batch and every process's random draws would "

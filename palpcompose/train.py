@@ -509,9 +509,11 @@ def train(project, *, steps: int | None = None, resume: bool = False, guidance: 
                 plan.out / "checkpoint", memory.get("estimate"))) from None
         except KeyboardInterrupt:  # a second Ctrl-C (the first one stops after the step): at once, no new checkpoint
             raise _stopped_at_once(plan, record) from None
-        except BaseException:
+        except BaseException as exc:
             if record.manifest["status"] == "running":
                 record.mark(status="failed", finished_at=now())
+            if distributed.lost_peer(accelerator, exc):
+                raise _lost_peer(plan, record, exc) from exc
             raise
 
 
@@ -677,6 +679,17 @@ def _stopped_at_once(plan: Plan, record: RunRecord) -> Interrupted:
                            f"first checkpoint; run `palpcompose train {plan.project.root}` again")
     return Interrupted(f"stopped at once at step {record.step} of {target} (second interrupt); the last checkpoint "
                        f"is at step {record.checkpoint_step}. Resume with: {plan.resume_command}")
+
+
+def _lost_peer(plan: Plan, record: RunRecord, exc: BaseException) -> distributed.ProcessLost:
+    """The message when another process of the run is gone: every process stops, the checkpoint is kept."""
+    detail = " ".join(str(exc).split())[:160]  # gloo's message spans lines
+    kept = (f"the last checkpoint is at step {record.checkpoint_step}. Resume with: {plan.resume_command}"
+            if record.checkpoint_step is not None else f"there was no checkpoint yet; run again with: "
+            f"{plan.fresh_command}")
+    return distributed.ProcessLost(
+        f"stopped at step {record.step} of {plan.steps_target}: another process of this run is gone (the "
+        f"launcher's log says which, and why); {kept}. ({type(exc).__name__}: {detail})")
 
 
 @contextlib.contextmanager
