@@ -200,3 +200,57 @@ def _cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").replace("\0", " ")
     except OSError:
         return ""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# In this process: no launcher needed
+
+
+def test_data_seeds_per_rank_keep_rank_0_and_never_replay_another_seed():
+    assert distributed.data_seed(7, 0) == 7  # one process draws what it always drew
+    seeds = {distributed.data_seed(seed, rank) for seed in range(4) for rank in range(1, 4)}
+    assert len(seeds) == 12 and min(seeds) >= 2**32  # above every valid train.seed: seed + rank would collide
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_render_export_eval_refuse_a_multi_process_launcher(make_project, run_cli, monkeypatch, rank):
+    root = make_project()
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for command in (["render", root], ["eval", root], ["export", root, "--format", "webui", "--out", root / "x"]):
+        result = run_cli(*command)
+        assert result.code == 2
+        # said once, by rank 0; the other ranks only exit
+        assert ("runs as one process" in result.err) == (rank == "0") and "Traceback" not in result.err
+    assert not (root / "out").exists() and not (root / "x").exists()
+
+
+def _to_single_process_format(folder: Path) -> None:
+    """Rewrite a checkpoint as palpcompose wrote it before several processes: rng keys without rank, one python
+    state, no num_processes."""
+    from safetensors.torch import save_file
+
+    rng = load_file(str(folder / "rng.safetensors"))
+    save_file({k.split(".", 1)[1]: v for k, v in rng.items() if k.startswith("0.")}, str(folder / "rng.safetensors"))
+    state = json.loads((folder / "state.json").read_text())
+    state["python_rng"], state["cuda_rng_devices"] = state["python_rng"][0], state["cuda_rng_devices"][0]
+    del state["num_processes"]
+    (folder / "state.json").write_text(json.dumps(state))
+
+
+def test_a_checkpoint_from_before_several_processes_resumes_and_a_damaged_one_exits_2(make_project, run_cli):
+    quiet = Console(file=io.StringIO())
+    straight = make_project({"train": {"steps": 3}}, dirname="straight")
+    train(straight, console=quiet)
+    old = make_project({"train": {"steps": 3}}, dirname="old")
+    train(old, steps=2, console=quiet)
+    _to_single_process_format(old / "out" / "checkpoint")
+    assert train(old, resume=True, console=quiet).steps_done == 3
+    for name in ("lora", "embeddings"):
+        a, b = (load_file(str(r / "out" / "weights" / "final" / f"{name}.safetensors")) for r in (straight, old))
+        assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    # a damaged checkpoint: a clear message and exit 2, not a KeyError
+    (old / "out" / "checkpoint" / "rng.safetensors").write_bytes(b"")
+    result = run_cli("train", old, "--resume", "--steps", 4)
+    assert result.code == 2 and "checkpoint cannot be read" in result.err and "without --resume" in result.err
+    assert "Traceback" not in result.err
