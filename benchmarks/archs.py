@@ -2,7 +2,9 @@
 
 `tiny` is the size of tests/tiny_pipeline.py (for tests); `toy` the size of `builtin:toy` (the shapes of
 palpcompose/toyworld/train_base.py, for CPU figures); `sd15` has the real SD-1.5 UNet, VAE and CLIP-L text encoder
-shapes. Weights are random, so loss values mean nothing; time and memory are what we measure.
+shapes; `sdxl` the real SDXL base shapes (UNet with pooled-text and size conditioning, VAE, CLIP-L and OpenCLIP-bigG
+text encoders); `sd15-thin` and `sdxl-thin` their module structure with narrow layers (CPU proxies and smoke tests).
+Weights are random, so loss values mean nothing; time and memory are what we measure.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import torch
 
 from palpcompose.errors import UserError
 
-ARCHS = ("tiny", "toy", "sd15", "sd15-thin", "sdxl")
+ARCHS = ("tiny", "toy", "sd15", "sd15-thin", "sdxl", "sdxl-thin")
 
 # The paper's LoRA (method.md, "What is trained"): rank 32 on the attention projections, not on the text encoder.
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -27,6 +29,7 @@ class ArchSpec:
     text: dict
     vae_scale_factor: int  # pixels per latent pixel
     default_resolution: int
+    text_2: dict | None = None  # SDXL's second text encoder (CLIPTextModelWithProjection), else None
 
 
 TINY = ArchSpec(
@@ -103,10 +106,43 @@ SD15_THIN = ArchSpec(
 )
 
 
+# SDXL base 1.0 (stabilityai/stable-diffusion-xl-base-1.0 configs): 2.57 B UNet parameters, 128x128 latents at 1024 px;
+# cross-attention reads CLIP-L's 768 + bigG's 1280 features, the added embedding bigG's pooled 1280 + 6 x 256 sizes.
+SDXL = ArchSpec(
+    name="sdxl",
+    unet={
+        "block_out_channels": (320, 640, 1280), "layers_per_block": 2, "in_channels": 4, "out_channels": 4,
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        "transformer_layers_per_block": (1, 2, 10), "attention_head_dim": (5, 10, 20), "use_linear_projection": True,
+        "cross_attention_dim": 2048, "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+        "projection_class_embeddings_input_dim": 2816, "norm_num_groups": 32,
+    },
+    vae={**SD15.vae, "scaling_factor": 0.13025},
+    text={**SD15.text},
+    text_2={
+        "hidden_size": 1280, "intermediate_size": 5120, "num_attention_heads": 20, "num_hidden_layers": 32,
+        "vocab_size": 49408, "projection_dim": 1280, "hidden_act": "gelu",
+    },
+    vae_scale_factor=8,
+    default_resolution=1024,
+)
+
+# SDXL's module structure (blocks, layers, 1/2/10 transformer layers, 12 and 32 text layers) with narrow widths.
+SDXL_THIN = ArchSpec(
+    name="sdxl-thin",
+    unet={**SDXL.unet, "block_out_channels": (16, 32, 64), "attention_head_dim": (2, 4, 8), "cross_attention_dim": 64,
+          "addition_time_embed_dim": 8, "projection_class_embeddings_input_dim": 32 + 6 * 8, "norm_num_groups": 16},
+    vae={**SD15_THIN.vae, "scaling_factor": 0.13025},
+    text={**SD15_THIN.text, "hidden_size": 32, "projection_dim": 32, "num_attention_heads": 2},
+    text_2={**SDXL.text_2, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "projection_dim": 32},
+    vae_scale_factor=8,
+    default_resolution=64,
+)
+
+
 def arch_spec(name: str) -> ArchSpec:
-    if name == "sdxl":
-        raise UserError("--arch sdxl: not yet supported: the SDXL issue has not landed; use --arch tiny or sd15")
-    specs = {"tiny": TINY, "toy": TOY, "sd15": SD15, "sd15-thin": SD15_THIN}
+    specs = {"tiny": TINY, "toy": TOY, "sd15": SD15, "sd15-thin": SD15_THIN, "sdxl": SDXL, "sdxl-thin": SDXL_THIN}
     if name not in specs:
         raise UserError(f"--arch {name!r}: unknown architecture; choose one of {', '.join(ARCHS)}")
     return specs[name]
@@ -157,12 +193,17 @@ class Models:
     vae: torch.nn.Module
     text_encoder: torch.nn.Module
     scheduler: object  # a diffusers DDPMScheduler with SD's training schedule
+    text_encoder_2: torch.nn.Module | None = None  # SDXL's CLIPTextModelWithProjection
+
+    @property
+    def text_encoders(self) -> list:
+        return [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]
 
 
 def build(spec: ArchSpec, device: str | torch.device, seed: int = 0) -> Models:
     """Random-weight UNet, VAE, text encoder and the SD noise schedule; identical for identical seeds."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     # Build directly on the device: initialising 1.1 B parameters on the CPU alone takes longer than the benchmark.
     with torch.device(device):
@@ -172,15 +213,18 @@ def build(spec: ArchSpec, device: str | torch.device, seed: int = 0) -> Models:
         vae = AutoencoderKL(sample_size=spec.default_resolution, **spec.vae)
         torch.manual_seed(seed)
         vocab = spec.text["vocab_size"]  # CLIP's tokenizer: BOS and EOS are the last two ids, padding is EOS
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            max_position_embeddings=77, bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1,
-            **spec.text,
-        ))
+        ids = {"max_position_embeddings": 77, "bos_token_id": vocab - 2, "eos_token_id": vocab - 1,
+               "pad_token_id": vocab - 1}
+        text_encoder = CLIPTextModel(CLIPTextConfig(**ids, **spec.text))
+        text_encoder_2 = None
+        if spec.text_2 is not None:
+            torch.manual_seed(seed + 1)
+            text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**ids, **spec.text_2))
     scheduler = DDPMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
         prediction_type="epsilon", clip_sample=False, steps_offset=1,
     )
-    return Models(spec, unet, vae, text_encoder, scheduler)
+    return Models(spec, unet, vae, text_encoder, scheduler, text_encoder_2)
 
 
 def prepare_for_reference(m: Models, dtype: torch.dtype, lora_rank: int = 32, seed: int = 0) -> list[torch.nn.Parameter]:
@@ -188,7 +232,7 @@ def prepare_for_reference(m: Models, dtype: torch.dtype, lora_rank: int = 32, se
     Returns the trainable parameters."""
     from peft import LoraConfig
 
-    for module in (m.unet, m.vae, m.text_encoder):
+    for module in (m.unet, m.vae, *m.text_encoders):
         module.requires_grad_(False)
         module.to(dtype=dtype)
         module.eval()

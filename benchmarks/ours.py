@@ -15,6 +15,7 @@ import torch
 
 from benchmarks.archs import Models
 from palpcompose import accel, models, train
+from palpcompose.conditioning import SDXLTextEncoders
 from palpcompose.data import SubjectData, sample_batch
 from palpcompose.guidance import GuidanceConfig
 from palpcompose.project import (
@@ -51,21 +52,26 @@ def bench_config(mode: str, alpha: float, beta: float, batch: int, resolution: i
 def make_engine_step(
     m: Models, tokenizer, mode: str, opts: accel.AccelOptions, pixel_values: torch.Tensor, *, alpha: float = 7.5,
     beta: float = 1.0, mixed_precision: str = "no", seed: int = 0, low_memory: bool = False, num_subjects: int = 1,
+    tokenizer_2=None,
 ) -> tuple[train.TrainState, Callable[[], dict[str, float]]]:
     """Build the engine's TrainState on `m` (which it takes over) and a no-argument callable running one step.
     `low_memory`: the engine's low-memory preset (train.low_memory): gradient checkpointing, and the VAE moved to the
     CPU once the latents are cached. `num_subjects`: that many subjects, each with its own placeholder row and the
-    same reference latents; each sample of a batch draws one (data.sample_batch)."""
+    same reference latents; each sample of a batch draws one (data.sample_batch). SDXL (`m.text_encoder_2`): pass
+    its second tokenizer as `tokenizer_2` (a separate object: each tokenizer gets the placeholder tokens)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
     batch, _, resolution, _ = pixel_values.shape
     config = bench_config(mode, alpha, beta, batch, resolution, mixed_precision, low_memory=low_memory,
                           num_subjects=num_subjects)
+    sdxl = m.text_encoder_2 is not None
     components = models.Components(
-        unet=m.unet, vae=m.vae, text_encoder=m.text_encoder, tokenizer=tokenizer, noise_scheduler=m.scheduler,
+        unet=m.unet, vae=m.vae, tokenizer=tokenizer, noise_scheduler=m.scheduler,
+        text_encoder=SDXLTextEncoders(m.text_encoder, m.text_encoder_2) if sdxl else m.text_encoder,
         inference_scheduler_config=dict(m.scheduler.config), prediction_type=m.scheduler.config.prediction_type,
-        alphas_cumprod=m.scheduler.alphas_cumprod.float().clone(),
+        alphas_cumprod=m.scheduler.alphas_cumprod.float().clone(), family="sdxl" if sdxl else "sd1",
+        tokenizer_2=tokenizer_2 if sdxl else None, force_zeros_for_empty_prompt=sdxl,
     )
     # accelerate keeps one process-wide state and refuses a second Accelerator with another mixed precision; a
     # benchmark or test process builds one engine per variant, so start each from a clean state (single process).
@@ -77,11 +83,12 @@ def make_engine_step(
 
     # The reference latents' distributions, encoded once (as data.encode_subject does for image files).
     with torch.no_grad():
-        dist = m.vae.encode(pixel_values.to(accelerator.device, state.weight_dtype)).latent_dist
+        dist = m.vae.encode(pixel_values.to(accelerator.device, m.vae.dtype)).latent_dist
     scale = m.vae.config.scaling_factor
     if low_memory:
         train.offload_vae(state)  # as `palpcompose train` does: the training step never uses it again
-    subjects = [SubjectData(key, models.tokenize(tokenizer, [models.expand_placeholders(subject.prompt, tokens)])[0],
+    subjects = [SubjectData(key, models.tokenize(tokenizer, [models.expand_placeholders(subject.prompt, tokens)],
+                                                 components.tokenizer_2)[0],
                             dist.mean.float().cpu() * scale, dist.std.float().cpu() * scale, batch, False)
                 for key, subject in config.subjects.items()]
 

@@ -1,7 +1,8 @@
 """The peer stand-in: a plain eager DreamBooth-LoRA step, written the simplest way.
 
-It follows diffusers' examples/dreambooth/train_dreambooth_lora.py: encode the images with the VAE and the prompt
-with the text encoder on every step, draw noise and a timestep, forward diffusion with `add_noise`, predict the
+It follows diffusers' examples/dreambooth/train_dreambooth_lora.py (train_dreambooth_lora_sdxl.py for SDXL: both text
+encoders, pooled embedding and size time ids): encode the images with the VAE and the prompt with the text encoder on
+every step, draw noise and a timestep, forward diffusion with `add_noise`, predict the
 noise with the LoRA UNet, MSE, backward, clip, AdamW. No caching, no guidance, no fusion.
 """
 
@@ -33,8 +34,16 @@ class ReferenceStep:
         )
         noisy_latents = m.scheduler.add_noise(latents, noise, timesteps)
         # Prompt -> text embeddings, every step.
-        encoder_hidden_states = m.text_encoder(input_ids)[0]
-        model_pred = m.unet(noisy_latents, timesteps, encoder_hidden_states).sample
+        if m.text_encoder_2 is None:
+            model_pred = m.unet(noisy_latents, timesteps, m.text_encoder(input_ids)[0]).sample
+        else:  # SDXL: both encoders' penultimate states, the second's pooled projection, the size conditioning
+            first = m.text_encoder(input_ids, output_hidden_states=True)
+            second = m.text_encoder_2(input_ids, output_hidden_states=True)
+            embeds = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+            side = pixel_values.shape[-1]
+            time_ids = torch.tensor([[side, side, 0, 0, side, side]], device=device).expand(latents.shape[0], -1)
+            added = {"text_embeds": second.text_embeds, "time_ids": time_ids}
+            model_pred = m.unet(noisy_latents, timesteps, embeds, added_cond_kwargs=added).sample
         loss = F.mse_loss(model_pred.float(), noise.float(), reduction="mean")
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)

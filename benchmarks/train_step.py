@@ -3,6 +3,8 @@
     python -m benchmarks.train_step --arch tiny --device cpu --steps 20
     python -m benchmarks.train_step --arch sd15 --device cuda --steps 30 --json \
         --variants reference,none,palp,palp+graphs,palp+fused
+    python -m benchmarks.train_step --arch sdxl --device cuda --steps 10 --variants reference,palp,palp+lowmem
+    python -m benchmarks.train_step --arch sdxl --device cpu --resolution 64 --steps 1 --warmup 1 --variants palp
 
 Every variant runs in this one process on the same random-weight models. Per variant: the warm-up steps (first
 call, CUDA-graph capture, compilation, cuDNN autotuning) are timed and reported separately; then `--steps` steps
@@ -197,10 +199,12 @@ def run(args: argparse.Namespace) -> dict:
         else:
             def make_step(m=m, variant=variant):
                 tokenizer = archs.make_tokenizer(spec, tokenizer_dir)
+                tokenizer_2 = archs.make_tokenizer(spec, tokenizer_dir / "2") if spec.text_2 else None
                 mixed_precision = "no" if dtype == torch.float32 else dtype_name
                 return make_engine_step(m, tokenizer, variant.mode, variant.opts, pixel_values, alpha=args.alpha,
                                         beta=args.beta, mixed_precision=mixed_precision,
-                                        low_memory=variant.low_memory, num_subjects=args.subjects)[1]
+                                        low_memory=variant.low_memory, num_subjects=args.subjects,
+                                        tokenizer_2=tokenizer_2)[1]
         try:
             results[name] = time_variant(make_step, args.steps, args.warmup, device, args.profile_steps, args.batch)
         except Exception as exc:  # noqa: BLE001 (one failing lever, e.g. a capture error, must not lose the rest)

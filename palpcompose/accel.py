@@ -175,8 +175,11 @@ class _UNetSample(torch.nn.Module):
         super().__init__()
         self.unet = unet
 
-    def forward(self, latents, timesteps, embeds):
-        return self.unet(latents, timesteps, embeds).sample
+    def forward(self, latents, timesteps, embeds, pooled=None, time_ids=None):
+        if pooled is None:
+            return self.unet(latents, timesteps, embeds).sample
+        added = {"text_embeds": pooled, "time_ids": time_ids.expand(latents.shape[0], -1)}  # SDXL
+        return self.unet(latents, timesteps, embeds, added_cond_kwargs=added).sample
 
 
 class GraphedPersonalizationPass:
@@ -194,10 +197,13 @@ class GraphedPersonalizationPass:
         self.unet = unet
         self.graphed: dict[tuple, torch.nn.Module] = {}
 
-    def __call__(self, latents: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
-        signature = tuple((tuple(x.shape), x.dtype, x.requires_grad) for x in (latents, timesteps, embeds))
+    def __call__(self, latents: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor,
+                 *added: torch.Tensor) -> torch.Tensor:
+        """`added`: SDXL's pooled embeddings and time ids, or nothing."""
+        inputs = (latents, timesteps, embeds, *added)
+        signature = tuple((tuple(x.shape), x.dtype, x.requires_grad) for x in inputs)
         if signature not in self.graphed:
-            sample_args = tuple(x.detach().clone().requires_grad_(x.requires_grad) for x in (latents, timesteps, embeds))
+            sample_args = tuple(x.detach().clone().requires_grad_(x.requires_grad) for x in inputs)
             with torch.autocast(latents.device.type, enabled=False, cache_enabled=False):
                 self.graphed[signature] = torch.cuda.make_graphed_callables(_UNetSample(self.unet), sample_args)
-        return self.graphed[signature](latents, timesteps, embeds)
+        return self.graphed[signature](*inputs)

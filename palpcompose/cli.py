@@ -24,11 +24,30 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
+    # click's plain help: Typer's rich panels print every flag as `--resume <bool>`, as if it took a value
+    rich_markup_mode=None,
 )
 console = Console()
 err_console = Console(stderr=True)
 
 ProjectDir = Annotated[Path, typer.Argument(metavar="DIR", help="The project folder (holds palp.toml).", show_default=False)]
+# `--step` is the contract's spelling; `--snapshot` says what it picks, next to train's `--steps` (how many to train)
+SnapshotOpt = Annotated[int | None, typer.Option("--snapshot", "--step", metavar="N", help="Use the snapshot saved at "
+                        "training step N instead of the final weights.")]
+
+
+def _renamed(command: str, old: str, old_value, new: str, new_value):
+    """The value of an option that was renamed: the new spelling, else the old one with a note saying so."""
+    from palpcompose.errors import UserError
+
+    if old_value is None:
+        return new_value
+    if new_value is not None:
+        raise UserError(f"{command}: {old} is the old name of {new}; give only {new}")
+    err_console.print(f"[yellow]note:[/] {command} {old} is now {new} (same meaning); {old} will be removed",
+                      highlight=False, soft_wrap=True)
+    return old_value
 
 
 def _version_callback(value: bool) -> None:
@@ -39,7 +58,8 @@ def _version_callback(value: bool) -> None:
 
 @app.callback()
 def _root(
-    debug: Annotated[bool, typer.Option("--debug", help="Show Python tracebacks on errors.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show Python tracebacks on errors (also after the command: "
+                                        "`palpcompose train DIR --debug`).")] = False,
     version: Annotated[
         bool | None, typer.Option("--version", callback=_version_callback, is_eager=True, help="Print the version.")
     ] = None,
@@ -65,6 +85,8 @@ def init(
         console.print(f"[green]created[/] {escape(str(path))}", highlight=False)
     for path in result.kept:
         console.print(f"[dim]kept[/] {escape(str(path))} (already there)", highlight=False)
+    for note in result.notes:
+        err_console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
     first = ("the reference images are drawn; try" if template == "toy-demo" else
              f"put the reference images in {project_dir / 'refs'}/, edit {project_dir / 'palp.toml'}, then run")
     console.print(f"\nProject {result.name} ({template}). Next: {first} `palpcompose check {project_dir}`.",
@@ -109,6 +131,15 @@ def check(project_dir: ProjectDir) -> None:
     settings.add_row("training", f"{config.train.steps} steps at {config.train.resolution} px, batch "
                      f"{config.train.batch_size}, LoRA rank {config.train.lora_rank}, mixed precision "
                      f"{config.train.mixed_precision}")
+    rc = config.render
+    settings.add_row("training rates", f"LoRA {config.train.learning_rate:g}, embeddings "
+                     f"{config.train.embedding_learning_rate:g}")
+    settings.add_row("rendering", f"{rc.steps} {rc.scheduler} steps at CFG {rc.guidance_scale:g}, "
+                     f"{len(rc.seeds)} seed(s)")
+    if report.project.model_defaults:
+        chosen = ", ".join(f"{key} = {value!r}" for key, (value, _) in report.project.model_defaults.items())
+        reasons = "; ".join(dict.fromkeys(why for _, why in report.project.model_defaults.values()))
+        settings.add_row("from the base model", Text(f"{chosen} ({reasons})"))
     console.print(settings, highlight=False)
     for note in report.notes:
         err_console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
@@ -120,7 +151,8 @@ def train(
     steps: Annotated[int | None, typer.Option("--steps", metavar="N", help="Train to N steps in total (default: train.steps).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from out/checkpoint (an interrupted or finished run).")] = False,
     guidance: Annotated[str | None, typer.Option("--guidance", metavar="MODE", help="palp, sds or none (default: palp.guidance).")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Retrain even when the weights are up to date.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Start a new run even when the weights are up to date or the "
+                     "run could be continued; the earlier run is kept in out/runs/<id>/.")] = False,
 ) -> None:
     """Train the project's subjects with PALP: progress bar, previews, snapshots, out/weights/final/."""
     from palpcompose.project import load_project
@@ -137,33 +169,40 @@ def render(
     project_dir: ProjectDir,
     prompt: Annotated[
         list[str] | None,
-        typer.Option("--prompt", metavar="TEXT", help="Prompt to render, with [V1]-style placeholders (repeatable). Default: "
-                     "render.prompts, else palp.target_prompt."),
+        typer.Option("--prompt", metavar="TEXT", help="Prompt to render, with [V1]-style placeholders (repeatable; default: "
+                     "render.prompts, else palp.target_prompt)."),
     ] = None,
-    seeds: Annotated[str | None, typer.Option("--seeds", metavar="SEEDS", help="Seeds: 0-7, 1,5,9 or mixes (0-3,10).")] = None,
-    step: Annotated[int | None, typer.Option("--step", metavar="N", help="Use the snapshot of step N instead of the final weights.")] = None,
-    steps: Annotated[int | None, typer.Option("--steps", metavar="N", help="Sampling steps.")] = None,
-    guidance_scale: Annotated[float | None, typer.Option("--guidance-scale", metavar="FLOAT", help="Classifier-free guidance scale.")] = None,
-    width: Annotated[int | None, typer.Option("--width", metavar="PX", help="Image width in pixels (multiple of 8).")] = None,
-    height: Annotated[int | None, typer.Option("--height", metavar="PX", help="Image height in pixels (multiple of 8).")] = None,
-    negative_prompt: Annotated[str | None, typer.Option("--negative-prompt", metavar="TEXT", help="Negative prompt.")] = None,
-    scheduler: Annotated[str | None, typer.Option("--scheduler", metavar="NAME", help="Sampler: dpm++ (default), ddim or euler-a.")] = None,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", metavar="N", help="Images per forward pass (the images do not change).")] = None,
+    seeds: Annotated[str | None, typer.Option("--seeds", metavar="SEEDS", help="Seeds: 0-7, 1,5,9 or mixes (0-3,10) "
+                     "(default: render.seeds, [0, 1, 2, 3] unless set).")] = None,
+    snapshot: SnapshotOpt = None,
+    sampling_steps: Annotated[int | None, typer.Option("--sampling-steps", metavar="N", help="Denoising steps per image (default: render.steps).")] = None,
+    old_steps: Annotated[int | None, typer.Option("--steps", hidden=True)] = None,  # before --sampling-steps
+    guidance_scale: Annotated[float | None, typer.Option("--guidance-scale", metavar="FLOAT", help="Classifier-free guidance scale (default: render.guidance_scale).")] = None,
+    width: Annotated[int | None, typer.Option("--width", metavar="PX", help="Image width in pixels, a multiple of 8 (default: render.width, else train.resolution).")] = None,
+    height: Annotated[int | None, typer.Option("--height", metavar="PX", help="Image height in pixels, a multiple of 8 (default: render.height, else train.resolution).")] = None,
+    negative_prompt: Annotated[str | None, typer.Option("--negative-prompt", metavar="TEXT", help="Negative prompt (default: render.negative_prompt).")] = None,
+    scheduler: Annotated[str | None, typer.Option("--scheduler", metavar="NAME", help="Sampler: dpm++, ddim or euler-a (default: render.scheduler, dpm++ unless set).")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", metavar="N", help="Images per forward pass; the images do not change (default: render.batch_size).")] = None,
     sweep: Annotated[bool, typer.Option("--sweep", help="Render every snapshot and the final weights in one grid.")] = False,
     compare: Annotated[bool, typer.Option("--compare", help="Render the base model (class words, no LoRA) beside the personalized one.")] = False,
+    run: Annotated[str | None, typer.Option("--run", metavar="ID", help="Use the earlier training run kept in "
+                   "out/runs/ID/ instead of the current one.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", metavar="PATH", help="Write the images to this new or empty folder "
+                   "(default: a new folder in DIR/out/renders/).")] = None,
 ) -> None:
-    """Render prompts with the trained weights: PNGs and a contact sheet under DIR/out/renders/<run>/."""
+    """Render prompts with the trained weights: PNGs and a contact sheet under DIR/out/renders/<run>/ (or --out)."""
     from palpcompose.distributed import refuse_launcher
     from palpcompose.project import load_project
     from palpcompose.render import render as render_project
     from palpcompose.render import summary_table
 
     refuse_launcher("render")
+    steps = _renamed("render", "--steps", old_steps, "--sampling-steps", sampling_steps)
     project = load_project(project_dir, check_images=False)
     result = render_project(
-        project, prompts=prompt, seeds=seeds, step=step, steps=steps, guidance_scale=guidance_scale, width=width,
+        project, prompts=prompt, seeds=seeds, step=snapshot, steps=steps, guidance_scale=guidance_scale, width=width,
         height=height, negative_prompt=negative_prompt, scheduler=scheduler, batch_size=batch_size, sweep=sweep,
-        compare=compare, console=err_console,
+        compare=compare, out=out, console=err_console, run=run,
     )
     console.print(summary_table(result))
 
@@ -173,8 +212,10 @@ def export(
     project_dir: ProjectDir,
     fmt: Annotated[str, typer.Option("--format", metavar="FORMAT", help="diffusers or webui (AUTOMATIC1111, ComfyUI).")],
     out: Annotated[Path, typer.Option("--out", metavar="PATH", help="Folder to write the files to (created if missing).")],
-    step: Annotated[int | None, typer.Option("--step", metavar="N", help="Export the snapshot of step N instead of the final weights.")] = None,
+    snapshot: SnapshotOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite files of the same name in the --out folder.")] = False,
+    run: Annotated[str | None, typer.Option("--run", metavar="ID", help="Use the earlier training run kept in "
+                   "out/runs/ID/ instead of the current one.")] = None,
 ) -> None:
     """Write the trained weights in another tool's format (diffusers, or webui for AUTOMATIC1111 and ComfyUI)."""
     from palpcompose.distributed import refuse_launcher
@@ -184,7 +225,7 @@ def export(
 
     refuse_launcher("export")
     project = load_project(project_dir, check_images=False)
-    result = export_project(project, fmt, out, step=step, force=force)
+    result = export_project(project, fmt, out, step=snapshot, force=force, run=run)
     for message in result.warnings:
         err_console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False)
     console.print(summary_table(result))
@@ -202,8 +243,9 @@ def eval_command(
                        "out/renders/) instead of rendering the target prompt.")] = None,
     seeds: Annotated[str | None, typer.Option("--seeds", metavar="SEEDS", help="Seeds to render: 0-7, 1,5,9 or mixes "
                      "(default: render.seeds).")] = None,
-    step: Annotated[int | None, typer.Option("--step", metavar="N", help="Render with the snapshot of step N instead of the "
-                    "final weights.")] = None,
+    snapshot: SnapshotOpt = None,
+    run: Annotated[str | None, typer.Option("--run", metavar="ID", help="Use the earlier training run kept in "
+                   "out/runs/ID/ instead of the current one.")] = None,
 ) -> None:
     """Measure text alignment and subject fidelity of renders: a table and out/eval.json (docs/evaluation.md)."""
     from palpcompose.distributed import refuse_launcher
@@ -212,7 +254,8 @@ def eval_command(
 
     refuse_launcher("eval")
     project = load_project(project_dir)
-    result = evaluate(project, clip=clip, oracle=oracle, renders=renders, seeds=seeds, step=step, console=err_console)
+    result = evaluate(project, clip=clip, oracle=oracle, renders=renders, seeds=seeds, step=snapshot,
+                      console=err_console, run=run)
     console.print(summary_table(result))
     for key, info in result.subjects.items():
         console.print(f"[{key}] {info['class_name']}: scored on {info['scored_as']}", highlight=False, markup=False)
@@ -243,18 +286,31 @@ def _stop_listening() -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def _take_debug_flag(argv: list[str]) -> list[str]:
+    """`--debug` wherever it is written (before or after the command, not after `--`): set PALP_DEBUG and drop it,
+    so that every command accepts it without declaring it."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    if "--debug" not in argv[:end]:
+        return argv
+    os.environ["PALP_DEBUG"] = "1"
+    return [a for a in argv[:end] if a != "--debug"] + argv[end:]
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the Typer app and map errors to exit codes."""
     # transformers warns on every import that torchvision is missing (we never need it); keep its errors only
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     _sigterm_is_ctrl_c()
+    argv = _take_debug_flag(list(sys.argv[1:] if argv is None else argv))
     try:
         code = app(args=argv, standalone_mode=False)
     except PalpcomposeError as exc:
         if exc.exit_code == 130:
             _stop_listening()
-        if os.environ.get("PALP_DEBUG"):
-            raise
+        if os.environ.get("PALP_DEBUG"):  # the traceback, then the same message and exit code as without --debug
+            import traceback
+
+            traceback.print_exception(exc, file=sys.stderr)
         if not exc.quiet:
             err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)

@@ -38,6 +38,15 @@ from palpcompose.fsutil import atomic_write_json
 PLACEHOLDER = re.compile(r"\[(V[1-9][0-9]*)\]")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 TOY_MODEL = "builtin:toy"
+ARTWORK_HEADS = ("style", "ambiance")  # what an artwork subject (class_name not a toy-world class) is judged on
+
+
+def is_toy_object(class_name: str) -> bool:
+    """A subject whose class_name is one of the toy world's object classes (else the oracle judges it as an
+    artwork, on its style and ambiance)."""
+    from palpcompose.toyworld import world
+
+    return class_name.strip().lower() in world.CLASSES
 
 
 def class_word_prompt(prompt: str, class_words: dict[str, str]) -> str:
@@ -88,13 +97,13 @@ class OracleScorer:
         self.targets: dict[str, dict[str, int]] = {}
         for key, subject in project.config.subjects.items():
             refs = [_open_rgb(p) for p in project.images[key]]
-            if subject.class_name.strip().lower() in world.CLASSES:
+            if is_toy_object(subject.class_name):
                 self.kinds[key] = "object"
                 self.targets[key] = toy_oracle.subject_identity(self.oracle, refs)
-            else:
-                self.kinds[key] = "style"
-                style_probs = toy_oracle.predict(self.oracle, refs)["style"]
-                self.targets[key] = {"style": int(style_probs.mean(0).argmax())}
+            else:  # an artwork: what a render can take from it is its look, the style and the ambiance
+                self.kinds[key] = "artwork"
+                probs = toy_oracle.predict(self.oracle, refs)
+                self.targets[key] = {head: int(probs[head].mean(0).argmax()) for head in ARTWORK_HEADS}
 
     def describe_subject(self, key: str) -> str:
         heads = self._oracle_module.HEADS
@@ -103,7 +112,7 @@ class OracleScorer:
 
     def check_prompt(self, prompt: str) -> None:
         text = class_word_prompt(prompt, self.class_words)
-        if not self._oracle_module.parse_prompt(text).named():
+        if not self._oracle_module.prompt_elements(text):
             raise UserError(
                 f"prompt {prompt!r} names no toy-world element, so the oracle cannot measure its text alignment; "
                 f"name a style ({', '.join(self._world.STYLE_PHRASES.values())}), an ambiance "
@@ -113,10 +122,12 @@ class OracleScorer:
 
     def score(self, images, prompt: str) -> PromptScores:
         self.check_prompt(prompt)
-        elements = self._oracle_module.parse_prompt(class_word_prompt(prompt, self.class_words)).named()
+        # Every element the prompt names, each placeholder as its subject's class word: with two object subjects
+        # both classes count, and the toy world's one object per scene can match only one of them.
+        elements = self._oracle_module.prompt_elements(class_word_prompt(prompt, self.class_words))
         probs = self._oracle_module.predict(self.oracle, images)  # head -> (N, values)
         heads = self._oracle_module.HEADS
-        hits = {head: (probs[head].argmax(-1) == value) for head, value in elements.items()}
+        hits = {(head, value): (probs[head].argmax(-1) == value) for head, value in elements}
         # Same definition as toyworld.oracle.score_text_alignment: the fraction of named elements recognised.
         text = torch.stack([h.float() for h in hits.values()]).mean(0).tolist()
         subjects = {}
@@ -124,7 +135,7 @@ class OracleScorer:
             per_head = torch.stack([probs[head][:, value] for head, value in self.targets[key].items()])
             subjects[key] = per_head.mean(0).tolist()
         details = [
-            {"elements": {f"{head} {heads[head][value]}": bool(hits[head][i]) for head, value in elements.items()}}
+            {"elements": {f"{head} {heads[head][value]}": bool(hits[head, value][i]) for head, value in elements}}
             for i in range(len(text))
         ]
         return PromptScores(text, subjects, details)
@@ -272,23 +283,44 @@ def resolve_renders(project, renders: str | Path) -> Path:
 class EvalResult:
     metric: str
     renders: Path
-    text_alignment: float
+    text_alignment: float  # the means of `means_of`, the personalized weights (see `models` for every set)
     subject_fidelity: float | None
-    subjects: dict[str, dict]  # key -> {"class_name", "scored_as", "subject_fidelity"}
+    subjects: dict[str, dict]  # key -> {"class_name", "scored_as", "subject_fidelity"} (of `means_of`)
     images: list[dict]
     eval_json: Path
+    models: dict[str, dict] = field(default_factory=dict)  # weights label -> its own means, guidance and step
+    means_of: str | None = None  # the weights the top-level means are of
+    guidance: str | None = None  # the guidance that trained them (manifest.json), None for the base model
+    run_eval_json: Path | None = None  # the copy kept in the render folder
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _trained_guidance(project, run: str | None = None) -> str | None:
+    """The guidance of the trained weights, from the run's manifest.json (out/, or out/runs/<run>/ with --run; None
+    when unreadable)."""
+    from palpcompose.run import run_out_dir
+
+    try:
+        return json.loads((run_out_dir(project, run) / "manifest.json").read_text(encoding="utf-8")).get("guidance")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def evaluate(project, *, clip=None, oracle: bool = False, renders=None, seeds=None, step: int | None = None,
-             console=None, scorer=None) -> EvalResult:
-    """Score renders of `project` and write out/eval.json. Without `renders`, renders the target prompt for `seeds`
-    (default: render.seeds) with the final weights (or snapshot `step`) first. `scorer` overrides the metric (tests,
-    the ablation)."""
+             console=None, scorer=None, run: str | None = None) -> EvalResult:
+    """Score renders of `project` and write eval.json into the render folder and out/eval.json (the latest).
+    Without `renders`, renders the target prompt for `seeds` (default: render.seeds) with the final weights (or
+    snapshot `step`, or the training run `run` kept in out/runs/) first. Images of different weights (a `--compare`
+    or `--sweep` folder) get one mean each. `scorer` overrides the metric (tests, the ablation)."""
     from palpcompose.render import render
 
     cfg = project.config
-    if renders is not None and (seeds is not None or step is not None):
-        raise UserError("--renders scores existing images; --seeds and --step only apply when eval renders")
+    if renders is not None and (seeds is not None or step is not None or run is not None):
+        raise UserError("--renders scores existing images; --seeds, --step and --run only apply when eval renders")
     # 1. Validate everything before rendering or writing anything.
     folder = resolve_renders(project, renders) if renders is not None else None
     if folder is None and not cfg.palp.target_prompt:
@@ -301,11 +333,12 @@ def evaluate(project, *, clip=None, oracle: bool = False, renders=None, seeds=No
 
     # 2. Images: render the target prompt, or the folder's images.
     if listed is None:
-        result = render(project, prompts=[cfg.palp.target_prompt], seeds=seeds, step=step, console=console)
+        result = render(project, prompts=[cfg.palp.target_prompt], seeds=seeds, step=step, console=console, run=run)
         folder = result.run_dir
         listed = [EvalImage(i.path, i.prompt, i.seed, i.model, i.step) for i in result.images]
 
     # 3. Score, one prompt at a time.
+    trained_guidance = _trained_guidance(project, run)
     rows: list[dict] = []
     for prompt in dict.fromkeys(i.prompt for i in listed):
         group = [i for i in listed if i.prompt == prompt]
@@ -314,31 +347,49 @@ def evaluate(project, *, clip=None, oracle: bool = False, renders=None, seeds=No
             per_subject = {key: values[n] for key, values in scores.subjects.items()}
             rows.append({
                 "file": image.path.name, "prompt": prompt, "seed": image.seed, "model": image.model,
+                "guidance": None if image.model in ("base", None) else trained_guidance,
                 "step": image.step, "text_alignment": scores.text_alignment[n],
                 "subject_fidelity": sum(per_subject.values()) / len(per_subject) if per_subject else None,
                 "subjects": per_subject, **(scores.details[n] if scores.details else {}),
             })
+    order = {i.path.name: n for n, i in enumerate(listed)}
+    rows.sort(key=lambda r: order[r["file"]])  # the folder's order, not grouped by prompt
 
-    # 4. Means and eval.json.
-    def mean(values):
-        values = [v for v in values if v is not None]
-        return sum(values) / len(values) if values else None
+    # 4. Means per set of weights (base model, each snapshot, final), and eval.json.
+    def means(group: list[dict]) -> dict:
+        return {"text_alignment": _mean(r["text_alignment"] for r in group),
+                "subject_fidelity": _mean(r["subject_fidelity"] for r in group),
+                "subjects": {key: _mean(r["subjects"].get(key) for r in group) for key in cfg.subjects}}
 
+    labels = list(dict.fromkeys(r["model"] or "renders" for r in rows))
+    models = {}
+    for label in labels:
+        group = [r for r in rows if (r["model"] or "renders") == label]
+        models[label] = {"guidance": group[0]["guidance"], "step": group[0]["step"], "images": len(group),
+                         **means(group)}
+    # The top-level means are those of the personalized weights: the final ones when scored, else the last set.
+    trained = [label for label in labels if label != "base"] or labels
+    means_of = "final" if "final" in trained else trained[-1]
+    top = models[means_of]
     subjects = {
         key: {"class_name": cfg.subjects[key].class_name, "scored_as": scorer.describe_subject(key),
-              "reference_images": len(project.images[key]),
-              "subject_fidelity": mean(r["subjects"].get(key) for r in rows)}
+              "reference_images": len(project.images[key]), "subject_fidelity": top["subjects"][key]}
         for key in cfg.subjects
     }
-    text_alignment, subject_fidelity = mean(r["text_alignment"] for r in rows), mean(r["subject_fidelity"] for r in rows)
-    eval_json = project.root / "out" / "eval.json"
-    atomic_write_json(eval_json, {
+    data = {
         "palpcompose_version": __version__, "project": cfg.project.name, "base_model": cfg.project.base_model,
         "metric": scorer.name, "clip_model": str(clip) if clip is not None else None, "renders": str(folder),
-        "text_alignment": text_alignment, "subject_fidelity": subject_fidelity, "subjects": subjects,
-        "images": rows,
-    })
-    return EvalResult(scorer.name, folder, text_alignment, subject_fidelity, subjects, rows, eval_json)
+        "means_of": means_of, "guidance": top["guidance"], "text_alignment": top["text_alignment"],
+        "subject_fidelity": top["subject_fidelity"], "subjects": subjects, "models": models, "images": rows,
+    }
+    outputs = (project.root / "out").resolve()  # out/renders/<run>/ or out/runs/<id>/renders/<run>/
+    run_eval_json = folder / "eval.json" if folder.resolve().is_relative_to(outputs) else None
+    if run_eval_json is not None:  # kept with the render run, so a later eval does not replace it
+        atomic_write_json(run_eval_json, data)
+    eval_json = project.root / "out" / "eval.json"  # the latest eval
+    atomic_write_json(eval_json, data)
+    return EvalResult(scorer.name, folder, top["text_alignment"], top["subject_fidelity"], subjects, rows, eval_json,
+                      models, means_of, top["guidance"], run_eval_json)
 
 
 def summary_table(result: EvalResult):

@@ -8,9 +8,19 @@
   and `.alpha` per layer) as AUTOMATIC1111, ComfyUI and most other tools load it, and one `PATH/<trigger>.safetensors`
   per subject holding `{"emb_params": (1, dim)}`, the embedding format AUTOMATIC1111 writes itself.
 
+SDXL (weights trained on an SDXL base model): each subject's file holds `{"clip_l": (1, 768), "clip_g": (1, 1280)}`,
+its embedding in each text encoder, in both formats: the file AUTOMATIC1111 and ComfyUI load as an SDXL embedding,
+and what diffusers' SDXL pivotal-tuning recipe loads with two `load_textual_inversion` calls (`state_dict["clip_l"]`
+into `text_encoder`/`tokenizer`, `state_dict["clip_g"]` into `text_encoder_2`/`tokenizer_2`). The webui LoRA uses the
+key names kohya's sd-scripts write for SDXL, the original (SGM) UNet's block names
+(`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`), mapped from diffusers' block names by `sgm_key`; the
+diffusers LoRA keeps diffusers' names (`load_lora_weights` of an SDXL pipeline reads them as for SD 1.x). No text
+encoder LoRA is trained, so no `lora_te1_`/`lora_te2_` keys are written.
+
 The trigger word of a subject is its token without the angle brackets (`<cat-wanderer-v1>` -> `cat-wanderer-v1`):
 AUTOMATIC1111 and ComfyUI name an embedding after its file, and `<` and `>` are not allowed in Windows file names.
-Key names come from diffusers' own converters (peft -> diffusers, peft -> kohya); nothing is mapped by hand.
+Key names come from diffusers' own converters (peft -> diffusers, peft -> kohya); only SDXL's diffusers -> SGM
+block numbering (the inverse of diffusers' `_maybe_map_sgm_blocks_to_diffusers`) is computed here.
 Every file carries the tokens, trigger words, base model and palpcompose version in its safetensors header.
 Existing files are never overwritten unless `force`; other files in PATH are left alone.
 """
@@ -18,6 +28,7 @@ Existing files are never overwritten unless `force`; other files in PATH are lef
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,11 +67,15 @@ def trigger_word(token: str) -> str:
     return token.strip("<>")
 
 
-def export(project, fmt: str, out_path, step: int | None = None, force: bool = False) -> ExportResult:
-    """Write the project's trained weights (final, or snapshot `step`) to `out_path` in format `fmt`."""
+def export(project, fmt: str, out_path, step: int | None = None, force: bool = False,
+           run: str | None = None) -> ExportResult:
+    """Write the project's trained weights (final, or snapshot `step`; of the run kept in out/runs/<run>/ with
+    `run`) to `out_path` in format `fmt`."""
+    from palpcompose.run import run_out_dir
+
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r} is not known; choose one of: {', '.join(FORMATS)}")
-    out_dir = project.root / "out"
+    out_dir = run_out_dir(project, run)
     folder, label, warnings = locate_weights(project, out_dir, step)
     warnings += check_trained_for(project, out_dir, read_manifest(out_dir))
     weights = load_trained_weights(folder)
@@ -74,7 +89,8 @@ def export(project, fmt: str, out_path, step: int | None = None, force: bool = F
     if fmt == "diffusers":
         plan = _diffusers_files(weights, out_path, header)
     else:
-        plan = _webui_files(project, weights, out_path, header)
+        plan = _webui_files(project, weights, out_path, header, _sdxl_layers_per_block(project) if
+                            weights.text_encoder_dims else None)
 
     existing = [str(f.path) for f, _, _ in plan if f.path.exists()]
     if existing and not force:
@@ -114,11 +130,14 @@ def _embedding_files(weights, out_path, header, as_tensors):
             raise UserError(
                 f"the trained weights have no embedding for {token} (subject {key}); retrain the project"
             )
-        vector = weights.embeddings[token].float().reshape(-1)
         trigger = trigger_word(token)
         meta = {**header, "subject": key, "token": token, "trigger_word": trigger}
         exported = ExportedFile(out_path / f"{trigger}.safetensors", "embedding", key, token, trigger)
-        plan.append((exported, as_tensors(token, vector), meta))
+        if weights.text_encoder_dims:  # SDXL: one (1, D) tensor per text encoder, in either format
+            clip_l, clip_g = (v.float()[None, :] for v in weights.per_encoder(token))
+            plan.append((exported, {"clip_l": clip_l, "clip_g": clip_g}, meta))
+        else:
+            plan.append((exported, as_tensors(token, weights.embeddings[token].float().reshape(-1)), meta))
     return plan
 
 
@@ -142,12 +161,44 @@ def _diffusers_files(weights: TrainedWeights, out_path: Path, header):
     return plan + _embedding_files(weights, out_path, header, lambda token, vector: {token: vector})
 
 
-def _webui_files(project, weights: TrainedWeights, out_path: Path, header):
+def sgm_key(key: str, layers_per_block: int) -> str:
+    """A kohya key with diffusers' block names -> the original SGM UNet's (kohya's SDXL names): down block i's
+    attention j is input block 1 + i (L + 1) + j, sub-module 1; the mid block's attention is middle block 1; up
+    block i's attention j is output block i (L + 1) + j (L = layers_per_block; up blocks have L + 1 layers)."""
+    per_block = layers_per_block + 1
+    if m := re.match(r"lora_unet_down_blocks_(\d+)_attentions_(\d+)_(.+)", key):
+        return f"lora_unet_input_blocks_{1 + int(m[1]) * per_block + int(m[2])}_1_{m[3]}"
+    if m := re.match(r"lora_unet_mid_block_attentions_0_(.+)", key):
+        return f"lora_unet_middle_block_1_{m[1]}"
+    if m := re.match(r"lora_unet_up_blocks_(\d+)_attentions_(\d+)_(.+)", key):
+        return f"lora_unet_output_blocks_{int(m[1]) * per_block + int(m[2])}_1_{m[3]}"
+    raise ValueError(f"{key}: not an attention layer of the UNet; palpcompose's LoRA has only those")
+
+
+def _sdxl_layers_per_block(project) -> int:
+    """The SDXL UNet's layers_per_block, from its config (2 for SDXL base, which a single file is taken to be)."""
+    from palpcompose.models import config_reader, resolve_base_model
+
+    cfg = project.config.project
+    source = resolve_base_model(cfg.base_model, project.root, cfg.allow_pickle)
+    if source.kind in ("folder", "hub"):
+        unet = config_reader(source.kind, source.location)("unet/config.json") or {}
+        return int(unet.get("layers_per_block", 2))
+    return 2
+
+
+def _webui_files(project, weights: TrainedWeights, out_path: Path, header, sdxl_layers_per_block: int | None):
     from diffusers.utils import convert_state_dict_to_kohya
 
     # peft keys -> kohya keys (`lora_unet_down_blocks_0_..._to_q.lora_down.weight`). The converter writes
     # alpha = rank (scale 1); the scale trained is lora_alpha / rank, so write the real alpha.
     lora = convert_state_dict_to_kohya({f"unet.{k}": v.float() for k, v in weights.lora.items()})
+    if sdxl_layers_per_block is not None:  # SDXL: kohya's SGM block names
+        renamed = {}
+        for key, value in lora.items():
+            module, _, part = key.partition(".")  # "lora_unet_..._to_q", "lora_down.weight"
+            renamed[f"{sgm_key(module, sdxl_layers_per_block)}.{part}"] = value
+        lora = renamed
     for key in [k for k in lora if k.endswith(".alpha")]:
         lora[key] = torch.tensor(float(weights.lora_alpha))
     name = project.config.project.name
@@ -166,6 +217,13 @@ def _webui_files(project, weights: TrainedWeights, out_path: Path, header):
     return plan + _embedding_files(
         weights, out_path, header, lambda token, vector: {"emb_params": vector[None, :]}
     )
+
+
+def _is_sdxl_embedding(path: Path) -> bool:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return "clip_g" in set(f.keys())  # a safe_open handle, not a dict
 
 
 def summary_table(result: ExportResult):
@@ -187,7 +245,14 @@ def summary_table(result: ExportResult):
             word = f.token if result.fmt == "diffusers" else f.trigger
             cells = (str(f.path), f"embedding of [{f.subject}]", word)
         table.add_row(*map(Text, cells))
-    if result.fmt == "diffusers":
+    sdxl = any(f.kind == "embedding" and f.path.is_file() and _is_sdxl_embedding(f.path) for f in result.files)
+    if result.fmt == "diffusers" and sdxl:
+        caption = (
+            "pipe.load_lora_weights(folder); per embedding file: state = load_file(file), then "
+            "pipe.load_textual_inversion(state['clip_l'], token=..., text_encoder=pipe.text_encoder, "
+            "tokenizer=pipe.tokenizer) and the same with state['clip_g'], text_encoder_2, tokenizer_2. See docs/sdxl.md"
+        )
+    elif result.fmt == "diffusers":
         caption = (
             "pipe.load_lora_weights(folder); pipe.load_textual_inversion(file, token=...) per embedding. "
             "See docs/render-export.md"

@@ -5,12 +5,13 @@
 - a local diffusers folder (holds `model_index.json`);
 - a single checkpoint file (`.safetensors`; `.ckpt`/`.pt`/`.bin` only with `project.allow_pickle = true`, since
   loading them runs pickled code);
-- a hub id (`org/name`), used from the local Hugging Face cache; downloading happens only when allowed.
+- a hub id (`org/name`), used from the local Hugging Face cache (the commands never download).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ class BaseModelSource:
     available: bool  # can be loaded without the network
     detail: str  # one line for `check`: what was found, or why it cannot be verified
     allow_pickle: bool = False  # project.allow_pickle: pickled weight files may be loaded
+    family: str = "unknown"  # detect_family's answer: "toy" | "sd1" | "sd2" | "sd2-v" | "sdxl" | "unknown"
 
 
 def resolve_base_model(spec: str, project_dir: Path | None = None, allow_pickle: bool = False) -> BaseModelSource:
@@ -45,15 +47,16 @@ def resolve_base_model(spec: str, project_dir: Path | None = None, allow_pickle:
             raise UserError(f"unknown built-in model {spec!r}; built-in models: {', '.join(BUILTIN_MODELS)}")
         ok = (folder / "model_index.json").is_file()
         detail = f"built-in model at {folder}" if ok else f"{spec} is not installed in this copy of palpcompose ({folder})"
-        return BaseModelSource(spec, "builtin", str(folder), ok, detail)
+        return BaseModelSource(spec, "builtin", str(folder), ok, detail, family="toy")
 
     path = Path(spec).expanduser()
     if not path.is_absolute() and project_dir is not None and (
             (project_dir / path).exists() or (project_dir / path).is_symlink()):
         path = project_dir / path
     if path.is_dir():
-        _check_pipeline_folder(path, allow_pickle)
-        return BaseModelSource(spec, "folder", str(path), True, f"diffusers folder {path}", allow_pickle)
+        family = _check_pipeline_folder(path, allow_pickle)
+        return BaseModelSource(spec, "folder", str(path), True, f"diffusers folder {path} ({FAMILY_NAMES[family]})",
+                               allow_pickle, family)
     if path.is_file():
         if path.suffix in PICKLED_SUFFIXES:
             if not allow_pickle:
@@ -61,11 +64,13 @@ def resolve_base_model(spec: str, project_dir: Path | None = None, allow_pickle:
                     f"{path}: a {path.suffix} checkpoint runs pickled code when it is loaded, so palpcompose does not "
                     "open it; use a .safetensors copy of the model, or set `allow_pickle = true` under [project] if "
                     "you trust where the file comes from")
+            family = "unknown"  # its keys cannot be read without running it
         elif path.suffix == ".safetensors":
-            _check_single_file(path)
+            family = _check_single_file(path)
         else:
             raise UserError(f"{path}: unsupported checkpoint type {path.suffix!r}; use a .safetensors file")
-        return BaseModelSource(spec, "single_file", str(path), True, f"single checkpoint file {path}")
+        return BaseModelSource(spec, "single_file", str(path), True, f"single checkpoint file {path}",
+                               family=family)
     if path.is_symlink():
         raise UserError(f"base model {spec!r} is a broken symbolic link (to {path.readlink()})")
     if path.suffix in (".safetensors", *PICKLED_SUFFIXES) or spec.startswith((".", "/", "~")):
@@ -73,37 +78,44 @@ def resolve_base_model(spec: str, project_dir: Path | None = None, allow_pickle:
     if _HUB_ID.match(spec):
         cached = _hub_cached(spec)
         if cached:
-            return BaseModelSource(spec, "hub", spec, True, f"hub model {spec} found in the local cache", allow_pickle)
-        return BaseModelSource(spec, "hub", spec, False, f"hub model {spec}: not in the local cache, not verifiable "
-                               "offline", allow_pickle)
+            family = detect_family("hub", spec)
+            return BaseModelSource(spec, "hub", spec, True, f"hub model {spec} found in the local cache "
+                                   f"({FAMILY_NAMES[family]})", allow_pickle, family)
+        return BaseModelSource(spec, "hub", spec, False, uncached_hub_message(spec), allow_pickle)
     raise UserError(
         f"base_model {spec!r} is neither builtin:toy, an existing folder or .safetensors file, nor a hub id (org/name)"
     )
 
 
-def _check_pipeline_folder(path: Path, allow_pickle: bool = False) -> None:
-    """A diffusers pipeline folder: a readable model_index.json that names a UNet, a VAE and a text encoder."""
-    import json
+def uncached_hub_message(repo_id: str) -> str:
+    """What `check`, `train` and `render` say about a hub id missing from the local cache: palpcompose never
+    downloads, so the model has to be fetched once, on a machine with network, or replaced by the toy model."""
+    folder = f"models/{repo_id.split('/')[-1]}"
+    return (f"hub model {repo_id} is not in this machine's Hugging Face cache, and palpcompose never downloads; "
+            f"download it once where there is network (`hf download {repo_id} --local-dir {folder}`) and set "
+            f"base_model = \"{folder}\", or use base_model = \"builtin:toy\" to try the toy model first")
 
+
+def _check_pipeline_folder(path: Path, allow_pickle: bool = False) -> str:
+    """A diffusers pipeline folder of a supported family, with every component it needs. Returns the family."""
     index = path / "model_index.json"
     if not index.is_file():
         raise UserError(f"{path}: folder has no model_index.json; {_BASE_MODEL_HINT} (a folder as saved by "
                         "`pipeline.save_pretrained`)")
-    try:
-        data = json.loads(index.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{index}: unreadable ({exc}); the folder is not a complete diffusers pipeline (copy it "
-                        "again, or save it with `pipeline.save_pretrained`)") from exc
-    missing = [name for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-               if not isinstance(data, dict) or name not in data]
+    family = detect_family("folder", str(path))  # refuses SD 3, Flux, refiners, inpainting models
+    needed = ["unet", "vae", "text_encoder", "tokenizer", "scheduler"]
+    if family == "sdxl":
+        needed += ["text_encoder_2", "tokenizer_2"]
+    data = json.loads(index.read_text(encoding="utf-8"))  # readable: detect_family read it
+    missing = [name for name in needed if not isinstance(data, dict) or name not in data]
     if missing:
         raise UserError(f"{index}: names no {', '.join(missing)}; palpcompose needs a Stable Diffusion text-to-image "
                         "pipeline folder")
-    for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+    for name in needed:
         if not (path / name).is_dir():
             raise UserError(f"{path / name}: missing; the pipeline folder is incomplete (copy it again, or save it "
                             "with `pipeline.save_pretrained`)")
-    for name in ("unet", "vae", "text_encoder"):
+    for name in [n for n in needed if n in ("unet", "vae") or n.startswith("text_encoder")]:
         files = [f for f in (path / name).iterdir() if f.is_file()]
         if any(f.suffix == ".safetensors" for f in files):
             continue
@@ -115,21 +127,17 @@ def _check_pipeline_folder(path: Path, allow_pickle: bool = False) -> None:
                                 "trust where it comes from")
             continue
         raise UserError(f"{path / name}: no weights file; the pipeline folder is incomplete")
+    return family
 
 
-def _check_single_file(path: Path) -> None:
-    """Read a .safetensors file's header (no weights, no code) and make sure it holds a Stable Diffusion UNet, so a
-    LoRA or an embedding given as base_model gets a clear message instead of a failed download of configs."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())
-    except Exception as exc:  # safetensors raises its own error types for every kind of bad header
-        raise UserError(f"{path}: not a readable .safetensors file ({type(exc).__name__}: {exc}); download it "
-                        "again") from exc
-    if any(k.startswith("model.diffusion_model.") for k in keys):
-        return
+def _check_single_file(path: Path) -> str:
+    """Read a .safetensors file's header (no weights, no code) and make sure it holds a Stable Diffusion UNet of a
+    supported family, so a LoRA or an embedding given as base_model gets a clear message instead of a failed
+    download of configs. Returns the family."""
+    keys = _safetensors_keys(path)
+    # a UNet in the original layout, or a Flux / SD 3 transformer (refused by name)
+    if any(k.startswith(("model.diffusion_model.", "double_blocks.", "joint_blocks.")) for k in keys):
+        return detect_family("single_file", str(path))
     if any(k.startswith(("lora_unet_", "lora_te", "unet.", "text_encoder.")) or ".lora_" in k or "lora_A" in k
            for k in keys):
         what = "is a LoRA, not a base model"
@@ -148,6 +156,132 @@ def _hub_cached(repo_id: str) -> bool:
         return isinstance(hit, str)
     except Exception:  # noqa: BLE001 - a cache we cannot read counts as no cache (the load then says what to do)
         return False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model families: what kind of model base_model names, read from its configs or its keys (no weights loaded)
+
+FAMILY_NAMES = {
+    "toy": "the built-in toy model",
+    "sd1": "Stable Diffusion 1.x",
+    "sd2": "Stable Diffusion 2.x",
+    "sd2-v": "Stable Diffusion 2.x (v-prediction)",
+    "sdxl": "Stable Diffusion XL",
+    "unknown": "family not verifiable offline",
+}
+SUPPORTED_FAMILIES = ("Stable Diffusion 1.x and 2.x (epsilon and v-prediction) and Stable Diffusion XL base "
+                      "text-to-image models")
+SDXL_RESOLUTION = 1024  # SDXL's native image side; train.resolution's default for an SDXL base_model
+NATIVE_RESOLUTION = {"toy": 64, "sd1": 512, "sd2": 512, "sd2-v": 768, "sdxl": SDXL_RESOLUTION}
+
+
+def detect_family(kind: str, location: str) -> str:
+    """The family of the model at `location` ("builtin" | "folder" | "hub" | "single_file", as BaseModelSource):
+    "toy", "sd1", "sd2", "sd2-v" or "sdxl", or "unknown" when nothing can be read offline. Reads configs or a
+    .safetensors header only. Raises UserError naming the kind found for a model palpcompose cannot train: Stable
+    Diffusion 3, Flux, an SDXL refiner alone, an inpainting model, any other pipeline class."""
+    if kind == "builtin":
+        return "toy"
+    if kind == "single_file":
+        kind_found, family = _family_from_keys(_safetensors_keys(Path(location)), Path(location))
+    else:
+        read = config_reader(kind, location)
+        index = read("model_index.json")
+        if index is None:
+            return "unknown"
+        kind_found, family = _family_from_index(index, read)
+    if family is None:
+        raise UserError(f"base model {location!r} is {kind_found}, which palpcompose cannot train; it supports "
+                        f"{SUPPORTED_FAMILIES}: point base_model at one of those")
+    return family
+
+
+def config_reader(kind: str, location: str):
+    """read(name) -> the JSON object in `name` of a pipeline folder or cached hub model, or None."""
+
+    def read(name: str):
+        if kind == "hub":
+            from huggingface_hub import try_to_load_from_cache
+
+            try:
+                hit = try_to_load_from_cache(location, name)
+            except Exception:  # noqa: BLE001 - a cache we cannot read is no cache
+                return None
+            file = Path(hit) if isinstance(hit, str) else None
+        else:
+            file = Path(location) / name
+        if file is None or not file.is_file():
+            return None
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise UserError(f"{file}: unreadable ({exc}); the folder is not a complete diffusers pipeline (copy it "
+                            "again, or save it with `pipeline.save_pretrained`)") from exc
+        return data if isinstance(data, dict) else None
+
+    return read
+
+
+def _family_from_index(index: dict, read) -> tuple[str, str | None]:
+    """(what the pipeline is, in words; its family or None when unsupported) from model_index.json and the UNet's
+    and scheduler's configs."""
+    name = str(index.get("_class_name", ""))
+    unet = read("unet/config.json") or {}
+    if "Flux" in name:
+        return f"a Flux model ({name})", None
+    if name.startswith("StableDiffusion3"):
+        return f"a Stable Diffusion 3 model ({name})", None
+    if "Inpaint" in name or unet.get("in_channels", 4) != 4:
+        return (f"an inpainting model ({name}, a UNet with {unet.get('in_channels', '?')} input channels; "
+                "palpcompose needs the 4-channel text-to-image UNet)"), None
+    if name.startswith("StableDiffusionXL"):
+        encoders = [index.get(k) for k in ("text_encoder", "text_encoder_2")]
+        if not all(isinstance(e, list) and e and e[0] for e in encoders) or index.get("requires_aesthetics_score"):
+            return (f"an SDXL refiner ({name}: no first text encoder, aesthetic-score conditioning); use the SDXL "
+                    "base model, which the refiner only post-processes"), None
+        return "SDXL", "sdxl"
+    if name == "StableDiffusionPipeline":
+        scheduler = read("scheduler/scheduler_config.json") or {}
+        if scheduler.get("prediction_type") == "v_prediction":
+            return "SD 2.x (v-prediction)", "sd2-v"
+        return ("SD 2.x", "sd2") if unet.get("cross_attention_dim") == 1024 else ("SD 1.x", "sd1")
+    return (f"a {name} pipeline" if name else "a pipeline whose model_index.json names no _class_name"), None
+
+
+def _safetensors_keys(path: Path) -> list[str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except Exception as exc:  # safetensors raises its own error types for every kind of bad header
+        raise UserError(f"{path}: not a readable .safetensors file ({type(exc).__name__}: {exc}); download it "
+                        "again") from exc
+
+
+def _family_from_keys(keys: list[str], path: Path) -> tuple[str, str | None]:
+    """(what an original-format single-file checkpoint is; its family or None) from its tensor names, and the
+    shape of the UNet's first convolution (9 input channels: inpainting)."""
+    unet = "model.diffusion_model."
+    if any(k.startswith((f"{unet}joint_blocks.", "joint_blocks.")) for k in keys):
+        return "a Stable Diffusion 3 checkpoint (MMDiT joint_blocks)", None
+    if any(k.startswith((f"{unet}double_blocks.", "double_blocks.")) for k in keys):
+        return "a Flux checkpoint (double_blocks)", None
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        conv_in = f"{unet}input_blocks.0.0.weight"
+        channels = f.get_slice(conv_in).get_shape()[1] if conv_in in keys else 4
+    if channels != 4:
+        return f"an inpainting checkpoint (a UNet with {channels} input channels)", None
+    if any(k.startswith(f"{unet}label_emb.") for k in keys):  # SDXL's added (pooled text + size) conditioning
+        if not any(k.startswith("conditioner.embedders.1.") for k in keys) and any(
+                k.startswith("conditioner.embedders.0.model.") for k in keys):
+            return "an SDXL refiner checkpoint (one OpenCLIP text encoder); use the SDXL base model", None
+        return "SDXL", "sdxl"
+    if any(k.startswith("cond_stage_model.model.") for k in keys):  # OpenCLIP ViT-H: SD 2.x
+        return "SD 2.x", "sd2"
+    return "SD 1.x", "sd1"
 
 
 def load_pipeline(source: BaseModelSource, torch_dtype=None, allow_download: bool = False):
@@ -185,41 +319,110 @@ def _library_progress_bars_off():
 
 
 def _load(source: BaseModelSource, dtype_kw: dict, allow_download: bool):
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    if source.family == "sdxl":  # no safety checker in SDXL; no invisible watermark on our renders
+        pipeline_class, extra = StableDiffusionXLPipeline, {"add_watermarker": False}
+    else:
+        pipeline_class, extra = StableDiffusionPipeline, {"safety_checker": None, "requires_safety_checker": False}
+    weights_kw = {"use_safetensors": None if source.allow_pickle else True}
     if source.kind in ("builtin", "folder"):
         if not source.available:
             raise UserError(source.detail)
-        return StableDiffusionPipeline.from_pretrained(
-            source.location, **dtype_kw, local_files_only=True, safety_checker=None,
-            requires_safety_checker=False, use_safetensors=None if source.allow_pickle else True,
-        )
+        return pipeline_class.from_pretrained(source.location, **dtype_kw, local_files_only=True, **extra,
+                                              **weights_kw)
     if source.kind == "single_file":
         try:
-            return StableDiffusionPipeline.from_single_file(
+            return pipeline_class.from_single_file(
                 source.location, **dtype_kw, local_files_only=not allow_download,
+                **({"add_watermarker": False} if source.family == "sdxl" else {}),
             )
         except OSError as exc:  # huggingface_hub's LocalEntryNotFoundError and friends
             if allow_download:
                 raise
             raise UserError(
                 f"{source.location}: diffusers reads a single-file checkpoint with the configuration files of its "
-                "model family (SD 1.x or 2.x) from the Hugging Face cache, and they are not cached here; on a "
-                "machine with network, load it once (or convert it to a diffusers folder with diffusers' "
-                f"convert_original_stable_diffusion_to_diffusers.py) and point base_model at the folder ({exc})"
+                f"model family ({FAMILY_NAMES.get(source.family, source.family)}) from the Hugging Face cache, and "
+                "they are not cached here; on a machine with network, load it once (or convert it to a diffusers "
+                "folder with diffusers' conversion scripts) and point base_model at the folder "
+                f"({exc})"
             ) from exc
     if source.kind == "hub":
         try:
-            return StableDiffusionPipeline.from_pretrained(
-                source.location, **dtype_kw, local_files_only=not allow_download, safety_checker=None,
-                requires_safety_checker=False, use_safetensors=None if source.allow_pickle else True,
-            )
+            return pipeline_class.from_pretrained(source.location, **dtype_kw, local_files_only=not allow_download,
+                                                  **extra, **weights_kw)
         except OSError as exc:
             raise UserError(
                 f"hub model {source.location!r} is not in the local Hugging Face cache and downloading is off: "
                 f"download it first (`hf download {source.location}`) or point base_model at a local folder ({exc})"
             ) from exc
     raise ValueError(f"unknown base model kind {source.kind!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Defaults that depend on the base model (docs/schema.md marks those keys "model-dependent").
+
+# builtin:toy's own training and render settings. Chosen on the TI+LoRA baseline (guidance none) alone, never on
+# PALP's scores (docs/evaluation.md): batch 1, LoRA 1e-3 / embedding 5e-3 and 500 steps is where the baseline learns
+# the subject (fidelity 0.32 -> 0.62 over 500 steps) and, with references that share a context their prompt does
+# not name, starts losing the target prompt (issue 11's lead); CFG 5 with 20 DPM++ steps is where builtin:toy
+# recognises all four attributes of its prompts most often (training.json). fp32: a 64 px model on a CPU.
+TOY_DEFAULTS = {
+    "train.steps": 500,
+    "train.learning_rate": 1e-3,
+    "train.embedding_learning_rate": 5e-3,
+    "train.mixed_precision": "no",
+    "render.steps": 20,
+    "render.guidance_scale": 5.0,
+}
+
+
+def native_resolution(source: BaseModelSource) -> int | None:
+    """The image size the base model was trained at, from its own configs: the UNet's latent `sample_size` times
+    the VAE's downsampling factor (2 ** (len(block_out_channels) - 1)): 64 for builtin:toy, 512 for SD 1.x and
+    SD 2 base, 768 for SD 2 768-v, 1024 for SDXL. None when the configs cannot be read offline (a single-file
+    checkpoint, a hub id that is not cached)."""
+    import json
+
+    def read(name: str) -> dict | None:
+        if source.kind in ("builtin", "folder"):
+            path = Path(source.location) / name / "config.json"
+        elif source.kind == "hub":
+            try:
+                from huggingface_hub import try_to_load_from_cache
+
+                hit = try_to_load_from_cache(source.location, f"{name}/config.json")
+            except Exception:  # noqa: BLE001 - a cache we cannot read counts as no cache
+                return None
+            if not isinstance(hit, str):
+                return None
+            path = Path(hit)
+        else:
+            return None
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    unet, vae = read("unet"), read("vae")
+    try:
+        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (TypeError, KeyError, ValueError):
+        return None
+
+
+def model_defaults(source: BaseModelSource) -> dict[str, tuple[object, str]]:
+    """The defaults that `source` decides: dotted palp.toml key -> (value, why). Keys not listed keep the schema's
+    defaults (the paper's Stable Diffusion values)."""
+    defaults: dict[str, tuple[object, str]] = {}
+    size = native_resolution(source)
+    if size is not None:
+        defaults["train.resolution"] = (size, f"the native size of {source.spec} (its UNet and VAE configs)")
+    if source.spec == "builtin:toy":
+        for key, value in TOY_DEFAULTS.items():
+            defaults[key] = (value, "builtin:toy's own default")
+    return defaults
 
 
 def placeholder_tokens(project_name: str, subject_keys) -> dict[str, str]:
@@ -253,7 +456,8 @@ class Components:
     """The separately wired parts of a Stable Diffusion model (diffusers' component names).
 
     `prediction_type` ("epsilon" | "v_prediction") and `alphas_cumprod` come from the model's own scheduler config.
-    SDXL will add a second tokenizer/text encoder and added conditioning here; the loop only calls `encode_prompt`.
+    SDXL (`family` "sdxl"): `text_encoder` is conditioning.SDXLTextEncoders (both encoders as one module) and
+    `tokenizer_2` the second tokenizer; the loop only calls `tokenize`, `encode_prompt` and `unet_forward`.
     """
 
     unet: object
@@ -264,11 +468,27 @@ class Components:
     inference_scheduler_config: dict
     prediction_type: str
     alphas_cumprod: object  # (T,) float32 tensor
+    family: str = "sd1"  # detect_family's answer
+    tokenizer_2: object = None  # SDXL's second tokenizer, else None
+    force_zeros_for_empty_prompt: bool = False  # SDXL: the empty prompt is encoded as zeros (its pipeline config)
+
+    @property
+    def text_encoders(self) -> list:
+        """The CLIP text encoder(s) themselves: [text_encoder] or SDXL's [text_encoder, text_encoder_2]."""
+        if self.tokenizer_2 is None:
+            return [self.text_encoder]
+        return [self.text_encoder.text_encoder, self.text_encoder.text_encoder_2]
+
+    @property
+    def tokenizers(self) -> list:
+        return [self.tokenizer] if self.tokenizer_2 is None else [self.tokenizer, self.tokenizer_2]
 
 
 def load_components(source: BaseModelSource) -> Components:
     """Load the pipeline `source` names (offline) and split it into its components, all fp32 on the CPU."""
     from diffusers import DDPMScheduler
+
+    from palpcompose.conditioning import SDXLTextEncoders
 
     pipe = load_pipeline(source)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -278,10 +498,14 @@ def load_components(source: BaseModelSource) -> Components:
             f"base model {source.spec!r}: scheduler prediction_type {prediction_type!r} is not supported "
             "(palpcompose trains epsilon and v_prediction models)"
         )
+    sdxl = source.family == "sdxl"
     return Components(
-        unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+        unet=pipe.unet, vae=pipe.vae, tokenizer=pipe.tokenizer,
+        text_encoder=SDXLTextEncoders(pipe.text_encoder, pipe.text_encoder_2) if sdxl else pipe.text_encoder,
         noise_scheduler=noise_scheduler, inference_scheduler_config=dict(pipe.scheduler.config),
         prediction_type=prediction_type, alphas_cumprod=noise_scheduler.alphas_cumprod.float().clone(),
+        family=source.family, tokenizer_2=pipe.tokenizer_2 if sdxl else None,
+        force_zeros_for_empty_prompt=sdxl and bool(pipe.config.get("force_zeros_for_empty_prompt", True)),
     )
 
 
@@ -386,13 +610,34 @@ def set_attention(unet, mode: str, device_type: str) -> str:
     return ""
 
 
-def tokenize(tokenizer, prompts: list[str]):
-    """Token ids (B, model_max_length), padded and truncated as Stable Diffusion does."""
-    return tokenizer(
-        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
+def tokenize(tokenizer, prompts: list[str], tokenizer_2=None):
+    """Token ids (B, model_max_length), padded and truncated as Stable Diffusion does; with SDXL's second tokenizer
+    (B, 2, model_max_length), one row per tokenizer (what conditioning.SDXLTextEncoders reads)."""
+
+    def ids(tok):
+        return tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                   return_tensors="pt").input_ids
+
+    if tokenizer_2 is None:
+        return ids(tokenizer)
+    import torch
+
+    return torch.stack([ids(tokenizer), ids(tokenizer_2)], dim=1)
 
 
 def encode_prompt(text_encoder, input_ids):
-    """Text embeddings (B, 77, D) for the UNet's cross-attention: the text encoder's last hidden state."""
-    return text_encoder(input_ids.to(text_encoder.device))[0]
+    """The prompts' conditioning.Conditioning: SD 1.x / 2.x, the text encoder's last hidden state (B, 77, D); SDXL
+    (SDXLTextEncoders), both penultimate states and the pooled embedding."""
+    from palpcompose.conditioning import Conditioning
+
+    out = text_encoder(input_ids.to(text_encoder.device))
+    return out if isinstance(out, Conditioning) else Conditioning(out[0])
+
+
+def unet_forward(unet, latents, timesteps, cond, time_ids=None):
+    """`unet(x, t, y).sample`. SDXL (cond.pooled set): the pooled embedding and the size values `time_ids` (1, 6)
+    go in `added_cond_kwargs`; SD 1.x / 2.x get nothing added, the call of the UNet as before."""
+    if cond.pooled is None:
+        return unet(latents, timesteps, cond.embeds).sample
+    added = {"text_embeds": cond.pooled, "time_ids": time_ids.to(latents.device).expand(latents.shape[0], -1)}
+    return unet(latents, timesteps, cond.embeds, added_cond_kwargs=added).sample

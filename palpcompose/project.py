@@ -44,13 +44,14 @@ NO_FLIP_CLASSES = frozenset({
 
 def _spec(doc: str, default: Any = dataclasses.MISSING, *, choices: tuple = (), ge: float | None = None,
           gt: float | None = None, le: float | None = None, multiple_of: int | None = None,
-          extension: bool = False) -> Any:
+          extension: bool = False, model_dependent: bool = False) -> Any:
     """A dataclass field with its documentation and constraints attached (read by validation and the schema doc).
 
-    `extension` marks keys palpcompose adds on top of the contract's schema.
+    `extension` marks keys palpcompose adds on top of the contract's schema. `model_dependent` marks keys whose
+    default the base model may decide (models.model_defaults); the dataclass default is the paper's SD value.
     """
     meta = {"doc": doc, "choices": choices, "ge": ge, "gt": gt, "le": le, "multiple_of": multiple_of,
-            "extension": extension}
+            "extension": extension, "model_dependent": model_dependent}
     return field(default=default, metadata=meta)
 
 
@@ -110,21 +111,26 @@ class PalpConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = _spec("Optimizer steps.", 500, ge=1, le=1_000_000)
+    steps: int = _spec("Optimizer steps. Default: 500 (the paper's, and builtin:toy's).", 500, ge=1, le=1_000_000,
+                       model_dependent=True)
     batch_size: int = _spec("Images per step (each picks a subject at random).", 1, ge=1, le=1024)
-    learning_rate: float = _spec("Learning rate of the LoRA weights.", 5e-5, gt=0.0, le=1.0)
-    embedding_learning_rate: float = _spec("Learning rate of the subjects' token embeddings (0 freezes them).", 5e-4,
-                                           ge=0.0, le=1.0)
+    learning_rate: float = _spec("Learning rate of the LoRA weights. Default: 5e-5 (the paper's), 1e-3 for "
+                                 "builtin:toy.", 5e-5, gt=0.0, le=1.0, model_dependent=True)
+    embedding_learning_rate: float = _spec("Learning rate of the subjects' token embeddings (0 freezes them). "
+                                           "Default: 5e-4, 5e-3 for builtin:toy.", 5e-4, ge=0.0, le=1.0,
+                                           model_dependent=True)
     lora_rank: int = _spec("LoRA rank on the UNet attention projections (to_q, to_k, to_v, to_out.0).", 32, ge=1,
                            le=1024)
     lora_alpha: float | None = _spec("LoRA scaling numerator (the update is scaled by lora_alpha / lora_rank). "
                                      "Default: equal to lora_rank.", None, gt=0.0, extension=True)
-    resolution: int = _spec("Training resolution in pixels (square center crops); a multiple of 8.", 512, ge=8,
-                            le=4096, multiple_of=8)
+    resolution: int = _spec("Training resolution in pixels (square center crops); a multiple of 8. Default: the "
+                            "base model's native size, read from its UNet and VAE configs (64 for builtin:toy, 512 "
+                            "for SD 1.x, 768 for SD 2 768-v, 1024 for SDXL); 512 when they cannot be read offline.",
+                            512, ge=8, le=4096, multiple_of=8, model_dependent=True)
     seed: int = _spec("Seed of every random choice in training.", 0, ge=0, le=2**32 - 1)
     mixed_precision: Literal["no", "fp16", "bf16"] = _spec(
-        "Precision of the frozen weights: `no` (fp32), `fp16` or `bf16`. Trainable weights stay fp32.", "bf16",
-        choices=("no", "fp16", "bf16"))
+        "Precision of the frozen weights: `no` (fp32), `fp16` or `bf16`. Trainable weights stay fp32. Default: "
+        "`bf16`, `no` for builtin:toy.", "bf16", choices=("no", "fp16", "bf16"), model_dependent=True)
     attention: Literal["auto", "sdpa", "xformers"] = _spec(
         "Attention kernel: `auto` (xformers if installed, else PyTorch SDPA), `sdpa` or `xformers`.", "auto",
         choices=("auto", "sdpa", "xformers"))
@@ -150,16 +156,19 @@ class TrainConfig:
 class RenderConfig:
     prompts: tuple[str, ...] = _spec("Prompts `render` draws. Default: `[palp.target_prompt]`.", ())
     seeds: tuple[int, ...] = _spec("One image per seed and prompt.", (0, 1, 2, 3), ge=0, le=2**32 - 1)
-    steps: int = _spec("Sampling steps.", 30, ge=1, le=1000)
-    guidance_scale: float = _spec("Classifier-free guidance scale at render time.", 7.5, ge=0.0, le=100.0)
+    steps: int = _spec("Sampling steps. Default: 30, 20 for builtin:toy.", 30, ge=1, le=1000, model_dependent=True)
+    guidance_scale: float = _spec("Classifier-free guidance scale at render time. Default: 7.5, 5 for builtin:toy.",
+                                  7.5, ge=0.0, le=100.0, model_dependent=True)
     negative_prompt: str = _spec("Negative prompt.", "", extension=True)
     scheduler: Literal["dpm++", "ddim", "euler-a"] = _spec(
         "Sampler: `dpm++` (DPM-Solver++ 2M), `ddim` or `euler-a` (Euler ancestral).", "dpm++",
         choices=("dpm++", "ddim", "euler-a"), extension=True)
-    width: int | None = _spec("Image width in pixels, a multiple of 8. Default: train.resolution.", None, ge=8,
-                              le=4096, multiple_of=8, extension=True)
-    height: int | None = _spec("Image height in pixels, a multiple of 8. Default: train.resolution.", None, ge=8,
-                               le=4096, multiple_of=8, extension=True)
+    width: int | None = _spec("Image width in pixels, a multiple of 8. Default: train.resolution (SDXL: the "
+                              "pipeline's own size, 1024 for SDXL base).", None, ge=8, le=4096, multiple_of=8,
+                              extension=True)
+    height: int | None = _spec("Image height in pixels, a multiple of 8. Default: train.resolution (SDXL: the "
+                               "pipeline's own size, 1024 for SDXL base).", None, ge=8, le=4096, multiple_of=8,
+                               extension=True)
     batch_size: int = _spec("Images generated per forward pass (does not change the images).", 1, ge=1, le=256,
                             extension=True)
 
@@ -246,6 +255,8 @@ class Project:
     config: ProjectConfig
     images: dict[str, tuple[Path, ...]]  # subject key -> resolved absolute image paths, sorted, deduplicated
     notes: tuple[str, ...]  # warnings and notes for the user (mode conversions, small images, ...)
+    # Keys palp.toml leaves out whose default the base model decided: dotted key -> (value, why)
+    model_defaults: dict[str, tuple[Any, str]] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -283,14 +294,37 @@ def _validate(project_dir: Path, check_images: bool) -> tuple[_Validator, Projec
     config = v.parse()
     root = project_dir.resolve()
     images: dict[str, tuple[Path, ...]] = {}
+    resolved: dict[str, tuple[Any, str]] = {}
     if v.checkable is not None:
         section, subjects, resolution = v.checkable
-        if section is not None:
-            _check_base_model(v, section.base_model, section.allow_pickle)
+        source = _check_base_model(v, section.base_model, section.allow_pickle) if section is not None else None
+        if source is not None:
+            resolved = _model_defaults(v, source)
+            resolution = resolved.get("train.resolution", (resolution,))[0]
         if check_images:
             images = _check_images(v, root, subjects, resolution)
-    project = None if config is None else Project(root, root / PROJECT_FILE, config, images, tuple(v.notes))
+    project = None
+    if config is not None:
+        config = _apply_defaults(config, resolved)
+        project = Project(root, root / PROJECT_FILE, config, images, tuple(v.notes), resolved)
     return v, project
+
+
+def _model_defaults(v: _Validator, source) -> dict[str, tuple[Any, str]]:
+    """The model-dependent defaults (models.model_defaults) of the keys palp.toml leaves out."""
+    from palpcompose.models import model_defaults
+
+    return {key: value for key, value in model_defaults(source).items() if key not in v.given}
+
+
+def _apply_defaults(config: ProjectConfig, resolved: dict[str, tuple[Any, str]]) -> ProjectConfig:
+    """`config` with the resolved model-dependent defaults filled in."""
+    changes: dict[str, dict[str, Any]] = {}
+    for key, (value, _) in resolved.items():
+        section, name = key.split(".")
+        changes.setdefault(section, {})[name] = value
+    return dataclasses.replace(config, **{section: dataclasses.replace(getattr(config, section), **values)
+                                          for section, values in changes.items()})
 
 
 class _Validator:
@@ -304,6 +338,8 @@ class _Validator:
         self.text = ""
         self.lines: dict[tuple[str, ...], int] = {}
         self.checkable: tuple[ProjectSection | None, dict[str, SubjectConfig], int] | None = None
+        self.base_model = None  # the models.BaseModelSource project.base_model names, once resolved
+        self.given: set[str] = set()  # dotted keys palp.toml sets (the others get defaults)
 
     def error(self) -> ProjectError:
         return ProjectError(sorted(self.problems, key=lambda p: (p.line is None, p.line or 0)))
@@ -386,6 +422,7 @@ class _Validator:
         hints = typing.get_type_hints(cls)
         values, ok = {}, True
         for key, value in table.items():
+            self.given.add(f"{prefix}.{key}")
             if key not in fields:
                 extra = f"keys of [{prefix}]: {', '.join(fields)}"
                 self.problem(f"{prefix}.{key}", "unknown key", _did_you_mean(key, fields, extra))
@@ -597,16 +634,20 @@ _INVALID = object()
 # Base model and images
 
 
-def _check_base_model(v: _Validator, spec: str, allow_pickle: bool) -> None:
+def _check_base_model(v: _Validator, spec: str, allow_pickle: bool):
+    """The base model's BaseModelSource, or None (with a problem recorded) when it cannot be one."""
     from palpcompose.models import resolve_base_model
 
     try:
         source = resolve_base_model(spec, v.file.parent, allow_pickle)
     except UserError as exc:
         v.problem("project.base_model", str(exc))  # its message says what base_model may be
-        return
+        return None
+    v.base_model = source
     if source.kind == "builtin" and not source.available:  # a broken installation, not a network question
         v.problem("project.base_model", source.detail, "reinstall palpcompose (pip install -e . in a clone)")
+        return None
+    return source
 
 
 def _check_images(v: _Validator, root: Path, subjects: dict[str, SubjectConfig],
@@ -754,6 +795,7 @@ class InitResult:
     name: str
     written: tuple[Path, ...]  # files created or updated
     kept: tuple[Path, ...]  # files that already existed and were left alone
+    notes: tuple[str, ...] = ()  # what the user should know before `check` (the base model is not here yet, ...)
 
 
 def init_project(project_dir: str | Path, template: str = DEFAULT_TEMPLATE) -> InitResult:
@@ -823,7 +865,17 @@ def init_project(project_dir: str | Path, template: str = DEFAULT_TEMPLATE) -> I
                 folder.rmdir()  # only if empty: never removes anything the user had
         raise UserError(f"{root}: could not create the project ({os_error_text(exc)}); nothing was left behind; "
                         "choose a folder you can write to") from exc
-    return InitResult(root, name, tuple(written), tuple(kept))
+    return InitResult(root, name, tuple(written), tuple(kept), tuple(_init_notes(texts["palp.toml"])))
+
+
+def _init_notes(toml_text: str) -> list[str]:
+    """A template's base model that this machine does not have (a hub id not in the cache): say so now, not only
+    at `check`, with the way out."""
+    from palpcompose.models import resolve_base_model
+
+    spec = tomllib.loads(toml_text)["project"]["base_model"]
+    source = resolve_base_model(spec)
+    return [] if source.available else [f"palp.toml: project.base_model: {source.detail}"]
 
 
 def _init_preflight(root: Path, files: list[Path], folders: list[Path]) -> None:
@@ -856,19 +908,19 @@ class CheckReport:
     token_limit: int
     token_limit_source: str  # where token_limit comes from ("the model's tokenizer" or why it is assumed)
     prompt_tokens: tuple[tuple[str, str, int | None], ...]  # (key, prompt, token count or None when not counted)
-    notes: tuple[str, ...]  # the project's notes, plus what could not be verified offline
+    notes: tuple[str, ...]  # the project's notes (converted images, small images, ...)
 
 
 def check_project(project_dir: str | Path) -> CheckReport:
     """Validate a project as `palpcompose check` does. Raises ProjectError listing every problem; writes nothing."""
-    from palpcompose.models import resolve_base_model
-
     v, project = _validate(Path(project_dir), check_images=True)
+    source = v.base_model
+    if source is not None and source.kind == "hub" and not source.available:
+        v.problem("project.base_model", source.detail)  # train and render would refuse it: so does check
     if project is None or v.problems:
         raise v.error()
-    config = project.config
-    source = resolve_base_model(config.project.base_model, project.root, config.project.allow_pickle)
     tokenizer, limit_source = _load_tokenizer(source)
+    config = project.config
     prompts = config_prompts(config)
     if tokenizer is None:
         limit, counts = DEFAULT_TOKEN_LIMIT, [(key, prompt, None) for key, prompt in prompts]
@@ -879,8 +931,20 @@ def check_project(project_dir: str | Path) -> CheckReport:
                 v.problem(key, *_too_long(n, limit))
     if v.problems:
         raise v.error()
-    notes = project.notes + (() if source.available else (f"{project.file}: project.base_model: {source.detail}",))
+    notes = project.notes + tuple(_toy_class_notes(project))
     return CheckReport(project, source, limit, limit_source, tuple(counts), notes)
+
+
+def _toy_class_notes(project: Project) -> list[str]:
+    """builtin:toy subjects whose class_name is not a toy-world object class: eval judges them as artworks."""
+    if project.config.project.base_model.strip() != "builtin:toy":
+        return []
+    from palpcompose.toyworld.world import CLASSES
+
+    return [f"{project.file}: subjects.{key}.class_name {s.class_name!r} is not a toy-world object class "
+            f"({', '.join(CLASSES)}): `palpcompose eval` judges [{key}] as an artwork (on its style and ambiance), "
+            "not as an object; if it is an object, use the toy class it is drawn as"
+            for key, s in project.config.subjects.items() if s.class_name.strip().lower() not in CLASSES]
 
 
 def config_prompts(config: ProjectConfig) -> list[tuple[str, str]]:
@@ -924,9 +988,8 @@ def _too_long(n: int, limit: int) -> tuple[str, str]:
 
 
 def _load_tokenizer(source) -> tuple[Any, str]:
-    """The base model's CLIP tokenizer when it can be read offline, else None and the reason."""
-    if not source.available:
-        return None, "assumed: the base model cannot be read offline, prompts not counted"
+    """The base model's CLIP tokenizer when it can be read offline (check_project has made sure the model is
+    there), else None and the reason."""
     if source.kind == "single_file":
         return None, "assumed: check does not open single-file checkpoints, prompts not counted"
     from transformers import CLIPTokenizer
@@ -1057,6 +1120,12 @@ def schema_markdown() -> str:
         "applied, images above 100 megapixels are refused, and images whose short side is below half of",
         "`train.resolution` get a warning.",
         "",
+        "Defaults marked *model-dependent* are decided by the base model when palp.toml leaves the key out: the",
+        "resolution is the model's native size (read from its UNet and VAE configs), and `builtin:toy` has its own",
+        "learning rates, steps, precision and render settings (each key's meaning gives both values).",
+        "`palpcompose check` shows the values it resolved, and `out/manifest.json` records them",
+        "(`model_defaults`, and the resolved `config`).",
+        "",
     ]
     for table in TABLE_ORDER:
         cls = SubjectConfig if table == "subjects" else SECTIONS[table]
@@ -1068,7 +1137,9 @@ def schema_markdown() -> str:
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             meta = f.metadata
-            if f.default is dataclasses.MISSING:
+            if meta["model_dependent"]:
+                default = "model-dependent"
+            elif f.default is dataclasses.MISSING:
                 default = "*required*"
             elif f.default is None:
                 default = "see meaning"

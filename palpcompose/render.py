@@ -58,6 +58,7 @@ class ModelChoice:
     label: str  # "final", "step-000100" or "base"
     weights: TrainedWeights | None
     step: int | None
+    guidance: str = "base"  # the guidance mode that trained the weights ("base": the untrained model)
 
     @property
     def caption(self) -> str:
@@ -74,6 +75,7 @@ class RenderedImage:
     prompt: str  # as the user wrote it, with [V1] placeholders
     text: str  # what the text encoder saw (tokens, or class words for the base model)
     seed: int
+    guidance: str = "base"  # ModelChoice.guidance
 
 
 @dataclass(frozen=True)
@@ -149,20 +151,29 @@ def attach_trained_weights(pipe, weights: TrainedWeights, adapter_name: str = AD
     unet.set_adapter(adapter_name)
     unet.enable_adapters()
 
-    tokenizer, text_encoder = pipe.tokenizer, pipe.text_encoder
-    new_tokens = [t for t in weights.embeddings if t not in tokenizer.get_vocab()]
-    if new_tokens:
-        tokenizer.add_tokens(new_tokens)
-        text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # rows set below
-    table = text_encoder.get_input_embeddings().weight
-    with torch.no_grad():
-        for token, vector in weights.embeddings.items():
-            if vector.numel() != table.shape[1]:
-                raise UserError(
-                    f"the embedding of {token} has {vector.numel()} values but this base model's text encoder "
-                    f"uses {table.shape[1]}; render with the base model it was trained on"
-                )
-            table[tokenizer.convert_tokens_to_ids(token)] = vector.reshape(-1).to(table)
+    # SDXL: each token into both tokenizers and text encoders, its [clip_l | clip_g] embedding split between them
+    pairs = [(pipe.tokenizer, pipe.text_encoder)]
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
+    if len(pairs) != max(len(weights.text_encoder_dims), 1):
+        trained, here = ("SDXL", "an SD 1.x/2.x") if weights.text_encoder_dims else ("SD 1.x/2.x", "an SDXL")
+        raise UserError(f"the weights were trained on an {trained} model and this is {here} base model; render "
+                        "with the base model they were trained on")
+    for i, (tokenizer, text_encoder) in enumerate(pairs):
+        new_tokens = [t for t in weights.embeddings if t not in tokenizer.get_vocab()]
+        if new_tokens:
+            tokenizer.add_tokens(new_tokens)
+            text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # rows set below
+        table = text_encoder.get_input_embeddings().weight
+        with torch.no_grad():
+            for token in weights.embeddings:
+                vector = weights.per_encoder(token)[i]
+                if vector.numel() != table.shape[1]:
+                    raise UserError(
+                        f"the embedding of {token} has {vector.numel()} values but this base model's text encoder "
+                        f"uses {table.shape[1]}; render with the base model it was trained on"
+                    )
+                table[tokenizer.convert_tokens_to_ids(token)] = vector.to(table)
 
 
 @contextlib.contextmanager
@@ -316,15 +327,18 @@ def locate_weights(project, out_dir: Path, step: int | None) -> tuple[Path, str,
                 f"no snapshot at step {step} in {out_dir / 'snapshots'}; available steps: {available}"
             )
         return snapshot_dir(out_dir, step), f"step-{step:06d}", []
+    from palpcompose.run import unfinished
+
     final = out_dir / "weights" / "final"
     if (final / "lora.safetensors").is_file():
         return final, "final", []
+    state = unfinished(project, out_dir)
     if steps:
-        warning = (
-            f"training has not finished (no {final}); using the latest snapshot, step {steps[-1]}. "
-            f"`palpcompose train {project.root} --resume` finishes it"
-        )
+        state = state or f"training has not finished; `palpcompose train {project.root} --resume` finishes it"
+        warning = f"{state} (no {final}); using the latest snapshot, step {steps[-1]}"
         return snapshot_dir(out_dir, steps[-1]), f"step-{steps[-1]:06d}", [warning]
+    if state is not None:
+        raise UserError(f"no trained weights in {out_dir} yet: {state}")
     raise UserError(f"no trained weights in {out_dir}; run `palpcompose train {project.root}` first")
 
 
@@ -357,6 +371,20 @@ def a1111_parameters(
     return "\n".join(lines)
 
 
+def default_render_size(source) -> int:
+    """The image side StableDiffusionXLPipeline renders at by default: its UNet's sample size times the VAE's
+    scale factor, read from the model's configs; SDXL's native 1024 when they cannot be read (a single file)."""
+    from palpcompose.models import SDXL_RESOLUTION, config_reader
+
+    if source.kind not in ("folder", "hub"):
+        return SDXL_RESOLUTION
+    read = config_reader(source.kind, source.location)
+    unet, vae = read("unet/config.json") or {}, read("vae/config.json") or {}
+    if "sample_size" not in unet or "block_out_channels" not in vae:
+        return SDXL_RESOLUTION
+    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+
+
 def _pick_device() -> tuple[str, torch.dtype]:
     if torch.cuda.is_available():
         return "cuda", torch.float16
@@ -378,13 +406,16 @@ def render(
     batch_size: int | None = None,
     sweep: bool = False,
     compare: bool = False,
+    out: str | Path | None = None,
     console=None,
+    run: str | None = None,
 ) -> RenderResult:
     """Render the project's prompts with its trained weights; arguments left None come from palp.toml's [render].
 
     `seeds` is a sequence of ints or a string such as "0-7". `step` picks a snapshot. `sweep` renders every snapshot
-    and the final weights; `compare` adds the base model (class words instead of tokens). Everything is validated
-    before anything is written.
+    and the final weights; `compare` adds the base model (class words instead of tokens). `run` picks a training
+    run kept in out/runs/<run>/ (its renders go there too). `out` is the folder to write to (new or empty) instead of
+    a new render folder. Everything is validated before anything is written.
     """
     from rich.markup import escape
 
@@ -396,12 +427,14 @@ def render(
 
     # 1. Settings: options over palp.toml's [render], validated before any work.
     if sweep and step is not None:
-        raise UserError("--sweep renders every snapshot; it cannot be combined with --step")
+        raise UserError("--sweep renders every snapshot; it cannot be combined with --snapshot")
+    if out is not None:
+        _check_out_folder(Path(out))
     prompt_options = prompts
     if prompts and not all(p.strip() for p in prompts):
         raise UserError("--prompt is empty; give the text to render, e.g. --prompt \"A sketch of [V1]\", or leave "
                         "--prompt out to render render.prompts / palp.target_prompt")
-    from palpcompose.project import placeholder_problems
+    from palpcompose.project import PLACEHOLDER, placeholder_problems
 
     named = [("--prompt", text) for text in prompt_options or ()]
     if negative_prompt:
@@ -415,6 +448,9 @@ def render(
         raise UserError(
             f"{project.file}: nothing to render; set render.prompts or palp.target_prompt, or pass --prompt"
         )
+    listed = ", ".join(f"[{key}]" for key in cfg.subjects)
+    warnings += [f"prompt {p!r} has no placeholder ({listed}), so its images show none of the trained subjects"
+                 for p in prompts if not PLACEHOLDER.search(p)]
     if seeds is None:
         seeds = tuple(rc.seeds)
     elif isinstance(seeds, str):
@@ -422,7 +458,9 @@ def render(
     seeds = tuple(int(s) for s in seeds)
     if not seeds:
         raise UserError(f"{project.file}: render.seeds is empty; list seeds there, or pass --seeds, e.g. --seeds 0-3")
-    size = cfg.train.resolution
+    source = resolve_base_model(cfg.project.base_model, project.root, cfg.project.allow_pickle)
+    # SD 1.x/2.x: the size trained at; SDXL: the pipeline's own default size (1024 for SDXL base)
+    size = default_render_size(source) if source.family == "sdxl" else cfg.train.resolution
 
     def pick(option, configured):
         return configured if option is None else option
@@ -444,7 +482,9 @@ def render(
     base_texts = {p: expand_placeholders(p, class_words) for p in prompts}
 
     # 2. Which weights: guard rails, then the model rows of the render.
-    out_dir = project.root / "out"
+    from palpcompose.run import run_out_dir
+
+    out_dir = run_out_dir(project, run)
     manifest = read_manifest(out_dir)
     folder, label, found = locate_weights(project, out_dir, step)
     warnings += found
@@ -464,7 +504,9 @@ def render(
                 f"{path}: has no embedding for {', '.join(missing)}; palp.toml's subjects changed since training. "
                 f"Retrain with `palpcompose train {project.root}`"
             )
-        models.append(ModelChoice(name, weights, weights.step))
+        # weights written before their header said so: the guidance of the run in out/manifest.json
+        guidance = weights.guidance or (manifest or {}).get("guidance") or "unknown"
+        models.append(ModelChoice(name, weights, weights.step, guidance))
     if sweep and models[-1].label == "final":  # the snapshot of the last step holds the final weights again
         models = [m for m in models if m.label == "final" or m.step != models[-1].step]
     for message in warnings:
@@ -472,7 +514,6 @@ def render(
             console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False)
 
     # 3. Base model and sampler.
-    source = resolve_base_model(cfg.project.base_model, project.root, cfg.project.allow_pickle)
     device, dtype = _pick_device()
     pipe = load_pipeline(source, torch_dtype=dtype)
     _check_prompt_lengths(project, pipe.tokenizer, prompts, settings.negative_prompt, from_options=bool(
@@ -485,7 +526,11 @@ def render(
     )  # fits? (before writing)
 
     # 4. Render every model x prompt x seed, batch by batch, writing each PNG as soon as it exists.
-    run_dir = _new_run_dir(out_dir / "renders", "sweep" if sweep else "compare" if compare else "")
+    if out is None:
+        run_dir, made = _new_run_dir(out_dir / "renders", "sweep" if sweep else "compare" if compare else ""), True
+    else:
+        run_dir, made = Path(out), not Path(out).exists()
+        run_dir.mkdir(parents=True, exist_ok=True)
     jobs = [(p_index, prompt, seed) for p_index, prompt in enumerate(prompts, 1) for seed in seeds]
     images: list[RenderedImage] = []
     started = time.perf_counter()
@@ -514,15 +559,18 @@ def render(
                             }
                             if model.step is not None:
                                 extra["PALP step"] = str(model.step)
+                                extra["PALP guidance"] = model.guidance
                             params = a1111_parameters(text, settings, seed, cfg.project.base_model, extra)
                             _save_png(path, picture, params)
-                            images.append(RenderedImage(path, model.label, model.step, prompt, text, seed))
+                            images.append(RenderedImage(path, model.label, model.step, prompt, text, seed,
+                                                        model.guidance))
                             progress.advance(task)
     except KeyboardInterrupt:  # keep what was drawn; an empty run folder would only confuse
         if not images:
-            import shutil
+            if made:  # a folder this render created (an empty --out folder of the user's stays)
+                import shutil
 
-            shutil.rmtree(run_dir, ignore_errors=True)
+                shutil.rmtree(run_dir, ignore_errors=True)
             raise Interrupted("interrupted before the first image was drawn; nothing was written") from None
         raise Interrupted(f"interrupted after {len(images)} of {len(models) * len(jobs)} images; they are in "
                           f"{run_dir} (no contact sheet or render.json)") from None
@@ -542,11 +590,14 @@ def render(
             "device": device,
             "wall_time_s": round(time.perf_counter() - started, 3),
             "warnings": warnings,
+            "training": _training_record(manifest),
+            "training_run": run,  # None: the current run in out/; else the id of a run kept in out/runs/
             "images": [
                 {
                     "file": i.path.name,
                     "model": i.model,
                     "step": i.step,
+                    "guidance": i.guidance,
                     "prompt": i.prompt,
                     "text": i.text,
                     "seed": i.seed,
@@ -558,13 +609,21 @@ def render(
     return RenderResult(run_dir, tuple(images), sheet_path, settings, tuple(warnings))
 
 
+def _training_record(manifest: dict | None) -> dict | None:
+    """The training run whose weights a render used, as render.json records it (from out/manifest.json)."""
+    if manifest is None:
+        return None
+    keys = ("guidance", "status", "steps_done", "steps_target", "started_at", "finished_at", "training_hash")
+    return {key: manifest.get(key) for key in keys}
+
+
 def _validate(settings: RenderSettings) -> None:
     if settings.scheduler not in SCHEDULERS:
         raise UserError(
             f"scheduler {settings.scheduler!r} is not known; choose one of: {', '.join(SCHEDULERS)}"
         )
     if settings.steps < 1:
-        raise UserError(f"--steps must be at least 1 (got {settings.steps})")
+        raise UserError(f"--sampling-steps must be at least 1 (got {settings.steps})")
     if settings.guidance_scale < 0:
         raise UserError(f"--guidance-scale must not be negative (got {settings.guidance_scale})")
     if settings.batch_size < 1:
@@ -588,6 +647,16 @@ def generate(pipe, texts: list[str], seeds: list[int], settings: RenderSettings)
             height=settings.height,
             generator=generators,
         ).images
+
+
+def _check_out_folder(folder: Path) -> None:
+    """--out: a new or empty folder that can be created, so that a render never overwrites or mixes with files."""
+    from palpcompose.fsutil import check_folder_can_be_made
+
+    if folder.is_dir() and any(folder.iterdir()):
+        raise UserError(f"--out {folder}: the folder is not empty; render writes a whole run (PNGs, contact sheet, "
+                        "render.json) and never overwrites, so give a new or empty folder")
+    check_folder_can_be_made(folder, "--out")
 
 
 def _new_run_dir(renders: Path, kind: str) -> Path:

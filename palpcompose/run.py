@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 from dataclasses import dataclass, field, replace
@@ -60,6 +59,8 @@ class Plan:
     resume_from: Path | None = None  # the checkpoint folder to continue from; None: a fresh run
     up_to_date: bool = False  # nothing to do: the weights in out/ were trained with exactly this
     num_processes: int = 1  # processes of this run (the launcher's WORLD_SIZE)
+    archive: Path | None = None  # a fresh run moves the earlier run here (out/runs/<id>/) before it writes
+    notice: str = ""  # what happens to the earlier run, and why (printed before anything is moved)
     resume_command: str = ""  # what interrupt messages print
     fresh_command: str = ""
 
@@ -111,7 +112,130 @@ def make_plan(project, *, steps: int | None = None, resume: bool = False, guidan
     TrainingLock(out / LOCK_FILE).check()
     if resume:
         plan.resume_from = _resumable_checkpoint(plan, steps)
+    elif has_run(out):
+        _continue_or_keep(plan, force)
     return plan
+
+
+def has_run(out: Path) -> bool:
+    """out/ holds a training run (its manifest or anything it trained)."""
+    return (out / MANIFEST_FILE).exists() or any((out / name).exists() for name in RUN_FOLDERS)
+
+
+def _continue_or_keep(plan: Plan, force: bool) -> None:
+    """A run without --resume where out/ already holds one: continue it when only train.steps grew, else keep it
+    by moving it to out/runs/<id>/. Sets plan.resume_from or plan.archive, and plan.notice."""
+    previous, now_config = plan.previous, plan.config.to_dict()
+    why = _differences(plan, previous)
+    if previous is None:
+        why.insert(0, f"{plan.out / MANIFEST_FILE} is missing or unreadable")
+    elif previous.get("status") != "completed":
+        why.insert(0, f"it was {previous.get('status')} at step {previous.get('steps_done', 0)} of "
+                      f"{previous.get('steps_target', '?')} (`{plan.resume_command}` continues it instead)")
+    only_steps_grew = (previous is not None and previous.get("status") == "completed"
+                       and len(why) == 1 and isinstance(previous.get("config"), dict)
+                       and [k for k, _, _ in changed_weight_settings(previous["config"], now_config)] == ["train.steps"]
+                       and plan.steps_target > int(previous.get("steps_done", 0)))
+    if only_steps_grew and not force:
+        checkpoint = checkpoint_folder(plan.out / "checkpoint")
+        if checkpoint is not None and _checkpoint_matches(plan, checkpoint, int(previous.get("steps_done", 0))):
+            plan.resume_from = checkpoint
+            plan.notice = (f"train.steps {previous['steps_done']} -> {plan.steps_target}: continuing the completed "
+                           f"run from its checkpoint at step "
+                           f"{previous['steps_done']} (--force starts a new run instead, keeping this one)")
+            return
+    if force:
+        why.append("--force")
+    plan.archive = _archive_folder(plan.out, previous)
+    plan.notice = (f"starting a new run; the earlier one is kept in {plan.archive} "
+                   f"(`--run {plan.archive.name}` renders or exports it): {'; '.join(why) or 'no change found'}")
+
+
+def _differences(plan: Plan, previous: dict | None) -> list[str]:
+    """What differs between the run recorded in `previous` and this plan: settings, images, base model."""
+    if previous is None:
+        return []
+    why = []
+    if isinstance(previous.get("config"), dict):
+        changed = changed_weight_settings(previous["config"], plan.config.to_dict())
+        if changed:
+            why.append("settings changed: " + ", ".join(f"{k} {json.dumps(a)} -> {json.dumps(b)}"
+                                                        for k, a, b in changed))
+    images = image_changes(previous.get("images"), plan.images)
+    if images:
+        why.append("reference images changed: " + images)
+    if (previous.get("base_model") or {}).get("identity") != plan.identity:
+        why.append("the base model changed")
+    if previous.get("num_processes", 1) != plan.num_processes:
+        why.append(f"it ran on {previous.get('num_processes', 1)} processes, this run on {plan.num_processes} "
+                   "(another effective batch)")
+    return why
+
+
+def image_changes(before: dict | None, now: dict[str, str], most: int = 5) -> str:
+    """'refs/V1/3.png is new, refs/V1/0.png changed, refs/V1/2.png is gone' ("" when the same)."""
+    if not isinstance(before, dict) or before == now:
+        return ""
+    changes = ([f"{p} is new" for p in sorted(set(now) - set(before))]
+               + [f"{p} changed" for p in sorted(set(now) & set(before)) if now[p] != before[p]]
+               + [f"{p} is gone" for p in sorted(set(before) - set(now))])
+    more = f", and {len(changes) - most} more" if len(changes) > most else ""
+    return ", ".join(changes[:most]) + more
+
+
+def _checkpoint_matches(plan: Plan, checkpoint: Path, step: int) -> bool:
+    """The checkpoint is the completed run's last state, trained with this plan's settings."""
+    try:
+        state_json = read_settings(checkpoint)
+    except (OSError, ValueError, UserError):
+        return False
+    return (state_json.get("step") == step and state_json.get("settings") == plan.settings
+            and checkpoint_processes(state_json) == plan.num_processes)
+
+
+def _archive_folder(out: Path, previous: dict | None) -> Path:
+    """out/runs/<id>/ for the earlier run: its start time and guidance ('2026-05-01T10-00-00-palp'), made unique."""
+    started = str((previous or {}).get("started_at") or "unknown").split("+")[0].replace(":", "-")
+    stem = f"{started}-{(previous or {}).get('guidance', 'unknown')}"
+    for n in range(1, 1000):
+        folder = out / "runs" / (stem if n == 1 else f"{stem}-{n}")
+        if not folder.exists():
+            return folder
+    raise UserError(f"{out / 'runs'}: could not name a folder for the earlier run ({stem}-N)")
+
+
+def unfinished(project, out: Path) -> str | None:
+    """Why `out` has no final weights although training started: "training in progress (pid P ...)" or "training
+    was interrupted at step N: `palpcompose train DIR --resume`" (None when no training ever started there)."""
+    live = TrainingLock(out / LOCK_FILE).holder()
+    if live is not None:
+        return (f"training in progress (pid {live.get('pid')} on {live.get('host')}, started {live.get('started_at')});"
+                " wait for it to finish")
+    kept = out != project.root / "out"  # a run kept in out/runs/: it cannot be resumed
+    status = (read_json(out / MANIFEST_FILE) or {}).get("status") or "interrupted"
+    if status in ("running", "completed"):  # no live lock: the process is gone
+        status = "interrupted"
+    checkpoint = checkpoint_folder(out / "checkpoint")
+    if checkpoint is not None:
+        step = (read_json(checkpoint / "state.json") or {}).get("step", "?")
+        how = "" if kept else f": `palpcompose train {project.root} --resume`"
+        return f"training was {status} at step {step}{how}"
+    if has_run(out) and not (out / "snapshots").is_dir():  # snapshots come with a checkpoint
+        how = "" if kept else f": `palpcompose train {project.root}` starts it again"
+        return f"training was {status} before its first checkpoint{how}"
+    return None
+
+
+def run_out_dir(project, run: str | None) -> Path:
+    """The folder holding the trained run that render/export/eval use: out/, or out/runs/<run>/ (--run)."""
+    out = project.root / "out"
+    if run is None:
+        return out
+    folder = out / "runs" / str(run)
+    if not str(run).strip() or Path(str(run)).name != str(run) or not folder.is_dir():
+        runs = sorted(p.name for p in (out / "runs").glob("*") if p.is_dir()) if (out / "runs").is_dir() else []
+        raise UserError(f"--run {run}: no such run in {out / 'runs'}; runs kept there: {', '.join(runs) or 'none'}")
+    return folder
 
 
 def resume_settings(config) -> dict:
@@ -262,19 +386,21 @@ class RunRecord:
     def log_path(self) -> Path:
         return self.out / "logs" / "train.jsonl"
 
-    def begin(self, resumed_step: int | None) -> None:
+    def begin(self, resumed_step: int | None, archive: Path | None = None) -> None:
         """Start this run's record: continue the log and wall time of the run it resumes (`resumed_step`), or
-        clear the previous run's outputs so nothing in out/ mixes two runs. Writes this run's manifest."""
+        move the earlier run's outputs to `archive` (out/runs/<id>/) so nothing in out/ mixes two runs and nothing
+        trained is lost. Writes this run's manifest."""
+        if archive is not None and self.writer:
+            archive.mkdir(parents=True)
+            for name in (MANIFEST_FILE, *RUN_FOLDERS):
+                if (self.out / name).exists():
+                    os.replace(self.out / name, archive / name)
         if resumed_step is not None:
             old = read_json(self.manifest_path) or {}
             self.manifest["started_at"] = old.get("started_at", self.manifest["started_at"])
             self.prior_wall = float(old.get("wall_time_s", 0.0))
             self.log = [e for e in read_jsonl(self.log_path) if e["step"] <= resumed_step]
             self.checkpoint_step = resumed_step
-        elif self.writer:
-            for stale in RUN_FOLDERS:
-                if (self.out / stale).is_dir():
-                    shutil.rmtree(self.out / stale)
         self.step = self.manifest["steps_done"] = resumed_step or 0
         self._write_manifest()
         self.ours = True

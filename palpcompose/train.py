@@ -24,6 +24,7 @@ from rich.table import Table
 
 from palpcompose import __version__, distributed, models
 from palpcompose.checkpoint import Checkpoint, load_checkpoint, restore_rng_state, rng_state
+from palpcompose.conditioning import Conditioning, size_conditioning
 from palpcompose.data import Batch, SubjectData, encode_subject, sample_batch
 from palpcompose.errors import Interrupted, ProjectError, UserError
 from palpcompose.fsutil import atomic_save_image
@@ -72,13 +73,22 @@ class TrainState:
     lora_params: list
     token_embedding: PlaceholderEmbedding  # the text encoder's table, frozen; `.rows` (n, D) are the trained tokens
     token_ids: dict[str, int]  # "V1" -> row of the table (row i of token_embedding.rows for the i-th subject)
-    null_embeds: torch.Tensor  # (1, 77, D) the empty prompt, encoded once
-    clean_embeds: torch.Tensor | None  # (1, 77, D) the clean prompt y_c, encoded once (None for guidance none)
+    null_cond: Conditioning  # (1, 77, D) the empty prompt, encoded once (SDXL: with its pooled embedding)
+    clean_cond: Conditioning | None  # the clean prompt y_c, encoded once (None for guidance none)
     weight_dtype: torch.dtype
     max_grad_norm: float
     lora_layers: list  # the UNet's peft LoRA layers (adapters() toggles only these; empty would leave LoRA on)
     graphs: object = None  # an accel.GraphCache to replay the no-grad guidance passes from CUDA graphs, or None
     graphed_pass: object = None  # an accel.GraphedPersonalizationPass (forward+backward from CUDA graphs), or None
+    time_ids: torch.Tensor | None = None  # SDXL's size conditioning (1, 6) at train.resolution; None for SD 1/2
+
+    @property
+    def null_embeds(self) -> torch.Tensor:
+        return self.null_cond.embeds
+
+    @property
+    def clean_embeds(self) -> torch.Tensor | None:
+        return None if self.clean_cond is None else self.clean_cond.embeds
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -93,34 +103,61 @@ class PlaceholderEmbedding(torch.nn.Module):
     dense AdamW moments (0.4 GiB) and a dense update every step for n useful rows; here the table is never written,
     so every other row stays bit-identical by construction. The placeholder ids are the table's last n rows
     (tokenizer.add_tokens appends them), in subject order.
+
+    SDXL: one `rows` parameter (n, D1 + D2) holds each token's embedding in both encoders, [CLIP-L | OpenCLIP-G];
+    each encoder's PlaceholderEmbedding reads its own `columns` of it (train_placeholder_rows_sdxl).
     """
 
-    def __init__(self, table: torch.nn.Embedding, first_id: int):
+    def __init__(self, table: torch.nn.Embedding, first_id: int, rows: torch.nn.Parameter | None = None,
+                 columns: slice | None = None):
         super().__init__()
         self.table = table
         self.first_id = first_id
-        self.rows = torch.nn.Parameter(table.weight[first_id:].detach().clone().float())
+        self.rows = torch.nn.Parameter(table.weight[first_id:].detach().clone().float()) if rows is None else rows
+        self.columns = columns  # None: all of `rows`
+
+    def own_rows(self) -> torch.Tensor:
+        return self.rows if self.columns is None else self.rows[:, self.columns]
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         embeds = self.table(input_ids)
         row = input_ids - self.first_id  # >= 0 exactly at the placeholder positions
-        spliced = F.embedding(row.clamp(min=0), self.rows).to(embeds.dtype)
+        spliced = F.embedding(row.clamp(min=0), self.own_rows()).to(embeds.dtype)
         return torch.where((row >= 0).unsqueeze(-1), spliced, embeds)
 
     def full_table(self) -> torch.Tensor:
         """The (V, D) table as the text encoder sees it: the frozen rows, then the trained placeholder rows."""
-        return torch.cat([self.table.weight[: self.first_id], self.rows.to(self.table.weight.dtype)])
+        return torch.cat([self.table.weight[: self.first_id], self.own_rows().to(self.table.weight.dtype)])
 
 
-def train_placeholder_rows(text_encoder, token_ids: dict[str, int]) -> PlaceholderEmbedding:
+def train_placeholder_rows(text_encoder, token_ids: dict[str, int], rows: torch.nn.Parameter | None = None,
+                           columns: slice | None = None) -> PlaceholderEmbedding:
     """Give the text encoder a PlaceholderEmbedding whose rows (in `token_ids` order) are the trainable tokens."""
     ids = list(token_ids.values())
     table = text_encoder.get_input_embeddings()
     if ids != list(range(table.num_embeddings - len(ids), table.num_embeddings)):
         raise ValueError(f"placeholder token ids {ids} must be the last rows of the embedding table, in order")
-    module = PlaceholderEmbedding(table, ids[0])
+    module = PlaceholderEmbedding(table, ids[0], rows, columns)
     text_encoder.set_input_embeddings(module)
     return module
+
+
+def add_trained_tokens(c: models.Components, tokens: dict[str, str],
+                       init_words: dict[str, str]) -> tuple[dict[str, int], PlaceholderEmbedding]:
+    """Each subject's new token in every tokenizer and text encoder, initialised from its init word in each; returns
+    the first tokenizer's ids and the PlaceholderEmbedding whose `.rows` are the trained values. SDXL: `.rows`
+    (n, D1 + D2) is shared by both encoders' PlaceholderEmbeddings, each reading its own columns."""
+    pairs = list(zip(c.tokenizers, c.text_encoders, strict=True))
+    ids = [models.add_placeholder_tokens(tok, enc, tokens, init_words) for tok, enc in pairs]
+    if len(pairs) == 1:
+        return ids[0], train_placeholder_rows(pairs[0][1], ids[0])
+    tables = [enc.get_input_embeddings().weight for _, enc in pairs]
+    first = [next(iter(i.values())) for i in ids]
+    rows = torch.nn.Parameter(torch.cat([t[f:].detach() for t, f in zip(tables, first)], dim=1).float().clone())
+    width = tables[0].shape[1]
+    embeddings = [train_placeholder_rows(enc, i, rows, cols)
+                  for (_, enc), i, cols in zip(pairs, ids, (slice(0, width), slice(width, None)))]
+    return ids[0], embeddings[0]
 
 
 def prepare_state(config, components: models.Components, accelerator, guidance_config: GuidanceConfig,
@@ -131,17 +168,18 @@ def prepare_state(config, components: models.Components, accelerator, guidance_c
     # Freeze everything; LoRA weights and the placeholder rows are the only trainable values
     models.freeze(c.unet, c.vae, c.text_encoder)
     init_words = {key: s.init_word or s.class_name for key, s in config.subjects.items()}
-    token_ids = models.add_placeholder_tokens(c.tokenizer, c.text_encoder, tokens, init_words)
-    token_embedding = train_placeholder_rows(c.text_encoder, token_ids)
+    token_ids, token_embedding = add_trained_tokens(c, tokens, init_words)
     torch.manual_seed(train_cfg.seed)  # LoRA initialisation
     lora_params = models.add_lora(c.unet, train_cfg.lora_rank, train_cfg.lora_alpha or train_cfg.lora_rank)
     if train_cfg.recomputes_activations:
         c.unet.enable_gradient_checkpointing()
     # Frozen weights in the mixed-precision dtype, trainable ones (LoRA, text encoder's table) in fp32
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    # (SDXL's VAE overflows in fp16, its config says force_upcast: under fp16 it stays fp32, as its pipeline does)
+    vae_fp32 = c.tokenizer_2 is not None and weight_dtype == torch.float16 and c.vae.config.get("force_upcast", True)
     for module in (c.unet, c.vae):
         module.to(device)
-        if weight_dtype != torch.float32:
+        if weight_dtype != torch.float32 and not (module is c.vae and vae_fp32):
             module.to(dtype=weight_dtype)
     for p in lora_params:
         p.data = p.data.float()
@@ -155,19 +193,23 @@ def prepare_state(config, components: models.Components, accelerator, guidance_c
     unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(c.unet, c.text_encoder, optimizer, lr_scheduler)
     # Several processes: the LoRA weights (UNet) and the placeholder rows (text encoder) average their gradients
     distributed.check_all_reduced(accelerator, [unet, text_encoder], lora_params + [token_embedding.rows])
-    # Frozen prompts, encoded once: the empty prompt (CFG) and the clean prompt y_c
+    # Frozen prompts, encoded once: the empty prompt (CFG) and the clean prompt y_c (SDXL: with pooled embeddings;
+    # its empty prompt is zeros when the model says so, as its sampler uses it)
     with torch.no_grad():
-        null_embeds = models.encode_prompt(c.text_encoder, models.tokenize(c.tokenizer, [""])).detach()
-        clean_embeds = None
+        null_cond = models.encode_prompt(c.text_encoder, models.tokenize(c.tokenizer, [""], c.tokenizer_2)).detach()
+        if c.force_zeros_for_empty_prompt:
+            null_cond = null_cond.zeros_like()
+        clean_cond = None
         if guidance_config.mode != "none":
-            ids = models.tokenize(c.tokenizer, [config.palp.clean_prompt])
-            clean_embeds = models.encode_prompt(c.text_encoder, ids).detach()
+            ids = models.tokenize(c.tokenizer, [config.palp.clean_prompt], c.tokenizer_2)
+            clean_cond = models.encode_prompt(c.text_encoder, ids).detach()
+    time_ids = size_conditioning(train_cfg.resolution).to(device) if c.tokenizer_2 is not None else None
     return TrainState(
         accelerator=accelerator, components=c, unet=unet, text_encoder=text_encoder,
         guidance=PalpGuidance(guidance_config), optimizer=optimizer, lr_scheduler=lr_scheduler,
-        lora_params=lora_params, token_embedding=token_embedding, token_ids=token_ids, null_embeds=null_embeds,
-        clean_embeds=clean_embeds,
-        weight_dtype=weight_dtype, max_grad_norm=train_cfg.max_grad_norm, lora_layers=models.lora_layers(c.unet),
+        lora_params=lora_params, token_embedding=token_embedding, token_ids=token_ids, null_cond=null_cond,
+        clean_cond=clean_cond, weight_dtype=weight_dtype, max_grad_norm=train_cfg.max_grad_norm,
+        lora_layers=models.lora_layers(c.unet), time_ids=time_ids,
     )
 
 
@@ -203,8 +245,8 @@ def prepare_subjects(project, config, state: TrainState, tokens: dict[str, str])
     for key, subject in config.subjects.items():
         prompt = models.expand_placeholders(subject.prompt or f"A photo of [{key}]", tokens)
         mean, std = encode_subject(c.vae, list(project.images[key]), config.train.resolution, bool(subject.flip),
-                                   state.accelerator.device, state.weight_dtype)
-        subjects.append(SubjectData(key, models.tokenize(c.tokenizer, [prompt])[0], mean, std,
+                                   state.accelerator.device, c.vae.dtype)
+        subjects.append(SubjectData(key, models.tokenize(c.tokenizer, [prompt], c.tokenizer_2)[0], mean, std,
                                     len(project.images[key]), bool(subject.flip)))
     return subjects
 
@@ -232,26 +274,27 @@ def adapters(lora_layers, enabled: bool):
             layer.enable_adapters(True)
 
 
-def make_denoiser(state: TrainState, timesteps: torch.Tensor, abar_t: torch.Tensor, personal_embeds: torch.Tensor):
+def make_denoiser(state: TrainState, timesteps: torch.Tensor, abar_t: torch.Tensor, personal: Conditioning):
     """The `denoise` callable of guidance.PalpGuidance for this step: fp32 eps with CFG, adapter on or off."""
     unet = state.unet  # accelerate's prepared model: the UNet itself (its forward runs under autocast)
     prediction_type = state.components.prediction_type
 
     def denoise(latents, *, adapter: bool, prompt: str, scale: float) -> torch.Tensor:
         batch = latents.shape[0]
-        cond = state.clean_embeds.expand(batch, -1, -1) if prompt == "clean" else personal_embeds
+        cond = state.clean_cond.expand(batch) if prompt == "clean" else personal
         if scale == 1.0:  # G^1 = G(x, t, y): no unconditional pass
-            x, t, embeds, abar = latents, timesteps, cond, abar_t
+            x, t, both, abar = latents, timesteps, cond, abar_t
         else:  # one batched pass for G(x, t, null) and G(x, t, y): (2B, C, H, W)
             x, t, abar = torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), torch.cat([abar_t, abar_t])
-            embeds = torch.cat([state.null_embeds.expand(batch, -1, -1), cond])
+            both = Conditioning.cat([state.null_cond.expand(batch), cond])
 
-        def run(x, t, embeds):
+        def run(x, t, embeds, pooled=None):
             with adapters(state.lora_layers, adapter), state.accelerator.autocast():
-                return unet(x, t, embeds).sample
+                return models.unet_forward(unet, x, t, Conditioning(embeds, pooled), state.time_ids)
 
         # accel hook: with state.graphs set, each distinct pass (adapter on/off, shapes) is captured once and replayed
-        out = (run(x, t, embeds) if state.graphs is None else state.graphs(run, adapter, x, t, embeds)).float()
+        inputs = (x, t, both.embeds) + (() if both.pooled is None else (both.pooled,))
+        out = (run(*inputs) if state.graphs is None else state.graphs(run, adapter, *inputs)).float()
         if prediction_type == "v_prediction":
             out = v_to_eps(out, x, abar)
         if scale != 1.0:
@@ -260,6 +303,20 @@ def make_denoiser(state: TrainState, timesteps: torch.Tensor, abar_t: torch.Tens
         return out
 
     return denoise
+
+
+def gradient_norms(terms: dict[str, torch.Tensor], weight: float, model_pred: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The balance of the two loss terms as the UNet's prediction sees it (logged per step in train.jsonl):
+    `grad_pers` = ||d L_pers / d pred||, `grad_align` = ||d (lambda * L_align) / d pred|| (L2 over the whole
+    micro-batch, in the model's own parameterisation: eps or v). Both terms reach the trained weights only through
+    `pred`, so their ratio is the ratio of their pulls on it. Only the small graph from `pred` to the losses is
+    traversed (not the UNet): about the cost of a few elementwise ops."""
+    norms = {}
+    for name, term, scale in (("grad_pers", terms["loss_pers"], 1.0), ("grad_align", terms.get("loss_align"), weight)):
+        if term is not None and term.requires_grad:
+            (grad,) = torch.autograd.grad(term, model_pred, retain_graph=True)
+            norms[name] = grad.float().norm() * scale
+    return norms
 
 
 def training_step(state: TrainState, batch: Batch) -> dict[str, float]:
@@ -272,12 +329,14 @@ def training_step(state: TrainState, batch: Batch) -> dict[str, float]:
     with acc.accumulate(state.unet, state.text_encoder):
         with acc.autocast():
             # y_P with the learned token: gradients reach the placeholder rows
-            personal_embeds = models.encode_prompt(state.text_encoder, batch.input_ids.to(device))
+            personal = models.encode_prompt(state.text_encoder, batch.input_ids.to(device))  # SDXL: + pooled
             noisy_latents = add_noise(latents, noise, abar_t)  # forward diffusion x_t
             if state.graphed_pass is not None:  # accel hook: this pass's forward and backward from CUDA graphs
-                model_pred = state.graphed_pass(noisy_latents, timesteps, personal_embeds).float()
+                added = () if personal.pooled is None else (personal.pooled, state.time_ids)
+                model_pred = state.graphed_pass(noisy_latents, timesteps, personal.embeds, *added).float()
             else:
-                model_pred = state.unet(noisy_latents, timesteps, personal_embeds).sample.float()
+                model_pred = models.unet_forward(state.unet, noisy_latents, timesteps, personal,
+                                                 state.time_ids).float()
         # Step 2: personalization loss, in the model's own target
         if c.prediction_type == "epsilon":
             target = noise
@@ -291,10 +350,11 @@ def training_step(state: TrainState, batch: Batch) -> dict[str, float]:
             # Step 3: x0_hat from the eps prediction (Eq. 2), graph kept; steps 4-6 in guidance.PalpGuidance
             eps_hat = model_pred if c.prediction_type == "epsilon" else v_to_eps(model_pred, noisy_latents, abar_t)
             x0_hat = predict_x0(noisy_latents, eps_hat, abar_t)
-            denoise = make_denoiser(state, timesteps, abar_t, personal_embeds.detach())
+            denoise = make_denoiser(state, timesteps, abar_t, personal.detach())
             terms.update(state.guidance(x0_hat=x0_hat, noise=noise, abar_t=abar_t, denoise=denoise,
                                         fresh_noise=batch.fresh_noise.to(device)))
             loss = loss + state.guidance.config.weight * terms["loss_align"]  # step 7
+        terms.update(gradient_norms(terms, state.guidance.config.weight, model_pred))
         check_finite("the training loss", loss)
         acc.backward(loss)
         if acc.sync_gradients and state.max_grad_norm > 0:
@@ -319,6 +379,9 @@ def trained_weights(state: TrainState, config, tokens: dict[str, str], step: int
         placeholders=dict(tokens), rank=config.train.lora_rank,
         lora_alpha=float(config.train.lora_alpha or config.train.lora_rank),
         target_modules=list(models.LORA_TARGET_MODULES), base_model=config.project.base_model, step=step,
+        guidance=config.palp.guidance,  # the run's mode (train() puts --guidance into config)
+        text_encoder_dims=tuple(enc.get_input_embeddings().table.weight.shape[1]
+                                for enc in state.components.text_encoders) if state.components.tokenizer_2 else (),
     )
 
 
@@ -363,16 +426,23 @@ def render_preview(state: TrainState, config, tokens: dict[str, str], step: int,
 
     Runs under forked RNG with its own seeded generators, and casts nothing: training is unaffected.
     """
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     acc, c = state.accelerator, state.components
     unet = acc.unwrap_model(state.unet)
     text_encoder = acc.unwrap_model(state.text_encoder)
-    pipe = StableDiffusionPipeline(
-        vae=c.vae, text_encoder=text_encoder, tokenizer=c.tokenizer, unet=unet,
-        scheduler=DPMSolverMultistepScheduler.from_config(c.inference_scheduler_config), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False,
-    )
+    scheduler = DPMSolverMultistepScheduler.from_config(c.inference_scheduler_config)
+    if c.tokenizer_2 is not None:  # SDXL: the sampler passes pooled embeddings and size conditioning itself
+        pipe = StableDiffusionXLPipeline(
+            vae=c.vae, text_encoder=text_encoder.text_encoder, text_encoder_2=text_encoder.text_encoder_2,
+            tokenizer=c.tokenizer, tokenizer_2=c.tokenizer_2, unet=unet, scheduler=scheduler,
+            force_zeros_for_empty_prompt=c.force_zeros_for_empty_prompt, add_watermarker=False,
+        )
+    else:
+        pipe = StableDiffusionPipeline(
+            vae=c.vae, text_encoder=text_encoder, tokenizer=c.tokenizer, unet=unet, scheduler=scheduler,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
     pipe.set_progress_bar_config(disable=True)
     seeds = list(config.render.seeds[:PREVIEW_SEEDS]) or [0]
     res = config.train.resolution
@@ -410,14 +480,16 @@ def _x0_image(state: TrainState, pipe, prompt: str, adapter: bool, seed: int, re
     latent_res = res // pipe.vae_scale_factor
     latents = torch.randn((1, c.unet.config.in_channels, latent_res, latent_res),
                           generator=torch.Generator("cpu").manual_seed(seed)).to(device)
-    ids = models.tokenize(c.tokenizer, [prompt])
+    ids = models.tokenize(c.tokenizer, [prompt], c.tokenizer_2)
     cond = models.encode_prompt(state.accelerator.unwrap_model(state.text_encoder), ids)
     abar = c.alphas_cumprod[t_last].to(device).view(1, 1, 1, 1)
     timesteps = torch.full((1,), t_last, device=device, dtype=torch.long)
     unet = state.accelerator.unwrap_model(state.unet)
-    embeds = torch.cat([state.null_embeds, cond])
+    both = Conditioning.cat([state.null_cond, cond])
+    time_ids = None if state.time_ids is None else size_conditioning(res).to(device)  # the preview's own size
     with adapters(state.lora_layers, adapter):
-        out = unet(torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), embeds).sample.float()
+        out = models.unet_forward(unet, torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), both,
+                                  time_ids).float()
     if c.prediction_type == "v_prediction":
         out = v_to_eps(out, torch.cat([latents, latents]), abar)
     uncond, cond_out = out.chunk(2)
@@ -494,6 +566,8 @@ def train(project, *, steps: int | None = None, resume: bool = False, guidance: 
     except UserError as exc:
         exc.quiet = not main  # the same files, the same error on every process: said once
         raise
+    if plan.notice:  # before anything is moved
+        console.print(plan.notice, highlight=False, markup=False, soft_wrap=True)
     record = RunRecord(plan.out, new_manifest(plan, accelerator), writer=main)
     memory: dict = {}  # the estimate printed before training, for an out-of-memory message
     with _held_by_main(TrainingLock(plan.out / LOCK_FILE), accelerator), _stop_requests() as stop:
@@ -556,6 +630,8 @@ def new_manifest(plan: Plan, accelerator) -> dict:
         "config": config.to_dict(), "config_hash": config.hash(), "training_hash": config.training_hash(),
         "palp_toml": plan.file_hashes, "images": plan.images,
         "tokens": models.placeholder_tokens(config.project.name, config.subjects), "git": git_state(plan.project.root),
+        # the defaults the base model chose for keys palp.toml leaves out (project.resolve_model_defaults)
+        "model_defaults": {key: value for key, (value, _) in getattr(plan.project, "model_defaults", {}).items()},
         "steps_done": 0, "steps_target": plan.steps_target, "guidance": plan.mode, "wall_time_s": 0.0,
         "device": _device_name(accelerator.device), "started_at": now(), "finished_at": None,
         "num_processes": accelerator.num_processes,
@@ -596,10 +672,7 @@ def setup(plan: Plan, record: RunRecord, components: models.Components, accelera
         restore_checkpoint(state, ckpt, tokens, generator)
         resumed_step = ckpt.step
         console.print(f"resuming at step {resumed_step} of {plan.steps_target}")
-    elif plan.previous and plan.previous.get("steps_done"):
-        console.print(f"starting over: the earlier run ({plan.previous.get('status')}, "
-                      f"{plan.previous['steps_done']} steps) is replaced; `--resume` continues a run instead")
-    record.begin(resumed_step)
+    record.begin(resumed_step, plan.archive)
     return state, subjects, generator
 
 

@@ -3,9 +3,11 @@
 A weights folder (`out/weights/final/`, `out/snapshots/step-000100/`, ...) holds two small safetensors files:
 - `lora.safetensors`: the UNet LoRA in peft's own key format, i.e. `peft.get_peft_model_state_dict(unet)`
   (keys such as `down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight`), fp32.
-- `embeddings.safetensors`: one 1-D fp32 tensor per learned token, keyed by the token string (`<name-V1>`).
-Both carry metadata in the safetensors header (format, tokens, rank, alpha, base model, palpcompose version), so a
-file found on its own still says what it is. `export.py` converts this format to other tools' formats.
+- `embeddings.safetensors`: one 1-D fp32 tensor per learned token, keyed by the token string (`<name-V1>`). SDXL:
+  the token's embeddings in both text encoders end to end, [CLIP-L (768) | OpenCLIP-G (1280)], and the header's
+  `text_encoder_dims` ("[768, 1280]") says where they split (`TrainedWeights.per_encoder`).
+Both carry metadata in the safetensors header (format, tokens, rank, alpha, base model, step, the guidance mode that
+trained them, palpcompose version), so a file found on its own still says what it is. `export.py` converts this format to other tools' formats.
 """
 
 from __future__ import annotations
@@ -34,9 +36,18 @@ class TrainedWeights:
     target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     base_model: str = ""
     step: int = 0
+    guidance: str = ""  # the guidance mode that trained them (palp, sds, none); "" in files older than the key
+    text_encoder_dims: tuple[int, ...] = ()  # SDXL: (D1, D2), each embedding is [encoder 1 | encoder 2]; else ()
+
+    def per_encoder(self, token: str) -> list[torch.Tensor]:
+        """The token's embedding in each text encoder: [vector] (SD 1/2) or SDXL's [clip_l, clip_g]."""
+        vector = self.embeddings[token].reshape(-1)
+        return list(vector.split(list(self.text_encoder_dims))) if self.text_encoder_dims else [vector]
 
     def metadata(self) -> dict[str, str]:
+        extra = {"text_encoder_dims": json.dumps(list(self.text_encoder_dims))} if self.text_encoder_dims else {}
         return {
+            **extra,
             "format": "palpcompose",
             "palpcompose_version": __version__,
             "placeholders": json.dumps(self.placeholders, sort_keys=True),
@@ -45,6 +56,7 @@ class TrainedWeights:
             "target_modules": json.dumps(self.target_modules),
             "base_model": self.base_model,
             "step": str(self.step),
+            "guidance": self.guidance,
         }
 
 
@@ -78,4 +90,6 @@ def load_trained_weights(folder: str | Path) -> TrainedWeights:
         target_modules=json.loads(meta["target_modules"]),
         base_model=meta.get("base_model", ""),
         step=int(meta.get("step", "0")),
+        text_encoder_dims=tuple(json.loads(meta.get("text_encoder_dims", "[]"))),
+        guidance=meta.get("guidance", ""),
     )

@@ -2,7 +2,8 @@
 
 - `@pytest.mark.slow` tests run only with PALP_RUN_SLOW=1; `@pytest.mark.gpu` tests only when CUDA is available.
 - `tiny_pipeline_dir` / `tiny_vpred_pipeline_dir`: tiny SD-1-like (epsilon) and SD-2-like (v_prediction) diffusers
-  folders, built once per session (tests/tiny_pipeline.py; 16 px images, 8x8 latents).
+  folders, built once per session (tests/tiny_pipeline.py; 16 px images, 8x8 latents); `tiny_sdxl_pipeline_dir` the
+  same for a tiny SDXL-architecture pipeline (two text encoders, pooled and size conditioning).
 - `make_project(overrides=None, *, n_images=3, image_size=16, dirname="proj")`: writes a valid project folder whose
   base model is the tiny pipeline, with `n_images` distinct PNGs per subject in refs/<Vn>/, and returns its path.
   `overrides` is merged into the default palp.toml content table by table; a value of None deletes that key.
@@ -50,6 +51,13 @@ def tiny_vpred_pipeline_dir(tmp_path_factory) -> Path:
     from tiny_pipeline import make_tiny_pipeline
 
     return make_tiny_pipeline(tmp_path_factory.mktemp("tiny-v") / "pipe", prediction_type="v_prediction")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_pipeline_dir(tmp_path_factory) -> Path:
+    from tiny_pipeline import make_tiny_sdxl_pipeline
+
+    return make_tiny_sdxl_pipeline(tmp_path_factory.mktemp("tiny-xl") / "pipe")
 
 
 def default_project_config(base_model: str) -> dict:

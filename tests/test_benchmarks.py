@@ -62,9 +62,28 @@ def test_bad_variants_are_user_errors(name, message):
         train_step.parse_variant(name)
 
 
-def test_sdxl_is_refused_with_exit_2(capsys):
-    assert train_step.main(["--arch", "sdxl"]) == 2
-    assert "not yet supported: the SDXL issue has not landed" in capsys.readouterr().err
+def test_sdxl_thin_runs_the_reference_and_the_engine_step(capsys):
+    """SDXL's module structure end to end: both text encoders, pooled and size conditioning, both steps."""
+    code = train_step.main(["--arch", "sdxl-thin", "--steps", "1", "--warmup", "1", "--variants", "reference,palp",
+                            "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["arch"] == "sdxl-thin" and report["palp_ms"] > 0 and report["reference_ms"] > 0
+
+
+def test_sdxl_shapes_match_the_real_model():
+    """The sdxl configs against SDXL base 1.0's published parameter counts, on the meta device (no memory)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    spec = archs.arch_spec("sdxl")
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(sample_size=128, **spec.unet)
+        te1 = CLIPTextModel(CLIPTextConfig(**spec.text))
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**spec.text_2))
+    assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684
+    assert sum(p.numel() for p in te1.parameters()) == 123_060_480
+    assert sum(p.numel() for p in te2.parameters()) == 694_659_840
 
 
 def test_bad_resolution_exits_2(capsys):

@@ -7,7 +7,7 @@ import tomllib
 import pytest
 from conftest import tree_snapshot, write_test_image
 
-from palpcompose.models import BUILTIN_MODELS
+from palpcompose.models import BUILTIN_MODELS, resolve_base_model
 from palpcompose.project import TEMPLATES
 
 
@@ -26,6 +26,10 @@ def test_every_template_explains_what_is_missing_then_validates(tmp_path, run_cl
     folders = [(key, entry) for key, sub in config["subjects"].items() for entry in sub["images"]]
     missing_model = config["project"]["base_model"] == "builtin:toy" and not BUILTIN_MODELS["builtin:toy"].joinpath(
         "model_index.json").is_file()  # until the toy model is built into this copy, check must report it too
+    # a hub id missing from this machine's cache: train would refuse it, so check does too (init said so)
+    uncached_hub = not resolve_base_model(config["project"]["base_model"]).available and not missing_model
+    assert ("not in this machine's Hugging Face cache" in result.err) == uncached_hub
+    missing_model = missing_model or uncached_hub
 
     # Fresh from init, check names each empty image folder and what to put there; it writes nothing. (A template
     # whose references init generates, such as toy-demo once the toy world draws them, has none empty.)
@@ -44,7 +48,8 @@ def test_every_template_explains_what_is_missing_then_validates(tmp_path, run_cl
             write_test_image(root / entry / f"{j}.png", seed=100 * i + j, size=64)
     result = run_cli("check", root)
     if missing_model:
-        assert result.code == 2 and "1 problem found" in result.err and "builtin:toy is not installed" in result.err
+        assert result.code == 2 and "1 problem found" in result.err, result.err
+        assert ("hf download" if uncached_hub else "builtin:toy is not installed") in result.err
         return
     assert result.code == 0, result.err
     assert ": valid" in result.out and "palp.target_prompt" in result.out

@@ -30,14 +30,14 @@ def oracle(monkeypatch):
     return model
 
 
-def toy_refs(folder, seed: int, count: int, style: str = "photo"):
-    """`count` toy-world PNGs of held-out subject `seed` in `style`."""
+def toy_refs(folder, seed: int, count: int, style: str = "photo", ambiance: str = "day"):
+    """`count` toy-world PNGs of held-out subject `seed` in `style` and `ambiance`."""
     from palpcompose.fsutil import atomic_save_image
     from palpcompose.toyworld.__main__ import _to_pil
 
     subject = world.subject_from_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    images = world.render(world.subject_scenes(subject, count, g, style=style), g)
+    images = world.render(world.subject_scenes(subject, count, g, style=style, ambiance=ambiance), g)
     for i, img in enumerate(images):
         atomic_save_image(folder / f"{seed}-{i}.png", _to_pil(img))
     return subject
@@ -81,7 +81,7 @@ def test_oracle_eval_writes_eval_json_with_means_in_range(toy_project, oracle, r
                                                   f"cls {world.subject_from_seed(7).class_name}"])
         assert row["text_alignment"] == pytest.approx(sum(row["elements"].values()) / 3)
     assert data["subjects"]["V1"]["scored_as"].startswith("object")
-    assert data["subjects"]["V2"]["scored_as"].startswith("style")
+    assert data["subjects"]["V2"]["scored_as"] == "artwork (style pixel art, ambiance day)"
     flat = result.out.replace("\n", "")  # rich wraps long paths at the console width
     assert "mean" in result.out and "eval.json" in flat
 
@@ -118,7 +118,11 @@ def test_fidelity_separates_the_subject_from_others(tmp_path, toy_project, oracl
     assert max(fidelity(other, "a photo of [V1]")["V1"]) < 0.6
     pixel = toy_refs(tmp_path / "pix", seed=3, count=4, style="pixel art") and sorted((tmp_path / "pix").glob("*.png"))
     assert min(fidelity(pixel, "a photo of [V2] painting")["V2"]) > 0.8
-    assert max(fidelity(other, "a photo of [V2] painting")["V2"]) < 0.5
+    # the artwork (pixel art, day) is judged on its style and ambiance: half of it is a half score
+    assert max(fidelity(other, "a photo of [V2] painting")["V2"]) < 0.6  # photo, day
+    night = toy_refs(tmp_path / "night", seed=3, count=4, style="sketch", ambiance="night") and sorted(
+        (tmp_path / "night").glob("*.png"))
+    assert max(fidelity(night, "a photo of [V2] painting")["V2"]) < 0.1  # neither its style nor its ambiance
 
 
 def test_renders_option_scores_an_existing_run_without_rendering(toy_project, oracle, run_cli):
@@ -134,6 +138,86 @@ def test_renders_option_scores_an_existing_run_without_rendering(toy_project, or
     assert data["renders"] == str(run)
     assert [r["seed"] for r in data["images"]] == [0, 1, 2]
     assert len(list((toy_project / "out" / "renders").iterdir())) == 1  # nothing new rendered
+
+
+def test_every_object_a_prompt_names_is_an_element():
+    """Two object subjects in one prompt: both classes count (the toy world draws one object per scene, so a render
+    can never match both), not only the last class word."""
+    elements = toy_oracle.prompt_elements("a sketch of star and circle at night")
+    assert elements == [("style", 1), ("ambiance", 1), ("cls", 3), ("cls", 0)]
+    assert toy_oracle.prompt_elements("a sketch of a red star and a blue heart")[1:] == [
+        ("cls", 3), ("color", 0), ("cls", 5), ("color", 4)]
+    assert toy_oracle.prompt_elements("a photo of a star and a star") == [("style", 0), ("cls", 3)]
+
+
+def test_two_object_subjects_are_both_scored(tmp_path, toy_project, oracle):
+    """eval of "[V1] and [V2]" with two toy objects: both classes are elements and both subjects get a fidelity;
+    one drawn object cannot score 1.0."""
+    text = (toy_project / "palp.toml").read_text()
+    toy_refs(toy_project / "refs" / "obj2", seed=3, count=2)  # a triangle; subject 7 is a square
+    text = text.replace('class_name = "painting"', f'class_name = "{world.subject_from_seed(3).class_name}"')
+    (toy_project / "palp.toml").write_text(text.replace('images = ["refs/art"]', 'images = ["refs/obj2"]'))
+    project = load_project(toy_project)
+    scorer = OracleScorer(project, oracle)
+    from PIL import Image
+
+    pictures = [Image.open(p).convert("RGB") for p in sorted((toy_project / "refs" / "obj").glob("*.png"))]
+    scores = scorer.score(pictures, "a photo of [V1] and [V2]")
+    assert set(scores.subjects) == {"V1", "V2"}
+    names = [world.subject_from_seed(7).class_name, world.subject_from_seed(3).class_name]
+    assert sorted(scores.details[0]["elements"]) == sorted(["style photo"] + [f"cls {n}" for n in names])
+    assert max(scores.text_alignment) <= 2 / 3 + 1e-6  # photo and one class at most: one object per scene
+
+
+def compare_run(root, name: str, own_seed: int = 7, other_seed: int = 3):
+    """A `render --compare` folder: base-model images (another subject) and final-weights images (the subject)."""
+    run = root / "out" / "renders" / name
+    toy_refs(run / "b", seed=other_seed, count=2, style="sketch", ambiance="night")
+    toy_refs(run / "f", seed=own_seed, count=2, style="sketch", ambiance="night")
+    images = []
+    for label, folder, step in (("base", "b", None), ("final", "f", 4)):
+        for i, path in enumerate(sorted((run / folder).glob("*.png"))):
+            path.rename(run / f"{label}_p1_seed{i}.png")
+            images.append({"file": f"{label}_p1_seed{i}.png", "model": label, "step": step, "prompt": TARGET,
+                           "text": "", "seed": i})
+    (run / "render.json").write_text(json.dumps({"images": images}))
+    return run
+
+
+def test_compare_run_gets_one_mean_per_set_of_weights_and_names_their_guidance(toy_project, oracle):
+    from palpcompose.evaluate import evaluate
+
+    (toy_project / "out" / "manifest.json").write_text(json.dumps({"guidance": "sds", "status": "completed"}))
+    run = compare_run(toy_project, "20260101-000000-compare")
+    project = load_project(toy_project)
+    result = evaluate(project, renders=run, scorer=OracleScorer(project, oracle))
+    data = json.loads((toy_project / "out" / "eval.json").read_text())
+    assert list(data["models"]) == ["base", "final"]
+    assert data["models"]["base"]["guidance"] is None and data["models"]["final"]["guidance"] == "sds"
+    assert data["means_of"] == "final" and data["guidance"] == "sds" == result.guidance
+    finals = [r for r in data["images"] if r["model"] == "final"]
+    assert data["text_alignment"] == pytest.approx(sum(r["text_alignment"] for r in finals) / len(finals))
+    assert data["subjects"]["V1"]["subject_fidelity"] == pytest.approx(
+        sum(r["subjects"]["V1"] for r in finals) / len(finals))
+    base_v1 = data["models"]["base"]["subjects"]["V1"]
+    assert data["models"]["final"]["subjects"]["V1"] > base_v1 + 0.3  # the subject's own images vs another's
+    assert all(r["guidance"] == ("sds" if r["model"] == "final" else None) for r in data["images"])
+
+
+def test_eval_results_are_kept_per_render_run(toy_project, oracle):
+    from palpcompose.evaluate import evaluate
+
+    project = load_project(toy_project)
+    scorer = OracleScorer(project, oracle)
+    first = compare_run(toy_project, "20260101-000000-compare")
+    second = compare_run(toy_project, "20260102-000000-compare", own_seed=3, other_seed=7)
+    evaluate(project, renders=first, scorer=scorer)
+    evaluate(project, renders=second, scorer=scorer)
+    kept = json.loads((first / "eval.json").read_text())
+    latest = json.loads((second / "eval.json").read_text())
+    assert kept["renders"] == str(first) and latest["renders"] == str(second)
+    assert json.loads((toy_project / "out" / "eval.json").read_text()) == latest  # out/eval.json: the latest
+    assert kept["subject_fidelity"] != latest["subject_fidelity"]
 
 
 def write_tiny_clip(folder, tokenizer_dir):

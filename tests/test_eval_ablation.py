@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from palpcompose import ablation
+from experiments import ablation
 from palpcompose.toyworld import oracle as toy_oracle
 
 

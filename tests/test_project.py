@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -120,3 +121,94 @@ def test_schema_doc_is_generated_from_the_code():
     for cls in (PalpConfig, TrainConfig, RenderConfig):
         for f in dataclasses.fields(cls):
             assert f"| `{f.name}` |" in on_disk
+
+
+# -- defaults that depend on the base model (issue 11, part 2) ----------------------------------------------------
+
+
+def minimal_toy_project(root: Path, train: str = "") -> Path:
+    """A builtin:toy palp.toml with no [train] keys (unless `train`), and one 64 px reference image."""
+    from PIL import Image
+
+    (root / "refs").mkdir(parents=True)
+    Image.new("RGB", (64, 64), "red").save(root / "refs" / "star.png")
+    (root / "palp.toml").write_text(
+        '[project]\nname = "mini"\nbase_model = "builtin:toy"\n[subjects.V1]\nclass_name = "star"\n'
+        'images = ["refs/star.png"]\n[palp]\ntarget_prompt = "a sketch of [V1]"\nclean_prompt = "a sketch of a star"\n'
+        + (f"[train]\n{train}\n" if train else ""))
+    return root
+
+
+@pytest.mark.skipif(not (REPO / "palpcompose" / "builtin" / "toy" / "model_index.json").is_file(),
+                    reason="builtin:toy is not installed in this checkout")
+def test_builtin_toy_without_train_keys_gets_its_own_defaults(tmp_path):
+    from palpcompose.models import TOY_DEFAULTS
+
+    project = load_project(minimal_toy_project(tmp_path / "mini"))
+    train, render = project.config.train, project.config.render
+    assert train.resolution == 64  # its native size, not the schema's 512
+    assert (train.steps, train.learning_rate, train.embedding_learning_rate, train.mixed_precision) == (
+        500, 1e-3, 5e-3, "no")
+    assert (render.steps, render.guidance_scale) == (20, 5.0)
+    assert set(project.model_defaults) == {"train.resolution", *TOY_DEFAULTS}
+    assert project.config.to_dict()["train"]["resolution"] == 64  # what the manifest records
+
+
+@pytest.mark.skipif(not (REPO / "palpcompose" / "builtin" / "toy" / "model_index.json").is_file(),
+                    reason="builtin:toy is not installed in this checkout")
+def test_keys_written_in_palp_toml_beat_model_defaults(tmp_path):
+    project = load_project(minimal_toy_project(tmp_path / "mini", "resolution = 32\nlearning_rate = 1e-4"))
+    assert project.config.train.resolution == 32 and project.config.train.learning_rate == 1e-4
+    assert project.config.train.steps == 500  # still the model's
+    assert "train.resolution" not in project.model_defaults and "train.learning_rate" not in project.model_defaults
+
+
+def fake_pipeline_configs(folder: Path, sample_size: int, vae_blocks: int) -> Path:
+    import json
+
+    for name, config in (("unet", {"sample_size": sample_size}),
+                         ("vae", {"block_out_channels": [128, 256, 512, 512][:vae_blocks]})):
+        (folder / name).mkdir(parents=True)
+        (folder / name / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize("sample_size, blocks, native", [(64, 4, 512), (96, 4, 768), (128, 4, 1024), (16, 3, 64)])
+def test_native_resolution_is_read_from_the_unet_and_vae_configs(tmp_path, sample_size, blocks, native):
+    """SD 1.5 (64 latents x 8), SD 2 768-v (96 x 8), SDXL (128 x 8), builtin:toy (16 x 4)."""
+    from palpcompose.models import BaseModelSource, model_defaults, native_resolution
+
+    folder = fake_pipeline_configs(tmp_path / "model", sample_size, blocks)
+    source = BaseModelSource(str(folder), "folder", str(folder), True, "")
+    assert native_resolution(source) == native
+    assert model_defaults(source) == {"train.resolution": (native, f"the native size of {folder} (its UNet and VAE "
+                                                                   "configs)")}
+
+
+def test_native_resolution_unknown_without_configs(tmp_path):
+    from palpcompose.models import BaseModelSource, native_resolution
+
+    assert native_resolution(BaseModelSource("x.safetensors", "single_file", str(tmp_path / "x.safetensors"), True,
+                                             "")) is None
+    assert native_resolution(BaseModelSource(str(tmp_path), "folder", str(tmp_path), True, "")) is None
+
+
+def test_a_diffusers_folder_trains_at_its_native_size_by_default(make_project, tiny_pipeline_dir):
+    root = make_project({"train": {"resolution": None}})
+    project = load_project(root)
+    assert project.config.train.resolution == 16  # tiny pipeline: 8 latents x 2
+    assert project.config.train.learning_rate == 5e-5  # not builtin:toy: the paper's values stay
+    assert list(project.model_defaults) == ["train.resolution"]
+
+
+def test_check_shows_the_resolved_defaults(make_project, run_cli):
+    result = run_cli("check", make_project({"train": {"resolution": None}}))
+    assert result.code == 0, result.err
+    flat = " ".join(result.out.split())
+    assert "from the base model" in flat and "train.resolution = 16" in flat
+
+
+def test_schema_says_model_dependent():
+    text = schema_markdown()
+    for key in ("resolution", "learning_rate", "embedding_learning_rate", "steps", "guidance_scale"):
+        assert re.search(rf"\| `{key}` \| [^|]+ \| model-dependent \|", text), key

@@ -202,12 +202,20 @@ def test_builtin_model_missing_from_the_installation(make_project, run_cli, monk
                 "hint: reinstall palpcompose")
 
 
-def test_uncached_hub_model_is_a_note_not_an_error(make_project, run_cli, monkeypatch, tmp_path):
+def test_uncached_hub_model_fails_check_as_it_fails_train(make_project, run_cli, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     root = make_project({"project": {"base_model": "nobody-here/no-such-model"}})
-    result = run_cli("check", root)
-    assert result.code == 0, result.err
-    assert "not verifiable offline" in result.err and "prompts not counted" in result.out
+    before = tree_snapshot(root)
+    checked = run_cli("check", root)
+    assert checked.code == 2 and "1 problem found" in checked.err, checked.err
+    assert located(root, "project.base_model", "base_model") in checked.err
+    for fix in ("not in this machine's Hugging Face cache", "palpcompose never downloads",
+                "`hf download nobody-here/no-such-model --local-dir models/no-such-model`",
+                'set base_model = "models/no-such-model"', 'base_model = "builtin:toy"'):
+        assert fix in checked.err, fix
+    trained = run_cli("train", root)  # the same refusal, the same fix
+    assert trained.code == 2 and "hf download nobody-here/no-such-model" in trained.err, trained.err
+    assert tree_snapshot(root) == before
 
 
 def test_prompt_longer_than_the_token_limit(make_project, run_cli):

@@ -155,7 +155,7 @@ def run_cli(*args) -> int:
 
 def test_cli_render_succeeds_and_says_where_everything_went(project_dir, capsys):
     assert (
-        run_cli("render", project_dir, "--seeds", "1", "--prompt", "a photo of [V1] at night", "--steps", "1")
+        run_cli("render", project_dir, "--seeds", "1", "--prompt", "a photo of [V1] at night", "--sampling-steps", "1")
         == 0
     )
     out = capsys.readouterr().out
@@ -186,6 +186,7 @@ def test_cli_missing_step_lists_the_available_steps(project_dir, capsys):
         ["--width", "20"],
         ["--sweep", "--step", "2"],
         ["--prompt", "a photo of [V3]"],
+        ["--sampling-steps", "0"],
         ["--steps", "0"],
         ["--prompt", ""],
         ["--prompt", "   "],
@@ -225,7 +226,7 @@ def test_cli_refuses_when_the_base_model_differs(project_dir, tmp_path, capsys):
 def test_cli_warns_when_training_settings_changed(project_dir, capsys):
     toml = project_dir / "palp.toml"
     toml.write_text(toml.read_text().replace("steps = 4", "steps = 6"))
-    assert run_cli("render", project_dir, "--seeds", "0", "--steps", "1") == 0
+    assert run_cli("render", project_dir, "--seeds", "0", "--sampling-steps", "1") == 0
     err = capsys.readouterr().err
     assert "changed since training" in err and "retrain" in err
 
@@ -291,6 +292,41 @@ def test_cli_interrupted_render_exits_130_and_leaves_no_empty_folder(project_dir
         raise KeyboardInterrupt
 
     monkeypatch.setattr(render_mod, "generate", interrupted)
-    assert run_cli("render", project_dir, "--seeds", "0", "--steps", "1") == 130
+    assert run_cli("render", project_dir, "--seeds", "0", "--sampling-steps", "1") == 130
     assert "interrupted before the first image was drawn" in capsys.readouterr().err
     assert list((project_dir / "out" / "renders").iterdir()) == []
+
+
+def test_render_records_the_guidance_that_trained_the_weights(project_dir):
+    # final/ says in its header it was trained with sds; the snapshot is older (no such key): out/manifest.json's
+    # run guidance stands in for it. The base model's rows are "base".
+    from palpcompose.weights import load_trained_weights, save_trained_weights
+
+    final = load_trained_weights(project_dir / "out/weights/final")
+    final.guidance = "sds"
+    save_trained_weights(project_dir / "out/weights/final", final)
+    project = load_project(project_dir, check_images=False)
+    result = render(project, seeds=[0], sweep=True, compare=True)
+    guidance = {i.model: i.guidance for i in result.images}
+    assert guidance == {"base": "base", "step-000002": "palp", "final": "sds"}
+    with Image.open(result.run_dir / "final_p1_seed0.png") as im:
+        assert "PALP step: 4, PALP guidance: sds," in im.text["parameters"]
+    with Image.open(result.run_dir / "step-000002_p1_seed0.png") as im:
+        assert "PALP guidance: palp" in im.text["parameters"]
+    index = json.loads((result.run_dir / "render.json").read_text())
+    assert {i["model"]: i["guidance"] for i in index["images"]} == guidance
+    assert index["training"]["guidance"] == "palp" and index["training"]["steps_done"] == 4
+    assert index["training"]["started_at"] == "2025-01-01T00:00:00"
+
+
+def test_render_warns_about_a_prompt_without_placeholders(project_dir, capsys):
+    from rich.console import Console
+
+    project = load_project(project_dir, check_images=False)
+    result = render(project, prompts=["a photo of a cat", "a photo of [V1]"], seeds=[0], console=Console(stderr=True))
+    err = capsys.readouterr().err
+    assert "'a photo of a cat' has no placeholder ([V1], [V2])" in err
+    assert "'a photo of [V1]'" not in err
+    assert any("has no placeholder" in w for w in result.warnings)
+    index = json.loads((result.run_dir / "render.json").read_text())
+    assert any("'a photo of a cat' has no placeholder" in w for w in index["warnings"])

@@ -13,6 +13,7 @@ import torch
 from benchmarks import archs
 from benchmarks.ours import make_engine_step
 from palpcompose import accel, train
+from palpcompose.conditioning import Conditioning
 from palpcompose.guidance import cfg
 
 RESOLUTION = 16  # tiny VAE: 8x8 latents
@@ -122,7 +123,7 @@ def test_batched_cfg_pass_matches_separate_passes(tmp_path):
     timesteps = torch.tensor([10, 900])
     abar_t = state.components.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
     personal = torch.randn(2, 77, state.null_embeds.shape[-1], generator=g)
-    denoise = train.make_denoiser(state, timesteps, abar_t, personal)
+    denoise = train.make_denoiser(state, timesteps, abar_t, Conditioning(personal))
     for adapter, prompt, scale in [(False, "clean", 7.5), (True, "personal", 3.0), (True, "personal", 1.0)]:
         with torch.no_grad():
             batched = denoise(latents, adapter=adapter, prompt=prompt, scale=scale)

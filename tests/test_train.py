@@ -21,11 +21,12 @@ from palpcompose.errors import Interrupted, UserError
 from palpcompose.guidance import GuidanceConfig, NonFiniteError
 from palpcompose.project import load_project
 from palpcompose.train import prepare_state, prepare_subjects, train, training_step
+from palpcompose.weights import load_trained_weights
 
 MANIFEST_KEYS = {
     "palpcompose_version", "status", "base_model", "config", "config_hash", "training_hash", "images", "tokens", "git",
     "steps_done", "steps_target", "guidance", "wall_time_s", "device", "started_at", "finished_at", "palp_toml",
-    "num_processes", "effective_batch_size",
+    "model_defaults", "num_processes", "effective_batch_size",
 }
 TWO_SUBJECTS = {
     "subjects": {"V2": {"class_name": "painting", "images": ["refs/V2/*.png"], "prompt": "An oil painting of [V2]"}},
@@ -101,8 +102,8 @@ def test_only_placeholder_rows_change(make_project):
 
 @pytest.mark.parametrize("guidance,vpred", [("palp", False), ("sds", True), ("none", False)])
 def test_full_run(make_project, tiny_vpred_pipeline_dir, guidance, vpred):
-    overrides = {"train": {"steps": 2, "preview_every": 2 if guidance != "none" else 0, "save_every": 1},
-                 **TWO_SUBJECTS}
+    overrides = {"train": {"steps": 2, "preview_every": 2 if guidance != "none" else 0, "save_every": 1,
+                           "resolution": None}, **TWO_SUBJECTS}  # the resolution: the model's native size
     if vpred:
         overrides["project"] = {"base_model": str(tiny_vpred_pipeline_dir)}
     root = make_project(overrides)
@@ -118,10 +119,12 @@ def test_full_run(make_project, tiny_vpred_pipeline_dir, guidance, vpred):
     assert set(manifest["images"]) == {f"refs/{k}/{i}.png" for k in ("V1", "V2") for i in range(3)}
     assert manifest["base_model"]["identity"].startswith("sha256:")
     assert manifest["config"]["palp"]["guidance"] == guidance
+    assert manifest["model_defaults"] == {"train.resolution": 16} and manifest["config"]["train"]["resolution"] == 16
     assert manifest["num_processes"] == 1 and manifest["effective_batch_size"] == 1  # 1 process x batch 1 x 1
     assert not (out / "train.lock").exists()
     for name in ("snapshots/step-000001", "snapshots/step-000002", "weights/final"):
         assert (out / name / "lora.safetensors").is_file() and (out / name / "embeddings.safetensors").is_file()
+        assert load_trained_weights(out / name).guidance == guidance  # what render records in every PNG
     text = console.file.getvalue()
     assert "training summary" in text and "loss_pers" in text
     assert "effective batch 1 = 1 process x batch_size 1 x gradient_accumulation_steps 1" in text

@@ -6,9 +6,10 @@ It is trained on the generator's exact labels, half on clean renders and half on
 
 Metrics (per image, in [0, 1]):
 - text alignment: the fraction of the prompt's named elements that the oracle recognises in the render. Elements are
-  the style phrase ("a sketch of"), the ambiance phrase ("at night"), the object class ("star") and its colour when
-  a colour word stands right before the class ("red star"). Only what the prompt names counts; a prompt without
-  any style phrase names no style.
+  the style phrase ("a sketch of"), the ambiance phrase ("at night"), every object class ("star") and its colour
+  when a colour word stands right before the class ("red star"). Only what the prompt names counts; a prompt without
+  any style phrase names no style. The toy world draws one object per scene, so a prompt that names two different
+  objects has at most all but one class (and its colour) recognised.
 - subject fidelity: the subject's identity (class, colour, pattern, second colour) is read off the references (the
   oracle's mean probabilities, arg-max per head); a render's fidelity is the mean, over those four heads, of the
   probability the oracle gives the reference's value in the render. 1 = certainly the same object, ~0 = clearly not.
@@ -122,22 +123,45 @@ class PromptElements:
 
 
 def parse_prompt(prompt: str) -> PromptElements:
-    text = " " + re.sub(r"\s+", " ", prompt.lower()) + " "
+    """The style, ambiance and first object class (with its colour) a prompt names; `prompt_elements` lists every
+    object it names."""
+    text = _normalise(prompt)
     style = next((i for i, s in enumerate(world.ALL_STYLES) if f" {world.STYLE_PHRASES[s]} " in text), None)
     ambiance = next((i for i, a in enumerate(world.AMBIANCES)
                      if world.AMBIANCE_PHRASES[a] and f" {world.AMBIANCE_PHRASES[a]}" in text), None)
-    cls = next((i for i, c in enumerate(world.CLASSES) if re.search(rf"\b{c}\b", text)), None)
-    color = None
-    if cls is not None:
-        colors = "|".join(world.COLORS)
-        m = re.search(rf"\b({colors}) {world.CLASSES[cls]}\b", text)
-        color = world.COLORS.index(m.group(1)) if m else None
+    objects = _objects(text)
+    cls, color = objects[0] if objects else (None, None)
     return PromptElements(style, ambiance, cls, color)
 
 
+def _normalise(prompt: str) -> str:
+    return " " + re.sub(r"\s+", " ", prompt.lower()) + " "
+
+
+def _objects(text: str) -> list[tuple[int, int | None]]:
+    """(class, colour or None) of every object class word in `text`, in the order they appear."""
+    colors = "|".join(world.COLORS)
+    found = []
+    for m in re.finditer(rf"\b(?:({colors}) )?({'|'.join(world.CLASSES)})\b", text):
+        found.append((world.CLASSES.index(m.group(2)), world.COLORS.index(m.group(1)) if m.group(1) else None))
+    return found
+
+
+def prompt_elements(prompt: str) -> list[tuple[str, int]]:
+    """Every (head, value) a prompt names, each once: its style, its ambiance, and for EVERY object class it names
+    the class and the colour named right before it. The toy world draws one object per scene, so a prompt naming
+    two different objects can never have all its elements recognised: text alignment says so instead of scoring
+    whichever class word came last."""
+    named = parse_prompt(prompt)
+    elements = [("style", named.style), ("ambiance", named.ambiance)]
+    for cls, color in _objects(_normalise(prompt)):
+        elements += [("cls", cls), ("color", color)]
+    return list(dict.fromkeys((head, value) for head, value in elements if value is not None))
+
+
 def score_text_alignment(images, prompt: str, oracle: Oracle | None = None) -> list[float]:
-    """Per image: the fraction of the prompt's named elements (style, ambiance, class, colour) recognised."""
-    elements = parse_prompt(prompt).named()
+    """Per image: the fraction of the prompt's named elements (`prompt_elements`) recognised."""
+    elements = prompt_elements(prompt)
     if not elements:
         raise UserError(
             f"prompt {prompt!r} names no toy-world element (style phrases: "
@@ -145,7 +169,7 @@ def score_text_alignment(images, prompt: str, oracle: Oracle | None = None) -> l
             "`python -m palpcompose.toyworld vocab`), so text alignment cannot be measured"
         )
     probs = predict(oracle or load_oracle(), images)
-    hits = torch.stack([(probs[k].argmax(-1) == v).float() for k, v in elements.items()])
+    hits = torch.stack([(probs[k].argmax(-1) == v).float() for k, v in elements])
     return hits.mean(0).tolist()
 
 

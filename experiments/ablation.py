@@ -65,14 +65,52 @@ class Settings:
     embedding_learning_rate: float = 5e-3
     render_steps: int = 20
     guidance_scale: float = 5.0  # builtin:toy recognises all four attributes most often at CFG 5 (training.json)
+    # The regime (docs/evaluation.md, "The PALP study"): the references' shared ambiance, which their
+    # personalization prompt `a photo of [V1]` does not name ("day": none, as `toyworld subject` draws them)
+    context: str = "day"
+    batch_size: int = 1
+    accumulation: int = 1  # gradient accumulation: an effective batch of batch_size x accumulation
+    weight: float = 1.0  # palp.weight (lambda)
+    alpha: float = 7.5  # palp.alpha (the frozen model's CFG scale on the clean prompt)
+    # True: the k-th subject of `subjects` is trained and scored on target prompt k mod `prompts` only (a reduced
+    # design: every prompt is covered, by len(subjects) / prompts subjects each, at a quarter of the runs)
+    rotate: bool = False
 
 
-def target_prompts(class_name: str, count: int) -> list[tuple[str, str]]:
+NAMED_AMBIANCES = ("night", "snow", "sunset", "underwater")
+
+
+def prompt_pairs(context: str = "day") -> tuple[tuple[str, str], ...]:
+    """The (style, ambiance) of the target prompts for references in `context`: PROMPTS, except that an ambiance
+    equal to the references' context is replaced by the next one in NAMED_AMBIANCES (cyclically), so that every
+    target prompt asks for an ambiance the references do not show."""
+    def other(ambiance):
+        if ambiance != context:
+            return ambiance
+        return NAMED_AMBIANCES[(NAMED_AMBIANCES.index(ambiance) + 1) % len(NAMED_AMBIANCES)]
+
+    return tuple((style, other(ambiance)) for style, ambiance in PROMPTS)
+
+
+def target_prompts(class_name: str, count: int, context: str = "day") -> list[tuple[str, str]]:
     """(target prompt with [V1], clean prompt y_c naming the class) for the first `count` prompts."""
     from palpcompose.toyworld import world
 
     return [(world.compose_prompt(style, "[V1]", ambiance), world.compose_prompt(style, f"a {class_name}", ambiance))
-            for style, ambiance in PROMPTS[:count]]
+            for style, ambiance in prompt_pairs(context)[:count]]
+
+
+def reference_images(seed: int, context: str, count: int = REFERENCE_IMAGES) -> list:
+    """`count` photo-style references of held-out subject `seed` in ambiance `context` (day: exactly the images
+    `toyworld subject` and toydemo.subject_images draw)."""
+    import torch
+
+    from palpcompose.toydemo import _to_pil
+    from palpcompose.toyworld import world
+
+    g = torch.Generator().manual_seed(seed)
+    scenes = world.subject_scenes(world.subject_from_seed(seed), count, g, ambiance=context)
+    return [_to_pil(image) for image in world.render(scenes, g)]
 
 
 def run_dir(s: Settings, seed: int, variant: str, prompt_index: int | None) -> Path:
@@ -82,14 +120,15 @@ def run_dir(s: Settings, seed: int, variant: str, prompt_index: int | None) -> P
 
 def write_run(s: Settings, seed: int, variant: str, prompt_index: int | None) -> Path:
     """The run's project folder: palp.toml and the subject's references (kept when already there)."""
-    from palpcompose.toydemo import subject_images
     from palpcompose.toyworld import world
 
     root = run_dir(s, seed, variant, prompt_index)
     class_name = world.subject_from_seed(seed).class_name
     index = prompt_index or 0  # a `none` run ignores the target prompt; it gets the first one
-    target, clean = target_prompts(class_name, index + 1)[index]
-    palp = "\n".join(f"{k} = {json.dumps(v)}" for k, v in VARIANTS[variant].items())
+    target, clean = target_prompts(class_name, index + 1, s.context)[index]
+    palp = "\n".join(f"{k} = {json.dumps(v)}" for k, v in
+                     {**VARIANTS[variant], **({} if variant == "none" else {"weight": s.weight, "alpha": s.alpha})
+                      }.items())
     toml = f"""[project]
 name = "{root.name}"
 base_model = "{s.base_model}"
@@ -111,6 +150,8 @@ mixed_precision = "no"
 learning_rate = {s.learning_rate}
 embedding_learning_rate = {s.embedding_learning_rate}
 lora_rank = {s.lora_rank}
+batch_size = {s.batch_size}
+gradient_accumulation_steps = {s.accumulation}
 save_every = {s.every}
 preview_every = 0
 
@@ -120,7 +161,7 @@ guidance_scale = {s.guidance_scale}
 """
     if not (root / "palp.toml").is_file() or (root / "palp.toml").read_text() != toml:
         atomic_write_text(root / "palp.toml", toml)
-    for i, image in enumerate(subject_images(seed, REFERENCE_IMAGES)):
+    for i, image in enumerate(reference_images(seed, s.context)):
         path = root / "refs" / f"{i:02d}.png"
         if not path.exists():
             atomic_save_image(path, image)
@@ -187,7 +228,7 @@ def score_run(s: Settings, root: Path, prompt_indices: list[int], renderer: Rend
     scorer = OracleScorer(project, oracle)
     tokens = placeholder_tokens(project.config.project.name, project.config.subjects)
     class_name = project.config.subjects["V1"].class_name
-    prompts = target_prompts(class_name, max(prompt_indices) + 1)
+    prompts = target_prompts(class_name, max(prompt_indices) + 1, s.context)
     seeds = list(range(s.seeds))
     references = tuple(sha256_file(p) for p in project.images["V1"])
     for step in [0] + snapshot_steps(root / "out"):
@@ -365,6 +406,10 @@ def report_markdown(s: Settings, table: dict, verdicts: list[dict], runs_done: d
         "# Ablation results (generated by scripts/ablation)", "",
         (f"Subjects (held-out seeds): {', '.join(map(str, s.subjects))}; target prompts: {s.prompts}; seeds: "
          f"{s.seeds}; {s.steps} steps, snapshots every {s.every}; base model {s.base_model}; device {s.device}."),
+        (f"Regime: references' context {s.context}; learning rates {s.learning_rate:g} (LoRA) / "
+         f"{s.embedding_learning_rate:g} (embedding); batch {s.batch_size} x accumulation {s.accumulation}; "
+         f"palp.weight {s.weight:g}, palp.alpha {s.alpha:g}"
+         + ("; each subject on one prompt (k-th subject: prompt k mod prompts)." if s.rotate else ".")),
         (f"Subjects with finished and scored runs, per variant: {', '.join(f'{v} {n}' for v, n in runs_done.items())}"
          f"; wall time of this invocation {wall / 60:.1f} min."), "",
         "Mean over subjects x prompts x seeds (± 2 standard errors).", "",
@@ -401,12 +446,13 @@ def run_ablation(s: Settings, log=print, report_only: bool = False) -> dict:
     renderer, base_scores = None, {}
     scored: dict[str, dict] = {v: {} for v in s.variants}
     plan = []  # (subject seed, variant, prompt index of the run or None, prompt indices it is scored on)
-    for seed in s.subjects:
+    for k, seed in enumerate(s.subjects):
+        prompts = [k % s.prompts] if s.rotate else list(range(s.prompts))
         for variant in s.variants:
             if variant == "none":  # the baseline does not read the target prompt: one run serves them all
-                plan.append((seed, variant, None, list(range(s.prompts))))
+                plan.append((seed, variant, None, prompts))
             else:
-                plan += [(seed, variant, i, [i]) for i in range(s.prompts)]
+                plan += [(seed, variant, i, [i]) for i in prompts]
     for n, (seed, variant, prompt_index, indices) in enumerate(plan, 1):
         if report_only:  # what earlier invocations scored; nothing is trained or rendered
             steps = cached_scores(run_dir(s, seed, variant, prompt_index))
@@ -467,9 +513,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--report-only", action="store_true",
                         help="rebuild the report from the scores already in WORK (e.g. after runs split over several "
                         "processes); trains and renders nothing")
-    parser.add_argument("--learning-rate", type=float, default=Settings.learning_rate, help="LoRA learning rate")
-    parser.add_argument("--embedding-learning-rate", type=float, default=Settings.embedding_learning_rate,
-                        help="learning rate of the placeholder embedding")
+    parser.add_argument("--learning-rate", "--lr", type=float, default=Settings.learning_rate,
+                        help="LoRA learning rate")
+    parser.add_argument("--embedding-learning-rate", "--emb-lr", type=float,
+                        default=Settings.embedding_learning_rate, help="learning rate of the placeholder embedding")
+    parser.add_argument("--context", default=Settings.context,
+                        help="the ambiance all references share, which `a photo of [V1]` does not name: day (none, "
+                        "the default), night, sunset, snow or underwater; target prompts then avoid it")
+    parser.add_argument("--batch-size", type=int, default=Settings.batch_size, help="train.batch_size")
+    parser.add_argument("--accumulation", type=int, default=Settings.accumulation,
+                        help="train.gradient_accumulation_steps (effective batch: batch size x accumulation)")
+    parser.add_argument("--rotate", action="store_true",
+                        help="the k-th subject gets only target prompt k mod --prompts (a quarter of the runs)")
+    parser.add_argument("--weight", type=float, default=Settings.weight, help="palp.weight (lambda)")
+    parser.add_argument("--alpha", type=float, default=Settings.alpha,
+                        help="palp.alpha (CFG scale of the frozen model on the clean prompt)")
     args = parser.parse_args(argv)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # as the CLI: no torchvision notices
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
@@ -485,6 +543,14 @@ def main(argv: list[str] | None = None) -> None:
         if not 0 < args.learning_rate <= 1 or not 0 <= args.embedding_learning_rate <= 1:  # train.* bounds
             raise UserError("--learning-rate must be in (0, 1] and --embedding-learning-rate in [0, 1], e.g. 1e-3 "
                             "and 5e-3")
+        from palpcompose.toyworld import world
+
+        if args.context not in world.AMBIANCES:
+            raise UserError(f"--context {args.context!r}: choose one of {', '.join(world.AMBIANCES)}")
+        if args.batch_size < 1 or args.accumulation < 1:
+            raise UserError("--batch-size and --accumulation must be at least 1")
+        if args.weight < 0 or args.alpha <= 0:
+            raise UserError("--weight must be >= 0 and --alpha > 0 (the paper: weight 1, alpha 7.5 or 15)")
         if args.device == "cpu":
             os.environ["CUDA_VISIBLE_DEVICES"] = ""  # train() and the renderer use CUDA whenever they see it
         else:
@@ -495,7 +561,9 @@ def main(argv: list[str] | None = None) -> None:
         work = Path(args.work or ("out/ablation-quick" if args.quick else "out/ablation"))
         s = Settings(work, _ints(args.subjects), args.prompts, args.seeds, args.steps, args.every, variants,
                      args.device, args.base_model, args.resolution,
-                     learning_rate=args.learning_rate, embedding_learning_rate=args.embedding_learning_rate)
+                     learning_rate=args.learning_rate, embedding_learning_rate=args.embedding_learning_rate,
+                     context=args.context, batch_size=args.batch_size, accumulation=args.accumulation,
+                     weight=args.weight, alpha=args.alpha, rotate=args.rotate)
         if args.quick:
             s = replace(s, subjects=s.subjects[:2], prompts=min(s.prompts, 2), seeds=min(s.seeds, 2), steps=200,
                         every=100)
