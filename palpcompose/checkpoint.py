@@ -30,9 +30,9 @@ from pathlib import Path
 
 import torch
 
-from palpcompose.errors import UserError
+from palpcompose.errors import DamagedFile
 from palpcompose.fsutil import atomic_save_safetensors, atomic_write_json
-from palpcompose.weights import TrainedWeights, load_trained_weights, save_trained_weights
+from palpcompose.weights import TrainedWeights, load_trained_weights, read_safetensors, save_trained_weights
 
 STATE_FILE = "state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -51,10 +51,6 @@ class Checkpoint:
     @property
     def num_processes(self) -> int:
         return len(self.rng)
-
-
-class CheckpointError(UserError):
-    """out/checkpoint cannot be read (a file missing or damaged): exit 2, the message says how to start over."""
 
 
 def rng_state(data_generator: torch.Generator) -> dict:
@@ -126,17 +122,14 @@ def checkpoint_folder(folder: str | Path) -> Path | None:
 
 
 def read_settings(folder: str | Path) -> dict:
-    """state.json of a checkpoint: step, num_processes (when written by this version), settings, ..."""
+    """The checkpoint's state.json; DamagedFile when it is not the JSON object a checkpoint writes."""
     path = Path(folder) / STATE_FILE
     try:
         meta = json.loads(path.read_text())
+        if not isinstance(meta, dict) or not isinstance(meta.get("step"), int) or "settings" not in meta:
+            raise ValueError("no step or settings in it")
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: cannot be read ({type(exc).__name__}: {exc}); train without --resume to "
-                              "start over") from None
-    missing = [key for key in ("step", "settings") if not isinstance(meta, dict) or key not in meta]
-    if missing:
-        raise CheckpointError(f"{path}: no {' or '.join(missing)} in it (a checkpoint of an older palpcompose, or "
-                              "damaged); train without --resume to start over")
+        raise DamagedFile(path, str(exc)) from None
     return meta
 
 
@@ -146,40 +139,32 @@ def checkpoint_processes(meta: dict) -> int:
 
 
 def load_checkpoint(folder: str | Path) -> Checkpoint:
-    """Read a checkpoint; a missing or damaged part is a CheckpointError naming the folder (never a KeyError)."""
-    from safetensors import SafetensorError
-
+    """The whole checkpoint; DamagedFile names the first damaged file (truncated, bad header, bad JSON), never a
+    KeyError. A checkpoint without "num_processes" (before several processes) reads as one process's."""
     folder = Path(folder)
-    try:
-        return _load_checkpoint(folder)
-    except (OSError, KeyError, ValueError, TypeError, IndexError, SafetensorError) as exc:
-        detail = f"{type(exc).__name__}: {exc}"
-        raise CheckpointError(f"{folder}: the checkpoint cannot be read ({detail}); train without --resume to "
-                              "start over") from None
-
-
-def _load_checkpoint(folder: Path) -> Checkpoint:
-    from safetensors.torch import load_file
-
     meta = read_settings(folder)
-    flat = load_file(str(folder / OPTIMIZER_FILE))
-    scalar_keys = set(meta["optimizer_scalar_keys"])
-    state: dict[int, dict] = {}
-    for key, value in flat.items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value.reshape(()) if key in scalar_keys else value
-    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["optimizer_param_groups"]]
-    rng_t = load_file(str(folder / RNG_FILE))
-    if "num_processes" in meta:
-        rng = [{"torch": rng_t[f"{rank}.torch"], "data": rng_t[f"{rank}.data"],
-                "cuda": [rng_t[f"{rank}.cuda.{i}"] for i in range(devices)], "python": _python_state(python)}
-               for rank, (python, devices) in enumerate(zip(meta["python_rng"], meta["cuda_rng_devices"], strict=True))]
-        if len(rng) != meta["num_processes"]:
-            raise ValueError(f"{len(rng)} RNG states for num_processes {meta['num_processes']}")
-    else:  # one process, before per-process states
-        rng = [{"torch": rng_t["torch"], "data": rng_t["data"],
-                "cuda": [rng_t[f"cuda.{i}"] for i in range(meta["cuda_rng_devices"])],
-                "python": _python_state(meta["python_rng"])}]
+    flat, _ = read_safetensors(folder / OPTIMIZER_FILE)
+    rng_t, _ = read_safetensors(folder / RNG_FILE)
+    try:
+        scalar_keys = set(meta["optimizer_scalar_keys"])
+        state: dict[int, dict] = {}
+        for key, value in flat.items():
+            index, name = key.split(".", 1)
+            state.setdefault(int(index), {})[name] = value.reshape(()) if key in scalar_keys else value
+        groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["optimizer_param_groups"]]
+        if "num_processes" in meta:
+            rng = [{"torch": rng_t[f"{rank}.torch"], "data": rng_t[f"{rank}.data"],
+                    "cuda": [rng_t[f"{rank}.cuda.{i}"] for i in range(devices)], "python": _python_state(python)}
+                   for rank, (python, devices) in enumerate(zip(meta["python_rng"], meta["cuda_rng_devices"],
+                                                                strict=True))]
+            if len(rng) != meta["num_processes"]:
+                raise ValueError(f"{len(rng)} RNG states for num_processes {meta['num_processes']}")
+        else:  # one process, before per-process states
+            rng = [{"torch": rng_t["torch"], "data": rng_t["data"],
+                    "cuda": [rng_t[f"cuda.{i}"] for i in range(meta["cuda_rng_devices"])],
+                    "python": _python_state(meta["python_rng"])}]
+    except (KeyError, ValueError, TypeError, IndexError) as exc:
+        raise DamagedFile(folder / STATE_FILE, f"incomplete: {type(exc).__name__}: {exc}") from None
     return Checkpoint(
         step=int(meta["step"]), weights=load_trained_weights(folder), optimizer={"state": state, "param_groups": groups},
         lr_scheduler=meta["lr_scheduler"], rng=rng, settings=meta["settings"],

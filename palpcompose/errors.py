@@ -61,3 +61,16 @@ class Interrupted(PalpcomposeError):
     resume from). Exit code 130."""
 
     exit_code = 130
+
+
+class DamagedFile(UserError):
+    """A file palpcompose wrote and reads back (checkpoint, snapshot, final weights, manifest, log, render.json) is
+    damaged: truncated, not JSON, a bad safetensors header. Exit 2 with the file and what the user can do."""
+
+    def __init__(self, path, reason: str, options: str = ""):
+        self.path, self.reason, self.options = path, reason, options
+        text = f"{path} is damaged ({reason}); nothing was changed"
+        super().__init__(text + (f". {options}" if options else ""))
+
+    def with_options(self, options: str) -> DamagedFile:
+        return DamagedFile(self.path, self.reason, options)

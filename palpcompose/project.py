@@ -275,6 +275,20 @@ def load_project(project_dir: str | Path, *, check_images: bool = True) -> Proje
     return project
 
 
+def listed_images(project: Project) -> dict[str, tuple[Path, ...]]:
+    """Every subject's image files: project.images, or, for a project loaded without checking its images (render,
+    export), the files its `images` entries name now, not opened (what render compares with the manifest)."""
+    if project.images:
+        return project.images
+    from palpcompose.images import is_image_name
+
+    v = _Validator(project.file, b"")  # problems are `check`'s and `train`'s to report
+    return {key: tuple(sorted({path for entry in subject.images
+                               for path in _expand_entry(v, project.root, f"subjects.{key}.images", entry,
+                                                         is_image_name)}))
+            for key, subject in project.config.subjects.items()}
+
+
 def _validate(project_dir: Path, check_images: bool) -> tuple[_Validator, Project | None]:
     """Everything load_project checks, without raising for the problems it collects (`check` adds more)."""
     file = project_dir / PROJECT_FILE

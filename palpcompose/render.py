@@ -216,21 +216,24 @@ def snapshot_dir(out_dir: Path, step: int) -> Path:
 
 
 def read_manifest(out_dir: Path) -> dict | None:
-    path = out_dir / "manifest.json"
-    if not path.is_file():
-        return None
+    """out/manifest.json (None when missing); DamagedFile when unreadable, with what to do about it."""
+    from palpcompose.errors import DamagedFile
+    from palpcompose.run import read_json
+
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(
-            f"{path}: unreadable ({exc}); retrain with `palpcompose train` to rewrite it"
-        ) from exc
+        return read_json(out_dir / "manifest.json", strict=True)
+    except DamagedFile as exc:
+        root = out_dir.parent.parent.parent if out_dir.parent.name == "runs" else out_dir.parent
+        raise exc.with_options(f"Options: `palpcompose train {root} --resume` rewrites it from the checkpoint; "
+                               f"`palpcompose train {root} --force` starts over, keeping this run in out/runs/"
+                               ) from None
 
 
 def check_trained_for(project, out_dir: Path, manifest: dict | None) -> list[str]:
     """Guard rails shared by render and export: refuse when the trained weights belong to another base model, warn
     when palp.toml changed since training. Returns the warnings."""
-    from palpcompose.project import changed_weight_settings
+    from palpcompose.project import changed_weight_settings, listed_images
+    from palpcompose.run import image_changes, image_hashes
 
     warnings = []
     base_model = project.config.project.base_model
@@ -267,6 +270,13 @@ def check_trained_for(project, out_dir: Path, manifest: dict | None) -> list[str
                 f"{project.file} changed since training{what}, but only in settings that do not affect the trained "
                 "weights ([render], snapshot or preview periods, memory savers)"
             )
+        try:
+            images = image_changes(manifest.get("images"), image_hashes(project, listed_images(project)))
+        except OSError:  # an unreadable image is train's and check's to report
+            images = ""
+        if images:
+            warnings.append(f"the reference images changed since training ({images}): the weights never saw them; "
+                            f"retrain with `palpcompose train {project.root}`")
     return warnings
 
 

@@ -23,10 +23,11 @@ from palpcompose.checkpoint import (
     Checkpoint,
     checkpoint_folder,
     checkpoint_processes,
+    load_checkpoint,
     read_settings,
     save_checkpoint,
 )
-from palpcompose.errors import UserError
+from palpcompose.errors import DamagedFile, UserError
 from palpcompose.fsutil import atomic_save_image, atomic_write_json, atomic_write_text, sha256_file
 from palpcompose.guidance import GUIDANCE_MODES
 from palpcompose.project import changed_weight_settings, weight_settings
@@ -57,6 +58,7 @@ class Plan:
     previous: dict | None  # the manifest of the run in out/, if any
     settings: dict  # what a resume must share with the run it continues (the checkpoint's "settings")
     resume_from: Path | None = None  # the checkpoint folder to continue from; None: a fresh run
+    checkpoint: Checkpoint | None = None  # the checkpoint in resume_from, read (and so checked) by the plan
     up_to_date: bool = False  # nothing to do: the weights in out/ were trained with exactly this
     num_processes: int = 1  # processes of this run (the launcher's WORLD_SIZE)
     archive: Path | None = None  # a fresh run moves the earlier run here (out/runs/<id>/) before it writes
@@ -99,13 +101,17 @@ def make_plan(project, *, steps: int | None = None, resume: bool = False, guidan
     plan = Plan(
         project=project, config=config, file_hashes=file_hashes, mode=mode, steps_target=steps_target, out=out,
         source=source, identity=base_model_identity(source),
-        images={p.relative_to(project.root).as_posix(): sha256_file(p)
-                for key in config.subjects for p in project.images[key]},
-        previous=read_json(out / MANIFEST_FILE), settings=resume_settings(config),
+        images=image_hashes(project, project.images),
+        previous=None, settings=resume_settings(config),
         num_processes=num_processes,
         resume_command=f"{launched or 'palpcompose'} train {project.root} --resume{steps_option}",
         fresh_command=f"{launched or 'palpcompose'} train {project.root}{steps_option}",
     )
+    try:
+        plan.previous = read_json(out / MANIFEST_FILE, strict=True)
+    except DamagedFile as exc:  # --resume rewrites it from the checkpoint; --force keeps it in out/runs/
+        if not (resume or force):
+            raise exc.with_options(_damaged_run_options(plan, resume=True)) from None
     if not force and not resume and _trained_with(plan, plan.previous):
         plan.up_to_date = True
         return plan
@@ -114,7 +120,28 @@ def make_plan(project, *, steps: int | None = None, resume: bool = False, guidan
         plan.resume_from = _resumable_checkpoint(plan, steps)
     elif has_run(out):
         _continue_or_keep(plan, force)
+    if plan.resume_from is not None:
+        try:
+            plan.checkpoint = load_checkpoint(plan.resume_from)
+            read_jsonl(out / "logs" / "train.jsonl")
+        except DamagedFile as exc:
+            raise exc.with_options(_damaged_run_options(plan, resume=False)) from None
     return plan
+
+
+def _damaged_run_options(plan: Plan, *, resume: bool) -> str:
+    """What a user can do when a file of the run in out/ is damaged."""
+    from palpcompose.render import snapshot_steps
+
+    options = []
+    if resume and checkpoint_folder(plan.out / "checkpoint") is not None:
+        options.append(f"`{plan.resume_command}` continues from the checkpoint (and rewrites the file)")
+    snapshots = snapshot_steps(plan.out)
+    if snapshots:
+        options.append(f"`palpcompose render {plan.project.root} --snapshot {snapshots[-1]}` (or export "
+                       "--snapshot) uses the last snapshot")
+    options.append(f"`{plan.fresh_command} --force` starts over, keeping this run in out/runs/")
+    return "Options: " + "; ".join(options)
 
 
 def has_run(out: Path) -> bool:
@@ -131,7 +158,8 @@ def _continue_or_keep(plan: Plan, force: bool) -> None:
         why.insert(0, f"{plan.out / MANIFEST_FILE} is missing or unreadable")
     elif previous.get("status") != "completed":
         why.insert(0, f"it was {previous.get('status')} at step {previous.get('steps_done', 0)} of "
-                      f"{previous.get('steps_target', '?')} (`{plan.resume_command}` continues it instead)")
+                      f"{previous.get('steps_target', '?')}; to continue it instead, press Ctrl-C now (nothing has moved "
+                      f"yet) and run `{plan.resume_command}`")
     only_steps_grew = (previous is not None and previous.get("status") == "completed"
                        and len(why) == 1 and isinstance(previous.get("config"), dict)
                        and [k for k, _, _ in changed_weight_settings(previous["config"], now_config)] == ["train.steps"]
@@ -172,9 +200,14 @@ def _differences(plan: Plan, previous: dict | None) -> list[str]:
     return why
 
 
+def image_hashes(project, images: dict[str, tuple[Path, ...]]) -> dict[str, str]:
+    """{path relative to the project: sha256} of every reference image (manifest.json's "images")."""
+    return {p.relative_to(project.root).as_posix(): sha256_file(p) for paths in images.values() for p in paths}
+
+
 def image_changes(before: dict | None, now: dict[str, str], most: int = 5) -> str:
     """'refs/V1/3.png is new, refs/V1/0.png changed, refs/V1/2.png is gone' ("" when the same)."""
-    if not isinstance(before, dict) or before == now:
+    if not isinstance(before, dict) or not before or before == now:  # {}: no record (a run has images)
         return ""
     changes = ([f"{p} is new" for p in sorted(set(now) - set(before))]
                + [f"{p} changed" for p in sorted(set(now) & set(before)) if now[p] != before[p]]
@@ -187,8 +220,8 @@ def _checkpoint_matches(plan: Plan, checkpoint: Path, step: int) -> bool:
     """The checkpoint is the completed run's last state, trained with this plan's settings."""
     try:
         state_json = read_settings(checkpoint)
-    except (OSError, ValueError, UserError):
-        return False
+    except DamagedFile as exc:
+        raise exc.with_options(_damaged_run_options(plan, resume=False)) from None
     return (state_json.get("step") == step and state_json.get("settings") == plan.settings
             and checkpoint_processes(state_json) == plan.num_processes)
 
@@ -261,7 +294,10 @@ def _resumable_checkpoint(plan: Plan, steps: int | None) -> Path:
     resume_from = checkpoint_folder(checkpoint)
     if resume_from is None:
         raise UserError(f"{checkpoint}: nothing to resume; run `palpcompose train` without --resume")
-    state_json = read_settings(resume_from)
+    try:
+        state_json = read_settings(resume_from)
+    except DamagedFile as exc:
+        raise exc.with_options(_damaged_run_options(plan, resume=False)) from None
     written_by = checkpoint_processes(state_json)
     if written_by != plan.num_processes:
         launch = (f"{distributed.launcher_prefix(written_by)} train {plan.project.root} --resume" if written_by > 1
@@ -282,6 +318,11 @@ def _resumable_checkpoint(plan: Plan, steps: int | None) -> Path:
                and len(changed) == 1 else "restore them in palp.toml (or the --guidance of that run)")
         raise UserError(f"{plan.project.file}: the checkpoint was trained with other settings ({listed}); {how} to "
                         "resume, or train without --resume to start over")
+    changed = image_changes((plan.previous or {}).get("images"), plan.images)
+    if changed:
+        raise UserError(f"{plan.project.file}: the reference images changed since the checkpoint ({changed}), so "
+                        f"--resume would continue on images the run never saw; `{plan.fresh_command}` starts a new "
+                        "run with them (keeping this one in out/runs/), or restore the images to resume")
     if plan.steps_target < state_json["step"]:
         asked = (f"--steps {plan.steps_target}" if steps is not None
                  else f"{plan.project.file}: train.steps = {plan.steps_target}")
@@ -491,14 +532,33 @@ def now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def read_json(path: Path) -> dict | None:
+def read_json(path: Path, strict: bool = False) -> dict | None:
+    """A JSON object from `path`; None when it is missing, or (unless `strict`: DamagedFile) unreadable."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise TypeError("not a JSON object")
+        return data
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, TypeError) as exc:
+        if strict:
+            raise DamagedFile(path, str(exc)) from None
         return None
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    """out/logs/train.jsonl: one JSON object per line; DamagedFile names the first line that is not one."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    entries = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                entry = json.loads(line)
+                if not isinstance(entry, dict) or not isinstance(entry.get("step"), int):
+                    raise TypeError("not a log entry with a step")
+            except (ValueError, TypeError) as exc:
+                raise DamagedFile(path, f"line {n}: {exc}") from None
+            entries.append(entry)
+    return entries

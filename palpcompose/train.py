@@ -10,6 +10,7 @@ step"); `training_step(state, batch)` is one micro-step with every UNet pass in 
 from __future__ import annotations
 
 import contextlib
+import math
 import signal
 import threading
 import time
@@ -23,7 +24,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from palpcompose import __version__, distributed, models
-from palpcompose.checkpoint import Checkpoint, load_checkpoint, restore_rng_state, rng_state
+from palpcompose.checkpoint import Checkpoint, restore_rng_state, rng_state
 from palpcompose.conditioning import Conditioning, size_conditioning
 from palpcompose.data import Batch, SubjectData, encode_subject, sample_batch
 from palpcompose.errors import Interrupted, ProjectError, UserError
@@ -667,8 +668,8 @@ def setup(plan: Plan, record: RunRecord, components: models.Components, accelera
     console.print(distributed.describe_batch(accelerator.num_processes, config.train.batch_size,
                                              config.train.gradient_accumulation_steps))
     resumed_step = None
-    if plan.resume_from is not None:  # read by the main process, the same weights and state on every process
-        ckpt = distributed.decided_by_main(accelerator, lambda: load_checkpoint(plan.resume_from))
+    if plan.resume_from is not None:  # read by the main process's plan: the same on every process
+        ckpt = plan.checkpoint
         restore_checkpoint(state, ckpt, tokens, generator)
         resumed_step = ckpt.step
         console.print(f"resuming at step {resumed_step} of {plan.steps_target}")
@@ -686,8 +687,7 @@ def loop(plan: Plan, record: RunRecord, state: TrainState, subjects: list[Subjec
         record.checkpoint(ckpt, status, time.monotonic() - t0)
 
     losses: dict[str, float] = {}
-    with _progress(console) as progress:
-        task = progress.add_task("training", total=target, completed=record.step, losses="")
+    with TrainingProgress(console, target, record.step) as progress:
         while record.step < target:
             for _ in range(config.train.gradient_accumulation_steps):
                 batch = sample_batch(subjects, generator, config.train.batch_size,
@@ -706,8 +706,7 @@ def loop(plan: Plan, record: RunRecord, state: TrainState, subjects: list[Subjec
             step = record.step
             record.log.append({"step": step, **{k: round(v, 6) for k, v in losses.items()},
                                "lr": state.optimizer.param_groups[0]["lr"], "time_s": round(time.monotonic() - t0, 3)})
-            progress.update(task, completed=step, losses="  ".join(f"{k} {v:.4f}" for k, v in losses.items()
-                                                                 if k.startswith("loss_")))
+            progress.update(step, losses)
             if record.writer and config.train.preview_every and step % config.train.preview_every == 0:
                 render_preview(state, config, tokens, step, record)  # on the main process only
             if config.train.save_every and step % config.train.save_every == 0 and step < target:
@@ -800,23 +799,49 @@ def _device_name(device: torch.device) -> str:
     return str(device)
 
 
-class _RateColumn(TextColumn):
-    def __init__(self):
-        super().__init__("")
+class TrainingProgress:
+    """The loop's progress. On a terminal, a rich bar that fits 80 columns: steps, bar, losses, elapsed, ETA (and the
+    rate from 100 columns on). Otherwise (logs, CI, nohup) a plain line every max(10 steps, 5%) and at the last
+    step, with the same facts."""
 
-    def render(self, task):
-        from rich.text import Text
+    def __init__(self, console: Console, total: int, completed: int):
+        self.console, self.total, self.first = console, total, completed
+        self.every = max(10, math.ceil(total * 0.05))
+        self.t0 = time.monotonic()
+        self.bar = None
+        if console.is_terminal:
+            columns = [TextColumn("step {task.completed}/{task.total}"), BarColumn(bar_width=None),
+                       TextColumn("{task.fields[losses]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                       TimeRemainingColumn()]
+            if console.width >= 100:
+                columns.insert(3, TextColumn("{task.fields[rate]}"))
+            self.bar = Progress(*columns, console=console, expand=True)
+            self.task = self.bar.add_task("training", total=total, completed=completed, losses="", rate="")
 
-        speed = task.finished_speed or task.speed
-        return Text(f"{speed:.2f} steps/s" if speed else "- steps/s")
+    def __enter__(self):
+        if self.bar is not None:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+    def update(self, step: int, losses: dict[str, float]) -> None:
+        shown = " ".join(f"{k.removeprefix('loss_')} {v:.4f}" for k, v in losses.items() if k.startswith("loss_"))
+        elapsed = time.monotonic() - self.t0
+        rate = (step - self.first) / elapsed if elapsed > 0 else 0.0
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, losses=shown, rate=f"{rate:.2f} steps/s")
+        elif step % self.every == 0 or step == self.total:
+            eta = _clock((self.total - step) / rate) if rate > 0 else "?"
+            self.console.print(f"step {step}/{self.total} ({100 * step // self.total}%)  {shown}  elapsed "
+                               f"{_clock(elapsed)}  ETA {eta}", highlight=False, markup=False, soft_wrap=True)
 
 
-def _progress(console: Console) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-        TextColumn("{task.fields[losses]}"), _RateColumn(), TimeElapsedColumn(), TextColumn("ETA"),
-        TimeRemainingColumn(), console=console,
-    )
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def _summary(console: Console, result: TrainResult, log: list[dict], mode: str) -> None:

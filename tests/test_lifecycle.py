@@ -118,7 +118,8 @@ def test_train_after_ctrl_c_without_resume_keeps_the_checkpoint(make_project, ru
     monkeypatch.setattr(train_mod, "training_step", real_step)
     result = run_cli("train", root)
     assert result.code == 0, result.err
-    assert "interrupted at step 2 of 4" in result.out and "--resume` continues it" in result.out
+    assert "interrupted at step 2 of 4; to continue it instead, press Ctrl-C now" in result.out
+    assert f"`palpcompose train {root} --resume`" in result.out
     [run_id] = kept_runs(root)
     kept = root / "out" / "runs" / run_id
     assert json.loads((kept / "checkpoint" / "state.json").read_text())["step"] == 2
@@ -162,3 +163,108 @@ def test_no_final_weights_says_interrupted_or_in_progress(make_project, run_cli,
     lock.write_text(json.dumps({"pid": os.getpid(), "host": __import__("socket").gethostname(), "started_at": "now"}))
     result = run_cli(command, root, *args)
     assert result.code == 2 and f"training in progress (pid {os.getpid()}" in " ".join(result.err.split())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. A damaged file we wrote is the user's to fix (exit 2, which file, the options), never an internal error
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[: max(1, path.stat().st_size // 2)])
+
+
+def bad_json(path):
+    path.write_text("{not json")
+
+
+def test_damaged_files_exit_2_naming_the_file_and_the_options(make_project, run_cli):
+    from conftest import tree_snapshot
+
+    root = make_project({"train": {"steps": 2, "save_every": 1},
+                         "palp": {"target_prompt": "a sketch of [V1] at night"}})
+    assert run_cli("train", root).code == 0
+    assert run_cli("render", root).code == 0
+    out = root / "out"
+    [render_json] = list((out / "renders").glob("*/render.json"))
+    resume = ["train", root, "--resume", "--steps", "3"]
+    cases = [  # (file, how it is damaged, command, an option the message must name)
+        ("checkpoint/optimizer.safetensors", truncate, resume, "--force"),
+        ("checkpoint/rng.safetensors", truncate, resume, "--snapshot 2"),
+        ("checkpoint/lora.safetensors", truncate, resume, "--force"),
+        ("checkpoint/embeddings.safetensors", truncate, ["train", root, "--steps", "3"], "--force"),
+        ("checkpoint/state.json", bad_json, resume, "--force"),
+        ("logs/train.jsonl", bad_json, resume, "--force"),
+        ("manifest.json", bad_json, ["train", root], "--resume"),
+        ("manifest.json", truncate, ["render", root], "--force"),
+        ("weights/final/lora.safetensors", truncate, ["render", root], "--snapshot N"),
+        ("weights/final/embeddings.safetensors", truncate, ["export", root, "--format", "webui", "--out",
+                                                            root / "exp"], "--force"),
+        ("snapshots/step-000001/lora.safetensors", truncate, ["render", root, "--snapshot", "1"], "step-000002"),
+        (render_json.relative_to(out).as_posix(), bad_json,
+         ["eval", root, "--oracle", "--renders", render_json.parent.name], "render again"),
+    ]
+    for name, damage, command, option in cases:
+        path = out / name
+        intact = path.read_bytes()
+        damage(path)
+        before = tree_snapshot(root)
+        result = run_cli(*command)
+        err = " ".join(result.err.split())
+        assert result.code == 2, (name, result.err)
+        assert "internal error" not in err and str(path) in err and option in err, (name, err)
+        assert tree_snapshot(root) == before, name  # nothing written or moved
+        path.write_bytes(intact)
+    assert run_cli(*resume).code == 0  # all repaired: the run continues
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. New or changed images: no resume onto them, no "up to date", and render warns
+
+
+def test_changed_images_refuse_resume_and_are_not_up_to_date(make_project, run_cli):
+    from conftest import tree_snapshot, write_test_image
+
+    root = make_project({"train": {"steps": 2, "save_every": 1}})
+    assert run_cli("train", root).code == 0
+    write_test_image(root / "refs" / "V1" / "3.png", seed=77)
+    before = tree_snapshot(root)
+    result = run_cli("train", root, "--resume", "--steps", "3")
+    assert result.code == 2 and "refs/V1/3.png is new" in " ".join(result.err.split())
+    assert tree_snapshot(root) == before
+    rendered = run_cli("render", root)
+    assert rendered.code == 0 and "refs/V1/3.png is new" in " ".join(rendered.err.split())
+    write_test_image(root / "refs" / "V1" / "0.png", seed=78)  # an image edited in place
+    retrained = run_cli("train", root)
+    assert retrained.code == 0 and "up to date" not in retrained.out
+    assert "reference images changed: refs/V1/3.png is new, refs/V1/0.png changed" in retrained.out
+    assert len(kept_runs(root)) == 1 and "refs/V1/3.png" in manifest(root)["images"]
+    assert run_cli("train", root).out.startswith("weights are up to date")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 8. Progress: a bar that fits 80 columns, plain lines when not on a terminal
+
+
+def test_the_progress_bar_fits_80_columns_with_elapsed_and_eta():
+    import io
+
+    from rich.console import Console
+
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=80, force_terminal=True, color_system=None)
+    progress = train_mod.TrainingProgress(console, 100_000, 0)
+    progress.update(54_321, {"loss_pers": 0.12345, "loss_align": 3.8211, "guidance_norm": 1.0})
+    console.print(progress.bar.make_tasks_table(progress.bar.tasks))
+    [line] = buffer.getvalue().splitlines()
+    assert len(line) <= 80 and "…" not in line
+    assert "54321/100000" in line and "align 3.8211" in line
+    assert line.endswith("0:00:00 ETA -:--:--")  # elapsed, then the ETA (unknown after a single update)
+
+
+def test_plain_progress_lines_when_not_on_a_terminal(make_project, run_cli):
+    root = make_project({"train": {"steps": 25, "save_every": 0}})
+    result = run_cli("train", root, "--guidance", "none")  # stdout captured: not a terminal
+    assert result.code == 0, result.err
+    lines = [line for line in result.out.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in lines] == ["10/25", "20/25", "25/25"]  # every max(10 steps, 5%), the last
+    assert all("pers " in line and " elapsed " in line and " ETA " in line for line in lines)
