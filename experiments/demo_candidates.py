@@ -23,6 +23,7 @@ CANDIDATES = {
     "sunset-refs": (1, "sunset", ("sketch", "night"), "a sketch of [V1] inspired by [V2] painting",
                     "a sketch of a star"),
     "day-refs": (1, "day", ("sketch", "night"), "a sketch of [V1] inspired by [V2] painting", "a sketch of a star"),
+    "series": (1, "sunset", ("sketch", "night", 3), "a sketch of [V1] inspired by [V2] painting", "a sketch of a star"),
     "pixel-art": (1, "day", ("pixel art", "day"), "a pixel art picture of [V1] inspired by [V2] painting at night",
                   "a pixel art picture of a star at night"),
 }
@@ -31,14 +32,18 @@ CANDIDATES = {
 def write_candidate(root: Path, name: str, guidance: str, steps: int) -> None:
     from palpcompose.toyworld import demo
 
-    seed, ambiance, (style, art_ambiance), target, clean = CANDIDATES[name]
+    seed, ambiance, artwork, target, clean = CANDIDATES[name]
+    style, art_ambiance = artwork[:2]
+    series = artwork[2] if len(artwork) > 2 else 0  # that many artworks with objects, else one empty landscape
     for i, image in enumerate(demo.subject_images(seed, ambiance=ambiance)):
         path = root / "refs" / "subject" / f"{i:02d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         image.save(path)
-    art = root / "refs" / "artwork" / "artwork.png"
-    art.parent.mkdir(parents=True, exist_ok=True)
-    demo.artwork_image(style=style, ambiance=art_ambiance).save(art)
+    (root / "refs" / "artwork").mkdir(parents=True, exist_ok=True)
+    art = (demo.artwork_images(series, style=style, ambiance=art_ambiance, objects=True) if series
+           else [demo.artwork_image(style=style, ambiance=art_ambiance)])
+    for i, image in enumerate(art):
+        image.save(root / "refs" / "artwork" / f"artwork-{i}.png")
     from palpcompose.toyworld import world
 
     (root / "palp.toml").write_text(f"""[project]

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from palpcompose import __version__
-from palpcompose.errors import PalpcomposeError
+from palpcompose.errors import PalpcomposeError, command_line
 
 app = typer.Typer(
     name="palpcompose",
@@ -89,7 +89,8 @@ def init(
         err_console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
     first = ("the reference images are drawn; try" if template == "toy-demo" else
              f"put the reference images in {project_dir / 'refs'}/, edit {project_dir / 'palp.toml'}, then run")
-    console.print(f"\nProject {result.name} ({template}). Next: {first} `palpcompose check {project_dir}`.",
+    check = command_line("palpcompose", "check", project_dir)
+    console.print(f"\nProject {result.name} ({template}). Next: {first} `{check}`.",
                   highlight=False, markup=False)
 
 

@@ -6,7 +6,14 @@ having written nothing. Anything else is a bug or an environment failure and exi
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
+
+
+def command_line(*words) -> str:
+    """A command for a message to suggest, quoted for the shell so that it can be copied as it is (a project folder
+    may be called `mon chat é`): command_line("palpcompose", "train", root, "--resume")."""
+    return " ".join(shlex.quote(str(word)) for word in words)
 
 
 class PalpcomposeError(Exception):

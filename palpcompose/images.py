@@ -19,6 +19,9 @@ from palpcompose.errors import UserError
 # File types a glob or a folder in `images` picks up. A file named explicitly is opened whatever its suffix.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
+# Formats Pillow cannot read, common enough to name with a way to convert them: HEIC/HEIF is the iPhone's default.
+HEIC_SUFFIXES = (".heic", ".heif")
+
 # Decompression-bomb guard: a reference image above this many pixels is refused before it is decoded. 100 MP is
 # more than any camera's full-resolution photo; training uses a few hundred pixels per side anyway.
 MAX_PIXELS = 100_000_000
@@ -31,6 +34,21 @@ _EXIF_ORIENTATION = 0x0112
 
 def is_image_name(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+def is_heic_name(path: Path) -> bool:
+    return path.suffix.lower() in HEIC_SUFFIXES and not path.name.startswith(".")
+
+
+def heic_fix(path: Path) -> str:
+    """How to turn the HEIC photo `path` into a PNG that palpcompose reads (one example command per system)."""
+    from palpcompose.errors import command_line
+
+    png = path.with_suffix(".png")
+    return (f"convert it to PNG or JPEG: on macOS `{command_line('sips', '-s', 'format', 'png', path, '--out', png)}` "
+            f"(or Preview > File > Export), on Linux `{command_line('heif-convert', path, png)}` (package "
+            "libheif-examples), on Windows the Photos app's Save as; or set the iPhone's Settings > Camera > Formats "
+            "to Most Compatible")
 
 
 def open_reference_image(path: str | os.PathLike, resolution: int | None = None) -> tuple[Image.Image, list[str]]:
@@ -61,6 +79,9 @@ def open_reference_image(path: str | os.PathLike, resolution: int | None = None)
     except Image.DecompressionBombError as exc:
         raise UserError(f"{path}: refused as a decompression bomb ({exc}); downscale the image") from exc
     except UnidentifiedImageError as exc:
+        if is_heic_name(path):
+            raise UserError(f"{path}: HEIC/HEIF photos are not supported (Pillow cannot read them); "
+                            f"{heic_fix(path)}") from exc
         raise UserError(
             f"{path}: not an image file Pillow can read; use PNG, JPEG or WebP ({', '.join(IMAGE_SUFFIXES)})"
         ) from exc

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from palpcompose.errors import UserError
+from palpcompose.errors import UserError, command_line
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 BUILTIN_MODELS = {"builtin:toy": BUILTIN_DIR / "toy"}
@@ -91,9 +91,12 @@ def uncached_hub_message(repo_id: str) -> str:
     """What `check`, `train` and `render` say about a hub id missing from the local cache: palpcompose never
     downloads, so the model has to be fetched once, on a machine with network, or replaced by the toy model."""
     folder = f"models/{repo_id.split('/')[-1]}"
+    download = command_line("hf", "download", repo_id, "--local-dir", folder)
     return (f"hub model {repo_id} is not in this machine's Hugging Face cache, and palpcompose never downloads; "
-            f"download it once where there is network (`hf download {repo_id} --local-dir {folder}`) and set "
-            f"base_model = \"{folder}\", or use base_model = \"builtin:toy\" to try the toy model first")
+            f"download it once: `{command_line('hf', 'download', repo_id)}` fills this machine's cache (base_model "
+            f"then works as it is), or `{download}` in the project folder (anywhere with network, then copy the "
+            f"folder over) and set base_model = \"{folder}\"; or use base_model = \"builtin:toy\" to try the toy "
+            "model first")
 
 
 def _check_pipeline_folder(path: Path, allow_pickle: bool = False) -> str:

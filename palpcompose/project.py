@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from palpcompose.errors import Problem, ProjectError, UserError
+from palpcompose.errors import Problem, ProjectError, UserError, command_line
 
 PROJECT_FILE = "palp.toml"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -61,7 +61,7 @@ def _spec(doc: str, default: Any = dataclasses.MISSING, *, choices: tuple = (), 
 
 @dataclass(frozen=True)
 class ProjectSection:
-    name: str = _spec("Project name: letters, digits, '-' and '_' (1-64 characters). Makes the learned tokens "
+    name: str = _spec("Project name: ASCII letters (a-z, A-Z), digits, '-' and '_' (1-64 characters). Makes the learned tokens "
                       "unique: subject V1 of project `cat` is the token `<cat-v1>`.")
     base_model: str = _spec("The pre-trained text-to-image model: `builtin:toy`, a hub id (`org/name`, used from the "
                             "local Hugging Face cache), a local diffusers folder, or a single `.safetensors` file. "
@@ -297,13 +297,14 @@ def _validate(project_dir: Path, check_images: bool) -> tuple[_Validator, Projec
     if project_dir.is_file():
         raise UserError(f"{project_dir}: is a file, not a project folder; give the folder that holds palp.toml")
     if not project_dir.is_dir():
-        raise UserError(f"{project_dir}: no such project folder; create one with `palpcompose init {project_dir}`")
+        raise UserError(f"{project_dir}: no such project folder; create one with "
+                        f"`{command_line('palpcompose', 'init', project_dir)}`")
     if file.is_dir():
         raise UserError(f"{file}: is a folder; the project file must be a file named palp.toml")
     if file.is_symlink() and not file.exists():
         raise UserError(f"{file}: is a broken symbolic link (to {file.readlink()}); replace it with the file")
     if not file.is_file():
-        raise UserError(f"{file}: not found; create a project with `palpcompose init {project_dir}`")
+        raise UserError(f"{file}: not found; create a project with `{command_line('palpcompose', 'init', project_dir)}`")
     v = _Validator(file, file.read_bytes())
     config = v.parse()
     root = project_dir.resolve()
@@ -387,10 +388,15 @@ class _Validator:
             # Python < 3.14 puts the position only in the message: "Invalid value (at line 6, column 14)".
             where = re.search(r"\(at line (\d+), column (\d+)\)$", str(exc))
             message = str(exc)[: where.start()].rstrip() if where else str(exc)
+            line = int(where.group(1)) if where else getattr(exc, "lineno", None)
+            twice = _defined_twice(self.text, line) if message.startswith("Cannot") and line else None
+            if twice:  # tomllib names neither the key nor where it was first set
+                key, hint, first = twice
+                self.problem(key, f"is defined twice{f' (first on line {first})' if first else ''}", hint, line=line)
+                return None
             if where:
                 message += f" (column {where.group(2)})"
-            self.problem(None, f"TOML syntax error: {message}", _syntax_hint(exc, self.text),
-                         line=int(where.group(1)) if where else getattr(exc, "lineno", None))
+            self.problem(None, f"TOML syntax error: {message}", _syntax_hint(exc, self.text), line=line)
             return None
         self.lines = _key_lines(self.text)
 
@@ -612,7 +618,8 @@ class _Validator:
         name = doc.get("project", {}).get("name") if isinstance(doc.get("project"), dict) else None
         if not isinstance(name, str) or not name.strip() or NAME_PATTERN.match(name):  # "" is reported as empty
             return True
-        self.problem("project.name", f"{name!r} may contain only letters, digits, '-' and '_' (1-64 characters)",
+        self.problem("project.name", f"{name!r} may contain only ASCII letters (a-z, A-Z), digits, '-' and '_' "
+                     "(1-64 characters): it becomes part of the learned tokens, <name-v1>",
                      f"e.g. name = {sanitize_name(name)!r}")
         return False
 
@@ -636,9 +643,16 @@ def placeholder_problems(prompt: str, declared) -> list[tuple[str, str]]:
 
 
 def sanitize_name(text: str) -> str:
-    """A valid project name made from `text` (a folder name, say): other characters become '-'."""
-    name = re.sub(r"-{2,}", "-", re.sub(r"[^A-Za-z0-9_-]", "-", text)).strip("-_")[:64]
-    return name or "my-project"
+    """A valid project name made from `text` (a folder name, say): accents are dropped (`café` -> `cafe`), other
+    characters become '-'; "my-project" when nothing is left (a folder named `猫`)."""
+    return _ascii_name(text) or "my-project"
+
+
+def _ascii_name(text: str) -> str:
+    import unicodedata
+
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    return re.sub(r"-{2,}", "-", re.sub(r"[^A-Za-z0-9_-]", "-", ascii_text)).strip("-_")[:64]
 
 
 _INVALID = object()
@@ -731,14 +745,15 @@ def _expand_entry(v: _Validator, root: Path, skey: str, entry: str, is_image_nam
         images = [p for p in matches if is_image_name(p)]
         if not matches:
             v.problem(skey, f"{entry!r} matches no files", _missing_hint(root, entry))
-        elif not images:
+        elif not _heic_problem(v, root, skey, f"{entry!r} matches", matches, images) and not images:
             v.problem(skey, f"{entry!r} matches {len(matches)} file(s) but no images",
                       "use image files (.png, .jpg, .webp, ...)")
         return _inside(v, root, skey, images)
     path = root / entry
     if path.is_dir():
-        images = sorted(p for p in path.iterdir() if p.is_file() and is_image_name(p))
-        if not images:
+        files = sorted(p for p in path.iterdir() if p.is_file())
+        images = [p for p in files if is_image_name(p)]
+        if not _heic_problem(v, root, skey, f"folder {entry!r} holds", files, images) and not images:
             v.problem(skey, f"folder {entry!r} contains no images",
                       "put pictures of the subject (.png, .jpg, .webp; 3-5 of an object, one is enough for an "
                       f"artwork) in {_shown(root, path)}/")
@@ -754,6 +769,24 @@ def _expand_entry(v: _Validator, root: Path, skey: str, entry: str, is_image_nam
         v.problem(skey, f"{entry!r} is not a regular file", "name an image file, a folder of images or a glob")
         return []
     return _inside(v, root, skey, [path])
+
+
+def _heic_problem(v: _Validator, root: Path, skey: str, what: str, files: list[Path], images: list[Path]) -> bool:
+    """HEIC/HEIF photos among `files`, which no glob or folder picks up: a problem when they are all there is, a
+    note saying they are skipped otherwise. True when there were any."""
+    from palpcompose.images import heic_fix, is_heic_name
+
+    heic = sorted(p for p in files if is_heic_name(p))
+    if not heic:
+        return False
+    names = ", ".join(_shown(root, p) for p in heic[:3]) + (f" and {len(heic) - 3} more" if len(heic) > 3 else "")
+    if images:
+        v.notes.append(f"{v.file}: {skey}: {names}: skipped, HEIC/HEIF photos are not supported; "
+                       f"{heic_fix(heic[0])}")
+    else:
+        v.problem(skey, f"{what} {len(heic)} HEIC/HEIF photo(s) ({names}) and no other images: HEIC is not "
+                        "supported (Pillow cannot read it)", heic_fix(heic[0]))
+    return True
 
 
 def _inside(v: _Validator, root: Path, skey: str, paths: list[Path]) -> list[Path]:
@@ -828,13 +861,14 @@ def init_project(project_dir: str | Path, template: str = DEFAULT_TEMPLATE) -> I
                         + (f" ({_did_you_mean(template, TEMPLATES)})" if _did_you_mean(template, TEMPLATES) else ""))
     if root.name.lower() == PROJECT_FILE:
         raise UserError(f"{root}: give the folder the project goes in, not its palp.toml: "
-                        f"`palpcompose init {root.parent}`")
+                        f"`{command_line('palpcompose', 'init', root.parent)}`")
     if root.exists() and not root.is_dir():
         raise UserError(f"{root}: exists and is not a folder; choose another project folder")
     if (root / PROJECT_FILE).exists() or (root / PROJECT_FILE).is_symlink():
         raise UserError(f"{root / PROJECT_FILE}: already exists; palpcompose init never overwrites a project "
                         "(edit it, or init a new folder)")
-    name = sanitize_name(root.resolve().name)
+    folder_name = root.resolve().name
+    name = sanitize_name(folder_name)
     source = files("palpcompose.templates") / template
     texts = {rel: (source / rel).read_text(encoding="utf-8").replace(_NAME_MARK, name)
              for rel in ("palp.toml", "README.md", "refs/README.md")}
@@ -860,8 +894,8 @@ def init_project(project_dir: str | Path, template: str = DEFAULT_TEMPLATE) -> I
             written.append(target)
         for folder in folders:
             folder.mkdir(parents=True, exist_ok=True)
-        if template == "toy-demo":  # the toy world draws this template's references (palpcompose/toydemo.py)
-            from palpcompose.toydemo import write_references
+        if template == "toy-demo":  # the toy world draws this template's references (palpcompose/toyworld/demo.py)
+            from palpcompose.toyworld.demo import write_references
 
             write_references(root, written)
         # Bytes, not text: a .gitignore in another encoding is kept as it is, with one line added.
@@ -879,17 +913,27 @@ def init_project(project_dir: str | Path, template: str = DEFAULT_TEMPLATE) -> I
                 folder.rmdir()  # only if empty: never removes anything the user had
         raise UserError(f"{root}: could not create the project ({os_error_text(exc)}); nothing was left behind; "
                         "choose a folder you can write to") from exc
-    return InitResult(root, name, tuple(written), tuple(kept), tuple(_init_notes(texts["palp.toml"])))
+    return InitResult(root, name, tuple(written), tuple(kept), tuple(_init_notes(texts["palp.toml"], folder_name)))
 
 
-def _init_notes(toml_text: str) -> list[str]:
-    """A template's base model that this machine does not have (a hub id not in the cache): say so now, not only
-    at `check`, with the way out."""
+def _init_notes(toml_text: str, folder_name: str) -> list[str]:
+    """What `init` chose without being told: a project name other than the folder's, and a template's base model
+    that this machine does not have (a hub id not in the cache, which `check` refuses), each with the way out."""
     from palpcompose.models import resolve_base_model
 
+    notes = []
+    name = tomllib.loads(toml_text)["project"]["name"]
+    if name != folder_name:
+        how = (f"the folder name {folder_name!r} has no ASCII letters or digits to make one of" if not
+               _ascii_name(folder_name) else f"made from the folder name {folder_name!r}")
+        notes.append(f"palp.toml: project.name is {name!r} ({how}: a project name may contain only ASCII letters, "
+                     f"digits, '-' and '_'); edit project.name to choose another, it names the learned tokens "
+                     f"(<{name.lower()}-v1>)")
     spec = tomllib.loads(toml_text)["project"]["base_model"]
     source = resolve_base_model(spec)
-    return [] if source.available else [f"palp.toml: project.base_model: {source.detail}"]
+    if not source.available:
+        notes.append(f"palp.toml: project.base_model: {source.detail}")
+    return notes
 
 
 def _init_preflight(root: Path, files: list[Path], folders: list[Path]) -> None:
@@ -1100,6 +1144,29 @@ def _key_lines(text: str) -> dict[tuple[str, ...], int]:
             if line.count(quote) % 2 == 1:
                 in_string = quote
     return lines
+
+
+def _defined_twice(text: str, line: int) -> tuple[str, str, int | None] | None:
+    """For tomllib's "Cannot overwrite a value" / "Cannot declare ... twice" at `line`: (the dotted key defined
+    twice, a hint, the line of its first definition)."""
+    lines = text.splitlines()
+    if not 0 < line <= len(lines):
+        return None
+    before = _key_lines("\n".join(lines[: line - 1]))
+    table: tuple[str, ...] = ()
+    for earlier in lines[: line - 1]:  # the table the line is in
+        header = _HEADER.match(earlier)
+        if header:
+            table = _split_key(header.group(1))
+    header, key = _HEADER.match(lines[line - 1]), _KEY.match(lines[line - 1])
+    if header:
+        path = _split_key(header.group(1))
+        hint = f"each table may appear only once: move the keys under this [{'.'.join(path)}] into the first one"
+    elif key:
+        path, hint = table + _split_key(key.group(1)), "each key may appear only once: delete one of the two lines"
+    else:
+        return None
+    return ".".join(path), hint, before.get(path)
 
 
 def _split_key(dotted: str) -> tuple[str, ...]:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from palpcompose import __version__
-from palpcompose.errors import Interrupted, UserError
+from palpcompose.errors import Interrupted, UserError, command_line
 from palpcompose.fsutil import atomic_save_image, atomic_write_json
 from palpcompose.weights import TrainedWeights, load_trained_weights
 
@@ -224,9 +224,9 @@ def read_manifest(out_dir: Path) -> dict | None:
         return read_json(out_dir / "manifest.json", strict=True)
     except DamagedFile as exc:
         root = out_dir.parent.parent.parent if out_dir.parent.name == "runs" else out_dir.parent
-        raise exc.with_options(f"Options: `palpcompose train {root} --resume` rewrites it from the checkpoint; "
-                               f"`palpcompose train {root} --force` starts over, keeping this run in out/runs/"
-                               ) from None
+        raise exc.with_options(f"Options: `{command_line('palpcompose', 'train', root, '--resume')}` rewrites it "
+                               f"from the checkpoint; `{command_line('palpcompose', 'train', root, '--force')}` starts "
+                               "over, keeping this run in out/runs/") from None
 
 
 def check_trained_for(project, out_dir: Path, manifest: dict | None) -> list[str]:
@@ -242,8 +242,8 @@ def check_trained_for(project, out_dir: Path, manifest: dict | None) -> list[str
         if trained_on is not None and trained_on.strip() != base_model.strip():
             raise UserError(
                 f"{project.file}: project.base_model is {base_model!r} but the weights in {out_dir} were trained on "
-                f"{trained_on!r}; set base_model back to {trained_on!r}, or retrain with `palpcompose train "
-                f"{project.root}`"
+                f"{trained_on!r}; set base_model back to {trained_on!r}, or retrain with "
+                f"`{command_line('palpcompose', 'train', project.root)}`"
             )
         # Training settings changed: the weights no longer match palp.toml. Only [render] or snapshot/preview
         # periods changed (same training hash): the weights are unaffected, so this is only a note.
@@ -263,7 +263,7 @@ def check_trained_for(project, out_dir: Path, manifest: dict | None) -> list[str
         if config_changed and weights_changed and isinstance(trained.get("config"), dict):
             warnings.append(
                 f"{project.file} changed since training{what}: the weights were trained with the old "
-                f"settings; retrain with `palpcompose train {project.root}` to apply the new ones"
+                f"settings; retrain with `{command_line('palpcompose', 'train', project.root)}` to apply the new ones"
             )
         elif config_changed:
             warnings.append(
@@ -276,7 +276,7 @@ def check_trained_for(project, out_dir: Path, manifest: dict | None) -> list[str
             images = ""
         if images:
             warnings.append(f"the reference images changed since training ({images}): the weights never saw them; "
-                            f"retrain with `palpcompose train {project.root}`")
+                            f"retrain with `{command_line('palpcompose', 'train', project.root)}`")
     return warnings
 
 
@@ -344,12 +344,13 @@ def locate_weights(project, out_dir: Path, step: int | None) -> tuple[Path, str,
         return final, "final", []
     state = unfinished(project, out_dir)
     if steps:
-        state = state or f"training has not finished; `palpcompose train {project.root} --resume` finishes it"
+        resume = command_line("palpcompose", "train", project.root, "--resume")
+        state = state or f"training has not finished; `{resume}` finishes it"
         warning = f"{state} (no {final}); using the latest snapshot, step {steps[-1]}"
         return snapshot_dir(out_dir, steps[-1]), f"step-{steps[-1]:06d}", [warning]
     if state is not None:
         raise UserError(f"no trained weights in {out_dir} yet: {state}")
-    raise UserError(f"no trained weights in {out_dir}; run `palpcompose train {project.root}` first")
+    raise UserError(f"no trained weights in {out_dir}; run `{command_line('palpcompose', 'train', project.root)}` first")
 
 
 # --- the render itself --------------------------------------------------------------------------------------------
@@ -382,17 +383,11 @@ def a1111_parameters(
 
 
 def default_render_size(source) -> int:
-    """The image side StableDiffusionXLPipeline renders at by default: its UNet's sample size times the VAE's
-    scale factor, read from the model's configs; SDXL's native 1024 when they cannot be read (a single file)."""
-    from palpcompose.models import SDXL_RESOLUTION, config_reader
+    """The image side StableDiffusionXLPipeline renders at by default: the model's native size (its UNet's sample
+    size times the VAE's scale factor, models.native_resolution); SDXL's 1024 when its configs cannot be read."""
+    from palpcompose.models import SDXL_RESOLUTION, native_resolution
 
-    if source.kind not in ("folder", "hub"):
-        return SDXL_RESOLUTION
-    read = config_reader(source.kind, source.location)
-    unet, vae = read("unet/config.json") or {}, read("vae/config.json") or {}
-    if "sample_size" not in unet or "block_out_channels" not in vae:
-        return SDXL_RESOLUTION
-    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    return native_resolution(source) or SDXL_RESOLUTION
 
 
 def _pick_device() -> tuple[str, torch.dtype]:
@@ -512,7 +507,7 @@ def render(
         if missing:
             raise UserError(
                 f"{path}: has no embedding for {', '.join(missing)}; palp.toml's subjects changed since training. "
-                f"Retrain with `palpcompose train {project.root}`"
+                f"Retrain with `{command_line('palpcompose', 'train', project.root)}`"
             )
         # weights written before their header said so: the guidance of the run in out/manifest.json
         guidance = weights.guidance or (manifest or {}).get("guidance") or "unknown"

@@ -27,7 +27,7 @@ from palpcompose.checkpoint import (
     read_settings,
     save_checkpoint,
 )
-from palpcompose.errors import DamagedFile, UserError
+from palpcompose.errors import DamagedFile, UserError, command_line
 from palpcompose.fsutil import atomic_save_image, atomic_write_json, atomic_write_text, sha256_file
 from palpcompose.guidance import GUIDANCE_MODES
 from palpcompose.project import changed_weight_settings, weight_settings
@@ -103,9 +103,9 @@ def make_plan(project, *, steps: int | None = None, resume: bool = False, guidan
         source=source, identity=base_model_identity(source),
         images=image_hashes(project, project.images),
         previous=None, settings=resume_settings(config),
-        num_processes=num_processes,
-        resume_command=f"{launched or 'palpcompose'} train {project.root} --resume{steps_option}",
-        fresh_command=f"{launched or 'palpcompose'} train {project.root}{steps_option}",
+        num_processes=num_processes,  # the launcher's prefix stays unquoted: it holds $(which palpcompose)
+        resume_command=(launched or "palpcompose") + " " + command_line("train", project.root, "--resume") + steps_option,
+        fresh_command=(launched or "palpcompose") + " " + command_line("train", project.root) + steps_option,
     )
     try:
         plan.previous = read_json(out / MANIFEST_FILE, strict=True)
@@ -251,10 +251,10 @@ def unfinished(project, out: Path) -> str | None:
     checkpoint = checkpoint_folder(out / "checkpoint")
     if checkpoint is not None:
         step = (read_json(checkpoint / "state.json") or {}).get("step", "?")
-        how = "" if kept else f": `palpcompose train {project.root} --resume`"
+        how = "" if kept else f": `{command_line('palpcompose', 'train', project.root, '--resume')}`"
         return f"training was {status} at step {step}{how}"
     if has_run(out) and not (out / "snapshots").is_dir():  # snapshots come with a checkpoint
-        how = "" if kept else f": `palpcompose train {project.root}` starts it again"
+        how = "" if kept else f": `{command_line('palpcompose', 'train', project.root)}` starts it again"
         return f"training was {status} before its first checkpoint{how}"
     return None
 
@@ -300,8 +300,9 @@ def _resumable_checkpoint(plan: Plan, steps: int | None) -> Path:
         raise exc.with_options(_damaged_run_options(plan, resume=False)) from None
     written_by = checkpoint_processes(state_json)
     if written_by != plan.num_processes:
-        launch = (f"{distributed.launcher_prefix(written_by)} train {plan.project.root} --resume" if written_by > 1
-                  else f"palpcompose train {plan.project.root} --resume, without a launcher")
+        command = command_line("train", plan.project.root, "--resume")
+        launch = (f"{distributed.launcher_prefix(written_by)} {command}" if written_by > 1
+                  else f"palpcompose {command}, without a launcher")
         raise UserError(
             f"{resume_from}: the checkpoint was written by a run of {written_by} process{'es' if written_by > 1 else ''}"
             f", this one has {plan.num_processes}: the effective batch and every process's random draws would "

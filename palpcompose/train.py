@@ -27,7 +27,7 @@ from palpcompose import __version__, distributed, models
 from palpcompose.checkpoint import Checkpoint, restore_rng_state, rng_state
 from palpcompose.conditioning import Conditioning, size_conditioning
 from palpcompose.data import Batch, SubjectData, encode_subject, sample_batch
-from palpcompose.errors import Interrupted, ProjectError, UserError
+from palpcompose.errors import Interrupted, ProjectError, UserError, command_line
 from palpcompose.fsutil import atomic_save_image
 from palpcompose.guidance import (
     GuidanceConfig,
@@ -748,7 +748,7 @@ def _stopped_at_once(plan: Plan, record: RunRecord) -> Interrupted:
     record.mark(status="interrupted", steps_done=record.checkpoint_step or 0, finished_at=now())
     if record.checkpoint_step is None:
         return Interrupted(f"stopped at once at step {record.step} of {target} (second interrupt), before the "
-                           f"first checkpoint; run `palpcompose train {plan.project.root}` again")
+                           f"first checkpoint; run `{command_line('palpcompose', 'train', plan.project.root)}` again")
     return Interrupted(f"stopped at once at step {record.step} of {target} (second interrupt); the last checkpoint "
                        f"is at step {record.checkpoint_step}. Resume with: {plan.resume_command}")
 
@@ -849,10 +849,14 @@ def _summary(console: Console, result: TrainResult, log: list[dict], mode: str) 
     table.add_row("guidance", mode)
     table.add_row("steps", str(result.steps_done))
     table.add_row("wall time", f"{result.wall_time_s:.1f} s")
-    for key, value in result.final_losses.items():
-        if key.startswith("loss_"):
-            first = next((e[key] for e in log if key in e), value)
-            table.add_row(key, f"{value:.4f} (first {first:.4f})")
+    # One step's loss is noise (t and the image are drawn at random each step): compare means over windows
+    for key in (k for k in result.final_losses if k.startswith("loss_")):
+        values = [e[key] for e in log if key in e]
+        if not values:
+            continue
+        n = max(1, min(50, len(values) // 4))
+        last, first = sum(values[-n:]) / n, sum(values[:n]) / n
+        table.add_row(key, f"{last:.4f} (mean of the last {n} step{'s' if n > 1 else ''}; first {n}: {first:.4f})")
     table.add_row("weights", str(result.weights_dir))
     if (result.out_dir / "previews").is_dir():
         table.add_row("previews", str(result.out_dir / "previews"))

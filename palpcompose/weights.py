@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from palpcompose import __version__
-from palpcompose.errors import DamagedFile, UserError
+from palpcompose.errors import DamagedFile, UserError, command_line
 from palpcompose.fsutil import atomic_save_safetensors
 
 LORA_FILE = "lora.safetensors"
@@ -114,4 +114,4 @@ def _instead(folder: Path) -> str:
     root = out.parent.parent if out.parent.name == "runs" else out.parent  # a kept run: out/runs/<id>/
     others = sorted(p.name for p in (out / "snapshots").glob("step-*") if p != folder and (p / LORA_FILE).is_file())
     use = f"use a snapshot with --snapshot N ({', '.join(others[-3:])} exist), or " if others else ""
-    return f"Options: {use}train again with `palpcompose train {root} --force` (the damaged run is kept in out/runs/)"
+    return f"Options: {use}train again with `{command_line('palpcompose', 'train', root, '--force')}` (the damaged run is kept in out/runs/)"

@@ -106,7 +106,7 @@ def test_init_checks_every_path_before_writing(tmp_path, run_cli, blocker, targe
 
 
 def test_init_that_fails_half_way_leaves_nothing_behind(tmp_path, run_cli, monkeypatch):
-    from palpcompose import toydemo
+    from palpcompose.toyworld import demo as toydemo
 
     def disk_full(root, written=None):
         raise OSError(28, "No space left on device", str(root / "refs" / "subject" / "star-00.png"))

@@ -4,6 +4,10 @@ quoted paths in hints, and messages that name what is wrong."""
 from __future__ import annotations
 
 import json
+import re
+import shlex
+import shutil
+from pathlib import Path
 
 import pytest
 from conftest import tree_snapshot
@@ -124,3 +128,74 @@ def test_render_out_refuses_a_folder_with_files(trained, run_cli, tmp_path):
     result = run_cli("render", trained, "--seeds", "0", "--out", target)
     assert result.code == 2 and "--out" in result.err and "not empty" in result.err, result.err
     assert tree_snapshot(tmp_path) == before
+
+
+def test_hints_quote_paths_for_the_shell(tmp_path, run_cli, trained):
+    root = tmp_path / "mon chat é"
+    result = run_cli("init", root, "--template", "toy-demo")
+    assert result.code == 0, result.err
+    assert f"`palpcompose check {shlex.quote(str(root))}`" in " ".join(result.out.split())
+    missing = run_cli("check", tmp_path / "no such")
+    assert f"`palpcompose init '{tmp_path / 'no such'}'`" in missing.err
+    # render's advice names the project folder the way a shell reads it
+    moved = trained.rename(tmp_path / "trained é")
+    for weights in ("weights", "snapshots"):
+        shutil.rmtree(moved / "out" / weights)
+    untrained = run_cli("render", moved)
+    assert untrained.code == 2 and f"`palpcompose train '{moved}'`" in untrained.err, untrained.err
+
+
+@pytest.mark.parametrize("folder, name, says", [
+    ("猫", "my-project", "the folder name '猫' has no ASCII letters or digits"),
+    ("café au lait", "cafe-au-lait", "made from the folder name 'café au lait'"),
+])
+def test_init_says_how_it_named_the_project(tmp_path, run_cli, folder, name, says):
+    import tomllib
+
+    result = run_cli("init", tmp_path / folder, "--template", "toy-demo")
+    assert result.code == 0, result.err
+    assert tomllib.loads((tmp_path / folder / "palp.toml").read_text())["project"]["name"] == name
+    err = " ".join(result.err.split())
+    assert f"project.name is '{name}' ({says}" in err and "only ASCII letters" in err
+    assert f"Project {name} " in result.out
+
+
+def test_init_with_a_valid_folder_name_says_nothing_about_it(tmp_path, run_cli):
+    result = run_cli("init", tmp_path / "cat_2", "--template", "toy-demo")
+    assert result.code == 0 and "project.name" not in result.err
+
+
+def test_name_rule_says_ascii_letters(make_project, run_cli):
+    root = make_project({"project": {"name": "café"}})
+    result = run_cli("check", root)
+    assert result.code == 2 and "'café' may contain only ASCII letters (a-z, A-Z), digits" in result.err
+    assert "e.g. name = 'cafe'" in result.err
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_toy_template_cites_the_page_that_gives_its_guidance_scale():
+    line = next(li for li in (REPO / "templates/toy-demo/palp.toml").read_text().splitlines()
+                if li.startswith("guidance_scale"))
+    cited = re.search(r"docs/[\w-]+\.md", line).group(0)
+    assert "Recommended sampling: 20 steps, guidance scale 5" in (REPO / cited).read_text()
+
+
+def test_toyworld_and_evaluation_count_a_placeholder_prompt_the_same_way():
+    # both pages: "a sketch of [V1] at night" with [V1] a star names three elements
+    for page in ("toyworld.md", "evaluation.md"):
+        text = " ".join((REPO / "docs" / page).read_text().split())
+        assert re.search(r"a sketch of \[V1\] at night[`\"]? with `?\[V1\]`? a star (names|has) three elements", text), page
+
+
+def test_refs_readmes_do_not_ask_to_create_the_folders_init_made():
+    for readme in (REPO / "templates").glob("*/refs/README.md"):
+        assert "Create the" not in readme.read_text(), readme
+
+
+def test_render_export_doc_covers_toy_exports_and_sd2_in_a1111():
+    text = " ".join((REPO / "docs/render-export.md").read_text().split())
+    assert 'StableDiffusionPipeline.from_pretrained(BUILTIN_MODELS["builtin:toy"]' in text
+    assert "`builtin:toy` projects cannot be used there." in text
+    assert "v2-inference.yaml" in text and "v2-inference-v.yaml" in text

@@ -25,7 +25,7 @@ def test_init_toy_demo_draws_the_references_and_matches_the_committed_project(tm
     assert result.code == 0, result.err
     fresh = files(root)
     assert len([k for k in fresh if k.startswith("refs/subject/")]) == 5
-    assert [k for k in fresh if k.startswith("refs/artwork/")] == ["refs/artwork/pixel-art.png"]
+    assert [k for k in fresh if k.startswith("refs/artwork/")] == [f"refs/artwork/artwork-{i}.png" for i in range(3)]
     assert fresh == files(DEMO)  # same folder name, so the same project name: byte for byte
 
 
@@ -43,11 +43,13 @@ def test_toy_demo_is_an_art_inspired_composition_the_oracle_can_read():
     target, subjects = cfg["palp"]["target_prompt"], cfg["subjects"]
     assert subjects_in(target, subjects) == ["V1", "V2"]
     assert subjects["V1"]["class_name"] == world.subject_from_seed(1).class_name
-    assert subjects["V2"]["class_name"] not in world.CLASSES  # an artwork: eval judges its style
-    named = oracle.parse_prompt(target.replace("[V1]", "star").replace("[V2]", "painting")).named()
-    assert named == {"style": world.ALL_STYLES.index("pixel art"), "ambiance": world.AMBIANCES.index("night"),
-                     "cls": world.CLASSES.index("star")}
-    assert "pixel art" in world.HELD_OUT_STYLES  # the artwork's style is one the base model never saw
+    assert subjects["V2"]["class_name"] not in world.CLASSES  # an artwork: eval judges its style and ambiance
+    assert oracle.prompt_elements(target.replace("[V1]", "star").replace("[V2]", "painting")) == [
+        ("style", world.ALL_STYLES.index("sketch")), ("cls", world.CLASSES.index("star"))]
+    # what [V2] brings (the night) and what [V1]'s references share (the sunset) are named by no prompt
+    for prompt in (target, cfg["palp"]["clean_prompt"], subjects["V1"]["prompt"], subjects["V2"]["prompt"]):
+        assert oracle.parse_prompt(prompt).ambiance is None
+    assert "train" not in cfg or not {"steps", "resolution", "learning_rate"} & set(cfg["train"])  # model defaults
 
 
 @pytest.mark.slow

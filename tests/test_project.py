@@ -107,7 +107,7 @@ render.steps = 4
 
 
 @pytest.mark.parametrize("folder, name", [("my cat", "my-cat"), ("Wanderer_2", "Wanderer_2"), ("___", "my-project"),
-                                          ("café/é", "caf")])
+                                          ("café/é", "cafe-e"), ("猫", "my-project")])
 def test_sanitize_name(folder, name):
     assert sanitize_name(folder) == name
 
@@ -181,8 +181,8 @@ def test_native_resolution_is_read_from_the_unet_and_vae_configs(tmp_path, sampl
     folder = fake_pipeline_configs(tmp_path / "model", sample_size, blocks)
     source = BaseModelSource(str(folder), "folder", str(folder), True, "")
     assert native_resolution(source) == native
-    assert model_defaults(source) == {"train.resolution": (native, f"the native size of {folder} (its UNet and VAE "
-                                                                   "configs)")}
+    why = f"the native size of {folder} (its UNet and VAE configs)"
+    assert model_defaults(source) == {"train.resolution": (native, why)}
 
 
 def test_native_resolution_unknown_without_configs(tmp_path):

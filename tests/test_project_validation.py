@@ -117,7 +117,7 @@ def test_types_ranges_and_choices(make_project, run_cli, table, key, value, mess
 
 def test_project_name_charset(make_project, run_cli):
     root = make_project({"project": {"name": "cat wanderer!"}})
-    check_fails(run_cli, root, located(root, "project.name", "name = ") + " 'cat wanderer!' may contain only letters",
+    check_fails(run_cli, root, located(root, "project.name", "name = ") + " 'cat wanderer!' may contain only ASCII letters",
                 "hint: e.g. name = 'cat-wanderer'")
 
 
@@ -516,3 +516,52 @@ def test_blank_render_prompt_and_palp_toml_named_in_any_case(make_project, run_c
     check_fails(run_cli, root, "render.prompts[1]: is empty")
     result = run_cli("check", root / "PALP.TOML")
     assert result.code == 2 and "give the project folder, not its palp.toml" in result.err
+
+
+@pytest.mark.parametrize("text, key, first, hint", [
+    ('[train]\nsteps = 2\nseed = 1\nsteps = 3\n', "train.steps", 2, "delete one of the two lines"),
+    ('[train]\nsteps = 2\n\n[train]\nseed = 1\n', "train", 1, "move the keys under this [train] into the first"),
+    ('[palp]\nalpha = 1.0\nbeta = 1.0\n\n[render]\n"seeds" = [0]\nsteps = 2\nseeds = [1]\n', "render.seeds", 6,
+     "delete one of the two lines"),
+])
+def test_a_key_defined_twice_is_named_with_both_lines(make_project, run_cli, text, key, first, hint):
+    root = make_project({"train": None, "palp": None, "render": None})
+    base = (root / "palp.toml").read_text()
+    (root / "palp.toml").write_text(base + "\n" + text)
+    offset = base.count("\n") + 1  # text starts on the line after the blank one
+    err = check_fails(run_cli, root, f": {key}: is defined twice (first on line {offset + first})", hint)
+    assert "TOML syntax error" not in err
+    assert f"palp.toml:{offset + _line_of_second(text, key)}: {key}:" in err, err
+
+
+def _line_of_second(text: str, key: str) -> int:
+    """The line (in `text`) of the second definition of `key`."""
+    name = key.split(".")[-1]
+    hits = [n for n, line in enumerate(text.splitlines(), 1)
+            if line.strip().startswith((f"[{key}]", f"{name} =", f'"{name}" ='))]
+    return hits[1]
+
+
+def _heic_bytes() -> bytes:
+    """The start of an iPhone HEIC file (an ISO-BMFF `ftyp heic` box): what Pillow cannot identify."""
+    return struct.pack(">I", 24) + b"ftypheic" + b"\0\0\0\0" + b"mif1heic" + b"\0" * 64
+
+
+@pytest.mark.parametrize("entry", ["refs/V1", "refs/V1/*", "refs/V1/IMG_0001.HEIC"])
+def test_heic_photos_say_heic_is_not_supported_and_how_to_convert(make_project, run_cli, entry):
+    root = make_project({"subjects": {"V1": {"images": [entry]}}}, n_images=0)
+    for n in (1, 2):
+        (root / "refs" / "V1").mkdir(parents=True, exist_ok=True)
+        (root / "refs" / "V1" / f"IMG_000{n}.HEIC").write_bytes(_heic_bytes())
+    err = check_fails(run_cli, root, "HEIC", "not supported", "convert it to PNG or JPEG", "sips -s format png",
+                      "heif-convert")
+    assert "contains no images" not in err and "but no images" not in err
+    assert "not an image file Pillow can read" not in err
+
+
+def test_heic_photos_next_to_images_are_skipped_with_a_note(make_project, run_cli):
+    root = make_project({"subjects": {"V1": {"images": ["refs/V1"]}}})
+    (root / "refs" / "V1" / "IMG_0001.heic").write_bytes(_heic_bytes())
+    result = run_cli("check", root)
+    assert result.code == 0, result.err
+    assert "refs/V1/IMG_0001.heic: skipped, HEIC/HEIF photos are not supported" in result.err

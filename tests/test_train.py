@@ -338,3 +338,17 @@ def test_cli_trains(make_project, capsys):
     main(["train", str(root), "--steps", "1", "--guidance", "sds"])  # returns normally: exit 0
     manifest = json.loads((root / "out" / "manifest.json").read_text())
     assert manifest["guidance"] == "sds" and manifest["steps_done"] == 1
+
+
+def test_summary_shows_running_means_not_one_noisy_step(tmp_path):
+    # 200 steps of loss_align around 0.12, the last one a noisy 3.82: the summary must not read as divergence
+    log = [{"step": i, "loss_pers": 0.5, "loss_align": 0.10 if i % 2 else 0.14} for i in range(1, 201)]
+    log[-1]["loss_align"] = 3.82
+    result = train_mod.TrainResult("completed", 200, tmp_path, tmp_path / "weights" / "final", 1.0,
+                                   {"loss_pers": 0.5, "loss_align": 3.82})
+    console = quiet()
+    train_mod._summary(console, result, log, "palp")
+    text = " ".join(console.file.getvalue().split())
+    mean_last = (25 * 0.10 + 24 * 0.14 + 3.82) / 50  # steps 151-200, step 200 the noisy one
+    assert f"loss_align │ {mean_last:.4f} (mean of the last 50 steps; first 50: 0.1200)" in text
+    assert "3.8200" not in text

@@ -3,9 +3,9 @@
 - `refs/subject/`: photo-like pictures of a personal object the base model never saw as such (held-out subject
   SUBJECT_SEED of the toy world), at varied placements, all in one ambiance (SUBJECT_AMBIANCE) that its
   personalization prompt `a photo of [V1]` does not name: the shared, unnamed context a baseline over-fits to.
-- `refs/artwork/`: one "artwork" (ARTWORK_STYLE, ARTWORK_AMBIANCE): a landscape of the toy world without any object,
-  so that what [V2] can lend a render is its look (style and ambiance), not a second object (the toy world draws
-  one object per scene).
+- `refs/artwork/`: ARTWORK_IMAGES pictures by one "artist": each a random toy-world object, all in one style
+  (ARTWORK_STYLE, which the prompts name) and one ambiance (ARTWORK_AMBIANCE, which no prompt names), so that what
+  [V2] can lend a render is its look, not a second object (the toy world draws one object per scene).
 
 docs/evaluation.md says how this composition was chosen. Everything is deterministic: every init writes the same
 pixels, so projects/toy-demo/ in the repository matches a fresh init (a test checks it). Existing files are kept, as
@@ -27,6 +27,7 @@ SUBJECT_AMBIANCE = "sunset"
 ARTWORK_SEED = 2024  # the artwork's layout and grain
 ARTWORK_STYLE = "sketch"
 ARTWORK_AMBIANCE = "night"
+ARTWORK_IMAGES = 3
 
 
 def _to_pil(image: torch.Tensor):
@@ -46,23 +47,32 @@ def subject_images(seed: int = SUBJECT_SEED, count: int = SUBJECT_IMAGES, ambian
     return [_to_pil(image) for image in world.render(scenes, g)]
 
 
-def artwork_image(seed: int = ARTWORK_SEED, style: str = ARTWORK_STYLE, ambiance: str = ARTWORK_AMBIANCE):
-    """One picture in `style` and `ambiance` of an empty toy-world landscape (the scene's object is moved out of
-    the frame, so nothing of it is drawn)."""
+def artwork_images(count: int = 1, seed: int = ARTWORK_SEED, style: str = ARTWORK_STYLE,
+                   ambiance: str = ARTWORK_AMBIANCE, objects: bool = False) -> list:
+    """`count` pictures in one `style` and `ambiance`: a series by one artist. With `objects`, each shows a random
+    toy-world object (random class and colours, never a held-out subject); without, an empty landscape (the scene's
+    object is moved out of the frame, so nothing of it is drawn)."""
     from palpcompose.toyworld import world
 
     g = torch.Generator().manual_seed(seed)
-    scenes = world.sample_scenes(1, g, styles=(style,))
-    scenes = replace(scenes, ambiance=torch.tensor([world.AMBIANCES.index(ambiance)]),
-                     center=torch.tensor([[10.0, 10.0]]))  # 10 image units away: the object is off the canvas
-    return _to_pil(world.render(scenes, g)[0])
+    scenes = world.sample_scenes(count, g, styles=(style,))
+    scenes = replace(scenes, ambiance=torch.full((count,), world.AMBIANCES.index(ambiance)))
+    if not objects:
+        scenes = replace(scenes, center=torch.full((count, 2), 10.0))  # 10 image units away: off the canvas
+    return [_to_pil(image) for image in world.render(scenes, g)]
+
+
+def artwork_image(seed: int = ARTWORK_SEED, style: str = ARTWORK_STYLE, ambiance: str = ARTWORK_AMBIANCE):
+    """One empty landscape in `style` and `ambiance` (artwork_images)."""
+    return artwork_images(1, seed, style, ambiance)[0]
 
 
 def reference_files(root: str | Path) -> dict[Path, object]:
     """The demo's reference images by path in project folder `root`."""
     root = Path(root)
     files = {root / "refs" / "subject" / f"star-{i:02d}.png": image for i, image in enumerate(subject_images(ambiance=SUBJECT_AMBIANCE))}
-    files[root / "refs" / "artwork" / "artwork.png"] = artwork_image()
+    for i, image in enumerate(artwork_images(ARTWORK_IMAGES, objects=True)):
+        files[root / "refs" / "artwork" / f"artwork-{i}.png"] = image
     return files
 
 
