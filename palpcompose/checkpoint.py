@@ -2,9 +2,16 @@
 
     lora.safetensors, embeddings.safetensors   the trained weights (palpcompose/weights.py format)
     optimizer.safetensors                      AdamW moments, keyed "<param index>.<name>"
-    rng.safetensors                            torch CPU / CUDA RNG states and the data generator's state
-    state.json                                 step, optimizer param groups, LR scheduler state, python RNG, and the
-                                               settings the run was started with (a resume must match them)
+    rng.safetensors                            every process's torch CPU / CUDA RNG states and data generator's
+                                               state, keyed "<rank>.torch", "<rank>.data", "<rank>.cuda.<device>"
+    state.json                                 step, num_processes, optimizer param groups, LR scheduler state,
+                                               python RNG of every process, and the settings the run was started
+                                               with (a resume must match them)
+
+The optimizer state and the weights are the same on every process (data parallel: one averaged gradient, one
+update), so they are stored once; the RNG states differ per process and are all kept, so a resume under the same
+number of processes continues exactly. A checkpoint from before several processes existed (no "num_processes",
+keys "torch", "data", "cuda.<device>") reads as one process's.
 
 Only the placeholder tokens' rows train (train.py's PlaceholderEmbedding), so the optimizer state is the LoRA's and
 those rows' moments: a 49408 x 768 table never bloats a checkpoint. The folder is written next to the old one and
@@ -38,8 +45,12 @@ class Checkpoint:
     weights: TrainedWeights
     optimizer: dict  # torch optimizer state_dict (LoRA weights, then the placeholder rows)
     lr_scheduler: dict
-    rng: dict  # {"torch": ByteTensor, "cuda": [ByteTensor...], "data": ByteTensor, "python": state}
+    rng: list[dict]  # per process, in rank order: {"torch": ByteTensor, "cuda": [ByteTensor...], "data": ..., "python": ...}
     settings: dict  # what the run was started with; train.py compares it on resume
+
+    @property
+    def num_processes(self) -> int:
+        return len(self.rng)
 
 
 def rng_state(data_generator: torch.Generator) -> dict:
@@ -74,16 +85,19 @@ def save_checkpoint(folder: str | Path, ckpt: Checkpoint) -> None:
         scalar_keys = [f"{index}.{name}" for index, entry in ckpt.optimizer["state"].items()
                        for name, value in entry.items() if value.dim() == 0]
         atomic_save_safetensors(tmp / OPTIMIZER_FILE, tensors)
-        rng = {"torch": ckpt.rng["torch"], "data": ckpt.rng["data"]}
-        rng.update({f"cuda.{i}": s for i, s in enumerate(ckpt.rng["cuda"])})
+        rng = {}
+        for rank, state in enumerate(ckpt.rng):
+            rng.update({f"{rank}.torch": state["torch"], f"{rank}.data": state["data"]})
+            rng.update({f"{rank}.cuda.{i}": s for i, s in enumerate(state["cuda"])})
         atomic_save_safetensors(tmp / RNG_FILE, rng)
         atomic_write_json(tmp / STATE_FILE, {
             "step": ckpt.step,
             "optimizer_param_groups": ckpt.optimizer["param_groups"],
             "optimizer_scalar_keys": scalar_keys,
             "lr_scheduler": ckpt.lr_scheduler,
-            "python_rng": ckpt.rng["python"],
-            "cuda_rng_devices": len(ckpt.rng["cuda"]),
+            "num_processes": ckpt.num_processes,
+            "python_rng": [state["python"] for state in ckpt.rng],
+            "cuda_rng_devices": [len(state["cuda"]) for state in ckpt.rng],
             "settings": ckpt.settings,
         })
         old = folder.parent / f".{folder.name}-old"
@@ -119,8 +133,14 @@ def read_settings(folder: str | Path) -> dict:
     return meta
 
 
+def checkpoint_processes(meta: dict) -> int:
+    """How many processes wrote the checkpoint whose state.json is `meta` (1 for one older than the key)."""
+    return int(meta.get("num_processes", 1))
+
+
 def load_checkpoint(folder: str | Path) -> Checkpoint:
-    """The whole checkpoint; DamagedFile names the first damaged file (truncated, bad header, bad JSON)."""
+    """The whole checkpoint; DamagedFile names the first damaged file (truncated, bad header, bad JSON), never a
+    KeyError. A checkpoint without "num_processes" (before several processes) reads as one process's."""
     folder = Path(folder)
     meta = read_settings(folder)
     flat, _ = read_safetensors(folder / OPTIMIZER_FILE)
@@ -132,15 +152,25 @@ def load_checkpoint(folder: str | Path) -> Checkpoint:
             index, name = key.split(".", 1)
             state.setdefault(int(index), {})[name] = value.reshape(()) if key in scalar_keys else value
         groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["optimizer_param_groups"]]
-        python_rng = meta["python_rng"]
-        rng = {
-            "torch": rng_t["torch"], "data": rng_t["data"],
-            "cuda": [rng_t[f"cuda.{i}"] for i in range(meta["cuda_rng_devices"])],
-            "python": (python_rng[0], tuple(python_rng[1]), python_rng[2]),
-        }
+        if "num_processes" in meta:
+            rng = [{"torch": rng_t[f"{rank}.torch"], "data": rng_t[f"{rank}.data"],
+                    "cuda": [rng_t[f"{rank}.cuda.{i}"] for i in range(devices)], "python": _python_state(python)}
+                   for rank, (python, devices) in enumerate(zip(meta["python_rng"], meta["cuda_rng_devices"],
+                                                                strict=True))]
+            if len(rng) != meta["num_processes"]:
+                raise ValueError(f"{len(rng)} RNG states for num_processes {meta['num_processes']}")
+        else:  # one process, before per-process states
+            rng = [{"torch": rng_t["torch"], "data": rng_t["data"],
+                    "cuda": [rng_t[f"cuda.{i}"] for i in range(meta["cuda_rng_devices"])],
+                    "python": _python_state(meta["python_rng"])}]
     except (KeyError, ValueError, TypeError, IndexError) as exc:
         raise DamagedFile(folder / STATE_FILE, f"incomplete: {type(exc).__name__}: {exc}") from None
     return Checkpoint(
         step=int(meta["step"]), weights=load_trained_weights(folder), optimizer={"state": state, "param_groups": groups},
         lr_scheduler=meta["lr_scheduler"], rng=rng, settings=meta["settings"],
     )
+
+
+def _python_state(saved: list):
+    """random.getstate() back from its JSON form (lists for tuples)."""
+    return (saved[0], tuple(saved[1]), saved[2])

@@ -76,8 +76,10 @@ def init(
     ] = "art-inspired",
 ) -> None:
     """Create a project: a commented palp.toml, refs/ for the reference images, .gitignore and a README."""
+    from palpcompose.distributed import refuse_launcher
     from palpcompose.project import init_project
 
+    refuse_launcher("init")
     result = init_project(project_dir, template)
     for path in result.written:
         console.print(f"[green]created[/] {escape(str(path))}", highlight=False)
@@ -190,10 +192,12 @@ def render(
                    "(default: a new folder in DIR/out/renders/).")] = None,
 ) -> None:
     """Render prompts with the trained weights: PNGs and a contact sheet under DIR/out/renders/<run>/ (or --out)."""
+    from palpcompose.distributed import refuse_launcher
     from palpcompose.project import load_project
     from palpcompose.render import render as render_project
     from palpcompose.render import summary_table
 
+    refuse_launcher("render")
     steps = _renamed("render", "--steps", old_steps, "--sampling-steps", sampling_steps)
     project = load_project(project_dir, check_images=False)
     result = render_project(
@@ -215,10 +219,12 @@ def export(
                    "out/runs/ID/ instead of the current one.")] = None,
 ) -> None:
     """Write the trained weights in another tool's format (diffusers, or webui for AUTOMATIC1111 and ComfyUI)."""
+    from palpcompose.distributed import refuse_launcher
     from palpcompose.export import export as export_project
     from palpcompose.export import summary_table
     from palpcompose.project import load_project
 
+    refuse_launcher("export")
     project = load_project(project_dir, check_images=False)
     result = export_project(project, fmt, out, step=snapshot, force=force, run=run)
     for message in result.warnings:
@@ -243,9 +249,11 @@ def eval_command(
                    "out/runs/ID/ instead of the current one.")] = None,
 ) -> None:
     """Measure text alignment and subject fidelity of renders: a table and out/eval.json (docs/evaluation.md)."""
+    from palpcompose.distributed import refuse_launcher
     from palpcompose.evaluate import evaluate, summary_table
     from palpcompose.project import load_project
 
+    refuse_launcher("eval")
     project = load_project(project_dir)
     result = evaluate(project, clip=clip, oracle=oracle, renders=renders, seeds=seeds, step=snapshot,
                       console=err_console, run=run)
@@ -304,7 +312,8 @@ def main(argv: list[str] | None = None) -> None:
             import traceback
 
             traceback.print_exception(exc, file=sys.stderr)
-        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        if not exc.quiet:
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         _stop_listening()

@@ -17,9 +17,16 @@ def command_line(*words) -> str:
 
 
 class PalpcomposeError(Exception):
-    """Base class of every error palpcompose raises on purpose. Exit code 1 unless a subclass says otherwise."""
+    """Base class of every error palpcompose raises on purpose. Exit code 1 unless a subclass says otherwise.
+
+    `quiet`: another process reports this error (under a launcher of N processes, the main one says it once and
+    the others only exit with its code)."""
 
     exit_code = 1
+
+    def __init__(self, *args, quiet: bool = False):
+        super().__init__(*args)
+        self.quiet = quiet
 
 
 class UserError(PalpcomposeError):

@@ -18,10 +18,11 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from palpcompose import models
+from palpcompose import distributed, models
 from palpcompose.checkpoint import (
     Checkpoint,
     checkpoint_folder,
+    checkpoint_processes,
     load_checkpoint,
     read_settings,
     save_checkpoint,
@@ -59,6 +60,7 @@ class Plan:
     resume_from: Path | None = None  # the checkpoint folder to continue from; None: a fresh run
     checkpoint: Checkpoint | None = None  # the checkpoint in resume_from, read (and so checked) by the plan
     up_to_date: bool = False  # nothing to do: the weights in out/ were trained with exactly this
+    num_processes: int = 1  # processes of this run (the launcher's WORLD_SIZE)
     archive: Path | None = None  # a fresh run moves the earlier run here (out/runs/<id>/) before it writes
     notice: str = ""  # what happens to the earlier run, and why (printed before anything is moved)
     resume_command: str = ""  # what interrupt messages print
@@ -90,6 +92,8 @@ def make_plan(project, *, steps: int | None = None, resume: bool = False, guidan
                      train=replace(config.train, steps=steps or config.train.steps))
     steps_target = config.train.steps
     steps_option = f" --steps {steps_target}" if steps is not None else ""
+    num_processes = distributed.launch().world_size
+    launched = distributed.launcher_prefix()  # "torchrun --nproc_per_node 2 $(which palpcompose)" or ""
     out = project.root / "out"
     source = models.resolve_base_model(config.project.base_model, project.root, config.project.allow_pickle)
     if not source.available:
@@ -99,8 +103,9 @@ def make_plan(project, *, steps: int | None = None, resume: bool = False, guidan
         source=source, identity=base_model_identity(source),
         images=image_hashes(project, project.images),
         previous=None, settings=resume_settings(config),
-        resume_command=command_line("palpcompose", "train", project.root, "--resume") + steps_option,
-        fresh_command=command_line("palpcompose", "train", project.root) + steps_option,
+        num_processes=num_processes,  # the launcher's prefix stays unquoted: it holds $(which palpcompose)
+        resume_command=(launched or "palpcompose") + " " + command_line("train", project.root, "--resume") + steps_option,
+        fresh_command=(launched or "palpcompose") + " " + command_line("train", project.root) + steps_option,
     )
     try:
         plan.previous = read_json(out / MANIFEST_FILE, strict=True)
@@ -189,6 +194,9 @@ def _differences(plan: Plan, previous: dict | None) -> list[str]:
         why.append("reference images changed: " + images)
     if (previous.get("base_model") or {}).get("identity") != plan.identity:
         why.append("the base model changed")
+    if previous.get("num_processes", 1) != plan.num_processes:
+        why.append(f"it ran on {previous.get('num_processes', 1)} processes, this run on {plan.num_processes} "
+                   "(another effective batch)")
     return why
 
 
@@ -214,7 +222,8 @@ def _checkpoint_matches(plan: Plan, checkpoint: Path, step: int) -> bool:
         state_json = read_settings(checkpoint)
     except DamagedFile as exc:
         raise exc.with_options(_damaged_run_options(plan, resume=False)) from None
-    return state_json.get("step") == step and state_json.get("settings") == plan.settings
+    return (state_json.get("step") == step and state_json.get("settings") == plan.settings
+            and checkpoint_processes(state_json) == plan.num_processes)
 
 
 def _archive_folder(out: Path, previous: dict | None) -> Path:
@@ -274,6 +283,7 @@ def _trained_with(plan: Plan, previous: dict | None) -> bool:
         and not changed_weight_settings(previous["config"], plan.config.to_dict())
         and previous.get("images") == plan.images
         and (previous.get("base_model") or {}).get("identity") == plan.identity
+        and previous.get("num_processes", 1) == plan.num_processes  # another effective batch, other weights
         and (plan.final_dir / "lora.safetensors").is_file()
     )
 
@@ -288,6 +298,16 @@ def _resumable_checkpoint(plan: Plan, steps: int | None) -> Path:
         state_json = read_settings(resume_from)
     except DamagedFile as exc:
         raise exc.with_options(_damaged_run_options(plan, resume=False)) from None
+    written_by = checkpoint_processes(state_json)
+    if written_by != plan.num_processes:
+        command = command_line("train", plan.project.root, "--resume")
+        launch = (f"{distributed.launcher_prefix(written_by)} {command}" if written_by > 1
+                  else f"palpcompose {command}, without a launcher")
+        raise UserError(
+            f"{resume_from}: the checkpoint was written by a run of {written_by} process{'es' if written_by > 1 else ''}"
+            f", this one has {plan.num_processes}: the effective batch and every process's random draws would "
+            f"change, so it would not continue that run. Resume with {written_by} (e.g. {launch}), or train "
+            "without --resume to start over")
     saved, settings = state_json["settings"], plan.settings
     if saved != settings:
         changed = [(f"{section}.{key}", saved.get(section, {}).get(key), values[key])

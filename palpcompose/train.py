@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from palpcompose import __version__, models
+from palpcompose import __version__, distributed, models
 from palpcompose.checkpoint import Checkpoint, restore_rng_state, rng_state
 from palpcompose.conditioning import Conditioning, size_conditioning
 from palpcompose.data import Batch, SubjectData, encode_subject, sample_batch
@@ -192,6 +192,8 @@ def prepare_state(config, components: models.Components, accelerator, guidance_c
     ])
     lr_scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
     unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(c.unet, c.text_encoder, optimizer, lr_scheduler)
+    # Several processes: the LoRA weights (UNet) and the placeholder rows (text encoder) average their gradients
+    distributed.check_all_reduced(accelerator, [unet, text_encoder], lora_params + [token_embedding.rows])
     # Frozen prompts, encoded once: the empty prompt (CFG) and the clean prompt y_c (SDXL: with pooled embeddings;
     # its empty prompt is zeros when the model says so, as its sampler uses it)
     with torch.no_grad():
@@ -385,9 +387,12 @@ def trained_weights(state: TrainState, config, tokens: dict[str, str], step: int
 
 
 def make_checkpoint(state: TrainState, config, tokens, step: int, generator, settings: dict) -> Checkpoint:
+    """The training state at `step`. Collective: every process calls it (each one's RNG states are gathered);
+    weights and optimizer state are the same on all of them."""
     return Checkpoint(
         step=step, weights=trained_weights(state, config, tokens, step), optimizer=state.optimizer.state_dict(),
-        lr_scheduler=state.lr_scheduler.state_dict(), rng=rng_state(generator), settings=settings,
+        lr_scheduler=state.lr_scheduler.state_dict(), rng=distributed.gather(state.accelerator, rng_state(generator)),
+        settings=settings,
     )
 
 
@@ -400,7 +405,7 @@ def restore_checkpoint(state: TrainState, ckpt: Checkpoint, tokens: dict[str, st
             rows[i] = ckpt.weights.embeddings[tokens[key]].to(rows.device)
     state.optimizer.load_state_dict(ckpt.optimizer)
     state.lr_scheduler.load_state_dict(ckpt.lr_scheduler)
-    restore_rng_state(ckpt.rng, generator)
+    restore_rng_state(ckpt.rng[state.accelerator.process_index], generator)
 
 
 def preview_prompts(config, tokens: dict[str, str]) -> list[tuple[str, str]]:
@@ -538,24 +543,35 @@ def plot_losses(log: list[dict], path: Path) -> None:
 
 def train(project, *, steps: int | None = None, resume: bool = False, guidance: str | None = None,
           force: bool = False, console: Console | None = None) -> TrainResult:
-    """Train the project's subjects. `project` is a Project or a project folder. See docs/training.md."""
-    console = console or Console()
+    """Train the project's subjects. `project` is a Project or a project folder. See docs/training.md.
+
+    Under a launcher of N processes (torchrun, accelerate launch) every process runs this; the main one plans,
+    takes the lock, prints and writes, the others train their share of each batch and write nothing."""
+    from palpcompose.project import load_project
+
     t0 = time.monotonic()
-    plan = make_plan(project, steps=steps, resume=resume, guidance=guidance, force=force)  # writes nothing
+    if not hasattr(project, "config"):
+        project = load_project(project)
+    mixed_precision, precision_notice = _choose_mixed_precision(project.config.train.mixed_precision)
+    accelerator = distributed.make_accelerator(mixed_precision, project.config.train.gradient_accumulation_steps)
+    main = accelerator.is_main_process
+    console = (console or Console()) if main else Console(quiet=True)  # one voice: the main process's
+    # Writes nothing; on the main process only, whose plan every process follows
+    plan = distributed.decided_by_main(accelerator, lambda: make_plan(project, steps=steps, resume=resume,
+                                                                      guidance=guidance, force=force))
     if plan.up_to_date:
         console.print(f"weights are up to date ({plan.final_dir}); use --force to retrain")
         return TrainResult("up_to_date", plan.previous.get("steps_done", 0), plan.out, plan.final_dir)
-    components, mixed_precision, precision_notice = load_base_model(plan)  # the last checks: still nothing written
+    try:
+        components = load_base_model(plan)  # the last checks: still nothing written
+    except UserError as exc:
+        exc.quiet = not main  # the same files, the same error on every process: said once
+        raise
     if plan.notice:  # before anything is moved
         console.print(plan.notice, highlight=False, markup=False, soft_wrap=True)
-    from accelerate import Accelerator
-
-    accelerator = Accelerator(mixed_precision=mixed_precision,
-                              gradient_accumulation_steps=plan.config.train.gradient_accumulation_steps)
-    record = RunRecord(plan.out, new_manifest(plan, accelerator), writer=accelerator.is_main_process)
-    lock = TrainingLock(plan.out / LOCK_FILE) if record.writer else contextlib.nullcontext()
+    record = RunRecord(plan.out, new_manifest(plan, accelerator), writer=main)
     memory: dict = {}  # the estimate printed before training, for an out-of-memory message
-    with lock, _stop_requests() as stop:
+    with _held_by_main(TrainingLock(plan.out / LOCK_FILE), accelerator), _stop_requests() as stop:
         try:
             state, subjects, generator = setup(plan, record, components, accelerator, console,
                                                [precision_notice], memory)
@@ -568,19 +584,30 @@ def train(project, *, steps: int | None = None, resume: bool = False, guidance: 
                 plan.out / "checkpoint", memory.get("estimate"))) from None
         except KeyboardInterrupt:  # a second Ctrl-C (the first one stops after the step): at once, no new checkpoint
             raise _stopped_at_once(plan, record) from None
-        except BaseException:
+        except BaseException as exc:
             if record.manifest["status"] == "running":
                 record.mark(status="failed", finished_at=now())
+            if distributed.lost_peer(accelerator, exc):
+                raise _lost_peer(plan, record, exc) from exc
             raise
 
 
-def load_base_model(plan: Plan) -> tuple[models.Components, str, str]:
-    """The base model's components, the mixed precision to train in and its notice; refuses prompts the text
-    encoder would cut off (as `check` says)."""
+@contextlib.contextmanager
+def _held_by_main(lock: TrainingLock, accelerator):
+    """The training lock, taken and released by the main process; the others learn whether it was taken."""
+    distributed.decided_by_main(accelerator, lock.acquire)
+    try:
+        yield
+    finally:
+        if accelerator.is_main_process:
+            lock.release()
+
+
+def load_base_model(plan: Plan) -> models.Components:
+    """The base model's components; refuses prompts the text encoder would cut off (as `check` says)."""
     from palpcompose.project import config_prompts, too_long_problems
 
     config = plan.config
-    mixed_precision, precision_notice = _choose_mixed_precision(config.train.mixed_precision)
     try:
         components = models.load_components(plan.source)
     except UserError:
@@ -592,7 +619,7 @@ def load_base_model(plan: Plan) -> tuple[models.Components, str, str]:
     too_long = too_long_problems(plan.project.file, components.tokenizer, config_prompts(config))
     if too_long:
         raise ProjectError(too_long)
-    return components, mixed_precision, precision_notice
+    return components
 
 
 def new_manifest(plan: Plan, accelerator) -> dict:
@@ -608,6 +635,9 @@ def new_manifest(plan: Plan, accelerator) -> dict:
         "model_defaults": {key: value for key, (value, _) in getattr(plan.project, "model_defaults", {}).items()},
         "steps_done": 0, "steps_target": plan.steps_target, "guidance": plan.mode, "wall_time_s": 0.0,
         "device": _device_name(accelerator.device), "started_at": now(), "finished_at": None,
+        "num_processes": accelerator.num_processes,
+        "effective_batch_size": distributed.effective_batch(accelerator.num_processes, config.train.batch_size,
+                                                            config.train.gradient_accumulation_steps),
     }
 
 
@@ -633,9 +663,12 @@ def setup(plan: Plan, record: RunRecord, components: models.Components, accelera
     subjects = prepare_subjects(plan.project, config, state, tokens)
     if config.train.low_memory:
         offload_vae(state)  # the latents are cached: the step never uses the VAE again
-    generator = torch.Generator("cpu").manual_seed(config.train.seed + accelerator.process_index)
+    # This process's own draws: subjects, images, flips, timesteps, noise (rank 0: train.seed itself)
+    generator = torch.Generator("cpu").manual_seed(distributed.data_seed(config.train.seed, accelerator.process_index))
+    console.print(distributed.describe_batch(accelerator.num_processes, config.train.batch_size,
+                                             config.train.gradient_accumulation_steps))
     resumed_step = None
-    if plan.resume_from is not None:
+    if plan.resume_from is not None:  # read by the main process's plan: the same on every process
         ckpt = plan.checkpoint
         restore_checkpoint(state, ckpt, tokens, generator)
         resumed_step = ckpt.step
@@ -668,6 +701,7 @@ def loop(plan: Plan, record: RunRecord, state: TrainState, subjects: list[Subjec
                             else "no snapshot yet")
                     raise NonFiniteError(f"stopped at step {record.step + 1}: {exc}. {kept}; the last checkpoint in "
                                          f"{plan.out / 'checkpoint'} is untouched") from None
+            losses = distributed.mean(state.accelerator, losses)
             record.step += 1
             step = record.step
             record.log.append({"step": step, **{k: round(v, 6) for k, v in losses.items()},
@@ -678,10 +712,12 @@ def loop(plan: Plan, record: RunRecord, state: TrainState, subjects: list[Subjec
             if config.train.save_every and step % config.train.save_every == 0 and step < target:
                 record.snapshot(step, trained_weights(state, config, tokens, step))
                 save_checkpoint("running")
-            if stop.get("signal") is not None and step < target:
+            # Every process stops after the same step: a signal to any one of them stops them all
+            if distributed.any_process(state.accelerator, stop.get("signal") is not None) and step < target:
                 save_checkpoint("interrupted")
+                distributed.barrier(state.accelerator)  # the checkpoint is on disk before any process exits
                 raise Interrupted(f"interrupted at step {step} of {target}; a checkpoint was written. Resume with: "
-                                  f"{plan.resume_command}")
+                                  f"{plan.resume_command}", quiet=not record.writer)
     return losses
 
 
@@ -697,6 +733,7 @@ def finish(plan: Plan, record: RunRecord, state: TrainState, generator, losses: 
     ckpt = make_checkpoint(state, config, tokens, step, generator, plan.settings)
     record.checkpoint(ckpt, "completed", time.monotonic() - t0)
     record.plot(plot_losses)
+    distributed.barrier(state.accelerator)  # done when the main process has written everything
     result = TrainResult("completed", step, plan.out, final_dir, record.manifest["wall_time_s"], dict(losses))
     _summary(console, result, record.log, plan.mode)
     return result
@@ -714,6 +751,17 @@ def _stopped_at_once(plan: Plan, record: RunRecord) -> Interrupted:
                            f"first checkpoint; run `{command_line('palpcompose', 'train', plan.project.root)}` again")
     return Interrupted(f"stopped at once at step {record.step} of {target} (second interrupt); the last checkpoint "
                        f"is at step {record.checkpoint_step}. Resume with: {plan.resume_command}")
+
+
+def _lost_peer(plan: Plan, record: RunRecord, exc: BaseException) -> distributed.ProcessLost:
+    """The message when another process of the run is gone: every process stops, the checkpoint is kept."""
+    detail = " ".join(str(exc).split())[:160]  # gloo's message spans lines
+    kept = (f"the last checkpoint is at step {record.checkpoint_step}. Resume with: {plan.resume_command}"
+            if record.checkpoint_step is not None else f"there was no checkpoint yet; run again with: "
+            f"{plan.fresh_command}")
+    return distributed.ProcessLost(
+        f"stopped at step {record.step} of {plan.steps_target}: another process of this run is gone (the "
+        f"launcher's log says which, and why); {kept}. ({type(exc).__name__}: {detail})")
 
 
 @contextlib.contextmanager

@@ -26,7 +26,7 @@ from palpcompose.weights import load_trained_weights
 MANIFEST_KEYS = {
     "palpcompose_version", "status", "base_model", "config", "config_hash", "training_hash", "images", "tokens", "git",
     "steps_done", "steps_target", "guidance", "wall_time_s", "device", "started_at", "finished_at", "palp_toml",
-    "model_defaults",
+    "model_defaults", "num_processes", "effective_batch_size",
 }
 TWO_SUBJECTS = {
     "subjects": {"V2": {"class_name": "painting", "images": ["refs/V2/*.png"], "prompt": "An oil painting of [V2]"}},
@@ -120,12 +120,14 @@ def test_full_run(make_project, tiny_vpred_pipeline_dir, guidance, vpred):
     assert manifest["base_model"]["identity"].startswith("sha256:")
     assert manifest["config"]["palp"]["guidance"] == guidance
     assert manifest["model_defaults"] == {"train.resolution": 16} and manifest["config"]["train"]["resolution"] == 16
+    assert manifest["num_processes"] == 1 and manifest["effective_batch_size"] == 1  # 1 process x batch 1 x 1
     assert not (out / "train.lock").exists()
     for name in ("snapshots/step-000001", "snapshots/step-000002", "weights/final"):
         assert (out / name / "lora.safetensors").is_file() and (out / name / "embeddings.safetensors").is_file()
         assert load_trained_weights(out / name).guidance == guidance  # what render records in every PNG
     text = console.file.getvalue()
     assert "training summary" in text and "loss_pers" in text
+    assert "effective batch 1 = 1 process x batch_size 1 x gradient_accumulation_steps 1" in text
     lora, emb = final_weights(root)
     assert all(v.dtype == torch.float32 for v in lora.values()) and set(emb) == {"<tiny-v1>", "<tiny-v2>"}
     log = [json.loads(line) for line in (out / "logs" / "train.jsonl").read_text().splitlines()]
