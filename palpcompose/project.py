@@ -101,8 +101,8 @@ class PalpConfig:
                          ge=0.0, le=100.0)
     beta: float = _spec("Classifier-free guidance scale of the personalized model on y_P (Eq. 6); alpha > beta works "
                         "better.", 1.0, ge=0.0, le=100.0)
-    weight: float = _spec("lambda, the weight of the alignment loss next to the personalization loss.", 1.0, ge=0.0,
-                          le=1000.0)
+    weight: float = _spec("lambda, the weight of the alignment loss next to the personalization loss. Default: 1, "
+                          "3 for builtin:toy.", 1.0, ge=0.0, le=1000.0, model_dependent=True)
     same_noise: bool = _spec("Re-noise x0-hat with the same noise and timestep as the personalization branch "
                              "(better in the paper) instead of fresh noise.", True)
     rescale: bool = _spec("Scale the guidance by sqrt(abar_t)/sqrt(1-abar_t) (Eq. 7), so it reuses the "
@@ -111,9 +111,10 @@ class PalpConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = _spec("Optimizer steps. Default: 500 (the paper's, and builtin:toy's).", 500, ge=1, le=1_000_000,
+    steps: int = _spec("Optimizer steps. Default: 500 (the paper's), 200 for builtin:toy.", 500, ge=1, le=1_000_000,
                        model_dependent=True)
-    batch_size: int = _spec("Images per step (each picks a subject at random).", 1, ge=1, le=1024)
+    batch_size: int = _spec("Images per step (each picks a subject at random). Default: 1, 4 for builtin:toy.", 1,
+                            ge=1, le=1024, model_dependent=True)
     learning_rate: float = _spec("Learning rate of the LoRA weights. Default: 5e-5 (the paper's), 1e-3 for "
                                  "builtin:toy.", 5e-5, gt=0.0, le=1.0, model_dependent=True)
     embedding_learning_rate: float = _spec("Learning rate of the subjects' token embeddings (0 freezes them). "

@@ -147,8 +147,9 @@ def test_builtin_toy_without_train_keys_gets_its_own_defaults(tmp_path):
     project = load_project(minimal_toy_project(tmp_path / "mini"))
     train, render = project.config.train, project.config.render
     assert train.resolution == 64  # its native size, not the schema's 512
-    assert (train.steps, train.learning_rate, train.embedding_learning_rate, train.mixed_precision) == (
-        500, 1e-3, 5e-3, "no")
+    assert (train.steps, train.batch_size, train.learning_rate, train.embedding_learning_rate,
+            train.mixed_precision) == (200, 4, 1e-3, 5e-3, "no")
+    assert project.config.palp.weight == 3.0  # PALP's lambda for builtin:toy (the study's stage T)
     assert (render.steps, render.guidance_scale) == (20, 5.0)
     assert set(project.model_defaults) == {"train.resolution", *TOY_DEFAULTS}
     assert project.config.to_dict()["train"]["resolution"] == 64  # what the manifest records
@@ -159,7 +160,7 @@ def test_builtin_toy_without_train_keys_gets_its_own_defaults(tmp_path):
 def test_keys_written_in_palp_toml_beat_model_defaults(tmp_path):
     project = load_project(minimal_toy_project(tmp_path / "mini", "resolution = 32\nlearning_rate = 1e-4"))
     assert project.config.train.resolution == 32 and project.config.train.learning_rate == 1e-4
-    assert project.config.train.steps == 500  # still the model's
+    assert project.config.train.steps == 200  # still the model's
     assert "train.resolution" not in project.model_defaults and "train.learning_rate" not in project.model_defaults
 
 
