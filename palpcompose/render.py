@@ -223,7 +223,10 @@ def read_manifest(out_dir: Path) -> dict | None:
     try:
         return read_json(out_dir / "manifest.json", strict=True)
     except DamagedFile as exc:
-        root = out_dir.parent.parent.parent if out_dir.parent.name == "runs" else out_dir.parent
+        if out_dir.parent.name == "runs":  # a kept run: --resume and --force act on the current run, not this one
+            raise exc.with_options("Options: restore the file, or render or export another run (without --run, "
+                                   "the current one)") from None
+        root = out_dir.parent
         raise exc.with_options(f"Options: `{command_line('palpcompose', 'train', root, '--resume')}` rewrites it "
                                f"from the checkpoint; `{command_line('palpcompose', 'train', root, '--force')}` starts "
                                "over, keeping this run in out/runs/") from None

@@ -217,6 +217,25 @@ def test_damaged_files_exit_2_naming_the_file_and_the_options(make_project, run_
     assert run_cli(*resume).code == 0  # all repaired: the run continues
 
 
+def test_a_damaged_file_in_a_kept_run_names_this_project_and_options_that_touch_that_run(make_project, run_cli):
+    root = make_project({"train": {"steps": 2, "save_every": 1}})
+    assert run_cli("train", root).code == 0
+    assert run_cli("train", root, "--force").code == 0
+    [run_id] = kept_runs(root)
+    kept = root / "out" / "runs" / run_id
+    truncate(kept / "weights" / "final" / "lora.safetensors")
+    result = run_cli("render", root, "--run", run_id)
+    err = " ".join(result.err.split())
+    assert result.code == 2 and str(kept / "weights" / "final" / "lora.safetensors") in err, err
+    assert f"palpcompose train {root / 'out'}" not in err  # the project folder, not out/
+    assert "--snapshot N (step-000001, step-000002 exist)" in err and "--force" not in err
+    bad_json(kept / "manifest.json")
+    result = run_cli("render", root, "--run", run_id, "--snapshot", "1")
+    err = " ".join(result.err.split())
+    assert result.code == 2 and str(kept / "manifest.json") in err, err
+    assert "--resume" not in err  # resume continues out/checkpoint, the current run, not this one
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 4. New or changed images: no resume onto them, no "up to date", and render warns
 
