@@ -421,7 +421,13 @@ def summary_table(result: EvalResult):
         cells += [fmt(row["subject_fidelity"])] + [fmt(row["subjects"].get(k)) for k in keys]
         table.add_row(*cells)
     table.add_section()
-    means = [Text("mean", style="bold")] + ([""] if len(prompts) > 1 else []) + [fmt(result.text_alignment)]
-    means += ([""] if has_elements else []) + [fmt(result.subject_fidelity)]
-    table.add_row(*means, *(fmt(result.subjects[k]["subject_fidelity"]) for k in keys))
+    # one mean per set of weights (a sweep, --compare), each named; one set: a plain "mean"
+    sets = result.models if len(result.models) > 1 else {None: {
+        "text_alignment": result.text_alignment, "subject_fidelity": result.subject_fidelity,
+        "subjects": {k: result.subjects[k]["subject_fidelity"] for k in keys}}}
+    for label, m in sets.items():
+        means = [Text("mean" if label is None else f"mean ({label})", style="bold")]
+        means += ([""] if len(prompts) > 1 else []) + [fmt(m["text_alignment"])]
+        means += ([""] if has_elements else []) + [fmt(m["subject_fidelity"])]
+        table.add_row(*means, *(fmt(m["subjects"].get(k)) for k in keys))
     return table

@@ -204,6 +204,28 @@ def test_compare_run_gets_one_mean_per_set_of_weights_and_names_their_guidance(t
     assert all(r["guidance"] == ("sds" if r["model"] == "final" else None) for r in data["images"])
 
 
+def test_the_table_of_a_compare_run_shows_one_mean_row_per_set_of_weights(toy_project, oracle):
+    """The printed table, like eval.json: a mean row for the base model and one for the final weights, each named,
+    not one "mean" row holding the final weights' means under every image."""
+    import io
+
+    from rich.console import Console
+
+    from palpcompose.evaluate import evaluate, summary_table
+
+    project = load_project(toy_project)
+    result = evaluate(project, renders=compare_run(toy_project, "20260101-000000-compare"),
+                      scorer=OracleScorer(project, oracle))
+    buffer = io.StringIO()
+    Console(file=buffer, width=200, color_system=None).print(summary_table(result))
+    rows = {line.split("│")[1].strip(): line for line in buffer.getvalue().splitlines()
+            if line.startswith("│") and "mean" in line}
+    assert sorted(rows) == ["mean (base)", "mean (final)"], buffer.getvalue()
+    for label, means in result.models.items():
+        assert f"{means['text_alignment']:.3f}" in rows[f"mean ({label})"]
+        assert f"{means['subjects']['V1']:.3f}" in rows[f"mean ({label})"]
+
+
 def test_eval_results_are_kept_per_render_run(toy_project, oracle):
     from palpcompose.evaluate import evaluate
 
