@@ -165,6 +165,23 @@ def test_no_final_weights_says_interrupted_or_in_progress(make_project, run_cli,
     assert result.code == 2 and f"training in progress (pid {os.getpid()}" in " ".join(result.err.split())
 
 
+def test_render_after_an_interrupted_continuation_does_not_use_the_earlier_final_weights(make_project, run_cli,
+                                                                                          monkeypatch):
+    """A completed run at step 2 continued to 6 and interrupted at step 4: out/weights/final is still step 2's.
+    Render says the training was interrupted and uses the newer snapshot, not step 2's weights silently."""
+    root = make_project({"train": {"steps": 2, "save_every": 1}})
+    assert run_cli("train", root).code == 0
+    real_step = interrupt_in_step(monkeypatch, 2)
+    result = run_cli("train", root, "--steps", "6")
+    assert result.code == 130, result.err
+    monkeypatch.setattr(train_mod, "training_step", real_step)
+    rendered = run_cli("render", root)
+    err = " ".join(rendered.err.split())
+    assert rendered.code == 0 and "training was interrupted at step 4" in err, err
+    [render_json] = list((root / "out" / "renders").glob("*/render.json"))
+    assert {image["step"] for image in json.loads(render_json.read_text())["images"]} == {4}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 3. A damaged file we wrote is the user's to fix (exit 2, which file, the options), never an internal error
 
