@@ -182,6 +182,21 @@ def test_render_after_an_interrupted_continuation_does_not_use_the_earlier_final
     assert {image["step"] for image in json.loads(render_json.read_text())["images"]} == {4}
 
 
+def test_a_run_that_stopped_on_an_error_is_said_so_in_plain_words(make_project, run_cli, monkeypatch):
+    """manifest status "failed" (an exception mid-training) reads "stopped by an error", not "it was failed"."""
+    root = make_project({"train": {"steps": 4, "save_every": 1}})
+    real_step = interrupt_in_step(monkeypatch, 2)
+    assert run_cli("train", root).code == 130
+    monkeypatch.setattr(train_mod, "training_step", real_step)
+    data = manifest(root)
+    (root / "out" / "manifest.json").write_text(json.dumps({**data, "status": "failed"}))
+    rendered = " ".join(run_cli("render", root).err.split())
+    assert "training was stopped by an error at step 2" in rendered and "was failed" not in rendered, rendered
+    set_in_toml(root, "lora_rank = 4", "lora_rank = 8")
+    retrained = " ".join(run_cli("train", root).out.split())
+    assert "it was stopped by an error at step 2 of 4" in retrained and "was failed" not in retrained, retrained
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 3. A damaged file we wrote is the user's to fix (exit 2, which file, the options), never an internal error
 
