@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from palpcompose import __version__
-from palpcompose.errors import UserError
+from palpcompose.errors import UserError, command_line
 from palpcompose.fsutil import atomic_write_json
 
 PLACEHOLDER = re.compile(r"\[(V[1-9][0-9]*)\]")
@@ -272,7 +272,16 @@ def resolve_renders(project, renders: str | Path) -> Path:
     run = project.root / "out" / "renders" / str(renders)
     if run.is_dir():
         return run
-    raise UserError(f"--renders {renders}: no such folder (nor a run of that name in {project.root / 'out/renders'})")
+    # `render --run ID` writes to out/runs/ID/renders/NAME (NAME is the render's time stamp)
+    kept = sorted(p for p in (project.root / "out" / "runs").glob(f"*/renders/{renders}") if p.is_dir()) \
+        if Path(str(renders)).name == str(renders) else []
+    if len(kept) == 1:
+        return kept[0]
+    if kept:
+        raise UserError(f"--renders {renders}: several kept runs have a render of that name; give its path: "
+                        + ", ".join(command_line(str(p)) for p in kept))
+    raise UserError(f"--renders {renders}: no such folder (nor a run of that name in {project.root / 'out/renders'} "
+                    f"or {project.root / 'out/runs'}/*/renders)")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -226,6 +226,21 @@ def test_the_table_of_a_compare_run_shows_one_mean_row_per_set_of_weights(toy_pr
         assert f"{means['subjects']['V1']:.3f}" in rows[f"mean ({label})"]
 
 
+def test_renders_by_name_finds_a_render_of_a_kept_run(toy_project, oracle):
+    """`render --run ID` writes to out/runs/ID/renders/NAME; `eval --renders NAME` finds it there too."""
+    from palpcompose.errors import UserError
+    from palpcompose.evaluate import resolve_renders
+
+    made = compare_run(toy_project, "20260101-000000-compare")
+    kept = toy_project / "out" / "runs" / "2026-01-01T00-00-00-palp" / "renders" / made.name
+    kept.parent.mkdir(parents=True)
+    made.rename(kept)
+    project = load_project(toy_project)
+    assert resolve_renders(project, made.name) == kept
+    with pytest.raises(UserError, match="nor a run of that name"):
+        resolve_renders(project, "20990101-000000")
+
+
 def test_eval_results_are_kept_per_render_run(toy_project, oracle):
     from palpcompose.evaluate import evaluate
 
