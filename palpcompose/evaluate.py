@@ -237,6 +237,7 @@ class EvalImage:
     seed: int | None
     model: str | None  # "final", "step-000100", "base"; None when unknown
     step: int | None
+    guidance: str | None = None  # what trained the weights, as render.json recorded it; None: the run's manifest
 
 
 def images_from_folder(project, folder: Path) -> list[EvalImage]:
@@ -246,8 +247,8 @@ def images_from_folder(project, folder: Path) -> list[EvalImage]:
     if index.is_file():
         try:
             entries = json.loads(index.read_text(encoding="utf-8"))["images"]
-            images = [EvalImage(folder / e["file"], e["prompt"], e.get("seed"), e.get("model"), e.get("step"))
-                      for e in entries]
+            images = [EvalImage(folder / e["file"], e["prompt"], e.get("seed"), e.get("model"), e.get("step"),
+                                e.get("guidance")) for e in entries]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise UserError(f"{index}: unreadable render index ({exc}); render again with `palpcompose render`") from exc
         missing = [str(i.path) for i in images if not i.path.is_file()]
@@ -356,7 +357,7 @@ def evaluate(project, *, clip=None, oracle: bool = False, renders=None, seeds=No
             per_subject = {key: values[n] for key, values in scores.subjects.items()}
             rows.append({
                 "file": image.path.name, "prompt": prompt, "seed": image.seed, "model": image.model,
-                "guidance": None if image.model in ("base", None) else trained_guidance,
+                "guidance": None if image.model in ("base", None) else image.guidance or trained_guidance,
                 "step": image.step, "text_alignment": scores.text_alignment[n],
                 "subject_fidelity": sum(per_subject.values()) / len(per_subject) if per_subject else None,
                 "subjects": per_subject, **(scores.details[n] if scores.details else {}),

@@ -241,6 +241,23 @@ def test_renders_by_name_finds_a_render_of_a_kept_run(toy_project, oracle):
         resolve_renders(project, "20990101-000000")
 
 
+def test_existing_renders_keep_the_guidance_render_json_recorded(toy_project, oracle):
+    """A render of a kept `none` run, scored after a `palp` run became the current one: its guidance is the one
+    render.json recorded for its images, not the current run's manifest."""
+    from palpcompose.evaluate import evaluate
+
+    (toy_project / "out" / "manifest.json").write_text(json.dumps({"guidance": "palp", "status": "completed"}))
+    run = compare_run(toy_project, "20260101-000000-compare")
+    index = json.loads((run / "render.json").read_text())
+    for image in index["images"]:
+        image["guidance"] = "base" if image["model"] == "base" else "none"
+    (run / "render.json").write_text(json.dumps(index))
+    project = load_project(toy_project)
+    result = evaluate(project, renders=run, scorer=OracleScorer(project, oracle))
+    assert result.models["final"]["guidance"] == "none" == result.guidance
+    assert result.models["base"]["guidance"] is None
+
+
 def test_eval_results_are_kept_per_render_run(toy_project, oracle):
     from palpcompose.evaluate import evaluate
 
