@@ -195,7 +195,8 @@ def _differences(plan: Plan, previous: dict | None) -> list[str]:
     if (previous.get("base_model") or {}).get("identity") != plan.identity:
         why.append("the base model changed")
     if previous.get("num_processes", 1) != plan.num_processes:
-        why.append(f"it ran on {previous.get('num_processes', 1)} processes, this run on {plan.num_processes} "
+        ran = previous.get("num_processes", 1)
+        why.append(f"it ran on {ran} process{'es' if ran != 1 else ''}, this run on {plan.num_processes} "
                    "(another effective batch)")
     return why
 
@@ -256,8 +257,11 @@ def unfinished(project, out: Path) -> str | None:
         status = "interrupted"
     checkpoint = checkpoint_folder(out / "checkpoint")
     if checkpoint is not None:
-        step = (read_json(checkpoint / "state.json") or {}).get("step", "?")
-        how = "" if kept else f": `{command_line('palpcompose', 'train', project.root, '--resume')}`"
+        state = read_json(checkpoint / "state.json") or {}
+        # resumed with as many processes as wrote the checkpoint (another number is refused)
+        launched = distributed.launcher_prefix(checkpoint_processes(state)) or "palpcompose"
+        how = "" if kept else f": `{launched} {command_line('train', project.root, '--resume')}`"
+        step = state.get("step", "?")
         return f"training was {_status_words(status)} at step {step}{how}"
     if has_run(out) and not (out / "snapshots").is_dir():  # snapshots come with a checkpoint
         how = "" if kept else f": `{command_line('palpcompose', 'train', project.root)}` starts it again"

@@ -197,6 +197,20 @@ def test_a_run_that_stopped_on_an_error_is_said_so_in_plain_words(make_project, 
     assert "it was stopped by an error at step 2 of 4" in retrained and "was failed" not in retrained, retrained
 
 
+def test_render_gives_the_launcher_resume_command_for_a_run_of_several_processes(make_project, run_cli,
+                                                                                  monkeypatch):
+    """A run of 2 processes interrupted before its final weights: render's advice resumes it with 2 processes
+    (a plain `palpcompose train DIR --resume` is refused: the checkpoint was written by 2)."""
+    root = make_project({"train": {"steps": 4, "save_every": 0}})
+    real_step = interrupt_in_step(monkeypatch, 2)
+    assert run_cli("train", root).code == 130
+    monkeypatch.setattr(train_mod, "training_step", real_step)
+    state = root / "out" / "checkpoint" / "state.json"
+    state.write_text(json.dumps({**json.loads(state.read_text()), "num_processes": 2}))  # as torchrun's run writes it
+    err = " ".join(run_cli("render", root).err.split())
+    assert f"`torchrun --nproc_per_node 2 $(which palpcompose) train {root} --resume`" in err, err
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 3. A damaged file we wrote is the user's to fix (exit 2, which file, the options), never an internal error
 
