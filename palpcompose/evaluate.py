@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from palpcompose import __version__
-from palpcompose.errors import UserError
+from palpcompose.errors import UserError, command_line
 from palpcompose.fsutil import atomic_write_json
 
 PLACEHOLDER = re.compile(r"\[(V[1-9][0-9]*)\]")
@@ -237,6 +237,7 @@ class EvalImage:
     seed: int | None
     model: str | None  # "final", "step-000100", "base"; None when unknown
     step: int | None
+    guidance: str | None = None  # what trained the weights, as render.json recorded it; None: the run's manifest
 
 
 def images_from_folder(project, folder: Path) -> list[EvalImage]:
@@ -246,8 +247,8 @@ def images_from_folder(project, folder: Path) -> list[EvalImage]:
     if index.is_file():
         try:
             entries = json.loads(index.read_text(encoding="utf-8"))["images"]
-            images = [EvalImage(folder / e["file"], e["prompt"], e.get("seed"), e.get("model"), e.get("step"))
-                      for e in entries]
+            images = [EvalImage(folder / e["file"], e["prompt"], e.get("seed"), e.get("model"), e.get("step"),
+                                e.get("guidance")) for e in entries]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise UserError(f"{index}: unreadable render index ({exc}); render again with `palpcompose render`") from exc
         missing = [str(i.path) for i in images if not i.path.is_file()]
@@ -272,7 +273,16 @@ def resolve_renders(project, renders: str | Path) -> Path:
     run = project.root / "out" / "renders" / str(renders)
     if run.is_dir():
         return run
-    raise UserError(f"--renders {renders}: no such folder (nor a run of that name in {project.root / 'out/renders'})")
+    # `render --run ID` writes to out/runs/ID/renders/NAME (NAME is the render's time stamp)
+    kept = sorted(p for p in (project.root / "out" / "runs").glob(f"*/renders/{renders}") if p.is_dir()) \
+        if Path(str(renders)).name == str(renders) else []
+    if len(kept) == 1:
+        return kept[0]
+    if kept:
+        raise UserError(f"--renders {renders}: several kept runs have a render of that name; give its path: "
+                        + ", ".join(command_line(str(p)) for p in kept))
+    raise UserError(f"--renders {renders}: no such folder (nor a run of that name in {project.root / 'out/renders'} "
+                    f"or {project.root / 'out/runs'}/*/renders)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -347,7 +357,7 @@ def evaluate(project, *, clip=None, oracle: bool = False, renders=None, seeds=No
             per_subject = {key: values[n] for key, values in scores.subjects.items()}
             rows.append({
                 "file": image.path.name, "prompt": prompt, "seed": image.seed, "model": image.model,
-                "guidance": None if image.model in ("base", None) else trained_guidance,
+                "guidance": None if image.model in ("base", None) else image.guidance or trained_guidance,
                 "step": image.step, "text_alignment": scores.text_alignment[n],
                 "subject_fidelity": sum(per_subject.values()) / len(per_subject) if per_subject else None,
                 "subjects": per_subject, **(scores.details[n] if scores.details else {}),
@@ -421,7 +431,13 @@ def summary_table(result: EvalResult):
         cells += [fmt(row["subject_fidelity"])] + [fmt(row["subjects"].get(k)) for k in keys]
         table.add_row(*cells)
     table.add_section()
-    means = [Text("mean", style="bold")] + ([""] if len(prompts) > 1 else []) + [fmt(result.text_alignment)]
-    means += ([""] if has_elements else []) + [fmt(result.subject_fidelity)]
-    table.add_row(*means, *(fmt(result.subjects[k]["subject_fidelity"]) for k in keys))
+    # one mean per set of weights (a sweep, --compare), each named; one set: a plain "mean"
+    sets = result.models if len(result.models) > 1 else {None: {
+        "text_alignment": result.text_alignment, "subject_fidelity": result.subject_fidelity,
+        "subjects": {k: result.subjects[k]["subject_fidelity"] for k in keys}}}
+    for label, m in sets.items():
+        means = [Text("mean" if label is None else f"mean ({label})", style="bold")]
+        means += ([""] if len(prompts) > 1 else []) + [fmt(m["text_alignment"])]
+        means += ([""] if has_elements else []) + [fmt(m["subject_fidelity"])]
+        table.add_row(*means, *(fmt(m["subjects"].get(k)) for k in keys))
     return table

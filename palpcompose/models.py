@@ -240,8 +240,8 @@ def _family_from_index(index: dict, read) -> tuple[str, str | None]:
     if name.startswith("StableDiffusionXL"):
         encoders = [index.get(k) for k in ("text_encoder", "text_encoder_2")]
         if not all(isinstance(e, list) and e and e[0] for e in encoders) or index.get("requires_aesthetics_score"):
-            return (f"an SDXL refiner ({name}: no first text encoder, aesthetic-score conditioning); use the SDXL "
-                    "base model, which the refiner only post-processes"), None
+            return (f"an SDXL refiner ({name}: no first text encoder, aesthetic-score conditioning; it only "
+                    "post-processes an SDXL base model's images: use the base model)"), None
         return "SDXL", "sdxl"
     if name == "StableDiffusionPipeline":
         scheduler = read("scheduler/scheduler_config.json") or {}
@@ -280,7 +280,7 @@ def _family_from_keys(keys: list[str], path: Path) -> tuple[str, str | None]:
     if any(k.startswith(f"{unet}label_emb.") for k in keys):  # SDXL's added (pooled text + size) conditioning
         if not any(k.startswith("conditioner.embedders.1.") for k in keys) and any(
                 k.startswith("conditioner.embedders.0.model.") for k in keys):
-            return "an SDXL refiner checkpoint (one OpenCLIP text encoder); use the SDXL base model", None
+            return "an SDXL refiner checkpoint (one OpenCLIP text encoder; use the SDXL base model)", None
         return "SDXL", "sdxl"
     if any(k.startswith("cond_stage_model.model.") for k in keys):  # OpenCLIP ViT-H: SD 2.x
         return "SD 2.x", "sd2"

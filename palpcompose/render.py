@@ -223,7 +223,10 @@ def read_manifest(out_dir: Path) -> dict | None:
     try:
         return read_json(out_dir / "manifest.json", strict=True)
     except DamagedFile as exc:
-        root = out_dir.parent.parent.parent if out_dir.parent.name == "runs" else out_dir.parent
+        if out_dir.parent.name == "runs":  # a kept run: --resume and --force act on the current run, not this one
+            raise exc.with_options("Options: restore the file, or render or export another run (without --run, "
+                                   "the current one)") from None
+        root = out_dir.parent
         raise exc.with_options(f"Options: `{command_line('palpcompose', 'train', root, '--resume')}` rewrites it "
                                f"from the checkpoint; `{command_line('palpcompose', 'train', root, '--force')}` starts "
                                "over, keeping this run in out/runs/") from None
@@ -326,6 +329,18 @@ def _changed_keys(before: dict | None, now: dict, most: int = 4) -> str:
     return ", ".join(changed[:most]) + more
 
 
+def _weights_step(folder: Path) -> int:
+    """The training step a weights folder was saved at (its header's metadata); 0 when it cannot be read (loading
+    it later says what is wrong)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(folder / "lora.safetensors"), framework="pt") as f:
+            return int((f.metadata() or {}).get("step", "0"))
+    except Exception:
+        return 0
+
+
 def locate_weights(project, out_dir: Path, step: int | None) -> tuple[Path, str, list[str]]:
     """Which weights folder to use: snapshot `step`, else the final weights, else (an unfinished run) the latest
     snapshot. Returns (folder, label, warnings); UserError when there is nothing to use."""
@@ -337,11 +352,18 @@ def locate_weights(project, out_dir: Path, step: int | None) -> tuple[Path, str,
                 f"no snapshot at step {step} in {out_dir / 'snapshots'}; available steps: {available}"
             )
         return snapshot_dir(out_dir, step), f"step-{step:06d}", []
-    from palpcompose.run import unfinished
+    from palpcompose.run import read_json, unfinished
 
     final = out_dir / "weights" / "final"
     if (final / "lora.safetensors").is_file():
-        return final, "final", []
+        newer = [s for s in steps if s > _weights_step(final)]
+        if not newer or (read_json(out_dir / "manifest.json") or {}).get("status") == "completed":
+            return final, "final", []
+        # a completed run continued (more train.steps) and stopped or still running: final is the earlier finish's
+        state = unfinished(project, out_dir) or "training has not finished"
+        warning = (f"{state} ({final} holds the earlier finish, step {_weights_step(final)}); using the latest "
+                   f"snapshot, step {newer[-1]}")
+        return snapshot_dir(out_dir, newer[-1]), f"step-{newer[-1]:06d}", [warning]
     state = unfinished(project, out_dir)
     if steps:
         resume = command_line("palpcompose", "train", project.root, "--resume")

@@ -157,7 +157,7 @@ def _continue_or_keep(plan: Plan, force: bool) -> None:
     if previous is None:
         why.insert(0, f"{plan.out / MANIFEST_FILE} is missing or unreadable")
     elif previous.get("status") != "completed":
-        why.insert(0, f"it was {previous.get('status')} at step {previous.get('steps_done', 0)} of "
+        why.insert(0, f"it was {_status_words(previous.get('status'))} at step {previous.get('steps_done', 0)} of "
                       f"{previous.get('steps_target', '?')}; to continue it instead, press Ctrl-C now (nothing has moved "
                       f"yet) and run `{plan.resume_command}`")
     only_steps_grew = (previous is not None and previous.get("status") == "completed"
@@ -195,7 +195,8 @@ def _differences(plan: Plan, previous: dict | None) -> list[str]:
     if (previous.get("base_model") or {}).get("identity") != plan.identity:
         why.append("the base model changed")
     if previous.get("num_processes", 1) != plan.num_processes:
-        why.append(f"it ran on {previous.get('num_processes', 1)} processes, this run on {plan.num_processes} "
+        ran = previous.get("num_processes", 1)
+        why.append(f"it ran on {ran} process{'es' if ran != 1 else ''}, this run on {plan.num_processes} "
                    "(another effective batch)")
     return why
 
@@ -237,6 +238,12 @@ def _archive_folder(out: Path, previous: dict | None) -> Path:
     raise UserError(f"{out / 'runs'}: could not name a folder for the earlier run ({stem}-N)")
 
 
+def _status_words(status) -> str:
+    """A manifest status as a user reads it after "training was": "failed" is an exception that stopped it; a run
+    still "running" without its process was interrupted."""
+    return {"failed": "stopped by an error", "running": "interrupted"}.get(status, str(status))
+
+
 def unfinished(project, out: Path) -> str | None:
     """Why `out` has no final weights although training started: "training in progress (pid P ...)" or "training
     was interrupted at step N: `palpcompose train DIR --resume`" (None when no training ever started there)."""
@@ -250,12 +257,15 @@ def unfinished(project, out: Path) -> str | None:
         status = "interrupted"
     checkpoint = checkpoint_folder(out / "checkpoint")
     if checkpoint is not None:
-        step = (read_json(checkpoint / "state.json") or {}).get("step", "?")
-        how = "" if kept else f": `{command_line('palpcompose', 'train', project.root, '--resume')}`"
-        return f"training was {status} at step {step}{how}"
+        state = read_json(checkpoint / "state.json") or {}
+        # resumed with as many processes as wrote the checkpoint (another number is refused)
+        launched = distributed.launcher_prefix(checkpoint_processes(state)) or "palpcompose"
+        how = "" if kept else f": `{launched} {command_line('train', project.root, '--resume')}`"
+        step = state.get("step", "?")
+        return f"training was {_status_words(status)} at step {step}{how}"
     if has_run(out) and not (out / "snapshots").is_dir():  # snapshots come with a checkpoint
         how = "" if kept else f": `{command_line('palpcompose', 'train', project.root)}` starts it again"
-        return f"training was {status} before its first checkpoint{how}"
+        return f"training was {_status_words(status)} before its first checkpoint{how}"
     return None
 
 

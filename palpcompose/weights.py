@@ -111,7 +111,9 @@ def _instead(folder: Path) -> str:
     if folder.parent.name not in ("snapshots", "weights"):
         return ""
     out = folder.parent.parent
-    root = out.parent.parent if out.parent.name == "runs" else out.parent  # a kept run: out/runs/<id>/
     others = sorted(p.name for p in (out / "snapshots").glob("step-*") if p != folder and (p / LORA_FILE).is_file())
-    use = f"use a snapshot with --snapshot N ({', '.join(others[-3:])} exist), or " if others else ""
-    return f"Options: {use}train again with `{command_line('palpcompose', 'train', root, '--force')}` (the damaged run is kept in out/runs/)"
+    use = f"use a snapshot with --snapshot N ({', '.join(others[-3:])} exist)" if others else ""
+    if out.parent.name == "runs":  # a kept run (out/runs/<id>/): training again makes a new run, not this one
+        return f"Options: {use or 'render or export another run'}"
+    use = f"{use}, or " if use else ""
+    return f"Options: {use}train again with `{command_line('palpcompose', 'train', out.parent, '--force')}` (the damaged run is kept in out/runs/)"

@@ -204,6 +204,60 @@ def test_compare_run_gets_one_mean_per_set_of_weights_and_names_their_guidance(t
     assert all(r["guidance"] == ("sds" if r["model"] == "final" else None) for r in data["images"])
 
 
+def test_the_table_of_a_compare_run_shows_one_mean_row_per_set_of_weights(toy_project, oracle):
+    """The printed table, like eval.json: a mean row for the base model and one for the final weights, each named,
+    not one "mean" row holding the final weights' means under every image."""
+    import io
+
+    from rich.console import Console
+
+    from palpcompose.evaluate import evaluate, summary_table
+
+    project = load_project(toy_project)
+    result = evaluate(project, renders=compare_run(toy_project, "20260101-000000-compare"),
+                      scorer=OracleScorer(project, oracle))
+    buffer = io.StringIO()
+    Console(file=buffer, width=200, color_system=None).print(summary_table(result))
+    rows = {line.split("│")[1].strip(): line for line in buffer.getvalue().splitlines()
+            if line.startswith("│") and "mean" in line}
+    assert sorted(rows) == ["mean (base)", "mean (final)"], buffer.getvalue()
+    for label, means in result.models.items():
+        assert f"{means['text_alignment']:.3f}" in rows[f"mean ({label})"]
+        assert f"{means['subjects']['V1']:.3f}" in rows[f"mean ({label})"]
+
+
+def test_renders_by_name_finds_a_render_of_a_kept_run(toy_project, oracle):
+    """`render --run ID` writes to out/runs/ID/renders/NAME; `eval --renders NAME` finds it there too."""
+    from palpcompose.errors import UserError
+    from palpcompose.evaluate import resolve_renders
+
+    made = compare_run(toy_project, "20260101-000000-compare")
+    kept = toy_project / "out" / "runs" / "2026-01-01T00-00-00-palp" / "renders" / made.name
+    kept.parent.mkdir(parents=True)
+    made.rename(kept)
+    project = load_project(toy_project)
+    assert resolve_renders(project, made.name) == kept
+    with pytest.raises(UserError, match="nor a run of that name"):
+        resolve_renders(project, "20990101-000000")
+
+
+def test_existing_renders_keep_the_guidance_render_json_recorded(toy_project, oracle):
+    """A render of a kept `none` run, scored after a `palp` run became the current one: its guidance is the one
+    render.json recorded for its images, not the current run's manifest."""
+    from palpcompose.evaluate import evaluate
+
+    (toy_project / "out" / "manifest.json").write_text(json.dumps({"guidance": "palp", "status": "completed"}))
+    run = compare_run(toy_project, "20260101-000000-compare")
+    index = json.loads((run / "render.json").read_text())
+    for image in index["images"]:
+        image["guidance"] = "base" if image["model"] == "base" else "none"
+    (run / "render.json").write_text(json.dumps(index))
+    project = load_project(toy_project)
+    result = evaluate(project, renders=run, scorer=OracleScorer(project, oracle))
+    assert result.models["final"]["guidance"] == "none" == result.guidance
+    assert result.models["base"]["guidance"] is None
+
+
 def test_eval_results_are_kept_per_render_run(toy_project, oracle):
     from palpcompose.evaluate import evaluate
 

@@ -165,6 +165,52 @@ def test_no_final_weights_says_interrupted_or_in_progress(make_project, run_cli,
     assert result.code == 2 and f"training in progress (pid {os.getpid()}" in " ".join(result.err.split())
 
 
+def test_render_after_an_interrupted_continuation_does_not_use_the_earlier_final_weights(make_project, run_cli,
+                                                                                          monkeypatch):
+    """A completed run at step 2 continued to 6 and interrupted at step 4: out/weights/final is still step 2's.
+    Render says the training was interrupted and uses the newer snapshot, not step 2's weights silently."""
+    root = make_project({"train": {"steps": 2, "save_every": 1}})
+    assert run_cli("train", root).code == 0
+    real_step = interrupt_in_step(monkeypatch, 2)
+    result = run_cli("train", root, "--steps", "6")
+    assert result.code == 130, result.err
+    monkeypatch.setattr(train_mod, "training_step", real_step)
+    rendered = run_cli("render", root)
+    err = " ".join(rendered.err.split())
+    assert rendered.code == 0 and "training was interrupted at step 4" in err, err
+    [render_json] = list((root / "out" / "renders").glob("*/render.json"))
+    assert {image["step"] for image in json.loads(render_json.read_text())["images"]} == {4}
+
+
+def test_a_run_that_stopped_on_an_error_is_said_so_in_plain_words(make_project, run_cli, monkeypatch):
+    """manifest status "failed" (an exception mid-training) reads "stopped by an error", not "it was failed"."""
+    root = make_project({"train": {"steps": 4, "save_every": 1}})
+    real_step = interrupt_in_step(monkeypatch, 2)
+    assert run_cli("train", root).code == 130
+    monkeypatch.setattr(train_mod, "training_step", real_step)
+    data = manifest(root)
+    (root / "out" / "manifest.json").write_text(json.dumps({**data, "status": "failed"}))
+    rendered = " ".join(run_cli("render", root).err.split())
+    assert "training was stopped by an error at step 2" in rendered and "was failed" not in rendered, rendered
+    set_in_toml(root, "lora_rank = 4", "lora_rank = 8")
+    retrained = " ".join(run_cli("train", root).out.split())
+    assert "it was stopped by an error at step 2 of 4" in retrained and "was failed" not in retrained, retrained
+
+
+def test_render_gives_the_launcher_resume_command_for_a_run_of_several_processes(make_project, run_cli,
+                                                                                  monkeypatch):
+    """A run of 2 processes interrupted before its final weights: render's advice resumes it with 2 processes
+    (a plain `palpcompose train DIR --resume` is refused: the checkpoint was written by 2)."""
+    root = make_project({"train": {"steps": 4, "save_every": 0}})
+    real_step = interrupt_in_step(monkeypatch, 2)
+    assert run_cli("train", root).code == 130
+    monkeypatch.setattr(train_mod, "training_step", real_step)
+    state = root / "out" / "checkpoint" / "state.json"
+    state.write_text(json.dumps({**json.loads(state.read_text()), "num_processes": 2}))  # as torchrun's run writes it
+    err = " ".join(run_cli("render", root).err.split())
+    assert f"`torchrun --nproc_per_node 2 $(which palpcompose) train {root} --resume`" in err, err
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 3. A damaged file we wrote is the user's to fix (exit 2, which file, the options), never an internal error
 
@@ -215,6 +261,25 @@ def test_damaged_files_exit_2_naming_the_file_and_the_options(make_project, run_
         assert tree_snapshot(root) == before, name  # nothing written or moved
         path.write_bytes(intact)
     assert run_cli(*resume).code == 0  # all repaired: the run continues
+
+
+def test_a_damaged_file_in_a_kept_run_names_this_project_and_options_that_touch_that_run(make_project, run_cli):
+    root = make_project({"train": {"steps": 2, "save_every": 1}})
+    assert run_cli("train", root).code == 0
+    assert run_cli("train", root, "--force").code == 0
+    [run_id] = kept_runs(root)
+    kept = root / "out" / "runs" / run_id
+    truncate(kept / "weights" / "final" / "lora.safetensors")
+    result = run_cli("render", root, "--run", run_id)
+    err = " ".join(result.err.split())
+    assert result.code == 2 and str(kept / "weights" / "final" / "lora.safetensors") in err, err
+    assert f"palpcompose train {root / 'out'}" not in err  # the project folder, not out/
+    assert "--snapshot N (step-000001, step-000002 exist)" in err and "--force" not in err
+    bad_json(kept / "manifest.json")
+    result = run_cli("render", root, "--run", run_id, "--snapshot", "1")
+    err = " ".join(result.err.split())
+    assert result.code == 2 and str(kept / "manifest.json") in err, err
+    assert "--resume" not in err  # resume continues out/checkpoint, the current run, not this one
 
 
 # ---------------------------------------------------------------------------------------------------------------

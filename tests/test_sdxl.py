@@ -49,6 +49,8 @@ def test_unsupported_pipeline_folders_are_refused_by_name(kind, tmp_path):
     message = str(err.value)
     assert found in message and "palpcompose cannot train" in message
     assert models.SUPPORTED_FAMILIES in message  # the kinds it does support
+    # "cannot train" is said of the kind found, not of the advice ("use the SDXL base model, which ... cannot train")
+    assert "), which palpcompose cannot train" in message, message
 
 
 def _single_file(path: Path, names: dict[str, tuple]) -> Path:
@@ -81,8 +83,9 @@ def test_single_file_family_from_its_keys(kind, tmp_path):
     if expected in ("sd1", "sd2", "sdxl"):
         assert models.resolve_base_model(str(path)).family == expected
     else:
-        with pytest.raises(UserError, match=re.escape(expected)):
+        with pytest.raises(UserError, match=re.escape(expected)) as err:
             models.resolve_base_model(str(path))
+        assert "), which palpcompose cannot train" in str(err.value), err.value
 
 
 def test_hub_cache_family(tmp_path, monkeypatch):
