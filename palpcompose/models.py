@@ -389,30 +389,10 @@ def native_resolution(source: BaseModelSource) -> int | None:
     the VAE's downsampling factor (2 ** (len(block_out_channels) - 1)): 64 for builtin:toy, 512 for SD 1.x and
     SD 2 base, 768 for SD 2 768-v, 1024 for SDXL. None when the configs cannot be read offline (a single-file
     checkpoint, a hub id that is not cached)."""
-    import json
-
-    def read(name: str) -> dict | None:
-        if source.kind in ("builtin", "folder"):
-            path = Path(source.location) / name / "config.json"
-        elif source.kind == "hub":
-            try:
-                from huggingface_hub import try_to_load_from_cache
-
-                hit = try_to_load_from_cache(source.location, f"{name}/config.json")
-            except Exception:  # noqa: BLE001 - a cache we cannot read counts as no cache
-                return None
-            if not isinstance(hit, str):
-                return None
-            path = Path(hit)
-        else:
-            return None
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-        return data if isinstance(data, dict) else None
-
-    unet, vae = read("unet"), read("vae")
+    if source.kind not in ("builtin", "folder", "hub"):
+        return None
+    read = config_reader(source.kind, source.location)  # the reader family detection uses
+    unet, vae = read("unet/config.json"), read("vae/config.json")
     try:
         return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
     except (TypeError, KeyError, ValueError):
