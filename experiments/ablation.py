@@ -105,8 +105,8 @@ def reference_images(seed: int, context: str, count: int = REFERENCE_IMAGES) -> 
     `toyworld subject` and toydemo.subject_images draw)."""
     import torch
 
-    from palpcompose.toyworld.demo import _to_pil
     from palpcompose.toyworld import world
+    from palpcompose.toyworld.demo import _to_pil
 
     g = torch.Generator().manual_seed(seed)
     scenes = world.subject_scenes(world.subject_from_seed(seed), count, g, ambiance=context)

@@ -337,7 +337,7 @@ def _weights_step(folder: Path) -> int:
     try:
         with safe_open(str(folder / "lora.safetensors"), framework="pt") as f:
             return int((f.metadata() or {}).get("step", "0"))
-    except Exception:
+    except Exception:  # noqa: BLE001 - a damaged header (SafetensorError, OSError, ValueError): loading it says why
         return 0
 
 
