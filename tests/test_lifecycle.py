@@ -211,6 +211,19 @@ def test_render_gives_the_launcher_resume_command_for_a_run_of_several_processes
     assert f"`torchrun --nproc_per_node 2 $(which palpcompose) train {root} --resume`" in err, err
 
 
+def test_keeping_an_interrupted_run_of_several_processes_says_how_to_resume_it_with_them(make_project, run_cli,
+                                                                                         monkeypatch):
+    root = make_project({"train": {"steps": 4, "save_every": 0}})
+    real_step = interrupt_in_step(monkeypatch, 2)
+    assert run_cli("train", root).code == 130
+    monkeypatch.setattr(train_mod, "training_step", real_step)
+    (root / "out" / "manifest.json").write_text(json.dumps({**manifest(root), "num_processes": 2}))
+    set_in_toml(root, "lora_rank = 4", "lora_rank = 8")
+    out = " ".join(run_cli("train", root).out.split())
+    assert f"run `torchrun --nproc_per_node 2 $(which palpcompose) train {root} --resume`" in out, out
+    assert "it ran on 2 processes, this run on 1" in out
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 3. A damaged file we wrote is the user's to fix (exit 2, which file, the options), never an internal error
 
