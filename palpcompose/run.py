@@ -157,9 +157,13 @@ def _continue_or_keep(plan: Plan, force: bool) -> None:
     if previous is None:
         why.insert(0, f"{plan.out / MANIFEST_FILE} is missing or unreadable")
     elif previous.get("status") != "completed":
+        # resumed with as many processes as that run had (another number is refused), not this run's
+        here = distributed.launcher_prefix() or "palpcompose"
+        there = distributed.launcher_prefix(int(previous.get("num_processes", 1))) or "palpcompose"
+        resume = there + plan.resume_command.removeprefix(here)
         why.insert(0, f"it was {_status_words(previous.get('status'))} at step {previous.get('steps_done', 0)} of "
                       f"{previous.get('steps_target', '?')}; to continue it instead, press Ctrl-C now (nothing has moved "
-                      f"yet) and run `{plan.resume_command}`")
+                      f"yet) and run `{resume}`")
     only_steps_grew = (previous is not None and previous.get("status") == "completed"
                        and len(why) == 1 and isinstance(previous.get("config"), dict)
                        and [k for k, _, _ in changed_weight_settings(previous["config"], now_config)] == ["train.steps"]

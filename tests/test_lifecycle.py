@@ -182,6 +182,18 @@ def test_render_after_an_interrupted_continuation_does_not_use_the_earlier_final
     assert {image["step"] for image in json.loads(render_json.read_text())["images"]} == {4}
 
 
+def test_render_after_an_interrupted_continuation_without_a_newer_snapshot_says_so(make_project, run_cli,
+                                                                                  monkeypatch):
+    root = make_project({"train": {"steps": 2, "save_every": 0}})
+    assert run_cli("train", root).code == 0
+    real_step = interrupt_in_step(monkeypatch, 2)
+    assert run_cli("train", root, "--steps", "6").code == 130
+    monkeypatch.setattr(train_mod, "training_step", real_step)
+    rendered = run_cli("render", root)
+    err = " ".join(rendered.err.split())
+    assert rendered.code == 0 and "training was interrupted at step 4" in err and "(step 2)" in err, err
+
+
 def test_a_run_that_stopped_on_an_error_is_said_so_in_plain_words(make_project, run_cli, monkeypatch):
     """manifest status "failed" (an exception mid-training) reads "stopped by an error", not "it was failed"."""
     root = make_project({"train": {"steps": 4, "save_every": 1}})
@@ -209,6 +221,19 @@ def test_render_gives_the_launcher_resume_command_for_a_run_of_several_processes
     state.write_text(json.dumps({**json.loads(state.read_text()), "num_processes": 2}))  # as torchrun's run writes it
     err = " ".join(run_cli("render", root).err.split())
     assert f"`torchrun --nproc_per_node 2 $(which palpcompose) train {root} --resume`" in err, err
+
+
+def test_keeping_an_interrupted_run_of_several_processes_says_how_to_resume_it_with_them(make_project, run_cli,
+                                                                                         monkeypatch):
+    root = make_project({"train": {"steps": 4, "save_every": 0}})
+    real_step = interrupt_in_step(monkeypatch, 2)
+    assert run_cli("train", root).code == 130
+    monkeypatch.setattr(train_mod, "training_step", real_step)
+    (root / "out" / "manifest.json").write_text(json.dumps({**manifest(root), "num_processes": 2}))
+    set_in_toml(root, "lora_rank = 4", "lora_rank = 8")
+    out = " ".join(run_cli("train", root).out.split())
+    assert f"run `torchrun --nproc_per_node 2 $(which palpcompose) train {root} --resume`" in out, out
+    assert "it ran on 2 processes, this run on 1" in out
 
 
 # ---------------------------------------------------------------------------------------------------------------
