@@ -362,8 +362,8 @@ def locate_weights(project, out_dir: Path, step: int | None) -> tuple[Path, str,
         # a completed run continued (more train.steps) and stopped or still running: final is the earlier finish's
         state = unfinished(project, out_dir) or "training has not finished"
         if not newer:
-            return final, "final", [f"{state}; using {final}, the earlier finish's weights (step "
-                                    f"{_weights_step(final)})"]
+            return final, "final", [(f"{state}; using {final}, the earlier finish's weights (step "
+                                     f"{_weights_step(final)})")]
         warning = (f"{state} ({final} holds the earlier finish, step {_weights_step(final)}); using the latest "
                    f"snapshot, step {newer[-1]}")
         return snapshot_dir(out_dir, newer[-1]), f"step-{newer[-1]:06d}", [warning]
