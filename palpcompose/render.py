@@ -264,6 +264,9 @@ def check_trained_for(project, out_dir: Path, manifest: dict | None) -> list[str
         weights_changed = all(changed_weight_settings(before, project.config.to_dict())
                               for before in (trained.get("config"), manifest.get("config")) if isinstance(before, dict))
         if config_changed and weights_changed and isinstance(trained.get("config"), dict):
+            stale = changed_weight_settings(trained["config"], project.config.to_dict())  # what made them stale
+            listed = ", ".join(f"{key} {json.dumps(old)} -> {json.dumps(new)}" for key, old, new in stale[:4])
+            what = f" ({listed}{f', and {len(stale) - 4} more' if len(stale) > 4 else ''})" if stale else what
             warnings.append(
                 f"{project.file} changed since training{what}: the weights were trained with the old "
                 f"settings; retrain with `{command_line('palpcompose', 'train', project.root)}` to apply the new ones"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -173,6 +174,10 @@ def test_palp_and_none_train_different_weights_and_up_to_date(make_project):
     assert check_trained_for(load_project(a), a / "out", read_manifest(a / "out")) == []
     toml.write_text(toml.read_text().replace("steps = ", "steps = 1", 1))  # a real change is still reported
     assert "changed since training" in check_trained_for(load_project(a), a / "out", read_manifest(a / "out"))[0]
+    # the warning names the settings that made the weights stale, not the weight-neutral ones changed beside them
+    toml.write_text(re.sub(r"save_every = \d+", "save_every = 7", toml.read_text()))
+    warning = check_trained_for(load_project(a), a / "out", read_manifest(a / "out"))[0]
+    assert "train.steps" in warning and "save_every" not in warning and "low_memory" not in warning, warning
     before = (a / "out" / "manifest.json").read_text()
     assert train(a, guidance="none", force=True, console=quiet()).status == "completed"
     assert json.loads((a / "out" / "manifest.json").read_text())["started_at"] >= json.loads(before)["started_at"]
