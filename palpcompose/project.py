@@ -745,7 +745,11 @@ def _expand_entry(v: _Validator, root: Path, skey: str, entry: str, is_image_nam
         matches = [p for p in root.glob(pattern) if p.is_file()]
         images = [p for p in matches if is_image_name(p)]
         if not matches:
-            v.problem(skey, f"{entry!r} matches no files", _missing_hint(root, entry))
+            folder = root / parent  # refs/V1/*.png over a folder of iPhone photos: say why, not "matches nothing"
+            others = sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+            if any(is_image_name(p) for p in others) or not _heic_problem(
+                    v, root, skey, f"{entry!r} matches nothing: its folder holds", others, []):
+                v.problem(skey, f"{entry!r} matches no files", _missing_hint(root, entry))
         elif not _heic_problem(v, root, skey, f"{entry!r} matches", matches, images) and not images:
             v.problem(skey, f"{entry!r} matches {len(matches)} file(s) but no images",
                       "use image files (.png, .jpg, .webp, ...)")
