@@ -312,12 +312,9 @@ def _mean(values):
 def _trained_guidance(project, run: str | None = None) -> str | None:
     """The guidance of the trained weights, from the run's manifest.json (out/, or out/runs/<run>/ with --run; None
     when unreadable)."""
-    from palpcompose.run import run_out_dir
+    from palpcompose.run import MANIFEST_FILE, read_json, run_out_dir
 
-    try:
-        return json.loads((run_out_dir(project, run) / "manifest.json").read_text(encoding="utf-8")).get("guidance")
-    except (OSError, ValueError, AttributeError):
-        return None
+    return (read_json(run_out_dir(project, run) / MANIFEST_FILE) or {}).get("guidance")
 
 
 def evaluate(project, *, clip=None, oracle: bool = False, renders=None, seeds=None, step: int | None = None,

@@ -227,16 +227,19 @@ def weight_settings(config: dict, *, steps: bool = True) -> dict:
     return data
 
 
+def flat_settings(data: dict, prefix: str = "") -> dict:
+    """A nested configuration as {dotted key: value}: {"train": {"steps": 2}} -> {"train.steps": 2}."""
+    out = {}
+    for key, value in data.items():
+        out.update(flat_settings(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
 def changed_weight_settings(before: dict, now: dict, *, steps: bool = True) -> list[tuple[str, object, object]]:
     """[(dotted key, old value, new value)] of the weight-changing settings that differ between two resolved
     configurations, in key order (subjects.V1.images, palp.guidance, train.steps, ...)."""
-    def flat(data: dict, prefix: str = "") -> dict:
-        out = {}
-        for key, value in data.items():
-            out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-        return out
-
-    old, new = flat(weight_settings(before, steps=steps)), flat(weight_settings(now, steps=steps))
+    old = flat_settings(weight_settings(before, steps=steps))
+    new = flat_settings(weight_settings(now, steps=steps))
     return [(key, old.get(key), new.get(key)) for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
 
 

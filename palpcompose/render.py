@@ -265,8 +265,7 @@ def check_trained_for(project, out_dir: Path, manifest: dict | None) -> list[str
                               for before in (trained.get("config"), manifest.get("config")) if isinstance(before, dict))
         if config_changed and weights_changed and isinstance(trained.get("config"), dict):
             stale = changed_weight_settings(trained["config"], project.config.to_dict())  # what made them stale
-            listed = ", ".join(f"{key} {json.dumps(old)} -> {json.dumps(new)}" for key, old, new in stale[:4])
-            what = f" ({listed}{f', and {len(stale) - 4} more' if len(stale) > 4 else ''})" if stale else what
+            what = f" ({_listed(stale)})" if stale else what
             warnings.append(
                 f"{project.file} changed since training{what}: the weights were trained with the old "
                 f"settings; retrain with `{command_line('palpcompose', 'train', project.root)}` to apply the new ones"
@@ -315,21 +314,19 @@ def _changed_keys(before: dict | None, now: dict, most: int = 4) -> str:
     if not isinstance(before, dict):
         return ""
 
-    def flat(data: dict, prefix: str = "") -> dict:
-        out = {}
-        for key, value in data.items():
-            out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-        return out
+    from palpcompose.project import ADDED_LATER, flat_settings
 
-    from palpcompose.project import ADDED_LATER
-
-    old, new = flat(before), flat(now)
+    old, new = flat_settings(before), flat_settings(now)
     for (section, key), default in ADDED_LATER.items():  # a key added since, at its default, is no change
         old.setdefault(f"{section}.{key}", default)
-    changed = [f"{key} {json.dumps(old.get(key))} -> {json.dumps(new.get(key))}"
-               for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
-    more = f", and {len(changed) - most} more" if len(changed) > most else ""
-    return ", ".join(changed[:most]) + more
+    return _listed([(key, old.get(key), new.get(key)) for key in sorted(set(old) | set(new))
+                    if old.get(key) != new.get(key)], most)
+
+
+def _listed(changes: list[tuple[str, object, object]], most: int = 4) -> str:
+    """'train.steps 200 -> 40, palp.weight 1.0 -> 3.0, and 2 more' from (key, old value, new value) triples."""
+    more = f", and {len(changes) - most} more" if len(changes) > most else ""
+    return ", ".join(f"{key} {json.dumps(old)} -> {json.dumps(new)}" for key, old, new in changes[:most]) + more
 
 
 def _weights_step(folder: Path) -> int:
