@@ -235,6 +235,14 @@ def flat_settings(data: dict, prefix: str = "") -> dict:
     return out
 
 
+def describe_changes(changes: list[tuple[str, object, object]], most: int | None = None) -> str:
+    """'train.steps 200 -> 40, palp.weight 1.0 -> 3.0, and 2 more' from (dotted key, old, new) triples; all of them
+    unless `most` is given."""
+    shown = changes if most is None else changes[:most]
+    more = f", and {len(changes) - len(shown)} more" if len(changes) > len(shown) else ""
+    return ", ".join(f"{key} {json.dumps(old)} -> {json.dumps(new)}" for key, old, new in shown) + more
+
+
 def changed_weight_settings(before: dict, now: dict, *, steps: bool = True) -> list[tuple[str, object, object]]:
     """[(dotted key, old value, new value)] of the weight-changing settings that differ between two resolved
     configurations, in key order (subjects.V1.images, palp.guidance, train.steps, ...)."""

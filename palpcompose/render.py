@@ -235,7 +235,7 @@ def read_manifest(out_dir: Path) -> dict | None:
 def check_trained_for(project, out_dir: Path, manifest: dict | None) -> list[str]:
     """Guard rails shared by render and export: refuse when the trained weights belong to another base model, warn
     when palp.toml changed since training. Returns the warnings."""
-    from palpcompose.project import changed_weight_settings, listed_images
+    from palpcompose.project import changed_weight_settings, describe_changes, listed_images
     from palpcompose.run import image_changes, image_hashes
 
     warnings = []
@@ -265,7 +265,7 @@ def check_trained_for(project, out_dir: Path, manifest: dict | None) -> list[str
                               for before in (trained.get("config"), manifest.get("config")) if isinstance(before, dict))
         if config_changed and weights_changed and isinstance(trained.get("config"), dict):
             stale = changed_weight_settings(trained["config"], project.config.to_dict())  # what made them stale
-            what = f" ({_listed(stale)})" if stale else what
+            what = f" ({describe_changes(stale, most=4)})" if stale else what
             warnings.append(
                 f"{project.file} changed since training{what}: the weights were trained with the old "
                 f"settings; retrain with `{command_line('palpcompose', 'train', project.root)}` to apply the new ones"
@@ -314,19 +314,13 @@ def _changed_keys(before: dict | None, now: dict, most: int = 4) -> str:
     if not isinstance(before, dict):
         return ""
 
-    from palpcompose.project import ADDED_LATER, flat_settings
+    from palpcompose.project import ADDED_LATER, describe_changes, flat_settings
 
     old, new = flat_settings(before), flat_settings(now)
     for (section, key), default in ADDED_LATER.items():  # a key added since, at its default, is no change
         old.setdefault(f"{section}.{key}", default)
-    return _listed([(key, old.get(key), new.get(key)) for key in sorted(set(old) | set(new))
-                    if old.get(key) != new.get(key)], most)
-
-
-def _listed(changes: list[tuple[str, object, object]], most: int = 4) -> str:
-    """'train.steps 200 -> 40, palp.weight 1.0 -> 3.0, and 2 more' from (key, old value, new value) triples."""
-    more = f", and {len(changes) - most} more" if len(changes) > most else ""
-    return ", ".join(f"{key} {json.dumps(old)} -> {json.dumps(new)}" for key, old, new in changes[:most]) + more
+    return describe_changes([(key, old.get(key), new.get(key)) for key in sorted(set(old) | set(new))
+                             if old.get(key) != new.get(key)], most)
 
 
 def _weights_step(folder: Path) -> int:

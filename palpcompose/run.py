@@ -30,7 +30,7 @@ from palpcompose.checkpoint import (
 from palpcompose.errors import DamagedFile, UserError, command_line
 from palpcompose.fsutil import atomic_save_image, atomic_write_json, atomic_write_text, sha256_file
 from palpcompose.guidance import GUIDANCE_MODES
-from palpcompose.project import changed_weight_settings, weight_settings
+from palpcompose.project import changed_weight_settings, describe_changes, weight_settings
 from palpcompose.weights import TrainedWeights, save_trained_weights
 
 MANIFEST_FILE = "manifest.json"
@@ -191,8 +191,7 @@ def _differences(plan: Plan, previous: dict | None) -> list[str]:
     if isinstance(previous.get("config"), dict):
         changed = changed_weight_settings(previous["config"], plan.config.to_dict())
         if changed:
-            why.append("settings changed: " + ", ".join(f"{k} {json.dumps(a)} -> {json.dumps(b)}"
-                                                        for k, a, b in changed))
+            why.append("settings changed: " + describe_changes(changed))
     images = image_changes(previous.get("images"), plan.images)
     if images:
         why.append("reference images changed: " + images)
