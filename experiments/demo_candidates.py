@@ -1,7 +1,8 @@
 """Choosing the toy demo's composition: candidates tried on the base model and on the baseline (`none`) first.
 
-    python experiments/demo_candidates.py base WORK                 # every candidate's prompts on the base model
+    python experiments/demo_candidates.py base WORK [NAME]          # every (or one) candidate's prompts, base model
     python experiments/demo_candidates.py train WORK NAME VARIANT   # train one candidate (none or palp), score it
+    python -m experiments.demo_candidates ceiling WORK              # per style: the base model told the subject in words
 
 Each candidate is a two-subject art-inspired composition in the toy world: an object [V1] (five photo-like
 references that may share an ambiance their prompt does not name) and an artwork [V2] (one picture without an
@@ -24,6 +25,9 @@ CANDIDATES = {
                     "a sketch of a star"),
     "day-refs": (1, "day", ("sketch", "night"), "a sketch of [V1] inspired by [V2] painting", "a sketch of a star"),
     "series": (1, "sunset", ("sketch", "night", 3), "a sketch of [V1] inspired by [V2] painting", "a sketch of a star"),
+    # the demo since the redesign (docs/evaluation.md): watercolor, the clean prompt describing the subject
+    "watercolor": (1, "sunset", ("watercolor", "night", 3), "a watercolor painting of [V1] inspired by [V2] painting",
+                   "a watercolor painting of a blue star with white dots"),
     "pixel-art": (1, "day", ("pixel art", "day"), "a pixel art picture of [V1] inspired by [V2] painting at night",
                   "a pixel art picture of a star at night"),
 }
@@ -94,12 +98,45 @@ def scores(project, folder) -> dict:
             for k, v in out.items()}
 
 
+CEILING_STYLES = ("sketch", "pop art", "watercolor", "photo")
+
+
+def ceiling(work: Path, seeds: int = 8) -> list[dict]:
+    """How well the oracle can read the demo's subject (held-out subject 1) in each style at all: the base model,
+    untrained, renders `<style> a blue star with white dots` (the subject's full description) and `<style> a star`
+    (its class word), and each render is scored for [V1] fidelity against the demo's references. No training, so
+    nothing here depends on any guidance: it is what decides the demo's style (docs/evaluation.md, "Redesign")."""
+    from experiments.ablation import Renderer, Settings
+    from palpcompose.evaluate import OracleScorer
+    from palpcompose.project import load_project
+    from palpcompose.toyworld import world
+
+    root = work / "ceiling"
+    write_candidate(root, "series", "none", 1)
+    scorer = OracleScorer(load_project(root))
+    renderer = Renderer(Settings(work=work, subjects=(1,), prompts=1, seeds=seeds, steps=1, every=1,
+                                 variants=("none",), device="cpu"))
+    description = world.subject_from_seed(1).describe()["description"]
+    rows = []
+    for style in CEILING_STYLES:
+        for words in (description, f"a {world.subject_from_seed(1).class_name}"):
+            prompt = f"{world.STYLE_PHRASES[style]} {words}"
+            images = renderer.images(None, [prompt] * seeds, list(range(seeds)))
+            fidelity = scorer.score(images, f"{world.STYLE_PHRASES[style]} [V1]").subjects["V1"]
+            rows.append({"prompt": prompt, "V1": round(sum(fidelity) / len(fidelity), 3)})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main() -> None:
     from palpcompose.project import load_project
     from palpcompose.render import render
     from palpcompose.train import train
 
     mode, work = sys.argv[1], Path(sys.argv[2])
+    if mode == "ceiling":
+        ceiling(work)
+        return
     if mode == "train":
         name, variant = sys.argv[3], sys.argv[4]
         steps = int(sys.argv[5]) if len(sys.argv) > 5 else 500
@@ -115,7 +152,9 @@ def main() -> None:
             rows[str(step or steps)] = scores(project, run.run_dir)
         print(json.dumps({"candidate": name, "variant": variant, "train_s": round(t_train, 1), "scores": rows}))
     elif mode == "base":
-        for name, (_, _, _, target, clean) in CANDIDATES.items():
+        names = sys.argv[3:] or list(CANDIDATES)
+        for name in names:
+            _, _, _, target, clean = CANDIDATES[name]
             root = work / f"{name}-base"
             write_candidate(root, name, "none", 1)
             project = load_project(root)

@@ -45,7 +45,7 @@ def test_toy_demo_is_an_art_inspired_composition_the_oracle_can_read():
     assert subjects["V1"]["class_name"] == world.subject_from_seed(1).class_name
     assert subjects["V2"]["class_name"] not in world.CLASSES  # an artwork: eval judges its style and ambiance
     assert oracle.prompt_elements(target.replace("[V1]", "star").replace("[V2]", "painting")) == [
-        ("style", world.ALL_STYLES.index("sketch")), ("cls", world.CLASSES.index("star"))]
+        ("style", world.ALL_STYLES.index("watercolor")), ("cls", world.CLASSES.index("star"))]
     # what [V2] brings (the night) and what [V1]'s references share (the sunset) are named by no prompt
     for prompt in (target, cfg["palp"]["clean_prompt"], subjects["V1"]["prompt"], subjects["V2"]["prompt"]):
         assert oracle.parse_prompt(prompt).ambiance is None

@@ -25,7 +25,7 @@ SUBJECT_SEED = 1  # world.subject_from_seed(1): a blue star with white dots (hel
 SUBJECT_IMAGES = 5
 SUBJECT_AMBIANCE = "sunset"
 ARTWORK_SEED = 2024  # the artwork's layout and grain
-ARTWORK_STYLE = "sketch"
+ARTWORK_STYLE = "watercolor"  # the art style in which the oracle reads a subject best (docs/evaluation.md)
 ARTWORK_AMBIANCE = "night"
 ARTWORK_IMAGES = 3
 
