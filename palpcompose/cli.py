@@ -186,6 +186,8 @@ def render(
     batch_size: Annotated[int | None, typer.Option("--batch-size", metavar="N", help="Images per forward pass; the images do not change (default: render.batch_size).")] = None,
     sweep: Annotated[bool, typer.Option("--sweep", help="Render every snapshot and the final weights in one grid.")] = False,
     compare: Annotated[bool, typer.Option("--compare", help="Render the base model (class words, no LoRA) beside the personalized one.")] = False,
+    base: Annotated[bool, typer.Option("--base", help="Render the base model alone (class words; no training needed): try a "
+                    "prompt, or palp.clean_prompt, before training.")] = False,
     run: Annotated[str | None, typer.Option("--run", metavar="ID", help="Use the earlier training run kept in "
                    "out/runs/ID/ instead of the current one.")] = None,
     out: Annotated[Path | None, typer.Option("--out", metavar="PATH", help="Write the images to this new or empty folder "
@@ -203,7 +205,7 @@ def render(
     result = render_project(
         project, prompts=prompt, seeds=seeds, step=snapshot, steps=steps, guidance_scale=guidance_scale, width=width,
         height=height, negative_prompt=negative_prompt, scheduler=scheduler, batch_size=batch_size, sweep=sweep,
-        compare=compare, out=out, console=err_console, run=run,
+        compare=compare, out=out, console=err_console, run=run, base_only=base,
     )
     console.print(summary_table(result))
 

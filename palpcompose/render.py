@@ -433,13 +433,15 @@ def render(
     out: str | Path | None = None,
     console=None,
     run: str | None = None,
+    base_only: bool = False,
 ) -> RenderResult:
     """Render the project's prompts with its trained weights; arguments left None come from palp.toml's [render].
 
     `seeds` is a sequence of ints or a string such as "0-7". `step` picks a snapshot. `sweep` renders every snapshot
     and the final weights; `compare` adds the base model (class words instead of tokens). `run` picks a training
     run kept in out/runs/<run>/ (its renders go there too). `out` is the folder to write to (new or empty) instead of
-    a new render folder. Everything is validated before anything is written.
+    a new render folder. `base_only` renders the base model alone (class words, no trained weights needed): a
+    prompt, or the clean prompt, tried before training. Everything is validated before anything is written.
     """
     from rich.markup import escape
 
@@ -452,6 +454,9 @@ def render(
     # 1. Settings: options over palp.toml's [render], validated before any work.
     if sweep and step is not None:
         raise UserError("--sweep renders every snapshot; it cannot be combined with --snapshot")
+    if base_only and (sweep or compare or step is not None or run is not None):
+        raise UserError("--base renders the base model alone; it cannot be combined with --sweep, --compare, "
+                        "--snapshot or --run")
     if out is not None:
         _check_out_folder(Path(out))
     prompt_options = prompts
@@ -473,8 +478,9 @@ def render(
             f"{project.file}: nothing to render; set render.prompts or palp.target_prompt, or pass --prompt"
         )
     listed = ", ".join(f"[{key}]" for key in cfg.subjects)
-    warnings += [f"prompt {p!r} has no placeholder ({listed}), so its images show none of the trained subjects"
-                 for p in prompts if not PLACEHOLDER.search(p)]
+    if not base_only:
+        warnings += [f"prompt {p!r} has no placeholder ({listed}), so its images show none of the trained subjects"
+                     for p in prompts if not PLACEHOLDER.search(p)]
     if seeds is None:
         seeds = tuple(rc.seeds)
     elif isinstance(seeds, str):
@@ -509,30 +515,33 @@ def render(
     from palpcompose.run import run_out_dir
 
     out_dir = run_out_dir(project, run)
-    manifest = read_manifest(out_dir)
-    folder, label, found = locate_weights(project, out_dir, step)
-    warnings += found
-    warnings += check_trained_for(project, out_dir, manifest)
-    if sweep:
-        choices = [(snapshot_dir(out_dir, s), f"step-{s:06d}") for s in snapshot_steps(out_dir)]
-        if label == "final":
-            choices.append((folder, label))
+    if base_only:  # the base model alone: no trained weights are read, so none are needed
+        manifest, models = None, [ModelChoice("base", None, None)]
     else:
-        choices = [(folder, label)]
-    models = [ModelChoice("base", None, None)] if compare else []
-    for path, name in choices:
-        weights = load_trained_weights(path)
-        missing = sorted(set(tokens.values()) - set(weights.embeddings))
-        if missing:
-            raise UserError(
-                f"{path}: has no embedding for {', '.join(missing)}; palp.toml's subjects changed since training. "
-                f"Retrain with `{command_line('palpcompose', 'train', project.root)}`"
-            )
-        # weights written before their header said so: the guidance of the run in out/manifest.json
-        guidance = weights.guidance or (manifest or {}).get("guidance") or "unknown"
-        models.append(ModelChoice(name, weights, weights.step, guidance))
-    if sweep and models[-1].label == "final":  # the snapshot of the last step holds the final weights again
-        models = [m for m in models if m.label == "final" or m.step != models[-1].step]
+        manifest = read_manifest(out_dir)
+        folder, label, found = locate_weights(project, out_dir, step)
+        warnings += found
+        warnings += check_trained_for(project, out_dir, manifest)
+        if sweep:
+            choices = [(snapshot_dir(out_dir, s), f"step-{s:06d}") for s in snapshot_steps(out_dir)]
+            if label == "final":
+                choices.append((folder, label))
+        else:
+            choices = [(folder, label)]
+        models = [ModelChoice("base", None, None)] if compare else []
+        for path, name in choices:
+            weights = load_trained_weights(path)
+            missing = sorted(set(tokens.values()) - set(weights.embeddings))
+            if missing:
+                raise UserError(
+                    f"{path}: has no embedding for {', '.join(missing)}; palp.toml's subjects changed since "
+                    f"training. Retrain with `{command_line('palpcompose', 'train', project.root)}`"
+                )
+            # weights written before their header said so: the guidance of the run in out/manifest.json
+            guidance = weights.guidance or (manifest or {}).get("guidance") or "unknown"
+            models.append(ModelChoice(name, weights, weights.step, guidance))
+        if sweep and models[-1].label == "final":  # the snapshot of the last step holds the final weights again
+            models = [m for m in models if m.label == "final" or m.step != models[-1].step]
     for message in warnings:
         if console is not None:
             console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False)
@@ -545,13 +554,15 @@ def render(
     pipe.scheduler = make_scheduler(settings.scheduler, pipe.scheduler.config)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    attach_trained_weights(
-        pipe, next(m.weights for m in models if m.weights is not None)
-    )  # fits? (before writing)
+    if not base_only:
+        attach_trained_weights(
+            pipe, next(m.weights for m in models if m.weights is not None)
+        )  # fits? (before writing)
 
     # 4. Render every model x prompt x seed, batch by batch, writing each PNG as soon as it exists.
     if out is None:
-        run_dir, made = _new_run_dir(out_dir / "renders", "sweep" if sweep else "compare" if compare else ""), True
+        run_dir, made = _new_run_dir(out_dir / "renders",
+                                      "sweep" if sweep else "compare" if compare else "base" if base_only else ""), True
     else:
         run_dir, made = Path(out), not Path(out).exists()
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -142,6 +142,28 @@ def test_compare_renders_the_base_model_with_class_words(project_dir, base):
     assert np.abs(np.asarray(plain).astype(np.int16) - pixels(base_image.path)).max() <= 1
 
 
+def test_base_renders_the_untouched_base_model_before_any_training(tmp_path, base):
+    """`render --base`: the base model alone, class words for placeholders, in a project that was never trained;
+    each image equals plain diffusers' render of the same text and seed."""
+    from diffusers import StableDiffusionPipeline
+
+    project = load_project(make_project(tmp_path / "untrained", base, trained=False), check_images=False)
+    clean = "an oil painting of a cat"
+    result = render(project, prompts=[clean, "an oil painting of [V1]"], seeds=[0], base_only=True, scheduler="ddim")
+    assert [(i.model, i.text) for i in result.images] == [("base", clean), ("base", "an oil painting of cat")]
+    assert result.run_dir.name.endswith("-base") and not result.warnings  # no "has no placeholder" for y_c here
+    index = json.loads((result.run_dir / "render.json").read_text())
+    assert index["training"] is None and [e["model"] for e in index["images"]] == ["base", "base"]
+    pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = make_scheduler("ddim", pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    plain = generate(pipe, [clean], [0], result.settings)[0]
+    assert np.abs(np.asarray(plain).astype(np.int16) - pixels(result.images[0].path)).max() <= 1
+    with pytest.raises(UserError, match="--base renders the base model alone"):
+        render(project, seeds=[0], base_only=True, compare=True)
+    assert not (tmp_path / "untrained" / "out" / "weights").exists()  # nothing trained appeared
+
+
 # --- guard rails, through the command line --------------------------------------------------------------------
 
 
