@@ -389,9 +389,13 @@ def evaluate(project, *, clip=None, oracle: bool = False, renders=None, seeds=No
         "means_of": means_of, "guidance": top["guidance"], "text_alignment": top["text_alignment"],
         "subject_fidelity": top["subject_fidelity"], "subjects": subjects, "models": models, "images": rows,
     }
-    outputs = (project.root / "out").resolve()  # out/renders/<run>/ or out/runs/<id>/renders/<run>/
-    run_eval_json = folder / "eval.json" if folder.resolve().is_relative_to(outputs) else None
-    if run_eval_json is not None:  # kept with the render run, so a later eval does not replace it
+    # Kept with the render run, so a later eval does not replace it: a folder in out/ (out/renders/<run>/,
+    # out/runs/<id>/renders/<run>/) or one `render --out` wrote (it has our render.json). A folder of the user's
+    # own images gets nothing written into it.
+    outputs = (project.root / "out").resolve()
+    ours = folder.resolve().is_relative_to(outputs) or (folder / "render.json").is_file()
+    run_eval_json = folder / "eval.json" if ours else None
+    if run_eval_json is not None:
         atomic_write_json(run_eval_json, data)
     eval_json = project.root / "out" / "eval.json"  # the latest eval
     atomic_write_json(eval_json, data)

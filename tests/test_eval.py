@@ -274,6 +274,28 @@ def test_eval_results_are_kept_per_render_run(toy_project, oracle):
     assert kept["subject_fidelity"] != latest["subject_fidelity"]
 
 
+def test_eval_keeps_its_result_in_a_render_out_folder_but_writes_nothing_into_a_folder_of_loose_images(
+        toy_project, oracle, tmp_path):
+    import shutil
+
+    from palpcompose.evaluate import evaluate
+
+    project = load_project(toy_project)
+    scorer = OracleScorer(project, oracle)
+    rendered = tmp_path / "elsewhere" / "render-out"  # as `render --out PATH` leaves it: PNGs and render.json
+    rendered.parent.mkdir()
+    shutil.move(compare_run(toy_project, "20260101-000000-compare"), rendered)
+    result = evaluate(project, renders=rendered, scorer=scorer)
+    assert result.run_eval_json == rendered / "eval.json"
+    assert json.loads((rendered / "eval.json").read_text())["renders"] == str(rendered)
+    loose = tmp_path / "my-pictures"  # the user's own folder, no render.json
+    toy_refs(loose, seed=7, count=2, style="sketch", ambiance="night")
+    before = sorted(p.name for p in loose.iterdir())
+    assert evaluate(project, renders=loose, scorer=scorer).run_eval_json is None
+    assert sorted(p.name for p in loose.iterdir()) == before
+    assert json.loads((toy_project / "out" / "eval.json").read_text())["renders"] == str(loose)  # the latest
+
+
 def write_tiny_clip(folder, tokenizer_dir):
     """A random tiny CLIP (text + vision towers), its tokenizer and image processor, saved as a local folder."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
