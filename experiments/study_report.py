@@ -50,6 +50,27 @@ def fmt(values) -> str:
     return f"{m:.3f} ± {2 * se:.3f}"
 
 
+def paired(runs: dict, variants: list[str], reference: str, steps: list[int], reverse: bool = False) -> list[str]:
+    """Table rows of `variant - reference` (or `reference - variant` with `reverse`), paired by cell and render
+    seed, per step and prompt and over all prompts."""
+    label = f"{reference} - variant" if reverse else f"variant - {reference}"
+    rows = [f"| variant | step | prompt | images | text: {label} | fidelity: {label} |",
+            "| --- | ---: | --- | ---: | ---: | ---: |"]
+    for v in variants:
+        for step in steps:
+            a, b = cells(runs, v, step), cells(runs, reference, step)
+            if reverse:
+                a, b = b, a
+            shared = sorted(set(a) & set(b))
+            for prompt in sorted({p for _, p in shared}) + ["all"]:
+                keys = [k for k in shared if prompt == "all" or k[1] == prompt]
+                dt = [x - y for k in keys for x, y in zip(a[k]["text"], b[k]["text"])]
+                df = [x - y for k in keys for x, y in zip(a[k]["fidelity"], b[k]["fidelity"])]
+                if len(dt) > 1:
+                    rows.append(f"| {v} | {step} | {prompt} | {len(dt)} | {fmt(dt)} | {fmt(df)} |")
+    return rows
+
+
 def report(work: Path) -> str:
     runs = load(work)
     lines = [f"### {work}", ""]
@@ -70,20 +91,12 @@ def report(work: Path) -> str:
             df = [a - b for k in now for a, b in zip(now[k]["fidelity"], base[k]["fidelity"])]
             lines.append(f"| {v} | {step} | {len(now)} | {fmt(text)} | {fmt(fid)} | {fmt(dt)} | {fmt(df)} |")
     if "none" in variants and len(variants) > 1:
-        lines += ["", "Paired differences to `none` (same cell, same render seed), per step and prompt:", "",
-                  "| variant | step | prompt | images | text - none | fidelity - none |", "| --- | ---: | --- | ---: | ---: | ---: |"]
-        for v in variants:
-            if v == "none":
-                continue
-            for step in steps[1:]:
-                a, b = cells(runs, v, step), cells(runs, "none", step)
-                shared = sorted(set(a) & set(b))
-                for prompt in sorted({p for _, p in shared}) + ["all"]:
-                    keys = [k for k in shared if prompt == "all" or k[1] == prompt]
-                    dt = [x - y for k in keys for x, y in zip(a[k]["text"], b[k]["text"])]
-                    df = [x - y for k in keys for x, y in zip(a[k]["fidelity"], b[k]["fidelity"])]
-                    if len(dt) > 1:
-                        lines.append(f"| {v} | {step} | {prompt} | {len(dt)} | {fmt(dt)} | {fmt(df)} |")
+        lines += ["", "Paired differences to `none` (same cell, same render seed), per step and prompt:", ""]
+        lines += paired(runs, [v for v in variants if v != "none"], "none", steps[1:])
+    variants_of_palp = [v for v in variants if v.startswith("palp-")]
+    if "palp" in variants and variants_of_palp:  # findings 4 and 5: palp against its own ablations
+        lines += ["", "Paired differences of `palp` to its ablations (findings 4 and 5; the cells both ran):", ""]
+        lines += paired(runs, variants_of_palp, "palp", steps[1:], reverse=True)
     lines += ["", "Gradient norms w.r.t. the UNet's prediction (train.jsonl; median over steps and runs):", "",
               "| variant | runs | grad_pers | grad_align | grad_align / grad_pers |", "| --- | ---: | ---: | ---: | ---: |"]
     for v in variants:
