@@ -75,6 +75,10 @@ class Settings:
     # True: the k-th subject of `subjects` is trained and scored on target prompt k mod `prompts` only (a reduced
     # design: every prompt is covered, by len(subjects) / prompts subjects each, at a quarter of the runs)
     rotate: bool = False
+    # The clean prompt y_c of the guided variants: "class" (the target with the class word: `a sketch of a star at
+    # night`) or "described" (with the subject's full description: `a sketch of a blue star with white dots at
+    # night`; the paper's "a description in the clean prompt improves alignment"). `none` never reads it.
+    clean: str = "class"
 
 
 NAMED_AMBIANCES = ("night", "snow", "sunset", "underwater")
@@ -92,11 +96,14 @@ def prompt_pairs(context: str = "day") -> tuple[tuple[str, str], ...]:
     return tuple((style, other(ambiance)) for style, ambiance in PROMPTS)
 
 
-def target_prompts(class_name: str, count: int, context: str = "day") -> list[tuple[str, str]]:
-    """(target prompt with [V1], clean prompt y_c naming the class) for the first `count` prompts."""
+def target_prompts(class_name: str, count: int, context: str = "day",
+                   description: str | None = None) -> list[tuple[str, str]]:
+    """(target prompt with [V1], clean prompt y_c naming the class, or with `description` the whole subject) for
+    the first `count` prompts."""
     from palpcompose.toyworld import world
 
-    return [(world.compose_prompt(style, "[V1]", ambiance), world.compose_prompt(style, f"a {class_name}", ambiance))
+    subject = description or f"a {class_name}"
+    return [(world.compose_prompt(style, "[V1]", ambiance), world.compose_prompt(style, subject, ambiance))
             for style, ambiance in prompt_pairs(context)[:count]]
 
 
@@ -123,9 +130,12 @@ def write_run(s: Settings, seed: int, variant: str, prompt_index: int | None) ->
     from palpcompose.toyworld import world
 
     root = run_dir(s, seed, variant, prompt_index)
-    class_name = world.subject_from_seed(seed).class_name
+    subject = world.subject_from_seed(seed)
+    class_name = subject.class_name
     index = prompt_index or 0  # a `none` run ignores the target prompt; it gets the first one
-    target, clean = target_prompts(class_name, index + 1, s.context)[index]
+    described = s.clean == "described" and variant != "none"  # so a baseline run serves both kinds of clean prompt
+    target, clean = target_prompts(class_name, index + 1, s.context,
+                                   subject.describe()["description"] if described else None)[index]
     palp = "\n".join(f"{k} = {json.dumps(v)}" for k, v in
                      {**VARIANTS[variant], **({} if variant == "none" else {"weight": s.weight, "alpha": s.alpha})
                       }.items())
@@ -408,7 +418,7 @@ def report_markdown(s: Settings, table: dict, verdicts: list[dict], runs_done: d
          f"{s.seeds}; {s.steps} steps, snapshots every {s.every}; base model {s.base_model}; device {s.device}."),
         (f"Regime: references' context {s.context}; learning rates {s.learning_rate:g} (LoRA) / "
          f"{s.embedding_learning_rate:g} (embedding); batch {s.batch_size} x accumulation {s.accumulation}; "
-         f"palp.weight {s.weight:g}, palp.alpha {s.alpha:g}"
+         f"palp.weight {s.weight:g}, palp.alpha {s.alpha:g}; clean prompt: {s.clean} words"
          + ("; each subject on one prompt (k-th subject: prompt k mod prompts)." if s.rotate else ".")),
         (f"Subjects with finished and scored runs, per variant: {', '.join(f'{v} {n}' for v, n in runs_done.items())}"
          f"; wall time of this invocation {wall / 60:.1f} min."), "",
@@ -525,6 +535,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="train.gradient_accumulation_steps (effective batch: batch size x accumulation)")
     parser.add_argument("--rotate", action="store_true",
                         help="the k-th subject gets only target prompt k mod --prompts (a quarter of the runs)")
+    parser.add_argument("--clean-prompt", choices=("class", "described"), default=Settings.clean,
+                        help="y_c of the guided variants: the class word (default) or the subject's description")
     parser.add_argument("--weight", type=float, default=Settings.weight, help="palp.weight (lambda)")
     parser.add_argument("--alpha", type=float, default=Settings.alpha,
                         help="palp.alpha (CFG scale of the frozen model on the clean prompt)")
@@ -563,7 +575,7 @@ def main(argv: list[str] | None = None) -> None:
                      args.device, args.base_model, args.resolution,
                      learning_rate=args.learning_rate, embedding_learning_rate=args.embedding_learning_rate,
                      context=args.context, batch_size=args.batch_size, accumulation=args.accumulation,
-                     weight=args.weight, alpha=args.alpha, rotate=args.rotate)
+                     weight=args.weight, alpha=args.alpha, rotate=args.rotate, clean=args.clean_prompt)
         if args.quick:
             s = replace(s, subjects=s.subjects[:2], prompts=min(s.prompts, 2), seeds=min(s.seeds, 2), steps=200,
                         every=100)

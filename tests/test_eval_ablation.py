@@ -63,6 +63,22 @@ def test_ablation_runs_scores_reports_and_skips_finished_runs(tmp_path, tiny_pip
     assert json.loads((tmp_path / "abl" / "results.json").read_text())["table"] == results["table"]
 
 
+def test_described_clean_prompt_names_the_whole_subject_for_the_guided_variants_only(tmp_path):
+    import tomllib
+    from pathlib import Path
+
+    s = ablation.Settings(work=Path(tmp_path), subjects=(1,), prompts=1, seeds=1, steps=2, every=1,
+                          variants=("none", "palp"), device="cpu", clean="described")
+    palp = tomllib.loads((ablation.write_run(s, 1, "palp", 0) / "palp.toml").read_text())["palp"]
+    assert palp["clean_prompt"] == "a sketch of a blue star with white dots at night"
+    assert palp["target_prompt"] == "a sketch of [V1] at night"
+    # the baseline's project is the one a class-word study writes, so its runs serve both
+    none = (ablation.write_run(s, 1, "none", None) / "palp.toml").read_text()
+    s_class = ablation.Settings(**{**s.__dict__, "work": Path(tmp_path) / "class", "clean": "class"})
+    assert none == (ablation.write_run(s_class, 1, "none", None) / "palp.toml").read_text()
+    assert 'clean_prompt = "a sketch of a star at night"' in none
+
+
 def test_bad_options_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         ablation.main(["--work", str(tmp_path / "abl"), "--variants", "palp,dds"])
