@@ -216,14 +216,17 @@ WEIGHT_NEUTRAL = (("train", "save_every"), ("train", "preview_every"), ("train",
 
 def weight_settings(config: dict, *, steps: bool = True) -> dict:
     """The part of a resolved configuration (ProjectConfig.to_dict(), or manifest.json's "config") that changes the
-    trained weights: all but [render] and WEIGHT_NEUTRAL; without train.steps when `steps` is false (what a resume
-    must share with the run it continues). Keys added since `config` was written count at their default."""
+    trained weights: all but [render] and WEIGHT_NEUTRAL, and for guidance "none" no [palp] key but the guidance;
+    without train.steps when `steps` is false (what a resume must share with the run it continues). Keys added
+    since `config` was written count at their default."""
     data = json.loads(json.dumps(config))
     data.pop("render", None)
     for (section, key), default in ADDED_LATER.items():
         data.setdefault(section, {}).setdefault(key, default)
     for section, key in WEIGHT_NEUTRAL + (() if steps else (("train", "steps"),)):
         data.get(section, {}).pop(key, None)
+    if data.get("palp", {}).get("guidance") == "none":  # the baseline reads no other [palp] key (method.md, step 5)
+        data["palp"] = {"guidance": "none"}
     return data
 
 

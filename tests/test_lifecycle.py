@@ -110,6 +110,22 @@ def test_a_guidance_change_and_force_keep_the_earlier_runs(make_project, run_cli
                for r in kept_runs(root))
 
 
+def test_a_baseline_is_not_made_stale_by_the_palp_settings_it_never_reads(make_project, run_cli):
+    root = make_project({"palp": {"guidance": "none", "weight": 1.0}, "train": {"steps": 2, "save_every": 1}})
+    assert run_cli("train", root).code == 0
+    before = (root / "out" / "weights" / "final" / "lora.safetensors").read_bytes()
+    set_in_toml(root, "weight = 1.0", "weight = 3.0")  # lambda: only a guided run reads it
+    result = run_cli("train", root)
+    assert result.code == 0 and "up to date" in result.out, result.out
+    assert kept_runs(root) == [] and (root / "out" / "weights" / "final" / "lora.safetensors").read_bytes() == before
+    set_in_toml(root, "steps = 2", "steps = 3")
+    resumed = run_cli("train", root)  # continues; the changed weight is not named as a change
+    assert resumed.code == 0 and "continuing the completed run" in resumed.out and "palp.weight" not in resumed.out
+    set_in_toml(root, 'guidance = "none"', 'guidance = "palp"')  # now it does change the weights
+    guided = run_cli("train", root)
+    assert guided.code == 0 and 'palp.guidance "none" -> "palp"' in guided.out and len(kept_runs(root)) == 1
+
+
 def test_train_after_ctrl_c_without_resume_keeps_the_checkpoint(make_project, run_cli, monkeypatch):
     root = make_project({"train": {"steps": 4, "save_every": 0}})
     real_step = interrupt_in_step(monkeypatch, 2)
