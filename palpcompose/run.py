@@ -321,13 +321,11 @@ def _resumable_checkpoint(plan: Plan, steps: int | None) -> Path:
             f", this one has {plan.num_processes}: the effective batch and every process's random draws would "
             f"change, so it would not continue that run. Resume with {written_by} (e.g. {launch}), or train "
             "without --resume to start over")
-    saved, settings = state_json["settings"], plan.settings
-    if saved != settings:
-        changed = [(f"{section}.{key}", saved.get(section, {}).get(key), values[key])
-                   for section, values in settings.items() for key in values
-                   if saved.get(section, {}).get(key) != values[key]]
-        listed = "; ".join(f"{key} was {then!r}, now {now!r}" for key, then, now in changed) or "the subjects"
-        old_guidance = saved.get("palp", {}).get("guidance")
+    # the checkpoint's settings read by today's rule (weight_settings), so a key that stopped mattering does not count
+    changed = changed_weight_settings(state_json["settings"], plan.settings, steps=False)
+    if changed:
+        listed = "; ".join(f"{key} was {then!r}, now {now!r}" for key, then, now in changed)
+        old_guidance = state_json["settings"].get("palp", {}).get("guidance")
         how = (f"pass --guidance {old_guidance} again" if any(k == "palp.guidance" for k, _, _ in changed)
                and len(changed) == 1 else "restore them in palp.toml (or the --guidance of that run)")
         raise UserError(f"{plan.project.file}: the checkpoint was trained with other settings ({listed}); {how} to "

@@ -126,6 +126,29 @@ def test_a_baseline_is_not_made_stale_by_the_palp_settings_it_never_reads(make_p
     assert guided.code == 0 and 'palp.guidance "none" -> "palp"' in guided.out and len(kept_runs(root)) == 1
 
 
+def test_resume_refuses_a_changed_setting_by_name_and_ignores_one_the_run_never_read(make_project, run_cli,
+                                                                                      monkeypatch):
+    root = make_project({"palp": {"guidance": "none", "weight": 1.0}, "train": {"steps": 4, "save_every": 0}})
+    real_step = interrupt_in_step(monkeypatch, 2)
+    with pytest.raises(Interrupted):
+        train(root, console=quiet())
+    monkeypatch.setattr(train_mod, "training_step", real_step)
+    set_in_toml(root, "lora_rank = 4", "lora_rank = 8")
+    refused = run_cli("train", root, "--resume")
+    assert refused.code == 2 and "train.lora_rank was 4, now 8" in refused.err, refused.err
+    assert json.loads((root / "out" / "checkpoint" / "state.json").read_text())["step"] == 2  # kept as it was
+    set_in_toml(root, "lora_rank = 8", "lora_rank = 4")
+    # a checkpoint written before the baseline's [palp] keys stopped counting lists them all, lambda 1 included
+    state_path = root / "out" / "checkpoint" / "state.json"
+    state = json.loads(state_path.read_text())
+    state["settings"]["palp"].update({"weight": 1.0, "alpha": 7.5, "clean_prompt": "an old clean prompt"})
+    state_path.write_text(json.dumps(state))
+    set_in_toml(root, "weight = 1.0", "weight = 3.0")  # the baseline never reads lambda
+    resumed = run_cli("train", root, "--resume")
+    assert resumed.code == 0, resumed.err
+    assert steps_logged(root / "out") == [1, 2, 3, 4] and manifest(root)["status"] == "completed"
+
+
 def test_train_after_ctrl_c_without_resume_keeps_the_checkpoint(make_project, run_cli, monkeypatch):
     root = make_project({"train": {"steps": 4, "save_every": 0}})
     real_step = interrupt_in_step(monkeypatch, 2)
