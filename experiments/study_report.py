@@ -2,6 +2,8 @@
 per variant the final-step means, the per-prompt differences to `none`, and the logged gradient-norm balance.
 
     python -m experiments.study_report out/study/A1 out/study/B ...
+    python -m experiments.study_report --pair out/study/D:palp out/study/B:palp   # one variant against another's
+                                                                                  # runs in another folder, paired
 
 Reads only what scripts/ablation cached (runs/*/out/ablation-scores.json, runs/*/out/logs/train.jsonl); renders
 and trains nothing.
@@ -113,8 +115,24 @@ def report(work: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def pair_report(first: str, second: str) -> str:
+    """`FOLDER:VARIANT` against `FOLDER:VARIANT`, paired by cell and render seed on the cells both have (e.g. palp
+    with a described clean prompt against palp with the class word, each in its own study folder)."""
+    (work_a, variant_a), (work_b, variant_b) = (s.rsplit(":", 1) for s in (first, second))
+    runs_a, runs_b = load(Path(work_a)), load(Path(work_b))
+    merged = {(s, first, p): r for (s, v, p), r in runs_a.items() if v == variant_a}
+    merged.update({(s, second, p): r for (s, v, p), r in runs_b.items() if v == variant_b})
+    steps = sorted({int(s) for r in merged.values() for s in r["scores"]} - {0})
+    lines = [f"### {first} against {second}", ""]
+    return "\n".join(lines + paired(merged, [first], second, steps)) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
-    for work in (argv if argv is not None else sys.argv[1:]):
+    args = argv if argv is not None else sys.argv[1:]
+    if args[:1] == ["--pair"]:
+        print(pair_report(args[1], args[2]))
+        return
+    for work in args:
         print(report(Path(work)))
 
 
