@@ -322,6 +322,10 @@ def test_render_sweep_and_compare_at_the_pipelines_default_size(trained_sdxl, on
     texts = {i.model: i.text for i in result.images}
     assert "<tiny-v1>" in texts["final"] and "cat" in texts["base"]
     assert result.contact_sheet.is_file()
+    base_only = render(project, base_only=True, steps=2)  # render --base: the same base-model images, alone
+    assert {i.model for i in base_only.images} == {"base"} and base_only.settings.width == 16
+    with Image.open(base_only.images[0].path) as alone, Image.open(by[("base", base_only.images[0].seed)]) as seen:
+        assert alone.tobytes() == seen.tobytes()
 
 
 # --------------------------------------------------------------------------------------------------------------
