@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from tiny_flow_pipeline import make_t5_tokenizer, make_tiny_flux_pipeline, make_tiny_sd3_pipeline
 
 PROMPT = "a photo of a cat"

@@ -22,7 +22,6 @@ import shutil
 from pathlib import Path
 
 import torch
-
 from tiny_pipeline import WORDS, write_tokenizer_files
 
 T5_WIDTH = 32  # T5 d_model = the transformers' joint_attention_dim
