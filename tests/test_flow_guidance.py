@@ -309,3 +309,41 @@ def test_sample_sigmas_applies_the_family_shift_and_clamps():
         sample_sigmas(2, sampling="cosmap")
     # the mean of a shift-3 sample is above the unshifted one: mass moves to high noise
     assert sample_sigmas(4096, generator=g(), shift=3.0).mean() > sample_sigmas(4096, generator=g()).mean()
+
+
+def test_velocity_sign_matches_the_scheduler_that_samples_these_models():
+    """diffusers' FlowMatchEulerDiscreteScheduler adds noise as add_noise does, and one Euler step from s to 0 with
+    the true velocity eps - x0 lands on x0: the sign the Flux and SD 3 transformers were trained with."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    x0, eps = _draw(2, 12, shape=(1, 4, 3, 3))
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+    sched.set_timesteps(sigmas=[0.6])  # one step: 0.6 -> 0
+    t = sched.timesteps[0]
+    s = torch.full((1, 1, 1, 1), 0.6)
+    assert torch.allclose(sched.scale_noise(x0, t.reshape(1), eps), add_noise(x0, eps, s), atol=1e-6)
+    stepped = sched.step(velocity_target(x0, eps), t, add_noise(x0, eps, s), return_dict=False)[0]
+    assert torch.allclose(stepped, x0, atol=1e-5)
+
+
+def test_distilled_palp_makes_one_pass_per_branch_at_alpha_and_beta():
+    """The whole term on a guidance-distilled model: the denoiser built from guided_velocity(distilled=True) runs the
+    frozen model at guidance alpha and the LoRA at guidance beta, one pass each, never the empty prompt."""
+    x_t, v_hat, noise, s = _inputs()
+    passes = []
+
+    def transformer(latents, *, adapter, prompt, guidance):
+        passes.append((adapter, prompt, guidance))
+        return 0.5 * latents + (1.0 if adapter else 0.0) + 0.1 * guidance
+
+    def denoise(latents, *, adapter, prompt, scale):
+        predict = lambda lat, **kw: transformer(lat, adapter=adapter, **kw)
+        return guided_velocity(predict, latents, prompt=prompt, scale=scale, distilled=True)
+
+    terms = FlowPalpGuidance(GuidanceConfig(alpha=3.5, beta=1.0))(
+        x0_hat=predict_x0(x_t, v_hat, s), noise=noise, sigma=s, denoise=denoise
+    )
+    assert passes == [(False, "clean", 3.5), (True, "personal", 1.0)]
+    # r = (0.5 z + 0.35) - (0.5 z + 1 + 0.1) = -0.75 everywhere; the gradient on v_hat is -r / numel
+    terms["loss_align"].backward()
+    assert torch.allclose(v_hat.grad, torch.full_like(v_hat, 0.75 / v_hat.numel()), atol=1e-7)
