@@ -100,3 +100,111 @@ def test_diffusers_format_lora_loads_back_and_changes_the_output(family, flux_di
     loaded = _render(fresh)
     assert np.abs(loaded - base).max() > 1e-4  # the LoRA changes the output ...
     assert np.allclose(loaded, adapted, atol=1e-6)  # ... exactly as the adapter it was saved from
+
+
+# --- one PALP step on the real (tiny) transformers: how the training step calls flow_guidance --------------------
+
+
+def _flux_velocity(transformer, latents, sigma, cond, guidance):
+    """FluxTransformer2DModel on unpacked latents (B, C, H, W): pack 2x2 patches, give it `timestep = s` (it
+    multiplies by 1000 itself) and the guidance value (distilled models only), unpack the velocity."""
+    from diffusers import FluxPipeline
+
+    b, c, h, w = latents.shape
+    embeds, pooled, text_ids = cond
+    out = transformer(
+        hidden_states=FluxPipeline._pack_latents(latents, b, c, h, w), timestep=sigma.reshape(b),
+        guidance=None if guidance is None else torch.full((b,), float(guidance)),
+        pooled_projections=pooled.expand(b, -1), encoder_hidden_states=embeds.expand(b, -1, -1), txt_ids=text_ids,
+        img_ids=FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, latents.device, latents.dtype),
+        return_dict=False,
+    )[0]
+    return FluxPipeline._unpack_latents(out, h * 2, w * 2, vae_scale_factor=2)  # the tiny VAE downsamples by 2
+
+
+def _sd3_velocity(transformer, latents, sigma, cond, guidance):
+    """SD3Transformer2DModel: `timestep = s * 1000`; no guidance input (real CFG)."""
+    embeds, pooled = cond
+    b = latents.shape[0]
+    return transformer(hidden_states=latents, timestep=sigma.reshape(b) * 1000,
+                       encoder_hidden_states=embeds.expand(b, -1, -1), pooled_projections=pooled.expand(b, -1),
+                       return_dict=False)[0]
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_one_palp_step_on_the_tiny_transformer(family, flux_dir, sd3_dir):
+    """Flow steps 1 to 7 with the real transformer and a LoRA: the alignment gradient on the LoRA equals the one of
+    -mean(r * v_hat) (Eq. 7 through the personalization branch only), the frozen weights get none, and the frozen
+    branch is the base model (adapter disabled)."""
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+    from peft import LoraConfig
+
+    from palpcompose.flow_guidance import (
+        FlowPalpGuidance,
+        add_noise,
+        expand_sigma,
+        flow_loss,
+        guided_velocity,
+        predict_x0,
+        renoise,
+        sample_sigmas,
+    )
+    from palpcompose.guidance import GuidanceConfig
+
+    if family == "flux":
+        pipe, velocity, distilled = _load(FluxPipeline, flux_dir), _flux_velocity, True
+        encode = lambda p: pipe.encode_prompt(p, device="cpu", max_sequence_length=16)
+        config = GuidanceConfig(alpha=3.5, beta=1.0)
+    else:
+        pipe, velocity, distilled = _load(StableDiffusion3Pipeline, sd3_dir), _sd3_velocity, False
+        encode = lambda p: pipe.encode_prompt(p, p, p, device="cpu", do_classifier_free_guidance=False,
+                                              max_sequence_length=16)[0::2]
+        config = GuidanceConfig(alpha=7.5, beta=1.0)
+    transformer = pipe.transformer
+    prompts = {"personal": encode("a photo of a cat"), "clean": encode("an oil painting of a cat"), "empty": encode("")}
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(2, 16, 16, 16, generator=g), torch.randn(2, 16, 16, 16, generator=g)
+    sigma = expand_sigma(sample_sigmas(2, generator=g, shift=3.0), 4)
+    with torch.no_grad():
+        base_before = velocity(transformer, x0, sigma, prompts["clean"], 3.5 if distilled else None)
+
+    transformer.requires_grad_(False)
+    torch.manual_seed(0)
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                       target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    lora = [p for p in transformer.parameters() if p.requires_grad]
+
+    def predict(latents, *, adapter, prompt, guidance):
+        (transformer.enable_adapters if adapter else transformer.disable_adapters)()
+        try:
+            return velocity(transformer, latents, sigma, prompts[prompt], guidance).float()
+        finally:
+            transformer.enable_adapters()
+
+    def denoise(latents, *, adapter, prompt, scale):
+        return guided_velocity(lambda lat, **kw: predict(lat, adapter=adapter, **kw), latents, prompt=prompt,
+                               scale=scale, distilled=distilled)
+
+    with torch.no_grad():  # the frozen branch is the base model
+        assert torch.allclose(predict(x0, adapter=False, prompt="clean", guidance=3.5 if distilled else None),
+                              base_before, atol=1e-6)
+
+    x_t = add_noise(x0, eps, sigma)  # flow step 1
+    v_hat = predict(x_t, adapter=True, prompt="personal", guidance=config.beta if distilled else None)  # step 2
+    loss_pers = flow_loss(v_hat, x0, eps)
+    x0_hat = predict_x0(x_t, v_hat, sigma)  # step 3
+    terms = FlowPalpGuidance(config)(x0_hat=x0_hat, noise=eps, sigma=sigma, denoise=denoise)  # steps 4 to 6
+    grad_align = torch.autograd.grad(terms["loss_align"], lora, retain_graph=True)
+
+    with torch.no_grad():  # r again, by hand
+        x0_hat_t = renoise(x0_hat, sigma, eps)
+        r = denoise(x0_hat_t, adapter=False, prompt="clean", scale=config.alpha) - denoise(
+            x0_hat_t, adapter=True, prompt="personal", scale=config.beta)
+    expected = torch.autograd.grad(-(r * v_hat).mean(), lora, retain_graph=True)
+    assert any(e.abs().max() > 0 for e in expected)
+    for got, want in zip(grad_align, expected, strict=True):
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-7)
+
+    (loss_pers + terms["loss_align"]).backward()  # step 7's backward: LoRA only
+    assert all(p.grad is not None for p in lora)
+    assert all(p.grad is None for p in transformer.parameters() if not p.requires_grad)
