@@ -253,3 +253,117 @@ def random_prompt_ids(spec: ArchSpec, batch: int, seed: int, device) -> torch.Te
     ids[:, 0] = vocab - 2
     ids[:, 1:8] = torch.randint(0, vocab - 2, (batch, 7), generator=g)
     return ids.to(device)
+
+
+# --- Flow-matching models (issue 21): the published configs, as facts, for benchmarks/flow_memory.py --------------
+#
+# Built on the meta device only (shapes, no weights): these are 2.5-12 B parameter models. Each dict is the model's
+# published diffusers `config.json` (the fields that set shapes), read through the project's search tool:
+# - black-forest-labs/FLUX.1-dev: transformer/config.json (FluxTransformer2DModel: 19 double-stream + 38
+#   single-stream blocks, 24 heads x 128 = 3072 wide, T5 features 4096, CLIP pooled 768, guidance_embeds true),
+#   vae/config.json (AutoencoderKL, 16 latent channels, shift 0.1159, scale 0.3611, no quant convs),
+#   text_encoder (CLIP ViT-L/14 text tower, CLIPTextModel) and text_encoder_2 (T5 v1.1 XXL encoder, T5EncoderModel:
+#   24 layers, d_model 4096, d_ff 10240, 64 heads x 64, gated-gelu, vocabulary 32128); FluxPipeline's T5
+#   max_sequence_length is 512.
+# - stabilityai/stable-diffusion-3.5-large and -medium: transformer/config.json (SD3Transformer2DModel; large:
+#   38 joint blocks, 38 heads x 64 = 2432 wide, no dual attention; medium: 24 blocks, 24 heads x 64 = 1536 wide,
+#   MMDiT-X dual attention in blocks 0-12, positions up to 384), both with qk_norm rms_norm, joint_attention_dim 4096,
+#   pooled 2048, patch 2; text_encoder CLIP-L and text_encoder_2 OpenCLIP bigG (both CLIPTextModelWithProjection),
+#   text_encoder_3 T5 v1.1 XXL as Flux's; StableDiffusion3Pipeline's T5 max_sequence_length is 256 (77 CLIP + 256 T5
+#   tokens reach the transformer). The VAE is Flux's shape with shift 0.0609, scale 1.5305.
+
+FLOW_ARCHS = ("flux1-dev", "sd35-medium", "sd35-large")
+
+
+@dataclass(frozen=True)
+class FlowArchSpec:
+    name: str
+    transformer_class: str  # "FluxTransformer2DModel" | "SD3Transformer2DModel"
+    transformer: dict
+    vae: dict
+    clip_l: dict  # CLIPTextConfig fields
+    t5: dict  # T5Config fields (encoder only)
+    t5_max_length: int  # the pipeline's max_sequence_length: T5 tokens the transformer reads
+    guidance: str  # "embedded" (guidance-distilled: one frozen pass) | "cfg" (real CFG: cond + uncond)
+    clip_g: dict | None = None  # SD 3's second CLIP (with projection)
+    clip_with_projection: bool = False  # SD 3 reads CLIP-L's projected pooled output (CLIPTextModelWithProjection)
+    vae_scale_factor: int = 8
+    default_resolution: int = 1024
+
+    @property
+    def image_tokens_per_side(self) -> int:
+        """Transformer tokens along one side per 16 pixels: Flux packs 2x2 latents, SD 3 patchifies by 2."""
+        return 16
+
+
+CLIP_L = {  # openai/clip-vit-large-patch14's text tower, as Flux.1 and SD 3 ship it
+    "hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12, "num_hidden_layers": 12,
+    "vocab_size": 49408, "projection_dim": 768, "hidden_act": "quick_gelu", "max_position_embeddings": 77,
+}
+CLIP_G = {  # OpenCLIP ViT-bigG/14's text tower (SDXL's text_encoder_2, SD 3's text_encoder_2)
+    "hidden_size": 1280, "intermediate_size": 5120, "num_attention_heads": 20, "num_hidden_layers": 32,
+    "vocab_size": 49408, "projection_dim": 1280, "hidden_act": "gelu", "max_position_embeddings": 77,
+}
+T5_XXL = {  # google/t5-v1_1-xxl's encoder, as FLUX.1-dev text_encoder_2 and SD 3.5 text_encoder_3
+    "vocab_size": 32128, "d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 24, "num_heads": 64,
+    "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128, "feed_forward_proj": "gated-gelu",
+    "is_encoder_decoder": False, "use_cache": False, "tie_word_embeddings": False,
+}
+FLOW_VAE = {  # FLUX.1-dev and SD 3.5 vae/config.json shapes (16 latent channels, 8x down)
+    "block_out_channels": (128, 256, 512, 512), "in_channels": 3, "out_channels": 3, "latent_channels": 16,
+    "layers_per_block": 2, "norm_num_groups": 32, "use_quant_conv": False, "use_post_quant_conv": False,
+    "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4,
+}
+
+FLUX1_DEV = FlowArchSpec(
+    name="flux1-dev",
+    transformer_class="FluxTransformer2DModel",
+    transformer={
+        "patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128,
+        "num_attention_heads": 24, "joint_attention_dim": 4096, "pooled_projection_dim": 768, "guidance_embeds": True,
+        "axes_dims_rope": (16, 56, 56),
+    },
+    vae={**FLOW_VAE, "shift_factor": 0.1159, "scaling_factor": 0.3611},
+    clip_l=CLIP_L,
+    t5=T5_XXL,
+    t5_max_length=512,
+    guidance="embedded",
+)
+
+_SD35 = {
+    "sample_size": 128, "patch_size": 2, "in_channels": 16, "out_channels": 16, "attention_head_dim": 64,
+    "joint_attention_dim": 4096, "pooled_projection_dim": 2048, "qk_norm": "rms_norm",
+}
+SD35_LARGE = FlowArchSpec(
+    name="sd35-large",
+    transformer_class="SD3Transformer2DModel",
+    transformer={**_SD35, "num_layers": 38, "num_attention_heads": 38, "caption_projection_dim": 2432,
+                 "pos_embed_max_size": 192, "dual_attention_layers": ()},
+    vae={**FLOW_VAE, "shift_factor": 0.0609, "scaling_factor": 1.5305},
+    clip_l=CLIP_L,
+    clip_g=CLIP_G,
+    clip_with_projection=True,
+    t5=T5_XXL,
+    t5_max_length=256,
+    guidance="cfg",
+)
+SD35_MEDIUM = FlowArchSpec(
+    name="sd35-medium",
+    transformer_class="SD3Transformer2DModel",
+    transformer={**_SD35, "num_layers": 24, "num_attention_heads": 24, "caption_projection_dim": 1536,
+                 "pos_embed_max_size": 384, "dual_attention_layers": tuple(range(13))},
+    vae=SD35_LARGE.vae,
+    clip_l=CLIP_L,
+    clip_g=CLIP_G,
+    clip_with_projection=True,
+    t5=T5_XXL,
+    t5_max_length=256,
+    guidance="cfg",
+)
+
+
+def flow_arch_spec(name: str) -> FlowArchSpec:
+    specs = {"flux1-dev": FLUX1_DEV, "sd35-medium": SD35_MEDIUM, "sd35-large": SD35_LARGE}
+    if name not in specs:
+        raise UserError(f"--arch {name!r}: unknown flow architecture; choose one of {', '.join(FLOW_ARCHS)}")
+    return specs[name]
