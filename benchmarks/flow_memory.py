@@ -105,12 +105,13 @@ class SavedActivations:
     """Bytes autograd keeps for backward in one forward: outside the blocks, per block, and the blocks' inputs."""
 
     outside: int
-    blocks: list[int]  # per block, in call order
+    blocks: list[int]  # per block, in call order (a block's input that it saves is in `inputs_saved` instead)
     block_inputs: int  # what per-block checkpointing keeps: each distinct tensor passed to a block
+    inputs_saved: int  # the part of block_inputs that autograd saves anyway (layer norms' inputs, ...)
 
     @property
     def full(self) -> int:
-        return self.outside + self.block_inputs + sum(self.blocks)
+        return self.outside + self.inputs_saved + sum(self.blocks)
 
     @property
     def checkpointed(self) -> int:
@@ -120,37 +121,38 @@ class SavedActivations:
 def count_saved(model: torch.nn.Module, blocks: list[torch.nn.Module], forward) -> SavedActivations:
     """Run `forward()` under saved-tensor hooks and attribute each saved storage to the block running."""
     params = {id(p) for p in model.parameters()}
-    seen: set[int] = set()
+    seen: set[int] = set()  # storages counted as saved
+    inputs: set[int] = set()  # storages passed to a block
     keep: list[torch.Tensor] = []  # holds what was seen, so ids stay unique
     per_block = {id(b): 0 for b in blocks}
-    outside = 0
-    inputs = 0
+    totals = {"outside": 0, "inputs": 0, "inputs_saved": 0}
     stack: list[int] = []
 
     def add(nbytes: int) -> None:
-        nonlocal outside
         if stack:
             per_block[stack[-1]] += nbytes
         else:
-            outside += nbytes
+            totals["outside"] += nbytes
 
     def pack(t):
         owner = _storage_owner(t)
         if id(owner) not in params and id(owner) not in seen:
             seen.add(id(owner))
             keep.append(owner)
-            add(_nbytes(owner))
+            if id(owner) in inputs:
+                totals["inputs_saved"] += _nbytes(owner)
+            else:
+                add(_nbytes(owner))
         return t
 
     def enter(module, args, kwargs):
-        nonlocal inputs
         stack.append(id(module))
         for t in pytree.tree_leaves((args, kwargs)):
-            if isinstance(t, torch.Tensor) and id(_storage_owner(t)) not in seen:
+            if isinstance(t, torch.Tensor) and id(_storage_owner(t)) not in inputs:
                 owner = _storage_owner(t)
-                seen.add(id(owner))  # a block input saved later inside counts as the input, once
+                inputs.add(id(owner))
                 keep.append(owner)
-                inputs += _nbytes(owner)
+                totals["inputs"] += _nbytes(owner)
 
     def leave(module, args, kwargs, output):
         stack.pop()
@@ -172,8 +174,8 @@ def count_saved(model: torch.nn.Module, blocks: list[torch.nn.Module], forward) 
     finally:
         for h in handles:
             h.remove()
-    # a block input is counted once, in `block_inputs`, not again where the block saves it: kept either way
-    return SavedActivations(outside=outside, blocks=[per_block[id(b)] for b in blocks], block_inputs=inputs)
+    return SavedActivations(outside=totals["outside"], blocks=[per_block[id(b)] for b in blocks],
+                            block_inputs=totals["inputs"], inputs_saved=totals["inputs_saved"])
 
 
 class LiveBytes(TorchDispatchMode):

@@ -2,6 +2,7 @@
 
     python -m benchmarks.memory_estimate --arch sdxl
     python -m benchmarks.memory_estimate --arch sdxl --saved-activations
+    python -m benchmarks.memory_estimate --arch flux1-dev      # flow models: benchmarks/flow_memory.py's table
 
 The models are built on PyTorch's meta device (shapes, no storage), frozen and given the paper's LoRA (rank 32) as
 `train.prepare_state` does, then `memory.estimate_training_memory` is asked for each preset row: bf16, batch 1, at
@@ -9,6 +10,10 @@ each resolution, with and without `train.low_memory`. `--saved-activations` also
 backward in one UNet pass (saved-tensor hooks, bf16, batch 1; views count in full, and meta attention saves its
 probabilities, so the count is high for every model alike): a cross-check of how the activation term scales between
 architectures, not a peak.
+
+The flow-matching architectures (`flux1-dev`, `sd35-medium`, `sd35-large`) are estimated by benchmarks/flow_memory.py
+(measured activations per transformer block, the PALP passes of a rectified-flow step, 8-bit weights, text encoders
+off the GPU, tokens in T5); `--arch` with one of them prints its table (`--rank` and `--saved-activations` are SD's).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import sys
 
 import torch
 
-from benchmarks import archs
+from benchmarks import archs, flow_memory
 from benchmarks._cli import run_main
 from palpcompose import memory, models
 
@@ -27,7 +32,7 @@ RESOLUTIONS = {"sd15": (512, 768), "sdxl": (768, 1024)}
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.memory_estimate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--arch", choices=tuple(RESOLUTIONS), default="sdxl")
+    p.add_argument("--arch", choices=tuple(RESOLUTIONS) + archs.FLOW_ARCHS, default="sdxl")
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--saved-activations", action="store_true")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
@@ -78,6 +83,10 @@ def saved_activation_gib(spec: archs.ArchSpec, unet, resolution: int) -> float:
 
 
 def run(args: argparse.Namespace) -> dict:
+    if args.arch in archs.FLOW_ARCHS:
+        report = flow_memory.run_arch(args.arch)
+        flow_memory.print_table(report)
+        return report
     spec = archs.arch_spec(args.arch)
     unet, vae, text_encoder, lora = meta_models(spec, args.rank)
     params = sum(p.numel() for p in unet.parameters() if not p.requires_grad)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import io
 import json
 
 import pytest
@@ -213,3 +216,104 @@ def test_toy_arch_has_the_builtin_toy_shapes():
 
     assert (count(ours.unet), count(ours.vae), count(ours.text_encoder)) == (count(unet), count(vae), count(text_encoder))
     assert ours.unet.config.sample_size * archs.TOY.vae_scale_factor == archs.TOY.default_resolution
+
+
+# --- flow-model memory estimate (benchmarks/flow_memory.py, issue 21 item 5) --------------------------------------
+
+
+def test_saved_activation_count_on_a_known_graph():
+    """Saved-tensor counting against hand-counted bytes: parameters excluded, a storage saved twice counted once,
+    bytes attributed to the block running, checkpointing keeps the block inputs plus the largest block."""
+    from benchmarks.flow_memory import count_saved
+
+    torch.manual_seed(0)
+    blocks = torch.nn.ModuleList([torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.Linear(8, 4))
+                                  for _ in range(2)])
+    head = torch.nn.Linear(4, 4)
+    model = torch.nn.ModuleList([*blocks, head])
+    model.requires_grad_(False)
+    head.weight.requires_grad_(True)  # a trained weight needs its input saved; a frozen one does not
+    x = torch.randn(3, 4, requires_grad=True)  # fp32: 4 bytes a value
+
+    def forward():
+        h = x
+        for b in blocks:
+            h = b(h)
+        return head(h) + head(h)  # the same input saved twice: one storage
+
+    saved = count_saved(model, list(blocks), forward)
+    # per block only GELU's input (3 x 8) is saved: the frozen Linears need their weights (parameters), not inputs
+    assert saved.blocks == [3 * 8 * 4] * 2
+    assert saved.block_inputs == 2 * 3 * 4 * 4 and saved.inputs_saved == 0
+    assert saved.outside == 3 * 4 * 4  # the head's input, once
+    assert saved.full == 3 * 4 * 4 + 2 * 3 * 8 * 4
+    assert saved.checkpointed == 3 * 4 * 4 + 2 * 3 * 4 * 4 + 3 * 8 * 4
+
+
+def test_live_bytes_follow_python_frees():
+    from benchmarks.flow_memory import LiveBytes
+
+    live = LiveBytes()
+    with torch.no_grad(), live:
+        a = torch.ones(1024)  # 4 KiB
+        b = a * 2  # 8 KiB live
+        del a
+        c = b * 2  # 8 KiB live again, not 12
+        view = c.view(32, 32)  # a view adds nothing
+        del b, c, view
+    assert live.peak == 2 * 4096 and live.live == 0
+
+
+@functools.lru_cache(maxsize=None)
+def _flow_report(name: str) -> dict:
+    """`python -m benchmarks.memory_estimate --arch NAME --json` (meta device, ~10-20 s per model), parsed."""
+    from benchmarks import memory_estimate
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert memory_estimate.main(["--arch", name, "--json"]) == 0
+    lines = out.getvalue().strip().splitlines()
+    assert any(line.lstrip().startswith("512") for line in lines[:-1])  # the table came first
+    return json.loads(lines[-1])
+
+
+PUBLISHED_PARAMS = {  # transformer, CLIP(s), T5 v1.1 XXL encoder: the released checkpoints' parameter counts
+    "flux1-dev": (11_901_408_320, [123_060_480], 4_762_310_656),
+    "sd35-medium": (2_243_171_520, [123_650_304, 694_659_840], 4_762_310_656),
+    "sd35-large": (8_056_627_520, [123_650_304, 694_659_840], 4_762_310_656),
+}
+
+
+@pytest.mark.parametrize("name", archs.FLOW_ARCHS)
+def test_flow_memory_estimate_levers_move_the_right_way(name):
+    report = _flow_report(name)
+    p = report["params"]
+    assert (p["transformer"], p["clips"], p["t5"]) == PUBLISHED_PARAMS[name]
+    assert report["guidance"] == ("embedded" if name == "flux1-dev" else "cfg")
+    assert len(report["rows"]) == 2 * 2 * 2 * 2 * 2 * 2  # resolution, rank, weights, checkpointing, tokens, offload
+    base = {"resolution": 512, "rank": 32, "weights": "bf16", "checkpointing": False, "tokens": "clip",
+            "offload_encoders": True}
+
+    def row(**changes):
+        want = {**base, **changes}
+        (found,) = [r for r in report["rows"] if all(r[k] == v for k, v in want.items())]
+        return found
+
+    for start in (base, {**base, "weights": "8bit", "checkpointing": True}):
+        base = start
+        assert row(resolution=1024)["personalization_gib"] > 2.5 * row()["personalization_gib"]  # ~4x the tokens
+        assert row(resolution=1024)["total_gib"] > row()["total_gib"]
+        assert row(tokens="clip+t5")["total_gib"] > row()["total_gib"] + 1  # T5 on the GPU, with grad through it
+        assert row(tokens="clip+t5")["text_grad_gib"] > row()["text_grad_gib"]
+        assert row(offload_encoders=False)["encoders_vae_gib"] > row()["encoders_vae_gib"] + 1
+        assert row(rank=16)["trained_gib"] == pytest.approx(row()["trained_gib"] / 2, rel=0.02)
+    base = {**base, "weights": "bf16", "checkpointing": False}
+    eight = row(weights="8bit")
+    assert 0.45 < eight["transformer_gib"] / row()["transformer_gib"] < 0.55  # ~all values are Linear weights
+    assert eight["total_gib"] < row()["total_gib"]
+    assert row(checkpointing=True)["personalization_gib"] < row()["personalization_gib"] / 5
+    assert row(checkpointing=True)["total_gib"] < row()["total_gib"]
+    # the personalization pass grows with the image tokens: between linear and quadratic would be attention
+    # probabilities leaking in (flash-like SDPA keeps none)
+    ratio = row(resolution=1024)["personalization_gib"] / row()["personalization_gib"]
+    assert ratio < 4.0
