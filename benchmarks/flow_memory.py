@@ -7,7 +7,9 @@
 What is exact and what is measured (docs/flow-memory.md says what it means for 16-80 GB cards):
 - **Weights**: parameter counts of the published configs (benchmarks/archs.py), 2 bytes per frozen value in bf16;
   with `8bit`, 1 byte per weight of every frozen nn.Linear of the transformer and of T5 (fp8 or int8 weight-only:
-  torchao / bitsandbytes store a byte per value plus per-channel scales, counted here in bf16), the rest in bf16.
+  torchao / bitsandbytes store a byte per value plus per-row scales, not counted), the rest in bf16. This assumes
+  backward keeps no dequantized copy: torchao 0.18's weight-only tensors do keep one unless the linear is wrapped
+  (docs/flow-memory.md, "8-bit weights").
   Text encoders on the GPU are bf16 (CLIPs 8-bit too would save < 0.4 GiB); the VAE is off the GPU (latents cached).
 - **Trained values**: the LoRA (peft, rank r, the family targets of docs/families.md) and one token row per encoder
   that trains one, fp32, with gradient and two AdamW moments: 16 bytes per value.
