@@ -17,10 +17,12 @@ What is exact and what is measured (docs/flow-memory.md says what it means for 1
   the bytes autograd keeps for backward in one bf16 forward of the whole transformer at the model's sequence length
   (image tokens (R/16)^2 plus 512 T5 tokens for Flux, 77 + 256 for SD 3), each saved storage once, parameters
   excluded, attributed to the block that saved it. Attention is counted as flash/efficient SDPA saves it (q, k, v,
-  out, a log-sum-exp per row), not the L x L probabilities meta's math fallback would keep. The engine's autocast
-  casts each LoRA input to bf16 once more (peft casts it to the fp32 LoRA dtype first): one bf16 copy of the input
-  per LoRA layer is added. With gradient checkpointing (diffusers' per-block checkpointing) only each block's inputs
-  are kept, plus one block's activations while it is recomputed in backward: outside + inputs + max(block).
+  out, a log-sum-exp per row), not the L x L probabilities meta's math fallback would keep. The engine runs the
+  step under bf16 autocast with an fp32 LoRA; meta has no autocast, so `EmulatedAutocast` makes its casts (bf16
+  matmul inputs, fp32 norms and softmax) as recorded ops: the fp32 layer-norm inputs and the bf16 copy of each LoRA
+  input (peft casts it to fp32, autocast back) are counted. With gradient checkpointing (diffusers' per-block
+  checkpointing) only each block's inputs are kept, plus one block's activations while it is recomputed in
+  backward: outside + inputs + max(block).
 - **Text encoders with trained tokens** (CLIP-L, CLIP-G; T5 with `tokens=clip+t5`): y_P goes through them with
   grad every step; measured the same way (T5's eager attention with its relative bias does keep its probabilities,
   as transformers' T5 does), checkpointed per layer with the checkpointing lever.
@@ -42,6 +44,8 @@ import weakref
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -92,6 +96,39 @@ def flash_like_sdpa():
         torch.nn.functional.scaled_dot_product_attention = original
 
 
+class EmulatedAutocast(TorchFunctionMode):
+    """CUDA bf16 autocast's casts for the ops that matter to memory, on meta (where real autocast does nothing).
+
+    A function mode runs above autograd, as autocast does, so each cast is a recorded op whose result the next op
+    saves, exactly as under `accelerator.autocast()`: matmuls get bf16 inputs (an fp32 LoRA weight, a fp32 input),
+    layer/group norms and softmax fp32 ones (their outputs are fp32 too)."""
+
+    LOW = frozenset({F.linear, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.baddbmm,
+                     torch.mm, torch.addmm, F.conv2d})
+    FP32 = frozenset({F.layer_norm, F.group_norm, F.softmax, torch.softmax, torch.Tensor.softmax, F.log_softmax})
+
+    def __init__(self):
+        super().__init__()
+        self.cache: dict[int, torch.Tensor] = {}  # autocast caches casts of leaves that require grad (the LoRA)
+
+    def _cast(self, t, dtype):
+        if not (isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != dtype):
+            return t
+        if t.is_leaf and t.requires_grad:
+            key = id(t)
+            if key not in self.cache or self.cache[key].dtype != dtype:
+                self.cache[key] = t.to(dtype)
+            return self.cache[key]
+        return t.to(dtype)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        dtype = torch.bfloat16 if func in self.LOW else torch.float32 if func in self.FP32 else None
+        if dtype is not None:
+            args, kwargs = pytree.tree_map(lambda t: self._cast(t, dtype), (args, kwargs))
+        return func(*args, **kwargs)
+
+
 def _storage_owner(t: torch.Tensor) -> torch.Tensor:
     while t._base is not None:
         t = t._base
@@ -120,8 +157,10 @@ class SavedActivations:
         return self.outside + self.block_inputs + max(self.blocks)
 
 
-def count_saved(model: torch.nn.Module, blocks: list[torch.nn.Module], forward) -> SavedActivations:
-    """Run `forward()` under saved-tensor hooks and attribute each saved storage to the block running."""
+def count_saved(model: torch.nn.Module, blocks: list[torch.nn.Module], forward,
+                autocast: bool = True) -> SavedActivations:
+    """Run `forward()` under saved-tensor hooks (and the emulated bf16 autocast) and attribute each saved storage to
+    the block running."""
     params = {id(p) for p in model.parameters()}
     seen: set[int] = set()  # storages counted as saved
     inputs: set[int] = set()  # storages passed to a block
@@ -159,19 +198,13 @@ def count_saved(model: torch.nn.Module, blocks: list[torch.nn.Module], forward) 
     def leave(module, args, kwargs, output):
         stack.pop()
 
-    def lora_cast(module, args):  # autocast's bf16 copy of the LoRA input, saved by lora_A (see the docstring)
-        if torch.is_grad_enabled():
-            add(args[0].numel() * 2)
-
     handles = []
     for b in blocks:
         handles.append(b.register_forward_pre_hook(enter, with_kwargs=True))
         handles.append(b.register_forward_hook(leave, with_kwargs=True))
-    for name, m in model.named_modules():
-        if name.endswith("lora_A.default"):
-            handles.append(m.register_forward_pre_hook(lora_cast))
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), flash_like_sdpa():
+        with (torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), flash_like_sdpa(),
+              EmulatedAutocast() if autocast else contextlib.nullcontext()):
             forward()
     finally:
         for h in handles:
@@ -216,11 +249,17 @@ class MetaFlowModels:
 
 
 def build_meta(spec: archs.FlowArchSpec, rank: int) -> MetaFlowModels:
-    """The transformer (bf16) with a peft LoRA of `rank` on the family targets (bf16 here: the fp32 copies the engine
-    keeps are counted as trained values), text encoders (bf16), all frozen but the LoRA; no storage."""
+    """The transformer (bf16) with a peft LoRA of `rank` on the family targets (fp32, as models.add_lora keeps it),
+    text encoders (bf16), all frozen but the LoRA; no storage."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel
     from peft import LoraConfig
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        T5Config,
+        T5EncoderModel,
+    )
 
     cls = {"FluxTransformer2DModel": FluxTransformer2DModel, "SD3Transformer2DModel": SD3Transformer2DModel}
     clip_cls = CLIPTextModelWithProjection if spec.clip_with_projection else CLIPTextModel
@@ -237,6 +276,9 @@ def build_meta(spec: archs.FlowArchSpec, rank: int) -> MetaFlowModels:
         m.to(torch.bfloat16)
     transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
                                        target_modules=FLOW_LORA_TARGETS))
+    for p in transformer.parameters():
+        if p.requires_grad:
+            p.data = p.data.to(torch.float32)
     return MetaFlowModels(spec, transformer, clips, t5, vae_params)
 
 
@@ -323,7 +365,7 @@ def measure_transformer(models: MetaFlowModels, resolution: int) -> tuple[SavedA
     saved = count_saved(t, transformer_blocks(t), lambda: t(**transformer_inputs(spec, resolution, 1)))
     frozen_batch = 2 if spec.guidance == "cfg" else 1
     live = LiveBytes()
-    with torch.no_grad(), flash_like_sdpa(), live:
+    with torch.no_grad(), flash_like_sdpa(), EmulatedAutocast(), live:
         t(**transformer_inputs(spec, resolution, frozen_batch))
     return saved, live.peak
 
@@ -392,8 +434,9 @@ def run_arch(name: str, resolutions=RESOLUTIONS, ranks=RANKS) -> dict:
     encoders = measure_encoders(models)
     report = {
         "arch": name, "guidance": spec.guidance, "t5_max_length": spec.t5_max_length,
-        "params": {"transformer": _frozen_values(models.transformer), "clips": [_frozen_values(c) for c in models.clips],
-                   "t5": _frozen_values(models.t5), "vae": models.vae_params},
+        "params": {"transformer": _frozen_values(models.transformer),
+                   "clips": [_frozen_values(c) for c in models.clips], "t5": _frozen_values(models.t5),
+                   "vae": models.vae_params},
         "lora_values": lora, "measured": {}, "rows": [],
     }
     for resolution in resolutions:
