@@ -323,3 +323,57 @@ def test_flow_memory_estimate_levers_move_the_right_way(name):
     # probabilities leaking in (flash-like SDPA keeps none)
     ratio = row(resolution=1024)["personalization_gib"] / row()["personalization_gib"]
     assert ratio < 4.0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["flux1-dev", "sd35-large"])
+def test_flow_activation_count_matches_cuda_allocations(name):
+    """What CUDA really keeps after a forward with grad (bf16 autocast, fp32 LoRA, flash SDPA) against the meta count,
+    on the real widths with 2 + 2 blocks (Flux) or 3 blocks (SD 3.5 Large) at 512 px: the GPU check of
+    docs/flow-memory.md, item 1. Without and with gradient checkpointing (then the count minus the recomputed block)."""
+    import dataclasses
+
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+    from peft import LoraConfig
+
+    from benchmarks import flow_memory
+
+    spec = archs.flow_arch_spec(name)
+    depth = {"num_layers": 2, "num_single_layers": 2} if name == "flux1-dev" else {"num_layers": 3}
+    spec = dataclasses.replace(spec, transformer={**spec.transformer, **depth})
+    meta = flow_memory.measure_transformer(flow_memory.build_meta(spec, 32), 512)[0]
+
+    cls = FluxTransformer2DModel if name == "flux1-dev" else SD3Transformer2DModel
+    with torch.device("cuda"):
+        model = cls(**spec.transformer).to(torch.bfloat16)
+    model.requires_grad_(False)
+    model.add_adapter(LoraConfig(r=32, lora_alpha=32, init_lora_weights="gaussian",
+                                 target_modules=flow_memory.FLOW_LORA_TARGETS))
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    inputs = {k: torch.randn(v.shape, dtype=v.dtype, device="cuda")
+              for k, v in flow_memory.transformer_inputs(spec, 512, 1).items()}
+    if name == "flux1-dev":
+        inputs["timestep"] = torch.full_like(inputs["timestep"], 0.5)
+        inputs["guidance"] = torch.full_like(inputs["guidance"], 3.5)
+    else:
+        inputs["timestep"] = torch.full_like(inputs["timestep"], 500.0)
+
+    def kept_by_forward() -> int:
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(**inputs, return_dict=False)[0]
+        torch.cuda.synchronize()
+        kept = torch.cuda.memory_allocated() - before - out.numel() * out.element_size()
+        del out
+        return kept
+
+    full = kept_by_forward()
+    model.enable_gradient_checkpointing()
+    checkpointed = kept_by_forward()
+    print(f"{name}: forward keeps {full / 2**20:.0f} MiB (meta count {meta.full / 2**20:.0f}); checkpointed "
+          f"{checkpointed / 2**20:.0f} MiB (meta {(meta.checkpointed - max(meta.blocks)) / 2**20:.0f})")
+    assert full == pytest.approx(meta.full, rel=0.15)
+    assert checkpointed == pytest.approx(meta.checkpointed - max(meta.blocks), rel=0.25)
