@@ -406,6 +406,8 @@ def estimate_row(models: MetaFlowModels, measured: Measured, *, resolution: int,
     personalization = pick(measured.transformer)
     text = sum(pick(c) for c in measured.clips) + (pick(measured.t5) if t5_trains else 0)
     activations = personalization + text + measured.frozen_pass_peak
+    if checkpointing:  # the guidance passes run before backward, the block recompute during it: one or the other
+        activations -= min(max(measured.transformer.blocks), measured.frozen_pass_peak)
     total = weights + encoders + vae + trained + activations
     row = {
         "resolution": resolution, "rank": rank, "weights": "8bit" if eight_bit else "bf16",
