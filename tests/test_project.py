@@ -16,7 +16,7 @@ from palpcompose.project import (
     ProjectConfig,
     RenderConfig,
     TrainConfig,
-    _key_lines,
+    key_lines,
     load_project,
     sanitize_name,
     schema_markdown,
@@ -99,7 +99,7 @@ class_name = "cat"
 seed = 1
 render.steps = 4
 """
-    lines = _key_lines(text)
+    lines = key_lines(text)
     assert lines[("project",)] == 2 and lines[("project", "name")] == 3
     assert ("project", "steps") not in lines  # inside a multi-line string
     assert lines[("subjects", "V1")] == 7 and lines[("subjects", "V1", "class_name")] == 8
