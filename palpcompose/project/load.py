@@ -39,7 +39,8 @@ def validate(project_dir: Path, with_images: bool) -> tuple[Validator, Project |
     if file.is_symlink() and not file.exists():
         raise UserError(f"{file}: is a broken symbolic link (to {file.readlink()}); replace it with the file")
     if not file.is_file():
-        raise UserError(f"{file}: not found; create a project with `{command_line('palpcompose', 'init', project_dir)}`")
+        raise UserError(f"{file}: not found; create a project with "
+                        f"`{command_line('palpcompose', 'init', project_dir)}`")
     v = Validator(file, file.read_bytes())
     config = v.parse()
     root = project_dir.resolve()

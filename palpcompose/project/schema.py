@@ -63,8 +63,8 @@ def model_dependent(key: str) -> bool:
 
 @dataclass(frozen=True)
 class ProjectSection:
-    name: str = _spec("Project name: ASCII letters (a-z, A-Z), digits, '-' and '_' (1-64 characters). Makes the learned tokens "
-                      "unique: subject V1 of project `cat` is the token `<cat-v1>`.")
+    name: str = _spec("Project name: ASCII letters (a-z, A-Z), digits, '-' and '_' (1-64 characters). Makes the "
+                      "learned tokens unique: subject V1 of project `cat` is the token `<cat-v1>`.")
     base_model: str = _spec("The pre-trained text-to-image model: `builtin:toy`, a hub id (`org/name`, used from the "
                             "local Hugging Face cache), a local diffusers folder, or a single `.safetensors` file. "
                             "Relative paths are relative to the project folder.")

@@ -150,7 +150,8 @@ class Validator:
 
     def subjects(self, table: Any) -> tuple[dict[str, SubjectConfig], set[str], bool]:
         """(the subjects that parsed, every declared subject key, whether all of them parsed)."""
-        example = 'add a subject:\n[subjects.V1]\nclass_name = "cat"\nimages = ["refs/cat/*.jpg"]\nprompt = "A photo of [V1]"'
+        example = ('add a subject:\n[subjects.V1]\nclass_name = "cat"\nimages = ["refs/cat/*.jpg"]\n'
+                   'prompt = "A photo of [V1]"')
         if not isinstance(table, dict) or not table:
             self.problem("subjects", "no subjects: a project needs at least one", example,
                          line=self.line_of("subjects") or 1)
@@ -227,7 +228,8 @@ class Validator:
     def in_range(self, key: str, value: float, meta: dict) -> bool:
         ge, gt, le, multiple = meta["ge"], meta["gt"], meta["le"], meta["multiple_of"]
         if (ge is not None and value < ge) or (gt is not None and value <= gt) or (le is not None and value > le):
-            bounds = [f">= {format_number(ge)}" if ge is not None else None, f"> {format_number(gt)}" if gt is not None else None,
+            bounds = [f">= {format_number(ge)}" if ge is not None else None,
+                      f"> {format_number(gt)}" if gt is not None else None,
                       f"<= {format_number(le)}" if le is not None else None]
             self.problem(key, f"must be {' and '.join(b for b in bounds if b)}, got {format_number(value)}")
             return False
