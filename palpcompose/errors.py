@@ -2,6 +2,10 @@
 
 `UserError` and its subclasses mean "your input is wrong": the CLI prints the message (no traceback) and exits 2,
 having written nothing. Anything else is a bug or an environment failure and exits 1.
+
+Errors that belong to one layer's job stay beside it: `guidance.NonFiniteError` (training diverged),
+`memory.OutOfMemory`, and `distributed.FailedOnMain` / `ProcessLost` (several processes); each subclasses
+`PalpcomposeError` from here.
 """
 
 from __future__ import annotations
@@ -61,6 +65,12 @@ class ProjectError(UserError):
         n = len(self.problems)
         head = f"{n} problem{'s' if n != 1 else ''} found:"
         super().__init__("\n".join([head] + ["  - " + p.format() for p in self.problems]))
+
+
+class WeightsDoNotFit(UserError):
+    """Trained weights (the LoRA or a token embedding) do not fit the base model they are loaded into: they were
+    trained on another model (another family, or other layer shapes). Exit 2; the message names the base model to
+    use. The one type for this, wherever weights are attached (render, export, resume)."""
 
 
 class Interrupted(PalpcomposeError):

@@ -25,7 +25,6 @@ renders the project's seeds for its target prompt (or reads existing renders), s
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,9 +33,9 @@ import torch
 from palpcompose import __version__
 from palpcompose.errors import UserError, command_line
 from palpcompose.fsutil import atomic_write_json
+from palpcompose.images import IMAGE_SUFFIXES
+from palpcompose.placeholders import class_word_prompt, subjects_in
 
-PLACEHOLDER = re.compile(r"\[(V[1-9][0-9]*)\]")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 TOY_MODEL = "builtin:toy"
 ARTWORK_HEADS = ("style", "ambiance")  # what an artwork subject (class_name not a toy-world class) is judged on
 
@@ -47,17 +46,6 @@ def is_toy_object(class_name: str) -> bool:
     from palpcompose.toyworld import world
 
     return class_name.strip().lower() in world.CLASSES
-
-
-def class_word_prompt(prompt: str, class_words: dict[str, str]) -> str:
-    """The prompt a metric reads: each [Vn] replaced by its subject's class word (unknown [Vn] stay as written)."""
-    return PLACEHOLDER.sub(lambda m: class_words.get(m.group(1), m.group(0)), prompt)
-
-
-def subjects_in(prompt: str, subject_keys) -> list[str]:
-    """The subjects a prompt names, in order of first appearance."""
-    named = dict.fromkeys(m.group(1) for m in PLACEHOLDER.finditer(prompt))
-    return [key for key in named if key in subject_keys]
 
 
 def _open_rgb(path: Path):

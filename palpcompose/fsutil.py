@@ -11,6 +11,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from palpcompose.errors import UserError
+
 
 def _tmp_path(path: Path) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -111,8 +113,6 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 def check_folder_can_be_made(folder: Path, what: str) -> None:
     """Before writing into `folder` (created if missing): raise UserError, naming `what` (e.g. "--out"), when a
     file stands where the folder or one of its parents must be, or the nearest existing folder is not writable."""
-    from palpcompose.errors import UserError
-
     existing = folder
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from palpcompose.errors import UserError
+from palpcompose.errors import UserError, command_line
 
 # File types a glob or a folder in `images` picks up. A file named explicitly is opened whatever its suffix.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -42,8 +42,6 @@ def is_heic_name(path: Path) -> bool:
 
 def heic_fix(path: Path) -> str:
     """How to turn the HEIC photo `path` into a PNG that palpcompose reads (one example command per system)."""
-    from palpcompose.errors import command_line
-
     png = path.with_suffix(".png")
     return (f"convert it to PNG or JPEG: on macOS `{command_line('sips', '-s', 'format', 'png', path, '--out', png)}` "
             f"(or Preview > File > Export), on Linux `{command_line('heif-convert', path, png)}` (package "

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from palpcompose.errors import UserError, command_line
+from palpcompose.placeholders import expand_placeholders, placeholder_tokens  # noqa: F401 (models.* names)
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 BUILTIN_MODELS = {"builtin:toy": BUILTIN_DIR / "toy"}
@@ -412,30 +413,11 @@ def model_defaults(source: BaseModelSource) -> dict[str, tuple[object, str]]:
     return defaults
 
 
-def placeholder_tokens(project_name: str, subject_keys) -> dict[str, str]:
-    """The learned token of each subject: {"V1": "<name-v1>"}. Lower case, because CLIP's tokenizer lowercases text."""
-    return {key: f"<{project_name}-{key}>".lower() for key in subject_keys}
-
-
-_PLACEHOLDER = re.compile(r"\[(V\d+)\]")
-
-
-def expand_placeholders(prompt: str, tokens: dict[str, str]) -> str:
-    """Replace `[V1]` with subject V1's token. Unknown placeholders raise UserError."""
-
-    def sub(m: re.Match) -> str:
-        key = m.group(1)
-        if key not in tokens:
-            raise UserError(f"prompt {prompt!r} uses [{key}], which is not a subject of this project")
-        return tokens[key]
-
-    return _PLACEHOLDER.sub(sub, prompt)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Preparing a base model for PALP training: components, frozen weights, placeholder tokens, LoRA, attention.
 
 LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
+ATTENTION_MODES = ("auto", "sdpa", "xformers")  # train.attention's choices (set_attention)
 
 
 @dataclass
@@ -574,8 +556,8 @@ def set_attention(unet, mode: str, device_type: str) -> str:
     (xformers when it imports and runs on this CUDA device, else SDPA). Returns a one-line notice, or ""."""
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    if mode not in ("auto", "sdpa", "xformers"):
-        raise UserError(f"train.attention must be auto, sdpa or xformers, not {mode!r}")
+    if mode not in ATTENTION_MODES:
+        raise UserError(f"train.attention must be one of {', '.join(ATTENTION_MODES)}, not {mode!r}")
     if mode in ("auto", "xformers"):
         import importlib.util
 

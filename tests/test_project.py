@@ -16,7 +16,7 @@ from palpcompose.project import (
     ProjectConfig,
     RenderConfig,
     TrainConfig,
-    _key_lines,
+    key_lines,
     load_project,
     sanitize_name,
     schema_markdown,
@@ -99,7 +99,7 @@ class_name = "cat"
 seed = 1
 render.steps = 4
 """
-    lines = _key_lines(text)
+    lines = key_lines(text)
     assert lines[("project",)] == 2 and lines[("project", "name")] == 3
     assert ("project", "steps") not in lines  # inside a multi-line string
     assert lines[("subjects", "V1")] == 7 and lines[("subjects", "V1", "class_name")] == 8
@@ -213,3 +213,43 @@ def test_schema_says_model_dependent():
     text = schema_markdown()
     for key in ("resolution", "learning_rate", "embedding_learning_rate", "steps", "guidance_scale"):
         assert re.search(rf"\| `{key}` \| [^|]+ \| model-dependent \|", text), key
+
+
+def test_schema_doc_reads_builtin_toy_defaults(monkeypatch):
+    """The doc's "Default: X, Y for builtin:toy" comes from models.TOY_DEFAULTS, not from prose that restates it."""
+    from palpcompose.models import TOY_DEFAULTS
+
+    monkeypatch.setitem(TOY_DEFAULTS, "train.steps", 123)
+    monkeypatch.setitem(TOY_DEFAULTS, "train.mixed_precision", "fp16")
+    text = schema_markdown()
+    assert "Default: 500 (the paper's), 123 for builtin:toy." in text
+    assert "Default: `bf16`, `fp16` for builtin:toy." in text
+
+
+def test_every_builtin_toy_default_is_a_model_dependent_schema_key():
+    from palpcompose.models import TOY_DEFAULTS
+    from palpcompose.project import SECTIONS, model_dependent
+
+    keys = {f"{table}.{f.name}" for table, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+    assert set(TOY_DEFAULTS) <= keys
+    assert all(model_dependent(key) for key in TOY_DEFAULTS) and model_dependent("train.resolution")
+    assert not model_dependent("train.lora_rank")
+
+
+def test_allowed_values_come_from_one_tuple_each():
+    """Validation and the schema doc read the same tuples as the code that implements each value."""
+    from palpcompose import guidance, models, render
+    from palpcompose.project import MAX_SEED, MIXED_PRECISION_MODES, SCHEDULER_NAMES
+
+    def spec(cls, name):
+        return next(f for f in dataclasses.fields(cls) if f.name == name).metadata
+
+    assert spec(PalpConfig, "guidance")["choices"] is guidance.GUIDANCE_MODES
+    assert spec(TrainConfig, "attention")["choices"] is models.ATTENTION_MODES
+    assert spec(TrainConfig, "mixed_precision")["choices"] is MIXED_PRECISION_MODES
+    assert spec(RenderConfig, "scheduler")["choices"] is SCHEDULER_NAMES
+    assert set(render.SCHEDULERS) == set(SCHEDULER_NAMES)  # render implements every sampler palp.toml allows
+    assert spec(TrainConfig, "seed")["le"] == spec(RenderConfig, "seeds")["le"] == MAX_SEED
+    text = schema_markdown()
+    assert " \\| ".join(f'`"{mode}"`' for mode in guidance.GUIDANCE_MODES) in text
+    assert ", ".join(models.LORA_TARGET_MODULES) in text

@@ -1,0 +1,115 @@
+"""`palpcompose check DIR`: everything load_project checks, plus the base model's reachability and the length of
+every prompt in tokens. Writes nothing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from palpcompose.errors import Problem
+from palpcompose.placeholders import PLACEHOLDER
+from palpcompose.project.load import validate
+from palpcompose.project.schema import Project, ProjectConfig
+from palpcompose.project.validation import Validator, key_lines
+from palpcompose.toyworld.world import CLASSES
+
+DEFAULT_TOKEN_LIMIT = 77  # CLIP's text encoders (SD 1.x and 2.x) read 77 tokens, start and end tokens included
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    project: Project
+    base_model: Any  # models.BaseModelSource
+    token_limit: int
+    token_limit_source: str  # where token_limit comes from ("the model's tokenizer" or why it is assumed)
+    prompt_tokens: tuple[tuple[str, str, int | None], ...]  # (key, prompt, token count or None when not counted)
+    notes: tuple[str, ...]  # the project's notes (converted images, small images, ...)
+
+
+def check_project(project_dir: str | Path) -> CheckReport:
+    """Validate a project as `palpcompose check` does. Raises ProjectError listing every problem; writes nothing."""
+    v, project = validate(Path(project_dir), with_images=True)
+    source = v.base_model
+    if source is not None and source.kind == "hub" and not source.available:
+        v.problem("project.base_model", source.detail)  # train and render would refuse it: so does check
+    if project is None or v.problems:
+        raise v.error()
+    tokenizer, limit_source = _load_tokenizer(source)
+    config = project.config
+    prompts = config_prompts(config)
+    if tokenizer is None:
+        limit, counts = DEFAULT_TOKEN_LIMIT, [(key, prompt, None) for key, prompt in prompts]
+    else:
+        limit, counts = count_prompt_tokens(tokenizer, prompts)
+        for key, prompt, n in counts:
+            if n > limit:
+                v.problem(key, *_too_long(n, limit))
+    if v.problems:
+        raise v.error()
+    notes = project.notes + tuple(_toy_class_notes(project))
+    return CheckReport(project, source, limit, limit_source, tuple(counts), notes)
+
+
+def _toy_class_notes(project: Project) -> list[str]:
+    """builtin:toy subjects whose class_name is not a toy-world object class: eval judges them as artworks."""
+    if project.config.project.base_model.strip() != "builtin:toy":
+        return []
+    return [f"{project.file}: subjects.{key}.class_name {s.class_name!r} is not a toy-world object class "
+            f"({', '.join(CLASSES)}): `palpcompose eval` judges [{key}] as an artwork (on its style and ambiance), "
+            "not as an object; if it is an object, use the toy class it is drawn as"
+            for key, s in project.config.subjects.items() if s.class_name.strip().lower() not in CLASSES]
+
+
+def config_prompts(config: ProjectConfig) -> list[tuple[str, str]]:
+    """(key, prompt) of every prompt in palp.toml: the subjects' y_P, the target and clean prompts, the render
+    prompts and the negative prompt."""
+    prompts = [(f"subjects.{k}.prompt", s.prompt) for k, s in config.subjects.items()]
+    prompts += [(f"palp.{name}", getattr(config.palp, name)) for name in ("target_prompt", "clean_prompt")
+                if getattr(config.palp, name)]
+    prompts += [(f"render.prompts[{i}]", p) for i, p in enumerate(config.render.prompts)
+                if p != config.palp.target_prompt]
+    if config.render.negative_prompt:
+        prompts.append(("render.negative_prompt", config.render.negative_prompt))
+    return prompts
+
+
+def count_prompt_tokens(tokenizer, prompts: list[tuple[str, str]]) -> tuple[int, list[tuple[str, str, int]]]:
+    """The text encoder's token limit and each prompt's length in tokens, start and end tokens included. A
+    placeholder counts as the one token it becomes; the tokenizer is not changed."""
+    limit = tokenizer.model_max_length if tokenizer.model_max_length < 100_000 else DEFAULT_TOKEN_LIMIT
+    # " x " is one token in every byte-level BPE vocabulary, as each placeholder token is once added
+    counts = [(key, prompt, len(tokenizer(PLACEHOLDER.sub(" x ", prompt), truncation=False, verbose=False).input_ids))
+              for key, prompt in prompts]
+    return limit, counts
+
+
+def too_long_problems(file: Path, tokenizer, prompts: list[tuple[str, str]]) -> list[Problem]:
+    """A Problem for each prompt longer than the text encoder reads (for train and render, as check does)."""
+    limit, counts = count_prompt_tokens(tokenizer, prompts)
+    v = Validator(file, b"")  # for its key -> line lookup
+    v.lines = key_lines(file.read_text(encoding="utf-8-sig")) if file.is_file() else {}
+    for key, _, n in counts:
+        if n > limit:
+            v.problem(key, *_too_long(n, limit))
+    return v.problems
+
+
+def _too_long(n: int, limit: int) -> tuple[str, str]:
+    message = (f"is {n} tokens long, but the text encoder reads at most {limit} (start and end tokens included); "
+               "the rest would be silently cut off")
+    return message, f"shorten it by {n - limit} tokens"
+
+
+def _load_tokenizer(source) -> tuple[Any, str]:
+    """The base model's CLIP tokenizer when it can be read offline (check_project has made sure the model is
+    there), else None and the reason."""
+    if source.kind == "single_file":
+        return None, "assumed: check does not open single-file checkpoints, prompts not counted"
+    from transformers import CLIPTokenizer
+
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(source.location, subfolder="tokenizer", local_files_only=True)
+    except (OSError, ValueError) as exc:
+        return None, f"assumed: could not read the model's tokenizer ({exc}), prompts not counted"
+    return tokenizer, "from the model's tokenizer"
