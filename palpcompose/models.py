@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from palpcompose.errors import UserError, command_line
+from palpcompose.tokens import add_placeholder_tokens  # noqa: F401 - re-exported: models.add_placeholder_tokens
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 BUILTIN_MODELS = {"builtin:toy": BUILTIN_DIR / "toy"}
@@ -501,33 +502,6 @@ def freeze(*modules) -> None:
     for module in modules:
         module.requires_grad_(False)
         module.eval()  # no dropout: training is deterministic given the seed
-
-
-def add_placeholder_tokens(tokenizer, text_encoder, tokens: dict[str, str], init_words: dict[str, str]) -> dict[str, int]:
-    """Add one new token per subject and initialise its embedding from its init word.
-
-    `tokens`: {"V1": "<name-v1>"}; `init_words`: {"V1": "cat"}. A word that the tokenizer splits into several
-    tokens is initialised with the mean of their embeddings. Returns {"V1": token_id}.
-    """
-    import torch
-
-    for key, token in tokens.items():
-        if token in tokenizer.get_vocab():
-            raise UserError(f"subject {key}: the token {token!r} already exists in the base model's vocabulary")
-    init_ids = {}
-    for key, word in init_words.items():
-        ids = tokenizer.encode(word, add_special_tokens=False)
-        if not ids:
-            raise UserError(f"subject {key}: init word {word!r} encodes to no token; set subjects.{key}.init_word")
-        init_ids[key] = ids
-    tokenizer.add_tokens(list(tokens.values()))
-    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    token_ids = {key: tokenizer.convert_tokens_to_ids(token) for key, token in tokens.items()}
-    table = text_encoder.get_input_embeddings().weight
-    with torch.no_grad():
-        for key, ids in init_ids.items():
-            table[token_ids[key]] = table[ids].mean(dim=0)
-    return token_ids
 
 
 def lora_layers(unet) -> list:
