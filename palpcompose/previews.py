@@ -24,7 +24,7 @@ def preview_prompts(config, tokens: dict[str, str]) -> list[tuple[str, str]]:
     if config.palp.target_prompt:
         rows.append(("target", models.expand_placeholders(config.palp.target_prompt, tokens)))
     for key, subject in config.subjects.items():
-        rows.append((key, models.expand_placeholders(subject.prompt or f"A photo of [{key}]", tokens)))
+        rows.append((key, models.expand_placeholders(subject.prompt, tokens)))
     if len(tokens) > 1:
         rows.append(("together", "a photo of " + " and ".join(tokens[k] for k in config.subjects)))
     return rows

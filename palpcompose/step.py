@@ -67,15 +67,17 @@ class TrainState:
 
 def prepare_state(config, components: models.Components, accelerator, guidance_config: GuidanceConfig,
                   tokens: dict[str, str]) -> TrainState:
-    """Freeze the model, add the subjects' tokens and the LoRA, set dtypes, build the optimizer, cache prompts."""
+    """Freeze the model, add the subjects' tokens and the LoRA, set dtypes, build the optimizer, cache prompts.
+    `config` is the project's resolved configuration (project.load_project fills in every documented default:
+    init_word, lora_alpha, the personalization prompts); `guidance_config` is guidance.guidance_config(config)."""
     c, train_cfg = components, config.train
     device = accelerator.device
     # Freeze everything; LoRA weights and the placeholder rows are the only trainable values
     models.freeze(c.unet, c.vae, c.text_encoder)
-    init_words = {key: s.init_word or s.class_name for key, s in config.subjects.items()}
+    init_words = {key: s.init_word for key, s in config.subjects.items()}  # resolved by the project
     token_ids, token_embedding = add_trained_tokens(c, tokens, init_words)
     torch.manual_seed(train_cfg.seed)  # LoRA initialisation
-    lora_params = models.add_lora(c.unet, train_cfg.lora_rank, train_cfg.lora_alpha or train_cfg.lora_rank)
+    lora_params = models.add_lora(c.unet, train_cfg.lora_rank, train_cfg.lora_alpha)
     if train_cfg.recomputes_activations:
         c.unet.enable_gradient_checkpointing()
     # Frozen weights in the mixed-precision dtype, trainable ones (LoRA, text encoder's table) in fp32

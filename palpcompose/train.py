@@ -26,7 +26,7 @@ from palpcompose import __version__, distributed, models
 from palpcompose.checkpoint import Checkpoint, restore_rng_state, rng_state
 from palpcompose.data import SubjectData, encode_subject, sample_batch
 from palpcompose.errors import Interrupted, ProjectError, UserError, command_line
-from palpcompose.guidance import GuidanceConfig, NonFiniteError
+from palpcompose.guidance import NonFiniteError, guidance_config
 from palpcompose.memory import OutOfMemory, estimate_training_memory, out_of_memory_message
 from palpcompose.previews import (
     PREVIEW_MAX_STEPS,
@@ -132,7 +132,7 @@ def setup(plan: Plan, record: RunRecord, components: models.Components, accelera
     for notice in notices:
         if notice:
             console.print(notice)
-    state = prepare_state(config, components, accelerator, GuidanceConfig.from_palp(config.palp, plan.mode), tokens)
+    state = prepare_state(config, components, accelerator, guidance_config(config), tokens)  # config: plan.mode in it
     if accelerator.device.type == "cuda":
         memory["estimate"] = estimate = estimate_training_memory(
             components.unet, components.vae, components.text_encoder,
@@ -276,7 +276,7 @@ def prepare_subjects(project, config, state: TrainState, tokens: dict[str, str])
     c = state.components
     subjects = []
     for key, subject in config.subjects.items():
-        prompt = models.expand_placeholders(subject.prompt or f"A photo of [{key}]", tokens)
+        prompt = models.expand_placeholders(subject.prompt, tokens)
         mean, std = encode_subject(c.vae, list(project.images[key]), config.train.resolution, bool(subject.flip),
                                    state.accelerator.device, c.vae.dtype)
         subjects.append(SubjectData(key, models.tokenize(c.tokenizer, [prompt], c.tokenizer_2)[0], mean, std,
@@ -290,7 +290,7 @@ def trained_weights(state: TrainState, config, tokens: dict[str, str], step: int
         embeddings={tokens[k]: row.detach().float().cpu().clone()
                     for k, row in zip(state.token_ids, state.token_embedding.rows)},
         placeholders=dict(tokens), rank=config.train.lora_rank,
-        lora_alpha=float(config.train.lora_alpha or config.train.lora_rank),
+        lora_alpha=float(config.train.lora_alpha),
         target_modules=list(models.LORA_TARGET_MODULES), base_model=config.project.base_model, step=step,
         guidance=config.palp.guidance,  # the run's mode (train() puts --guidance into config)
         text_encoder_dims=tuple(enc.get_input_embeddings().table.weight.shape[1]
