@@ -4,7 +4,8 @@ The engine's own setup runs unchanged (train.prepare_state: freeze, placeholder 
 frozen prompts encoded once); the only difference from `palpcompose train` is where the reference latents come
 from: random pixels encoded once by the VAE here, image files there (data.encode_subject, the same math).
 The accel levers are applied around it: module-level ones on the UNet, a fused AdamW rebuilt before the first step,
-the SDPA backend as a context around the step, and CUDA graphs through the state's `graphs` hook.
+the SDPA backend as a context around the step, and CUDA graphs by wrapping the state's UNet
+(accel.GraphedTrainingUNet).
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from collections.abc import Callable
 
 import torch
 
+from benchmarks import accel
 from benchmarks.archs import Models
-from palpcompose import accel, models, train
+from palpcompose import models, train
 from palpcompose.conditioning import SDXLTextEncoders
 from palpcompose.data import SubjectData, sample_batch
 from palpcompose.guidance import guidance_config
@@ -97,10 +99,9 @@ def make_engine_step(
         fused = accel.rebuild_adamw(state.optimizer.optimizer, fused=True)
         state.optimizer = accelerator.prepare_optimizer(fused)
         state.lr_scheduler = torch.optim.lr_scheduler.ConstantLR(fused, factor=1.0, total_iters=0)
-    if opts.cuda_graphs:
-        state.graphs = accel.GraphCache()
-    if opts.graph_personalization:
-        state.graphed_pass = accel.GraphedPersonalizationPass(state.unet)
+    if opts.cuda_graphs or opts.graph_personalization:
+        state.unet = accel.GraphedTrainingUNet(state.unet, state.lora_layers, opts.cuda_graphs,
+                                               opts.graph_personalization)
     generator = torch.Generator("cpu").manual_seed(seed)
     num_timesteps = m.scheduler.config.num_train_timesteps
 

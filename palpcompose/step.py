@@ -51,8 +51,6 @@ class TrainState:
     weight_dtype: torch.dtype
     max_grad_norm: float
     lora_layers: list  # the UNet's peft LoRA layers (adapters() toggles only these; empty would leave LoRA on)
-    graphs: object = None  # an accel.GraphCache to replay the no-grad guidance passes from CUDA graphs, or None
-    graphed_pass: object = None  # an accel.GraphedPersonalizationPass (forward+backward from CUDA graphs), or None
     time_ids: torch.Tensor | None = None  # SDXL's size conditioning (1, 6) at train.resolution; None for SD 1/2
 
     @property
@@ -179,13 +177,9 @@ def make_denoiser(state: TrainState, timesteps: torch.Tensor, abar_t: torch.Tens
             x, t, abar = torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), torch.cat([abar_t, abar_t])
             both = Conditioning.cat([state.null_cond.expand(batch), cond])
 
-        def run(x, t, embeds, pooled=None):
-            with adapters(state.lora_layers, adapter), state.accelerator.autocast():
-                return models.unet_forward(unet, x, t, Conditioning(embeds, pooled), state.time_ids)
-
-        # accel hook: with state.graphs set, each distinct pass (adapter on/off, shapes) is captured once and replayed
-        inputs = (x, t, both.embeds) + (() if both.pooled is None else (both.pooled,))
-        out = (run(*inputs) if state.graphs is None else state.graphs(run, adapter, *inputs)).float()
+        with adapters(state.lora_layers, adapter), state.accelerator.autocast():
+            out = models.unet_forward(unet, x, t, both, state.time_ids)
+        out = out.float()
         if prediction_type == "v_prediction":
             out = v_to_eps(out, x, abar)
         if scale != 1.0:
@@ -222,12 +216,7 @@ def training_step(state: TrainState, batch: Batch) -> dict[str, float]:
             # y_P with the learned token: gradients reach the placeholder rows
             personal = models.encode_prompt(state.text_encoder, batch.input_ids.to(device))  # SDXL: + pooled
             noisy_latents = add_noise(latents, noise, abar_t)  # forward diffusion x_t
-            if state.graphed_pass is not None:  # accel hook: this pass's forward and backward from CUDA graphs
-                added = () if personal.pooled is None else (personal.pooled, state.time_ids)
-                model_pred = state.graphed_pass(noisy_latents, timesteps, personal.embeds, *added).float()
-            else:
-                model_pred = models.unet_forward(state.unet, noisy_latents, timesteps, personal,
-                                                 state.time_ids).float()
+            model_pred = models.unet_forward(state.unet, noisy_latents, timesteps, personal, state.time_ids).float()
         # Step 2: personalization loss, in the model's own target
         if c.prediction_type == "epsilon":
             target = noise
