@@ -62,7 +62,6 @@ class TrainState:
         return None if self.clean_cond is None else self.clean_cond.embeds
 
 
-
 def prepare_state(config, components: models.Components, accelerator, guidance_config: GuidanceConfig,
                   tokens: dict[str, str]) -> TrainState:
     """Freeze the model, add the subjects' tokens and the LoRA, set dtypes, build the optimizer, cache prompts.
