@@ -20,8 +20,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import archs
-from palpcompose import accel
+from benchmarks import accel, archs
 from palpcompose import train as train_now
 
 

@@ -14,11 +14,12 @@ from dataclasses import dataclass
 import torch
 
 from palpcompose.errors import UserError
+from palpcompose.models import LORA_TARGET_MODULES
 
 ARCHS = ("tiny", "toy", "sd15", "sd15-thin", "sdxl", "sdxl-thin")
 
 # The paper's LoRA (method.md, "What is trained"): rank 32 on the attention projections, not on the text encoder.
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+LORA_TARGETS = LORA_TARGET_MODULES  # the product's list (palpcompose.models)
 
 
 @dataclass(frozen=True)

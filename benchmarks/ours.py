@@ -4,7 +4,8 @@ The engine's own setup runs unchanged (train.prepare_state: freeze, placeholder 
 frozen prompts encoded once); the only difference from `palpcompose train` is where the reference latents come
 from: random pixels encoded once by the VAE here, image files there (data.encode_subject, the same math).
 The accel levers are applied around it: module-level ones on the UNet, a fused AdamW rebuilt before the first step,
-the SDPA backend as a context around the step, and CUDA graphs through the state's `graphs` hook.
+the SDPA backend as a context around the step, and CUDA graphs by wrapping the state's UNet
+(accel.GraphedTrainingUNet).
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ from collections.abc import Callable
 
 import torch
 
+from benchmarks import accel
 from benchmarks.archs import Models
-from palpcompose import accel, models, train
+from palpcompose import models, train
 from palpcompose.conditioning import SDXLTextEncoders
 from palpcompose.data import SubjectData, sample_batch
-from palpcompose.guidance import GuidanceConfig
+from palpcompose.guidance import guidance_config
 from palpcompose.project import (
     PalpConfig,
     ProjectConfig,
@@ -34,17 +36,17 @@ CLEAN_PROMPT = "An oil painting of a cat sitting on a rock"
 
 def bench_config(mode: str, alpha: float, beta: float, batch: int, resolution: int, mixed_precision: str,
                  low_memory: bool = False, num_subjects: int = 1) -> ProjectConfig:
-    """A project of `num_subjects` subjects (V1, V2, ...) with the paper's defaults (method.md), as `palpcompose
-    train` would resolve it."""
+    """A project of `num_subjects` subjects (V1, V2, ...) with the paper's defaults (method.md), resolved as
+    project.load_project resolves a palp.toml (init_word and lora_alpha filled in)."""
     return ProjectConfig(
         project=ProjectSection(name=PROJECT, base_model="builtin:toy"),
-        subjects={f"V{k}": SubjectConfig(class_name="cat", images=("refs/cat.png",),
+        subjects={f"V{k}": SubjectConfig(class_name="cat", images=("refs/cat.png",), init_word="cat",
                                          prompt=PERSONAL_PROMPT.replace("[V1]", f"[V{k}]"))
                   for k in range(1, num_subjects + 1)},
         palp=PalpConfig(target_prompt="An oil painting of [V1]", clean_prompt=CLEAN_PROMPT, guidance=mode,
                         alpha=alpha, beta=beta),
         train=TrainConfig(batch_size=batch, resolution=resolution, mixed_precision=mixed_precision,
-                          low_memory=low_memory),
+                          low_memory=low_memory, lora_alpha=float(TrainConfig.lora_rank)),
         render=RenderConfig(),
     )
 
@@ -79,7 +81,7 @@ def make_engine_step(
     accelerator = Accelerator(mixed_precision=mixed_precision)
     models.set_attention(m.unet, "sdpa", accelerator.device.type)
     tokens = models.placeholder_tokens(PROJECT, config.subjects)
-    state = train.prepare_state(config, components, accelerator, GuidanceConfig.from_palp(config.palp), tokens)
+    state = train.prepare_state(config, components, accelerator, guidance_config(config), tokens)
 
     # The reference latents' distributions, encoded once (as data.encode_subject does for image files).
     with torch.no_grad():
@@ -97,10 +99,9 @@ def make_engine_step(
         fused = accel.rebuild_adamw(state.optimizer.optimizer, fused=True)
         state.optimizer = accelerator.prepare_optimizer(fused)
         state.lr_scheduler = torch.optim.lr_scheduler.ConstantLR(fused, factor=1.0, total_iters=0)
-    if opts.cuda_graphs:
-        state.graphs = accel.GraphCache()
-    if opts.graph_personalization:
-        state.graphed_pass = accel.GraphedPersonalizationPass(state.unet)
+    if opts.cuda_graphs or opts.graph_personalization:
+        state.unet = accel.GraphedTrainingUNet(state.unet, state.lora_layers, opts.cuda_graphs,
+                                               opts.graph_personalization)
     generator = torch.Generator("cpu").manual_seed(seed)
     num_timesteps = m.scheduler.config.num_train_timesteps
 

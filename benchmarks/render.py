@@ -27,9 +27,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import archs
+from benchmarks import accel, archs
 from benchmarks._cli import run_main
-from palpcompose import accel
 from palpcompose.errors import UserError
 
 PROMPT = "An oil painting of a cat sitting on a rock"

@@ -34,11 +34,10 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import archs
+from benchmarks import accel, archs
 from benchmarks._cli import run_main
 from benchmarks.ours import make_engine_step
 from benchmarks.reference import ReferenceStep
-from palpcompose import accel
 from palpcompose.errors import UserError
 
 RUN_STEPS = 500  # the paper's step count: the total-time figure users feel

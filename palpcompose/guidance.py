@@ -104,24 +104,29 @@ def check_finite(name: str, value: torch.Tensor) -> None:
 
 @dataclass(frozen=True)
 class GuidanceConfig:
-    mode: str = "palp"  # palp | sds | none
-    alpha: float = 7.5  # CFG scale of the frozen model on the clean prompt y_c
-    beta: float = 1.0  # CFG scale of the personalized model on y_P (1: no unconditional pass)
-    weight: float = 1.0  # lambda: weight of loss_align in the total loss
-    same_noise: bool = True  # re-noise x0_hat with the personalization branch's eps (else a fresh eps2)
-    rescale: bool = True  # multiply by sqrt(abar_t) / sqrt(1 - abar_t) (Eq. 7)
+    """The guidance settings of one run. No defaults here: their one home is the project's `[palp]` schema
+    (project.PalpConfig); build it with `guidance_config(config)`."""
+
+    mode: str  # palp | sds | none
+    alpha: float  # CFG scale of the frozen model on the clean prompt y_c
+    beta: float  # CFG scale of the personalized model on y_P (1: no unconditional pass)
+    weight: float  # lambda: weight of loss_align in the total loss
+    same_noise: bool  # re-noise x0_hat with the personalization branch's eps (else a fresh eps2)
+    rescale: bool  # multiply by sqrt(abar_t) / sqrt(1 - abar_t) (Eq. 7)
 
     def __post_init__(self):
         if self.mode not in GUIDANCE_MODES:
             raise ValueError(f"guidance mode must be one of {GUIDANCE_MODES}, not {self.mode!r}")
 
-    @classmethod
-    def from_palp(cls, palp, mode: str | None = None) -> GuidanceConfig:
-        """Build from the project's `[palp]` section; `mode` overrides `palp.guidance` (the --guidance option)."""
-        return cls(
-            mode=mode or palp.guidance, alpha=float(palp.alpha), beta=float(palp.beta), weight=float(palp.weight),
-            same_noise=bool(palp.same_noise), rescale=bool(palp.rescale),
-        )
+
+def guidance_config(config) -> GuidanceConfig:
+    """The guidance of a run, from the project's resolved configuration (project.ProjectConfig). Its
+    `palp.guidance` is the run's mode: run.make_plan puts a --guidance override there."""
+    palp = config.palp
+    return GuidanceConfig(
+        mode=palp.guidance, alpha=float(palp.alpha), beta=float(palp.beta), weight=float(palp.weight),
+        same_noise=bool(palp.same_noise), rescale=bool(palp.rescale),
+    )
 
 
 # denoise(latents, adapter=..., prompt="clean"|"personal", scale=...) -> eps prediction in fp32, with CFG applied

@@ -22,6 +22,7 @@ import torch
 from palpcompose import __version__
 from palpcompose.errors import Interrupted, UserError, command_line
 from palpcompose.fsutil import atomic_save_image, atomic_write_json
+from palpcompose.tokens import set_token_embeddings
 from palpcompose.weights import TrainedWeights, load_trained_weights
 
 ADAPTER_NAME = "palp"
@@ -160,20 +161,7 @@ def attach_trained_weights(pipe, weights: TrainedWeights, adapter_name: str = AD
         raise UserError(f"the weights were trained on an {trained} model and this is {here} base model; render "
                         "with the base model they were trained on")
     for i, (tokenizer, text_encoder) in enumerate(pairs):
-        new_tokens = [t for t in weights.embeddings if t not in tokenizer.get_vocab()]
-        if new_tokens:
-            tokenizer.add_tokens(new_tokens)
-            text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # rows set below
-        table = text_encoder.get_input_embeddings().weight
-        with torch.no_grad():
-            for token in weights.embeddings:
-                vector = weights.per_encoder(token)[i]
-                if vector.numel() != table.shape[1]:
-                    raise UserError(
-                        f"the embedding of {token} has {vector.numel()} values but this base model's text encoder "
-                        f"uses {table.shape[1]}; render with the base model it was trained on"
-                    )
-                table[tokenizer.convert_tokens_to_ids(token)] = vector.to(table)
+        set_token_embeddings(tokenizer, text_encoder, {t: weights.per_encoder(t)[i] for t in weights.embeddings})
 
 
 @contextlib.contextmanager

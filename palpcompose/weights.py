@@ -21,6 +21,7 @@ import torch
 from palpcompose import __version__
 from palpcompose.errors import DamagedFile, UserError, command_line
 from palpcompose.fsutil import atomic_save_safetensors
+from palpcompose.models.components import LORA_TARGET_MODULES
 
 LORA_FILE = "lora.safetensors"
 EMBEDDINGS_FILE = "embeddings.safetensors"
@@ -33,7 +34,7 @@ class TrainedWeights:
     placeholders: dict[str, str]  # "V1" -> "<name-V1>"
     rank: int
     lora_alpha: float
-    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGET_MODULES))  # files without the key
     base_model: str = ""
     step: int = 0
     guidance: str = ""  # the guidance mode that trained them (palp, sds, none); "" in files older than the key

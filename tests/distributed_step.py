@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from palpcompose import distributed, models
 from palpcompose.data import Batch, sample_batch
-from palpcompose.guidance import GuidanceConfig
+from palpcompose.guidance import guidance_config
 from palpcompose.project import load_project
 from palpcompose.train import prepare_state, prepare_subjects, trained_weights, training_step
 
@@ -30,7 +30,7 @@ def one_step(project_dir, out_file) -> None:
     accelerator = distributed.make_accelerator("no", 1)
     components = models.load_components(models.resolve_base_model(config.project.base_model, project.root))
     tokens = models.placeholder_tokens(config.project.name, config.subjects)
-    state = prepare_state(config, components, accelerator, GuidanceConfig.from_palp(config.palp), tokens)
+    state = prepare_state(config, components, accelerator, guidance_config(config), tokens)
     subjects = prepare_subjects(project, config, state, tokens)
     # The same two samples on every process (one generator, one seed), then each process keeps its share
     both = sample_batch(subjects, torch.Generator().manual_seed(1234), SAMPLES,

@@ -10,9 +10,8 @@ import json
 import pytest
 import torch
 
-from benchmarks import archs, train_step
+from benchmarks import accel, archs, train_step
 from benchmarks.reference import ReferenceStep
-from palpcompose import accel
 from palpcompose.errors import UserError
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run on one intra-op thread

@@ -14,9 +14,9 @@ from conftest import tree_snapshot
 
 
 def test_init_with_a_hub_template_says_the_model_must_be_downloaded(tmp_path, run_cli, monkeypatch):
-    from palpcompose import models
+    from palpcompose.models import resolve
 
-    monkeypatch.setattr(models, "_hub_cached", lambda repo_id: False)
+    monkeypatch.setattr(resolve, "_hub_cached", lambda repo_id: False)
     result = run_cli("init", tmp_path / "cat", "--template", "single-subject")
     assert result.code == 0, result.err
     assert "note:" in result.err and "not in this machine's Hugging Face cache" in result.err
@@ -182,7 +182,7 @@ def test_toy_sampling_defaults_are_the_ones_toyworld_md_recommends():
 
     found = re.search(r"Recommended sampling: (\d+) steps, guidance scale ([\d.]+)", (REPO / "docs/toyworld.md").read_text())
     assert (TOY_DEFAULTS["render.steps"], TOY_DEFAULTS["render.guidance_scale"]) == (int(found[1]), float(found[2]))
-    assert "docs/toyworld.md" in (REPO / "palpcompose/models.py").read_text().split("TOY_DEFAULTS = {", 1)[1][:600]
+    assert "docs/toyworld.md" in (REPO / "palpcompose/models/defaults.py").read_text().split("TOY_DEFAULTS = {", 1)[1][:600]
     for line in (REPO / "templates/toy-demo/palp.toml").read_text().splitlines():
         if line.startswith("guidance_scale"):
             assert "docs/toyworld.md" in line

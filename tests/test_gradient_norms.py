@@ -12,9 +12,8 @@ import dataclasses
 import pytest
 import torch
 
-from benchmarks import archs
+from benchmarks import accel, archs
 from benchmarks.ours import make_engine_step
-from palpcompose import accel
 from palpcompose.guidance import PalpGuidance
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -1,5 +1,8 @@
 """The guidance terms with tiny tensors and a toy network (issue 3, items a, b and d; c is in test_models.py)."""
 
+from dataclasses import fields, replace
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -10,11 +13,27 @@ from palpcompose.guidance import (
     add_noise,
     alignment_loss,
     cfg,
+    guidance_config,
     guidance_direction,
     predict_x0,
     renoise,
     v_to_eps,
 )
+from palpcompose.project import PalpConfig
+
+
+def _guidance(**palp) -> GuidanceConfig:
+    """The guidance of a project whose [palp] section sets `palp` and leaves the rest at the schema's defaults."""
+    return guidance_config(SimpleNamespace(palp=replace(PalpConfig(), **palp)))
+
+
+def test_guidance_config_reads_every_setting_from_the_project():
+    palp = PalpConfig(guidance="sds", alpha=3.0, beta=2.0, weight=0.25, same_noise=False, rescale=False)
+    config = guidance_config(SimpleNamespace(palp=palp))
+    assert {f.name: getattr(config, f.name) for f in fields(GuidanceConfig)} == {
+        "mode": "sds", "alpha": 3.0, "beta": 2.0, "weight": 0.25, "same_noise": False, "rescale": False}
+    with pytest.raises(TypeError):  # no defaults of its own: the project's schema is their one home
+        GuidanceConfig(mode="palp")
 
 
 def _abar(b=2):
@@ -98,7 +117,7 @@ def _inputs():
 def test_palp_calls_frozen_branch_without_adapter_and_personal_with_it():
     x_t, eps_hat, noise, abar = _inputs()
     den = CountingDenoiser()
-    terms = PalpGuidance(GuidanceConfig(mode="palp", alpha=7.5, beta=1.0))(
+    terms = PalpGuidance(_guidance(guidance="palp", alpha=7.5, beta=1.0))(
         x0_hat=predict_x0(x_t, eps_hat, abar), noise=noise, abar_t=abar, denoise=den
     )
     assert den.calls == [(False, "clean", 7.5), (True, "personal", 1.0)]
@@ -111,7 +130,7 @@ def test_sds_uses_the_renoising_noise_and_one_pass():
     x_t, eps_hat, noise, abar = _inputs()
     den = CountingDenoiser()
     fresh = torch.randn_like(noise)
-    guid = PalpGuidance(GuidanceConfig(mode="sds", same_noise=False))
+    guid = PalpGuidance(_guidance(guidance="sds", alpha=7.5, same_noise=False))
     terms = guid(x0_hat=predict_x0(x_t, eps_hat, abar), noise=noise, abar_t=abar, denoise=den, fresh_noise=fresh)
     assert den.calls == [(False, "clean", 7.5)]
     x0_hat_t = renoise(predict_x0(x_t, eps_hat, abar), abar, fresh)
@@ -123,7 +142,7 @@ def test_sds_uses_the_renoising_noise_and_one_pass():
 def test_none_makes_no_passes():  # (b), at the guidance level; the UNet count is in test_train.py
     x_t, eps_hat, noise, abar = _inputs()
     den = CountingDenoiser()
-    assert PalpGuidance(GuidanceConfig(mode="none"))(
+    assert PalpGuidance(_guidance(guidance="none"))(
         x0_hat=predict_x0(x_t, eps_hat, abar), noise=noise, abar_t=abar, denoise=den
     ) == {}
     assert den.calls == []
@@ -136,5 +155,5 @@ def test_non_finite_direction_raises():
         return torch.full_like(latents, float("nan"))
 
     with pytest.raises(NonFiniteError, match="lower learning rate"):
-        PalpGuidance(GuidanceConfig())(x0_hat=predict_x0(x_t, eps_hat, abar), noise=noise, abar_t=abar,
-                                       denoise=nan_denoiser)
+        PalpGuidance(_guidance(guidance="palp"))(x0_hat=predict_x0(x_t, eps_hat, abar), noise=noise, abar_t=abar,
+                                                 denoise=nan_denoiser)

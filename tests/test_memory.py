@@ -8,9 +8,9 @@ import re
 import pytest
 import torch
 
-from benchmarks import archs
+from benchmarks import accel, archs
 from benchmarks.ours import make_engine_step
-from palpcompose import accel, memory, models
+from palpcompose import memory, models
 from palpcompose import train as train_mod
 from palpcompose.cli import main
 

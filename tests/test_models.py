@@ -1,4 +1,4 @@
-"""models.py: placeholder tokens, LoRA (fp32, adapter on/off), attention choice, on the tiny pipeline."""
+"""palpcompose.models: placeholder tokens, LoRA (fp32, adapter on/off), attention choice, on the tiny pipeline."""
 
 import pytest
 import torch

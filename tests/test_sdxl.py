@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -160,16 +161,15 @@ def make_sdxl_project(make_project, tiny_sdxl_pipeline_dir):
 def _state(root, guidance):
     from accelerate import Accelerator
 
-    from palpcompose.guidance import GuidanceConfig
+    from palpcompose.guidance import guidance_config
     from palpcompose.project import load_project
     from palpcompose.train import prepare_state, prepare_subjects
 
     project = load_project(root)
-    config = project.config
+    config = replace(project.config, palp=replace(project.config.palp, guidance=guidance))  # as --guidance does
     c = models.load_components(models.resolve_base_model(config.project.base_model, project.root))
     tokens = models.placeholder_tokens(config.project.name, config.subjects)
-    state = prepare_state(config, c, Accelerator(mixed_precision="no"),
-                          GuidanceConfig.from_palp(config.palp, guidance), tokens)
+    state = prepare_state(config, c, Accelerator(mixed_precision="no"), guidance_config(config), tokens)
     return state, prepare_subjects(project, config, state, tokens)
 
 
@@ -488,7 +488,7 @@ def test_fp16_keeps_the_sdxl_vae_in_fp32(make_sdxl_project, tiny_pipeline_dir, m
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    from palpcompose.guidance import GuidanceConfig
+    from palpcompose.guidance import guidance_config
     from palpcompose.project import load_project
     from palpcompose.train import prepare_state, prepare_subjects
 
@@ -500,7 +500,7 @@ def test_fp16_keeps_the_sdxl_vae_in_fp32(make_sdxl_project, tiny_pipeline_dir, m
         tokens = models.placeholder_tokens(config.project.name, config.subjects)
         AcceleratorState._reset_state()
         state = prepare_state(config, c, Accelerator(mixed_precision="fp16", cpu=True),
-                              GuidanceConfig.from_palp(config.palp, "palp"), tokens)
+                              guidance_config(config), tokens)
         assert c.unet.dtype == torch.float16 and c.vae.dtype == vae_dtype
         if vae_dtype == torch.float32:
             subjects = prepare_subjects(project, config, state, tokens)

@@ -1,4 +1,4 @@
-"""The speed levers (palpcompose/accel.py) must not change the math of the training step.
+"""The speed levers (benchmarks/accel.py) must not change the math of the training step.
 
 Each test runs the engine's `training_step` on the tiny random-weight model twice from identical seeds, once plain
 and once with one lever, and compares losses and gradients (captured before the optimizer consumes them) or the
@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks import archs
+from benchmarks import accel, archs
 from benchmarks.ours import make_engine_step
-from palpcompose import accel, train
+from palpcompose import train
 from palpcompose.conditioning import Conditioning
 from palpcompose.guidance import cfg
 
@@ -155,8 +155,9 @@ def test_cuda_graphs_match_eager_on_gpu(tmp_path, opts, graphs, mixed_precision,
         losses_plain, losses_fast = plain_step(), fast_step()
         for key in losses_plain:
             assert losses_fast[key] == pytest.approx(losses_plain[key], rel=tol, abs=tol * 1e-2), key
-    assert len(fast.graphs.graphs if fast.graphs else ()) == graphs
-    assert len(fast.graphed_pass.graphed if fast.graphed_pass else ()) == int(opts.graph_personalization)
+    graphed = fast.unet  # accel.GraphedTrainingUNet, installed by make_engine_step
+    assert len(graphed.graphs.graphs if graphed.graphs else ()) == graphs
+    assert len(graphed.graphed_pass.graphed if graphed.graphed_pass else ()) == int(opts.graph_personalization)
     for per_step_plain, per_step_fast in zip(plain_grads, fast_grads):
         assert len(per_step_fast) == 4
         for a, b in zip(per_step_plain, per_step_fast):  # cuDNN/cuBLAS kernels may differ in the last bits

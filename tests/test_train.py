@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -19,7 +20,8 @@ from palpcompose import models
 from palpcompose import train as train_mod
 from palpcompose.cli import main
 from palpcompose.errors import Interrupted, UserError
-from palpcompose.guidance import GuidanceConfig, NonFiniteError
+from palpcompose.guidance import NonFiniteError, guidance_config
+from palpcompose.progress import print_summary
 from palpcompose.project import load_project
 from palpcompose.train import prepare_state, prepare_subjects, train, training_step
 from palpcompose.weights import load_trained_weights
@@ -55,13 +57,12 @@ def max_diff(a, b):
 
 def _state(project_dir, guidance):
     project = load_project(project_dir)
-    config = project.config
+    config = replace(project.config, palp=replace(project.config.palp, guidance=guidance))  # as --guidance does
     from accelerate import Accelerator
 
     c = models.load_components(models.resolve_base_model(config.project.base_model, project.root))
     tokens = models.placeholder_tokens(config.project.name, config.subjects)
-    state = prepare_state(config, c, Accelerator(mixed_precision="no"), GuidanceConfig.from_palp(config.palp, guidance),
-                          tokens)
+    state = prepare_state(config, c, Accelerator(mixed_precision="no"), guidance_config(config), tokens)
     return state, prepare_subjects(project, config, state, tokens)
 
 
@@ -352,7 +353,7 @@ def test_summary_shows_running_means_not_one_noisy_step(tmp_path):
     result = train_mod.TrainResult("completed", 200, tmp_path, tmp_path / "weights" / "final", 1.0,
                                    {"loss_pers": 0.5, "loss_align": 3.82})
     console = quiet()
-    train_mod._summary(console, result, log, "palp")
+    print_summary(console, result, log, "palp")
     text = " ".join(console.file.getvalue().split())
     mean_last = (25 * 0.10 + 24 * 0.14 + 3.82) / 50  # steps 151-200, step 200 the noisy one
     assert f"loss_align │ {mean_last:.4f} (mean of the last 50 steps; first 50: 0.1200)" in text

@@ -1,9 +1,11 @@
-"""Speed levers for the training step, each behind its own switch, all off by default.
+"""Speed levers for the training step, each behind its own switch, all off by default (research code: the product
+never turns them on; benchmarks/ours.py applies them around palpcompose.step.training_step).
 
 At 512 px and batch 1 an SD-1.5 step is launch-bound: the GPU is busy for a fraction of the wall time while Python
 issues a few thousand small kernels. The levers here remove launches (CUDA graphs, fused AdamW, compiled
 transformer blocks) or pick faster kernels (channels-last convolutions, an SDPA backend). None of them changes the
-math: tests/test_step_equivalence.py checks losses and gradients against the plain eager step. See
+math: tests/test_step_equivalence.py checks losses and gradients against the plain eager step. The CUDA graphs
+reach the step through `GraphedTrainingUNet`, installed as the state's `unet`. See
 docs/performance.md for what each one measured.
 """
 
@@ -207,3 +209,43 @@ class GraphedPersonalizationPass:
             with torch.autocast(latents.device.type, enabled=False, cache_enabled=False):
                 self.graphed[signature] = torch.cuda.make_graphed_callables(_UNetSample(self.unet), sample_args)
         return self.graphed[signature](*inputs)
+
+
+class GraphedTrainingUNet(torch.nn.Module):
+    """The training step's UNet with its passes replayed from CUDA graphs; the benchmarks install it as the state's
+    `unet` (`state.unet = GraphedTrainingUNet(state.unet, state.lora_layers, ...)`), so the step itself has no hook.
+
+    `cuda_graphs`: every no-grad call (the guidance's frozen and personalized passes) from a GraphCache keyed by
+    whether the LoRA adapter is on at the call (step.adapters switches it around each pass: a capture bakes that
+    switch in). `graph_personalization`: the call with gradients (the personalization pass, forward and backward)
+    from GraphedPersonalizationPass. Any other call runs the UNet itself. Takes and returns what the UNet does as
+    models.unet_forward calls it: `(latents, timesteps, embeds, added_cond_kwargs=None) -> .sample`.
+    """
+
+    def __init__(self, unet, lora_layers: list, cuda_graphs: bool, graph_personalization: bool):
+        super().__init__()
+        self.unet = unet  # accelerate's prepared model: its forward runs under the run's autocast
+        self.lora_layers = lora_layers
+        self.graphs = GraphCache() if cuda_graphs else None
+        self.graphed_pass = GraphedPersonalizationPass(unet) if graph_personalization else None
+
+    def forward(self, latents, timesteps, embeds, added_cond_kwargs=None):
+        added = () if added_cond_kwargs is None else (added_cond_kwargs["text_embeds"], added_cond_kwargs["time_ids"])
+        if torch.is_grad_enabled() and self.graphed_pass is not None:
+            return _Output(self.graphed_pass(latents, timesteps, embeds, *added))
+        if not torch.is_grad_enabled() and self.graphs is not None:
+            adapter = not any(layer.disable_adapters for layer in self.lora_layers)
+
+            def run(latents, timesteps, embeds, pooled=None, time_ids=None):
+                return _UNetSample(self.unet)(latents, timesteps, embeds, pooled, time_ids)
+
+            return _Output(self.graphs(run, adapter, latents, timesteps, embeds, *added))
+        return self.unet(latents, timesteps, embeds, added_cond_kwargs=added_cond_kwargs)
+
+
+class _Output:
+    """What a UNet call returns, as far as models.unet_forward reads it."""
+
+    def __init__(self, sample: torch.Tensor):
+        self.sample = sample
+

@@ -1,0 +1,53 @@
+"""Defaults that depend on the base model (docs/schema.md marks those keys "model-dependent"): builtin:toy's own
+settings and the native resolution read from a model's configs. project.py resolves them into the config."""
+
+from __future__ import annotations
+
+from palpcompose.models.resolve import BaseModelSource, config_reader
+
+# builtin:toy's own training and render settings (docs/evaluation.md, "The PALP study"). The training regime was
+# chosen on the TI+LoRA baseline (guidance none) alone, never on PALP's scores: LoRA 1e-3 / embedding 5e-3 is where
+# the baseline learns the subject best (3e-3 collapses, 1e-4 barely moves); with references that share a context
+# their prompt does not name, batch 4 at 200 steps is where it loses the most of the target prompt (stage A).
+# palp.weight (lambda) 3 is PALP's own setting: chosen on PALP's scores on two tuning subjects (stage T) and judged
+# on seven others it never saw (stage B: text +0.23 +- 0.08 over the baseline at 0.91x its fidelity); at lambda 1
+# the tuning subjects kept only 0.62x the baseline's fidelity. fp32: a 64 px model on a CPU.
+TOY_DEFAULTS = {
+    "train.steps": 200,
+    "train.batch_size": 4,
+    "train.learning_rate": 1e-3,
+    "train.embedding_learning_rate": 5e-3,
+    "train.mixed_precision": "no",
+    "palp.weight": 3.0,
+    "render.steps": 20,  # the toy model's recommended sampling (docs/toyworld.md)
+    "render.guidance_scale": 5.0,
+}
+
+
+def native_resolution(source: BaseModelSource) -> int | None:
+    """The image size the base model was trained at, from its own configs: the UNet's latent `sample_size` times
+    the VAE's downsampling factor (2 ** (len(block_out_channels) - 1)): 64 for builtin:toy, 512 for SD 1.x and
+    SD 2 base, 768 for SD 2 768-v, 1024 for SDXL. None when the configs cannot be read offline (a single-file
+    checkpoint, a hub id that is not cached)."""
+    if source.kind not in ("builtin", "folder", "hub"):
+        return None
+    read = config_reader(source.kind, source.location)  # the reader family detection uses
+    unet, vae = read("unet/config.json"), read("vae/config.json")
+    try:
+        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (TypeError, KeyError, ValueError):
+        return None
+
+
+def model_defaults(source: BaseModelSource) -> dict[str, tuple[object, str]]:
+    """The defaults that `source` decides: dotted palp.toml key -> (value, why). Keys not listed keep the schema's
+    defaults (the paper's Stable Diffusion values)."""
+    defaults: dict[str, tuple[object, str]] = {}
+    size = native_resolution(source)
+    if size is not None:
+        defaults["train.resolution"] = (size, f"the native size of {source.spec} (its UNet and VAE configs)")
+    if source.spec == "builtin:toy":
+        for key, value in TOY_DEFAULTS.items():
+            defaults[key] = (value, "builtin:toy's own default")
+    return defaults
+

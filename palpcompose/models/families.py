@@ -1,0 +1,71 @@
+"""The model families palpcompose trains, and detecting which one a base model is (configs or a single file's
+tensor names, no weights loaded). Each family is one module (sd.py, sdxl.py) declaring a family.Family; FAMILIES
+lists them in the order detection tries them. Kinds that no family claims are refused with a message naming them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from palpcompose.models.family import Family
+from palpcompose.models.sd import FAMILY as SD
+from palpcompose.models.sd import UNET
+from palpcompose.models.sdxl import FAMILY as SDXL
+from palpcompose.models.sdxl import SDXL_RESOLUTION
+
+FAMILIES: tuple[Family, ...] = (SDXL, SD)  # detection order: SD's single-file test is the fallback
+
+FAMILY_NAMES = {key: name for family in FAMILIES for key, name in family.names.items()}
+FAMILY_NAMES["unknown"] = "family not verifiable offline"
+__all__ = ["FAMILIES", "FAMILY_NAMES", "NATIVE_RESOLUTION", "SDXL_RESOLUTION", "SUPPORTED_FAMILIES",
+           "family_from_index",
+           "family_from_keys", "family_of"]
+SUPPORTED_FAMILIES = ("Stable Diffusion 1.x and 2.x (epsilon and v-prediction) and Stable Diffusion XL base "
+                      "text-to-image models")
+NATIVE_RESOLUTION = {key: size for family in FAMILIES for key, size in family.native_size.items()}
+
+
+def family_of(key: str) -> Family:
+    """The Family of a detect_family answer; "unknown" (a pickled single file, an uncached hub id) loads as SD."""
+    return next((family for family in FAMILIES if key in family.names), SD)
+
+
+def family_from_index(index: dict, read) -> tuple[str, str | None]:
+    """(what the pipeline is, in words; its family key or None when unsupported) from model_index.json and the
+    UNet's and scheduler's configs (`read(name)` -> a config as JSON, or None)."""
+    name = str(index.get("_class_name", ""))
+    unet = read("unet/config.json") or {}
+    if "Flux" in name:
+        return f"a Flux model ({name})", None
+    if name.startswith("StableDiffusion3"):
+        return f"a Stable Diffusion 3 model ({name})", None
+    if "Inpaint" in name or unet.get("in_channels", 4) != 4:
+        return (f"an inpainting model ({name}, a UNet with {unet.get('in_channels', '?')} input channels; "
+                "palpcompose needs the 4-channel text-to-image UNet)"), None
+    for family in FAMILIES:
+        found = family.from_index(name, index, unet, read)
+        if found is not None:
+            return found
+    return (f"a {name} pipeline" if name else "a pipeline whose model_index.json names no _class_name"), None
+
+
+def family_from_keys(keys: list[str], path: Path) -> tuple[str, str | None]:
+    """(what an original-format single-file checkpoint is; its family key or None) from its tensor names, and the
+    shape of the UNet's first convolution (9 input channels: inpainting)."""
+    unet = UNET
+    if any(k.startswith((f"{unet}joint_blocks.", "joint_blocks.")) for k in keys):
+        return "a Stable Diffusion 3 checkpoint (MMDiT joint_blocks)", None
+    if any(k.startswith((f"{unet}double_blocks.", "double_blocks.")) for k in keys):
+        return "a Flux checkpoint (double_blocks)", None
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        conv_in = f"{unet}input_blocks.0.0.weight"
+        channels = f.get_slice(conv_in).get_shape()[1] if conv_in in keys else 4
+    if channels != 4:
+        return f"an inpainting checkpoint (a UNet with {channels} input channels)", None
+    for family in FAMILIES:
+        found = family.from_keys(keys)
+        if found is not None:
+            return found
+    return "a UNet checkpoint of no known family", None  # not reached while SD (the fallback) is listed
