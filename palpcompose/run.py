@@ -2,7 +2,8 @@
 
     make_plan(project, ...) -> Plan   every check, nothing written: project, overrides, base model, images, the
                                       state of out/ (up to date, resumable, held by another run)
-    TrainingLock(out/train.lock)      one `train` per project at a time (pid + host; a dead pid's lock is stale)
+    TrainingLock(out/train.lock)      one `train` per project at a time (pid + host; a dead pid's lock is stale);
+                                      outputs.py's, like every name in out/, re-exported here
     RunRecord(out, writer=...)        the only writer of out/: manifest, train.jsonl, checkpoint, snapshots,
                                       previews, final weights, loss plot. writer=False (a non-main process of a
                                       multi-process run) makes every write a no-op.
@@ -38,6 +39,7 @@ from palpcompose.outputs import (  # noqa: F401 - also re-exported: palpcompose.
     has_run,
     image_changes,
     image_hashes,
+    lock_path,
     loss_plot_path,
     manifest_path,
     now,
@@ -133,7 +135,7 @@ def make_plan(project, *, steps: int | None = None, resume: bool = False, guidan
                                                  identity=plan.identity, num_processes=plan.num_processes):
         plan.up_to_date = True
         return plan
-    TrainingLock(out / LOCK_FILE).check()
+    TrainingLock(lock_path(out)).check()
     if resume:
         plan.resume_from = _resumable_checkpoint(plan, steps)
     elif has_run(out):
