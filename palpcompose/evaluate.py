@@ -36,6 +36,7 @@ from palpcompose.errors import UserError, command_line
 from palpcompose.fsutil import atomic_write_json
 from palpcompose.outputs import (
     CONTACT_SHEET_FILE,
+    FINAL_NAME,
     RENDER_INDEX_FILE,
     RENDERS_DIR,
     eval_path,
@@ -386,7 +387,7 @@ def evaluate(project, *, clip=None, oracle: bool = False, renders=None, seeds=No
                          **means(group)}
     # The top-level means are those of the personalized weights: the final ones when scored, else the last set.
     trained = [label for label in labels if label != "base"] or labels
-    means_of = "final" if "final" in trained else trained[-1]
+    means_of = FINAL_NAME if FINAL_NAME in trained else trained[-1]
     top = models[means_of]
     subjects = {
         key: {"class_name": cfg.subjects[key].class_name, "scored_as": scorer.describe_subject(key),
