@@ -246,25 +246,11 @@ class RenderPlan:
     negative_from_option: bool  # the negative prompt came from --negative-prompt
 
 
-def plan_render(
-    project,
-    *,
-    prompts=None,
-    seeds=None,
-    step: int | None = None,
-    steps: int | None = None,
-    guidance_scale: float | None = None,
-    width: int | None = None,
-    height: int | None = None,
-    negative_prompt: str | None = None,
-    scheduler: str | None = None,
-    batch_size: int | None = None,
-    sweep: bool = False,
-    compare: bool = False,
-    out: str | Path | None = None,
-    run: str | None = None,
-    base_only: bool = False,
-) -> RenderPlan:
+def plan_render(project, *, prompts=None, seeds=None, step: int | None = None, steps: int | None = None,
+                guidance_scale: float | None = None, width: int | None = None, height: int | None = None,
+                negative_prompt: str | None = None, scheduler: str | None = None, batch_size: int | None = None,
+                sweep: bool = False, compare: bool = False, out: str | Path | None = None, run: str | None = None,
+                base_only: bool = False) -> RenderPlan:
     """Every check `render` can make before loading the base model: options, prompts, seeds, settings, which
     weights (read, so a damaged file is found now) and the guard rails. Writes nothing. Arguments as `render`'s."""
     cfg = project.config
