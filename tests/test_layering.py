@@ -1,7 +1,8 @@
 """Imports inside palpcompose/ flow one way: down the layers below, and never in a cycle.
 
-Every module's imports are read with `ast`, those inside functions included (an import hidden in a function is still
-a dependency, and a cycle through one still means two modules that cannot be understood apart). LAYERS is the one
+Every module's imports are read with `ast`, those inside functions (and under `if TYPE_CHECKING:`) included: an
+import hidden in a function is still a dependency, and a cycle through one still means two modules that cannot be
+understood apart. (palpcompose imports no module by name at run time, with importlib; such an import would not count.) LAYERS is the one
 source of the layering; docs/architecture.md draws it. A module may import modules of its own layer or of lower
 ones; an import of a higher layer fails, naming the file:line and the import. A module in no layer fails too, so a
 new module gets a place in the table when it is written.
