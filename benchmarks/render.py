@@ -89,7 +89,7 @@ def build_pipeline(spec: archs.ArchSpec, device: str, dtype: torch.dtype, tokeni
 @contextlib.contextmanager
 def levers_applied(pipe, levers: set[str]):
     """Apply render levers for one variant and undo them afterwards, so variants do not leak into each other."""
-    from palpcompose.render import merged_lora
+    from palpcompose.attach import merged_lora
 
     with contextlib.ExitStack() as undo:  # undone in reverse order
         if "fuse" in levers:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from palpcompose.errors import PalpcomposeError, UserError
 from palpcompose.fsutil import atomic_save_image, atomic_write_json, atomic_write_text, sha256_file
+from palpcompose.outputs import out_dir
 
 VARIANTS = {  # name -> [palp] settings
     "none": {"guidance": "none"},
@@ -180,12 +181,13 @@ guidance_scale = {s.guidance_scale}
 
 def train_run(root: Path, console) -> str:
     """Train a run to the end: skipped when up to date, resumed when a checkpoint exists. Returns the status."""
+    from palpcompose.outputs import checkpoint_dir, manifest_path, out_dir
     from palpcompose.project import load_project
     from palpcompose.train import train
 
-    manifest = root / "out" / "manifest.json"
+    manifest = manifest_path(out_dir(root))
     status = json.loads(manifest.read_text()).get("status") if manifest.is_file() else None
-    resume = status in ("interrupted", "running", "failed") and (root / "out" / "checkpoint").exists()
+    resume = status in ("interrupted", "running", "failed") and checkpoint_dir(out_dir(root)).exists()
     return train(load_project(root), resume=resume, console=console).status
 
 
@@ -206,7 +208,8 @@ class Renderer:
         self.settings = RenderSettings(s.render_steps, s.guidance_scale, s.resolution, s.resolution, "", "dpm++", 16)
 
     def images(self, weights, texts: list[str], seeds: list[int]):
-        from palpcompose.render import attach_trained_weights, generate
+        from palpcompose.attach import attach_trained_weights
+        from palpcompose.render import generate
 
         if weights is None:
             if getattr(self.pipe.unet, "peft_config", None):
@@ -223,12 +226,11 @@ def score_run(s: Settings, root: Path, prompt_indices: list[int], renderer: Rend
     class word) is the same for every variant of a subject: `base_scores` keeps it across runs."""
     from palpcompose.evaluate import OracleScorer
     from palpcompose.models import expand_placeholders, placeholder_tokens
+    from palpcompose.outputs import load_weights, manifest_path, out_dir, snapshot_dir, snapshot_steps
     from palpcompose.project import load_project
-    from palpcompose.render import snapshot_dir, snapshot_steps
-    from palpcompose.weights import load_trained_weights
 
-    cache_path = root / "out" / "ablation-scores.json"
-    manifest = json.loads((root / "out" / "manifest.json").read_text())
+    cache_path = out_dir(root) / "ablation-scores.json"
+    manifest = json.loads(manifest_path(out_dir(root)).read_text())
     key = {"seeds": s.seeds, "render_steps": s.render_steps, "guidance_scale": s.guidance_scale,
            "training_hash": manifest["training_hash"], "steps_done": manifest["steps_done"]}
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
@@ -241,12 +243,12 @@ def score_run(s: Settings, root: Path, prompt_indices: list[int], renderer: Rend
     prompts = target_prompts(class_name, max(prompt_indices) + 1, s.context)
     seeds = list(range(s.seeds))
     references = tuple(sha256_file(p) for p in project.images["V1"])
-    for step in [0] + snapshot_steps(root / "out"):
+    for step in [0] + snapshot_steps(out_dir(root)):
         done = cache["steps"].setdefault(str(step), {})
         todo = [i for i in prompt_indices if str(i) not in done]
         if not todo:
             continue
-        weights = None if step == 0 else load_trained_weights(snapshot_dir(root / "out", step))
+        weights = None if step == 0 else load_weights(snapshot_dir(out_dir(root), step))
         words = {"V1": class_name} if weights is None else tokens
         for i in todo:
             target = prompts[i][0]
@@ -440,7 +442,7 @@ def report_markdown(s: Settings, table: dict, verdicts: list[dict], runs_done: d
 
 def cached_scores(root: Path) -> dict:
     """The scores a run's earlier scoring left in out/ablation-scores.json ({} when none)."""
-    path = root / "out" / "ablation-scores.json"
+    path = out_dir(root) / "ablation-scores.json"
     return json.loads(path.read_text()).get("steps", {}) if path.is_file() else {}
 
 

@@ -7,13 +7,15 @@ import json
 import sys
 from pathlib import Path
 
+from palpcompose.outputs import out_dir
+
 
 def means(work: Path, variant: str, step: int):
     text, fid = [], []
     for root in (work / "runs").glob(f"s*-{variant}*"):
         if root.name.split("-")[1] != variant:
             continue
-        scores = json.loads((root / "out" / "ablation-scores.json").read_text())["steps"][str(step)]
+        scores = json.loads((out_dir(root) / "ablation-scores.json").read_text())["steps"][str(step)]
         for v in scores.values():
             text += v["text"]
             fid += v["fidelity"]

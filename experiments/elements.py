@@ -27,8 +27,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
     from palpcompose.models import expand_placeholders, placeholder_tokens
+    from palpcompose.outputs import out_dir, snapshot_dir
     from palpcompose.project import load_project
-    from palpcompose.render import snapshot_dir
     from palpcompose.toyworld import oracle as toy_oracle
     from palpcompose.toyworld import world
     from palpcompose.weights import load_trained_weights
@@ -52,11 +52,11 @@ def main(argv: list[str] | None = None) -> None:
                 weights, text = None, expand_placeholders(target, {"V1": subject.class_name})
             else:
                 run = ablation.run_dir(s, seed, variant, None if variant == "none" else prompt_index)
-                if not snapshot_dir(run / "out", args.step).is_dir():
+                if not snapshot_dir(out_dir(run), args.step).is_dir():
                     continue
                 project = load_project(run)
                 tokens = placeholder_tokens(project.config.project.name, project.config.subjects)
-                weights = load_trained_weights(snapshot_dir(run / "out", args.step))
+                weights = load_trained_weights(snapshot_dir(out_dir(run), args.step))
                 text = expand_placeholders(target, tokens)
             probs = toy_oracle.predict(oracle, renderer.images(weights, [text] * len(seeds), seeds))
             pred = {h: probs[h].argmax(-1) for h in probs}

@@ -17,13 +17,14 @@ import sys
 from pathlib import Path
 
 from experiments.ablation import mean_se
+from palpcompose.outputs import out_dir, train_log_path
 
 
 def load(work: Path) -> dict:
     """{(subject, variant, run prompt or None): {"scores": {step: {prompt: {...}}}, "log": [...]}}"""
     runs = {}
     for root in sorted((work / "runs").iterdir()):
-        scores = root / "out" / "ablation-scores.json"
+        scores = out_dir(root) / "ablation-scores.json"
         if not scores.is_file():
             continue
         name = root.name.split("-")
@@ -31,7 +32,7 @@ def load(work: Path) -> dict:
         subject = int(name[0][1:])
         variant = "-".join(p for p, flag in zip(name[1:], is_prompt[1:]) if not flag)
         prompt = next((int(p[1:]) for p, flag in zip(name, is_prompt) if flag), None)
-        log_path = root / "out" / "logs" / "train.jsonl"
+        log_path = train_log_path(out_dir(root))
         log = [json.loads(x) for x in log_path.read_text().splitlines()] if log_path.is_file() else []
         runs[(subject, variant, prompt)] = {"scores": json.loads(scores.read_text())["steps"], "log": log}
     return runs

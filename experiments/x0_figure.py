@@ -62,8 +62,8 @@ def main(argv: list[str] | None = None) -> None:
     from PIL import Image, ImageDraw
 
     from palpcompose.models import expand_placeholders, placeholder_tokens
+    from palpcompose.outputs import out_dir, snapshot_dir
     from palpcompose.project import load_project
-    from palpcompose.render import snapshot_dir
     from palpcompose.toyworld import world
     from palpcompose.weights import load_trained_weights
 
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             project = load_project(run)
             tokens = placeholder_tokens(project.config.project.name, project.config.subjects)
-            weights = load_trained_weights(snapshot_dir(run / "out", args.step))
+            weights = load_trained_weights(snapshot_dir(out_dir(run), args.step))
             text = expand_placeholders(target, tokens)
         renders = renderer.images(weights, [text] * len(seeds), seeds)  # attaches the weights (or disables them)
         rows.append((f"{label} x0-hat", x0_hat_images(pipe, text, seeds, s.guidance_scale)))

@@ -35,6 +35,20 @@ from palpcompose.errors import UserError, command_line
 from palpcompose.fsutil import atomic_write_json
 from palpcompose.images import IMAGE_SUFFIXES
 from palpcompose.placeholders import class_word_prompt, subjects_in
+from palpcompose.outputs import (
+    CONTACT_SHEET_FILE,
+    FINAL_NAME,
+    RENDER_INDEX_FILE,
+    RENDERS_DIR,
+    eval_path,
+    manifest_path,
+    out_dir,
+    read_json,
+    renders_dir,
+    run_out_dir,
+    runs_dir,
+)
+from palpcompose.render import render
 
 TOY_MODEL = "builtin:toy"
 ARTWORK_HEADS = ("style", "ambiance")  # what an artwork subject (class_name not a toy-world class) is judged on
@@ -231,7 +245,7 @@ class EvalImage:
 def images_from_folder(project, folder: Path) -> list[EvalImage]:
     """The images of a render folder: render.json's list when there is one (each image with its own prompt), else
     every image file in it, all scored against the target prompt."""
-    index = folder / "render.json"
+    index = folder / RENDER_INDEX_FILE
     if index.is_file():
         try:
             entries = json.loads(index.read_text(encoding="utf-8"))["images"]
@@ -247,7 +261,7 @@ def images_from_folder(project, folder: Path) -> list[EvalImage]:
     if not prompt:
         raise UserError(f"{folder}: no render.json to say which prompt its images show, and {project.file} has no "
                         "palp.target_prompt; score a folder written by `palpcompose render`")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.name != "contact-sheet.png")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.name != CONTACT_SHEET_FILE)
     if not files:
         raise UserError(f"--renders {folder}: no images there (png, jpg, webp)")
     return [EvalImage(p, prompt, None, None, None) for p in files]
@@ -258,19 +272,20 @@ def resolve_renders(project, renders: str | Path) -> Path:
     path = Path(renders).expanduser()
     if path.is_dir():
         return path
-    run = project.root / "out" / "renders" / str(renders)
+    out = out_dir(project.root)
+    run = renders_dir(out) / str(renders)
     if run.is_dir():
         return run
     # `render --run ID` writes to out/runs/ID/renders/NAME (NAME is the render's time stamp)
-    kept = sorted(p for p in (project.root / "out" / "runs").glob(f"*/renders/{renders}") if p.is_dir()) \
+    kept = sorted(p for p in runs_dir(out).glob(f"*/{RENDERS_DIR}/{renders}") if p.is_dir()) \
         if Path(str(renders)).name == str(renders) else []
     if len(kept) == 1:
         return kept[0]
     if kept:
         raise UserError(f"--renders {renders}: several kept runs have a render of that name; give its path: "
                         + ", ".join(command_line(str(p)) for p in kept))
-    raise UserError(f"--renders {renders}: no such folder (nor a run of that name in {project.root / 'out/renders'} "
-                    f"or {project.root / 'out/runs'}/*/renders)")
+    raise UserError(f"--renders {renders}: no such folder (nor a run of that name in {renders_dir(out)} "
+                    f"or {runs_dir(out)}/*/{RENDERS_DIR})")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -300,9 +315,7 @@ def _mean(values):
 def _trained_guidance(project, run: str | None = None) -> str | None:
     """The guidance of the trained weights, from the run's manifest.json (out/, or out/runs/<run>/ with --run; None
     when unreadable)."""
-    from palpcompose.run import MANIFEST_FILE, read_json, run_out_dir
-
-    return (read_json(run_out_dir(project, run) / MANIFEST_FILE) or {}).get("guidance")
+    return (read_json(manifest_path(run_out_dir(project, run))) or {}).get("guidance")
 
 
 def evaluate(project, *, clip=None, oracle: bool = False, renders=None, seeds=None, step: int | None = None,
@@ -311,8 +324,6 @@ def evaluate(project, *, clip=None, oracle: bool = False, renders=None, seeds=No
     Without `renders`, renders the target prompt for `seeds` (default: render.seeds) with the final weights (or
     snapshot `step`, or the training run `run` kept in out/runs/) first. Images of different weights (a `--compare`
     or `--sweep` folder) get one mean each. `scorer` overrides the metric (tests, the ablation)."""
-    from palpcompose.render import render
-
     cfg = project.config
     if renders is not None and (seeds is not None or step is not None or run is not None):
         raise UserError("--renders scores existing images; --seeds, --step and --run only apply when eval renders")
@@ -364,7 +375,7 @@ def evaluate(project, *, clip=None, oracle: bool = False, renders=None, seeds=No
                          **means(group)}
     # The top-level means are those of the personalized weights: the final ones when scored, else the last set.
     trained = [label for label in labels if label != "base"] or labels
-    means_of = "final" if "final" in trained else trained[-1]
+    means_of = FINAL_NAME if FINAL_NAME in trained else trained[-1]
     top = models[means_of]
     subjects = {
         key: {"class_name": cfg.subjects[key].class_name, "scored_as": scorer.describe_subject(key),
@@ -380,12 +391,12 @@ def evaluate(project, *, clip=None, oracle: bool = False, renders=None, seeds=No
     # Kept with the render run, so a later eval does not replace it: a folder in out/ (out/renders/<run>/,
     # out/runs/<id>/renders/<run>/) or one `render --out` wrote (it has our render.json). A folder of the user's
     # own images gets nothing written into it.
-    outputs = (project.root / "out").resolve()
-    ours = folder.resolve().is_relative_to(outputs) or (folder / "render.json").is_file()
-    run_eval_json = folder / "eval.json" if ours else None
+    outputs = out_dir(project.root).resolve()
+    ours = folder.resolve().is_relative_to(outputs) or (folder / RENDER_INDEX_FILE).is_file()
+    run_eval_json = eval_path(folder) if ours else None
     if run_eval_json is not None:
         atomic_write_json(run_eval_json, data)
-    eval_json = project.root / "out" / "eval.json"  # the latest eval
+    eval_json = eval_path(out_dir(project.root))  # the latest eval
     atomic_write_json(eval_json, data)
     return EvalResult(scorer.name, folder, top["text_alignment"], top["subject_fidelity"], subjects, rows, eval_json,
                       models, means_of, top["guidance"], run_eval_json)

@@ -37,8 +37,8 @@ import torch
 from palpcompose import __version__
 from palpcompose.errors import UserError
 from palpcompose.fsutil import atomic_write_files, check_folder_can_be_made, os_error_text, safetensors_bytes
-from palpcompose.render import check_trained_for, locate_weights, read_manifest
-from palpcompose.weights import TrainedWeights, load_trained_weights
+from palpcompose.outputs import check_trained_for, load_weights, locate_weights, read_manifest, run_out_dir
+from palpcompose.weights import TrainedWeights
 
 FORMATS = ("diffusers", "webui")
 DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"  # the name `load_lora_weights(PATH)` looks for
@@ -71,14 +71,12 @@ def export(project, fmt: str, out_path, step: int | None = None, force: bool = F
            run: str | None = None) -> ExportResult:
     """Write the project's trained weights (final, or snapshot `step`; of the run kept in out/runs/<run>/ with
     `run`) to `out_path` in format `fmt`."""
-    from palpcompose.run import run_out_dir
-
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r} is not known; choose one of: {', '.join(FORMATS)}")
     out_dir = run_out_dir(project, run)
     folder, label, warnings = locate_weights(project, out_dir, step)
     warnings += check_trained_for(project, out_dir, read_manifest(out_dir))
-    weights = load_trained_weights(folder)
+    weights = load_weights(folder)
 
     if not str(out_path).strip():
         raise UserError("--out is empty; give the folder to write to, e.g. --out exported/")

@@ -6,6 +6,10 @@ its seed, so an image depends only on its seed and the settings: not on the batc
 device's random number generator. Outputs go to `DIR/out/renders/<run>/`: one PNG per image with its generation
 parameters in the `parameters` text chunk AUTOMATIC1111 and ComfyUI read, a captioned contact sheet, and
 `render.json` listing every image with its settings.
+
+`plan_render` makes every check that needs no model and writes nothing; `render` then loads the model, checks what
+needs it, and renders. Beside it: attach.py (weights into a pipeline), contact_sheet.py, outputs.py (which weights,
+and whether they are stale).
 """
 
 from __future__ import annotations
@@ -20,12 +24,45 @@ from pathlib import Path
 import torch
 
 from palpcompose import __version__
-from palpcompose.errors import Interrupted, UserError, command_line
-from palpcompose.fsutil import atomic_save_image, atomic_write_json
-from palpcompose.tokens import set_token_embeddings
-from palpcompose.weights import TrainedWeights, load_trained_weights
-
-ADAPTER_NAME = "palp"
+from palpcompose.attach import (  # noqa: F401 - ADAPTER_NAME, attach_trained_tokens: palpcompose.render's names
+    ADAPTER_NAME,
+    attach_trained_tokens,
+    attach_trained_weights,
+    merged_lora,
+)
+from palpcompose.contact_sheet import contact_sheet
+from palpcompose.errors import Interrupted, ProjectError, UserError, command_line
+from palpcompose.fsutil import atomic_save_image, atomic_write_json, check_folder_can_be_made
+from palpcompose.models import (
+    SDXL_RESOLUTION,
+    expand_placeholders,
+    load_pipeline,
+    native_resolution,
+    placeholder_tokens,
+    resolve_base_model,
+)
+from palpcompose.outputs import (
+    CONTACT_SHEET_FILE,
+    FINAL_NAME,
+    RENDER_INDEX_FILE,
+    check_trained_for,
+    load_weights,
+    locate_weights,
+    read_manifest,
+    renders_dir,
+    run_out_dir,
+    snapshot_dir,
+    snapshot_name,
+    snapshot_steps,
+)
+from palpcompose.project import (
+    PLACEHOLDER,
+    config_prompts,
+    count_prompt_tokens,
+    placeholder_problems,
+    too_long_problems,
+)
+from palpcompose.weights import TrainedWeights
 
 # --scheduler name -> (diffusers class name, extra config, the sampler's name in AUTOMATIC1111's `parameters` text).
 SCHEDULERS = {
@@ -88,7 +125,7 @@ class RenderResult:
     warnings: tuple[str, ...] = field(default_factory=tuple)
 
 
-# --- seeds, schedulers, trained weights ------------------------------------------------------------------------
+# --- seeds and samplers ------------------------------------------------------------------------------
 
 
 MAX_SEED = 2**32 - 1  # render.seeds' upper bound (project.py), the range other tools' seeds use
@@ -126,160 +163,10 @@ def make_scheduler(name: str, base_config):
     return getattr(diffusers, class_name).from_config(base_config, **extra)
 
 
-def attach_trained_weights(pipe, weights: TrainedWeights, adapter_name: str = ADAPTER_NAME) -> None:
-    """Put trained weights into a loaded pipeline: the LoRA into `pipe.unet` (peft), each learned token into the
-    tokenizer and its embedding into the text encoder's input embedding matrix. Calling it again with other weights
-    (e.g. another snapshot) replaces the previous ones. The adapter is left enabled and active."""
-    from peft import LoraConfig
-    from peft.utils import set_peft_model_state_dict
-
-    unet = pipe.unet
-    if adapter_name in getattr(unet, "peft_config", {}):
-        unet.delete_adapters(adapter_name)
-    config = LoraConfig(
-        r=weights.rank, lora_alpha=weights.lora_alpha, target_modules=list(weights.target_modules)
-    )
-    unet.add_adapter(config, adapter_name=adapter_name)
-    lora = {k: v.to(device=unet.device, dtype=unet.dtype) for k, v in weights.lora.items()}
-    result = set_peft_model_state_dict(unet, lora, adapter_name=adapter_name)
-    unexpected = list(getattr(result, "unexpected_keys", []) or [])
-    missing = [k for k in getattr(result, "missing_keys", []) or [] if ".lora_" in k and adapter_name in k]
-    if unexpected or missing:
-        raise UserError(
-            f"the trained LoRA does not fit this base model ({len(unexpected)} unexpected, {len(missing)} missing "
-            f"keys, e.g. {(unexpected + missing)[0]}); render with the base model it was trained on"
-        )
-    unet.set_adapter(adapter_name)
-    unet.enable_adapters()
-
-    # SDXL: each token into both tokenizers and text encoders, its [clip_l | clip_g] embedding split between them
-    pairs = [(pipe.tokenizer, pipe.text_encoder)]
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
-    if len(pairs) != max(len(weights.text_encoder_dims), 1):
-        trained, here = ("SDXL", "an SD 1.x/2.x") if weights.text_encoder_dims else ("SD 1.x/2.x", "an SDXL")
-        raise UserError(f"the weights were trained on an {trained} model and this is {here} base model; render "
-                        "with the base model they were trained on")
-    for i, (tokenizer, text_encoder) in enumerate(pairs):
-        set_token_embeddings(tokenizer, text_encoder, {t: weights.per_encoder(t)[i] for t in weights.embeddings})
-
-
-@contextlib.contextmanager
-def merged_lora(unet):
-    """The LoRA merged into the base weights for the duration (W <- W + scale * B A, peft's `merge`); afterwards the base weights are put back bit for bit.
-
-    A render then costs what the base model costs: no extra low-rank matmuls per attention projection at every
-    sampling step (docs/performance.md: 1.13x images/s over the unmerged adapter, toy model, CPU). In fp32 the images are those of
-    the unmerged adapter to rounding (tests/test_render.py); in fp16 the merged weights are rounded to fp16 once.
-    """
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer) and not m.disable_adapters]
-    # unmerge() subtracts what merge() added, which is exact only to rounding: keep the base weights (on the CPU, so
-    # the GPU's peak does not grow) and put them back bit for bit afterwards
-    saved = [layer.get_base_layer().weight.detach().to("cpu", copy=True) for layer in layers]
-    for layer in layers:
-        layer.merge()
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for layer, weight in zip(layers, saved):
-                layer.unmerge()
-                layer.get_base_layer().weight.copy_(weight)
-
-
-def snapshot_steps(out_dir: Path) -> list[int]:
-    """The steps of every snapshot in `out/snapshots/step-NNNNNN/` that holds weights, ascending."""
-    steps = []
-    for folder in (out_dir / "snapshots").glob("step-*"):
-        m = re.fullmatch(r"step-(\d+)", folder.name)
-        if m and (folder / "lora.safetensors").is_file():
-            steps.append(int(m.group(1)))
-    return sorted(steps)
-
-
-def snapshot_dir(out_dir: Path, step: int) -> Path:
-    return out_dir / "snapshots" / f"step-{step:06d}"
-
-
-def read_manifest(out_dir: Path) -> dict | None:
-    """out/manifest.json (None when missing); DamagedFile when unreadable, with what to do about it."""
-    from palpcompose.errors import DamagedFile
-    from palpcompose.run import read_json
-
-    try:
-        return read_json(out_dir / "manifest.json", strict=True)
-    except DamagedFile as exc:
-        if out_dir.parent.name == "runs":  # a kept run: --resume and --force act on the current run, not this one
-            raise exc.with_options("Options: restore the file, or render or export another run (without --run, "
-                                   "the current one)") from None
-        root = out_dir.parent
-        raise exc.with_options(f"Options: `{command_line('palpcompose', 'train', root, '--resume')}` rewrites it "
-                               f"from the checkpoint; `{command_line('palpcompose', 'train', root, '--force')}` starts "
-                               "over, keeping this run in out/runs/") from None
-
-
-def check_trained_for(project, out_dir: Path, manifest: dict | None) -> list[str]:
-    """Guard rails shared by render and export: refuse when the trained weights belong to another base model, warn
-    when palp.toml changed since training. Returns the warnings."""
-    from palpcompose.project import changed_weight_settings, describe_changes, listed_images
-    from palpcompose.run import image_changes, image_hashes
-
-    warnings = []
-    base_model = project.config.project.base_model
-    if manifest is not None:
-        trained_on = (manifest.get("base_model") or {}).get("spec")
-        if trained_on is not None and trained_on.strip() != base_model.strip():
-            raise UserError(
-                f"{project.file}: project.base_model is {base_model!r} but the weights in {out_dir} were trained on "
-                f"{trained_on!r}; set base_model back to {trained_on!r}, or retrain with "
-                f"`{command_line('palpcompose', 'train', project.root)}`"
-            )
-        # Training settings changed: the weights no longer match palp.toml. Only [render] or snapshot/preview
-        # periods changed (same training hash): the weights are unaffected, so this is only a note.
-        # Compared with palp.toml as it was when training started (`palp_toml`), not with the configuration the
-        # run used, which also holds the --steps/--guidance overrides (older manifests have only the latter).
-        trained = manifest.get("palp_toml") or manifest
-        config_hash = trained.get("config_hash")
-        # palp.toml edited to what the run was told on the command line (steps = N after --steps N) is no change
-        config_changed = config_hash is not None and project.config.hash() not in (config_hash,
-                                                                                   manifest.get("config_hash"))
-        changes = _changed_keys(trained.get("config"), project.config.to_dict())
-        what = f" ({changes})" if changes else (f" (configuration hash {project.config.hash()[:12]}, "
-                                                f"{str(config_hash)[:12]} in out/manifest.json)")
-        # the weights are stale when the file's weight settings match neither the file trained from nor the run
-        weights_changed = all(changed_weight_settings(before, project.config.to_dict())
-                              for before in (trained.get("config"), manifest.get("config")) if isinstance(before, dict))
-        if config_changed and weights_changed and isinstance(trained.get("config"), dict):
-            stale = changed_weight_settings(trained["config"], project.config.to_dict())  # what made them stale
-            what = f" ({describe_changes(stale, most=4)})" if stale else what
-            warnings.append(
-                f"{project.file} changed since training{what}: the weights were trained with the old "
-                f"settings; retrain with `{command_line('palpcompose', 'train', project.root)}` to apply the new ones"
-            )
-        elif config_changed:
-            warnings.append(
-                f"{project.file} changed since training{what}, but only in settings that do not affect the trained "
-                "weights ([render], snapshot or preview periods, memory savers)"
-            )
-        try:
-            images = image_changes(manifest.get("images"), image_hashes(project, listed_images(project)))
-        except OSError:  # an unreadable image is train's and check's to report
-            images = ""
-        if images:
-            warnings.append(f"the reference images changed since training ({images}): the weights never saw them; "
-                            f"retrain with `{command_line('palpcompose', 'train', project.root)}`")
-    return warnings
-
-
 def _check_prompt_lengths(project, tokenizer, prompts, negative_prompt: str, *, from_options: bool,
                           negative_from_option: bool) -> None:
     """Refuse prompts longer than the text encoder reads (they would be cut off without a word), naming the
     palp.toml key or the option they came from."""
-    from palpcompose.errors import ProjectError
-    from palpcompose.project import config_prompts, count_prompt_tokens, too_long_problems
-
     from_file = [(key, text) for key, text in config_prompts(project.config)
                  if not ((from_options and key.startswith(("render.prompts", "palp.target_prompt")))
                          or (negative_from_option and key == "render.negative_prompt"))]
@@ -294,70 +181,6 @@ def _check_prompt_lengths(project, tokenizer, prompts, negative_prompt: str, *, 
         if n > limit:
             raise UserError(f"{option} {prompt[:40]!r}...: {n} tokens, but the text encoder reads at most {limit} "
                             f"(start and end tokens included); shorten it by {n - limit} tokens")
-
-
-def _changed_keys(before: dict | None, now: dict, most: int = 4) -> str:
-    """'train.steps 200 -> 40, subjects.V1.class_name ...': the keys whose values differ between two resolved
-    configurations."""
-    if not isinstance(before, dict):
-        return ""
-
-    from palpcompose.project import ADDED_LATER, describe_changes, flat_settings
-
-    old, new = flat_settings(before), flat_settings(now)
-    for (section, key), default in ADDED_LATER.items():  # a key added since, at its default, is no change
-        old.setdefault(f"{section}.{key}", default)
-    return describe_changes([(key, old.get(key), new.get(key)) for key in sorted(set(old) | set(new))
-                             if old.get(key) != new.get(key)], most)
-
-
-def _weights_step(folder: Path) -> int:
-    """The training step a weights folder was saved at (its header's metadata); 0 when it cannot be read (loading
-    it later says what is wrong)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(folder / "lora.safetensors"), framework="pt") as f:
-            return int((f.metadata() or {}).get("step", "0"))
-    except Exception:  # noqa: BLE001 - a damaged header (SafetensorError, OSError, ValueError): loading it says why
-        return 0
-
-
-def locate_weights(project, out_dir: Path, step: int | None) -> tuple[Path, str, list[str]]:
-    """Which weights folder to use: snapshot `step`, else the final weights, else (an unfinished run) the latest
-    snapshot. Returns (folder, label, warnings); UserError when there is nothing to use."""
-    steps = snapshot_steps(out_dir)
-    available = ", ".join(str(s) for s in steps) or "none"
-    if step is not None:
-        if step not in steps:
-            raise UserError(
-                f"no snapshot at step {step} in {out_dir / 'snapshots'}; available steps: {available}"
-            )
-        return snapshot_dir(out_dir, step), f"step-{step:06d}", []
-    from palpcompose.run import read_json, unfinished
-
-    final = out_dir / "weights" / "final"
-    if (final / "lora.safetensors").is_file():
-        newer = [s for s in steps if s > _weights_step(final)]
-        if (read_json(out_dir / "manifest.json") or {}).get("status") in ("completed", None):
-            return final, "final", []
-        # a completed run continued (more train.steps) and stopped or still running: final is the earlier finish's
-        state = unfinished(project, out_dir) or "training has not finished"
-        if not newer:
-            return final, "final", [(f"{state}; using {final}, the earlier finish's weights (step "
-                                     f"{_weights_step(final)})")]
-        warning = (f"{state} ({final} holds the earlier finish, step {_weights_step(final)}); using the latest "
-                   f"snapshot, step {newer[-1]}")
-        return snapshot_dir(out_dir, newer[-1]), f"step-{newer[-1]:06d}", [warning]
-    state = unfinished(project, out_dir)
-    if steps:
-        resume = command_line("palpcompose", "train", project.root, "--resume")
-        state = state or f"training has not finished; `{resume}` finishes it"
-        warning = f"{state} (no {final}); using the latest snapshot, step {steps[-1]}"
-        return snapshot_dir(out_dir, steps[-1]), f"step-{steps[-1]:06d}", [warning]
-    if state is not None:
-        raise UserError(f"no trained weights in {out_dir} yet: {state}")
-    raise UserError(f"no trained weights in {out_dir}; run `{command_line('palpcompose', 'train', project.root)}` first")
 
 
 # --- the render itself --------------------------------------------------------------------------------------------
@@ -392,8 +215,6 @@ def a1111_parameters(
 def default_render_size(source) -> int:
     """The image side StableDiffusionXLPipeline renders at by default: the model's native size (its UNet's sample
     size times the VAE's scale factor, models.native_resolution); SDXL's 1024 when its configs cannot be read."""
-    from palpcompose.models import SDXL_RESOLUTION, native_resolution
-
     return native_resolution(source) or SDXL_RESOLUTION
 
 
@@ -403,38 +224,35 @@ def _pick_device() -> tuple[str, torch.dtype]:
     return "cpu", torch.float32
 
 
-def render(
-    project,
-    *,
-    prompts=None,
-    seeds=None,
-    step: int | None = None,
-    steps: int | None = None,
-    guidance_scale: float | None = None,
-    width: int | None = None,
-    height: int | None = None,
-    negative_prompt: str | None = None,
-    scheduler: str | None = None,
-    batch_size: int | None = None,
-    sweep: bool = False,
-    compare: bool = False,
-    out: str | Path | None = None,
-    console=None,
-    run: str | None = None,
-    base_only: bool = False,
-) -> RenderResult:
-    """Render the project's prompts with its trained weights; arguments left None come from palp.toml's [render].
+@dataclass
+class RenderPlan:
+    """What `render` is about to do, decided by `plan_render` before anything is loaded or written."""
 
-    `seeds` is a sequence of ints or a string such as "0-7". `step` picks a snapshot. `sweep` renders every snapshot
-    and the final weights; `compare` adds the base model (class words instead of tokens). `run` picks a training
-    run kept in out/runs/<run>/ (its renders go there too). `out` is the folder to write to (new or empty) instead of
-    a new render folder. `base_only` renders the base model alone (class words, no trained weights needed): a
-    prompt, or the clean prompt, tried before training. Everything is validated before anything is written.
-    """
-    from rich.markup import escape
+    project: object
+    settings: RenderSettings
+    prompts: tuple[str, ...]
+    seeds: tuple[int, ...]
+    texts: dict[str, str]  # prompt -> what the text encoder reads with the trained weights (tokens)
+    base_texts: dict[str, str]  # prompt -> what the base model reads (class words)
+    source: object  # models.BaseModelSource
+    out_dir: Path  # the training run rendered: out/, or out/runs/<run>/
+    manifest: dict | None  # its manifest.json (None: none, or the base model alone)
+    models: list[ModelChoice]  # the row groups of the render, in order
+    warnings: list[str]
+    out: Path | None  # --out; None: a new folder in out_dir/renders/
+    kind: str  # the new render folder's suffix: "sweep", "compare", "base" or ""
+    run: str | None  # --run
+    prompts_from_options: bool  # the prompts came from --prompt (not palp.toml)
+    negative_from_option: bool  # the negative prompt came from --negative-prompt
 
-    from palpcompose.models import expand_placeholders, load_pipeline, placeholder_tokens, resolve_base_model
 
+def plan_render(project, *, prompts=None, seeds=None, step: int | None = None, steps: int | None = None,
+                guidance_scale: float | None = None, width: int | None = None, height: int | None = None,
+                negative_prompt: str | None = None, scheduler: str | None = None, batch_size: int | None = None,
+                sweep: bool = False, compare: bool = False, out: str | Path | None = None, run: str | None = None,
+                base_only: bool = False) -> RenderPlan:
+    """Every check `render` can make before loading the base model: options, prompts, seeds, settings, which
+    weights (read, so a damaged file is found now) and the guard rails. Writes nothing. Arguments as `render`'s."""
     cfg = project.config
     rc = cfg.render
     warnings: list[str] = []
@@ -451,8 +269,6 @@ def render(
     if prompts and not all(p.strip() for p in prompts):
         raise UserError("--prompt is empty; give the text to render, e.g. --prompt \"A sketch of [V1]\", or leave "
                         "--prompt out to render render.prompts / palp.target_prompt")
-    from palpcompose.project import PLACEHOLDER, placeholder_problems
-
     named = [("--prompt", text) for text in prompt_options or ()]
     if negative_prompt:
         named.append(("--negative-prompt", negative_prompt))
@@ -500,8 +316,6 @@ def render(
     base_texts = {p: expand_placeholders(p, class_words) for p in prompts}
 
     # 2. Which weights: guard rails, then the model rows of the render.
-    from palpcompose.run import run_out_dir
-
     out_dir = run_out_dir(project, run)
     if base_only:  # the base model alone: no trained weights are read, so none are needed
         manifest, models = None, [ModelChoice("base", None, None)]
@@ -511,14 +325,14 @@ def render(
         warnings += found
         warnings += check_trained_for(project, out_dir, manifest)
         if sweep:
-            choices = [(snapshot_dir(out_dir, s), f"step-{s:06d}") for s in snapshot_steps(out_dir)]
-            if label == "final":
+            choices = [(snapshot_dir(out_dir, s), snapshot_name(s)) for s in snapshot_steps(out_dir)]
+            if label == FINAL_NAME:
                 choices.append((folder, label))
         else:
             choices = [(folder, label)]
         models = [ModelChoice("base", None, None)] if compare else []
         for path, name in choices:
-            weights = load_trained_weights(path)
+            weights = load_weights(path)
             missing = sorted(set(tokens.values()) - set(weights.embeddings))
             if missing:
                 raise UserError(
@@ -528,31 +342,74 @@ def render(
             # weights written before their header said so: the guidance of the run in out/manifest.json
             guidance = weights.guidance or (manifest or {}).get("guidance") or "unknown"
             models.append(ModelChoice(name, weights, weights.step, guidance))
-        if sweep and models[-1].label == "final":  # the snapshot of the last step holds the final weights again
-            models = [m for m in models if m.label == "final" or m.step != models[-1].step]
-    for message in warnings:
+        if sweep and models[-1].label == FINAL_NAME:  # the snapshot of the last step holds the final weights again
+            models = [m for m in models if m.label == FINAL_NAME or m.step != models[-1].step]
+    return RenderPlan(
+        project=project, settings=settings, prompts=prompts, seeds=seeds, texts=texts, base_texts=base_texts,
+        source=source, out_dir=out_dir, manifest=manifest, models=models, warnings=warnings,
+        out=None if out is None else Path(out), kind="sweep" if sweep else "compare" if compare else "base" if
+        base_only else "", run=run, prompts_from_options=bool(prompt_options),
+        negative_from_option=negative_prompt is not None,
+    )
+
+
+def render(
+    project,
+    *,
+    prompts=None,
+    seeds=None,
+    step: int | None = None,
+    steps: int | None = None,
+    guidance_scale: float | None = None,
+    width: int | None = None,
+    height: int | None = None,
+    negative_prompt: str | None = None,
+    scheduler: str | None = None,
+    batch_size: int | None = None,
+    sweep: bool = False,
+    compare: bool = False,
+    out: str | Path | None = None,
+    console=None,
+    run: str | None = None,
+    base_only: bool = False,
+) -> RenderResult:
+    """Render the project's prompts with its trained weights; arguments left None come from palp.toml's [render].
+
+    `seeds` is a sequence of ints or a string such as "0-7". `step` picks a snapshot. `sweep` renders every snapshot
+    and the final weights; `compare` adds the base model (class words instead of tokens). `run` picks a training
+    run kept in out/runs/<run>/ (its renders go there too). `out` is the folder to write to (new or empty) instead of
+    a new render folder. `base_only` renders the base model alone (class words, no trained weights needed): a
+    prompt, or the clean prompt, tried before training. Everything is validated before anything is written:
+    `plan_render`, then the checks that need the loaded model (prompt lengths, whether the weights fit it).
+    """
+    from rich.markup import escape
+
+    plan = plan_render(
+        project, prompts=prompts, seeds=seeds, step=step, steps=steps, guidance_scale=guidance_scale, width=width,
+        height=height, negative_prompt=negative_prompt, scheduler=scheduler, batch_size=batch_size, sweep=sweep,
+        compare=compare, out=out, run=run, base_only=base_only,
+    )
+    for message in plan.warnings:
         if console is not None:
             console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False)
+    cfg, settings, prompts, seeds, models = project.config, plan.settings, plan.prompts, plan.seeds, plan.models
 
     # 3. Base model and sampler.
     device, dtype = _pick_device()
-    pipe = load_pipeline(source, torch_dtype=dtype)
-    _check_prompt_lengths(project, pipe.tokenizer, prompts, settings.negative_prompt, from_options=bool(
-        prompt_options), negative_from_option=negative_prompt is not None)
+    pipe = load_pipeline(plan.source, torch_dtype=dtype)
+    _check_prompt_lengths(project, pipe.tokenizer, prompts, settings.negative_prompt,
+                          from_options=plan.prompts_from_options, negative_from_option=plan.negative_from_option)
     pipe.scheduler = make_scheduler(settings.scheduler, pipe.scheduler.config)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     if not base_only:
-        attach_trained_weights(
-            pipe, next(m.weights for m in models if m.weights is not None)
-        )  # fits? (before writing)
+        attach_trained_weights(pipe, next(m.weights for m in models if m.weights is not None))  # fits? (before writing)
 
     # 4. Render every model x prompt x seed, batch by batch, writing each PNG as soon as it exists.
-    if out is None:
-        run_dir, made = _new_run_dir(out_dir / "renders",
-                                      "sweep" if sweep else "compare" if compare else "base" if base_only else ""), True
+    if plan.out is None:
+        run_dir, made = _new_run_dir(renders_dir(plan.out_dir), plan.kind), True
     else:
-        run_dir, made = Path(out), not Path(out).exists()
+        run_dir, made = plan.out, not plan.out.exists()
         run_dir.mkdir(parents=True, exist_ok=True)
     jobs = [(p_index, prompt, seed) for p_index, prompt in enumerate(prompts, 1) for seed in seeds]
     images: list[RenderedImage] = []
@@ -572,7 +429,7 @@ def render(
                     for start in range(0, len(jobs), settings.batch_size):
                         batch = jobs[start : start + settings.batch_size]
                         batch_texts = [
-                            (base_texts if model.weights is None else texts)[prompt] for _, prompt, _ in batch
+                            (plan.base_texts if model.weights is None else plan.texts)[prompt] for _, prompt, _ in batch
                         ]
                         pictures = generate(pipe, batch_texts, [seed for _, _, seed in batch], settings)
                         for (p_index, prompt, seed), text, picture in zip(batch, batch_texts, pictures):
@@ -599,10 +456,10 @@ def render(
                           f"{run_dir} (no contact sheet or render.json)") from None
 
     # 5. Contact sheet and the run's index.
-    sheet_path = run_dir / "contact-sheet.png"
+    sheet_path = run_dir / CONTACT_SHEET_FILE
     atomic_save_image(sheet_path, contact_sheet(images, prompts, seeds, {m.label: m.caption for m in models}))
     atomic_write_json(
-        run_dir / "render.json",
+        run_dir / RENDER_INDEX_FILE,
         {
             "palpcompose_version": __version__,
             "project": cfg.project.name,
@@ -612,24 +469,14 @@ def render(
             "seeds": list(seeds),
             "device": device,
             "wall_time_s": round(time.perf_counter() - started, 3),
-            "warnings": warnings,
-            "training": _training_record(manifest),
+            "warnings": plan.warnings,
+            "training": _training_record(plan.manifest),
             "training_run": run,  # None: the current run in out/; else the id of a run kept in out/runs/
-            "images": [
-                {
-                    "file": i.path.name,
-                    "model": i.model,
-                    "step": i.step,
-                    "guidance": i.guidance,
-                    "prompt": i.prompt,
-                    "text": i.text,
-                    "seed": i.seed,
-                }
-                for i in images
-            ],
+            "images": [{"file": i.path.name, "model": i.model, "step": i.step, "guidance": i.guidance,
+                        "prompt": i.prompt, "text": i.text, "seed": i.seed} for i in images],
         },
     )
-    return RenderResult(run_dir, tuple(images), sheet_path, settings, tuple(warnings))
+    return RenderResult(run_dir, tuple(images), sheet_path, settings, tuple(plan.warnings))
 
 
 def _training_record(manifest: dict | None) -> dict | None:
@@ -674,8 +521,6 @@ def generate(pipe, texts: list[str], seeds: list[int], settings: RenderSettings)
 
 def _check_out_folder(folder: Path) -> None:
     """--out: a new or empty folder that can be created, so that a render never overwrites or mixes with files."""
-    from palpcompose.fsutil import check_folder_can_be_made
-
     if folder.is_dir() and any(folder.iterdir()):
         raise UserError(f"--out {folder}: the folder is not empty; render writes a whole run (PNGs, contact sheet, "
                         "render.json) and never overwrites, so give a new or empty folder")
@@ -718,52 +563,6 @@ def _progress(console):
     )
 
 
-# --- contact sheets -------------------------------------------------------------------------------------------
-
-
-def contact_sheet(
-    images: list[RenderedImage], prompts, seeds, model_captions: dict[str, str], min_cell: int = 128
-):
-    """One labelled grid: a row per (prompt, model), a column per seed. Row captions name the model (base, or the
-    weights' step) and the prompt; column captions name the seed. Small images are enlarged (nearest neighbour) to
-    stay readable."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    font = ImageFont.load_default()
-    by_key = {(i.prompt, i.model, i.seed): i.path for i in images}
-    first = Image.open(images[0].path)
-    scale = max(1, -(-min_cell // min(first.size)))  # ceil division
-    cell_w, cell_h = first.width * scale, first.height * scale
-    label_w, head_h, pad = 240, 24, 4
-    rows = [(p_index, prompt, label) for p_index, prompt in enumerate(prompts, 1) for label in model_captions]
-    sheet = Image.new(
-        "RGB", (label_w + len(seeds) * (cell_w + pad), head_h + len(rows) * (cell_h + pad)), "white"
-    )
-    draw = ImageDraw.Draw(sheet)
-    for col, seed in enumerate(seeds):
-        draw.text((label_w + col * (cell_w + pad) + 4, 6), f"seed {seed}", fill="black", font=font)
-    for row, (p_index, prompt, label) in enumerate(rows):
-        y = head_h + row * (cell_h + pad)
-        caption = f"{model_captions[label]}\nprompt {p_index}:\n" + "\n".join(_wrap(prompt, 36)[:6])
-        draw.multiline_text((4, y + 4), caption, fill="black", font=font, spacing=2)
-        for col, seed in enumerate(seeds):
-            with Image.open(by_key[(prompt, label, seed)]) as picture:
-                cell = picture.convert("RGB").resize((cell_w, cell_h), Image.NEAREST)
-            sheet.paste(cell, (label_w + col * (cell_w + pad), y))
-    return sheet
-
-
-def _wrap(text: str, width: int) -> list[str]:
-    lines, line = [], ""
-    for word in text.split():
-        if line and len(line) + 1 + len(word) > width:
-            lines.append(line)
-            line = word
-        else:
-            line = f"{line} {word}".strip()
-    return lines + ([line] if line else [])
-
-
 def summary_table(result: RenderResult):
     """A rich table saying where everything went (file names relative to the run folder named in the title)."""
     from rich.table import Table
@@ -777,7 +576,7 @@ def summary_table(result: RenderResult):
         what = "base model" if model == "base" else f"{model} weights"
         table.add_row(f"{what}: {count} PNG(s)", f"{model}_p*_seed*.png")
     table.add_row("contact sheet", result.contact_sheet.name)
-    table.add_row("index (prompts, seeds, settings)", "render.json")
+    table.add_row("index (prompts, seeds, settings)", RENDER_INDEX_FILE)
     s = result.settings
     table.add_row(
         "settings",

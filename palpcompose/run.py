@@ -2,7 +2,8 @@
 
     make_plan(project, ...) -> Plan   every check, nothing written: project, overrides, base model, images, the
                                       state of out/ (up to date, resumable, held by another run)
-    TrainingLock(out/train.lock)      one `train` per project at a time (pid + host; a dead pid's lock is stale)
+    TrainingLock(out/train.lock)      one `train` per project at a time (pid + host; a dead pid's lock is stale);
+                                      outputs.py's, like every name in out/, re-exported here
     RunRecord(out, writer=...)        the only writer of out/: manifest, train.jsonl, checkpoint, snapshots,
                                       previews, final weights, loss plot. writer=False (a non-main process of a
                                       multi-process run) makes every write a no-op.
@@ -12,10 +13,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
 from pathlib import Path
 
 from palpcompose import distributed, models
@@ -30,13 +29,35 @@ from palpcompose.checkpoint import (
 from palpcompose.errors import DamagedFile, UserError, command_line
 from palpcompose.fsutil import atomic_save_image, atomic_write_json, atomic_write_text, sha256_file
 from palpcompose.guidance import GUIDANCE_MODES
-from palpcompose.project import changed_weight_settings, describe_changes, weight_settings
+from palpcompose.outputs import (  # noqa: F401 - also re-exported: palpcompose.run's names before outputs.py
+    LOCK_FILE,
+    MANIFEST_FILE,
+    RUN_FOLDERS,
+    TrainingLock,
+    checkpoint_dir,
+    final_dir,
+    has_run,
+    image_changes,
+    image_hashes,
+    lock_path,
+    loss_plot_path,
+    manifest_path,
+    now,
+    out_dir,
+    preview_path,
+    read_json,
+    read_jsonl,
+    run_out_dir,
+    runs_dir,
+    snapshot_dir,
+    snapshot_steps,
+    status_words,
+    train_log_path,
+    trained_with,
+    unfinished,
+)
+from palpcompose.project import changed_weight_settings, describe_changes, load_project, weight_settings
 from palpcompose.weights import TrainedWeights, save_trained_weights
-
-MANIFEST_FILE = "manifest.json"
-LOCK_FILE = "train.lock"
-RUN_FOLDERS = ("snapshots", "previews", "logs", "checkpoint", "weights")  # what one run writes besides the manifest
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # The plan
@@ -68,14 +89,12 @@ class Plan:
 
     @property
     def final_dir(self) -> Path:
-        return self.out / "weights" / "final"
+        return final_dir(self.out)
 
 
 def make_plan(project, *, steps: int | None = None, resume: bool = False, guidance: str | None = None,
               force: bool = False) -> Plan:
     """Validate everything `train` needs and decide fresh / resume / up to date. Writes nothing."""
-    from palpcompose.project import load_project
-
     if not hasattr(project, "config"):
         project = load_project(project)
     config = project.config
@@ -94,7 +113,7 @@ def make_plan(project, *, steps: int | None = None, resume: bool = False, guidan
     steps_option = f" --steps {steps_target}" if steps is not None else ""
     num_processes = distributed.launch().world_size
     launched = distributed.launcher_prefix()  # "torchrun --nproc_per_node 2 $(which palpcompose)" or ""
-    out = project.root / "out"
+    out = out_dir(project.root)
     source = models.resolve_base_model(config.project.base_model, project.root, config.project.allow_pickle)
     if not source.available:
         raise UserError(f"project.base_model: {source.detail}")
@@ -108,14 +127,15 @@ def make_plan(project, *, steps: int | None = None, resume: bool = False, guidan
         fresh_command=(launched or "palpcompose") + " " + command_line("train", project.root) + steps_option,
     )
     try:
-        plan.previous = read_json(out / MANIFEST_FILE, strict=True)
+        plan.previous = read_json(manifest_path(out), strict=True)
     except DamagedFile as exc:  # --resume rewrites it from the checkpoint; --force keeps it in out/runs/
         if not (resume or force):
             raise exc.with_options(_damaged_run_options(plan, resume=True)) from None
-    if not force and not resume and _trained_with(plan, plan.previous):
+    if not force and not resume and trained_with(plan.previous, out, config=plan.config.to_dict(), images=plan.images,
+                                                 identity=plan.identity, num_processes=plan.num_processes):
         plan.up_to_date = True
         return plan
-    TrainingLock(out / LOCK_FILE).check()
+    TrainingLock(lock_path(out)).check()
     if resume:
         plan.resume_from = _resumable_checkpoint(plan, steps)
     elif has_run(out):
@@ -123,7 +143,7 @@ def make_plan(project, *, steps: int | None = None, resume: bool = False, guidan
     if plan.resume_from is not None:
         try:
             plan.checkpoint = load_checkpoint(plan.resume_from)
-            read_jsonl(out / "logs" / "train.jsonl")
+            read_jsonl(train_log_path(out))
         except DamagedFile as exc:
             raise exc.with_options(_damaged_run_options(plan, resume=False)) from None
     return plan
@@ -131,10 +151,8 @@ def make_plan(project, *, steps: int | None = None, resume: bool = False, guidan
 
 def _damaged_run_options(plan: Plan, *, resume: bool) -> str:
     """What a user can do when a file of the run in out/ is damaged."""
-    from palpcompose.render import snapshot_steps
-
     options = []
-    if resume and checkpoint_folder(plan.out / "checkpoint") is not None:
+    if resume and checkpoint_folder(checkpoint_dir(plan.out)) is not None:
         options.append(f"`{plan.resume_command}` continues from the checkpoint (and rewrites the file)")
     snapshots = snapshot_steps(plan.out)
     if snapshots:
@@ -144,24 +162,19 @@ def _damaged_run_options(plan: Plan, *, resume: bool) -> str:
     return "Options: " + "; ".join(options)
 
 
-def has_run(out: Path) -> bool:
-    """out/ holds a training run (its manifest or anything it trained)."""
-    return (out / MANIFEST_FILE).exists() or any((out / name).exists() for name in RUN_FOLDERS)
-
-
 def _continue_or_keep(plan: Plan, force: bool) -> None:
     """A run without --resume where out/ already holds one: continue it when only train.steps grew, else keep it
     by moving it to out/runs/<id>/. Sets plan.resume_from or plan.archive, and plan.notice."""
     previous, now_config = plan.previous, plan.config.to_dict()
     why = _differences(plan, previous)
     if previous is None:
-        why.insert(0, f"{plan.out / MANIFEST_FILE} is missing or unreadable")
+        why.insert(0, f"{manifest_path(plan.out)} is missing or unreadable")
     elif previous.get("status") != "completed":
         # resumed with as many processes as that run had (another number is refused), not this run's
         here = distributed.launcher_prefix() or "palpcompose"
         there = distributed.launcher_prefix(int(previous.get("num_processes", 1))) or "palpcompose"
         resume = there + plan.resume_command.removeprefix(here)
-        why.insert(0, f"it was {_status_words(previous.get('status'))} at step {previous.get('steps_done', 0)} of "
+        why.insert(0, f"it was {status_words(previous.get('status'))} at step {previous.get('steps_done', 0)} of "
                       f"{previous.get('steps_target', '?')}; to continue it instead, press Ctrl-C now (nothing has moved "
                       f"yet) and run `{resume}`")
     only_steps_grew = (previous is not None and previous.get("status") == "completed"
@@ -169,7 +182,7 @@ def _continue_or_keep(plan: Plan, force: bool) -> None:
                        and [k for k, _, _ in changed_weight_settings(previous["config"], now_config)] == ["train.steps"]
                        and plan.steps_target > int(previous.get("steps_done", 0)))
     if only_steps_grew and not force:
-        checkpoint = checkpoint_folder(plan.out / "checkpoint")
+        checkpoint = checkpoint_folder(checkpoint_dir(plan.out))
         if checkpoint is not None and _checkpoint_matches(plan, checkpoint, int(previous.get("steps_done", 0))):
             plan.resume_from = checkpoint
             plan.notice = (f"train.steps {previous['steps_done']} -> {plan.steps_target}: continuing the completed "
@@ -204,22 +217,6 @@ def _differences(plan: Plan, previous: dict | None) -> list[str]:
     return why
 
 
-def image_hashes(project, images: dict[str, tuple[Path, ...]]) -> dict[str, str]:
-    """{path relative to the project: sha256} of every reference image (manifest.json's "images")."""
-    return {p.relative_to(project.root).as_posix(): sha256_file(p) for paths in images.values() for p in paths}
-
-
-def image_changes(before: dict | None, now: dict[str, str], most: int = 5) -> str:
-    """'refs/V1/3.png is new, refs/V1/0.png changed, refs/V1/2.png is gone' ("" when the same)."""
-    if not isinstance(before, dict) or not before or before == now:  # {}: no record (a run has images)
-        return ""
-    changes = ([f"{p} is new" for p in sorted(set(now) - set(before))]
-               + [f"{p} changed" for p in sorted(set(now) & set(before)) if now[p] != before[p]]
-               + [f"{p} is gone" for p in sorted(set(before) - set(now))])
-    more = f", and {len(changes) - most} more" if len(changes) > most else ""
-    return ", ".join(changes[:most]) + more
-
-
 def _checkpoint_matches(plan: Plan, checkpoint: Path, step: int) -> bool:
     """The checkpoint is the completed run's last state, trained with this plan's settings."""
     try:
@@ -235,53 +232,10 @@ def _archive_folder(out: Path, previous: dict | None) -> Path:
     started = str((previous or {}).get("started_at") or "unknown").split("+")[0].replace(":", "-")
     stem = f"{started}-{(previous or {}).get('guidance', 'unknown')}"
     for n in range(1, 1000):
-        folder = out / "runs" / (stem if n == 1 else f"{stem}-{n}")
+        folder = runs_dir(out) / (stem if n == 1 else f"{stem}-{n}")
         if not folder.exists():
             return folder
-    raise UserError(f"{out / 'runs'}: could not name a folder for the earlier run ({stem}-N)")
-
-
-def _status_words(status) -> str:
-    """A manifest status as a user reads it after "training was": "failed" is an exception that stopped it; a run
-    still "running" without its process was interrupted."""
-    return {"failed": "stopped by an error", "running": "interrupted"}.get(status, str(status))
-
-
-def unfinished(project, out: Path) -> str | None:
-    """Why `out` has no final weights although training started: "training in progress (pid P ...)" or "training
-    was interrupted at step N: `palpcompose train DIR --resume`" (None when no training ever started there)."""
-    live = TrainingLock(out / LOCK_FILE).holder()
-    if live is not None:
-        return (f"training in progress (pid {live.get('pid')} on {live.get('host')}, started {live.get('started_at')});"
-                " wait for it to finish")
-    kept = out != project.root / "out"  # a run kept in out/runs/: it cannot be resumed
-    status = (read_json(out / MANIFEST_FILE) or {}).get("status") or "interrupted"
-    if status in ("running", "completed"):  # no live lock: the process is gone
-        status = "interrupted"
-    checkpoint = checkpoint_folder(out / "checkpoint")
-    if checkpoint is not None:
-        state = read_json(checkpoint / "state.json") or {}
-        # resumed with as many processes as wrote the checkpoint (another number is refused)
-        launched = distributed.launcher_prefix(checkpoint_processes(state)) or "palpcompose"
-        how = "" if kept else f": `{launched} {command_line('train', project.root, '--resume')}`"
-        step = state.get("step", "?")
-        return f"training was {_status_words(status)} at step {step}{how}"
-    if has_run(out) and not (out / "snapshots").is_dir():  # snapshots come with a checkpoint
-        how = "" if kept else f": `{command_line('palpcompose', 'train', project.root)}` starts it again"
-        return f"training was {_status_words(status)} before its first checkpoint{how}"
-    return None
-
-
-def run_out_dir(project, run: str | None) -> Path:
-    """The folder holding the trained run that render/export/eval use: out/, or out/runs/<run>/ (--run)."""
-    out = project.root / "out"
-    if run is None:
-        return out
-    folder = out / "runs" / str(run)
-    if not str(run).strip() or Path(str(run)).name != str(run) or not folder.is_dir():
-        runs = sorted(p.name for p in (out / "runs").glob("*") if p.is_dir()) if (out / "runs").is_dir() else []
-        raise UserError(f"--run {run}: no such run in {out / 'runs'}; runs kept there: {', '.join(runs) or 'none'}")
-    return folder
+    raise UserError(f"{runs_dir(out)}: could not name a folder for the earlier run ({stem}-N)")
 
 
 def resume_settings(config) -> dict:
@@ -289,21 +243,9 @@ def resume_settings(config) -> dict:
     return weight_settings(config.to_dict(), steps=False)
 
 
-def _trained_with(plan: Plan, previous: dict | None) -> bool:
-    """The run recorded in `previous` completed with this plan's weight settings, images and base model."""
-    return bool(
-        previous and previous.get("status") == "completed" and isinstance(previous.get("config"), dict)
-        and not changed_weight_settings(previous["config"], plan.config.to_dict())
-        and previous.get("images") == plan.images
-        and (previous.get("base_model") or {}).get("identity") == plan.identity
-        and previous.get("num_processes", 1) == plan.num_processes  # another effective batch, other weights
-        and (plan.final_dir / "lora.safetensors").is_file()
-    )
-
-
 def _resumable_checkpoint(plan: Plan, steps: int | None) -> Path:
     """The checkpoint `--resume` continues from, after checking it was trained with this plan's settings."""
-    checkpoint = plan.out / "checkpoint"
+    checkpoint = checkpoint_dir(plan.out)
     resume_from = checkpoint_folder(checkpoint)
     if resume_from is None:
         raise UserError(f"{checkpoint}: nothing to resume; run `palpcompose train` without --resume")
@@ -344,75 +286,6 @@ def _resumable_checkpoint(plan: Plan, steps: int | None) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The lock
-
-
-class TrainingLock:
-    """out/train.lock: {pid, host, started_at} while a `train` runs. A lock whose process is gone (same host) is
-    stale and taken over. Use as a context manager: acquired on entry, removed on exit."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-
-    def holder(self) -> dict | None:
-        """The live lock's content, or None when there is no lock or it is stale."""
-        try:
-            info = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return None
-        if info.get("host") == socket.gethostname() and not _pid_alive(int(info.get("pid", -1))):
-            return None
-        return info
-
-    def check(self) -> None:
-        """Raise UserError when another run holds the lock."""
-        live = self.holder()
-        if live is not None:
-            raise self._held(live)
-
-    def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "started_at": now()}
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                self.check()
-                self.path.unlink(missing_ok=True)  # stale: its process is gone
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(info, f)
-            return
-        raise UserError(f"{self.path}: could not take the training lock; delete the file if no run is active")
-
-    def release(self) -> None:
-        self.path.unlink(missing_ok=True)
-
-    def __enter__(self):
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-    def _held(self, info: dict) -> UserError:
-        return UserError(
-            f"{self.path}: this project is already training (pid {info.get('pid')} on {info.get('host')}, started "
-            f"{info.get('started_at')}); wait for it, or stop it. If no such run exists, delete the lock file"
-        )
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # The record
 
 
@@ -433,11 +306,11 @@ class RunRecord:
 
     @property
     def manifest_path(self) -> Path:
-        return self.out / MANIFEST_FILE
+        return manifest_path(self.out)
 
     @property
     def log_path(self) -> Path:
-        return self.out / "logs" / "train.jsonl"
+        return train_log_path(self.out)
 
     def begin(self, resumed_step: int | None, archive: Path | None = None) -> None:
         """Start this run's record: continue the log and wall time of the run it resumes (`resumed_step`), or
@@ -470,27 +343,27 @@ class RunRecord:
     def checkpoint(self, ckpt: Checkpoint, status: str, elapsed: float) -> None:
         """The checkpoint, the log so far and the manifest: what a resume continues from."""
         if self.writer:
-            save_checkpoint(self.out / "checkpoint", ckpt)
+            save_checkpoint(checkpoint_dir(self.out), ckpt)
             atomic_write_text(self.log_path, "".join(json.dumps(e) + "\n" for e in self.log))
         self.checkpoint_step = ckpt.step
         self.mark(status=status, steps_done=ckpt.step, wall_time_s=self.wall_time(elapsed))
 
     def snapshot(self, step: int, weights: TrainedWeights) -> Path:
-        folder = self.out / "snapshots" / f"step-{step:06d}"
+        folder = snapshot_dir(self.out, step)
         if self.writer:
             save_trained_weights(folder, weights)
         self.last_snapshot = folder
         return folder
 
     def final(self, weights: TrainedWeights) -> Path:
-        folder = self.out / "weights" / "final"
+        folder = final_dir(self.out)
         if self.writer:
             save_trained_weights(folder, weights)
         return folder
 
     def preview(self, step: int, grid, legend: dict) -> Path:
         """out/previews/step-NNNNNN.png (the grid, a PIL image) and .json (its legend)."""
-        path = self.out / "previews" / f"step-{step:06d}.png"
+        path = preview_path(self.out, step)
         if self.writer:
             atomic_save_image(path, grid)
             atomic_write_json(path.with_suffix(".json"), legend)
@@ -498,7 +371,7 @@ class RunRecord:
 
     def plot(self, plot_losses) -> None:
         if self.writer and self.log:
-            plot_losses(self.log, self.out / "logs" / "loss.png")
+            plot_losses(self.log, loss_plot_path(self.out))
 
     def _write_manifest(self) -> None:
         if self.writer:
@@ -538,39 +411,3 @@ def git_state(root: Path) -> dict | None:
         return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-def now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def read_json(path: Path, strict: bool = False) -> dict | None:
-    """A JSON object from `path`; None when it is missing, or (unless `strict`: DamagedFile) unreadable."""
-    try:
-        data = json.loads(path.read_text())
-        if not isinstance(data, dict):
-            raise TypeError("not a JSON object")
-        return data
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, TypeError) as exc:
-        if strict:
-            raise DamagedFile(path, str(exc)) from None
-        return None
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """out/logs/train.jsonl: one JSON object per line; DamagedFile names the first line that is not one."""
-    if not path.is_file():
-        return []
-    entries = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                entry = json.loads(line)
-                if not isinstance(entry, dict) or not isinstance(entry.get("step"), int):
-                    raise TypeError("not a log entry with a step")
-            except (ValueError, TypeError) as exc:
-                raise DamagedFile(path, f"line {n}: {exc}") from None
-            entries.append(entry)
-    return entries

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from palpcompose import __version__
-from palpcompose.errors import DamagedFile, UserError, command_line
+from palpcompose.errors import DamagedFile, UserError
 from palpcompose.fsutil import atomic_save_safetensors
 from palpcompose.models.components import LORA_TARGET_MODULES
 
@@ -82,39 +82,23 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
 
 def load_trained_weights(folder: str | Path) -> TrainedWeights:
     """A weights folder (final weights, a snapshot, a checkpoint's weights). DamagedFile names the damaged file
-    and, for out/weights/final and out/snapshots, what to use instead."""
+    (outputs.load_weights adds, for out/weights/final and out/snapshots, what to use instead)."""
     folder = Path(folder)
     lora_path, emb_path = folder / LORA_FILE, folder / EMBEDDINGS_FILE
     for p in (lora_path, emb_path):
         if not p.is_file():
             raise UserError(f"{p}: trained weights not found (run `palpcompose train` first)")
+    lora, meta = read_safetensors(lora_path)
+    embeddings, _ = read_safetensors(emb_path)
+    if meta.get("format") != "palpcompose":
+        raise UserError(f"{lora_path}: not a palpcompose weights file (no 'format: palpcompose' in its header)")
     try:
-        lora, meta = read_safetensors(lora_path)
-        embeddings, _ = read_safetensors(emb_path)
-        if meta.get("format") != "palpcompose":
-            raise UserError(f"{lora_path}: not a palpcompose weights file (no 'format: palpcompose' in its header)")
-        try:
-            return TrainedWeights(
-                lora=lora, embeddings=embeddings, placeholders=json.loads(meta["placeholders"]),
-                rank=int(meta["rank"]), lora_alpha=float(meta["lora_alpha"]),
-                target_modules=json.loads(meta["target_modules"]), base_model=meta.get("base_model", ""),
-                step=int(meta.get("step", "0")), guidance=meta.get("guidance", ""),
-                text_encoder_dims=tuple(json.loads(meta.get("text_encoder_dims", "[]"))),
-            )
-        except (KeyError, ValueError, TypeError) as exc:
-            raise DamagedFile(lora_path, f"bad header metadata: {type(exc).__name__}: {exc}") from None
-    except DamagedFile as exc:
-        raise exc.with_options(_instead(folder)) from None
-
-
-def _instead(folder: Path) -> str:
-    """What to use when the weights in `folder` are damaged: another snapshot, or a new run."""
-    if folder.parent.name not in ("snapshots", "weights"):
-        return ""
-    out = folder.parent.parent
-    others = sorted(p.name for p in (out / "snapshots").glob("step-*") if p != folder and (p / LORA_FILE).is_file())
-    use = f"use a snapshot with --snapshot N ({', '.join(others[-3:])} exist)" if others else ""
-    if out.parent.name == "runs":  # a kept run (out/runs/<id>/): training again makes a new run, not this one
-        return f"Options: {use or 'render or export another run'}"
-    use = f"{use}, or " if use else ""
-    return f"Options: {use}train again with `{command_line('palpcompose', 'train', out.parent, '--force')}` (the damaged run is kept in out/runs/)"
+        return TrainedWeights(
+            lora=lora, embeddings=embeddings, placeholders=json.loads(meta["placeholders"]),
+            rank=int(meta["rank"]), lora_alpha=float(meta["lora_alpha"]),
+            target_modules=json.loads(meta["target_modules"]), base_model=meta.get("base_model", ""),
+            step=int(meta.get("step", "0")), guidance=meta.get("guidance", ""),
+            text_encoder_dims=tuple(json.loads(meta.get("text_encoder_dims", "[]"))),
+        )
+    except (KeyError, ValueError, TypeError) as exc:
+        raise DamagedFile(lora_path, f"bad header metadata: {type(exc).__name__}: {exc}") from None

@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import tree_snapshot
 from PIL import Image
 from test_render_fixtures import make_project, write_manifest
 from tiny_pipeline import make_tiny_pipeline
@@ -116,6 +117,28 @@ def test_sweep_renders_every_snapshot_and_the_final_weights(project_dir):
     with Image.open(result.contact_sheet) as sheet:
         assert sheet.height >= 3 * 128  # one row per model
     assert result.run_dir.name.endswith("-sweep")
+
+
+def test_plan_render_decides_the_rows_and_texts_and_writes_nothing(project_dir, monkeypatch):
+    """plan_render: every check that needs no model, then what render will draw; it loads no pipeline and writes
+    nothing, and a bad option is refused there, before render would load the base model."""
+    from palpcompose import render as render_mod
+    from palpcompose.render import plan_render
+
+    shutil.copytree(project_dir / "out/weights/final", project_dir / "out/snapshots/step-000004")
+    monkeypatch.setattr(render_mod, "load_pipeline", lambda *a, **k: pytest.fail("the plan loaded the model"))
+    project = load_project(project_dir, check_images=False)
+    before = tree_snapshot(project_dir)
+    plan = plan_render(project, seeds="0-1", sweep=True, compare=True)
+    assert tree_snapshot(project_dir) == before
+    assert [(m.label, m.step) for m in plan.models] == [("base", None), ("step-000002", 2), ("final", 4)]
+    assert plan.seeds == (0, 1) and plan.kind == "sweep" and plan.out_dir == project_dir / "out"
+    [prompt] = plan.prompts
+    assert plan.base_texts[prompt] == "an oil painting of cat inspired by painting painting"
+    assert "<duo-v1>" in plan.texts[prompt]
+    with pytest.raises(UserError, match="--sweep renders every snapshot"):
+        render(project, seeds=[0], sweep=True, step=2)
+    assert tree_snapshot(project_dir) == before
 
 
 def test_step_renders_that_snapshot(project_dir):

@@ -1,0 +1,87 @@
+"""Trained weights into a loaded diffusers pipeline: the LoRA into the UNet (peft), the learned tokens into the
+tokenizer(s) and text encoder(s), and the LoRA merged into the base weights for a render (`merged_lora`).
+
+Used by `render` (palpcompose/render.py), the ablation and the benchmarks; palpcompose.render re-exports these names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from palpcompose.errors import UserError
+from palpcompose.tokens import set_token_embeddings
+from palpcompose.weights import TrainedWeights
+
+ADAPTER_NAME = "palp"
+
+
+def attach_trained_weights(pipe, weights: TrainedWeights, adapter_name: str = ADAPTER_NAME) -> None:
+    """Put trained weights into a loaded pipeline: the LoRA into `pipe.unet` (peft), each learned token into the
+    tokenizer and its embedding into the text encoder's input embedding matrix. Calling it again with other weights
+    (e.g. another snapshot) replaces the previous ones. The adapter is left enabled and active."""
+    from peft import LoraConfig
+    from peft.utils import set_peft_model_state_dict
+
+    unet = pipe.unet
+    if adapter_name in getattr(unet, "peft_config", {}):
+        unet.delete_adapters(adapter_name)
+    config = LoraConfig(
+        r=weights.rank, lora_alpha=weights.lora_alpha, target_modules=list(weights.target_modules)
+    )
+    unet.add_adapter(config, adapter_name=adapter_name)
+    lora = {k: v.to(device=unet.device, dtype=unet.dtype) for k, v in weights.lora.items()}
+    result = set_peft_model_state_dict(unet, lora, adapter_name=adapter_name)
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    missing = [k for k in getattr(result, "missing_keys", []) or [] if ".lora_" in k and adapter_name in k]
+    if unexpected or missing:
+        raise UserError(
+            f"the trained LoRA does not fit this base model ({len(unexpected)} unexpected, {len(missing)} missing "
+            f"keys, e.g. {(unexpected + missing)[0]}); render with the base model it was trained on"
+        )
+    unet.set_adapter(adapter_name)
+    unet.enable_adapters()
+
+    attach_trained_tokens(pipe, weights)
+
+
+def attach_trained_tokens(pipe, weights: TrainedWeights) -> None:
+    """Each learned token into the pipeline's tokenizer and its embedding into the text encoder's input embedding
+    matrix (a token already there gets its row replaced). UserError when the weights are of another model family or
+    another embedding width."""
+    # SDXL: each token into both tokenizers and text encoders, its [clip_l | clip_g] embedding split between them
+    pairs = [(pipe.tokenizer, pipe.text_encoder)]
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
+    if len(pairs) != max(len(weights.text_encoder_dims), 1):
+        trained, here = ("SDXL", "an SD 1.x/2.x") if weights.text_encoder_dims else ("SD 1.x/2.x", "an SDXL")
+        raise UserError(f"the weights were trained on an {trained} model and this is {here} base model; render "
+                        "with the base model they were trained on")
+    for i, (tokenizer, text_encoder) in enumerate(pairs):
+        set_token_embeddings(tokenizer, text_encoder, {t: weights.per_encoder(t)[i] for t in weights.embeddings})
+
+
+@contextlib.contextmanager
+def merged_lora(unet):
+    """The LoRA merged into the base weights for the duration (W <- W + scale * B A, peft's `merge`); afterwards the base weights are put back bit for bit.
+
+    A render then costs what the base model costs: no extra low-rank matmuls per attention projection at every
+    sampling step (docs/performance.md: 1.13x images/s over the unmerged adapter, toy model, CPU). In fp32 the images are those of
+    the unmerged adapter to rounding (tests/test_render.py); in fp16 the merged weights are rounded to fp16 once.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer) and not m.disable_adapters]
+    # unmerge() subtracts what merge() added, which is exact only to rounding: keep the base weights (on the CPU, so
+    # the GPU's peak does not grow) and put them back bit for bit afterwards
+    saved = [layer.get_base_layer().weight.detach().to("cpu", copy=True) for layer in layers]
+    for layer in layers:
+        layer.merge()
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for layer, weight in zip(layers, saved):
+                layer.unmerge()
+                layer.get_base_layer().weight.copy_(weight)
