@@ -125,7 +125,11 @@ def gather(root: Path) -> Report:
         raise UserError(f"{out} {what}: there is nothing to report; {train_first}")
     damaged: list[tuple[Path, str]] = []
     runs: list[RunView] = []
-    if (out / MANIFEST_FILE).exists():
+    if (out / MANIFEST_FILE).exists() or (out / MANIFEST_FILE).is_symlink():
+        if _not_a_file(out / MANIFEST_FILE, damaged):
+            path, reason = damaged.pop()
+            raise DamagedFile(path, reason, f"move it away; `{command_line('palpcompose', 'train', root, '--resume')}`"
+                              " rewrites it from the checkpoint")
         try:
             manifest = read_json(out / MANIFEST_FILE, strict=True)
         except DamagedFile as exc:
@@ -165,12 +169,26 @@ def _check_project_folder(root: Path) -> None:
 
 
 def _read_json(path: Path, damaged: list) -> dict | None:
-    """A JSON object, or None when missing; a damaged file is recorded in `damaged` (and None)."""
+    """A JSON object, or None when missing; a damaged file is recorded in `damaged` (and None). A FIFO or folder
+    in its place is damaged too, and never opened (reading a FIFO would block)."""
+    if _not_a_file(path, damaged):
+        return None
     try:
         return read_json(path, strict=True)
     except DamagedFile as exc:
         damaged.append((path, exc.reason))
         return None
+
+
+def _not_a_file(path: Path, damaged: list) -> bool:
+    """True (and recorded as damaged) when something that is not a regular file stands at `path`."""
+    if path.is_symlink() and not path.exists():
+        damaged.append((path, "a broken link"))
+        return True
+    if path.exists() and not path.is_file():
+        damaged.append((path, "a folder, not a file" if path.is_dir() else "not a regular file (a FIFO or device)"))
+        return True
+    return False
 
 
 def _read_run(run_id: str, folder: Path, manifest: dict | None, damaged: list) -> RunView:
@@ -186,7 +204,8 @@ def _read_run(run_id: str, folder: Path, manifest: dict | None, damaged: list) -
             expected = " or ".join("null" if t is type(None) else t.__name__ for t in types)
             damaged.append((path, f"field {key!r} is {json.dumps(value)[:40]}, not {expected}; not shown"))
     try:
-        run.log = read_jsonl(folder / "logs" / "train.jsonl")
+        if not _not_a_file(folder / "logs" / "train.jsonl", damaged):
+            run.log = read_jsonl(folder / "logs" / "train.jsonl")
     except DamagedFile as exc:
         damaged.append((exc.path, exc.reason + "; the curves are not shown"))
     except OSError as exc:
@@ -331,6 +350,8 @@ class _Page:
         from PIL import Image
 
         try:
+            if not path.is_file():  # a FIFO would block the read
+                raise ValueError("not a regular file")
             uri, w, h = image_data_uri(path, max_px)
         except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
             # an unreadable image (truncated, not an image, a decompression bomb): named in the page, not fatal

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -174,13 +175,20 @@ def test_damaged_files_are_named_in_the_page_and_the_rest_is_shown(project, run_
     (out / "manifest.json").write_text(json.dumps(manifest))
     (out / "logs" / "train.jsonl").write_text("{not json\n")
     (out / "previews" / "step-000001.png").write_bytes(b"not a png")
+    fifo = next(kept.glob("previews/step-*.png"))
+    fifo.unlink()
+    os.mkfifo(fifo)  # reading it would block: never opened
+    eval_json = next((out / "renders").glob("*/eval.json"))
+    eval_json.unlink()
+    eval_json.mkdir()
     result = run_cli("report", project)
     assert result.code == 0, result.err
     assert "Traceback" not in result.err
     text, _ = _page(project)
     damaged = re.search(r"<h2 class=\"damaged\">Damaged files</h2>(.*?)</ul>", text, re.DOTALL).group(1)
     for name in (f"runs/{kept.name}/manifest.json", "field &#x27;steps_done&#x27;", "field &#x27;config&#x27;",
-                 "logs/train.jsonl", "previews/step-000001.png"):
+                 "logs/train.jsonl", "previews/step-000001.png", f"runs/{kept.name}/previews/{fifo.name}",
+                 f"{eval_json.parent.name}/eval.json</code>: a folder"):
         assert name in damaged, name
     assert _data_uri(out / "previews" / "step-000002.png") in text  # the readable preview is still there
     assert "runs/" + kept.name in result.err  # and the command says so too
@@ -190,7 +198,8 @@ def _no_report(root: Path) -> bool:
     return not (root / "out" / "report.html").exists()
 
 
-@pytest.mark.parametrize("case", ["missing", "file", "no-toml", "toml-folder", "no-out", "empty-out", "manifest"])
+@pytest.mark.parametrize("case", ["missing", "file", "no-toml", "toml-folder", "no-out", "empty-out", "manifest",
+                                  "manifest-fifo"])
 def test_bad_project_folders_exit_2_naming_the_folder_and_the_fix(case, project, tmp_path, run_cli):
     target, expect = project, ""
     if case == "missing":
@@ -216,11 +225,15 @@ def test_bad_project_folders_exit_2_naming_the_folder_and_the_fix(case, project,
     elif case == "manifest":
         (project / "out" / "manifest.json").write_text("{trunc")
         expect = "--resume"
+    elif case == "manifest-fifo":
+        (project / "out" / "manifest.json").unlink()
+        os.mkfifo(project / "out" / "manifest.json")
+        expect = "FIFO"
     before = tree_snapshot(project)
     result = run_cli("report", target)
     assert result.code == 2, (result.code, result.err)
     assert expect in result.err and "Traceback" not in result.err
-    named = "manifest.json" if case == "manifest" else target.name
+    named = "manifest.json" if case.startswith("manifest") else target.name
     assert named in result.err
     assert tree_snapshot(project) == before and _no_report(project)
 
