@@ -283,3 +283,9 @@ def test_large_images_are_downscaled_before_they_are_embedded(tmp_path):
     with Image.open(io.BytesIO(base64.b64decode(payload))) as shown:
         assert shown.size == (1024, 205) and mime == f"image/{shown.format.lower()}"
     assert len(payload) < big.stat().st_size
+
+
+def test_report_is_listed_and_has_help(run_cli):
+    assert "report" in run_cli("-h").out
+    long, short = run_cli("report", "--help"), run_cli("report", "-h")
+    assert long.code == short.code == 0 and long.out == short.out and "report.html" in long.out
