@@ -264,6 +264,23 @@ def eval_command(
         console.print(f"[{key}] {info['class_name']}: scored on {info['scored_as']}", highlight=False, markup=False)
     console.print(f"wrote {result.eval_json}", highlight=False, markup=False)
 
+
+@app.command()
+def report(project_dir: ProjectDir) -> None:
+    """Write DIR/out/report.html: one self-contained page with the runs side by side, their differing settings,
+    loss plots, previews, snapshots, renders and eval scores (opens offline in any browser)."""
+    from palpcompose.distributed import refuse_launcher
+    from palpcompose.report import write_report
+
+    refuse_launcher("report")
+    result = write_report(project_dir)
+    for path, reason in result.damaged:
+        err_console.print(f"[yellow]warning:[/] {escape(str(path))} is damaged ({escape(reason)})", highlight=False,
+                          soft_wrap=True)
+    console.print(f"wrote {result.path} ({result.runs} run(s), {result.renders} render folder(s), {result.images} "
+                  f"image(s), {result.size / 1e6:.1f} MB)", highlight=False, markup=False, soft_wrap=True)
+
+
 def _sigterm_is_ctrl_c() -> None:
     """SIGTERM (a scheduler stopping the job) interrupts like Ctrl-C: exit 130 with a message, not death by signal.
     `train` installs its own handlers for both while it trains. Signals arriving while we exit are ignored."""
