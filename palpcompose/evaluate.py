@@ -34,7 +34,6 @@ from palpcompose import __version__
 from palpcompose.errors import UserError, command_line
 from palpcompose.fsutil import atomic_write_json
 from palpcompose.images import IMAGE_SUFFIXES
-from palpcompose.placeholders import class_word_prompt, subjects_in
 from palpcompose.outputs import (
     CONTACT_SHEET_FILE,
     FINAL_NAME,
@@ -48,6 +47,7 @@ from palpcompose.outputs import (
     run_out_dir,
     runs_dir,
 )
+from palpcompose.placeholders import class_word_prompt, subjects_in
 from palpcompose.render import render
 
 TOY_MODEL = "builtin:toy"

@@ -26,10 +26,25 @@ from pathlib import Path
 from palpcompose import __version__
 from palpcompose.errors import DamagedFile, UserError, command_line
 from palpcompose.fsutil import atomic_write_text, os_error_text
-from palpcompose.report_parts import CSP, STYLE, finite, fmt, image_data_uri, svg_plot
 
 # The readers of out/ (one import line: they are moving to palpcompose.outputs).
-from palpcompose.run import LOCK_FILE, MANIFEST_FILE, TrainingLock, read_json, read_jsonl
+from palpcompose.outputs import (
+    LOCK_FILE,
+    MANIFEST_FILE,
+    RENDER_INDEX_FILE,
+    RENDERS_DIR,
+    TrainingLock,
+    eval_path,
+    final_dir,
+    previews_dir,
+    read_json,
+    read_jsonl,
+    renders_dir,
+    runs_dir,
+    snapshots_dir,
+    train_log_path,
+)
+from palpcompose.report_parts import CSP, STYLE, finite, fmt, image_data_uri, svg_plot
 
 REPORT_FILE = "report.html"
 MAX_PREVIEW_PX = 1024  # longest side of an embedded preview grid or contact sheet; larger ones are downscaled
@@ -138,14 +153,14 @@ def gather(root: Path) -> Report:
                 f"`{command_line('palpcompose', 'train', root, '--force')}` starts a new run (this one is kept in "
                 "out/runs/)") from None
         runs.append(_read_run("current", out, manifest, damaged))
-    kept = sorted((p for p in (out / "runs").iterdir() if p.is_dir()), key=lambda p: p.name, reverse=True) \
-        if (out / "runs").is_dir() else []
+    kept = sorted((p for p in runs_dir(out).iterdir() if p.is_dir()), key=lambda p: p.name, reverse=True) \
+        if runs_dir(out).is_dir() else []
     for folder in kept:
         runs.append(_read_run(folder.name, folder, _read_json(folder / MANIFEST_FILE, damaged), damaged))
     renders = [_read_render(out, folder, damaged) for folder in _render_folders(out)]
     if not runs and not renders:
         raise UserError(f"{out} holds no training run and no renders: there is nothing to report; {train_first}")
-    latest = _read_json(out / "eval.json", damaged)
+    latest = _read_json(eval_path(out), damaged)
     # shown with its render folder (matched by its place in out/: the project may have been moved since)
     scored = str((latest or {}).get("renders")).rpartition("/out/")[2]
     if latest is not None and any(r.folder.relative_to(out).as_posix() == scored for r in renders):
@@ -204,22 +219,22 @@ def _read_run(run_id: str, folder: Path, manifest: dict | None, damaged: list) -
             expected = " or ".join("null" if t is type(None) else t.__name__ for t in types)
             damaged.append((path, f"field {key!r} is {json.dumps(value)[:40]}, not {expected}; not shown"))
     try:
-        if not _not_a_file(folder / "logs" / "train.jsonl", damaged):
-            run.log = read_jsonl(folder / "logs" / "train.jsonl")
+        if not _not_a_file(train_log_path(folder), damaged):
+            run.log = read_jsonl(train_log_path(folder))
     except DamagedFile as exc:
         damaged.append((exc.path, exc.reason + "; the curves are not shown"))
     except OSError as exc:
-        damaged.append((folder / "logs" / "train.jsonl", os_error_text(exc)))
-    for png in sorted((folder / "previews").glob("step-*.png")):
+        damaged.append((train_log_path(folder), os_error_text(exc)))
+    for png in sorted(previews_dir(folder).glob("step-*.png")):
         step = _step_of(png.stem)
         if step is not None:
             legend = _read_json(png.with_suffix(".json"), damaged)
             run.previews.append(Preview(step, png, legend))
-    for snap in sorted((folder / "snapshots").glob("step-*")):
+    for snap in sorted(snapshots_dir(folder).glob("step-*")):
         step = _step_of(snap.name)
         if step is not None and snap.is_dir():
             run.snapshots.append((step, snap))
-    final = folder / "weights" / "final"
+    final = final_dir(folder)
     run.final = final if (final / "lora.safetensors").is_file() else None
     if run_id == "current" and (folder / LOCK_FILE).exists():
         try:
@@ -235,15 +250,15 @@ def _step_of(name: str) -> int | None:
 
 
 def _render_folders(out: Path) -> list[Path]:
-    folders = [p for p in sorted((out / "renders").glob("*")) if p.is_dir()]
-    for kept in sorted((out / "runs").glob("*/renders")):
+    folders = [p for p in sorted(renders_dir(out).glob("*")) if p.is_dir()]
+    for kept in sorted(runs_dir(out).glob(f"*/{RENDERS_DIR}")):
         folders += [p for p in sorted(kept.glob("*")) if p.is_dir()]
     return folders
 
 
 def _read_render(out: Path, folder: Path, damaged: list) -> RenderView:
-    info = _read_json(folder / "render.json", damaged) or {}
-    evaluation = _read_json(folder / "eval.json", damaged)
+    info = _read_json(folder / RENDER_INDEX_FILE, damaged) or {}
+    evaluation = _read_json(eval_path(folder), damaged)
     sheet = folder / "contact-sheet.png"
     images = sorted(p for p in folder.glob("*.png") if p.name != sheet.name)
     name = folder.relative_to(out).as_posix().removeprefix("renders/")
