@@ -29,6 +29,12 @@ from palpcompose.flow_guidance import (
 from palpcompose.guidance import GuidanceConfig, NonFiniteError, cfg
 
 
+def _config(**overrides) -> GuidanceConfig:
+    """A GuidanceConfig with every field given (it has no defaults): the method's PALP settings, then overrides."""
+    fields = {"mode": "palp", "alpha": 7.5, "beta": 1.0, "weight": 1.0, "same_noise": True, "rescale": True}
+    return GuidanceConfig(**{**fields, **overrides})
+
+
 def _sigma(b=2, ndim=4):
     return expand_sigma(torch.tensor([0.3, 0.8][:b]), ndim)
 
@@ -193,7 +199,7 @@ def _inputs():
 def test_palp_gradient_is_minus_the_direction():
     x_t, v_hat, noise, s = _inputs()
     den = CountingDenoiser()
-    terms = FlowPalpGuidance(GuidanceConfig(mode="palp", alpha=3.5, beta=1.0))(
+    terms = FlowPalpGuidance(_config(mode="palp", alpha=3.5, beta=1.0))(
         x0_hat=predict_x0(x_t, v_hat, s), noise=noise, sigma=s, denoise=den
     )
     assert den.calls == [(False, "clean", 3.5), (True, "personal", 1.0)]
@@ -205,7 +211,7 @@ def test_palp_gradient_is_minus_the_direction():
 
 def test_palp_without_rescale_weights_the_gradient_by_sigma():
     x_t, v_hat, noise, s = _inputs()
-    terms = FlowPalpGuidance(GuidanceConfig(mode="palp", rescale=False))(
+    terms = FlowPalpGuidance(_config(mode="palp", rescale=False))(
         x0_hat=predict_x0(x_t, v_hat, s), noise=noise, sigma=s, denoise=CountingDenoiser()
     )
     terms["loss_align"].backward()
@@ -216,7 +222,7 @@ def test_sds_uses_the_renoising_velocity_and_one_pass():
     x_t, v_hat, noise, s = _inputs()
     den = CountingDenoiser()
     fresh = torch.randn_like(noise)
-    guid = FlowPalpGuidance(GuidanceConfig(mode="sds", same_noise=False))
+    guid = FlowPalpGuidance(_config(mode="sds", same_noise=False))
     terms = guid(x0_hat=predict_x0(x_t, v_hat, s), noise=noise, sigma=s, denoise=den, fresh_noise=fresh)
     assert den.calls == [(False, "clean", 7.5)]
     x0_hat = predict_x0(x_t, v_hat, s).detach()
@@ -234,7 +240,7 @@ def test_same_noise_feeds_the_closed_form_latent_to_both_branches():
         seen.append(latents.clone())
         return torch.zeros_like(latents)
 
-    FlowPalpGuidance(GuidanceConfig())(x0_hat=predict_x0(x_t, v_hat, s), noise=noise, sigma=s, denoise=recording)
+    FlowPalpGuidance(_config())(x0_hat=predict_x0(x_t, v_hat, s), noise=noise, sigma=s, denoise=recording)
     x0 = (x_t - s * noise) / (1 - s)  # the clean latent whose path passes through x_t with this noise
     expected = x_t - s * (1 - s) * (v_hat.detach() - velocity_target(x0, noise))
     assert len(seen) == 2 and all(torch.allclose(lat, expected, atol=1e-5) for lat in seen)
@@ -243,7 +249,7 @@ def test_same_noise_feeds_the_closed_form_latent_to_both_branches():
 def test_none_makes_no_passes():
     x_t, v_hat, noise, s = _inputs()
     den = CountingDenoiser()
-    assert FlowPalpGuidance(GuidanceConfig(mode="none"))(
+    assert FlowPalpGuidance(_config(mode="none"))(
         x0_hat=predict_x0(x_t, v_hat, s), noise=noise, sigma=s, denoise=den
     ) == {}
     assert den.calls == []
@@ -252,10 +258,10 @@ def test_none_makes_no_passes():
 def test_independent_noise_needs_a_fresh_draw_and_non_finite_raises():
     x_t, v_hat, noise, s = _inputs()
     with pytest.raises(ValueError, match="fresh_noise"):
-        FlowPalpGuidance(GuidanceConfig(same_noise=False))(x0_hat=predict_x0(x_t, v_hat, s), noise=noise, sigma=s,
+        FlowPalpGuidance(_config(same_noise=False))(x0_hat=predict_x0(x_t, v_hat, s), noise=noise, sigma=s,
                                                            denoise=CountingDenoiser())
     with pytest.raises(NonFiniteError, match="lower learning rate"):
-        FlowPalpGuidance(GuidanceConfig())(x0_hat=predict_x0(x_t, v_hat, s), noise=noise, sigma=s,
+        FlowPalpGuidance(_config())(x0_hat=predict_x0(x_t, v_hat, s), noise=noise, sigma=s,
                                            denoise=lambda lat, **_: torch.full_like(lat, float("nan")))
 
 
@@ -340,7 +346,7 @@ def test_distilled_palp_makes_one_pass_per_branch_at_alpha_and_beta():
         predict = lambda lat, **kw: transformer(lat, adapter=adapter, **kw)
         return guided_velocity(predict, latents, prompt=prompt, scale=scale, distilled=True)
 
-    terms = FlowPalpGuidance(GuidanceConfig(alpha=3.5, beta=1.0))(
+    terms = FlowPalpGuidance(_config(alpha=3.5, beta=1.0))(
         x0_hat=predict_x0(x_t, v_hat, s), noise=noise, sigma=s, denoise=denoise
     )
     assert passes == [(False, "clean", 3.5), (True, "personal", 1.0)]

@@ -27,6 +27,14 @@ def sd3_dir(tmp_path_factory):
     return make_tiny_sd3_pipeline(tmp_path_factory.mktemp("tiny-sd3") / "pipe")
 
 
+def _config(**overrides):
+    """A GuidanceConfig with every field given (it has no defaults): the method's PALP settings, then overrides."""
+    fields = {"mode": "palp", "alpha": 7.5, "beta": 1.0, "weight": 1.0, "same_noise": True, "rescale": True}
+    from palpcompose.guidance import GuidanceConfig
+
+    return GuidanceConfig(**{**fields, **overrides})
+
+
 def _load(cls, folder):
     pipe = cls.from_pretrained(folder, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
@@ -149,17 +157,16 @@ def test_one_palp_step_on_the_tiny_transformer(family, flux_dir, sd3_dir):
         renoise,
         sample_sigmas,
     )
-    from palpcompose.guidance import GuidanceConfig
 
     if family == "flux":
         pipe, velocity, distilled = _load(FluxPipeline, flux_dir), _flux_velocity, True
         encode = lambda p: pipe.encode_prompt(p, device="cpu", max_sequence_length=16)
-        config = GuidanceConfig(alpha=3.5, beta=1.0)
+        config = _config(alpha=3.5, beta=1.0)
     else:
         pipe, velocity, distilled = _load(StableDiffusion3Pipeline, sd3_dir), _sd3_velocity, False
         encode = lambda p: pipe.encode_prompt(p, p, p, device="cpu", do_classifier_free_guidance=False,
                                               max_sequence_length=16)[0::2]
-        config = GuidanceConfig(alpha=7.5, beta=1.0)
+        config = _config(alpha=7.5, beta=1.0)
     transformer = pipe.transformer
     prompts = {"personal": encode("a photo of a cat"), "clean": encode("an oil painting of a cat"), "empty": encode("")}
     g = torch.Generator().manual_seed(0)
