@@ -65,13 +65,17 @@ def test_v2_smoke_warm_start_cache_gate_checkpoint_resume_export(tmp_path):
     assert out.shape == (1, 3, 64, 64)
 
 
-def test_warm_start_keeps_the_text_encoders_first_positions(tmp_path):
-    """Cutting the positions to 32 leaves a causal text encoder's output for a short prompt unchanged."""
+def test_warm_start_keeps_the_latent_scale_and_the_text_encoders_first_positions(tmp_path):
+    """The warm start keeps v1's latent scale, and cutting the positions to 32 leaves a causal text encoder's output
+    for a short prompt unchanged."""
     from palpcompose.models import load_pipeline, resolve_base_model
     from tools.toyworld.train_base import RECIPES, Trainer
 
     trainer = Trainer(tmp_path / "ck", "cpu", RECIPES["v2"], None)
     pipe = load_pipeline(resolve_base_model("builtin:toy"), torch_dtype=torch.float32)
+    # the VAE keeps the shipped latent scale (a fresh AutoencoderKL's default would scale latents 3x too small)
+    assert trainer.vae.config.scaling_factor == pytest.approx(pipe.vae.config.scaling_factor)
+    assert trainer.state["scaling_factor"] == pytest.approx(pipe.vae.config.scaling_factor)
     prompt = "a sketch of a blue heart with black dots at night"
     ids32 = trainer.tokenizer(prompt, padding="max_length", max_length=32, return_tensors="pt").input_ids
     n = int((ids32 != trainer.tokenizer.pad_token_id).sum()) + 1

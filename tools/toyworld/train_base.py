@@ -317,6 +317,7 @@ class Trainer:
                    for name in ("vae", "unet", "text_encoder")}
         self.vae.load_state_dict(weights["vae"])
         self.state["scaling_factor"] = json.loads((folder / "vae" / "config.json").read_text())["scaling_factor"]
+        self.vae.register_to_config(scaling_factor=self.state["scaling_factor"])
         self.unet.load_state_dict(weights["unet"])
         te = {k: v for k, v in weights["text_encoder"].items() if not k.endswith("position_ids")}
         pos = next(k for k in te if k.endswith("embeddings.position_embedding.weight"))
