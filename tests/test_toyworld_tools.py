@@ -36,7 +36,7 @@ def test_v2_smoke_warm_start_cache_gate_checkpoint_resume_export(tmp_path):
     gate and checkpoints with AdamW's moments, resume going on from them, export with the world recorded."""
     from palpcompose.models import load_pipeline, resolve_base_model
     from palpcompose.toyworld import ceiling
-    from tools.toyworld.train_base import load_sharded
+    from tools.toyworld.checkpoint import load_sharded
 
     ck = tmp_path / "ck"
     tools_main(["train-base", "--out", str(ck), "--recipe", "v2", "--minutes", "0.15", "--final-eval", "0",

@@ -90,7 +90,8 @@ def cmd_speed(args) -> None:
     pipe = load_pipeline(resolve_base_model(args.model), torch_dtype=torch.float32)
     unet = pipe.unet
     x = torch.randn(1, 4, unet.config.sample_size, unet.config.sample_size)
-    ids = pipe.tokenizer(["a photo of a red star"], padding="max_length", max_length=77, return_tensors="pt")
+    ids = pipe.tokenizer(["a photo of a red star"], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                        return_tensors="pt")
     with torch.no_grad():
         cond = pipe.text_encoder(ids.input_ids)[0]
         for _ in range(3):

@@ -44,63 +44,15 @@ from palpcompose.toyworld import oracle as oracle_mod
 from palpcompose.toyworld import tokenizer as tok_mod
 from palpcompose.toyworld import world
 from palpcompose.toyworld.ceiling import evaluate_pipeline
-
-SHARD_BYTES = 12 * 1024 * 1024
-LABELS = ("cls", "color", "pattern", "color2", "style", "ambiance")
-
-
-@dataclass(frozen=True)
-class Labels:
-    """Scene attributes without a layout (what the latent cache keeps), enough for world.prompts_for."""
-
-    cls: torch.Tensor
-    color: torch.Tensor
-    pattern: torch.Tensor
-    color2: torch.Tensor
-    style: torch.Tensor
-    ambiance: torch.Tensor
-
-
-def git_commit() -> str | None:
-    """The commit of the code running (None outside a git checkout)."""
-    import subprocess
-
-    try:
-        out = subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"], capture_output=True,
-                             text=True, check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(Path(__file__).parent), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out + ("-dirty" if dirty else "")
-
-
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    for k in sorted(tensors):
-        h.update(k.encode())
-        h.update(tensors[k].float().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def _flat_optim(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    flat = {}
-    for i, st in opt.state_dict()["state"].items():
-        for k, v in st.items():
-            flat[f"{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(float(v))
-    return flat
-
-
-def _restore_optim(opt: torch.optim.Optimizer, flat: dict[str, torch.Tensor]) -> None:
-    sd = opt.state_dict()
-    state: dict[int, dict] = {}
-    for key, v in flat.items():
-        i, name = key.split(".", 1)
-        state.setdefault(int(i), {})[name] = v.reshape(()) if name == "step" else v
-    sd["state"] = state
-    opt.load_state_dict(sd)
+from tools.toyworld import latent_cache
+from tools.toyworld.checkpoint import (
+    digest,
+    flat_optim,
+    git_commit,
+    load_sharded,
+    restore_optim,
+    save_sharded,
+)
 
 
 @dataclass(frozen=True)
@@ -207,39 +159,6 @@ def sampling_scheduler(prediction_type: str):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Checkpoints: flat folder, sharded safetensors
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def save_sharded(folder: Path, name: str, tensors: dict[str, torch.Tensor], dtype=None) -> None:
-    shard, size, index = {}, 0, 0
-    for key in sorted(tensors):
-        t = tensors[key].detach().cpu()
-        t = t.to(dtype) if dtype is not None and t.is_floating_point() else t
-        if shard and size + t.numel() * t.element_size() > SHARD_BYTES:
-            atomic_save_safetensors(folder / f"{name}-{index:02d}.safetensors", shard)
-            shard, size, index = {}, 0, index + 1
-        shard[key] = t
-        size += t.numel() * t.element_size()
-    atomic_save_safetensors(folder / f"{name}-{index:02d}.safetensors", shard)
-    for stale in folder.glob(f"{name}-*.safetensors"):
-        if int(stale.stem.rsplit("-", 1)[1]) > index:
-            stale.unlink()
-
-
-def load_sharded(folder: Path, name: str) -> dict[str, torch.Tensor] | None:
-    from safetensors.torch import load_file
-
-    files = sorted(folder.glob(f"{name}-*.safetensors"))
-    if not files:
-        return None
-    out = {}
-    for f in files:
-        out.update({k: v.float() for k, v in load_file(str(f)).items()})
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -255,7 +174,9 @@ class Trainer:
         self.oracle = oracle_mod.Oracle()
         self.state = {"vae_done": False, "oracle_done": False, "unet_steps": 0, "unet_samples": 0,
                       "unet_seconds": 0.0, "scaling_factor": 1.0, "oracle_accuracy": {}, "config": asdict(cfg),
-                      "prediction_type": cfg.prediction_type, "git_commit": git_commit(), "cache_chunks": 0}
+                      "prediction_type": cfg.prediction_type, "cache_chunks": 0}
+        self.code_commit = git_commit()  # the code this process imported (a later edit of the tree does not count)
+        self.state["git_commit"] = self.code_commit
         self.ema = None
         self.optim_state = None
         if resume is not None:
@@ -325,7 +246,7 @@ class Trainer:
         self.text_encoder.load_state_dict(te)
         self.oracle.load_state_dict(oracle_mod.load_oracle().state_dict())
         self.state.update(vae_done=True, oracle_done=True, init_from={
-            "spec": spec, "sha256": {n: _digest(w) for n, w in weights.items()}})
+            "spec": spec, "sha256": {n: digest(w) for n, w in weights.items()}})
         self.vae.eval().requires_grad_(False)
         self.oracle.eval().requires_grad_(False)
 
@@ -336,8 +257,8 @@ class Trainer:
         save_sharded(self.out, "diffusion", self._diffusion_params())
         save_sharded(self.out, "ema", self.ema)
         if optimizer is not None:
-            save_sharded(self.out, "optim", _flat_optim(optimizer))
-        self.state["git_commit_last_save"] = git_commit()
+            save_sharded(self.out, "optim", flat_optim(optimizer))
+        self.state["git_commit_last_save"] = self.code_commit
         atomic_write_json(self.out / "state.json", self.state)
 
     def log(self, record: dict) -> None:
@@ -440,52 +361,17 @@ class Trainer:
     def cache_chunks_wanted(self) -> int:
         return math.ceil(self.cfg.latent_cache / self.cfg.cache_chunk)
 
-    def build_chunk(self, chunk: int) -> None:
-        """Render and encode one chunk of `cache_chunk` training scenes into DIR/cache/ (one atomic file whose
-        content depends only on its index, so an interrupted cache resumes exactly). Keeps the VAE posterior's
-        mean and std (fp16) and the scene labels; training draws a fresh latent sample from them each time."""
-        cfg = self.cfg
-        path = self.out / "cache" / f"chunk-{chunk:05d}.safetensors"
-        if not path.is_file():
-            t0 = time.time()
-            g = torch.Generator(device=self.device).manual_seed(cfg.seed * 1_000_003 + 7919 * chunk + 5)
-            s = world.sample_scenes(cfg.cache_chunk, g, self.device, solid_fraction=cfg.solid_fraction,
-                                    color2_choices=cfg.color2_choices)
-            images = world.render(s, g)
-            t1 = time.time()
-            means, stds = [], []
-            with torch.no_grad():
-                for k in range(0, len(images), 256):
-                    dist = self.vae.encode(images[k:k + 256] * 2 - 1).latent_dist
-                    means.append(dist.mean.half())
-                    stds.append(dist.std.half())
-            atomic_save_safetensors(path, {"mean": torch.cat(means).cpu(), "std": torch.cat(stds).cpu(),
-                                           **{k: getattr(s, k).cpu() for k in LABELS}})
-            self.log({"phase": "cache", "chunk": chunk + 1, "of": self.cache_chunks_wanted(),
-                      "render_s": round(t1 - t0, 1), "encode_s": round(time.time() - t1, 1)})
-        self.state["cache_chunks"] = max(self.state["cache_chunks"], chunk + 1)
-
-    def load_cache(self) -> None:
-        """Every chunk written so far (training starts after the first; the rest are added as it goes)."""
-        from safetensors.torch import load_file
-
-        files = sorted((self.out / "cache").glob("chunk-*.safetensors"))[: self.cache_chunks_wanted()]
-        parts = [load_file(str(f)) for f in files]
-        self.cache = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-        self.cache_n = min(self.cache["mean"].shape[0], self.cfg.latent_cache)
-        self.state["cache_chunks"] = len(files)
-
     def grow_cache(self) -> None:
-        """Add the next missing chunk (prefix order) and reload."""
-        self.build_chunk(self.state["cache_chunks"])
+        """Add the next missing chunk (prefix order) and reload the cache."""
+        chunk = self.state["cache_chunks"]
+        timing = latent_cache.build_chunk(self.out, chunk, self.cfg, self.vae, self.device)
+        if timing:
+            self.log({"phase": "cache", "chunk": chunk + 1, "of": self.cache_chunks_wanted(), **timing})
         self.load_cache()
 
-    def cached_batch(self, n: int):
-        idx = torch.randint(self.cache_n, (n,), generator=self.g, device=self.device).cpu()
-        mean, std = self.cache["mean"][idx].float(), self.cache["std"][idx].float()
-        noise = torch.randn(mean.shape, generator=self.g, device=self.device).cpu()
-        latents = (mean + std * noise) * self.vae.config.scaling_factor
-        return Labels(**{k: self.cache[k][idx] for k in LABELS}), latents.to(self.device)
+    def load_cache(self) -> None:
+        self.cache = latent_cache.load(self.out, self.cache_chunks_wanted(), self.cfg.latent_cache)
+        self.state["cache_chunks"] = self.cache["chunks"]
 
     def lr_at(self, step: int, step0: int) -> float:
         cfg = self.cfg
@@ -509,11 +395,12 @@ class Trainer:
         params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
         if self.optim_state is not None:
-            _restore_optim(opt, self.optim_state)
+            restore_optim(opt, self.optim_state)
         self.optimizer = opt
         if cfg.latent_cache and self.cache is None:
-            if not (self.out / "cache" / "chunk-00000.safetensors").is_file():
-                self.build_chunk(0)
+            self.state["cache_chunks"] = 0
+            if not latent_cache.chunk_path(self.out, 0).is_file():
+                self.grow_cache()
             self.load_cache()
         start, step0 = time.time(), self.state["unet_steps"]
         last_eval = last_log = last_ckpt = last_gate = time.time()
@@ -528,7 +415,8 @@ class Trainer:
             if self.cache is not None:
                 if self.state["cache_chunks"] < self.cache_chunks_wanted() and step % cfg.cache_every_steps == 0:
                     self.grow_cache()  # latents are computed while training starts, one chunk every few steps
-                s, latents = self.cached_batch(cfg.batch)
+                s, latents = latent_cache.draw(self.cache, cfg.batch, self.g, self.vae.config.scaling_factor)
+                latents = latents.to(self.device)
             else:
                 s, images = self.render_batch(cfg.batch)
                 latents = self.to_latents(images)
