@@ -84,3 +84,18 @@ def test_warm_start_keeps_the_latent_scale_and_the_text_encoders_first_positions
         ids77 = pipe.tokenizer(prompt, padding="max_length", max_length=77, return_tensors="pt").input_ids
         theirs = pipe.text_encoder(ids77)[0][:, :n]
     assert torch.allclose(ours, theirs, atol=1e-4)
+
+
+def test_the_product_never_imports_the_tooling():
+    """tools/ makes builtin:toy; palpcompose/ must run without it (imports inside functions included)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "palpcompose"
+    offenders = []
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{path.relative_to(root)}: {n}" for n in names if n == "tools" or n.startswith("tools.")]
+    assert not offenders, offenders
