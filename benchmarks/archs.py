@@ -1,7 +1,7 @@
 """Stable-Diffusion-shaped models with random weights, built from configs: no download, same FLOPs as the real thing.
 
 `tiny` is the size of tests/tiny_pipeline.py (for tests); `toy` the size of `builtin:toy` (the shapes of
-palpcompose/toyworld/train_base.py, for CPU figures); `sd15` has the real SD-1.5 UNet, VAE and CLIP-L text encoder
+tools/toyworld/train_base.py, for CPU figures); `sd15` has the real SD-1.5 UNet, VAE and CLIP-L text encoder
 shapes; `sdxl` the real SDXL base shapes (UNet with pooled-text and size conditioning, VAE, CLIP-L and OpenCLIP-bigG
 text encoders); `sd15-thin` and `sdxl-thin` their module structure with narrow layers (CPU proxies and smoke tests).
 Weights are random, so loss values mean nothing; time and memory are what we measure.
@@ -52,7 +52,7 @@ TINY = ArchSpec(
     default_resolution=32,
 )
 
-TOY = ArchSpec(  # palpcompose/toyworld/train_base.py: build_models (64 px images, 16x16 latents)
+TOY = ArchSpec(  # tools/toyworld/train_base.py: build_models (64 px images, 16x16 latents)
     name="toy",
     unet={
         "block_out_channels": (32, 64, 128), "layers_per_block": 1, "in_channels": 4, "out_channels": 4,

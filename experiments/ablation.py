@@ -114,11 +114,10 @@ def reference_images(seed: int, context: str, count: int = REFERENCE_IMAGES) -> 
     import torch
 
     from palpcompose.toyworld import world
-    from palpcompose.toyworld.demo import _to_pil
 
     g = torch.Generator().manual_seed(seed)
     scenes = world.subject_scenes(world.subject_from_seed(seed), count, g, ambiance=context)
-    return [_to_pil(image) for image in world.render(scenes, g)]
+    return [world.to_pil(image) for image in world.render(scenes, g)]
 
 
 def run_dir(s: Settings, seed: int, variant: str, prompt_index: int | None) -> Path:

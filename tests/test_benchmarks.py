@@ -196,9 +196,9 @@ def test_graphed_render_matches_eager_on_gpu(tmp_path):
 
 
 def test_toy_arch_has_the_builtin_toy_shapes():
-    """`--arch toy` must time the model `builtin:toy` really is (palpcompose/toyworld/train_base.py)."""
+    """`--arch toy` must time the model `builtin:toy` really is (tools/toyworld/train_base.py)."""
     from palpcompose.toyworld.tokenizer import build_vocab
-    from palpcompose.toyworld.train_base import build_models
+    from tools.toyworld.train_base import build_models
 
     class VocabOnly:  # build_models reads only the size and the special ids
         bos_token_id, eos_token_id, pad_token_id = 1, 2, 2

@@ -33,13 +33,12 @@ def oracle(monkeypatch):
 def toy_refs(folder, seed: int, count: int, style: str = "photo", ambiance: str = "day"):
     """`count` toy-world PNGs of held-out subject `seed` in `style` and `ambiance`."""
     from palpcompose.fsutil import atomic_save_image
-    from palpcompose.toyworld.__main__ import _to_pil
 
     subject = world.subject_from_seed(seed)
     g = torch.Generator().manual_seed(seed)
     images = world.render(world.subject_scenes(subject, count, g, style=style, ambiance=ambiance), g)
     for i, img in enumerate(images):
-        atomic_save_image(folder / f"{seed}-{i}.png", _to_pil(img))
+        atomic_save_image(folder / f"{seed}-{i}.png", world.to_pil(img))
     return subject
 
 

@@ -228,22 +228,25 @@ def test_builtin_toy_loads_offline_and_renders(monkeypatch):
     assert out.shape == (1, 3, 64, 64) and torch.isfinite(out).all() and out.std() > 0.05
 
 
-@pytest.mark.slow
-def test_train_base_smoke_resume_and_export(tmp_path):
-    """The whole training script end to end on a CPU with tiny batches: phases, checkpoint, resume, export, load."""
-    from palpcompose.models import load_pipeline, resolve_base_model
+def test_second_colours_can_be_limited_to_white_and_black():
+    choices = ("white", "black")
+    s, _ = _scenes(5000, seed=2, color2_choices=choices)
+    assert {world.COLORS2[i] for i in s.color2.tolist()} == set(choices)
+    subjects = [world.subject_from_seed(seed, choices) for seed in range(200)]
+    assert {world.COLORS2[x.color2] for x in subjects} == set(choices)
+    # held-out subjects are excluded under the same choices
+    seen = set(zip(s.cls.tolist(), s.color.tolist(), s.pattern.tolist(), s.color2.tolist()))
+    for seed in world.HELD_OUT_SUBJECT_SEEDS:
+        sub = world.subject_from_seed(seed, choices)
+        assert (sub.cls, sub.color, sub.pattern, sub.color2) not in seen
+    # the default world is still v1's: the toy demo's subject (seed 1) is a blue star with white dots
+    s1 = world.subject_from_seed(1)
+    assert (world.CLASSES[s1.cls], world.COLORS[s1.color], world.PATTERNS[s1.pattern],
+            world.COLORS2[s1.color2]) == ("star", "blue", "dots", "white")
 
-    ck = tmp_path / "ck"
-    toyworld_main(["train-base", "--out", str(ck), "--device", "cpu", "--minutes", "0.2", "--final-eval", "0",
-                   "--smoke"])
-    state = json.loads((ck / "state.json").read_text())
-    assert state["vae_done"] and state["oracle_done"] and state["unet_steps"] >= 1
-    steps = state["unet_steps"]
-    toyworld_main(["train-base", "--out", str(ck), "--device", "cpu", "--minutes", "0.1", "--final-eval", "0",
-                   "--smoke", "--resume", str(ck)])
-    assert json.loads((ck / "state.json").read_text())["unet_steps"] > steps
-    dest = tmp_path / "toy"
-    toyworld_main(["export-base", "--ckpt", str(ck), "--dest", str(dest), "--oracle", str(tmp_path / "o.safetensors")])
-    pipe = load_pipeline(resolve_base_model(str(dest)))
-    assert pipe.scheduler.config.prediction_type == "v_prediction"
-    assert (tmp_path / "o.safetensors").is_file()
+
+def test_second_colour_choices_must_not_be_main_colours():
+    with pytest.raises(ValueError, match="color2_choices"):
+        world.check_color2_choices(("white", "red"))
+    with pytest.raises(ValueError):
+        world.check_color2_choices(())

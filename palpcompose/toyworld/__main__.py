@@ -2,11 +2,11 @@
 
   vocab                                   the exact phrases prompts use (JSON)
   subject --seed S --count N --out DIR    N photo-like reference PNGs of personal subject S, and its description (JSON)
-  train-base --out DIR --device D --minutes M [--resume CKPT]   train builtin:toy (VAE, oracle, latent diffusion)
-  export-base --ckpt DIR [--dest FOLDER]  write the shipped diffusers folder and oracle from a checkpoint
-  eval-base [--model FOLDER] [--prompts N] [--steps K] [--guidance-scale G]   the bar: oracle on N rendered prompts
+  ceiling [--model M] [--subjects N] [--seeds S..] [--json FILE]   the base-model gate (described vs class word)
   oracle-accuracy [--images N]            held-out accuracy of the shipped oracle per head and style
-  speed [--threads T]                     CPU timing of the shipped UNet (batch-1 forward, PALP-like step)
+
+Making the base model (train-base, export-base, eval-base, speed, diagnose) is tooling, not product:
+`python -m tools.toyworld` (docs/toyworld.md).
 """
 
 from __future__ import annotations
@@ -44,94 +44,39 @@ def cmd_subject(args) -> None:
     files = []
     for i, img in enumerate(images):
         path = out / f"subject-{args.seed}-{i:02d}.png"
-        atomic_save_image(path, _to_pil(img))
+        atomic_save_image(path, world.to_pil(img))
         files.append(str(path))
     print(json.dumps({**subject.describe(), "files": files}, indent=2))
 
 
-def _to_pil(img):
-    from PIL import Image
-
-    return Image.fromarray((img.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy())
-
-
-def cmd_train_base(args) -> None:
-    from dataclasses import replace
-
-    from palpcompose.toyworld.train_base import TrainConfig, train_base
-
-    resume = Path(args.resume) if args.resume else None
-    if resume is not None and not (resume if resume.is_dir() else resume.parent).joinpath("state.json").is_file():
-        raise UserError(f"--resume {resume}: no state.json there; pass the folder a previous train-base wrote")
-    if args.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda: no CUDA device is available; use --device cpu (slow)")
-    cfg = TrainConfig()
-    if args.smoke:  # tiny batches and evaluations: checks the whole script end to end in a minute on a CPU
-        cfg = replace(cfg, batch=8, vae_batch=8, oracle_batch=8, eval_prompts=4, oracle_eval_images=32,
-                      eval_every_s=15, sample_steps=4)
-    result = train_base(Path(args.out), args.device, args.minutes, resume, cfg=cfg, final_eval=args.final_eval,
-                        more_oracle_minutes=args.more_oracle_minutes)
-    print(json.dumps(result, indent=2))
-
-
-def cmd_export_base(args) -> None:
-    from palpcompose.toyworld.oracle import ORACLE_PATH
-    from palpcompose.toyworld.train_base import export_pipeline
-
-    ckpt = Path(args.ckpt)
-    if not (ckpt / "state.json").is_file():
-        raise UserError(f"--ckpt {ckpt}: no state.json there; pass the folder train-base wrote")
-    export_pipeline(ckpt, Path(args.dest), Path(args.oracle) if args.oracle else ORACLE_PATH)
-
-
-def cmd_eval_base(args) -> None:
+def cmd_ceiling(args) -> None:
+    """The gate of a base model (palpcompose/toyworld/ceiling.py): table on stdout, full report with --json."""
     import torch
 
+    from palpcompose.fsutil import atomic_write_text
     from palpcompose.models import load_pipeline, resolve_base_model
+    from palpcompose.toyworld import ceiling
     from palpcompose.toyworld.oracle import load_oracle
-    from palpcompose.toyworld.train_base import evaluate_pipeline
 
-    pipe = load_pipeline(resolve_base_model(args.model), torch_dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    acc = evaluate_pipeline(pipe, load_oracle(), args.prompts, args.guidance_scale, args.steps, seed=1, device="cpu",
-                            batch=50)
-    print(json.dumps({"prompts": args.prompts, "steps": args.steps, "guidance_scale": args.guidance_scale, **acc}))
-
-
-def cmd_speed(args) -> None:
-    """CPU cost of the shipped UNet: one forward at batch 1, and one PALP-like step (forward + backward at batch 1,
-    plus a no-grad forward at batch 2). Prints figures; timings are for reading, never for asserting."""
-    import time
-
-    import torch
-
-    from palpcompose.models import load_pipeline, resolve_base_model
-
+    if not 1 <= args.subjects <= len(ceiling.CEILING_SUBJECT_SEEDS):
+        raise UserError(f"--subjects must be 1-{len(ceiling.CEILING_SUBJECT_SEEDS)} (got {args.subjects})")
+    if args.steps < 1 or args.guidance_scale < 1:
+        raise UserError("--steps must be at least 1 and --guidance-scale at least 1")
+    if args.json and Path(args.json).is_dir():
+        raise UserError(f"--json {args.json} is a folder; give a file path")
     torch.set_num_threads(args.threads)
-    pipe = load_pipeline(resolve_base_model(args.model), torch_dtype=torch.float32)
-    unet = pipe.unet
-    x = torch.randn(1, 4, unet.config.sample_size, unet.config.sample_size)
-    ids = pipe.tokenizer(["a photo of a red star"], padding="max_length", max_length=77, return_tensors="pt")
-    with torch.no_grad():
-        cond = pipe.text_encoder(ids.input_ids)[0]
-        for _ in range(3):
-            unet(x, 500, cond)
-        start = time.perf_counter()
-        for _ in range(args.repeats):
-            unet(x, 500, cond)
-        forward = (time.perf_counter() - start) / args.repeats
-    unet.requires_grad_(True)
-    start = time.perf_counter()
-    for _ in range(args.repeats):
-        unet(x, 500, cond).sample.square().mean().backward()
-        with torch.no_grad():
-            unet(x.repeat(2, 1, 1, 1), 500, cond.repeat(2, 1, 1))
-    step = (time.perf_counter() - start) / args.repeats
-    print(json.dumps({"threads": args.threads, "unet_forward_batch1_ms": round(forward * 1000, 1),
-                      "palp_like_step_ms": round(step * 1000, 1), "300_steps_s": round(300 * step, 1)}))
+    source = resolve_base_model(args.model)
+    pipe = load_pipeline(source, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    if source.kind not in ("builtin", "folder"):
+        raise UserError(f"--model {args.model}: the ceiling needs a diffusers folder or builtin:toy")
+    choices = ceiling.model_world(source.location)["color2_choices"]
+    report = ceiling.run_ceiling(pipe, load_oracle(), args.subjects, tuple(args.seeds), args.steps,
+                                 args.guidance_scale, old_bar_prompts=args.old_bar_prompts, color2_choices=choices)
+    report["model"] = args.model
+    print(ceiling.format_table(report))
+    if args.json:
+        atomic_write_text(Path(args.json), json.dumps(report, indent=1) + "\n")
 
 
 def cmd_oracle_accuracy(args) -> None:
@@ -155,8 +100,6 @@ def cmd_oracle_accuracy(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from palpcompose.models import BUILTIN_MODELS
-
     parser = argparse.ArgumentParser(prog="python -m palpcompose.toyworld", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("vocab", help="print the phrases prompts use").set_defaults(func=cmd_vocab)
@@ -165,32 +108,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--count", type=int, default=5)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_subject)
-    p = sub.add_parser("train-base", help="train builtin:toy")
-    p.add_argument("--out", required=True)
-    p.add_argument("--device", choices=["cuda", "cpu"], default="cpu")
-    p.add_argument("--minutes", type=float, default=8.0)
-    p.add_argument("--resume", default=None)
-    p.add_argument("--final-eval", type=int, default=200, help="prompts in the final evaluation (0: none)")
-    p.add_argument("--more-oracle-minutes", type=float, default=0.0,
-                   help="with --resume: train the already trained oracle this much longer")
-    p.add_argument("--smoke", action="store_true", help="tiny batches: a quick end-to-end check of the script")
-    p.set_defaults(func=cmd_train_base)
-    p = sub.add_parser("export-base", help="write the shipped diffusers folder from a checkpoint")
-    p.add_argument("--ckpt", required=True)
-    p.add_argument("--dest", default=str(BUILTIN_MODELS["builtin:toy"]))
-    p.add_argument("--oracle", default=None, help="where to write the oracle weights (default: the package's)")
-    p.set_defaults(func=cmd_export_base)
-    p = sub.add_parser("eval-base", help="oracle recognition rates of a base model on fixed prompts")
-    p.add_argument("--model", default="builtin:toy")
-    p.add_argument("--prompts", type=int, default=200)
+    p = sub.add_parser("ceiling", help="the base-model gate: described subjects vs the class word, per style x ambiance")
+    p.add_argument("--model", default="builtin:toy", help="a diffusers folder or builtin:toy")
+    p.add_argument("--subjects", type=int, default=6, help="ceiling subjects (seeds 1,000,000 + i)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="render seeds per subject")
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance-scale", type=float, default=3.0)
-    p.set_defaults(func=cmd_eval_base)
-    p = sub.add_parser("speed", help="CPU timing of the shipped UNet (forward, PALP-like step)")
-    p.add_argument("--model", default="builtin:toy")
+    p.add_argument("--guidance-scale", type=float, default=5.0)
+    p.add_argument("--old-bar-prompts", type=int, default=200, help="prompts for the old bar at guidance 5 (0: skip)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=20)
-    p.set_defaults(func=cmd_speed)
+    p.add_argument("--json", default=None, help="also write the full report (every render's record) here")
+    p.set_defaults(func=cmd_ceiling)
     p = sub.add_parser("oracle-accuracy", help="held-out accuracy of the shipped oracle, per head and style")
     p.add_argument("--images", type=int, default=2000)
     p.add_argument("--seed", type=int, default=4242)

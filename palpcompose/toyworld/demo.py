@@ -30,13 +30,6 @@ ARTWORK_AMBIANCE = "night"
 ARTWORK_IMAGES = 3
 
 
-def _to_pil(image: torch.Tensor):
-    """(3, H, W) in [0, 1] -> an RGB PIL image."""
-    from PIL import Image
-
-    return Image.fromarray((image.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy())
-
-
 def subject_images(seed: int = SUBJECT_SEED, count: int = SUBJECT_IMAGES, ambiance: str = "day") -> list:
     """`count` photo-like PIL images of held-out toy-world subject `seed` in `ambiance` (by default "day", as
     `python -m palpcompose.toyworld subject` draws them)."""
@@ -44,7 +37,7 @@ def subject_images(seed: int = SUBJECT_SEED, count: int = SUBJECT_IMAGES, ambian
 
     g = torch.Generator().manual_seed(seed)
     scenes = world.subject_scenes(world.subject_from_seed(seed), count, g, ambiance=ambiance)
-    return [_to_pil(image) for image in world.render(scenes, g)]
+    return [world.to_pil(image) for image in world.render(scenes, g)]
 
 
 def artwork_images(count: int = 1, seed: int = ARTWORK_SEED, style: str = ARTWORK_STYLE,
@@ -59,7 +52,7 @@ def artwork_images(count: int = 1, seed: int = ARTWORK_SEED, style: str = ARTWOR
     scenes = replace(scenes, ambiance=torch.full((count,), world.AMBIANCES.index(ambiance)))
     if not objects:
         scenes = replace(scenes, center=torch.full((count, 2), 10.0))  # 10 image units away: off the canvas
-    return [_to_pil(image) for image in world.render(scenes, g)]
+    return [world.to_pil(image) for image in world.render(scenes, g)]
 
 
 def artwork_image(seed: int = ARTWORK_SEED, style: str = ARTWORK_STYLE, ambiance: str = ARTWORK_AMBIANCE):

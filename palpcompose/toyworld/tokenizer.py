@@ -97,10 +97,10 @@ def write_tokenizer_files(folder: str | Path) -> None:
     atomic_write_text(folder / "merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n")
 
 
-def make_tokenizer(folder: str | Path):
+def make_tokenizer(folder: str | Path, model_max_length: int = 77):
     from transformers import CLIPTokenizer
 
     folder = Path(folder)
     if not (folder / "vocab.json").is_file():
         write_tokenizer_files(folder)
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=model_max_length)

@@ -104,17 +104,30 @@ def _combo_id(cls, color, pattern, color2):
     return ((cls * len(COLORS) + color) * len(PATTERNS) + pattern) * len(COLORS2) + color2
 
 
-@functools.lru_cache(maxsize=1)
-def _held_out_table_cpu() -> torch.Tensor:
+@functools.lru_cache(maxsize=4)
+def _held_out_table_cpu(color2_choices: tuple[str, ...] | None = None) -> torch.Tensor:
     table = torch.zeros(len(CLASSES) * len(COLORS) * len(PATTERNS) * len(COLORS2), dtype=torch.bool)
     for seed in HELD_OUT_SUBJECT_SEEDS:
-        s = subject_from_seed(seed)
+        s = subject_from_seed(seed, color2_choices)
         table[_combo_id(s.cls, s.color, s.pattern, s.color2)] = True
     return table
 
 
-def _held_out_table(device) -> torch.Tensor:
-    return _held_out_table_cpu().to(device)
+def _held_out_table(device, color2_choices: tuple[str, ...] | None = None) -> torch.Tensor:
+    return _held_out_table_cpu(color2_choices).to(device)
+
+
+def check_color2_choices(color2_choices) -> tuple[str, ...] | None:
+    """None (v1: any colour but the main one, or white or black) or a tuple of second colours that are never main
+    colours (e.g. ("white", "black")), so that a colour word always says which of the two colours it is."""
+    if color2_choices is None:
+        return None
+    choices = tuple(color2_choices)
+    bad = [c for c in choices if c not in COLORS2 or c in COLORS]
+    if not choices or bad:
+        raise ValueError(f"color2_choices must be second colours that are no main colour "
+                         f"({', '.join(c for c in COLORS2 if c not in COLORS)}); got {choices}")
+    return choices
 
 
 def sample_layout(n: int, g: torch.Generator, device="cpu") -> dict[str, torch.Tensor]:
@@ -141,21 +154,29 @@ def sample_scenes(
     styles=STYLES,
     exclude_held_out_subjects: bool = True,
     solid_fraction: float = 0.4,
+    color2_choices: tuple[str, ...] | None = None,
 ) -> Scenes:
     """Random scenes. `styles` restricts the styles used (names); by default the held-out subjects' combinations are
-    replaced by solid objects, so a base model trained on these scenes never sees a held-out subject."""
+    replaced by solid objects, so a base model trained on these scenes never sees a held-out subject.
+    `color2_choices` (None: v1's world) restricts second colours, e.g. to ("white", "black") (`check_color2_choices`);
+    held-out subjects are then those `subject_from_seed(seed, color2_choices)` gives."""
+    color2_choices = check_color2_choices(color2_choices)
     style_ids = torch.tensor([ALL_STYLES.index(s) for s in styles], device=device)
     cls = torch.randint(len(CLASSES), (n,), generator=g, device=device)
     color = torch.randint(len(COLORS), (n,), generator=g, device=device)
     pattern = torch.randint(1, len(PATTERNS), (n,), generator=g, device=device)
     pattern = torch.where(torch.rand(n, generator=g, device=device) < solid_fraction, 0, pattern)
     # second colour: any colour but the first (white and black always allowed)
-    offset = torch.randint(1, len(COLORS2), (n,), generator=g, device=device)
-    color2 = (color + offset) % len(COLORS2)
+    if color2_choices is None:
+        offset = torch.randint(1, len(COLORS2), (n,), generator=g, device=device)
+        color2 = (color + offset) % len(COLORS2)
+    else:
+        ids = torch.tensor([COLORS2.index(c) for c in color2_choices], device=device)
+        color2 = ids[torch.randint(len(ids), (n,), generator=g, device=device)]
     style = style_ids[torch.randint(len(style_ids), (n,), generator=g, device=device)]
     ambiance = torch.randint(len(AMBIANCES), (n,), generator=g, device=device)
     if exclude_held_out_subjects:
-        held = _held_out_table(device)[_combo_id(cls, color, pattern, color2)]
+        held = _held_out_table(device, color2_choices)[_combo_id(cls, color, pattern, color2)]
         pattern = torch.where(held, 0, pattern)
     return Scenes(cls=cls, color=color, pattern=pattern, color2=color2, style=style, ambiance=ambiance,
                   **sample_layout(n, g, device))
@@ -195,13 +216,18 @@ class Subject:
         }
 
 
-def subject_from_seed(seed: int) -> Subject:
-    """The subject a seed stands for. Always patterned (two colours), so it is an instance, not a class."""
+def subject_from_seed(seed: int, color2_choices: tuple[str, ...] | None = None) -> Subject:
+    """The subject a seed stands for. Always patterned (two colours), so it is an instance, not a class.
+    `color2_choices` as in `sample_scenes` (None: v1's world)."""
+    color2_choices = check_color2_choices(color2_choices)
     g = torch.Generator().manual_seed(10_007 * int(seed) + 17)
     cls = int(torch.randint(len(CLASSES), (1,), generator=g))
     color = int(torch.randint(len(COLORS), (1,), generator=g))
     pattern = int(torch.randint(1, len(PATTERNS), (1,), generator=g))
-    color2 = (color + int(torch.randint(1, len(COLORS2), (1,), generator=g))) % len(COLORS2)
+    if color2_choices is None:
+        color2 = (color + int(torch.randint(1, len(COLORS2), (1,), generator=g))) % len(COLORS2)
+    else:
+        color2 = COLORS2.index(color2_choices[int(torch.randint(len(color2_choices), (1,), generator=g))])
     freq = 1.8 + 0.8 * float(torch.rand(1, generator=g))
     angle = -0.6 + 1.2 * float(torch.rand(1, generator=g))
     return Subject(seed, cls, color, pattern, color2, freq, angle)
@@ -247,8 +273,9 @@ def compose_prompt(style: str, obj: str, ambiance: str = "day") -> str:
 
 def prompts_for(scenes: Scenes, g: torch.Generator | None = None, drop_color: float = 0.0, drop_pattern: float = 0.0):
     """The English prompt of each scene. With a generator, the colour / pattern words are sometimes left out (the
-    picture still has them), so the model also learns prompts that do not name everything."""
-    n = len(scenes)
+    picture still has them), so the model also learns prompts that do not name everything. `scenes` may be anything
+    with the six attribute tensors (cls, color, pattern, color2, style, ambiance)."""
+    n = scenes.cls.shape[0]
     keep_color = torch.ones(n, dtype=torch.bool)
     keep_pattern = torch.ones(n, dtype=torch.bool)
     if g is not None:
@@ -496,6 +523,13 @@ def render(s: Scenes, g: torch.Generator) -> torch.Tensor:
     img = _select([photo, sketch, pop, water, pixel], s.style)
     img = _mix(img, white, fg_alpha)  # falling snow is in front of everything
     return img.clamp(0, 1)
+
+
+def to_pil(image: torch.Tensor):
+    """(3, H, W) in [0, 1] -> an RGB PIL image."""
+    from PIL import Image
+
+    return Image.fromarray((image.detach().cpu().permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy())
 
 
 def render_seeded(s: Scenes, seed: int) -> torch.Tensor:

@@ -1,6 +1,12 @@
-"""Train `builtin:toy` from scratch on the toy world: VAE, then the oracle, then latent diffusion (UNet + text encoder).
+"""Train `builtin:toy` on the toy world: VAE, then the oracle, then latent diffusion (UNet + text encoder).
 
-    python -m palpcompose.toyworld train-base --out DIR --device cuda --minutes 8 [--resume DIR_OR_CKPT]
+    python -m tools.toyworld train-base --out DIR --device cuda --minutes 8 [--resume DIR_OR_CKPT] [--recipe v2]
+
+Two recipes (RECIPES): "v1" made the shipped model from scratch on a GPU; "v2" (docs/toyworld.md, "v2 recipe")
+starts from a shipped model's weights (`init_from`: its VAE and the shipped oracle stay frozen, the UNet and the text
+encoder go on training), on a world whose second colours are only white and black, with prompts that name the
+pattern, 32 text positions, latents computed once and cached, checkpoints every few minutes and the ceiling gate
+measured periodically; sized for 2 CPU cores.
 
 Recipe (see docs/toyworld.md for the reasons and the measured curve):
 - data rendered on the fly on the training device from a seeded generator, 4 styles x 5 ambiances x 6 classes x
@@ -22,9 +28,11 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import tempfile
+import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -35,8 +43,16 @@ from palpcompose.fsutil import atomic_save_safetensors, atomic_write_json, atomi
 from palpcompose.toyworld import oracle as oracle_mod
 from palpcompose.toyworld import tokenizer as tok_mod
 from palpcompose.toyworld import world
-
-SHARD_BYTES = 12 * 1024 * 1024
+from palpcompose.toyworld.ceiling import evaluate_pipeline
+from tools.toyworld import latent_cache
+from tools.toyworld.checkpoint import (
+    digest,
+    flat_optim,
+    git_commit,
+    load_sharded,
+    restore_optim,
+    save_sharded,
+)
 
 
 @dataclass(frozen=True)
@@ -60,6 +76,42 @@ class TrainConfig:
     sample_steps: int = 20
     guidance_scale: float = 3.0
     prediction_type: str = "v_prediction"
+    # v2 options; these defaults are v1's recipe
+    color2_choices: tuple[str, ...] | None = None  # world.sample_scenes: None = v1 world
+    solid_fraction: float = 0.4
+    text_tokens: int = 77  # tokenizer model_max_length = text encoder positions
+    init_from: str | None = None  # a diffusers folder or builtin:toy: warm start, its VAE (+ shipped oracle) frozen
+    latent_cache: int = 0  # latents computed once (0: render and encode every batch)
+    cache_chunk: int = 2048
+    cache_every_steps: int = 10  # while the cache is incomplete, one more chunk every this many steps
+    lr_schedule: str = "constant"  # or "cosine": to min_lr_frac * lr at total_steps
+    total_steps: int = 0
+    min_lr_frac: float = 0.1
+    cpu_bf16: bool = False  # bf16 autocast on CPU (measured slower for the UNet step: docs/toyworld.md)
+    ckpt_every_s: float = 0.0  # 0: checkpoints only at the end of phases
+    gate_every_s: float = 0.0  # 0: no periodic ceiling gate
+    gate_subjects: int = 3
+    gate_old_bar_prompts: int = 64
+    log_every_s: float = 60.0
+
+
+RECIPES = {
+    "v1": TrainConfig(),
+    # decided from the v1 diagnosis (docs/toyworld.md, "v2 diagnosis" and "v2 recipe")
+    "v2": TrainConfig(
+        batch=128, lr=4e-4, warmup_steps=200, drop_color=0.1, drop_pattern=0.05, color2_choices=("white", "black"),
+        text_tokens=32, init_from="builtin:toy", latent_cache=65_536, lr_schedule="cosine", total_steps=5_000,
+        eval_every_s=1e12, ckpt_every_s=300.0, gate_every_s=1800.0, gate_subjects=3, gate_old_bar_prompts=64,
+        log_every_s=60.0,
+    ),
+}
+
+
+def config_from_state(saved: dict) -> TrainConfig:
+    """The TrainConfig a checkpoint recorded (lists back to tuples; unknown keys ignored)."""
+    names = {f.name for f in fields(TrainConfig)}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in names}
+    return replace(TrainConfig(), **values)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -67,7 +119,7 @@ class TrainConfig:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def build_models(tokenizer):
+def build_models(tokenizer, text_tokens: int = 77):
     """Fresh VAE, text encoder and UNet of `builtin:toy` (seeded by the caller)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -79,7 +131,7 @@ def build_models(tokenizer):
     )
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512, num_attention_heads=4,
-        num_hidden_layers=3, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+        num_hidden_layers=3, max_position_embeddings=text_tokens, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     ))
     unet = UNet2DConditionModel(
@@ -107,39 +159,6 @@ def sampling_scheduler(prediction_type: str):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Checkpoints: flat folder, sharded safetensors
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def save_sharded(folder: Path, name: str, tensors: dict[str, torch.Tensor], dtype=None) -> None:
-    shard, size, index = {}, 0, 0
-    for key in sorted(tensors):
-        t = tensors[key].detach().cpu()
-        t = t.to(dtype) if dtype is not None and t.is_floating_point() else t
-        if shard and size + t.numel() * t.element_size() > SHARD_BYTES:
-            atomic_save_safetensors(folder / f"{name}-{index:02d}.safetensors", shard)
-            shard, size, index = {}, 0, index + 1
-        shard[key] = t
-        size += t.numel() * t.element_size()
-    atomic_save_safetensors(folder / f"{name}-{index:02d}.safetensors", shard)
-    for stale in folder.glob(f"{name}-*.safetensors"):
-        if int(stale.stem.rsplit("-", 1)[1]) > index:
-            stale.unlink()
-
-
-def load_sharded(folder: Path, name: str) -> dict[str, torch.Tensor] | None:
-    from safetensors.torch import load_file
-
-    files = sorted(folder.glob(f"{name}-*.safetensors"))
-    if not files:
-        return None
-    out = {}
-    for f in files:
-        out.update({k: v.float() for k, v in load_file(str(f)).items()})
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -149,16 +168,21 @@ class Trainer:
         self.out, self.device, self.cfg = out, torch.device(device), cfg
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory() as tmp:  # the tokenizer is rebuilt from code; the checkpoint stays flat
-            self.tokenizer = tok_mod.make_tokenizer(tmp)
+            self.tokenizer = tok_mod.make_tokenizer(tmp, model_max_length=cfg.text_tokens)
         torch.manual_seed(cfg.seed)
-        self.vae, self.text_encoder, self.unet = build_models(self.tokenizer)
+        self.vae, self.text_encoder, self.unet = build_models(self.tokenizer, cfg.text_tokens)
         self.oracle = oracle_mod.Oracle()
         self.state = {"vae_done": False, "oracle_done": False, "unet_steps": 0, "unet_samples": 0,
                       "unet_seconds": 0.0, "scaling_factor": 1.0, "oracle_accuracy": {}, "config": asdict(cfg),
-                      "prediction_type": cfg.prediction_type}
+                      "prediction_type": cfg.prediction_type, "cache_chunks": 0}
+        self.code_commit = git_commit()  # the code this process imported (a later edit of the tree does not count)
+        self.state["git_commit"] = self.code_commit
         self.ema = None
+        self.optim_state = None
         if resume is not None:
             self._load(resume)
+        elif cfg.init_from:
+            self._init_from(cfg.init_from)
         for m in (self.vae, self.text_encoder, self.unet, self.oracle):
             m.to(self.device)
         if self.ema is None:
@@ -166,7 +190,8 @@ class Trainer:
         self.ema = {k: v.to(self.device) for k, v in self.ema.items()}
         self.g = torch.Generator(device=self.device).manual_seed(cfg.seed + 1000 * self.state["unet_steps"] + 1)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
-                         else torch.autocast("cpu", enabled=False))
+                         else torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.cpu_bf16))
+        self.cache = None
         self._token_cache: dict[str, list[int]] = {}
         self.log_path = out / "train.jsonl"
 
@@ -189,6 +214,7 @@ class Trainer:
             self.text_encoder.load_state_dict({k[13:]: v for k, v in raw.items() if k.startswith("text_encoder.")},
                                               strict=False)
         self.ema = load_sharded(folder, "ema")
+        self.optim_state = load_sharded(folder, "optim")
         self.vae.register_to_config(scaling_factor=self.state["scaling_factor"])
         previous = self.state.get("prediction_type", "epsilon")
         if raw is not None and previous != self.cfg.prediction_type:
@@ -199,12 +225,40 @@ class Trainer:
             self.ema = None
         self.state["prediction_type"] = self.cfg.prediction_type
 
-    def save(self) -> None:
+    def _init_from(self, spec: str) -> None:
+        """Warm start from a shipped diffusers folder: VAE (frozen, its scaling factor), the shipped oracle (frozen),
+        UNet and text encoder (position embeddings cut to `text_tokens`: the encoder is causal, so the first
+        positions' states are unchanged)."""
+        from safetensors.torch import load_file
+
+        from palpcompose.models import resolve_base_model
+
+        folder = Path(resolve_base_model(spec).location)
+        weights = {name: {k: v.float() for k, v in load_file(str(next((folder / name).glob("*.safetensors")))).items()}
+                   for name in ("vae", "unet", "text_encoder")}
+        self.vae.load_state_dict(weights["vae"])
+        self.state["scaling_factor"] = json.loads((folder / "vae" / "config.json").read_text())["scaling_factor"]
+        self.vae.register_to_config(scaling_factor=self.state["scaling_factor"])
+        self.unet.load_state_dict(weights["unet"])
+        te = {k: v for k, v in weights["text_encoder"].items() if not k.endswith("position_ids")}
+        pos = next(k for k in te if k.endswith("embeddings.position_embedding.weight"))
+        te[pos] = te[pos][: self.cfg.text_tokens]
+        self.text_encoder.load_state_dict(te)
+        self.oracle.load_state_dict(oracle_mod.load_oracle().state_dict())
+        self.state.update(vae_done=True, oracle_done=True, init_from={
+            "spec": spec, "sha256": {n: digest(w) for n, w in weights.items()}})
+        self.vae.eval().requires_grad_(False)
+        self.oracle.eval().requires_grad_(False)
+
+    def save(self, optimizer=None) -> None:
         save_sharded(self.out, "vae", self.vae.state_dict())
         save_sharded(self.out, "oracle", self.oracle.state_dict())
-        # raw weights in bf16 (resume restarts AdamW's moments); EMA in fp32: it is what gets shipped
-        save_sharded(self.out, "diffusion", self._diffusion_params(), dtype=torch.bfloat16)
+        # raw weights and AdamW's moments in fp32, so a resumed run goes on where it stopped; EMA in fp32 (shipped)
+        save_sharded(self.out, "diffusion", self._diffusion_params())
         save_sharded(self.out, "ema", self.ema)
+        if optimizer is not None:
+            save_sharded(self.out, "optim", flat_optim(optimizer))
+        self.state["git_commit_last_save"] = self.code_commit
         atomic_write_json(self.out / "state.json", self.state)
 
     def log(self, record: dict) -> None:
@@ -215,14 +269,15 @@ class Trainer:
 
     # -- data ---------------------------------------------------------------------------------------------------
     def render_batch(self, n: int, styles=world.STYLES, exclude=True):
-        s = world.sample_scenes(n, self.g, self.device, styles=styles, exclude_held_out_subjects=exclude)
+        s = world.sample_scenes(n, self.g, self.device, styles=styles, exclude_held_out_subjects=exclude,
+                                solid_fraction=self.cfg.solid_fraction, color2_choices=self.cfg.color2_choices)
         return s, world.render(s, self.g)
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         ids = []
         for p in prompts:
             if p not in self._token_cache:
-                self._token_cache[p] = self.tokenizer(p, padding="max_length", max_length=77,
+                self._token_cache[p] = self.tokenizer(p, padding="max_length", max_length=self.cfg.text_tokens,
                                                       truncation=True).input_ids
             ids.append(self._token_cache[p])
         return torch.tensor(ids, device=self.device)
@@ -302,6 +357,32 @@ class Trainer:
         self.state["oracle_done"] = True
         self.log({"phase": "oracle", "done_steps": step, "accuracy_clean": acc_clean, "accuracy_vae": acc_vae})
 
+    # -- phase 2b (v2): latents computed once --------------------------------------------------------------------
+    def cache_chunks_wanted(self) -> int:
+        return math.ceil(self.cfg.latent_cache / self.cfg.cache_chunk)
+
+    def grow_cache(self) -> None:
+        """Add the next missing chunk (prefix order) and reload the cache."""
+        chunk = self.state["cache_chunks"]
+        timing = latent_cache.build_chunk(self.out, chunk, self.cfg, self.vae, self.device)
+        if timing:
+            self.log({"phase": "cache", "chunk": chunk + 1, "of": self.cache_chunks_wanted(), **timing})
+        self.load_cache()
+
+    def load_cache(self) -> None:
+        self.cache = latent_cache.load(self.out, self.cache_chunks_wanted(), self.cfg.latent_cache)
+        self.state["cache_chunks"] = self.cache["chunks"]
+
+    def lr_at(self, step: int, step0: int) -> float:
+        cfg = self.cfg
+        # warm-up from the first step, and again after a restart without AdamW's moments (old checkpoints)
+        since = step + 1 if self.optim_state is not None or step0 == 0 else step - step0 + 1
+        warm = min(1.0, since / cfg.warmup_steps)
+        if cfg.lr_schedule == "cosine" and cfg.total_steps:
+            frac = min(1.0, step / cfg.total_steps)
+            return cfg.lr * warm * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
+        return cfg.lr * warm
+
     # -- phase 3: latent diffusion ------------------------------------------------------------------------------
     def train_unet(self, seconds: float) -> None:
         cfg = self.cfg
@@ -313,18 +394,35 @@ class Trainer:
         self.text_encoder.train().requires_grad_(True)
         params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
-        start, last_eval, step0 = time.time(), time.time(), self.state["unet_steps"]
+        if self.optim_state is not None:
+            restore_optim(opt, self.optim_state)
+        self.optimizer = opt
+        if cfg.latent_cache and self.cache is None:
+            self.state["cache_chunks"] = 0
+            if not latent_cache.chunk_path(self.out, 0).is_file():
+                self.grow_cache()
+            self.load_cache()
+        start, step0 = time.time(), self.state["unet_steps"]
+        last_eval = last_log = last_ckpt = last_gate = time.time()
         seconds_before = self.state["unet_seconds"]
         losses = []
         while time.time() - start < seconds or self.state["unet_steps"] == step0:  # at least one step per run
             step = self.state["unet_steps"]
-            for group in opt.param_groups:  # warm-up after every (re)start: AdamW's moments start from zero
-                group["lr"] = cfg.lr * min(1.0, (step - step0 + 1) / cfg.warmup_steps)
-            s, images = self.render_batch(cfg.batch)
+            if cfg.total_steps and cfg.lr_schedule == "cosine" and step >= cfg.total_steps:
+                break
+            for group in opt.param_groups:
+                group["lr"] = self.lr_at(step, step0)
+            if self.cache is not None:
+                if self.state["cache_chunks"] < self.cache_chunks_wanted() and step % cfg.cache_every_steps == 0:
+                    self.grow_cache()  # latents are computed while training starts, one chunk every few steps
+                s, latents = latent_cache.draw(self.cache, cfg.batch, self.g, self.vae.config.scaling_factor)
+                latents = latents.to(self.device)
+            else:
+                s, images = self.render_batch(cfg.batch)
+                latents = self.to_latents(images)
             prompts = world.prompts_for(s, self.g, cfg.drop_color, cfg.drop_pattern)
             drop = (torch.rand(len(prompts), generator=self.g, device=self.device) < cfg.cfg_dropout).tolist()
             prompts = ["" if d else p for p, d in zip(prompts, drop)]
-            latents = self.to_latents(images)
             noise = torch.randn(latents.shape, generator=self.g, device=self.device)
             t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=self.g,
                               device=self.device)
@@ -346,12 +444,53 @@ class Trainer:
             losses.append(loss.item())
             self.state["unet_steps"] += 1
             self.state["unet_samples"] += cfg.batch
-            if time.time() - last_eval > cfg.eval_every_s:
-                self.state["unet_seconds"] = seconds_before + time.time() - start
+            now = time.time()
+            self.state["unet_seconds"] = seconds_before + now - start
+            if now - last_eval > cfg.eval_every_s:
                 self._log_progress(losses, start, step0)
-                losses, last_eval = [], time.time()
+                losses, last_eval, last_log = [], time.time(), time.time()
+            elif now - last_log > cfg.log_every_s:
+                self._log_loss(losses, start, step0, opt)
+                losses, last_log = [], time.time()
+            if cfg.ckpt_every_s and now - last_ckpt > cfg.ckpt_every_s:
+                self.save(opt)
+                last_ckpt = time.time()
+            if cfg.gate_every_s and now - last_gate > cfg.gate_every_s:
+                self.gate()
+                last_gate = time.time()
         self.state["unet_seconds"] = seconds_before + time.time() - start
-        self._log_progress(losses, start, step0)
+        if cfg.eval_every_s < 1e11:
+            self._log_progress(losses, start, step0)
+        else:
+            self._log_loss(losses, start, step0, opt)
+
+    def _log_loss(self, losses, start, step0, opt) -> None:
+        rate = (self.state["unet_steps"] - step0) * self.cfg.batch / max(time.time() - start, 1e-6)
+        self.log({"phase": "unet", "step": self.state["unet_steps"], "samples": self.state["unet_samples"],
+                  "minutes": round(self.state["unet_seconds"] / 60, 2), "lr": opt.param_groups[0]["lr"],
+                  "loss": round(sum(losses) / max(len(losses), 1), 4), "samples_per_s": round(rate, 1)})
+
+    @torch.no_grad()
+    def gate(self) -> dict:
+        """The ceiling gate, cheap version (gate_subjects subjects, one seed, gate_old_bar_prompts old-bar prompts),
+        on the EMA weights; logged as phase "gate"."""
+        from palpcompose.toyworld import ceiling
+
+        t0 = time.time()
+        pipe = self.pipeline()
+        report = ceiling.run_ceiling(pipe, self.oracle, self.cfg.gate_subjects, (0,), self.cfg.sample_steps, 5.0,
+                                     old_bar_prompts=self.cfg.gate_old_bar_prompts,
+                                     color2_choices=self.cfg.color2_choices)
+        s = report["summary"]
+        record = {"phase": "gate", "step": self.state["unet_steps"], "samples": self.state["unet_samples"],
+                  "described": s["described"]["mean"], "described_by_style": s["described"]["by_style"],
+                  "described_min_cell": min(s["described"]["cells"].values()),
+                  "described_heads": s["described"]["heads"], "class_word": s["class_word"]["mean"],
+                  "class_word_heads": s["class_word"]["heads"], "old_bar": report["old_bar"],
+                  "passed": report["verdict"]["passed"], "seconds": round(time.time() - t0, 1)}
+        self.log(record)
+        self.state.setdefault("gates", []).append(record)
+        return record
 
     @torch.no_grad()
     def _update_ema(self) -> None:
@@ -376,7 +515,7 @@ class Trainer:
         """A StableDiffusionPipeline holding copies of the EMA weights and the shipped scheduler."""
         from diffusers import StableDiffusionPipeline
 
-        _, text_encoder, unet = build_models(self.tokenizer)
+        _, text_encoder, unet = build_models(self.tokenizer, self.cfg.text_tokens)
         unet.load_state_dict({k[5:]: v for k, v in self.ema.items() if k.startswith("unet.")})
         text_encoder.load_state_dict({k[13:]: v for k, v in self.ema.items() if k.startswith("text_encoder.")},
                                      strict=False)
@@ -394,32 +533,6 @@ class Trainer:
         return evaluate_pipeline(pipe, self.oracle, n, guidance_scale, steps, seed, self.device, self.autocast)
 
 
-def eval_prompts(n: int, seed: int) -> tuple[list[str], world.Scenes]:
-    """`n` fixed evaluation prompts: every style x ambiance x class x colour equally likely, no patterns."""
-    g = torch.Generator().manual_seed(10_000 + seed)
-    s = world.sample_scenes(n, g, styles=world.STYLES, solid_fraction=1.0)
-    return world.prompts_for(s), s
-
-
-@torch.no_grad()
-def evaluate_pipeline(pipe, oracle, n, guidance_scale, steps, seed, device, autocast=None, batch=200):
-    """Render `n` fixed prompts with `pipe` and return the oracle's recognition rate per named element."""
-    prompts, s = eval_prompts(n, seed)
-    images = []
-    for i in range(0, n, batch):
-        g = torch.Generator(device=device).manual_seed(seed + i)
-        with autocast or torch.autocast("cpu", enabled=False):
-            out = pipe(prompts[i:i + batch], num_inference_steps=steps, guidance_scale=guidance_scale, generator=g,
-                       output_type="pt")
-        images.append(out.images.float())
-    images = torch.cat(images)
-    acc = oracle_mod.accuracy(oracle, images, s)
-    hits = torch.stack([(oracle_mod.predict(oracle, images)[k].argmax(-1) == getattr(s, k).cpu())
-                        for k in ("cls", "color", "style", "ambiance")])
-    return {"cls": acc["cls"], "color": acc["color"], "style": acc["style"], "ambiance": acc["ambiance"],
-            "all_four": float(hits.all(0).float().mean())}
-
-
 def train_base(out: Path, device: str, minutes: float, resume: Path | None = None, cfg: TrainConfig = TrainConfig(),
                final_eval: int = 200, more_oracle_minutes: float = 0.0) -> dict:
     """Run the phases that are not done yet within `minutes`, save the checkpoint, and evaluate on `final_eval`
@@ -430,6 +543,8 @@ def train_base(out: Path, device: str, minutes: float, resume: Path | None = Non
         torch.backends.cudnn.allow_tf32 = True
     total = minutes * 60
     start = time.time()
+    if threading.current_thread() is threading.main_thread():  # a stopped session's SIGTERM saves like Ctrl-C
+        signal.signal(signal.SIGTERM, _raise_interrupt)
     trainer = Trainer(out, device, cfg, resume)
     try:
         if not trainer.state["vae_done"]:
@@ -441,11 +556,13 @@ def train_base(out: Path, device: str, minutes: float, resume: Path | None = Non
             trainer.save()
         remaining = total - (time.time() - start)
         trainer.train_unet(max(remaining, 0.0))
+        if cfg.gate_every_s:
+            trainer.gate()
     except KeyboardInterrupt:
         # an interrupted phase is redone on resume; finished phases and the UNet's progress are kept
-        trainer.save()
+        trainer.save(getattr(trainer, "optimizer", None))
         raise Interrupted(f"training interrupted; checkpoint saved, continue with --resume {out}") from None
-    trainer.save()
+    trainer.save(getattr(trainer, "optimizer", None))
     result = {"unet_steps": trainer.state["unet_steps"], "unet_samples": trainer.state["unet_samples"],
               "steps": cfg.sample_steps, "prompts": final_eval, "by_guidance_scale": {}}
     if final_eval:
@@ -459,9 +576,14 @@ def train_base(out: Path, device: str, minutes: float, resume: Path | None = Non
     return result
 
 
+def _raise_interrupt(*_):
+    raise KeyboardInterrupt
+
+
 def export_pipeline(ckpt: Path, dest: Path, oracle_path: Path) -> None:
     """Write the shipped `builtin:toy` diffusers folder (fp16, EMA weights) and the oracle (fp16) from a checkpoint."""
-    trainer = Trainer(ckpt, "cpu", TrainConfig(), ckpt)
+    cfg = config_from_state(json.loads((ckpt / "state.json").read_text()).get("config", {}))
+    trainer = Trainer(ckpt, "cpu", cfg, ckpt)
     pipe = trainer.pipeline()
     pipe.to(torch.float16)
     dest.mkdir(parents=True, exist_ok=True)
@@ -470,5 +592,7 @@ def export_pipeline(ckpt: Path, dest: Path, oracle_path: Path) -> None:
     atomic_save_safetensors(oracle_path, {k: v.half() if v.is_floating_point() else v
                                           for k, v in trainer.oracle.state_dict().items()})
     summary = {k: trainer.state.get(k) for k in ("unet_steps", "unet_samples", "unet_seconds", "scaling_factor",
-                                                 "oracle_accuracy", "final_eval", "config")}
+                                                 "oracle_accuracy", "final_eval", "config", "init_from",
+                                                 "git_commit", "gates")}
+    summary["world"] = {"color2_choices": list(cfg.color2_choices) if cfg.color2_choices else None}
     atomic_write_text(dest / "training.json", json.dumps(summary, indent=2) + "\n")

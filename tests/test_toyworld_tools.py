@@ -1,0 +1,101 @@
+"""The base-model tooling (tools/toyworld): training end to end (v1 and v2 recipes), resume, export."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tools.toyworld.__main__ import main as tools_main
+
+
+@pytest.mark.slow
+def test_train_base_smoke_resume_and_export(tmp_path):
+    """The whole training script end to end on a CPU with tiny batches: phases, checkpoint, resume, export, load."""
+    from palpcompose.models import load_pipeline, resolve_base_model
+
+    ck = tmp_path / "ck"
+    tools_main(["train-base", "--out", str(ck), "--device", "cpu", "--minutes", "0.2", "--final-eval", "0",
+                "--smoke"])
+    state = json.loads((ck / "state.json").read_text())
+    assert state["vae_done"] and state["oracle_done"] and state["unet_steps"] >= 1
+    steps = state["unet_steps"]
+    tools_main(["train-base", "--out", str(ck), "--device", "cpu", "--minutes", "0.1", "--final-eval", "0",
+                "--smoke", "--resume", str(ck)])
+    assert json.loads((ck / "state.json").read_text())["unet_steps"] > steps
+    dest = tmp_path / "toy"
+    tools_main(["export-base", "--ckpt", str(ck), "--dest", str(dest), "--oracle", str(tmp_path / "o.safetensors")])
+    pipe = load_pipeline(resolve_base_model(str(dest)))
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert (tmp_path / "o.safetensors").is_file()
+
+
+def test_v2_smoke_warm_start_cache_gate_checkpoint_resume_export(tmp_path):
+    """v2 recipe with tiny sizes: warm start from builtin:toy (text positions cut to 32), latent cache, periodic
+    gate and checkpoints with AdamW's moments, resume going on from them, export with the world recorded."""
+    from palpcompose.models import load_pipeline, resolve_base_model
+    from palpcompose.toyworld import ceiling
+    from tools.toyworld.checkpoint import load_sharded
+
+    ck = tmp_path / "ck"
+    tools_main(["train-base", "--out", str(ck), "--recipe", "v2", "--minutes", "0.15", "--final-eval", "0",
+                "--smoke", "--threads", "2"])
+    state = json.loads((ck / "state.json").read_text())
+    assert state["config"]["color2_choices"] == ["white", "black"] and state["config"]["text_tokens"] == 32
+    assert state["init_from"]["spec"] == "builtin:toy" and state["cache_chunks"] >= 1 and state["unet_steps"] >= 1
+    assert state["gates"] and set(state["gates"][-1]) >= {"described", "class_word", "old_bar", "passed"}
+    log = [json.loads(line) for line in (ck / "train.jsonl").read_text().splitlines()]
+    assert any(r["phase"] == "gate" for r in log) and any(r["phase"] == "cache" for r in log)
+    optim = load_sharded(ck, "optim")
+    assert optim and any(k.endswith("exp_avg_sq") for k in optim)
+    steps = state["unet_steps"]
+    tools_main(["train-base", "--out", str(ck), "--minutes", "0.05", "--final-eval", "0", "--smoke",
+                "--resume", str(ck)])
+    again = json.loads((ck / "state.json").read_text())
+    assert again["unet_steps"] > steps and again["config"]["text_tokens"] == 32  # the recorded recipe went on
+    dest = tmp_path / "toy"
+    tools_main(["export-base", "--ckpt", str(ck), "--dest", str(dest), "--oracle", str(tmp_path / "o.safetensors")])
+    assert ceiling.model_world(dest)["color2_choices"] == ("white", "black")
+    pipe = load_pipeline(resolve_base_model(str(dest)))
+    assert pipe.tokenizer.model_max_length == 32
+    assert pipe.text_encoder.config.max_position_embeddings == 32
+    out = pipe("a photo of a red star with white dots", num_inference_steps=2, output_type="pt",
+               generator=torch.Generator().manual_seed(0)).images
+    assert out.shape == (1, 3, 64, 64)
+
+
+def test_warm_start_keeps_the_latent_scale_and_the_text_encoders_first_positions(tmp_path):
+    """The warm start keeps v1's latent scale, and cutting the positions to 32 leaves a causal text encoder's output
+    for a short prompt unchanged."""
+    from palpcompose.models import load_pipeline, resolve_base_model
+    from tools.toyworld.train_base import RECIPES, Trainer
+
+    trainer = Trainer(tmp_path / "ck", "cpu", RECIPES["v2"], None)
+    pipe = load_pipeline(resolve_base_model("builtin:toy"), torch_dtype=torch.float32)
+    # the VAE keeps the shipped latent scale (a fresh AutoencoderKL's default would scale latents 3x too small)
+    assert trainer.vae.config.scaling_factor == pytest.approx(pipe.vae.config.scaling_factor)
+    assert trainer.state["scaling_factor"] == pytest.approx(pipe.vae.config.scaling_factor)
+    prompt = "a sketch of a blue heart with black dots at night"
+    ids32 = trainer.tokenizer(prompt, padding="max_length", max_length=32, return_tensors="pt").input_ids
+    n = int((ids32 != trainer.tokenizer.pad_token_id).sum()) + 1
+    with torch.no_grad():
+        ours = trainer.text_encoder.eval()(ids32)[0][:, :n]
+        ids77 = pipe.tokenizer(prompt, padding="max_length", max_length=77, return_tensors="pt").input_ids
+        theirs = pipe.text_encoder(ids77)[0][:, :n]
+    assert torch.allclose(ours, theirs, atol=1e-4)
+
+
+def test_the_product_never_imports_the_tooling():
+    """tools/ makes builtin:toy; palpcompose/ must run without it (imports inside functions included)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "palpcompose"
+    offenders = []
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{path.relative_to(root)}: {n}" for n in names if n == "tools" or n.startswith("tools.")]
+    assert not offenders, offenders

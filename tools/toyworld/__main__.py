@@ -1,0 +1,172 @@
+"""`python -m tools.toyworld COMMAND`: the tooling that makes `builtin:toy` (not part of the product).
+
+  train-base --out DIR --device D --minutes M [--resume CKPT] [--recipe v1|v2]   train the base model
+  export-base --ckpt DIR [--dest FOLDER]  write the shipped diffusers folder and oracle from a checkpoint
+  eval-base [--model FOLDER] [--prompts N] [--steps K] [--guidance-scale G]   the old bar: oracle on N prompts
+  speed [--threads T]                     CPU timing of the shipped UNet (batch-1 forward, PALP-like step)
+  diagnose --out DIR [--model M] [--subjects N] [--color2 any|white,black]   why a model misses the ceiling
+
+The product-side measurements (vocab, subject, oracle-accuracy, ceiling) stay in `python -m palpcompose.toyworld`.
+The product never imports this package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from palpcompose.errors import PalpcomposeError, UserError
+
+
+def cmd_train_base(args) -> None:
+    from dataclasses import replace
+
+    from tools.toyworld.train_base import RECIPES, config_from_state, train_base
+
+    resume = Path(args.resume) if args.resume else None
+    if resume is not None and not (resume if resume.is_dir() else resume.parent).joinpath("state.json").is_file():
+        raise UserError(f"--resume {resume}: no state.json there; pass the folder a previous train-base wrote")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA device is available; use --device cpu (slow)")
+    if resume is not None:  # a resumed run goes on with the recipe its checkpoint recorded
+        saved = json.loads((resume if resume.is_dir() else resume.parent).joinpath("state.json").read_text())
+        cfg = config_from_state(saved.get("config", {}))
+    else:
+        cfg = RECIPES[args.recipe]
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.smoke:  # tiny batches and evaluations: checks the whole script end to end in a minute on a CPU
+        cfg = replace(cfg, batch=8, vae_batch=8, oracle_batch=8, eval_prompts=4, oracle_eval_images=32,
+                      eval_every_s=min(cfg.eval_every_s, 15), sample_steps=4,
+                      latent_cache=min(cfg.latent_cache, 64), cache_chunk=32, cache_every_steps=2, gate_subjects=1,
+                      gate_old_bar_prompts=4, gate_every_s=cfg.gate_every_s and 1e9,  # v2: the final gate only
+                      ckpt_every_s=cfg.ckpt_every_s and 2.0, warmup_steps=5)
+    result = train_base(Path(args.out), args.device, args.minutes, resume, cfg=cfg, final_eval=args.final_eval,
+                        more_oracle_minutes=args.more_oracle_minutes)
+    print(json.dumps(result, indent=2))
+
+
+def cmd_export_base(args) -> None:
+    from palpcompose.toyworld.oracle import ORACLE_PATH
+    from tools.toyworld.train_base import export_pipeline
+
+    ckpt = Path(args.ckpt)
+    if not (ckpt / "state.json").is_file():
+        raise UserError(f"--ckpt {ckpt}: no state.json there; pass the folder train-base wrote")
+    export_pipeline(ckpt, Path(args.dest), Path(args.oracle) if args.oracle else ORACLE_PATH)
+
+
+def cmd_eval_base(args) -> None:
+    import torch
+
+    from palpcompose.models import load_pipeline, resolve_base_model
+    from palpcompose.toyworld.ceiling import evaluate_pipeline
+    from palpcompose.toyworld.oracle import load_oracle
+
+    pipe = load_pipeline(resolve_base_model(args.model), torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    acc = evaluate_pipeline(pipe, load_oracle(), args.prompts, args.guidance_scale, args.steps, seed=1, device="cpu",
+                            batch=50)
+    print(json.dumps({"prompts": args.prompts, "steps": args.steps, "guidance_scale": args.guidance_scale, **acc}))
+
+
+def cmd_speed(args) -> None:
+    """CPU cost of the shipped UNet: one forward at batch 1, and one PALP-like step (forward + backward at batch 1,
+    plus a no-grad forward at batch 2). Prints figures; timings are for reading, never for asserting."""
+    import time
+
+    import torch
+
+    from palpcompose.models import load_pipeline, resolve_base_model
+
+    torch.set_num_threads(args.threads)
+    pipe = load_pipeline(resolve_base_model(args.model), torch_dtype=torch.float32)
+    unet = pipe.unet
+    x = torch.randn(1, 4, unet.config.sample_size, unet.config.sample_size)
+    ids = pipe.tokenizer(["a photo of a red star"], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                        return_tensors="pt")
+    with torch.no_grad():
+        cond = pipe.text_encoder(ids.input_ids)[0]
+        for _ in range(3):
+            unet(x, 500, cond)
+        start = time.perf_counter()
+        for _ in range(args.repeats):
+            unet(x, 500, cond)
+        forward = (time.perf_counter() - start) / args.repeats
+    unet.requires_grad_(True)
+    start = time.perf_counter()
+    for _ in range(args.repeats):
+        unet(x, 500, cond).sample.square().mean().backward()
+        with torch.no_grad():
+            unet(x.repeat(2, 1, 1, 1), 500, cond.repeat(2, 1, 1))
+    step = (time.perf_counter() - start) / args.repeats
+    print(json.dumps({"threads": args.threads, "unet_forward_batch1_ms": round(forward * 1000, 1),
+                      "palp_like_step_ms": round(step * 1000, 1), "300_steps_s": round(300 * step, 1)}))
+
+
+def cmd_diagnose(args) -> None:
+    from tools.toyworld import diagnose
+
+    diagnose.main(args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from palpcompose.models import BUILTIN_MODELS
+
+    parser = argparse.ArgumentParser(prog="python -m tools.toyworld", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train-base", help="train builtin:toy")
+    p.add_argument("--out", required=True)
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cpu")
+    p.add_argument("--minutes", type=float, default=8.0)
+    p.add_argument("--resume", default=None)
+    p.add_argument("--final-eval", type=int, default=200, help="prompts in the final evaluation (0: none)")
+    p.add_argument("--more-oracle-minutes", type=float, default=0.0,
+                   help="with --resume: train the already trained oracle this much longer")
+    p.add_argument("--smoke", action="store_true", help="tiny batches: a quick end-to-end check of the script")
+    p.add_argument("--recipe", choices=["v1", "v2"], default="v1",
+                   help="training recipe (ignored with --resume: the checkpoint's recipe goes on)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.set_defaults(func=cmd_train_base)
+    p = sub.add_parser("export-base", help="write the shipped diffusers folder from a checkpoint")
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--dest", default=str(BUILTIN_MODELS["builtin:toy"]))
+    p.add_argument("--oracle", default=None, help="where to write the oracle weights (default: the package's)")
+    p.set_defaults(func=cmd_export_base)
+    p = sub.add_parser("eval-base", help="oracle recognition rates of a base model on fixed prompts")
+    p.add_argument("--model", default="builtin:toy")
+    p.add_argument("--prompts", type=int, default=200)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance-scale", type=float, default=3.0)
+    p.set_defaults(func=cmd_eval_base)
+    p = sub.add_parser("speed", help="CPU timing of the shipped UNet (forward, PALP-like step)")
+    p.add_argument("--model", default="builtin:toy")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=20)
+    p.set_defaults(func=cmd_speed)
+    p = sub.add_parser("diagnose", help="why a base model misses the ceiling (legibility, VAE, binding, prompts)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--model", default="builtin:toy")
+    p.add_argument("--subjects", type=int, default=8)
+    p.add_argument("--color2", default="any", help="'any' (v1 world) or a comma list, e.g. white,black")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--old-bar", type=int, default=200)
+    p.add_argument("--threads", type=int, default=2)
+    p.set_defaults(func=cmd_diagnose)
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except PalpcomposeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()
