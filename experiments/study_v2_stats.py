@@ -1,13 +1,55 @@
-"""The v2 study's arithmetic (docs/evaluation.md, "The v2 study (issue 19)"): the baseline's trade-off curve, PALP's
-margin above it, means with standard errors clustered by subject, and the two rules fixed before any run (PALP's
+"""The v2 study's design facts and arithmetic (docs/evaluation.md, "The v2 study (issue 19)"): subjects, regimes,
+prompts, variants and knob candidates as fixed before any run; the baseline's trade-off curve, PALP's margin above it, means with standard errors clustered by subject, and the two rules fixed before any run (PALP's
 knobs, builtin:toy's default step count). Pure functions on plain numbers: experiments/study_v2.py feeds them,
 tests/test_study_v2.py checks them on hand-made points.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import defaultdict
+
+# ----------------------------------------------------------------------------------------------------------------
+# The design's fixed facts (docs/evaluation.md, "The v2 study (issue 19)")
+
+REGIMES = ("R-context", "R-style", "R-nothing")
+CONTEXTS = ("sunset", "underwater", "snow")  # R-context: subject k's shared ambiance, k mod 3
+REFERENCE_STYLES = ("sketch", "watercolor", "pop art")  # R-style: subject k's shared style, k mod 3
+NOTHING_AMBIANCES = ("day", "night", "sunset", "snow", "underwater")  # R-nothing: one each
+PERSONALIZATION = {"R-context": "a photo of [V1]", "R-style": "a picture of [V1]", "R-nothing": "a photo of [V1]"}
+TARGETS = (("sketch", "night"), ("watercolor", "snow"), ("pop art", "underwater"), ("photo", "sunset"),
+           ("pop art", "night"))
+TUNING_SUBJECTS = (20, 21, 22, 23)
+HELD_OUT = tuple(range(32, 48))  # in this order; 32-39 the core, 40-47 the extension
+TRAIN_SEEDS = (0, 1)
+RENDER_SEEDS = (0, 1, 2, 3)
+SNAPSHOT_EVERY = 25
+LORA_SCALES = (0.25, 0.5, 0.75)
+REFERENCES = 5
+VARIANTS = {  # name -> [palp] settings
+    "none": {"guidance": "none"},
+    "sds": {"guidance": "sds"},
+    "palp": {"guidance": "palp", "same_noise": True, "rescale": True},
+    "palp-indep": {"guidance": "palp", "same_noise": False, "rescale": True},
+    "palp-norescale": {"guidance": "palp", "same_noise": True, "rescale": False},
+}
+OTHER_VARIANTS = ("sds", "palp-indep", "palp-norescale")
+KNOB_CANDIDATES = {  # (lambda = palp.weight, alpha); beta stays 1.0
+    "w1-a7.5": {"weight": 1.0, "alpha": 7.5}, "w3-a7.5": {"weight": 3.0, "alpha": 7.5},
+    "w10-a7.5": {"weight": 10.0, "alpha": 7.5}, "w3-a5": {"weight": 3.0, "alpha": 5.0},
+    "w3-a15": {"weight": 3.0, "alpha": 15.0},
+    "w3-a7.5-t500": {"weight": 3.0, "alpha": 7.5, "t_min": 500},  # run only if the code offers the knob
+}
+T_MIN_KEY = "guidance_t_min"  # the [palp] key the t >= 500 candidate needs; absent today, so it is not run
+# The toy world's versions: keyword arguments of world.subject_from_seed (v2: second colours white or black)
+WORLDS = {"v1": {}, "v2": {"color2_choices": ("white", "black")}}
+KNOB_LETTERS = {"weight": "w", "alpha": "a", "t_min": "m"}  # in run names
+HEADS = ("cls", "color", "pattern", "color2")
+ID_HEADS = ("color", "pattern", "color2")  # F-id: identity without the class
+
+# ----------------------------------------------------------------------------------------------------------------
+# The rules' constants and the arithmetic
 
 # PALP's knobs: the paper's defaults (the tie-break of the knob rule measures distance to them)
 PAPER_KNOBS = {"weight": 1.0, "alpha": 7.5}
@@ -41,7 +83,7 @@ def f_base(points: list[tuple[float, float]], t: float) -> float:
         return front[0][1]
     if t >= front[-1][0]:
         return front[-1][1]
-    for (t0, f0), (t1, f1) in zip(front, front[1:]):
+    for (t0, f0), (t1, f1) in itertools.pairwise(front):
         if t0 <= t <= t1:
             return f0 + (f1 - f0) * (t - t0) / (t1 - t0)
     raise AssertionError("unreachable: t lies between the frontier's ends")
