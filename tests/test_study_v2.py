@@ -3,6 +3,7 @@ sets (experiments/study_v2.py) without training anything."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -119,3 +120,82 @@ def test_default_steps_rule_is_the_smallest_multiple_of_50_at_90_percent_of_the_
     # the maximum only at a step that is no multiple of 50, and no multiple reaching 90% of it
     with pytest.raises(ValueError, match="no multiple of 50"):
         st.default_steps_rule({0: 0.1, 25: 0.9, 50: 0.5})
+
+
+# --- the runner: plan, references, and one tiny study end to end on the tiny pipeline ----------------------------
+
+from experiments import study_v2 as sv  # noqa: E402
+
+
+def test_plan_follows_the_design():
+    s = sv.Settings(work=None)
+    held = sv.plan_runs(s, "held-out", (1,))
+    assert {r.regime for r in held} == {"R-context"} and {r.subject for r in held} == set(range(32, 40))
+    assert len(held) == 8 * 2 * 3  # core subjects x training seeds x (none + palp on two prompts)
+    assert {(r.variant, r.prompt) for r in held} == {("none", None), ("palp", 0), ("palp", 1)}
+    others = sv.plan_runs(s, "held-out", (4,))
+    assert {r.subject for r in others} == {32, 33, 34, 35} and {r.seed for r in others} == {0}
+    assert {r.variant for r in others} == set(sv.OTHER_VARIANTS) and {r.prompt for r in others} == {0}
+    assert len(others) == 4 * 3 * 3  # first 4 subjects x variants x every regime
+    assert {r.subject for r in sv.plan_runs(s, "held-out", (5,))} == set(range(40, 48))
+    tune = sv.plan_runs(s, "tune")
+    assert {r.subject for r in tune} == {20, 21, 22, 23} and {r.regime for r in tune} == {"R-context"}
+    # the t >= 500 candidate runs only when the code offers the knob (it does not yet)
+    assert len({r.knobs for r in tune if r.variant == "palp"}) == 5
+    assert all(r.steps == 400 and r.variant == "none" for r in sv.plan_runs(s, "steps"))
+
+
+def test_cell_prompts_avoid_the_references_shared_context_and_style():
+    for k in range(6):
+        context = sv.cell_prompts("R-context", k)
+        assert len(context) == 2 and all(a != sv.CONTEXTS[k % 3] for _, a in context)
+        style = sv.cell_prompts("R-style", k)
+        assert len(style) == 2 and all(s != sv.REFERENCE_STYLES[k % 3] for s, _ in style)
+    assert sv.cell_prompts("R-nothing", 1) == list(sv.TARGETS[:2])
+
+
+def test_reference_sets_are_drawn_by_the_world_per_regime():
+    from palpcompose.toyworld import oracle as toy_oracle
+
+    subject = sv.make_subject(33, "v1")  # k = 1: underwater (R-context), watercolor (R-style)
+    oracle = toy_oracle.load_oracle()
+    read = {regime: toy_oracle.predict(oracle, sv.reference_images(subject, regime, 1)) for regime in sv.REGIMES}
+    ambiance = {r: [toy_oracle.HEADS["ambiance"][i] for i in p["ambiance"].argmax(-1)] for r, p in read.items()}
+    style = {r: [toy_oracle.HEADS["style"][i] for i in p["style"].argmax(-1)] for r, p in read.items()}
+    assert ambiance["R-context"].count("underwater") >= 4 and style["R-context"].count("photo") >= 4
+    assert style["R-style"].count("watercolor") >= 4
+    assert len(set(ambiance["R-nothing"])) >= 4  # each reference in another ambiance
+    with pytest.raises(sv.UserError, match="--world v2"):  # until the v2 world's generator takes color2_choices
+        sv.make_subject(32, "v2")
+
+
+def test_tiny_study_end_to_end_resumes_and_reports(tmp_path, tiny_pipeline_dir, monkeypatch):
+    s = sv.Settings(work=tmp_path / "study", base_model=str(tiny_pipeline_dir), render_seeds=(0, 1),
+                    train_seeds=(0,), steps=10, held_out=(32,), tuning=(20,), regimes=("R-context",), prompts=1,
+                    candidates=("w1-a7.5",), steps_max=10)
+    results = sv.study(s, sv.PHASES, (1,), log=lambda m: None)
+    runs = s.work / "runs"
+    none = json.loads((runs / "held-out-s32-R-context-none-t0" / "out" / "study-v2-points.json").read_text())
+    (target,) = none["points"]
+    assert set(none["points"][target]) == {"10@1", "10@0.25", "10@0.5", "10@0.75", "base"}
+    palp_root = runs / "held-out-s32-R-context-palp-t0-p0"
+    palp = json.loads((palp_root / "out" / "study-v2-points.json").read_text())["points"][target]
+    assert set(palp) == {"10@1", "base"}
+    # the margin is F_palp - F_base(T_palp) on the none run's points, and the cosine comes from train.jsonl
+    curve = [(sum(p["text"]) / 2, sum(p["fidelity"]) / 2) for p in none["points"][target].values()]
+    t, f = sum(palp["10@1"]["text"]) / 2, sum(palp["10@1"]["fidelity"]) / 2
+    est = results["held-out"]["estimates"]["R-context|palp"]
+    assert est["margin"]["mean"] == pytest.approx(st.margin(curve, t, f))
+    logged = [e["cos_palp_sds"] for e in map(json.loads, (palp_root / "out/logs/train.jsonl").read_text().split())
+              if e["step"] % 10 == 0]
+    assert logged and est["cos_palp_sds"]["mean"] == pytest.approx(sum(logged) / len(logged))
+    assert results["tune"]["chosen"] == "w1-a7.5"
+    assert "undetermined" in str(results["steps"]["default_steps"])  # 10 steps: no multiple of 50 was scored
+    report = (s.work / "report.md").read_text()
+    assert "Phase held-out" in report and "Phase tune" in report and "margin above the baseline's curve" in report
+    # again: everything is cached, nothing is rendered; --report-only trains nothing either
+    monkeypatch.setattr(sv, "Renderer", lambda *a: pytest.fail("rendered a cached point"))
+    again = sv.study(s, sv.PHASES, (1,), log=lambda m: None)
+    assert again["held-out"]["estimates"]["R-context|palp"]["margin"] == est["margin"]
+    monkeypatch.setattr(sv, "train_run", lambda *a: pytest.fail("--report-only trained"))
+    assert sv.study(s, ("held-out",), (1,), report_only=True)["held-out"]["cells"] == 1
