@@ -8,6 +8,7 @@ import math
 
 import pytest
 
+from experiments import study_v2 as sv
 from experiments import study_v2_stats as st
 
 # A baseline's curve: base model (high text, low fidelity), snapshots trading text for fidelity, and points off
@@ -124,8 +125,6 @@ def test_default_steps_rule_is_the_smallest_multiple_of_50_at_90_percent_of_the_
 
 # --- the runner: plan, references, and one tiny study end to end on the tiny pipeline ----------------------------
 
-from experiments import study_v2 as sv  # noqa: E402
-
 
 def test_plan_follows_the_design():
     s = sv.Settings(work=None)
@@ -186,8 +185,8 @@ def test_tiny_study_end_to_end_resumes_and_reports(tmp_path, tiny_pipeline_dir, 
     t, f = sum(palp["10@1"]["text"]) / 2, sum(palp["10@1"]["fidelity"]) / 2
     est = results["held-out"]["estimates"]["R-context|palp"]
     assert est["margin"]["mean"] == pytest.approx(st.margin(curve, t, f))
-    logged = [e["cos_palp_sds"] for e in map(json.loads, (palp_root / "out/logs/train.jsonl").read_text().split())
-              if e["step"] % 10 == 0]
+    log = (palp_root / "out/logs/train.jsonl").read_text().splitlines()
+    logged = [e["cos_palp_sds"] for e in map(json.loads, log) if e["step"] % 10 == 0]
     assert logged and est["cos_palp_sds"]["mean"] == pytest.approx(sum(logged) / len(logged))
     assert results["tune"]["chosen"] == "w1-a7.5"
     assert "undetermined" in str(results["steps"]["default_steps"])  # 10 steps: no multiple of 50 was scored
