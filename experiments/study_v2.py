@@ -194,8 +194,9 @@ def plan_runs(s: Settings, phase: str, layers: tuple[int, ...] = (1, 2, 3, 4, 5)
         elif number == 4:
             for regime in (r for r in ("R-context", "R-nothing", "R-style") if r in s.regimes):
                 for subj in core[:4]:
-                    runs.extend(Run("held-out", subj, s.held_out.index(subj), regime, v, 0, 0, knobs, s.steps)
-                                for v in OTHER_VARIANTS)
+                    k = s.held_out.index(subj)  # their curve: the `none` run of seed 0 (layers 1-3 trained it)
+                    runs.append(Run("held-out", subj, k, regime, "none", 0, None, steps=s.steps))
+                    runs.extend(Run("held-out", subj, k, regime, v, 0, 0, knobs, s.steps) for v in OTHER_VARIANTS)
         elif number == 5:
             for regime in (r for r in ("R-context", "R-nothing", "R-style") if r in s.regimes):
                 layer(extension, regime)

@@ -134,8 +134,9 @@ def test_plan_follows_the_design():
     assert {(r.variant, r.prompt) for r in held} == {("none", None), ("palp", 0), ("palp", 1)}
     others = sv.plan_runs(s, "held-out", (4,))
     assert {r.subject for r in others} == {32, 33, 34, 35} and {r.seed for r in others} == {0}
-    assert {r.variant for r in others} == set(sv.OTHER_VARIANTS) and {r.prompt for r in others} == {0}
-    assert len(others) == 4 * 3 * 3  # first 4 subjects x variants x every regime
+    assert {r.variant for r in others} == {"none", *sv.OTHER_VARIANTS} and {r.prompt for r in others} == {0, None}
+    assert len(others) == 4 * 3 * (3 + 1)  # first 4 subjects x every regime x (variants + their none curve)
+    assert len(sv.plan_runs(s, "held-out", (1, 2, 3, 4))) == 3 * 48 + 4 * 3 * 3  # the none runs are shared
     assert {r.subject for r in sv.plan_runs(s, "held-out", (5,))} == set(range(40, 48))
     tune = sv.plan_runs(s, "tune")
     assert {r.subject for r in tune} == {20, 21, 22, 23} and {r.regime for r in tune} == {"R-context"}
