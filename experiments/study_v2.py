@@ -465,7 +465,7 @@ def study(s: Settings, phases: tuple[str, ...], layers: tuple[int, ...], log=pri
               f"training seeds {list(s.train_seeds)}; train.steps {s.steps or 'the base model default'}; PALP knobs "
               f"(held-out) weight {s.weight or 'default'}, alpha {s.alpha or 'default'}; wall time "
               f"{(time.monotonic() - started) / 60:.1f} min."), ""]
-    sections = [report.markdown(p, r, []) for p, r in results.items() if r is not None]
+    sections = [report.markdown(p, r, [], smoke=s.smoke) for p, r in results.items() if r is not None]
     s.work.mkdir(parents=True, exist_ok=True)
     atomic_write_json(s.work / "results.json", {"settings": settings, "results": results})
     atomic_write_text(s.work / "report.md", "\n".join(header) + "\n" + "\n".join(sections))

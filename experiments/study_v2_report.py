@@ -121,8 +121,8 @@ def _f(estimate: dict) -> str:
     return st.fmt_estimate(estimate)
 
 
-def markdown(phase: str, result: dict, header: list[str]) -> str:
-    """The phase's report.md section."""
+def markdown(phase: str, result: dict, header: list[str], smoke: bool = False) -> str:
+    """The phase's report.md section (`smoke`: a pipeline check, so the issue's bar is not judged)."""
     lines = [f"## Phase {phase}", ""]
     if phase == "steps":
         lines += [("The baseline (`none`, R-context) on its own personalization prompt `a photo of [V1]`: mean F over "
@@ -146,7 +146,7 @@ def markdown(phase: str, result: dict, header: list[str]) -> str:
         for key, e in est.items():
             regime, variant = key.split("|")
             lines.append(f"| {regime} | {variant} | {_f(e['margin'])} | {_f(e['T'])} | {_f(e['F'])} | "
-                         f"{_f(e['F_id'])} | {bar(e) if variant == 'palp' else ''} |")
+                         f"{_f(e['F_id'])} | {('not judged (smoke)' if smoke else bar(e)) if variant == 'palp' else ''} |")
         lines += ["", "Against the baseline at its final step (paired by cell):", "",
                   "| regime | variant | T - none | F - none | F-id - none | cos(PALP, SDS) |",
                   "| --- | --- | ---: | ---: | ---: | ---: |"]
