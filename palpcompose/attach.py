@@ -17,10 +17,12 @@ from palpcompose.weights import TrainedWeights
 ADAPTER_NAME = "palp"
 
 
-def attach_trained_weights(pipe, weights: TrainedWeights, adapter_name: str = ADAPTER_NAME) -> None:
+def attach_trained_weights(pipe, weights: TrainedWeights, adapter_name: str = ADAPTER_NAME,
+                           lora_scale: float = 1.0) -> None:
     """Put trained weights into a loaded pipeline: the LoRA into `pipe.unet` (peft), each learned token into the
     tokenizer and its embedding into the text encoder's input embedding matrix. Calling it again with other weights
-    (e.g. another snapshot) replaces the previous ones. The adapter is left enabled and active."""
+    (e.g. another snapshot) replaces the previous ones. The adapter is left enabled and active, at `lora_scale`
+    times its trained strength (set_lora_scale; the tokens are not scaled)."""
     from peft import LoraConfig
     from peft.utils import set_peft_model_state_dict
 
@@ -42,8 +44,20 @@ def attach_trained_weights(pipe, weights: TrainedWeights, adapter_name: str = AD
         )
     unet.set_adapter(adapter_name)
     unet.enable_adapters()
+    set_lora_scale(unet, lora_scale, adapter_name)
 
     attach_trained_tokens(pipe, weights)
+
+
+def set_lora_scale(unet, scale: float, adapter_name: str = ADAPTER_NAME) -> None:
+    """The adapter's strength: peft's per-layer `set_scale`, scaling = scale * lora_alpha / r (1.0: exactly the
+    trained scaling, so the images do not change). The LoRA weights themselves are not touched; `merged_lora` merges
+    at this scale."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in unet.modules():
+        if isinstance(module, BaseTunerLayer) and hasattr(module, "set_scale"):
+            module.set_scale(adapter_name, scale)
 
 
 def attach_trained_tokens(pipe, weights: TrainedWeights) -> None:

@@ -192,6 +192,9 @@ def render(
                    "out/runs/ID/ instead of the current one.")] = None,
     out: Annotated[Path | None, typer.Option("--out", metavar="PATH", help="Write the images to this new or empty folder "
                    "(default: a new folder in DIR/out/renders/).")] = None,
+    lora_scale: Annotated[float | None, typer.Option("--lora-scale", metavar="S", help="Strength of the trained LoRA, "
+                          "0 < S <= 2: 1 as trained, 0.5 at half strength; the learned tokens stay whole "
+                          "(default: render.lora_scale, 1).")] = None,
 ) -> None:
     """Render prompts with the trained weights: PNGs and a contact sheet under DIR/out/renders/<run>/ (or --out)."""
     from palpcompose.distributed import refuse_launcher
@@ -205,7 +208,7 @@ def render(
     result = render_project(
         project, prompts=prompt, seeds=seeds, step=snapshot, steps=steps, guidance_scale=guidance_scale, width=width,
         height=height, negative_prompt=negative_prompt, scheduler=scheduler, batch_size=batch_size, sweep=sweep,
-        compare=compare, out=out, console=err_console, run=run, base_only=base,
+        compare=compare, out=out, console=err_console, run=run, base_only=base, lora_scale=lora_scale,
     )
     console.print(summary_table(result))
 

@@ -93,6 +93,15 @@ def alignment_loss(
     return (g.detach().float() * x0_hat.float()).sum() / x0_hat.numel()
 
 
+def direction_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The mean over the batch of the per-sample cosine between two guidance directions (B, C, H, W): logged as
+    `cos_palp_sds` for palp runs, PALP's r against SDS's r = G_base^alpha(x0_hat_t, t, y_c) - eps at the same
+    x0_hat, t and noise (1: PALP pushes exactly where SDS would; docs/evaluation.md, the v2 study). A zero direction
+    counts as cosine 0."""
+    a, b = a.detach().float().flatten(1), b.detach().float().flatten(1)
+    return torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-12).mean()
+
+
 def check_finite(name: str, value: torch.Tensor) -> None:
     if not torch.isfinite(value).all():
         raise NonFiniteError(
@@ -167,4 +176,8 @@ class PalpGuidance:
             check_finite("the guidance direction", r)
         # Step 6: Eq. 7 surrogate, gradient flows into x0_hat (and so into eps_hat) only
         loss_align = alignment_loss(x0_hat, r, abar_t, rescale=cfg_.rescale)
-        return {"loss_align": loss_align, "guidance_norm": r.detach().pow(2).mean().sqrt()}
+        terms = {"loss_align": loss_align, "guidance_norm": r.detach().pow(2).mean().sqrt()}
+        if cfg_.mode == "palp":  # the diagnostic is free: SDS's direction reuses the frozen pass just made
+            terms["cos_palp_sds"] = direction_cosine(r, guidance_direction("sds", base_eps.float(), None,
+                                                                           renoise_eps.float()))
+        return terms

@@ -87,6 +87,7 @@ class RenderSettings:
     negative_prompt: str
     scheduler: str  # a key of SCHEDULERS
     batch_size: int
+    lora_scale: float = 1.0  # the trained LoRA's strength (peft's adapter scale); the learned tokens stay whole
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,7 @@ class RenderResult:
 
 
 MAX_SEED = 2**32 - 1  # render.seeds' upper bound (project.py), the range other tools' seeds use
+MAX_LORA_SCALE = 2.0  # --lora-scale and render.lora_scale: (0, 2]
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
@@ -250,7 +252,7 @@ def plan_render(project, *, prompts=None, seeds=None, step: int | None = None, s
                 guidance_scale: float | None = None, width: int | None = None, height: int | None = None,
                 negative_prompt: str | None = None, scheduler: str | None = None, batch_size: int | None = None,
                 sweep: bool = False, compare: bool = False, out: str | Path | None = None, run: str | None = None,
-                base_only: bool = False) -> RenderPlan:
+                base_only: bool = False, lora_scale: float | None = None) -> RenderPlan:
     """Every check `render` can make before loading the base model: options, prompts, seeds, settings, which
     weights (read, so a damaged file is found now) and the guard rails. Writes nothing. Arguments as `render`'s."""
     cfg = project.config
@@ -307,6 +309,7 @@ def plan_render(project, *, prompts=None, seeds=None, step: int | None = None, s
         negative_prompt=pick(negative_prompt, rc.negative_prompt),
         scheduler=pick(scheduler, rc.scheduler),
         batch_size=pick(batch_size, rc.batch_size),
+        lora_scale=float(pick(lora_scale, rc.lora_scale)),
     )
     _validate(settings)
 
@@ -372,6 +375,7 @@ def render(
     console=None,
     run: str | None = None,
     base_only: bool = False,
+    lora_scale: float | None = None,
 ) -> RenderResult:
     """Render the project's prompts with its trained weights; arguments left None come from palp.toml's [render].
 
@@ -379,7 +383,8 @@ def render(
     and the final weights; `compare` adds the base model (class words instead of tokens). `run` picks a training
     run kept in out/runs/<run>/ (its renders go there too). `out` is the folder to write to (new or empty) instead of
     a new render folder. `base_only` renders the base model alone (class words, no trained weights needed): a
-    prompt, or the clean prompt, tried before training. Everything is validated before anything is written:
+    prompt, or the clean prompt, tried before training. `lora_scale` (0 < S <= 2) scales the trained LoRA through
+    peft's adapter scale (1: as trained); the learned tokens stay whole. Everything is validated before anything is written:
     `plan_render`, then the checks that need the loaded model (prompt lengths, whether the weights fit it).
     """
     from rich.markup import escape
@@ -387,7 +392,7 @@ def render(
     plan = plan_render(
         project, prompts=prompts, seeds=seeds, step=step, steps=steps, guidance_scale=guidance_scale, width=width,
         height=height, negative_prompt=negative_prompt, scheduler=scheduler, batch_size=batch_size, sweep=sweep,
-        compare=compare, out=out, run=run, base_only=base_only,
+        compare=compare, out=out, run=run, base_only=base_only, lora_scale=lora_scale,
     )
     for message in plan.warnings:
         if console is not None:
@@ -403,7 +408,8 @@ def render(
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     if not base_only:
-        attach_trained_weights(pipe, next(m.weights for m in models if m.weights is not None))  # fits? (before writing)
+        attach_trained_weights(pipe, next(m.weights for m in models if m.weights is not None),  # fits? (before writing)
+                               lora_scale=settings.lora_scale)
 
     # 4. Render every model x prompt x seed, batch by batch, writing each PNG as soon as it exists.
     if plan.out is None:
@@ -423,7 +429,7 @@ def render(
                     if getattr(pipe.unet, "peft_config", None):
                         pipe.unet.disable_adapters()
                 else:
-                    attach_trained_weights(pipe, model.weights)
+                    attach_trained_weights(pipe, model.weights, lora_scale=settings.lora_scale)
                 # merged once per model (not per batch: in fp16 each merge/unmerge pair rounds the base weights)
                 with merged_lora(pipe.unet) if model.weights is not None else contextlib.nullcontext():
                     for start in range(0, len(jobs), settings.batch_size):
@@ -440,6 +446,7 @@ def render(
                             if model.step is not None:
                                 extra["PALP step"] = str(model.step)
                                 extra["PALP guidance"] = model.guidance
+                                extra["PALP LoRA scale"] = f"{settings.lora_scale:g}"
                             params = a1111_parameters(text, settings, seed, cfg.project.base_model, extra)
                             _save_png(path, picture, params)
                             images.append(RenderedImage(path, model.label, model.step, prompt, text, seed,
@@ -498,6 +505,10 @@ def _validate(settings: RenderSettings) -> None:
         raise UserError(f"--guidance-scale must not be negative (got {settings.guidance_scale})")
     if settings.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1 (got {settings.batch_size})")
+    if not 0 < settings.lora_scale <= MAX_LORA_SCALE:
+        raise UserError(f"--lora-scale must be above 0 and at most {MAX_LORA_SCALE:g} (got {settings.lora_scale:g}): "
+                        "1 renders the LoRA as trained, 0.5 at half strength; for the base model use --compare or "
+                        "--base")
     for name, value in (("width", settings.width), ("height", settings.height)):
         if value < 8 or value % 8:
             raise UserError(f"--{name} must be a positive multiple of 8 (got {value})")

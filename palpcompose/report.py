@@ -65,6 +65,7 @@ LOG_TERMS = (  # (key or (numerator, denominator), title, what it is)
     ("grad_align", "grad_align", "||d (weight x loss_align) / d prediction||"),
     (("grad_align", "grad_pers"), "gradient balance", "grad_align / grad_pers (1: the two terms pull equally hard)"),
     ("guidance_norm", "guidance_norm", "RMS of the guidance direction r"),
+    ("cos_palp_sds", "cos(PALP, SDS)", "cosine between PALP's and SDS's guidance directions (palp runs)"),
     ("lr", "learning rate", "LoRA learning rate"),
 )
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2")

@@ -1,5 +1,6 @@
 """The guidance terms with tiny tensors and a toy network (issue 3, items a, b and d; c is in test_models.py)."""
 
+import math
 from dataclasses import fields, replace
 from types import SimpleNamespace
 
@@ -157,3 +158,48 @@ def test_non_finite_direction_raises():
     with pytest.raises(NonFiniteError, match="lower learning rate"):
         PalpGuidance(_guidance(guidance="palp"))(x0_hat=predict_x0(x_t, eps_hat, abar), noise=noise, abar_t=abar,
                                                  denoise=nan_denoiser)
+
+
+class SampleDenoiser:
+    """A frozen branch and a personalized branch that disagree differently for every sample."""
+
+    def __call__(self, latents, *, adapter, prompt, scale):
+        weights = torch.arange(1, latents.shape[0] + 1, dtype=latents.dtype).view(-1, 1, 1, 1)
+        return latents.sin() * scale + (weights * latents.cos() if adapter else 0.0)
+
+
+def test_cos_palp_sds_is_the_mean_per_sample_cosine_of_the_two_directions():
+    x_t, eps_hat, noise, abar = _inputs()
+    x0_hat = predict_x0(x_t, eps_hat, abar)
+    terms = PalpGuidance(_guidance(guidance="palp", alpha=7.5, beta=1.0))(
+        x0_hat=x0_hat, noise=noise, abar_t=abar, denoise=SampleDenoiser())
+    # brute force: every number by hand, sample by sample, in float64
+    x0_hat_t = renoise(x0_hat, abar, noise).double()
+    cosines = []
+    for i in range(x0_hat_t.shape[0]):
+        z = x0_hat_t[i].flatten().tolist()
+        base = [math.sin(v) * 7.5 for v in z]
+        lora = [math.sin(v) * 1.0 + (i + 1) * math.cos(v) for v in z]
+        r_palp = [b - p for b, p in zip(base, lora)]
+        r_sds = [b - n for b, n in zip(base, noise[i].double().flatten().tolist())]
+        dot = sum(a * b for a, b in zip(r_palp, r_sds))
+        norm = (sum(a * a for a in r_palp) * sum(b * b for b in r_sds)) ** 0.5
+        cosines.append(dot / norm)
+    assert abs(cosines[0] - cosines[1]) > 0.01  # the samples differ: a mean over the batch is tested, not one value
+    assert terms["cos_palp_sds"].item() == pytest.approx(sum(cosines) / len(cosines), abs=1e-5)
+
+
+def test_cos_palp_sds_changes_nothing_else_and_only_palp_logs_it():
+    x_t, eps_hat, noise, abar = _inputs()
+    guid = PalpGuidance(_guidance(guidance="palp"))
+    terms = guid(x0_hat=predict_x0(x_t, eps_hat, abar), noise=noise, abar_t=abar, denoise=SampleDenoiser())
+    terms["loss_align"].backward()
+    # the gradient is Eq. 7's with PALP's direction alone (rescale on: d L / d eps_hat = -r / numel)
+    x0_hat_t = renoise(predict_x0(x_t, eps_hat, abar), abar, noise)
+    den = SampleDenoiser()
+    r = den(x0_hat_t, adapter=False, prompt="clean", scale=7.5) - den(x0_hat_t, adapter=True, prompt="personal",
+                                                                       scale=1.0)
+    assert torch.allclose(eps_hat.grad, -r / eps_hat.numel(), atol=1e-6)
+    sds = PalpGuidance(_guidance(guidance="sds"))(x0_hat=predict_x0(x_t, eps_hat, abar).detach(), noise=noise,
+                                                  abar_t=abar, denoise=SampleDenoiser())
+    assert "cos_palp_sds" not in sds

@@ -172,6 +172,9 @@ class RenderConfig:
                                extension=True)
     batch_size: int = _spec("Images generated per forward pass (does not change the images).", 1, ge=1, le=256,
                             extension=True)
+    lora_scale: float = _spec("Strength of the trained LoRA at render time (peft's adapter scale; the learned tokens "
+                              "stay whole): 1 as trained, 0.5 at half strength, up to 2.", 1.0, gt=0.0,
+                              le=2.0, extension=True)
 
 
 @dataclass(frozen=True)
