@@ -9,7 +9,7 @@ import pytest
 from test_render_fixtures import make_project, random_weights, write_manifest
 
 from palpcompose.project import load_project
-from palpcompose.toyworld import demo
+from palpcompose.toyworld import demo_compare as demo
 from palpcompose.weights import save_trained_weights
 
 
