@@ -220,7 +220,7 @@ def _instead_of_damaged(folder: Path) -> str:
 
 class TrainingLock:
     """out/train.lock: {pid, host, started_at} while a `train` runs. A lock whose process is gone (same host) is
-    stale and taken over. Use as a context manager: acquired on entry, removed on exit."""
+    stale and taken over. `acquire` takes it, `release` removes it (train: the main process, train._held_by_main)."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -258,13 +258,6 @@ class TrainingLock:
 
     def release(self) -> None:
         self.path.unlink(missing_ok=True)
-
-    def __enter__(self):
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
 
     def _held(self, info: dict) -> UserError:
         return UserError(

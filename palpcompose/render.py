@@ -56,6 +56,7 @@ from palpcompose.outputs import (
     snapshot_steps,
 )
 from palpcompose.project import (
+    MAX_SEED,
     PLACEHOLDER,
     config_prompts,
     count_prompt_tokens,
@@ -126,9 +127,6 @@ class RenderResult:
 
 
 # --- seeds and samplers ------------------------------------------------------------------------------
-
-
-MAX_SEED = 2**32 - 1  # render.seeds' upper bound (project.py), the range other tools' seeds use
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
