@@ -28,6 +28,7 @@ from palpcompose.data import SubjectData, encode_subject, sample_batch
 from palpcompose.errors import Interrupted, ProjectError, UserError, command_line
 from palpcompose.guidance import NonFiniteError, guidance_config
 from palpcompose.memory import OutOfMemory, estimate_training_memory, out_of_memory_message
+from palpcompose.outputs import checkpoint_dir, lock_path
 from palpcompose.previews import (
     PREVIEW_MAX_STEPS,
     PREVIEW_SEEDS,
@@ -38,7 +39,6 @@ from palpcompose.previews import (
 )
 from palpcompose.progress import TrainingProgress, print_summary
 from palpcompose.project import config_prompts, load_project, too_long_problems
-from palpcompose.outputs import checkpoint_dir, lock_path
 from palpcompose.run import Plan, RunRecord, TrainingLock, git_state, make_plan, now
 from palpcompose.step import (
     EMBEDDING_WEIGHT_DECAY,
