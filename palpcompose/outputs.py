@@ -86,6 +86,13 @@ def snapshot_name(step: int) -> str:
     return f"step-{step:06d}"
 
 
+def step_of(name: str) -> int | None:
+    """100 from 'step-000100' (a snapshot folder's name, a preview's stem): snapshot_name's inverse; None for any
+    other name."""
+    m = re.fullmatch(r"step-(\d+)", name)
+    return int(m.group(1)) if m else None
+
+
 def snapshots_dir(out: Path) -> Path:
     return out / SNAPSHOTS_DIR
 
@@ -328,9 +335,9 @@ def snapshot_steps(out: Path) -> list[int]:
     """The steps of every snapshot in `out/snapshots/step-NNNNNN/` that holds weights, ascending."""
     steps = []
     for folder in snapshots_dir(out).glob("step-*"):
-        m = re.fullmatch(r"step-(\d+)", folder.name)
-        if m and (folder / LORA_FILE).is_file():
-            steps.append(int(m.group(1)))
+        step = step_of(folder.name)
+        if step is not None and (folder / LORA_FILE).is_file():
+            steps.append(step)
     return sorted(steps)
 
 
