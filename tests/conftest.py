@@ -198,7 +198,8 @@ def run_cli(capsys):
 
 
 def tree_snapshot(root: Path) -> dict[str, tuple]:
-    """Every file and folder under `root` with its size, mtime and content hash: compare two to prove nothing changed."""
+    """Every file and folder under `root` with its size, mtime and content hash: compare two to prove nothing
+    changed."""
     import hashlib
 
     snap = {}

@@ -369,7 +369,8 @@ def test_bad_input_exits_2_and_writes_nothing(case, tmp_path, tiny_pipeline_dir,
     elif case == "bad-clip":
         args = ["eval", root, "--clip", tmp_path / "nowhere"]
     elif case == "no-toy-words":
-        text = re.sub(r'target_prompt = ".*"', 'target_prompt = "an oil painting of [V2]"', (root / "palp.toml").read_text())
+        text = re.sub(r'target_prompt = ".*"', 'target_prompt = "an oil painting of [V2]"',
+                      (root / "palp.toml").read_text())
         (root / "palp.toml").write_text(text)
     elif case == "clip-and-oracle":
         args += ["--clip", tmp_path]

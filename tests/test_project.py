@@ -117,7 +117,8 @@ def test_schema_doc_is_generated_from_the_code():
                                text=True, check=True).stdout
     assert generated == schema_markdown()
     on_disk = (REPO / "docs" / "schema.md").read_text()
-    assert on_disk == generated, "docs/schema.md is stale: run python -m palpcompose.project --schema-md > docs/schema.md"
+    assert on_disk == generated, ("docs/schema.md is stale: run "
+                                  "python -m palpcompose.project --schema-md > docs/schema.md")
     for cls in (PalpConfig, TrainConfig, RenderConfig):
         for f in dataclasses.fields(cls):
             assert f"| `{f.name}` |" in on_disk

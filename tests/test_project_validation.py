@@ -116,7 +116,8 @@ def test_types_ranges_and_choices(make_project, run_cli, table, key, value, mess
 
 def test_project_name_charset(make_project, run_cli):
     root = make_project({"project": {"name": "cat wanderer!"}})
-    check_fails(run_cli, root, located(root, "project.name", "name = ") + " 'cat wanderer!' may contain only ASCII letters",
+    check_fails(run_cli, root,
+                located(root, "project.name", "name = ") + " 'cat wanderer!' may contain only ASCII letters",
                 "hint: e.g. name = 'cat-wanderer'")
 
 

@@ -381,7 +381,8 @@ def test_sgm_key_numbering_matches_diffusers_inverse():
 
     ours = [f"lora_unet_down_blocks_{i}_attentions_{j}_transformer_blocks_0_attn1_to_q" for i in (1, 2) for j in (0, 1)]
     ours += ["lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_k"]
-    ours += [f"lora_unet_up_blocks_{i}_attentions_{j}_transformer_blocks_0_attn1_to_v" for i in (0, 1) for j in (0, 1, 2)]
+    ours += [f"lora_unet_up_blocks_{i}_attentions_{j}_transformer_blocks_0_attn1_to_v"
+             for i in (0, 1) for j in (0, 1, 2)]
     sgm = {f"{sgm_key(k, 2)}.lora_down.weight": k for k in ours}
     assert "lora_unet_input_blocks_7_1_transformer_blocks_0_attn1_to_q.lora_down.weight" in sgm  # down 2, attn 0
     assert "lora_unet_output_blocks_5_1_transformer_blocks_0_attn1_to_v.lora_down.weight" in sgm  # up 1, attn 2

@@ -300,7 +300,8 @@ def test_a_second_train_is_refused_while_the_lock_is_live(make_project):
     lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started_at": "now"}))
     with pytest.raises(UserError, match="already training"):
         train(root, console=quiet())
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
     lock.write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(), "started_at": "then"}))
     assert train(root, steps=1, console=quiet()).status == "completed"  # a stale lock is taken over
     assert not lock.exists()
