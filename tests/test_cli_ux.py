@@ -1,4 +1,4 @@
-"""Everyday friction a new user meets on the command line (issue 12): what `init` says, option names, --help,
+"""Everyday friction a new user meets on the command line: what `init` says, option names, --help,
 quoted paths in hints, and messages that name what is wrong."""
 
 from __future__ import annotations

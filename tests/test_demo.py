@@ -1,4 +1,4 @@
-"""scripts/demo's comparison (issue 11, part 3): the baseline project differs from the demo project only in its
+"""scripts/demo's comparison: the baseline project differs from the demo project only in its
 guidance, and the compare sheet shows each run's final renders under its own eval caption. Tiny pipeline, fast."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`eval`: oracle and CLIP metrics, out/eval.json, --renders, and bad input exiting 2 with nothing written (issue 6)."""
+"""`eval`: oracle and CLIP metrics, out/eval.json, --renders, and bad input exiting 2 with nothing written."""
 
 from __future__ import annotations
 

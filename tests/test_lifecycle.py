@@ -1,4 +1,4 @@
-"""A run's lifecycle from the outside (issue 12): nothing trained is lost, and no command reports a state that is
+"""A run's lifecycle from the outside: nothing trained is lost, and no command reports a state that is
 not true. Driven through the CLI (cli.main, in-process) on the tiny pipelines of tests/tiny_pipeline.py."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 5's memory items: the estimate printed before training, the out-of-memory message, gradient checkpointing."""
+"""Memory: the estimate printed before training, the out-of-memory message, gradient checkpointing, low_memory."""
 
 from __future__ import annotations
 

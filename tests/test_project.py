@@ -124,7 +124,7 @@ def test_schema_doc_is_generated_from_the_code():
             assert f"| `{f.name}` |" in on_disk
 
 
-# -- defaults that depend on the base model (issue 11, part 2) ----------------------------------------------------
+# -- defaults that depend on the base model ----------------------------------------------------------------------
 
 
 def minimal_toy_project(root: Path, train: str = "") -> Path:

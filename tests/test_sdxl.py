@@ -1,4 +1,4 @@
-"""SDXL: family detection and refusals, the tiny SDXL pipeline through train, render and export (issue 13)."""
+"""SDXL: family detection and refusals, the tiny SDXL pipeline through train, render and export."""
 
 from __future__ import annotations
 

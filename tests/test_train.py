@@ -55,7 +55,7 @@ def max_diff(a, b):
 
 
 @pytest.mark.parametrize("guidance,beta,expected", [
-    ("none", 1.0, [1]),  # no extra UNet pass at all (issue item b)
+    ("none", 1.0, [1]),  # no extra UNet pass at all
     ("sds", 1.0, [1, 2]),  # + the frozen model, cond and uncond batched in one pass
     ("palp", 1.0, [1, 2, 1]),  # + the personalized model, no unconditional pass when beta == 1
     ("palp", 2.0, [1, 2, 2]),
