@@ -242,7 +242,8 @@ def _run_section(page: _Page, run: RunView, color: str) -> None:
                 page.add(f'<p class="muted">Columns: seeds {html.escape(", ".join(map(str, seeds)))}</p>')
         page.add('<div class="strip">')
         for preview in run.previews:
-            page.add(page.image(preview.path, f"step {preview.step}", MAX_PREVIEW_PX, f"preview at step {preview.step}"))
+            caption = f"step {preview.step}"
+            page.add(page.image(preview.path, caption, MAX_PREVIEW_PX, f"preview at step {preview.step}"))
         page.add("</div>")
     else:
         page.add('<p class="muted">No previews (train.preview_every = 0, or none written yet).</p>')
@@ -296,8 +297,8 @@ def _num(value) -> str:
 def _render_section(page: _Page, renders: list[RenderView], runs: list[RunView], latest: dict | None) -> None:
     page.add("<h2>Renders and eval scores</h2>")
     if not renders:
-        page.add(f'<p class="muted">No renders yet: `{html.escape(command_line("palpcompose", "render", page.report.root))}`'
-                 "</p>")
+        render_command = command_line("palpcompose", "render", page.report.root)
+        page.add(f'<p class="muted">No renders yet: `{html.escape(render_command)}`</p>')
     started = {r.manifest.get("started_at"): r for r in runs if r.manifest.get("started_at")}
     for view in renders:
         info = view.info

@@ -49,8 +49,8 @@ def add_placeholder_tokens(tokenizer, text_encoder, tokens: dict[str, str], init
 
 def set_token_embeddings(tokenizer, text_encoder, vectors: dict[str, torch.Tensor]) -> None:
     """Put trained embeddings back: each token of `vectors` (token -> (D,)) in the tokenizer, added if it is new, and
-    its row of the text encoder's table set to its vector. Raises WeightsDoNotFit when a vector's width is not the table's
-    (weights trained on another base model)."""
+    its row of the text encoder's table set to its vector. Raises WeightsDoNotFit when a vector's width is not the
+    table's (weights trained on another base model)."""
     ids = add_tokens(tokenizer, text_encoder, list(vectors))
     table = text_encoder.get_input_embeddings().weight
     with torch.no_grad():

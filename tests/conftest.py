@@ -14,6 +14,8 @@
 - `tree_snapshot(dir)`: a comparable picture of every file (size, mtime, hash), to assert nothing was written.
 - `prepared_state(dir, guidance)`: a project's TrainState and subjects, ready for `training_step` (no out/ written).
 - `interrupt_in_step(monkeypatch, n)`: SIGINT while training step `n` runs (the step finishes); returns the real step.
+- `step_runner(state, subjects, batch_size)`: a no-argument callable running one `training_step` on a seeded batch.
+- `capture_grads(state)`: the gradient each trainable tensor receives at each backward pass.
 """
 
 from __future__ import annotations
@@ -243,3 +245,30 @@ def interrupt_in_step(monkeypatch, n: int):
 
     monkeypatch.setattr(train_mod, "training_step", step_then_signal)
     return real_step
+
+
+def step_runner(state, subjects, batch_size: int, seed: int = 0):
+    """A no-argument callable that runs one `training_step` of `state` on a batch of `subjects` drawn as train's
+    loop draws it (data.sample_batch), from a generator seeded with `seed`; it returns the step's logged values."""
+    import torch
+
+    from palpcompose.data import sample_batch
+    from palpcompose.train import training_step
+
+    generator = torch.Generator("cpu").manual_seed(seed)
+    num_timesteps = state.components.noise_scheduler.config.num_train_timesteps
+
+    def step() -> dict[str, float]:
+        return training_step(state, sample_batch(subjects, generator, batch_size, num_timesteps))
+
+    return step
+
+
+def capture_grads(state) -> list[list]:
+    """Per trainable tensor (LoRA weights, then the placeholder rows), its gradient after each backward pass.
+    Recorded by a hook, because the step zeroes gradients before it returns."""
+    params = state.lora_params + [state.token_embedding.rows]
+    grads: list[list] = [[] for _ in params]
+    for p, record in zip(params, grads):
+        p.register_post_accumulate_grad_hook(lambda p, record=record: record.append(p.grad.detach().clone()))
+    return grads

@@ -401,15 +401,20 @@ def test_export_cli_says_how_to_load_sdxl_embeddings(trained_sdxl, run_cli, tmp_
 
 
 # --------------------------------------------------------------------------------------------------------------
-# (f) memory: the estimate counts both text encoders; benchmarks.memory_estimate builds SDXL on the meta device
+# (f) memory: the estimate counts both text encoders
 
 
-def test_memory_estimate_counts_both_text_encoders():
-    from benchmarks import archs
-    from benchmarks.memory_estimate import meta_models
+def test_memory_estimate_counts_both_text_encoders(tiny_sdxl_pipeline_dir):
     from palpcompose import memory
 
-    unet, vae, text_encoder, lora = meta_models(archs.SDXL_THIN, rank=4)
+    c = models.load_components(models.resolve_base_model(str(tiny_sdxl_pipeline_dir)))
+    unet, vae, text_encoder = c.unet, c.vae, c.text_encoder
+    models.freeze(unet, vae, text_encoder)
+    lora = models.add_lora(unet, rank=4, lora_alpha=4)
+    for module in (unet, vae):  # frozen UNet and VAE in bf16, the text encoders in fp32, as training keeps them
+        for p in module.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)
     both = [text_encoder.text_encoder, text_encoder.text_encoder_2]
 
     def estimate(**kw):
