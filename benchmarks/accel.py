@@ -4,7 +4,7 @@ never turns them on; benchmarks/ours.py applies them around palpcompose.step.tra
 At 512 px and batch 1 an SD-1.5 step is launch-bound: the GPU is busy for a fraction of the wall time while Python
 issues a few thousand small kernels. The levers here remove launches (CUDA graphs, fused AdamW, compiled
 transformer blocks) or pick faster kernels (channels-last convolutions, an SDPA backend). None of them changes the
-math: tests/test_step_equivalence.py checks losses and gradients against the plain eager step. The CUDA graphs
+math: tests/test_benchmarks_accel.py checks losses and gradients against the plain eager step. The CUDA graphs
 reach the step through `GraphedTrainingUNet`, installed as the state's `unet`. See
 docs/performance.md for what each one measured.
 """

@@ -46,7 +46,8 @@ TINY = ArchSpec(
         "down_block_types": ("DownEncoderBlock2D",) * 2, "up_block_types": ("UpDecoderBlock2D",) * 2,
     },
     text={
-        "hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2, "num_hidden_layers": 2, "vocab_size": 1000,
+        "hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2, "num_hidden_layers": 2,
+        "vocab_size": 1000,
     },
     vae_scale_factor=2,
     default_resolution=32,
@@ -83,7 +84,8 @@ SD15 = ArchSpec(
     vae={
         "block_out_channels": (128, 256, 512, 512), "in_channels": 3, "out_channels": 3, "latent_channels": 4,
         "layers_per_block": 2,
-        "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4, "norm_num_groups": 32,
+        "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4,
+        "norm_num_groups": 32,
     },
     text={
         "hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12, "num_hidden_layers": 12,
@@ -228,7 +230,8 @@ def build(spec: ArchSpec, device: str | torch.device, seed: int = 0) -> Models:
     return Models(spec, unet, vae, text_encoder, scheduler, text_encoder_2)
 
 
-def prepare_for_reference(m: Models, dtype: torch.dtype, lora_rank: int = 32, seed: int = 0) -> list[torch.nn.Parameter]:
+def prepare_for_reference(m: Models, dtype: torch.dtype, lora_rank: int = 32,
+                          seed: int = 0) -> list[torch.nn.Parameter]:
     """As diffusers' train_dreambooth_lora.py: freeze all, frozen weights in `dtype`, LoRA on the UNet in fp32.
     Returns the trainable parameters."""
     from peft import LoraConfig

@@ -158,11 +158,13 @@ def run(args: argparse.Namespace) -> dict:
         }
         if device.type == "cuda":
             results[name]["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
-        print(f"{name:28s} {results[name]['images_per_s']:8.3f} images/s  ({results[name]['ms_per_image']:.0f} ms/image,"
+        result = results[name]
+        print(f"{name:28s} {result['images_per_s']:8.3f} images/s  ({result['ms_per_image']:.0f} ms/image,"
               f" warm-up {times[0]:.2f} s)", flush=True)
 
     report = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else f"cpu ({torch.get_num_threads()} threads)"),
         "arch": args.arch, "dtype": dtype_name, "resolution": resolution, "batch": args.batch, "steps": args.steps,
         "scheduler": "dpm++", "torch": torch.__version__, "variants": results,
     }

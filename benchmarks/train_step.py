@@ -144,7 +144,8 @@ def time_variant(make_step, steps: int, warmup: int, device: torch.device, profi
         "cpu_time_median_ms": round(statistics.median(cpu_ms), 3),
         "samples_per_s": round(batch * 1000 / median, 3),
         # Extrapolated, not measured: setup + measured warm-up + the remaining steps at the median step time.
-        "total_500_steps_s_extrapolated": round(setup_s + sum(warmup_ms) / 1000 + (RUN_STEPS - warmup) * median / 1000, 2),
+        "total_500_steps_s_extrapolated": round(
+            setup_s + sum(warmup_ms) / 1000 + (RUN_STEPS - warmup) * median / 1000, 2),
     }
     if device.type == "cuda":
         result["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
@@ -171,7 +172,8 @@ def run(args: argparse.Namespace) -> dict:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
     resolution = args.resolution or spec.default_resolution
     if resolution % (spec.vae_scale_factor * 8):
-        raise UserError(f"--resolution {resolution}: must be a multiple of {spec.vae_scale_factor * 8} for --arch {args.arch}")
+        raise UserError(f"--resolution {resolution}: must be a multiple of {spec.vae_scale_factor * 8} "
+                        f"for --arch {args.arch}")
     if args.subjects < 1 or args.batch < 1:
         raise UserError("--subjects and --batch must be at least 1")
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -217,7 +219,8 @@ def run(args: argparse.Namespace) -> dict:
     shutil.rmtree(tokenizer_dir, ignore_errors=True)
 
     report = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else f"cpu ({torch.get_num_threads()} threads)"),
         "arch": args.arch, "dtype": dtype_name, "resolution": resolution, "batch": args.batch,
         "subjects": args.subjects, "alpha": args.alpha, "beta": args.beta, "torch": torch.__version__,
         "build_s_median": round(statistics.median(build_s), 2),

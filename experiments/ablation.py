@@ -324,12 +324,14 @@ def findings(table: dict) -> list[dict]:
                     "figure": f"step {steps[0]} -> {steps[-1]}: text {_fmt(dt)}, fidelity {_fmt(df)}",
                     "verdict": _verdict(ok, abs(dt[0]) > 2 * dt[1] and abs(df[0]) > 2 * df[1])})
     if {"none", "sds"} <= table.keys():
-        dt, df = _diff(final("sds")["text"], final("none")["text"]), _diff(final("sds")["fidelity"], final("none")["fidelity"])
+        dt = _diff(final("sds")["text"], final("none")["text"])
+        df = _diff(final("sds")["fidelity"], final("none")["fidelity"])
         out.append({"finding": 2, "claim": "SDS raises text alignment but lowers subject fidelity (vs none)",
                     "figure": f"sds - none at the last step: text {_fmt(dt)}, fidelity {_fmt(df)}",
                     "verdict": _verdict(dt[0] > 0 > df[0], dt[0] > 2 * dt[1] and -df[0] > 2 * df[1])})
     if {"none", "palp"} <= table.keys():
-        dt, df = _diff(final("palp")["text"], final("none")["text"]), _diff(final("palp")["fidelity"], final("none")["fidelity"])
+        dt = _diff(final("palp")["text"], final("none")["text"])
+        df = _diff(final("palp")["fidelity"], final("none")["fidelity"])
         out.append({"finding": 3, "claim": f"PALP raises text alignment and keeps subject fidelity (within {MARGIN})",
                     "figure": f"palp - none at the last step: text {_fmt(dt)}, fidelity {_fmt(df)}",
                     "verdict": _verdict(dt[0] > 0 and df[0] > -MARGIN, dt[0] > 2 * dt[1])})
@@ -371,7 +373,8 @@ def plot_curves(table: dict, path: Path) -> None:
             draw.line([x, y0 + panel_h, x, y0 + panel_h + 4], fill="black")
             draw.text((x - 8, y0 + panel_h + 6), str(step), fill="black", font=font)
         for variant, steps in table.items():
-            points = [(x0 + k / max_step * panel_w, y0 + panel_h - v[metric][0] * panel_h) for k, v in sorted(steps.items())]
+            points = [(x0 + k / max_step * panel_w, y0 + panel_h - v[metric][0] * panel_h)
+                      for k, v in sorted(steps.items())]
             draw.line(points, fill=COLORS[variant], width=2)
             for (x, y), (_, v) in zip(points, sorted(steps.items())):
                 err = 2 * v[metric][1] * panel_h
@@ -548,7 +551,8 @@ def main(argv: list[str] | None = None) -> None:
         variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
         unknown = [v for v in variants if v not in VARIANTS]
         if unknown or not variants:
-            raise UserError(f"--variants: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(VARIANTS)}")
+            raise UserError(f"--variants: unknown {', '.join(unknown) or '(none given)'}; "
+                            f"choose from {', '.join(VARIANTS)}")
         if not 1 <= args.prompts <= len(PROMPTS):
             raise UserError(f"--prompts must be between 1 and {len(PROMPTS)}")
         if args.seeds < 1 or args.steps < 1 or args.every < 1:

@@ -2,7 +2,8 @@
 
     python experiments/demo_candidates.py base WORK [NAME]          # every (or one) candidate's prompts, base model
     python experiments/demo_candidates.py train WORK NAME VARIANT   # train one candidate (none or palp), score it
-    python -m experiments.demo_candidates ceiling WORK              # per style: the base model told the subject in words
+    python -m experiments.demo_candidates ceiling WORK              # per style: the base model told the subject
+                                                                    # in words
 
 Each candidate is a two-subject art-inspired composition in the toy world: an object [V1] (five photo-like
 references that may share an ambiance their prompt does not name) and an artwork [V2] (one picture without an

@@ -24,11 +24,25 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from palpcompose import outputs
+from palpcompose.checkpoint import STATE_FILE
+from palpcompose.weights import EMBEDDINGS_FILE, LORA_FILE
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 PY = sys.executable
 SMALL: Path = Path("/nonexistent")  # a 3 MB tmpfs the sweep mounts in its work folder (main() sets it)
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "TRANSFORMERS_VERBOSITY": "error", "OMP_NUM_THREADS": "1"}
+# The out/ files the cases damage, relative to the project folder (outputs.py spells the layout)
+OUT = Path(outputs.OUT_DIR)
+MANIFEST = outputs.manifest_path(OUT).as_posix()
+LOCK = outputs.lock_path(OUT).as_posix()
+CHECKPOINT_STATE = (outputs.checkpoint_dir(OUT) / STATE_FILE).as_posix()
+TRAIN_LOG = outputs.train_log_path(OUT).as_posix()
+FINAL_LORA = (outputs.final_dir(OUT) / LORA_FILE).as_posix()
+FINAL_EMBEDDINGS = (outputs.final_dir(OUT) / EMBEDDINGS_FILE).as_posix()
+FIRST_SNAPSHOT = outputs.snapshot_dir(OUT, 1).as_posix()  # printed by train when it is written
+FIRST_PREVIEW = outputs.preview_path(OUT, 1).as_posix()
 
 
 def cli(*args) -> list[str]:
@@ -108,7 +122,7 @@ def run_case(case: Case, project: Path, work: Path) -> dict:
         background = subprocess.Popen(cli(*fill(case.parallel)), cwd=cwd, env=ENV, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True)
         deadline = time.time() + 60
-        while time.time() < deadline and not (project / "out" / "train.lock").exists():
+        while time.time() < deadline and not (project / LOCK).exists():
             time.sleep(0.2)
     def preexec():
         # A shell without job control starts background commands with SIGINT ignored, and Python keeps an ignored
@@ -252,7 +266,7 @@ def images_key(value: str):
 
 def manifest_field(key: str, value):
     def setup(project: Path, work: Path):
-        path = project / "out" / "manifest.json"
+        path = project / MANIFEST
         data = json.loads(path.read_text())
         if value is _DELETE:
             data.pop(key, None)
@@ -436,18 +450,18 @@ def cases(toy: bool) -> list[Case]:
         ('manifest "images": "x"', manifest_field("images", "x")),
         ('manifest "base_model": null', manifest_field("base_model", None)),
         ("manifest without status", manifest_field("status", _DELETE)),
-        ("manifest is a JSON list", write_file("out/manifest.json", b"[]")),
-        ("manifest truncated", write_file("out/manifest.json", b'{"status": "comp')),
-        ("checkpoint/state.json step = \"x\"", lambda p, w: (p / "out/checkpoint/state.json").write_text(
-            json.dumps({**json.loads((p / "out/checkpoint/state.json").read_text()), "step": "x"}))),
-        ("train.jsonl line not JSON", write_file("out/logs/train.jsonl", b"{oops\n")),
-        ('train.lock {"pid": "abc"}', write_file("out/train.lock", b'{"pid": "abc", "host": "x"}')),
-        ("train.lock is garbage", write_file("out/train.lock", b"\x00\x01garbage")),
+        ("manifest is a JSON list", write_file(MANIFEST, b"[]")),
+        ("manifest truncated", write_file(MANIFEST, b'{"status": "comp')),
+        ("checkpoint/state.json step = \"x\"", lambda p, w: (p / CHECKPOINT_STATE).write_text(
+            json.dumps({**json.loads((p / CHECKPOINT_STATE).read_text()), "step": "x"}))),
+        ("train.jsonl line not JSON", write_file(TRAIN_LOG, b"{oops\n")),
+        ('train.lock {"pid": "abc"}', write_file(LOCK, b'{"pid": "abc", "host": "x"}')),
+        ("train.lock is garbage", write_file(LOCK, b"\x00\x01garbage")),
         ('train.lock {"pid": "abc"} on this host', lambda p, w: write_file(
-            "out/train.lock", json.dumps({"pid": "abc", "host": __import__("socket").gethostname()}).encode())(p, w)),
+            LOCK, json.dumps({"pid": "abc", "host": __import__("socket").gethostname()}).encode())(p, w)),
         ('train.lock {"pid": -1} on this host', lambda p, w: write_file(
-            "out/train.lock", json.dumps({"pid": -1, "host": __import__("socket").gethostname()}).encode())(p, w)),
-        ("train.lock is a folder", lambda p, w: (p / "out" / "train.lock").mkdir()),
+            LOCK, json.dumps({"pid": -1, "host": __import__("socket").gethostname()}).encode())(p, w)),
+        ("train.lock is a folder", lambda p, w: (p / LOCK).mkdir()),
     ]:
         add(Case("train: damaged out/", name, ["train", "{p}", "--resume", "--steps", "3"], setup=setup,
                  expect="2 naming the file and field; weights untouched", timeout=90))
@@ -455,16 +469,16 @@ def cases(toy: bool) -> list[Case]:
         ('manifest "status": 123', manifest_field("status", 123)),
         ('manifest "steps_done": "x"', manifest_field("steps_done", "x")),
         ('manifest "config": []', manifest_field("config", [])),
-        ("manifest is a JSON list", write_file("out/manifest.json", b"[]")),
+        ("manifest is a JSON list", write_file(MANIFEST, b"[]")),
     ]:
         add(Case("train/render: damaged manifest, no --resume", f"train --steps 3, {name}",
                  ["train", "{p}", "--steps", "3"], setup=setup, expect="2 naming the file and field", timeout=90))
         add(Case("train/render: damaged manifest, no --resume", f"render, {name}", ["render", "{p}", "--seeds", "0"],
                  setup=setup, expect="2 naming the file and field, or renders with a warning", timeout=90))
     add(Case("train: damaged out/", "out is a file", ["train", "{p}"], base="untrained",
-             setup=write_file("out", b"x"), expect="2"))
+             setup=write_file(OUT.as_posix(), b"x"), expect="2"))
     add(Case("train: damaged out/", 'lock pid "abc", plain train (new steps)', ["train", "{p}", "--steps", "3"],
-             setup=write_file("out/train.lock", b'{"pid": "abc", "host": "x"}'), expect="2 naming train.lock"))
+             setup=write_file(LOCK, b'{"pid": "abc", "host": "x"}'), expect="2 naming train.lock"))
     add(Case("train: concurrency", "two trains at once", ["train", "{p}", "--steps", "3"], base="untrained",
              parallel=["train", "{p}", "--steps", "40"], expect="2: already training; the first completes",
              timeout=120))
@@ -477,18 +491,18 @@ def cases(toy: bool) -> list[Case]:
     add(Case("train: signals", "SIGINT while loading (0.5 s)", ["train", "{p}"], base="untrained",
              signal_after=(0.5, signal.SIGINT, 1), expect="130, nothing written"))
     add(Case("train: signals", "SIGINT at the first snapshot", ["train", "{p}", "--steps", "30"], base="untrained",
-             signal_after=("out/snapshots/step-000001", signal.SIGINT, 1),
+             signal_after=(FIRST_SNAPSHOT, signal.SIGINT, 1),
              after=["train", "{p}", "--resume", "--steps", "30"], expect="130 with a checkpoint; resume completes",
              timeout=180))
     add(Case("train: signals", "SIGINT twice at the first snapshot", ["train", "{p}", "--steps", "30"],
-             base="untrained", signal_after=("out/snapshots/step-000001", signal.SIGINT, 2),
+             base="untrained", signal_after=(FIRST_SNAPSHOT, signal.SIGINT, 2),
              after=["train", "{p}", "--resume", "--steps", "30"], expect="130; resume from the last checkpoint",
              timeout=180))
     add(Case("train: signals", "SIGTERM at the first snapshot", ["train", "{p}", "--steps", "30"],
-             base="untrained", signal_after=("out/snapshots/step-000001", signal.SIGTERM, 1),
+             base="untrained", signal_after=(FIRST_SNAPSHOT, signal.SIGTERM, 1),
              expect="130 with a checkpoint", timeout=180))
     add(Case("train: signals", "SIGKILL at the first snapshot, then train", ["train", "{p}", "--steps", "30"],
-             base="untrained", signal_after=("out/snapshots/step-000001", signal.SIGKILL, 1),
+             base="untrained", signal_after=(FIRST_SNAPSHOT, signal.SIGKILL, 1),
              after=["train", "{p}", "--resume", "--steps", "30"],
              expect="-9; the stale lock is taken over and the resume completes", timeout=180))
     add(Case("train: disk", "full disk during training", ["train", "{p}", "--steps", "30"], base="untrained",
@@ -527,10 +541,10 @@ def cases(toy: bool) -> list[Case]:
                  ["render", "{p}", *args], expect=expect, timeout=60))
     add(Case("render", "untrained project", ["render", "{p}"], base="untrained", expect="2 (train first)"))
     add(Case("render", "final lora.safetensors truncated", ["render", "{p}", "--seeds", "0"],
-             setup=lambda p, w: (p / "out/weights/final/lora.safetensors").write_bytes(
-                 (p / "out/weights/final/lora.safetensors").read_bytes()[:100]), expect="2 naming the file"))
+             setup=lambda p, w: (p / FINAL_LORA).write_bytes(
+                 (p / FINAL_LORA).read_bytes()[:100]), expect="2 naming the file"))
     add(Case("render", "final lora.safetensors is a pickle", ["render", "{p}", "--seeds", "0"],
-             setup=write_file("out/weights/final/lora.safetensors", b"\x80\x04K\x01."), expect="2, never unpickled"))
+             setup=write_file(FINAL_LORA, b"\x80\x04K\x01."), expect="2, never unpickled"))
     add(Case("render", "palp.toml changed to a wrong type after training", ["render", "{p}", "--seeds", "0"],
              setup=edit_toml("steps = 2", 'steps = "x"'), expect="2 naming the key"))
     add(Case("render", "SIGINT while rendering", ["render", "{p}", "--seeds", "0-7", "--sampling-steps", "50"],
@@ -554,7 +568,7 @@ def cases(toy: bool) -> list[Case]:
              expect="2, the first export untouched"))
     add(Case("export", "embeddings.safetensors has a wrong tensor shape", ["export", "{p}", "--format", "webui",
              "--out", "{w}/e5"], setup=lambda p, w: __import__("safetensors.torch").torch.save_file(
-                 {"x": __import__("torch").zeros(3)}, str(p / "out/weights/final/embeddings.safetensors")),
+                 {"x": __import__("torch").zeros(3)}, str(p / FINAL_EMBEDDINGS)),
              expect="2 naming the file"))
     add(Case("export", "untrained", ["export", "{p}", "--format", "webui", "--out", "{w}/e6"], base="untrained"))
 
@@ -578,18 +592,18 @@ def cases(toy: bool) -> list[Case]:
 
     # report (this branch's command)
     add(Case("report", "no out/ yet", ["report", "{p}"], base="untrained", expect="2 (train first)"))
-    add(Case("report", "manifest truncated", ["report", "{p}"], setup=write_file("out/manifest.json", b"{"),
+    add(Case("report", "manifest truncated", ["report", "{p}"], setup=write_file(MANIFEST, b"{"),
              expect="2 naming the manifest"))
     add(Case("report", "manifest fields of wrong types", ["report", "{p}"],
              setup=chain(manifest_field("status", 123), manifest_field("config", "x")),
              expect="0, the fields named as damaged in the page"))
     add(Case("report", "preview PNG is a FIFO", ["report", "{p}"],
-             setup=lambda p, w: ((p / "out/previews/step-000001.png").unlink(),
-                                 os.mkfifo(p / "out/previews/step-000001.png")),
+             setup=lambda p, w: ((p / FIRST_PREVIEW).unlink(),
+                                 os.mkfifo(p / FIRST_PREVIEW)),
              expect="0 or 2, never blocks", timeout=40))
     add(Case("report", "preview PNG is a decompression bomb", ["report", "{p}"],
              setup=lambda p, w: __import__("PIL.Image").Image.new("1", (30000, 30000)).save(
-                 p / "out/previews/step-000001.png"), expect="0, named as damaged"))
+                 p / FIRST_PREVIEW), expect="0, named as damaged"))
 
     if toy:
         add(Case("toy", "init toy-demo from scratch", ["init", "{w}/toy", "--template", "toy-demo"], base="none",

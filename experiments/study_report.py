@@ -101,7 +101,8 @@ def report(work: Path) -> str:
         lines += ["", "Paired differences of `palp` to its ablations (findings 4 and 5; the cells both ran):", ""]
         lines += paired(runs, variants_of_palp, "palp", steps[1:], reverse=True)
     lines += ["", "Gradient norms w.r.t. the UNet's prediction (train.jsonl; median over steps and runs):", "",
-              "| variant | runs | grad_pers | grad_align | grad_align / grad_pers |", "| --- | ---: | ---: | ---: | ---: |"]
+              "| variant | runs | grad_pers | grad_align | grad_align / grad_pers |",
+              "| --- | ---: | ---: | ---: | ---: |"]
     for v in variants:
         logs = [e for (_, vv, _), r in runs.items() if vv == v for e in r["log"] if "grad_pers" in e]
         if not logs:

@@ -10,7 +10,7 @@ import contextlib
 
 import torch
 
-from palpcompose.errors import UserError
+from palpcompose.errors import WeightsDoNotFit
 from palpcompose.tokens import set_token_embeddings
 from palpcompose.weights import TrainedWeights
 
@@ -38,7 +38,7 @@ def attach_trained_weights(pipe, weights: TrainedWeights, adapter_name: str = AD
     unexpected = list(getattr(result, "unexpected_keys", []) or [])
     missing = [k for k in getattr(result, "missing_keys", []) or [] if ".lora_" in k and adapter_name in k]
     if unexpected or missing:
-        raise UserError(
+        raise WeightsDoNotFit(
             f"the trained LoRA does not fit this base model ({len(unexpected)} unexpected, {len(missing)} missing "
             f"keys, e.g. {(unexpected + missing)[0]}); render with the base model it was trained on"
         )
@@ -62,15 +62,15 @@ def set_lora_scale(unet, scale: float, adapter_name: str = ADAPTER_NAME) -> None
 
 def attach_trained_tokens(pipe, weights: TrainedWeights) -> None:
     """Each learned token into the pipeline's tokenizer and its embedding into the text encoder's input embedding
-    matrix (a token already there gets its row replaced). UserError when the weights are of another model family or
-    another embedding width."""
+    matrix (a token already there gets its row replaced). WeightsDoNotFit when the weights are of another model family
+    or another embedding width."""
     # SDXL: each token into both tokenizers and text encoders, its [clip_l | clip_g] embedding split between them
     pairs = [(pipe.tokenizer, pipe.text_encoder)]
     if getattr(pipe, "text_encoder_2", None) is not None:
         pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
     if len(pairs) != max(len(weights.text_encoder_dims), 1):
         trained, here = ("SDXL", "an SD 1.x/2.x") if weights.text_encoder_dims else ("SD 1.x/2.x", "an SDXL")
-        raise UserError(f"the weights were trained on an {trained} model and this is {here} base model; render "
+        raise WeightsDoNotFit(f"the weights were trained on an {trained} model and this is {here} base model; render "
                         "with the base model they were trained on")
     for i, (tokenizer, text_encoder) in enumerate(pairs):
         set_token_embeddings(tokenizer, text_encoder, {t: weights.per_encoder(t)[i] for t in weights.embeddings})

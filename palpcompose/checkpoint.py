@@ -13,7 +13,7 @@ update), so they are stored once; the RNG states differ per process and are all 
 number of processes continues exactly. A checkpoint from before several processes existed (no "num_processes",
 keys "torch", "data", "cuda.<device>") reads as one process's.
 
-Only the placeholder tokens' rows train (train.py's PlaceholderEmbedding), so the optimizer state is the LoRA's and
+Only the placeholder tokens' rows train (tokens.py's PlaceholderEmbedding), so the optimizer state is the LoRA's and
 those rows' moments: a 49408 x 768 table never bloats a checkpoint. The folder is written next to the old one and
 swapped in with renames, so a crash or an interrupt leaves either the old or the new checkpoint, never half of one.
 """

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from palpcompose import __version__
+from palpcompose.choices import GUIDANCE_MODES, SCHEDULER_NAMES
 from palpcompose.errors import PalpcomposeError, command_line
 
 app = typer.Typer(
@@ -30,6 +31,12 @@ app = typer.Typer(
 )
 console = Console()
 err_console = Console(stderr=True)
+
+
+def _one_of(choices: tuple[str, ...]) -> str:
+    """('a', 'b', 'c') -> 'a, b or c': an option's allowed values in its help."""
+    return f"{', '.join(choices[:-1])} or {choices[-1]}"
+
 
 ProjectDir = Annotated[Path, typer.Argument(metavar="DIR", help="The project folder (holds palp.toml).", show_default=False)]
 # `--step` is the contract's spelling; `--snapshot` says what it picks, next to train's `--steps` (how many to train)
@@ -151,7 +158,7 @@ def train(
     project_dir: ProjectDir,
     steps: Annotated[int | None, typer.Option("--steps", metavar="N", help="Train to N steps in total (default: train.steps).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from out/checkpoint (an interrupted or finished run).")] = False,
-    guidance: Annotated[str | None, typer.Option("--guidance", metavar="MODE", help="palp, sds or none (default: palp.guidance).")] = None,
+    guidance: Annotated[str | None, typer.Option("--guidance", metavar="MODE", help=f"{_one_of(GUIDANCE_MODES)} (default: palp.guidance).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Start a new run even when the weights are up to date or the "
                      "run could be continued; the earlier run is kept in out/runs/<id>/.")] = False,
 ) -> None:
@@ -182,7 +189,7 @@ def render(
     width: Annotated[int | None, typer.Option("--width", metavar="PX", help="Image width in pixels, a multiple of 8 (default: render.width, else train.resolution).")] = None,
     height: Annotated[int | None, typer.Option("--height", metavar="PX", help="Image height in pixels, a multiple of 8 (default: render.height, else train.resolution).")] = None,
     negative_prompt: Annotated[str | None, typer.Option("--negative-prompt", metavar="TEXT", help="Negative prompt (default: render.negative_prompt).")] = None,
-    scheduler: Annotated[str | None, typer.Option("--scheduler", metavar="NAME", help="Sampler: dpm++, ddim or euler-a (default: render.scheduler, dpm++ unless set).")] = None,
+    scheduler: Annotated[str | None, typer.Option("--scheduler", metavar="NAME", help=f"Sampler: {_one_of(SCHEDULER_NAMES)} (default: render.scheduler).")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", metavar="N", help="Images per forward pass; the images do not change (default: render.batch_size).")] = None,
     sweep: Annotated[bool, typer.Option("--sweep", help="Render every snapshot and the final weights in one grid.")] = False,
     compare: Annotated[bool, typer.Option("--compare", help="Render the base model (class words, no LoRA) beside the personalized one.")] = False,

@@ -112,7 +112,7 @@ def data_seed(seed: int, rank: int) -> int:
     """The seed of rank `rank`'s data generator (subjects, images, flips, timesteps, noise).
 
     Rank 0 uses train.seed itself, so a single-process run draws what it always drew. Other ranks get a value
-    derived from (seed, rank) above 2^32, where no train.seed can be (project.py caps it at 2^32 - 1): seed 0 on
+    derived from (seed, rank) above 2^32, where no train.seed can be (project.MAX_SEED caps it at 2^32 - 1): seed 0 on
     rank 1 never replays seed 1 on rank 0, as seed + rank would.
     """
     if rank == 0:

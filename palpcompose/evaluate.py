@@ -263,7 +263,7 @@ def images_from_folder(project, folder: Path) -> list[EvalImage]:
                         "palp.target_prompt; score a folder written by `palpcompose render`")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.name != CONTACT_SHEET_FILE)
     if not files:
-        raise UserError(f"--renders {folder}: no images there (png, jpg, webp)")
+        raise UserError(f"--renders {folder}: no images there ({', '.join(s.lstrip('.') for s in IMAGE_SUFFIXES)})")
     return [EvalImage(p, prompt, None, None, None) for p in files]
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from palpcompose import __version__
-from palpcompose.errors import UserError
+from palpcompose.errors import UserError, WeightsDoNotFit
 from palpcompose.fsutil import atomic_write_files, check_folder_can_be_made, os_error_text, safetensors_bytes
 from palpcompose.outputs import check_trained_for, load_weights, locate_weights, read_manifest, run_out_dir
 from palpcompose.weights import TrainedWeights
@@ -170,7 +170,7 @@ def sgm_key(key: str, layers_per_block: int) -> str:
         return f"lora_unet_middle_block_1_{m[1]}"
     if m := re.match(r"lora_unet_up_blocks_(\d+)_attentions_(\d+)_(.+)", key):
         return f"lora_unet_output_blocks_{int(m[1]) * per_block + int(m[2])}_1_{m[3]}"
-    raise ValueError(f"{key}: not an attention layer of the UNet; palpcompose's LoRA has only those")
+    raise WeightsDoNotFit(f"{key}: not an attention layer of the UNet; palpcompose's LoRA has only those")
 
 
 def _sdxl_layers_per_block(project) -> int:

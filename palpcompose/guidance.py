@@ -15,9 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from palpcompose.choices import GUIDANCE_MODES
 from palpcompose.errors import PalpcomposeError
-
-GUIDANCE_MODES = ("palp", "sds", "none")
 
 
 class NonFiniteError(PalpcomposeError):

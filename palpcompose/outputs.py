@@ -86,6 +86,13 @@ def snapshot_name(step: int) -> str:
     return f"step-{step:06d}"
 
 
+def step_of(name: str) -> int | None:
+    """100 from 'step-000100' (a snapshot folder's name, a preview's stem): snapshot_name's inverse; None for any
+    other name."""
+    m = re.fullmatch(r"step-(\d+)", name)
+    return int(m.group(1)) if m else None
+
+
 def snapshots_dir(out: Path) -> Path:
     return out / SNAPSHOTS_DIR
 
@@ -220,7 +227,7 @@ def _instead_of_damaged(folder: Path) -> str:
 
 class TrainingLock:
     """out/train.lock: {pid, host, started_at} while a `train` runs. A lock whose process is gone (same host) is
-    stale and taken over. Use as a context manager: acquired on entry, removed on exit."""
+    stale and taken over. `acquire` takes it, `release` removes it (train: the main process, train._held_by_main)."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -258,13 +265,6 @@ class TrainingLock:
 
     def release(self) -> None:
         self.path.unlink(missing_ok=True)
-
-    def __enter__(self):
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
 
     def _held(self, info: dict) -> UserError:
         return UserError(
@@ -335,9 +335,9 @@ def snapshot_steps(out: Path) -> list[int]:
     """The steps of every snapshot in `out/snapshots/step-NNNNNN/` that holds weights, ascending."""
     steps = []
     for folder in snapshots_dir(out).glob("step-*"):
-        m = re.fullmatch(r"step-(\d+)", folder.name)
-        if m and (folder / LORA_FILE).is_file():
-            steps.append(int(m.group(1)))
+        step = step_of(folder.name)
+        if step is not None and (folder / LORA_FILE).is_file():
+            steps.append(step)
     return sorted(steps)
 
 

@@ -9,6 +9,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from palpcompose.outputs import previews_dir, train_log_path
+
 
 class TrainingProgress:
     """The loop's progress. On a terminal, a rich bar that fits 80 columns: steps, bar, losses, elapsed, ETA (and the
@@ -70,7 +72,7 @@ def print_summary(console: Console, result, log: list[dict], mode: str) -> None:
         last, first = sum(values[-n:]) / n, sum(values[:n]) / n
         table.add_row(key, f"{last:.4f} (mean of the last {n} step{'s' if n > 1 else ''}; first {n}: {first:.4f})")
     table.add_row("weights", str(result.weights_dir))
-    if (result.out_dir / "previews").is_dir():
-        table.add_row("previews", str(result.out_dir / "previews"))
-    table.add_row("log", str(result.out_dir / "logs" / "train.jsonl"))
+    if previews_dir(result.out_dir).is_dir():
+        table.add_row("previews", str(previews_dir(result.out_dir)))
+    table.add_row("log", str(train_log_path(result.out_dir)))
     console.print(table)

@@ -56,6 +56,7 @@ from palpcompose.outputs import (
     snapshot_steps,
 )
 from palpcompose.project import (
+    MAX_SEED,
     PLACEHOLDER,
     config_prompts,
     count_prompt_tokens,
@@ -129,7 +130,6 @@ class RenderResult:
 # --- seeds and samplers ------------------------------------------------------------------------------
 
 
-MAX_SEED = 2**32 - 1  # render.seeds' upper bound (project.py), the range other tools' seeds use
 MAX_LORA_SCALE = 2.0  # --lora-scale and render.lora_scale: (0, 2]
 
 

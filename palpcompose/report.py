@@ -7,9 +7,9 @@ embedded as data: URIs (large ones downscaled) and link to the full-size file by
 and nothing is fetched (a Content-Security-Policy forbids it), so the page opens in any browser, offline, from a
 copied folder.
 
-    gather(root) -> Report        read out/ (nothing written); UserError when there is nothing to report
-    write_report(root) -> Result  gather + the HTML, written atomically to out/report.html
-    report_parts.py               the generic pieces: SVG plots, data: URI images, style sheet, CSP
+    report_data.gather(root) -> Report   read out/ (nothing written); UserError when there is nothing to report
+    write_report(root) -> Result         gather + the HTML, written atomically to out/report.html
+    report_parts.py                      the generic pieces: SVG plots, data: URI images, style sheet, CSP
 
 Damaged files (not JSON, wrong field types, unreadable images) are named in the page and skipped; only a damaged
 out/manifest.json of the current run stops the command (exit 2), as it does for render and export.
@@ -19,30 +19,23 @@ from __future__ import annotations
 
 import html
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 from palpcompose import __version__
-from palpcompose.errors import DamagedFile, UserError, command_line
+from palpcompose.errors import UserError, command_line
 from palpcompose.fsutil import atomic_write_text, os_error_text
-
-# The readers of out/ (one import line: they are moving to palpcompose.outputs).
-from palpcompose.outputs import (
-    LOCK_FILE,
-    MANIFEST_FILE,
-    RENDER_INDEX_FILE,
-    RENDERS_DIR,
-    TrainingLock,
-    eval_path,
-    final_dir,
-    previews_dir,
-    read_json,
-    read_jsonl,
-    renders_dir,
-    runs_dir,
-    snapshots_dir,
-    train_log_path,
+from palpcompose.report_data import (
+    MISSING,
+    UNKNOWN,
+    Marker,
+    RenderView,
+    Report,
+    RunView,
+    differing_settings,
+    flatten,
+    gather,
 )
 from palpcompose.report_parts import CSP, STYLE, finite, fmt, image_data_uri, svg_plot
 
@@ -51,13 +44,6 @@ MAX_PREVIEW_PX = 1024  # longest side of an embedded preview grid or contact she
 MAX_IMAGE_PX = 512  # longest side of an embedded single render
 MAX_LOOSE_IMAGES = 24  # a render folder without a contact sheet shows at most this many of its images
 
-# What the manifest's fields should be; a field of another type is named in the page as damaged and not used.
-MANIFEST_FIELDS: dict[str, tuple[type, ...]] = {
-    "status": (str,), "guidance": (str,), "steps_done": (int,), "steps_target": (int,), "started_at": (str,),
-    "finished_at": (str, type(None)), "wall_time_s": (int, float), "device": (str,), "config": (dict,),
-    "base_model": (dict,), "palpcompose_version": (str,), "num_processes": (int,), "effective_batch_size": (int,),
-    "images": (dict,), "tokens": (dict,), "git": (dict, type(None)),
-}
 LOG_TERMS = (  # (key or (numerator, denominator), title, what it is)
     ("loss_pers", "loss_pers", "personalization loss (denoising the reference images)"),
     ("loss_align", "loss_align", "PALP alignment term (score sampling towards the clean prompt)"),
@@ -72,51 +58,6 @@ COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c
 
 
 @dataclass
-class Preview:
-    step: int
-    path: Path
-    legend: dict | None
-
-
-@dataclass
-class RunView:
-    """One training run: the current one in out/, or a kept one in out/runs/<id>/."""
-
-    id: str  # "current" or the kept folder's name
-    folder: Path
-    manifest: dict = field(default_factory=dict)  # only the fields of the expected types
-    log: list[dict] = field(default_factory=list)
-    previews: list[Preview] = field(default_factory=list)
-    snapshots: list[tuple[int, Path]] = field(default_factory=list)
-    final: Path | None = None
-    live: dict | None = None  # the training lock's holder while a train runs
-
-    @property
-    def title(self) -> str:
-        return "current run (out/)" if self.id == "current" else f"kept run {self.id}"
-
-
-@dataclass
-class RenderView:
-    name: str
-    folder: Path
-    info: dict  # render.json
-    eval: dict | None  # the folder's eval.json
-    sheet: Path | None
-    images: list[Path]
-
-
-@dataclass
-class Report:
-    root: Path
-    out: Path
-    runs: list[RunView]
-    renders: list[RenderView]
-    latest_eval: dict | None  # out/eval.json when its render folder is not one of `renders`
-    damaged: list[tuple[Path, str]]
-
-
-@dataclass
 class ReportResult:
     path: Path
     runs: int
@@ -124,203 +65,6 @@ class ReportResult:
     images: int
     size: int
     damaged: list[tuple[Path, str]]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Reading out/ (nothing is written)
-
-
-def gather(root: Path) -> Report:
-    """Everything the page shows, read from DIR/out/. UserError when DIR is no project or holds nothing to show."""
-    root = Path(root)
-    _check_project_folder(root)
-    out = root / "out"
-    train_first = f"train first: `{command_line('palpcompose', 'train', root)}`"
-    if not out.is_dir():
-        what = "is not a folder" if out.exists() else "does not exist yet"
-        raise UserError(f"{out} {what}: there is nothing to report; {train_first}")
-    damaged: list[tuple[Path, str]] = []
-    runs: list[RunView] = []
-    if (out / MANIFEST_FILE).exists() or (out / MANIFEST_FILE).is_symlink():
-        if _not_a_file(out / MANIFEST_FILE, damaged):
-            path, reason = damaged.pop()
-            raise DamagedFile(path, reason, f"move it away; `{command_line('palpcompose', 'train', root, '--resume')}`"
-                              " rewrites it from the checkpoint")
-        try:
-            manifest = read_json(out / MANIFEST_FILE, strict=True)
-        except DamagedFile as exc:
-            raise exc.with_options(
-                f"`{command_line('palpcompose', 'train', root, '--resume')}` rewrites it from the checkpoint, or "
-                f"`{command_line('palpcompose', 'train', root, '--force')}` starts a new run (this one is kept in "
-                "out/runs/)") from None
-        runs.append(_read_run("current", out, manifest, damaged))
-    kept = sorted((p for p in runs_dir(out).iterdir() if p.is_dir()), key=lambda p: p.name, reverse=True) \
-        if runs_dir(out).is_dir() else []
-    for folder in kept:
-        runs.append(_read_run(folder.name, folder, _read_json(folder / MANIFEST_FILE, damaged), damaged))
-    renders = [_read_render(out, folder, damaged) for folder in _render_folders(out)]
-    if not runs and not renders:
-        raise UserError(f"{out} holds no training run and no renders: there is nothing to report; {train_first}")
-    latest = _read_json(eval_path(out), damaged)
-    # shown with its render folder (matched by its place in out/: the project may have been moved since)
-    scored = str((latest or {}).get("renders")).rpartition("/out/")[2]
-    if latest is not None and any(r.folder.relative_to(out).as_posix() == scored for r in renders):
-        latest = None
-    return Report(root, out, runs, renders, latest, damaged)
-
-
-def _check_project_folder(root: Path) -> None:
-    init = f"create a project with `{command_line('palpcompose', 'init', root)}`"
-    if not root.exists():
-        raise UserError(f"{root}: no such folder; give a project folder (the one holding palp.toml)")
-    if not root.is_dir():
-        raise UserError(f"{root} is a file, not a project folder; give the folder holding palp.toml")
-    toml = root / "palp.toml"
-    if not toml.exists() and not toml.is_symlink():
-        raise UserError(f"{root} is not a palpcompose project (it has no palp.toml); {init}, or give the folder "
-                        "holding palp.toml")
-    if not toml.is_file():
-        kind = "a folder" if toml.is_dir() else "a broken link" if not toml.exists() else "not a regular file"
-        raise UserError(f"{toml} is {kind}; a project's palp.toml must be a regular file")
-
-
-def _read_json(path: Path, damaged: list) -> dict | None:
-    """A JSON object, or None when missing; a damaged file is recorded in `damaged` (and None). A FIFO or folder
-    in its place is damaged too, and never opened (reading a FIFO would block)."""
-    if _not_a_file(path, damaged):
-        return None
-    try:
-        return read_json(path, strict=True)
-    except DamagedFile as exc:
-        damaged.append((path, exc.reason))
-        return None
-
-
-def _not_a_file(path: Path, damaged: list) -> bool:
-    """True (and recorded as damaged) when something that is not a regular file stands at `path`."""
-    if path.is_symlink() and not path.exists():
-        damaged.append((path, "a broken link"))
-        return True
-    if path.exists() and not path.is_file():
-        damaged.append((path, "a folder, not a file" if path.is_dir() else "not a regular file (a FIFO or device)"))
-        return True
-    return False
-
-
-def _read_run(run_id: str, folder: Path, manifest: dict | None, damaged: list) -> RunView:
-    run = RunView(run_id, folder)
-    path = folder / MANIFEST_FILE
-    if manifest is None and not path.exists():
-        damaged.append((path, "missing: the run's settings are unknown"))
-    for key, value in (manifest or {}).items():
-        types = MANIFEST_FIELDS.get(key)
-        if types is None or (isinstance(value, types) and not (isinstance(value, bool) and bool not in types)):
-            run.manifest[key] = value
-        else:
-            expected = " or ".join("null" if t is type(None) else t.__name__ for t in types)
-            damaged.append((path, f"field {key!r} is {json.dumps(value)[:40]}, not {expected}; not shown"))
-    try:
-        if not _not_a_file(train_log_path(folder), damaged):
-            run.log = read_jsonl(train_log_path(folder))
-    except DamagedFile as exc:
-        damaged.append((exc.path, exc.reason + "; the curves are not shown"))
-    except OSError as exc:
-        damaged.append((train_log_path(folder), os_error_text(exc)))
-    for png in sorted(previews_dir(folder).glob("step-*.png")):
-        step = _step_of(png.stem)
-        if step is not None:
-            legend = _read_json(png.with_suffix(".json"), damaged)
-            run.previews.append(Preview(step, png, legend))
-    for snap in sorted(snapshots_dir(folder).glob("step-*")):
-        step = _step_of(snap.name)
-        if step is not None and snap.is_dir():
-            run.snapshots.append((step, snap))
-    final = final_dir(folder)
-    run.final = final if (final / "lora.safetensors").is_file() else None
-    if run_id == "current" and (folder / LOCK_FILE).exists():
-        try:
-            run.live = TrainingLock(folder / LOCK_FILE).holder()
-        except (TypeError, ValueError, AttributeError):
-            damaged.append((folder / LOCK_FILE, "not a lock of palpcompose (pid, host, started_at)"))
-    return run
-
-
-def _step_of(name: str) -> int | None:
-    digits = name.removeprefix("step-")
-    return int(digits) if digits.isdigit() else None
-
-
-def _render_folders(out: Path) -> list[Path]:
-    folders = [p for p in sorted(renders_dir(out).glob("*")) if p.is_dir()]
-    for kept in sorted(runs_dir(out).glob(f"*/{RENDERS_DIR}")):
-        folders += [p for p in sorted(kept.glob("*")) if p.is_dir()]
-    return folders
-
-
-def _read_render(out: Path, folder: Path, damaged: list) -> RenderView:
-    info = _read_json(folder / RENDER_INDEX_FILE, damaged) or {}
-    evaluation = _read_json(eval_path(folder), damaged)
-    sheet = folder / "contact-sheet.png"
-    images = sorted(p for p in folder.glob("*.png") if p.name != sheet.name)
-    name = folder.relative_to(out).as_posix().removeprefix("renders/")
-    return RenderView(name, folder, info, evaluation, sheet if sheet.is_file() else None, images)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The settings that differ between runs
-
-
-def _flatten(value, prefix: str = "") -> dict[str, object]:
-    if isinstance(value, dict):
-        flat = {}
-        for key, sub in value.items():
-            flat.update(_flatten(sub, f"{prefix}.{key}" if prefix else str(key)))
-        return flat
-    return {prefix: value}
-
-
-def run_settings(run: RunView) -> dict[str, object]:
-    """The settings of a run as flat `table.key` names: the resolved config and what else decides its weights."""
-    m = run.manifest
-    flat = _flatten(m.get("config", {}))
-    flat["guidance (run)"] = m.get("guidance")
-    flat["base model identity"] = (m.get("base_model") or {}).get("identity")
-    flat["processes"] = m.get("num_processes")
-    images = m.get("images")
-    if isinstance(images, dict):
-        digest = json.dumps(sorted(images.items()), default=str)
-        import hashlib
-
-        flat["reference images"] = f"{len(images)} images, sha256 {hashlib.sha256(digest.encode()).hexdigest()[:12]}"
-    return flat
-
-
-def differing_settings(runs: list[RunView]) -> list[tuple[str, list[object]]]:
-    """(name, [value per run]) for each setting whose value is not the same in every run with a manifest."""
-    known = [r for r in runs if r.manifest]
-    if len(known) < 2:
-        return []
-    settings = [run_settings(r) for r in runs]
-    names = sorted({name for s, r in zip(settings, runs, strict=True) if r.manifest for name in s})
-    rows = []
-    for name in names:
-        values = [s.get(name, _MISSING) if r.manifest else _UNKNOWN for s, r in zip(settings, runs, strict=True)]
-        seen = {json.dumps(v, sort_keys=True, default=str) for v, r in zip(values, runs, strict=True) if r.manifest}
-        if len(seen) > 1:
-            rows.append((name, values))
-    return rows
-
-
-class _Marker:
-    def __init__(self, text: str):
-        self.text = text
-
-    def __repr__(self) -> str:
-        return self.text
-
-
-_MISSING = _Marker("(not set)")
-_UNKNOWN = _Marker("(unknown)")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -386,7 +130,7 @@ class _Page:
 
 
 def _value(value) -> str:
-    if isinstance(value, _Marker):
+    if isinstance(value, Marker):
         return f'<span class="muted">{html.escape(value.text)}</span>'
     text = value if isinstance(value, str) else json.dumps(value, default=str)
     return html.escape(text)
@@ -422,14 +166,14 @@ def _runs_section(page: _Page, runs: list[RunView], colors: dict[str, str]) -> N
     page.add("<h2>Runs side by side</h2>")
     rows = [
         ("status", lambda r: _status(r)),
-        ("guidance", lambda r: _value(r.manifest.get("guidance", _UNKNOWN))),
+        ("guidance", lambda r: _value(r.manifest.get("guidance", UNKNOWN))),
         ("steps done / target", lambda r: html.escape(_steps(r))),
-        ("started", lambda r: _value(r.manifest.get("started_at", _UNKNOWN))),
-        ("finished", lambda r: _value(r.manifest.get("finished_at") or _MISSING)),
+        ("started", lambda r: _value(r.manifest.get("started_at", UNKNOWN))),
+        ("finished", lambda r: _value(r.manifest.get("finished_at") or MISSING)),
         ("wall time", lambda r: _value(f"{r.manifest['wall_time_s']:.1f} s" if "wall_time_s" in r.manifest
-                                       else _UNKNOWN)),
-        ("device", lambda r: _value(r.manifest.get("device", _UNKNOWN))),
-        ("base model", lambda r: _value((r.manifest.get("base_model") or {}).get("spec", _UNKNOWN))),
+                                       else UNKNOWN)),
+        ("device", lambda r: _value(r.manifest.get("device", UNKNOWN))),
+        ("base model", lambda r: _value((r.manifest.get("base_model") or {}).get("spec", UNKNOWN))),
         ("loss_pers", lambda r: html.escape(_last_mean(r, "loss_pers"))),
         ("loss_align", lambda r: html.escape(_last_mean(r, "loss_align"))),
         ("previews / snapshots", lambda r: f"{len(r.previews)} / {len(r.snapshots)}"),
@@ -459,7 +203,7 @@ def _runs_section(page: _Page, runs: list[RunView], colors: dict[str, str]) -> N
     for run in runs:
         if run.manifest.get("config"):
             page.add(f"<details><summary>resolved settings of {html.escape(run.title)}</summary><table>")
-            for name, value in _flatten(run.manifest["config"]).items():
+            for name, value in flatten(run.manifest["config"]).items():
                 page.add(f"<tr><th><code>{html.escape(name)}</code></th><td>{_value(value)}</td></tr>")
             page.add("</table></details>")
 
@@ -499,7 +243,8 @@ def _run_section(page: _Page, run: RunView, color: str) -> None:
                 page.add(f'<p class="muted">Columns: seeds {html.escape(", ".join(map(str, seeds)))}</p>')
         page.add('<div class="strip">')
         for preview in run.previews:
-            page.add(page.image(preview.path, f"step {preview.step}", MAX_PREVIEW_PX, f"preview at step {preview.step}"))
+            caption = f"step {preview.step}"
+            page.add(page.image(preview.path, caption, MAX_PREVIEW_PX, f"preview at step {preview.step}"))
         page.add("</div>")
     else:
         page.add('<p class="muted">No previews (train.preview_every = 0, or none written yet).</p>')
@@ -553,8 +298,8 @@ def _num(value) -> str:
 def _render_section(page: _Page, renders: list[RenderView], runs: list[RunView], latest: dict | None) -> None:
     page.add("<h2>Renders and eval scores</h2>")
     if not renders:
-        page.add(f'<p class="muted">No renders yet: `{html.escape(command_line("palpcompose", "render", page.report.root))}`'
-                 "</p>")
+        render_command = command_line("palpcompose", "render", page.report.root)
+        page.add(f'<p class="muted">No renders yet: `{html.escape(render_command)}`</p>')
     started = {r.manifest.get("started_at"): r for r in runs if r.manifest.get("started_at")}
     for view in renders:
         info = view.info
@@ -569,7 +314,7 @@ def _render_section(page: _Page, renders: list[RenderView], runs: list[RunView],
         elif labels == ["base"]:
             weights = "the base model"
         else:
-            weights = f"a run started {_value(training.get('started_at', _UNKNOWN))} (no longer in out/)"
+            weights = f"a run started {_value(training.get('started_at', UNKNOWN))} (no longer in out/)"
         page.add(f'<h3 id="render-{html.escape(view.name, quote=True)}">{html.escape(view.name)} '
                  f'<span class="badge">{html.escape(kind)}</span></h3>')
         settings = info.get("settings") if isinstance(info.get("settings"), dict) else {}

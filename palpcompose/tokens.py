@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from palpcompose.errors import UserError
+from palpcompose.errors import UserError, WeightsDoNotFit
 
 
 def add_tokens(tokenizer, text_encoder, tokens: list[str]) -> dict[str, int]:
@@ -49,14 +49,14 @@ def add_placeholder_tokens(tokenizer, text_encoder, tokens: dict[str, str], init
 
 def set_token_embeddings(tokenizer, text_encoder, vectors: dict[str, torch.Tensor]) -> None:
     """Put trained embeddings back: each token of `vectors` (token -> (D,)) in the tokenizer, added if it is new, and
-    its row of the text encoder's table set to its vector. Raises UserError when a vector's width is not the table's
-    (weights trained on another base model)."""
+    its row of the text encoder's table set to its vector. Raises WeightsDoNotFit when a vector's width is not the
+    table's (weights trained on another base model)."""
     ids = add_tokens(tokenizer, text_encoder, list(vectors))
     table = text_encoder.get_input_embeddings().weight
     with torch.no_grad():
         for token, vector in vectors.items():
             if vector.numel() != table.shape[1]:
-                raise UserError(
+                raise WeightsDoNotFit(
                     f"the embedding of {token} has {vector.numel()} values but this base model's text encoder "
                     f"uses {table.shape[1]}; render with the base model it was trained on"
                 )

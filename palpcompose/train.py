@@ -28,6 +28,7 @@ from palpcompose.data import SubjectData, encode_subject, sample_batch
 from palpcompose.errors import Interrupted, ProjectError, UserError, command_line
 from palpcompose.guidance import NonFiniteError, guidance_config
 from palpcompose.memory import OutOfMemory, estimate_training_memory, out_of_memory_message
+from palpcompose.outputs import checkpoint_dir, lock_path
 from palpcompose.previews import (
     PREVIEW_MAX_STEPS,
     PREVIEW_SEEDS,
@@ -38,7 +39,7 @@ from palpcompose.previews import (
 )
 from palpcompose.progress import TrainingProgress, print_summary
 from palpcompose.project import config_prompts, load_project, too_long_problems
-from palpcompose.run import LOCK_FILE, Plan, RunRecord, TrainingLock, git_state, make_plan, now
+from palpcompose.run import Plan, RunRecord, TrainingLock, git_state, make_plan, now
 from palpcompose.step import (
     EMBEDDING_WEIGHT_DECAY,
     LORA_WEIGHT_DECAY,
@@ -102,7 +103,7 @@ def train(project, *, steps: int | None = None, resume: bool = False, guidance: 
         console.print(plan.notice, highlight=False, markup=False, soft_wrap=True)
     record = RunRecord(plan.out, new_manifest(plan, accelerator), writer=main)
     memory: dict = {}  # the estimate printed before training, for an out-of-memory message
-    with _held_by_main(TrainingLock(plan.out / LOCK_FILE), accelerator), _stop_requests() as stop:
+    with _held_by_main(TrainingLock(lock_path(plan.out)), accelerator), _stop_requests() as stop:
         try:
             state, subjects, generator = setup(plan, record, components, accelerator, console,
                                                [precision_notice], memory)
@@ -112,7 +113,7 @@ def train(project, *, steps: int | None = None, resume: bool = False, guidance: 
             record.mark(status="failed", finished_at=now())
             raise OutOfMemory(out_of_memory_message(
                 plan.config, mixed_precision, record.manifest["device"], record.step, record.checkpoint_step,
-                plan.out / "checkpoint", memory.get("estimate"))) from None
+                checkpoint_dir(plan.out), memory.get("estimate"))) from None
         except KeyboardInterrupt:  # a second Ctrl-C (the first one stops after the step): at once, no new checkpoint
             raise _stopped_at_once(plan, record) from None
         except BaseException as exc:
@@ -182,7 +183,7 @@ def loop(plan: Plan, record: RunRecord, state: TrainState, subjects: list[Subjec
                     kept = (f"the last good snapshot is {record.last_snapshot}" if record.last_snapshot
                             else "no snapshot yet")
                     raise NonFiniteError(f"stopped at step {record.step + 1}: {exc}. {kept}; the last checkpoint in "
-                                         f"{plan.out / 'checkpoint'} is untouched") from None
+                                         f"{checkpoint_dir(plan.out)} is untouched") from None
             losses = distributed.mean(state.accelerator, losses)
             record.step += 1
             step = record.step

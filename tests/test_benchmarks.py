@@ -213,7 +213,8 @@ def test_toy_arch_has_the_builtin_toy_shapes():
     def count(module):
         return sum(p.numel() for p in module.parameters())
 
-    assert (count(ours.unet), count(ours.vae), count(ours.text_encoder)) == (count(unet), count(vae), count(text_encoder))
+    assert ((count(ours.unet), count(ours.vae), count(ours.text_encoder))
+            == (count(unet), count(vae), count(text_encoder)))
     assert ours.unet.config.sample_size * archs.TOY.vae_scale_factor == archs.TOY.default_resolution
 
 

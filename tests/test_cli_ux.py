@@ -1,4 +1,4 @@
-"""Everyday friction a new user meets on the command line (issue 12): what `init` says, option names, --help,
+"""Everyday friction a new user meets on the command line: what `init` says, option names, --help,
 quoted paths in hints, and messages that name what is wrong."""
 
 from __future__ import annotations
@@ -180,9 +180,11 @@ def test_toy_sampling_defaults_are_the_ones_toyworld_md_recommends():
     # template that still sets a guidance scale must cite that page too
     from palpcompose.models import TOY_DEFAULTS
 
-    found = re.search(r"Recommended sampling: (\d+) steps, guidance scale ([\d.]+)", (REPO / "docs/toyworld.md").read_text())
+    found = re.search(r"Recommended sampling: (\d+) steps, guidance scale ([\d.]+)",
+                      (REPO / "docs/toyworld.md").read_text())
     assert (TOY_DEFAULTS["render.steps"], TOY_DEFAULTS["render.guidance_scale"]) == (int(found[1]), float(found[2]))
-    assert "docs/toyworld.md" in (REPO / "palpcompose/models/defaults.py").read_text().split("TOY_DEFAULTS = {", 1)[1][:600]
+    defaults = (REPO / "palpcompose/models/defaults.py").read_text()
+    assert "docs/toyworld.md" in defaults.split("TOY_DEFAULTS = {", 1)[1][:600]
     for line in (REPO / "templates/toy-demo/palp.toml").read_text().splitlines():
         if line.startswith("guidance_scale"):
             assert "docs/toyworld.md" in line
@@ -192,7 +194,8 @@ def test_toyworld_and_evaluation_count_a_placeholder_prompt_the_same_way():
     # both pages: "a sketch of [V1] at night" with [V1] a star names three elements
     for page in ("toyworld.md", "evaluation.md"):
         text = " ".join((REPO / "docs" / page).read_text().split())
-        assert re.search(r"a sketch of \[V1\] at night[`\"]? with `?\[V1\]`? a star (names|has) three elements", text), page
+        assert re.search(r"a sketch of \[V1\] at night[`\"]? with `?\[V1\]`? a star (names|has) three elements",
+                         text), page
 
 
 def test_refs_readmes_do_not_ask_to_create_the_folders_init_made():

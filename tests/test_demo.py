@@ -1,4 +1,4 @@
-"""scripts/demo's comparison (issue 11, part 3): the baseline project differs from the demo project only in its
+"""scripts/demo's comparison: the baseline project differs from the demo project only in its
 guidance, and the compare sheet shows each run's final renders under its own eval caption. Tiny pipeline, fast."""
 
 from __future__ import annotations
@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import set_in_toml
 from test_render_fixtures import make_project, random_weights, write_manifest
 
 from palpcompose.project import load_project
-from palpcompose.toyworld import demo
+from palpcompose.toyworld import demo_compare as demo
 from palpcompose.weights import save_trained_weights
 
 
@@ -22,8 +23,7 @@ def test_baseline_project_differs_only_in_guidance(tmp_path, tiny_pipeline_dir):
     assert theirs.to_dict() == {**mine.to_dict(), "palp": {**mine.to_dict()["palp"], "guidance": "none"}}
     assert (baseline / "refs" / "cat.png").read_bytes() == (root / "refs" / "cat.png").read_bytes()
     # an explicit guidance line is replaced, not duplicated
-    text = (root / "palp.toml").read_text().replace("[palp]\n", '[palp]\nguidance = "sds"\n')
-    (root / "palp.toml").write_text(text)
+    set_in_toml(root, "[palp]\n", '[palp]\nguidance = "sds"\n')
     assert load_project(demo.make_baseline(root)).config.palp.guidance == "none"
 
 
@@ -47,9 +47,8 @@ def test_compare_sheet_puts_each_runs_renders_under_its_guidance(tmp_path, tiny_
     from PIL import Image
 
     root = make_project(tmp_path / "demo", tiny_pipeline_dir)
-    text = (root / "palp.toml").read_text().replace('class_name = "cat"', 'class_name = "star"')
-    (root / "palp.toml").write_text(text.replace('target_prompt = "an oil painting of',
-                                                 'target_prompt = "a sketch of'))  # words the oracle reads
+    set_in_toml(root, 'class_name = "cat"', 'class_name = "star"')
+    set_in_toml(root, 'target_prompt = "an oil painting of', 'target_prompt = "a sketch of')  # words the oracle reads
     baseline = demo.make_baseline(root)
     runs = [scored_run(root, tiny_pipeline_dir, "palp", 2), scored_run(baseline, tiny_pipeline_dir, "none", 3)]
     assert demo.latest_run(root) == runs[0] and demo.latest_run(baseline) == runs[1]

@@ -144,7 +144,8 @@ def test_two_processes_train_like_one_then_resume_and_stop_together_on_sigint(ma
 
     # One process cannot continue a run of two (other effective batch, other draws): exit 2, nothing written
     before = (out / "manifest.json").read_text()
-    with pytest.raises(UserError, match=r"written by a run of 2 processes, this one has 1.*torchrun --nproc_per_node 2"):
+    with pytest.raises(UserError,
+                       match=r"written by a run of 2 processes, this one has 1.*torchrun --nproc_per_node 2"):
         train(root, resume=True, console=Console(file=io.StringIO()))
     assert (out / "manifest.json").read_text() == before
 

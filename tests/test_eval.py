@@ -1,4 +1,4 @@
-"""`eval`: oracle and CLIP metrics, out/eval.json, --renders, and bad input exiting 2 with nothing written (issue 6)."""
+"""`eval`: oracle and CLIP metrics, out/eval.json, --renders, and bad input exiting 2 with nothing written."""
 
 from __future__ import annotations
 
@@ -368,7 +368,8 @@ def test_bad_input_exits_2_and_writes_nothing(case, tmp_path, tiny_pipeline_dir,
     elif case == "bad-clip":
         args = ["eval", root, "--clip", tmp_path / "nowhere"]
     elif case == "no-toy-words":
-        text = re.sub(r'target_prompt = ".*"', 'target_prompt = "an oil painting of [V2]"', (root / "palp.toml").read_text())
+        text = re.sub(r'target_prompt = ".*"', 'target_prompt = "an oil painting of [V2]"',
+                      (root / "palp.toml").read_text())
         (root / "palp.toml").write_text(text)
     elif case == "clip-and-oracle":
         args += ["--clip", tmp_path]

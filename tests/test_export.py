@@ -1,4 +1,4 @@
-"""`export`: every exported file loads in plain diffusers and renders what palpcompose renders (issue 4)."""
+"""`export`: every exported file loads in plain diffusers and renders what palpcompose renders."""
 
 from __future__ import annotations
 

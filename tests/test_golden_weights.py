@@ -66,16 +66,10 @@ def test_tiny_sd_run_weights_are_unchanged(make_project, run_cli, one_thread):
 
 
 def test_tiny_sdxl_run_weights_are_unchanged(tmp_path, tiny_sdxl_pipeline_dir, run_cli, one_thread):
-    from conftest import _merge, default_project_config, to_toml, write_test_image
+    from conftest import write_project
 
-    config = _merge(default_project_config(str(tiny_sdxl_pipeline_dir)), TWO_SUBJECTS)
-    config["train"]["resolution"] = 32
-    root = tmp_path / "xl"
-    root.mkdir()
-    (root / "palp.toml").write_text(to_toml(config))
-    for i, key in enumerate(config["subjects"]):
-        for j in range(3):
-            write_test_image(root / "refs" / key / f"{j}.png", seed=1000 * i + j, size=32)
+    overrides = {**TWO_SUBJECTS, "train": {**TWO_SUBJECTS["train"], "resolution": 32}}
+    root = write_project(tmp_path / "xl", tiny_sdxl_pipeline_dir, overrides, image_size=32)
     result = run_cli("train", root)
     assert result.code == 0, result.err
     _check("tiny-sdxl-palp-3-steps", root / "out" / "weights" / "final")

@@ -11,26 +11,24 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import prepared_state, step_runner
 
-from benchmarks import accel, archs
-from benchmarks.ours import make_engine_step
 from palpcompose.guidance import PalpGuidance
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-RESOLUTION = 16
+BATCH = 2
 
 
-def engine(tmp_path, mode: str, weight: float = 1.0):
-    m = archs.build(archs.TINY, "cpu", seed=0)
-    tokenizer = archs.make_tokenizer(archs.TINY, tmp_path / "tok")
-    pixels = torch.rand(2, 3, RESOLUTION, RESOLUTION, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    state, step = make_engine_step(m, tokenizer, mode, accel.AccelOptions(), pixels)
+def engine(make_project, mode: str, weight: float = 1.0):
+    """The training step of a tiny project (the same images, seeds and batches whatever `mode`), its LoRA random."""
+    root = make_project({"train": {"batch_size": BATCH}}, dirname=f"{mode}-{weight}")
+    state, subjects = prepared_state(root, mode)
     state.guidance = PalpGuidance(dataclasses.replace(state.guidance.config, weight=weight))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in state.lora_params:  # B = 0 at init would make the adapter a no-op
             p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return state, step
+    return state, step_runner(state, subjects, BATCH)
 
 
 def prediction_grads(state) -> list[torch.Tensor]:
@@ -47,9 +45,9 @@ def prediction_grads(state) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("weight", [1.0, 3.0])
-def test_logged_gradient_norms_are_the_terms_gradients_on_the_prediction(tmp_path, weight):
-    plain, plain_step = engine(tmp_path / "a", "none")
-    palp, palp_step = engine(tmp_path / "b", "palp", weight=weight)
+def test_logged_gradient_norms_are_the_terms_gradients_on_the_prediction(make_project, weight):
+    plain, plain_step = engine(make_project, "none")
+    palp, palp_step = engine(make_project, "palp", weight=weight)
     plain_grads, palp_grads = prediction_grads(plain), prediction_grads(palp)
     logged_plain, logged_palp = plain_step(), palp_step()  # one step: after it the two models differ
     # the last gradient the prediction received is the step's backward pass (any earlier ones are the logging's)

@@ -1,4 +1,4 @@
-"""The guidance terms with tiny tensors and a toy network (issue 3, items a, b and d; c is in test_models.py)."""
+"""The guidance terms with tiny tensors and a toy network (the LoRA's fp32 and frozen branch: test_models.py)."""
 
 import math
 from dataclasses import fields, replace

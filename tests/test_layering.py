@@ -2,10 +2,10 @@
 
 Every module's imports are read with `ast`, those inside functions (and under `if TYPE_CHECKING:`) included: an
 import hidden in a function is still a dependency, and a cycle through one still means two modules that cannot be
-understood apart. (palpcompose imports no module by name at run time, with importlib; such an import would not count.) LAYERS is the one
-source of the layering; docs/architecture.md draws it. A module may import modules of its own layer or of lower
-ones; an import of a higher layer fails, naming the file:line and the import. A module in no layer fails too, so a
-new module gets a place in the table when it is written.
+understood apart. (palpcompose imports no module by name at run time, with importlib; such an import would not
+count.) LAYERS is the one source of the layering; docs/architecture.md draws it. A module may import modules of
+its own layer or of lower ones; an import of a higher layer fails, naming the file:line and the import. A module in
+no layer fails too, so a new module gets a place in the table when it is written.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("errors", ("palpcompose", "palpcompose.errors")),
     ("files", ("palpcompose.fsutil",)),
     ("facts", (  # formats and pure functions, each of one job; they know nothing of a project
-        "palpcompose.images", "palpcompose.placeholders",
+        "palpcompose.choices", "palpcompose.images", "palpcompose.placeholders",
         "palpcompose.tokens", "palpcompose.guidance", "palpcompose.flow_guidance", "palpcompose.conditioning",
         "palpcompose.memory", "palpcompose.distributed",
     )),
@@ -45,7 +45,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("out folder", ("palpcompose.outputs",)),  # the out/ layout, run lookup and staleness (reads project settings)
     ("command parts", (  # one job each of train and render: data, the step, previews, a run's lifecycle, ...
         "palpcompose.data", "palpcompose.step", "palpcompose.previews", "palpcompose.progress", "palpcompose.run",
-        "palpcompose.attach", "palpcompose.contact_sheet", "palpcompose.report_parts",
+        "palpcompose.attach", "palpcompose.contact_sheet", "palpcompose.report_data", "palpcompose.report_parts",
+        "palpcompose.toyworld.demo_compare",  # scripts/demo's baseline and side-by-side sheet (reads out/renders)
     )),
     ("commands", (  # one library function per command; eval renders first (evaluate imports render)
         "palpcompose.train", "palpcompose.render", "palpcompose.export", "palpcompose.evaluate",
@@ -200,7 +201,8 @@ def test_the_walk_sees_module_level_and_function_level_imports(graph):
     edges = {(e.source, e.target) for edges in graph.values() for e in edges}
     assert ("palpcompose.render", "palpcompose.outputs") in edges  # module level
     assert ("palpcompose.cli", "palpcompose.render") in edges  # inside a command function
-    assert ("palpcompose.project.check", "palpcompose.toyworld.world") in edges  # `from palpcompose.toyworld.world import`
+    # `from palpcompose.toyworld.world import ...`
+    assert ("palpcompose.project.check", "palpcompose.toyworld.world") in edges
 
 
 def _write_package(root: Path, files: dict[str, str]) -> Path:
@@ -240,5 +242,6 @@ def test_an_import_of_a_higher_layer_is_named_with_its_file_and_line(tmp_path):
     problems = layer_problems(graph, layers)
     assert f"{package / 'low.py'}:2: from . import high: pkg.low (layer 'bottom') imports pkg.high of the " \
            "higher layer 'top'" in problems
-    assert "pkg.sub is in no layer: add it to LAYERS in tests/test_layering.py (and to docs/architecture.md)" in problems
+    assert ("pkg.sub is in no layer: add it to LAYERS in tests/test_layering.py (and to docs/architecture.md)"
+            in problems)
     assert {e.target for e in graph["pkg.sub"]} == {"pkg.low"}

@@ -1,13 +1,13 @@
-"""A run's lifecycle from the outside (issue 12): nothing trained is lost, and no command reports a state that is
+"""A run's lifecycle from the outside: nothing trained is lost, and no command reports a state that is
 not true. Driven through the CLI (cli.main, in-process) on the tiny pipelines of tests/tiny_pipeline.py."""
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 
 import pytest
+from conftest import interrupt_in_step, set_in_toml
 
 from palpcompose import train as train_mod
 from palpcompose.errors import Interrupted
@@ -30,30 +30,9 @@ def steps_logged(out):
     return [json.loads(line)["step"] for line in (out / "logs" / "train.jsonl").read_text().splitlines()]
 
 
-def set_in_toml(root, old, new):
-    toml = root / "palp.toml"
-    text = toml.read_text()
-    assert old in text
-    toml.write_text(text.replace(old, new, 1))
-
-
 def kept_runs(root):
     runs = root / "out" / "runs"
     return sorted(p.name for p in runs.iterdir()) if runs.is_dir() else []
-
-
-def interrupt_in_step(monkeypatch, n):
-    """SIGINT while step `n` runs: the step finishes, a checkpoint is written, train raises Interrupted."""
-    real_step, calls = train_mod.training_step, []
-
-    def step_then_signal(state, batch):
-        calls.append(1)
-        if len(calls) == n:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_step(state, batch)
-
-    monkeypatch.setattr(train_mod, "training_step", step_then_signal)
-    return real_step
 
 
 # ---------------------------------------------------------------------------------------------------------------

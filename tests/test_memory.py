@@ -1,4 +1,4 @@
-"""Issue 5's memory items: the estimate printed before training, the out-of-memory message, gradient checkpointing."""
+"""Memory: the estimate printed before training, the out-of-memory message, gradient checkpointing, low_memory."""
 
 from __future__ import annotations
 
@@ -7,16 +7,20 @@ import re
 
 import pytest
 import torch
+from conftest import prepared_state, step_runner
 
-from benchmarks import accel, archs
-from benchmarks.ours import make_engine_step
 from palpcompose import memory, models
 from palpcompose import train as train_mod
 from palpcompose.cli import main
 
 
-def test_estimate_counts_weights_and_trained_values_and_scales_activations():
-    m = archs.build(archs.TINY, "cpu")
+def tiny_components(pipeline_dir) -> models.Components:
+    """The tiny SD-1-like pipeline (block widths 8, 16), loaded as `train` loads a base model."""
+    return models.load_components(models.resolve_base_model(str(pipeline_dir)))
+
+
+def test_estimate_counts_weights_and_trained_values_and_scales_activations(tiny_pipeline_dir):
+    m = tiny_components(tiny_pipeline_dir)
     models.freeze(m.unet, m.vae, m.text_encoder)
     lora = models.add_lora(m.unet, rank=4, lora_alpha=4)
     m.unet.to(torch.bfloat16)
@@ -77,7 +81,7 @@ def test_out_of_memory_exits_1_names_the_fixes_and_keeps_the_checkpoint(make_pro
     assert "resuming at step 1" in capsys.readouterr().out
 
 
-def test_gradient_checkpointing_recomputes_the_lora_pass(tmp_path, monkeypatch):
+def test_gradient_checkpointing_recomputes_the_lora_pass(make_project, monkeypatch):
     """train.gradient_checkpointing really checkpoints the UNet's blocks in the personalization pass (only there:
     the guidance passes run without gradients)."""
     from torch.utils import checkpoint
@@ -85,10 +89,8 @@ def test_gradient_checkpointing_recomputes_the_lora_pass(tmp_path, monkeypatch):
     calls = []
     real = checkpoint.checkpoint
     monkeypatch.setattr(checkpoint, "checkpoint", lambda fn, *a, **kw: calls.append(1) or real(fn, *a, **kw))
-    m = archs.build(archs.TINY, "cpu")
-    pixels = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    state, step = make_engine_step(m, archs.make_tokenizer(archs.TINY, tmp_path), "palp", accel.AccelOptions(), pixels,
-                                   low_memory=True)
+    state, subjects = prepared_state(make_project({"train": {"low_memory": True}}), "palp")
+    step = step_runner(state, subjects, batch_size=1)
     step()
     assert calls  # the engine's gradient checkpointing (train.gradient_checkpointing) is on
     state.components.unet.disable_gradient_checkpointing()
@@ -127,8 +129,9 @@ def test_low_memory_preset_changes_no_result_and_keeps_the_vae_off_the_device(ma
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_vae_on_device_brings_the_offloaded_vae_back_and_returns_it():
-    m = archs.build(archs.TINY, "cuda")
+def test_vae_on_device_brings_the_offloaded_vae_back_and_returns_it(tiny_pipeline_dir):
+    m = tiny_components(tiny_pipeline_dir)
+    m.vae.to("cuda")
 
     class State:
         components = m

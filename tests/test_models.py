@@ -40,7 +40,7 @@ def test_placeholder_tokens_initialised_from_class_word_and_multi_token_mean(com
         models.add_placeholder_tokens(c.tokenizer, c.text_encoder, {"V1": "<p-v1>"}, {"V1": "cat"})
 
 
-def test_lora_is_fp32_and_the_frozen_branch_runs_without_it(components):  # issue item (c)
+def test_lora_is_fp32_and_the_frozen_branch_runs_without_it(components):
     c = components
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 4, 8, 8, generator=g)

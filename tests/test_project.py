@@ -117,13 +117,14 @@ def test_schema_doc_is_generated_from_the_code():
                                text=True, check=True).stdout
     assert generated == schema_markdown()
     on_disk = (REPO / "docs" / "schema.md").read_text()
-    assert on_disk == generated, "docs/schema.md is stale: run python -m palpcompose.project --schema-md > docs/schema.md"
+    assert on_disk == generated, ("docs/schema.md is stale: run "
+                                  "python -m palpcompose.project --schema-md > docs/schema.md")
     for cls in (PalpConfig, TrainConfig, RenderConfig):
         for f in dataclasses.fields(cls):
             assert f"| `{f.name}` |" in on_disk
 
 
-# -- defaults that depend on the base model (issue 11, part 2) ----------------------------------------------------
+# -- defaults that depend on the base model ----------------------------------------------------------------------
 
 
 def minimal_toy_project(root: Path, train: str = "") -> Path:

@@ -9,7 +9,7 @@ import zlib
 from pathlib import Path
 
 import pytest
-from conftest import tree_snapshot, write_test_image
+from conftest import set_in_toml, tree_snapshot, write_test_image
 
 
 def line_of(root: Path, needle: str, after: str | None = None) -> int:
@@ -50,8 +50,7 @@ def test_valid_project_passes(make_project, run_cli):
 
 def test_toml_syntax_error_has_its_line(make_project, run_cli):
     root = make_project()
-    text = (root / "palp.toml").read_text().replace('class_name = "cat"', "class_name = cat")
-    (root / "palp.toml").write_text(text)
+    set_in_toml(root, 'class_name = "cat"', "class_name = cat")
     check_fails(run_cli, root, f"{root / 'palp.toml'}:{line_of(root, 'class_name = cat')}:", "TOML syntax error",
                 "hint: strings need quotes")
 
@@ -117,7 +116,8 @@ def test_types_ranges_and_choices(make_project, run_cli, table, key, value, mess
 
 def test_project_name_charset(make_project, run_cli):
     root = make_project({"project": {"name": "cat wanderer!"}})
-    check_fails(run_cli, root, located(root, "project.name", "name = ") + " 'cat wanderer!' may contain only ASCII letters",
+    check_fails(run_cli, root,
+                located(root, "project.name", "name = ") + " 'cat wanderer!' may contain only ASCII letters",
                 "hint: e.g. name = 'cat-wanderer'")
 
 
@@ -266,8 +266,7 @@ def test_truncated_file(make_project, run_cli):
     root = make_project()
     path = write_test_image(root / "refs" / "V1" / "3.jpg", seed=7, size=64)
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    root_toml = root / "palp.toml"
-    root_toml.write_text(root_toml.read_text().replace('"refs/V1/*.png"', '"refs/V1"'))
+    set_in_toml(root, '"refs/V1/*.png"', '"refs/V1"')
     images_problem(run_cli, root, "refs/V1/3.jpg: the image data is truncated or corrupt")
 
 

@@ -1,4 +1,4 @@
-"""`render`: determinism, PNG parameters, contact sheets, sweeps, comparisons, and guard rails (issue 4)."""
+"""`render`: determinism, PNG parameters, contact sheets, sweeps, comparisons, and guard rails."""
 
 from __future__ import annotations
 

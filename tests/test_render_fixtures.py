@@ -1,8 +1,9 @@
 """A trained-looking project for the render and export tests, built without the training engine.
 
-A tiny SD-1-like pipeline (conftest's `tiny_pipeline_dir`) gets a peft LoRA with random non-zero weights (lora_alpha != rank,
-so a lost alpha shows) and two random token embeddings; they are written with palpcompose/weights.py into
-out/weights/final/ and out/snapshots/step-000002/, with out/manifest.json as the engine writes it. No tests here.
+A tiny SD-1-like pipeline (conftest's `tiny_pipeline_dir`) gets a peft LoRA with random non-zero weights
+(lora_alpha != rank, so a lost alpha shows) and two random token embeddings; they are written with
+palpcompose/weights.py into out/weights/final/ and out/snapshots/step-000002/, with out/manifest.json as the engine
+writes it. No tests here.
 """
 
 from __future__ import annotations

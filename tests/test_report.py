@@ -16,7 +16,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-from conftest import _merge, default_project_config, to_toml, tree_snapshot, write_test_image
+from conftest import tree_snapshot, write_project
 
 from palpcompose.cli import main
 
@@ -27,14 +27,6 @@ def _cli(*args) -> int:
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 1
     return 0
-
-
-def _write_project(root: Path, pipeline: Path, overrides: dict) -> None:
-    config = _merge(default_project_config(str(pipeline)), overrides)
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "palp.toml").write_text(to_toml(config))
-    for j in range(2):
-        write_test_image(root / "refs" / "V1" / f"{j}.png", seed=j)
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +40,9 @@ def trained(tmp_path_factory, tiny_pipeline_dir) -> Path:
     try:
         base = tmp_path_factory.mktemp("report")
         root = base / "proj"
-        _write_project(root, tiny_pipeline_dir, {"train": {"preview_every": 1}})
+        write_project(root, tiny_pipeline_dir, {"train": {"preview_every": 1}}, n_images=2)
         assert _cli("train", root) == 0
-        _write_project(root, tiny_pipeline_dir, {"train": {"preview_every": 1, "learning_rate": 1e-4}})
+        write_project(root, tiny_pipeline_dir, {"train": {"preview_every": 1, "learning_rate": 1e-4}}, n_images=2)
         assert _cli("train", root, "--guidance", "sds") == 0
         clip = write_tiny_clip(base / "clip", tiny_pipeline_dir / "tokenizer")
         assert _cli("eval", root, "--clip", clip) == 0

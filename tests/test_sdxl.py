@@ -1,15 +1,14 @@
-"""SDXL: family detection and refusals, the tiny SDXL pipeline through train, render and export (issue 13)."""
+"""SDXL: family detection and refusals, the tiny SDXL pipeline through train, render and export."""
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import tree_snapshot
+from conftest import interrupt_in_step, prepared_state, tree_snapshot
 
 from palpcompose import models
 from palpcompose.errors import UserError
@@ -158,25 +157,10 @@ def make_sdxl_project(make_project, tiny_sdxl_pipeline_dir):
     return factory
 
 
-def _state(root, guidance):
-    from accelerate import Accelerator
-
-    from palpcompose.guidance import guidance_config
-    from palpcompose.project import load_project
-    from palpcompose.train import prepare_state, prepare_subjects
-
-    project = load_project(root)
-    config = replace(project.config, palp=replace(project.config.palp, guidance=guidance))  # as --guidance does
-    c = models.load_components(models.resolve_base_model(config.project.base_model, project.root))
-    tokens = models.placeholder_tokens(config.project.name, config.subjects)
-    state = prepare_state(config, c, Accelerator(mixed_precision="no"), guidance_config(config), tokens)
-    return state, prepare_subjects(project, config, state, tokens)
-
-
 def test_a_token_per_subject_in_both_encoders(make_sdxl_project, one_thread):
     from palpcompose.train import sample_batch, training_step
 
-    state, subjects = _state(make_sdxl_project(TWO_SUBJECTS), "palp")
+    state, subjects = prepared_state(make_sdxl_project(TWO_SUBJECTS), "palp")
     c = state.components
     assert c.family == "sdxl" and len(c.text_encoders) == 2
     tables = [enc.get_input_embeddings() for enc in c.text_encoders]
@@ -202,7 +186,7 @@ def test_a_token_per_subject_in_both_encoders(make_sdxl_project, one_thread):
 def test_every_unet_pass_gets_pooled_and_size_conditioning(make_sdxl_project, guidance, beta, passes, one_thread):
     from palpcompose.train import sample_batch, training_step
 
-    state, subjects = _state(make_sdxl_project({"palp": {"beta": beta}}), guidance)
+    state, subjects = prepared_state(make_sdxl_project({"palp": {"beta": beta}}), guidance)
     assert state.null_cond.pooled is not None and torch.count_nonzero(state.null_cond.embeds) == 0  # force zeros
     if guidance != "none":
         assert state.clean_cond.pooled is not None and state.clean_cond.pooled.abs().sum() > 0  # cached, pooled too
@@ -224,7 +208,7 @@ def test_every_unet_pass_gets_pooled_and_size_conditioning(make_sdxl_project, gu
 def test_sd1_passes_get_nothing_added(make_project, one_thread):
     from palpcompose.train import sample_batch, training_step
 
-    state, subjects = _state(make_project({"palp": {"beta": 2.0}}), "palp")
+    state, subjects = prepared_state(make_project({"palp": {"beta": 2.0}}), "palp")
     assert state.time_ids is None and state.null_cond.pooled is None
     kwargs_seen = []
     handle = state.components.unet.register_forward_pre_hook(lambda m, a, kw: kwargs_seen.append(dict(kw)),
@@ -288,19 +272,14 @@ def test_resume_equals_an_uninterrupted_run(make_sdxl_project, one_thread):
 @pytest.fixture(scope="module")
 def trained_sdxl(tmp_path_factory, tiny_sdxl_pipeline_dir):
     """One SDXL project trained for 2 steps (snapshots at 1 and 2), shared by the render and export tests."""
-    from conftest import _merge, default_project_config, to_toml, write_test_image
+    from conftest import write_project
 
     from palpcompose.train import train
 
-    root = tmp_path_factory.mktemp("xl") / "proj"
-    config = _merge(default_project_config(str(tiny_sdxl_pipeline_dir)),
-                    # a learning rate at which 2 steps move the LoRA far enough to change a render clearly
-                    {"train": {"resolution": 8, "lora_rank": 4, "learning_rate": 0.01},
-                     "render": {"seeds": [0, 1]}})
-    root.mkdir()
-    (root / "palp.toml").write_text(to_toml(config))
-    for j in range(2):
-        write_test_image(root / "refs" / "V1" / f"{j}.png", seed=j)
+    root = write_project(tmp_path_factory.mktemp("xl") / "proj", tiny_sdxl_pipeline_dir,
+                         # a learning rate at which 2 steps move the LoRA far enough to change a render clearly
+                         {"train": {"resolution": 8, "lora_rank": 4, "learning_rate": 0.01},
+                          "render": {"seeds": [0, 1]}}, n_images=2)
     train(root, console=quiet())
     return root
 
@@ -402,7 +381,8 @@ def test_sgm_key_numbering_matches_diffusers_inverse():
 
     ours = [f"lora_unet_down_blocks_{i}_attentions_{j}_transformer_blocks_0_attn1_to_q" for i in (1, 2) for j in (0, 1)]
     ours += ["lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_k"]
-    ours += [f"lora_unet_up_blocks_{i}_attentions_{j}_transformer_blocks_0_attn1_to_v" for i in (0, 1) for j in (0, 1, 2)]
+    ours += [f"lora_unet_up_blocks_{i}_attentions_{j}_transformer_blocks_0_attn1_to_v"
+             for i in (0, 1) for j in (0, 1, 2)]
     sgm = {f"{sgm_key(k, 2)}.lora_down.weight": k for k in ours}
     assert "lora_unet_input_blocks_7_1_transformer_blocks_0_attn1_to_q.lora_down.weight" in sgm  # down 2, attn 0
     assert "lora_unet_output_blocks_5_1_transformer_blocks_0_attn1_to_v.lora_down.weight" in sgm  # up 1, attn 2
@@ -421,15 +401,20 @@ def test_export_cli_says_how_to_load_sdxl_embeddings(trained_sdxl, run_cli, tmp_
 
 
 # --------------------------------------------------------------------------------------------------------------
-# (f) memory: the estimate counts both text encoders; benchmarks.memory_estimate builds SDXL on the meta device
+# (f) memory: the estimate counts both text encoders
 
 
-def test_memory_estimate_counts_both_text_encoders():
-    from benchmarks import archs
-    from benchmarks.memory_estimate import meta_models
+def test_memory_estimate_counts_both_text_encoders(tiny_sdxl_pipeline_dir):
     from palpcompose import memory
 
-    unet, vae, text_encoder, lora = meta_models(archs.SDXL_THIN, rank=4)
+    c = models.load_components(models.resolve_base_model(str(tiny_sdxl_pipeline_dir)))
+    unet, vae, text_encoder = c.unet, c.vae, c.text_encoder
+    models.freeze(unet, vae, text_encoder)
+    lora = models.add_lora(unet, rank=4, lora_alpha=4)
+    for module in (unet, vae):  # frozen UNet and VAE in bf16, the text encoders in fp32, as training keeps them
+        for p in module.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)
     both = [text_encoder.text_encoder, text_encoder.text_encoder_2]
 
     def estimate(**kw):
@@ -446,8 +431,6 @@ def test_memory_estimate_counts_both_text_encoders():
 
 
 def test_check_passes_and_sigint_resumes(make_sdxl_project, run_cli, monkeypatch, one_thread):
-    import os
-    import signal
 
     from palpcompose import train as train_mod
     from palpcompose.errors import Interrupted
@@ -455,15 +438,7 @@ def test_check_passes_and_sigint_resumes(make_sdxl_project, run_cli, monkeypatch
     root = make_sdxl_project({"train": {"steps": 2, "save_every": 0}})
     result = run_cli("check", root)
     assert result.code == 0, result.err
-    real_step, calls = train_mod.training_step, []
-
-    def step_then_signal(state, batch):
-        calls.append(1)
-        if len(calls) == 1:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_step(state, batch)
-
-    monkeypatch.setattr(train_mod, "training_step", step_then_signal)
+    real_step = interrupt_in_step(monkeypatch, 1)
     with pytest.raises(Interrupted, match="--resume"):
         train_mod.train(root, console=quiet())
     monkeypatch.setattr(train_mod, "training_step", real_step)

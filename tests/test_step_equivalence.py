@@ -1,78 +1,44 @@
-"""The speed levers (benchmarks/accel.py) must not change the math of the training step.
+"""The training step's equivalences: what a setting or an implementation choice must not change.
 
-Each test runs the engine's `training_step` on the tiny random-weight model twice from identical seeds, once plain
-and once with one lever, and compares losses and gradients (captured before the optimizer consumes them) or the
-weights after a few steps. CUDA graphs cannot run on the CPU: their test is marked `gpu`.
+The low-memory preset (gradient checkpointing, the VAE off the device) gives the same step; the frozen-model pass
+batched as (uncond, cond) equals two separate passes combined by CFG; training the placeholder rows as their own
+parameter is the same math as the masked update of the whole table. Tiny projects on the tiny pipeline
+(tests/tiny_pipeline.py), from identical seeds. (benchmarks/accel.py's levers: tests/test_benchmarks_accel.py.)
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from conftest import capture_grads, prepared_state, step_runner
 
-from benchmarks import accel, archs
-from benchmarks.ours import make_engine_step
 from palpcompose import train
 from palpcompose.conditioning import Conditioning
 from palpcompose.guidance import cfg
 
 RESOLUTION = 16  # tiny VAE: 8x8 latents
+TINY_TEXT = {"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2, "num_hidden_layers": 2,
+             "vocab_size": 1000}  # a tiny CLIP text encoder
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run on one intra-op thread
 
 
-def engine(tmp_path, opts=None, mode="palp", alpha=7.5, beta=1.0, batch=1, device="cpu", low_memory=False,
-           mixed_precision="no", lr=None):
-    """A fresh tiny engine state and its step; LoRA B matrices randomised so the adapter changes the output."""
-    opts = opts or accel.AccelOptions()
-    m = archs.build(archs.TINY, device, seed=0)
-    tokenizer = archs.make_tokenizer(archs.TINY, tmp_path / "tok")
-    pixels = torch.rand(batch, 3, RESOLUTION, RESOLUTION, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    state, step = make_engine_step(m, tokenizer, mode, opts, pixels.to(device), alpha=alpha, beta=beta,
-                                   low_memory=low_memory, mixed_precision=mixed_precision)
-    if lr is not None:  # large steps: a replay that read stale weights would show at once
-        for group in state.optimizer.param_groups:
-            group["lr"] = lr
+def engine(make_project, name, mode="palp", batch=1, low_memory=False):
+    """A fresh tiny project's state and its step; LoRA weights randomised so the adapter changes the output."""
+    root = make_project({"train": {"batch_size": batch, "low_memory": low_memory}}, dirname=name)
+    state, subjects = prepared_state(root, mode)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in state.lora_params:  # peft's gaussian init leaves B = 0, i.e. G_lora == G_base
             p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return state, step
+    return state, step_runner(state, subjects, batch)
 
 
-def capture_grads(state) -> list[list[torch.Tensor]]:
-    """Per trainable tensor (LoRA weights, then the placeholder rows), its gradient after each backward pass.
-    Recorded by a hook, because the step zeroes gradients before it returns."""
-    params = state.lora_params + [state.token_embedding.rows]
-    grads: list[list[torch.Tensor]] = [[] for _ in params]
-    for p, record in zip(params, grads):
-        p.register_post_accumulate_grad_hook(lambda p, record=record: record.append(p.grad.detach().clone()))
-    return grads
-
-
-def assert_same_step(tmp_path, opts: accel.AccelOptions, steps=1, rtol=1e-4, atol=1e-6, low_memory=False):
-    """`steps` steps plain and with `opts` from identical seeds: same losses, same gradients. Returns both states."""
-    plain, plain_step = engine(tmp_path / "a")
-    fast, fast_step = engine(tmp_path / "b", opts, low_memory=low_memory)
-    plain_grads, fast_grads = capture_grads(plain), capture_grads(fast)
-    for _ in range(steps):
-        losses_plain, losses_fast = plain_step(), fast_step()
-        assert losses_plain.keys() == losses_fast.keys()
-        for key in losses_plain:
-            assert losses_fast[key] == pytest.approx(losses_plain[key], rel=rtol, abs=atol), key
-    assert len(plain_grads) == len(fast_grads) == len(plain.lora_params) + 1
-    for per_step_plain, per_step_fast in zip(plain_grads, fast_grads):
-        assert len(per_step_plain) == len(per_step_fast) == steps
-        for a, b in zip(per_step_plain, per_step_fast):
-            torch.testing.assert_close(b, a, rtol=rtol, atol=atol)
-    return plain, fast
-
-
-def test_palp_step_has_an_alignment_gradient(tmp_path):
+def test_palp_step_has_an_alignment_gradient(make_project):
     """Guard for the tests below: the alignment term reaches the LoRA gradients, so comparing them means something."""
-    with_palp, palp_step = engine(tmp_path / "a", mode="palp")
-    without, none_step = engine(tmp_path / "b", mode="none")
+    with_palp, palp_step = engine(make_project, "a", mode="palp")
+    without, none_step = engine(make_project, "b", mode="none")
     grads_palp, grads_none = capture_grads(with_palp), capture_grads(without)
     losses = palp_step()
     none_step()
@@ -80,43 +46,26 @@ def test_palp_step_has_an_alignment_gradient(tmp_path):
     assert not torch.allclose(grads_palp[0][0], grads_none[0][0])  # a LoRA weight's first gradient
 
 
-def test_channels_last_matches_eager(tmp_path):
-    _, fast = assert_same_step(tmp_path, accel.AccelOptions(channels_last=True))
-    conv = next(mod for mod in fast.components.unet.modules() if isinstance(mod, torch.nn.Conv2d))
-    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
-
-
-def test_sdpa_math_backend_matches_default(tmp_path):
-    assert_same_step(tmp_path, accel.AccelOptions(sdpa_backend="math"))
-
-
-def test_fused_adamw_matches_foreach(tmp_path):
-    plain, fast = assert_same_step(tmp_path, accel.AccelOptions(fused_adamw=True), steps=2)
-    assert fast.optimizer.optimizer.defaults["fused"] and not plain.optimizer.optimizer.defaults["fused"]
-    # The updates agree too: same LoRA weights and placeholder row after the two steps.
-    for a, b in zip(plain.lora_params, fast.lora_params):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(fast.token_embedding.rows, plain.token_embedding.rows, rtol=1e-5, atol=1e-7)
-
-
-def test_low_memory_setup_matches_eager(tmp_path):
+def test_low_memory_setup_matches_eager(make_project):
     """Gradient checkpointing recomputes activations in backward; the VAE leaves the device: same step."""
-    _, fast = assert_same_step(tmp_path, accel.AccelOptions(), low_memory=True)
+    plain, plain_step = engine(make_project, "a")
+    fast, fast_step = engine(make_project, "b", low_memory=True)
+    plain_grads, fast_grads = capture_grads(plain), capture_grads(fast)
+    losses_plain, losses_fast = plain_step(), fast_step()
+    assert losses_plain.keys() == losses_fast.keys()
+    for key in losses_plain:
+        assert losses_fast[key] == pytest.approx(losses_plain[key], rel=1e-4, abs=1e-6), key
+    assert len(plain_grads) == len(fast_grads) == len(plain.lora_params) + 1
+    for a, b in zip(plain_grads, fast_grads, strict=True):
+        assert len(a) == len(b) == 1
+        torch.testing.assert_close(b[0], a[0], rtol=1e-4, atol=1e-6)
     assert fast.components.unet.is_gradient_checkpointing
+    assert not plain.components.unet.is_gradient_checkpointing
 
 
-def test_rebuild_adamw_refuses_a_used_optimizer():
-    p = torch.nn.Parameter(torch.ones(3))
-    opt = torch.optim.AdamW([p], lr=0.1)
-    p.grad = torch.ones(3)
-    opt.step()
-    with pytest.raises(ValueError, match="already stepped"):
-        accel.rebuild_adamw(opt, fused=False)
-
-
-def test_batched_cfg_pass_matches_separate_passes(tmp_path):
+def test_batched_cfg_pass_matches_separate_passes(make_project):
     """make_denoiser's single batched (uncond, cond) pass equals two separate UNet passes combined by CFG."""
-    state, _ = engine(tmp_path, batch=2)
+    state, _ = engine(make_project, "cfg", batch=2)
     unet = state.components.unet
     g = torch.Generator().manual_seed(3)
     latents = torch.randn(2, 4, RESOLUTION // 2, RESOLUTION // 2, generator=g)
@@ -138,32 +87,6 @@ def test_batched_cfg_pass_matches_separate_passes(tmp_path):
         assert not torch.allclose(other, cond, atol=1e-4)  # the adapter state matters, so the check above is sharp
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("mixed_precision, tol", [("no", 1e-3), ("bf16", 2e-2)])
-@pytest.mark.parametrize("opts, graphs", [
-    (accel.AccelOptions(cuda_graphs=True), 2),  # one frozen-model pass with CFG, one personalized pass without
-    (accel.AccelOptions(graph_personalization=True), 0),
-    (accel.AccelOptions(cuda_graphs=True, graph_personalization=True, fused_adamw=True), 2),
-])
-def test_cuda_graphs_match_eager_on_gpu(tmp_path, opts, graphs, mixed_precision, tol):
-    """Graphed and eager steps agree over 4 steps with a large learning rate (the weights move a lot between
-    replays), in fp32 and under bf16 autocast (where a stale cached cast would show)."""
-    plain, plain_step = engine(tmp_path / "a", device="cuda", mixed_precision=mixed_precision, lr=1e-2)
-    fast, fast_step = engine(tmp_path / "b", opts, device="cuda", mixed_precision=mixed_precision, lr=1e-2)
-    plain_grads, fast_grads = capture_grads(plain), capture_grads(fast)
-    for _ in range(4):  # the first step captures the graphs, the later ones replay them
-        losses_plain, losses_fast = plain_step(), fast_step()
-        for key in losses_plain:
-            assert losses_fast[key] == pytest.approx(losses_plain[key], rel=tol, abs=tol * 1e-2), key
-    graphed = fast.unet  # accel.GraphedTrainingUNet, installed by make_engine_step
-    assert len(graphed.graphs.graphs if graphed.graphs else ()) == graphs
-    assert len(graphed.graphed_pass.graphed if graphed.graphed_pass else ()) == int(opts.graph_personalization)
-    for per_step_plain, per_step_fast in zip(plain_grads, fast_grads):
-        assert len(per_step_fast) == 4
-        for a, b in zip(per_step_plain, per_step_fast):  # cuDNN/cuBLAS kernels may differ in the last bits
-            torch.testing.assert_close(b, a, rtol=tol, atol=tol * 1e-2)
-
-
 def test_placeholder_rows_match_the_masked_full_table_update(tmp_path):
     """Training the placeholder rows as their own parameter (train.PlaceholderEmbedding) is the same math as the
     earlier update of the whole table with every other row's gradient masked and restored: same text embeddings,
@@ -174,7 +97,7 @@ def test_placeholder_rows_match_the_masked_full_table_update(tmp_path):
 
     def text_encoder():
         torch.manual_seed(0)
-        model = CLIPTextModel(CLIPTextConfig(max_position_embeddings=77, **archs.TINY.text)).eval()
+        model = CLIPTextModel(CLIPTextConfig(max_position_embeddings=77, **TINY_TEXT)).eval()
         models.freeze(model)
         model.resize_token_embeddings(1002, mean_resizing=False)  # two placeholder tokens appended
         return model

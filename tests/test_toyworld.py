@@ -207,7 +207,7 @@ def test_subject_fidelity_prefers_the_same_subject(oracle, tmp_path):
 def test_shipped_weights_are_fp16_and_within_25_mb():
     from safetensors import safe_open
 
-    files = list((PACKAGE / "builtin" / "toy").rglob("*.safetensors")) + list((PACKAGE / "toyworld").glob("*.safetensors"))
+    files = [*(PACKAGE / "builtin" / "toy").rglob("*.safetensors"), *(PACKAGE / "toyworld").glob("*.safetensors")]
     assert len(files) >= 4
     assert sum(f.stat().st_size for f in files) <= 25 * 1024 * 1024
     for f in files:

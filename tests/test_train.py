@@ -6,13 +6,12 @@ import io
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-from dataclasses import replace
 
 import pytest
 import torch
+from conftest import interrupt_in_step, prepared_state
 from rich.console import Console
 from safetensors.torch import load_file
 
@@ -20,10 +19,10 @@ from palpcompose import models
 from palpcompose import train as train_mod
 from palpcompose.cli import main
 from palpcompose.errors import Interrupted, UserError
-from palpcompose.guidance import NonFiniteError, guidance_config
+from palpcompose.guidance import NonFiniteError
 from palpcompose.progress import print_summary
 from palpcompose.project import load_project
-from palpcompose.train import prepare_state, prepare_subjects, train, training_step
+from palpcompose.train import train, training_step
 from palpcompose.weights import load_trained_weights
 
 MANIFEST_KEYS = {
@@ -55,25 +54,14 @@ def max_diff(a, b):
 # The step in isolation
 
 
-def _state(project_dir, guidance):
-    project = load_project(project_dir)
-    config = replace(project.config, palp=replace(project.config.palp, guidance=guidance))  # as --guidance does
-    from accelerate import Accelerator
-
-    c = models.load_components(models.resolve_base_model(config.project.base_model, project.root))
-    tokens = models.placeholder_tokens(config.project.name, config.subjects)
-    state = prepare_state(config, c, Accelerator(mixed_precision="no"), guidance_config(config), tokens)
-    return state, prepare_subjects(project, config, state, tokens)
-
-
 @pytest.mark.parametrize("guidance,beta,expected", [
-    ("none", 1.0, [1]),  # no extra UNet pass at all (issue item b)
+    ("none", 1.0, [1]),  # no extra UNet pass at all
     ("sds", 1.0, [1, 2]),  # + the frozen model, cond and uncond batched in one pass
     ("palp", 1.0, [1, 2, 1]),  # + the personalized model, no unconditional pass when beta == 1
     ("palp", 2.0, [1, 2, 2]),
 ])
 def test_unet_passes_per_step(make_project, guidance, beta, expected):
-    state, subjects = _state(make_project({"palp": {"beta": beta}}), guidance)
+    state, subjects = prepared_state(make_project({"palp": {"beta": beta}}), guidance)
     batch_sizes = []
     handle = state.components.unet.register_forward_pre_hook(lambda m, args: batch_sizes.append(args[0].shape[0]))
     batch = train_mod.sample_batch(subjects, torch.Generator().manual_seed(0), 1, 1000)
@@ -84,7 +72,7 @@ def test_unet_passes_per_step(make_project, guidance, beta, expected):
 
 
 def test_only_placeholder_rows_change(make_project):
-    state, subjects = _state(make_project(TWO_SUBJECTS), "palp")
+    state, subjects = prepared_state(make_project(TWO_SUBJECTS), "palp")
     before = state.token_embedding.full_table().detach().clone()
     g = torch.Generator().manual_seed(0)
     for _ in range(2):
@@ -199,15 +187,7 @@ def test_resume_and_interrupt_equal_an_uninterrupted_run(make_project, monkeypat
 
     # SIGINT during step 2: the step finishes, a checkpoint is written, Interrupted is raised
     interrupted = make_project(settings, dirname="interrupted")
-    real_step, calls = train_mod.training_step, []
-
-    def step_then_signal(state, batch):
-        calls.append(1)
-        if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_step(state, batch)
-
-    monkeypatch.setattr(train_mod, "training_step", step_then_signal)
+    real_step = interrupt_in_step(monkeypatch, 2)
     with pytest.raises(Interrupted, match="--resume"):
         train(interrupted, console=quiet())
     monkeypatch.setattr(train_mod, "training_step", real_step)
@@ -320,7 +300,8 @@ def test_a_second_train_is_refused_while_the_lock_is_live(make_project):
     lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started_at": "now"}))
     with pytest.raises(UserError, match="already training"):
         train(root, console=quiet())
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
     lock.write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(), "started_at": "then"}))
     assert train(root, steps=1, console=quiet()).status == "completed"  # a stale lock is taken over
     assert not lock.exists()

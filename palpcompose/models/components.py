@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from palpcompose.conditioning import Conditioning
-from palpcompose.errors import UserError
+from palpcompose.errors import UserError, WeightsDoNotFit
 from palpcompose.models.families import FAMILY_NAMES, family_of
 from palpcompose.models.resolve import BaseModelSource
 from palpcompose.models.sd import LORA_TARGETS
@@ -190,7 +190,7 @@ def load_lora_state_dict(unet, state: dict) -> None:
     result = set_peft_model_state_dict(unet, state)
     unexpected = getattr(result, "unexpected_keys", None) or []
     if unexpected:
-        raise ValueError(f"LoRA weights do not fit this UNet: unexpected keys {unexpected[:3]}")
+        raise WeightsDoNotFit(f"LoRA weights do not fit this UNet: unexpected keys {unexpected[:3]}")
 
 
 def set_attention(unet, mode: str, device_type: str) -> str:

@@ -1,5 +1,6 @@
 """Defaults that depend on the base model (docs/schema.md marks those keys "model-dependent"): builtin:toy's own
-settings and the native resolution read from a model's configs. project.py resolves them into the config."""
+settings and the native resolution read from a model's configs. project/references.py and project/schema.py
+resolve them into the config."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from palpcompose.guidance import GUIDANCE_MODES
+from palpcompose.choices import GUIDANCE_MODES, SCHEDULER_NAMES
 from palpcompose.models import ATTENTION_MODES, LORA_TARGET_MODULES, TOY_DEFAULTS
 from palpcompose.placeholders import default_prompt
 from palpcompose.project.settings import ADDED_LATER, sha256_json, weight_settings
@@ -24,10 +24,9 @@ from palpcompose.project.settings import ADDED_LATER, sha256_json, weight_settin
 PROJECT_FILE = "palp.toml"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
-# Allowed values, one tuple each (GUIDANCE_MODES lives with the guidance terms, ATTENTION_MODES and the LoRA
-# targets with the model code that applies them).
+# Allowed values, one tuple each (GUIDANCE_MODES and SCHEDULER_NAMES in choices.py, where the CLI reads them;
+# ATTENTION_MODES and the LoRA targets with the model code that applies them).
 MIXED_PRECISION_MODES = ("no", "fp16", "bf16")  # train.mixed_precision
-SCHEDULER_NAMES = ("dpm++", "ddim", "euler-a")  # render.scheduler (render.SCHEDULERS implements each)
 MAX_SEED = 2**32 - 1  # train.seed and render.seeds: the range other tools' seeds use
 
 # Subjects whose pictures are not mirror-symmetric: flipping them would teach the model mirrored text and art.
