@@ -143,6 +143,15 @@ class TrainConfig:
     gradient_checkpointing: bool = _spec("Recompute UNet activations in the backward pass to save memory.", False,
                                          extension=True)
     max_grad_norm: float = _spec("Gradient clipping norm (0: no clipping).", 1.0, ge=0.0, extension=True)
+    buckets: bool = _spec(
+        "Aspect-ratio buckets: a non-square reference trains at the size nearest its aspect ratio (up to 2:1, about "
+        "resolution's area, sides multiples of 64 for Stable Diffusion) instead of a centre square crop; each "
+        "micro-batch holds one size. Square references train exactly as with `false` (square centre crops for "
+        "every image). `check` lists the sizes used.", True, extension=True)
+    captions: bool = _spec(
+        "Read per-image captions: a `name.txt` beside a reference `name.png` holds that image's personalization "
+        "prompt (with the subject's placeholder, put in front when missing); images without one use "
+        "`subjects.Vn.prompt`. `false` ignores the .txt files.", True, extension=True)
     low_memory: bool = _spec(
         "Low-memory preset for 8 GB GPUs: gradient checkpointing on, and the VAE kept off the GPU once the reference "
         "images are encoded (it comes back only to draw previews). Same results, slower steps.", False,
@@ -218,6 +227,10 @@ class Project:
     notes: tuple[str, ...]  # warnings and notes for the user (mode conversions, small images, ...)
     # Keys palp.toml leaves out whose default the base model decided: dotted key -> (value, why)
     model_defaults: dict[str, tuple[Any, str]] = field(default_factory=dict)
+    # Per-image captions (train.captions): image path -> its prompt with the subject's placeholder; images without
+    # a caption file are not listed (they use subjects.Vn.prompt)
+    captions: dict[Path, str] = field(default_factory=dict)
+    image_sizes: dict[Path, tuple[int, int]] = field(default_factory=dict)  # image -> (width, height) (buckets)
 
 
 # ----------------------------------------------------------------------------------------------------------------
