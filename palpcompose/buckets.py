@@ -19,9 +19,10 @@ REAL_MODEL_ALIGNMENT = 64  # bucket sides of models with an 8x VAE (SD 1/2, SDXL
 
 def alignment(vae_factor: int, unet_downsamples: int) -> int:
     """Pixels each bucket side is a multiple of: the smallest size every UNet level halves evenly (the VAE's factor
-    times 2 ** the UNet's downsamplings), and at least 64 for models with an 8x VAE (SD 1/2, SDXL): 16 for
-    builtin:toy (4 x 2**2), 64 for Stable Diffusion."""
-    step = vae_factor * 2 ** unet_downsamples
+    times 2 ** the UNet's downsamplings), a multiple of 8 (diffusers' pipelines, which draw the previews, take no
+    other sizes), and at least 64 for models with an 8x VAE (SD 1/2, SDXL): 16 for builtin:toy (4 x 2**2), 64 for
+    Stable Diffusion."""
+    step = math.lcm(vae_factor * 2 ** unet_downsamples, 8)
     return max(step, REAL_MODEL_ALIGNMENT) if vae_factor >= 8 else step
 
 
