@@ -125,7 +125,8 @@ class TrainConfig:
                            ge=1, le=1024)
     lora_alpha: float | None = _spec("LoRA scaling numerator (the update is scaled by lora_alpha / lora_rank). "
                                      "Default: equal to lora_rank.", None, gt=0.0, extension=True)
-    resolution: int = _spec("Training resolution in pixels (square center crops); a multiple of 8. Default: the "
+    resolution: int = _spec("Training resolution in pixels (square center crops; non-square images train at about "
+                            "its area with `buckets`); a multiple of 8. Default: the "
                             "base model's native size, read from its UNet and VAE configs (64 for builtin:toy, 512 "
                             "for SD 1.x, 768 for SD 2 768-v, 1024 for SDXL); 512 when they cannot be read offline.",
                             512, ge=8, le=4096, multiple_of=8)
