@@ -82,27 +82,12 @@ class Batch:
 
 
 @torch.no_grad()
-def encode_subject(vae, paths: list[Path], resolution: int, flip: bool, device, dtype) -> tuple[torch.Tensor, ...]:
-    """Encode each reference (and its mirror when `flip`) once; returns the cached (mean, std), scaled, fp32, CPU."""
-    images = [resize_center_crop(load_reference_image(p), resolution) for p in paths]
-    if flip:
-        images += [im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for im in images]
-    means, stds = [], []
-    for image in images:  # one at a time: peak memory stays that of one image
-        pixels = to_pixel_tensor(image).unsqueeze(0).to(device=device, dtype=dtype)
-        dist = vae.encode(pixels).latent_dist
-        means.append(dist.mean.float().cpu())
-        stds.append(dist.std.float().cpu())
-    scale = vae.config.scaling_factor
-    return torch.cat(means) * scale, torch.cat(stds) * scale
-
-
-@torch.no_grad()
 def encode_references(vae, paths: list[Path], resolution: int, flip: bool, device, dtype, *, alignment: int,
                       bucketed: bool = True) -> EncodedReferences:
-    """encode_subject with aspect-ratio buckets: each reference at its bucket (buckets.choose_bucket; `alignment`
-    from models.bucket_alignment), its mirror at the same size. A reference whose bucket is the square one gets
-    encode_subject's centre crop, the same latents bit for bit."""
+    """Encode each reference (and its mirror when `flip`) once, at its aspect-ratio bucket (buckets.choose_bucket;
+    `alignment` from models.bucket_alignment; `bucketed` False: all square), the mirror at the same size. A
+    reference whose bucket is the square one gets the centre crop (resize_center_crop) and the latents it always
+    got, bit for bit. Returns the cached distributions, scaled, fp32, CPU."""
     images, size_ids = [], []
     for path in paths:
         image = load_reference_image(path)

@@ -14,7 +14,7 @@ from PIL import Image
 from test_golden_weights import weights_digest
 
 from palpcompose import buckets, models
-from palpcompose.data import SubjectData, encode_references, encode_subject, sample_batch
+from palpcompose.data import SubjectData, encode_references, resize_center_crop, sample_batch, to_pixel_tensor
 from palpcompose.previews import preview_shapes
 
 
@@ -58,7 +58,13 @@ def _tiny_vae(tiny_pipeline_dir):
 def test_square_references_encode_exactly_as_before(tmp_path, tiny_pipeline_dir):
     c = _tiny_vae(tiny_pipeline_dir)
     paths = [write_test_image(tmp_path / f"{i}.png", seed=i, size=s) for i, s in enumerate((16, 24, 40))]
-    mean, std = encode_subject(c.vae, paths, 16, True, "cpu", torch.float32)
+    # the encoding of before buckets: centre crops, mirrors after them, encoded one by one, stacked, then scaled
+    images = [resize_center_crop(Image.open(p).convert("RGB"), 16) for p in paths]
+    images += [im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for im in images]
+    with torch.no_grad():
+        dists = [c.vae.encode(to_pixel_tensor(im).unsqueeze(0)).latent_dist for im in images]
+    scale = c.vae.config.scaling_factor
+    mean, std = torch.cat([d.mean for d in dists]) * scale, torch.cat([d.std for d in dists]) * scale
     refs = encode_references(c.vae, paths, 16, True, "cpu", torch.float32, alignment=8)
     assert all(torch.equal(mean[i], refs.means[i]) and torch.equal(std[i], refs.stds[i]) for i in range(6))
     assert refs.size_ids == [None] * 6
@@ -107,13 +113,10 @@ def test_a_micro_batch_never_mixes_buckets_and_each_image_is_drawn_as_often_as_b
 
 
 def test_one_bucket_draws_exactly_as_before():
-    stacked = SubjectData("V1", torch.zeros(77, dtype=torch.long), torch.randn(3, 4, 8, 8), torch.rand(3, 4, 8, 8),
-                          3, True)
-    listed = SubjectData("V1", stacked.input_ids, list(stacked.latent_mean), list(stacked.latent_std), 3, True)
-    for subject in (stacked, listed):
-        subject.latent_mean = subject.latent_mean if subject is listed else torch.cat([stacked.latent_mean] * 2)
-        subject.latent_std = subject.latent_std if subject is listed else torch.cat([stacked.latent_std] * 2)
-    listed.latent_mean, listed.latent_std = list(stacked.latent_mean), list(stacked.latent_std)
+    """Latents as one stacked tensor (before buckets) or as a list of one shape: the same draws."""
+    mean, std = torch.randn(6, 4, 8, 8), torch.rand(6, 4, 8, 8)  # 3 images and their mirrors
+    stacked = SubjectData("V1", torch.zeros(77, dtype=torch.long), mean, std, 3, True)
+    listed = SubjectData("V1", stacked.input_ids, list(mean), list(std), 3, True)
     a = sample_batch([stacked], torch.Generator().manual_seed(3), 4, 1000)
     b = sample_batch([listed], torch.Generator().manual_seed(3), 4, 1000)
     assert torch.equal(a.latents, b.latents) and torch.equal(a.noise, b.noise) and a.size_ids is None

@@ -2,7 +2,8 @@
 
 Each `images` entry (a file, a folder or a glob, relative to the project folder) is expanded and every image is
 opened in full (palpcompose.images); problems (missing, outside the folder, duplicated, unreadable, HEIC) are
-recorded on the Validator with the entry's key, and conversions and small images become notes.
+recorded on the Validator with the entry's key, and conversions and small images become notes. Each image's size
+is recorded (aspect-ratio buckets), and its caption file, if any, read and checked (`_check_caption`).
 """
 
 from __future__ import annotations
