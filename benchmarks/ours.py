@@ -2,7 +2,7 @@
 
 The engine's own setup runs unchanged (train.prepare_state: freeze, placeholder token, LoRA, dtypes, optimizer,
 frozen prompts encoded once); the only difference from `palpcompose train` is where the reference latents come
-from: random pixels encoded once by the VAE here, image files there (data.encode_subject, the same math).
+from: random pixels encoded once by the VAE here, image files there (data.encode_references, the same math).
 The accel levers are applied around it: module-level ones on the UNet, a fused AdamW rebuilt before the first step,
 the SDPA backend as a context around the step, and CUDA graphs by wrapping the state's UNet
 (accel.GraphedTrainingUNet).
@@ -83,7 +83,7 @@ def make_engine_step(
     tokens = models.placeholder_tokens(PROJECT, config.subjects)
     state = train.prepare_state(config, components, accelerator, guidance_config(config), tokens)
 
-    # The reference latents' distributions, encoded once (as data.encode_subject does for image files).
+    # The reference latents' distributions, encoded once (as data.encode_references does for image files).
     with torch.no_grad():
         dist = m.vae.encode(pixel_values.to(accelerator.device, m.vae.dtype)).latent_dist
     scale = m.vae.config.scaling_factor

@@ -144,6 +144,16 @@ def check(project_dir: ProjectDir) -> None:
                      f"{config.train.embedding_learning_rate:g}")
     settings.add_row("rendering", f"{rc.steps} {rc.scheduler} steps at CFG {rc.guidance_scale:g}, "
                      f"{len(rc.seeds)} seed(s)")
+    if config.train.captions:
+        settings.add_row("captions", Text("; ".join(
+            f"[{key}] {n} of {total} image(s)" + (f": {', '.join(first)}{', ...' if n > len(first) else ''}"
+                                                  if n else "")
+            for key, n, total, first in report.captions) + " (a name.txt beside name.png)"))
+    else:
+        settings.add_row("captions", "off (train.captions = false): every image uses its subject's prompt")
+    settings.add_row("training sizes", Text(", ".join(
+        f"{w}x{h} -> {n} image{'s' if n != 1 else ''}" for (w, h), n in report.buckets)
+        + ("" if config.train.buckets else " (train.buckets = false: square centre crops)")))
     if report.project.model_defaults:
         chosen = ", ".join(f"{key} = {value!r}" for key, (value, _) in report.project.model_defaults.items())
         reasons = "; ".join(dict.fromkeys(why for _, why in report.project.model_defaults.values()))

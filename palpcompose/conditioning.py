@@ -42,11 +42,13 @@ class Conditioning:
         return Conditioning(torch.cat([c.embeds for c in items]), pooled)
 
 
-def size_conditioning(resolution: int) -> torch.Tensor:
-    """SDXL's time_ids (1, 6) for a square `resolution` image, uncropped: original size = target size. Training
-    images are resized and center-cropped to this size (data.resize_center_crop), and renders use the same values,
-    which is what StableDiffusionXLPipeline passes by default."""
-    return torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], dtype=torch.float32)
+def size_conditioning(resolution: int, width: int | None = None) -> torch.Tensor:
+    """SDXL's time_ids (1, 6) for a square `resolution` image (or `resolution` high and `width` wide), uncropped:
+    original size = target size. Square training images are resized and center-cropped to this size
+    (data.resize_center_crop), and renders use the same values, which is what StableDiffusionXLPipeline passes by
+    default. (Bucketed training images carry their own: data.encode_references.)"""
+    width = resolution if width is None else width
+    return torch.tensor([[resolution, width, 0, 0, resolution, width]], dtype=torch.float32)
 
 
 class SDXLTextEncoders(torch.nn.Module):

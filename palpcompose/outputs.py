@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from palpcompose import distributed
+from palpcompose.captions import caption_path
 from palpcompose.checkpoint import STATE_FILE, checkpoint_folder, checkpoint_processes
 from palpcompose.errors import DamagedFile, UserError, command_line
 from palpcompose.fsutil import sha256_file
@@ -393,8 +394,12 @@ def locate_weights(project, out: Path, step: int | None) -> tuple[Path, str, lis
 
 
 def image_hashes(project, images: dict[str, tuple[Path, ...]]) -> dict[str, str]:
-    """{path relative to the project: sha256} of every reference image (manifest.json's "images")."""
-    return {p.relative_to(project.root).as_posix(): sha256_file(p) for paths in images.values() for p in paths}
+    """{path relative to the project: sha256} of every reference image and, with train.captions on, of every
+    image's caption file (manifest.json's "images"): a changed caption makes the weights stale as an image does."""
+    files = [p for paths in images.values() for p in paths]
+    if project.config.train.captions:
+        files += [caption_path(p) for p in files if caption_path(p).is_file()]
+    return {p.relative_to(project.root).as_posix(): sha256_file(p) for p in files}
 
 
 def image_changes(before: dict | None, now: dict[str, str], most: int = 5) -> str:

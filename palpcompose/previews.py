@@ -9,6 +9,7 @@ import torch
 
 from palpcompose import models
 from palpcompose.conditioning import Conditioning, size_conditioning
+from palpcompose.data import SubjectData
 from palpcompose.fsutil import atomic_save_image
 from palpcompose.guidance import cfg, predict_x0, v_to_eps
 from palpcompose.step import TrainState, adapters, vae_on_device
@@ -30,10 +31,25 @@ def preview_prompts(config, tokens: dict[str, str]) -> list[tuple[str, str]]:
     return rows
 
 
+def preview_shapes(subjects: list[SubjectData]) -> dict[str, tuple[int, int]]:
+    """The latent (height, width) each preview row is drawn at, with aspect-ratio buckets: a subject's row at its
+    references' most common bucket, the other rows ("" key) at the most common one of all references. Square
+    references: train.resolution everywhere."""
+    def most_common(shapes: list[tuple[int, ...]]) -> tuple[int, int]:
+        return max(sorted(set(shapes)), key=shapes.count)
+
+    per_subject = {s.key: [s.shape(i) for i in range(s.num_images)] for s in subjects}
+    shapes = {key: most_common(found) for key, found in per_subject.items()}
+    shapes[""] = most_common([shape for found in per_subject.values() for shape in found])
+    return shapes
+
+
 @torch.no_grad()
-def render_preview(state: TrainState, config, tokens: dict[str, str], step: int, record) -> Path:
+def render_preview(state: TrainState, config, tokens: dict[str, str], step: int, record,
+                   shapes: dict[str, tuple[int, int]] | None = None) -> Path:
     """One grid PNG (rows: prompts, then the x0-hat diagnostic; columns: fixed seeds) plus a JSON legend, written
-    by `record` (run.RunRecord) into out/previews/.
+    by `record` (run.RunRecord) into out/previews/. `shapes` (preview_shapes): the latent size of each row, the
+    references' own (aspect-ratio buckets); default train.resolution square.
 
     Runs under forked RNG with its own seeded generators, and casts nothing: training is unaffected.
     """
@@ -57,13 +73,21 @@ def render_preview(state: TrainState, config, tokens: dict[str, str], step: int,
     pipe.set_progress_bar_config(disable=True)
     seeds = list(config.render.seeds[:PREVIEW_SEEDS]) or [0]
     res = config.train.resolution
+    factor = pipe.vae_scale_factor
+
+    def size(label: str) -> tuple[int, int]:  # (height, width) in pixels of a row
+        shape = (shapes or {}).get(label, (shapes or {}).get(""))
+        return (res, res) if shape is None else (shape[0] * factor, shape[1] * factor)
+
     rows = preview_prompts(config, tokens)
     grid_rows: list[tuple[str, list]] = []
     cuda_devices = [acc.device] if acc.device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda_devices), acc.autocast(), vae_on_device(state):
         for label, prompt in rows:
+            height, width = size(label)
             images = [
-                pipe(prompt, height=res, width=res, num_inference_steps=min(config.render.steps, PREVIEW_MAX_STEPS),
+                pipe(prompt, height=height, width=width,
+                     num_inference_steps=min(config.render.steps, PREVIEW_MAX_STEPS),
                      guidance_scale=config.render.guidance_scale,
                      generator=torch.Generator("cpu").manual_seed(seed)).images[0]
                 for seed in seeds
@@ -75,8 +99,8 @@ def render_preview(state: TrainState, config, tokens: dict[str, str], step: int,
                 config.palp.target_prompt, {k: s.class_name for k, s in config.subjects.items()})
             current_prompt = models.expand_placeholders(config.palp.target_prompt, tokens)
             for label, prompt, adapter in (("x0 base", class_prompt, False), ("x0 now", current_prompt, True)):
-                grid_rows.append((label, [_x0_image(state, pipe, prompt, adapter, seed, res, config.render.guidance_scale)
-                                         for seed in seeds]))
+                grid_rows.append((label, [_x0_image(state, pipe, prompt, adapter, seed, size(""),
+                                                    config.render.guidance_scale) for seed in seeds]))
     legend = [[label, prompt] for label, prompt in rows]  # top to bottom
     if config.palp.target_prompt:
         legend.append(["x0 base", f"x0-hat at t=T-1, base model (adapter off), {class_prompt!r}"])
@@ -84,12 +108,14 @@ def render_preview(state: TrainState, config, tokens: dict[str, str], step: int,
     return record.preview(step, _grid(grid_rows), {"step": step, "seeds": seeds, "rows": legend})
 
 
-def _x0_image(state: TrainState, pipe, prompt: str, adapter: bool, seed: int, res: int, scale: float):
+def _x0_image(state: TrainState, pipe, prompt: str, adapter: bool, seed: int, size: tuple[int, int], scale: float):
+    """x0-hat at t = T - 1 from the seed's noise, at `size` (height, width) in pixels."""
     c = state.components
     device = state.accelerator.device
     t_last = c.noise_scheduler.config.num_train_timesteps - 1
-    latent_res = res // pipe.vae_scale_factor
-    latents = torch.randn((1, c.unet.config.in_channels, latent_res, latent_res),
+    height, width = size
+    latents = torch.randn((1, c.unet.config.in_channels, height // pipe.vae_scale_factor,
+                           width // pipe.vae_scale_factor),
                           generator=torch.Generator("cpu").manual_seed(seed)).to(device)
     ids = models.tokenize(c.tokenizer, [prompt], c.tokenizer_2)
     cond = models.encode_prompt(state.accelerator.unwrap_model(state.text_encoder), ids)
@@ -97,7 +123,7 @@ def _x0_image(state: TrainState, pipe, prompt: str, adapter: bool, seed: int, re
     timesteps = torch.full((1,), t_last, device=device, dtype=torch.long)
     unet = state.accelerator.unwrap_model(state.unet)
     both = Conditioning.cat([state.null_cond, cond])
-    time_ids = None if state.time_ids is None else size_conditioning(res).to(device)  # the preview's own size
+    time_ids = None if state.time_ids is None else size_conditioning(height, width).to(device)  # the preview's size
     with adapters(state.lora_layers, adapter):
         out = models.unet_forward(unet, torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), both,
                                   time_ids).float()
@@ -112,7 +138,7 @@ def _x0_image(state: TrainState, pipe, prompt: str, adapter: bool, seed: int, re
 def _grid(rows: list[tuple[str, list]]):
     from PIL import Image, ImageDraw
 
-    tile = max(PREVIEW_TILE, rows[0][1][0].width)
+    tile = max(PREVIEW_TILE, *rows[0][1][0].size)
     label_w = 90
     cols = max(len(images) for _, images in rows)
     grid = Image.new("RGB", (label_w + cols * tile, len(rows) * tile), "white")
@@ -120,7 +146,10 @@ def _grid(rows: list[tuple[str, list]]):
     for r, (label, images) in enumerate(rows):
         draw.text((4, r * tile + tile // 2 - 6), label, fill="black")
         for col, image in enumerate(images):
-            grid.paste(image.resize((tile, tile), Image.Resampling.NEAREST), (label_w + col * tile, r * tile))
+            scale = tile / max(image.size)  # a non-square image (a bucket's) fits the tile, centred, undistorted
+            fitted = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.NEAREST)
+            grid.paste(fitted, (label_w + col * tile + (tile - fitted.width) // 2,
+                                r * tile + (tile - fitted.height) // 2))
     return grid
 
 

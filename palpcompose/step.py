@@ -162,22 +162,26 @@ def adapters(lora_layers, enabled: bool):
             layer.enable_adapters(True)
 
 
-def make_denoiser(state: TrainState, timesteps: torch.Tensor, abar_t: torch.Tensor, personal: Conditioning):
-    """The `denoise` callable of guidance.PalpGuidance for this step: fp32 eps with CFG, adapter on or off."""
+def make_denoiser(state: TrainState, timesteps: torch.Tensor, abar_t: torch.Tensor, personal: Conditioning,
+                  time_ids: torch.Tensor | None = None):
+    """The `denoise` callable of guidance.PalpGuidance for this step: fp32 eps with CFG, adapter on or off.
+    `time_ids`: SDXL's size values of the batch (B, 6) (a bucket's); default the state's, train.resolution's."""
     unet = state.unet  # accelerate's prepared model: the UNet itself (its forward runs under autocast)
     prediction_type = state.components.prediction_type
+    time_ids = state.time_ids if time_ids is None else time_ids
 
     def denoise(latents, *, adapter: bool, prompt: str, scale: float) -> torch.Tensor:
         batch = latents.shape[0]
         cond = state.clean_cond.expand(batch) if prompt == "clean" else personal
         if scale == 1.0:  # G^1 = G(x, t, y): no unconditional pass
-            x, t, both, abar = latents, timesteps, cond, abar_t
+            x, t, both, abar, sizes = latents, timesteps, cond, abar_t, time_ids
         else:  # one batched pass for G(x, t, null) and G(x, t, y): (2B, C, H, W)
             x, t, abar = torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), torch.cat([abar_t, abar_t])
             both = Conditioning.cat([state.null_cond.expand(batch), cond])
+            sizes = time_ids if time_ids is None or time_ids.shape[0] == 1 else torch.cat([time_ids, time_ids])
 
         with adapters(state.lora_layers, adapter), state.accelerator.autocast():
-            out = models.unet_forward(unet, x, t, both, state.time_ids)
+            out = models.unet_forward(unet, x, t, both, sizes)
         out = out.float()
         if prediction_type == "v_prediction":
             out = v_to_eps(out, x, abar)
@@ -203,6 +207,17 @@ def gradient_norms(terms: dict[str, torch.Tensor], weight: float, model_pred: to
     return norms
 
 
+def encode_personal(state: TrainState, batch: Batch) -> Conditioning:
+    """y_P of every sample, encoded with the learned tokens (gradients reach them). With per-image captions a batch
+    may hold several prompts: each distinct one is encoded once and shared by its samples."""
+    ids = batch.input_ids.to(state.accelerator.device)
+    if not batch.captions:
+        return models.encode_prompt(state.text_encoder, ids)  # SDXL: + pooled
+    distinct, which = torch.unique(ids, dim=0, return_inverse=True)
+    cond = models.encode_prompt(state.text_encoder, distinct)
+    return Conditioning(cond.embeds[which], None if cond.pooled is None else cond.pooled[which])
+
+
 def training_step(state: TrainState, batch: Batch) -> dict[str, float]:
     """One micro-step (method.md steps 2-7): forward, loss, backward, and the optimizer step when gradients sync."""
     acc, c = state.accelerator, state.components
@@ -210,12 +225,16 @@ def training_step(state: TrainState, batch: Batch) -> dict[str, float]:
     latents, noise = batch.latents.to(device), batch.noise.to(device)
     timesteps = batch.timesteps.to(device)
     abar_t = c.alphas_cumprod.to(device)[timesteps].view(-1, 1, 1, 1)  # (B, 1, 1, 1), the model's own schedule
+    # SDXL's size values: a bucketed batch's own (original size, crop, bucket), else train.resolution's
+    time_ids = state.time_ids
+    if batch.size_ids is not None and time_ids is not None:
+        time_ids = batch.size_ids.to(device)
     with acc.accumulate(state.unet, state.text_encoder):
         with acc.autocast():
             # y_P with the learned token: gradients reach the placeholder rows
-            personal = models.encode_prompt(state.text_encoder, batch.input_ids.to(device))  # SDXL: + pooled
+            personal = encode_personal(state, batch)
             noisy_latents = add_noise(latents, noise, abar_t)  # forward diffusion x_t
-            model_pred = models.unet_forward(state.unet, noisy_latents, timesteps, personal, state.time_ids).float()
+            model_pred = models.unet_forward(state.unet, noisy_latents, timesteps, personal, time_ids).float()
         # Step 2: personalization loss, in the model's own target
         if c.prediction_type == "epsilon":
             target = noise
@@ -229,7 +248,7 @@ def training_step(state: TrainState, batch: Batch) -> dict[str, float]:
             # Step 3: x0_hat from the eps prediction (Eq. 2), graph kept; steps 4-6 in guidance.PalpGuidance
             eps_hat = model_pred if c.prediction_type == "epsilon" else v_to_eps(model_pred, noisy_latents, abar_t)
             x0_hat = predict_x0(noisy_latents, eps_hat, abar_t)
-            denoise = make_denoiser(state, timesteps, abar_t, personal.detach())
+            denoise = make_denoiser(state, timesteps, abar_t, personal.detach(), time_ids)
             terms.update(state.guidance(x0_hat=x0_hat, noise=noise, abar_t=abar_t, denoise=denoise,
                                         fresh_noise=batch.fresh_noise.to(device)))
             loss = loss + state.guidance.config.weight * terms["loss_align"]  # step 7

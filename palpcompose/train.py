@@ -24,7 +24,7 @@ from rich.console import Console
 
 from palpcompose import __version__, distributed, models
 from palpcompose.checkpoint import Checkpoint, restore_rng_state, rng_state
-from palpcompose.data import SubjectData, encode_subject, sample_batch
+from palpcompose.data import SubjectData, encode_references, sample_batch
 from palpcompose.errors import Interrupted, ProjectError, UserError, command_line
 from palpcompose.guidance import NonFiniteError, guidance_config
 from palpcompose.memory import OutOfMemory, estimate_training_memory, out_of_memory_message
@@ -35,10 +35,11 @@ from palpcompose.previews import (
     PREVIEW_TILE,
     plot_losses,
     preview_prompts,
+    preview_shapes,
     render_preview,
 )
 from palpcompose.progress import TrainingProgress, print_summary
-from palpcompose.project import config_prompts, load_project, too_long_problems
+from palpcompose.project import caption_length_problems, config_prompts, load_project, too_long_problems
 from palpcompose.run import Plan, RunRecord, TrainingLock, git_state, make_plan, now
 from palpcompose.step import (
     EMBEDDING_WEIGHT_DECAY,
@@ -191,7 +192,7 @@ def loop(plan: Plan, record: RunRecord, state: TrainState, subjects: list[Subjec
                                "lr": state.optimizer.param_groups[0]["lr"], "time_s": round(time.monotonic() - t0, 3)})
             progress.update(step, losses)
             if record.writer and config.train.preview_every and step % config.train.preview_every == 0:
-                render_preview(state, config, tokens, step, record)  # on the main process only
+                render_preview(state, config, tokens, step, record, preview_shapes(subjects))  # main process only
             if config.train.save_every and step % config.train.save_every == 0 and step < target:
                 record.snapshot(step, trained_weights(state, config, tokens, step))
                 save_checkpoint("running")
@@ -248,6 +249,7 @@ def load_base_model(plan: Plan) -> models.Components:
                         f"({type(exc).__name__}: {exc}); point it at a diffusers folder, a .safetensors file, "
                         "a cached hub id or builtin:toy") from exc
     too_long = too_long_problems(plan.project.file, components.tokenizer, config_prompts(config))
+    too_long += caption_length_problems(components.tokenizer, plan.project)
     if too_long:
         raise ProjectError(too_long)
     return components
@@ -273,15 +275,25 @@ def new_manifest(plan: Plan, accelerator) -> dict:
 
 
 def prepare_subjects(project, config, state: TrainState, tokens: dict[str, str]) -> list[SubjectData]:
-    """Encode every reference once (cached latent distributions) and tokenize each subject's y_P."""
+    """Encode every reference once (cached latent distributions, at its aspect-ratio bucket) and tokenize each
+    subject's y_P, and each image's caption when it has one (project.captions)."""
     c = state.components
+    alignment = models.bucket_alignment(c.unet.config, c.vae.config)
     subjects = []
     for key, subject in config.subjects.items():
-        prompt = models.expand_placeholders(subject.prompt, tokens)
-        mean, std = encode_subject(c.vae, list(project.images[key]), config.train.resolution, bool(subject.flip),
-                                   state.accelerator.device, c.vae.dtype)
-        subjects.append(SubjectData(key, models.tokenize(c.tokenizer, [prompt], c.tokenizer_2)[0], mean, std,
-                                    len(project.images[key]), bool(subject.flip)))
+        paths = list(project.images[key])
+
+        def ids(prompt: str) -> torch.Tensor:
+            return models.tokenize(c.tokenizer, [models.expand_placeholders(prompt, tokens)], c.tokenizer_2)[0]
+
+        refs = encode_references(c.vae, paths, config.train.resolution, bool(subject.flip),
+                                 state.accelerator.device, c.vae.dtype, alignment=alignment,
+                                 bucketed=config.train.buckets)
+        captions = getattr(project, "captions", {}) if config.train.captions else {}
+        image_ids = [ids(captions.get(p, subject.prompt)) for p in paths] if any(p in captions for p in paths) \
+            else None
+        subjects.append(SubjectData(key, ids(subject.prompt), refs.means, refs.stds, len(paths), bool(subject.flip),
+                                    image_ids, refs.size_ids))
     return subjects
 
 def trained_weights(state: TrainState, config, tokens: dict[str, str], step: int) -> TrainedWeights:

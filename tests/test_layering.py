@@ -23,7 +23,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("errors", ("palpcompose", "palpcompose.errors")),
     ("files", ("palpcompose.fsutil",)),
     ("facts", (  # formats and pure functions, each of one job; they know nothing of a project
-        "palpcompose.choices", "palpcompose.images", "palpcompose.placeholders",
+        "palpcompose.choices", "palpcompose.images", "palpcompose.captions", "palpcompose.buckets",
+        "palpcompose.placeholders",
         "palpcompose.tokens", "palpcompose.guidance", "palpcompose.flow_guidance", "palpcompose.conditioning",
         "palpcompose.memory", "palpcompose.distributed",
     )),

@@ -4,6 +4,7 @@ resolve them into the config."""
 
 from __future__ import annotations
 
+from palpcompose import buckets
 from palpcompose.models.resolve import BaseModelSource, config_reader
 
 # builtin:toy's own training and render settings (docs/evaluation.md, "The PALP study"). The training regime was
@@ -52,3 +53,22 @@ def model_defaults(source: BaseModelSource) -> dict[str, tuple[object, str]]:
             defaults[key] = (value, "builtin:toy's own default")
     return defaults
 
+
+
+def bucket_alignment(unet_config, vae_config) -> int:
+    """Pixels an aspect-ratio bucket's sides are a multiple of (buckets.alignment), from the UNet's and VAE's
+    configs (a dict or a diffusers FrozenDict): 64 for SD 1/2 and SDXL, 16 for builtin:toy."""
+    return buckets.alignment(2 ** (len(vae_config["block_out_channels"]) - 1),
+                             len(unet_config["block_out_channels"]) - 1)
+
+
+def source_bucket_alignment(source: BaseModelSource) -> int:
+    """bucket_alignment of a base model read from its configs without loading it (`check`); 64, Stable Diffusion's,
+    when they cannot be read offline (a single-file checkpoint, a hub id that is not cached)."""
+    if source.kind in ("builtin", "folder", "hub"):
+        read = config_reader(source.kind, source.location)
+        try:
+            return bucket_alignment(read("unet/config.json"), read("vae/config.json"))
+        except (TypeError, KeyError, ValueError):
+            pass
+    return buckets.REAL_MODEL_ALIGNMENT

@@ -7,7 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from palpcompose import buckets
+from palpcompose.captions import caption_path
 from palpcompose.errors import Problem
+from palpcompose.models import source_bucket_alignment
 from palpcompose.placeholders import PLACEHOLDER
 from palpcompose.project.load import validate
 from palpcompose.project.schema import Project, ProjectConfig
@@ -25,6 +28,11 @@ class CheckReport:
     token_limit_source: str  # where token_limit comes from ("the model's tokenizer" or why it is assumed)
     prompt_tokens: tuple[tuple[str, str, int | None], ...]  # (key, prompt, token count or None when not counted)
     notes: tuple[str, ...]  # the project's notes (converted images, small images, ...)
+    # (subject key, images with a caption, images, the first few captioned images relative to the project)
+    captions: tuple[tuple[str, int, int, tuple[str, ...]], ...] = ()
+    buckets: tuple[tuple[tuple[int, int], int], ...] = ()  # ((width, height), images) of each training size used
+
+CAPTIONS_SHOWN = 3  # captioned images `check` names per subject
 
 
 def check_project(project_dir: str | Path) -> CheckReport:
@@ -45,10 +53,50 @@ def check_project(project_dir: str | Path) -> CheckReport:
         for key, prompt, n in counts:
             if n > limit:
                 v.problem(key, *_too_long(n, limit))
+        v.problems += caption_length_problems(tokenizer, project)
     if v.problems:
         raise v.error()
     notes = project.notes + tuple(_toy_class_notes(project))
-    return CheckReport(project, source, limit, limit_source, tuple(counts), notes)
+    return CheckReport(project, source, limit, limit_source, tuple(counts), notes, caption_summary(project),
+                       bucket_summary(project, source_bucket_alignment(source)))
+
+
+def caption_summary(project: Project) -> tuple[tuple[str, int, int, tuple[str, ...]], ...]:
+    """Per subject: (key, images with a caption, images, the first CAPTIONS_SHOWN captioned images)."""
+    rows = []
+    for key, paths in project.images.items():
+        captioned = [p.relative_to(project.root).as_posix() for p in paths if p in project.captions]
+        rows.append((key, len(captioned), len(paths), tuple(captioned[:CAPTIONS_SHOWN])))
+    return tuple(rows)
+
+
+def bucket_summary(project: Project, alignment: int) -> tuple[tuple[tuple[int, int], int], ...]:
+    """((width, height), number of images) of each training size the references use (buckets.choose_bucket)."""
+    train = project.config.train
+    counts: dict[tuple[int, int], int] = {}
+    for paths in project.images.values():
+        for path in paths:
+            size = project.image_sizes.get(path, (train.resolution, train.resolution))
+            bucket = buckets.choose_bucket(size, train.resolution, alignment, train.buckets)
+            counts[bucket] = counts.get(bucket, 0) + 1
+    return tuple(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def caption_prompts(project: Project) -> list[tuple[Path, str]]:
+    """(caption file, prompt) of every image with a caption (Project.captions)."""
+    return [(caption_path(image), prompt) for image, prompt in sorted(project.captions.items())]
+
+
+def caption_length_problems(tokenizer, project: Project) -> list[Problem]:
+    """A Problem naming the caption file for each caption longer than the text encoder reads (check and train)."""
+    captions = caption_prompts(project)
+    limit, counts = count_prompt_tokens(tokenizer, [(str(file), prompt) for file, prompt in captions])
+    problems = []
+    for file, _, n in counts:
+        if n > limit:
+            message, hint = _too_long(n, limit)
+            problems.append(Problem(file, f"the caption {message}", line=1, hint=hint))
+    return problems
 
 
 def _toy_class_notes(project: Project) -> list[str]:

@@ -57,5 +57,6 @@ def validate(project_dir: Path, with_images: bool) -> tuple[Validator, Project |
     project = None
     if config is not None:
         config = apply_model_defaults(config, resolved)
-        project = Project(root, root / PROJECT_FILE, config, images, tuple(v.notes), resolved)
+        project = Project(root, root / PROJECT_FILE, config, images, tuple(v.notes), resolved,
+                          captions=dict(v.captions), image_sizes=dict(v.image_sizes))
     return v, project

@@ -2,7 +2,8 @@
 
 Each `images` entry (a file, a folder or a glob, relative to the project folder) is expanded and every image is
 opened in full (palpcompose.images); problems (missing, outside the folder, duplicated, unreadable, HEIC) are
-recorded on the Validator with the entry's key, and conversions and small images become notes.
+recorded on the Validator with the entry's key, and conversions and small images become notes. Each image's size
+is recorded (aspect-ratio buckets), and its caption file, if any, read and checked (`_check_caption`).
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from palpcompose.errors import UserError
+from palpcompose.captions import CaptionError, caption_path, read_caption
+from palpcompose.errors import Problem, UserError
 from palpcompose.images import heic_fix, is_heic_name, is_image_name, open_reference_image
 from palpcompose.models import model_defaults, resolve_base_model
+from palpcompose.placeholders import PLACEHOLDER, placeholder_problems
 from palpcompose.project.schema import Project, SubjectConfig
 from palpcompose.project.validation import Validator
 
@@ -73,10 +76,13 @@ def check_images(v: Validator, root: Path, subjects: dict[str, SubjectConfig],
                 continue
             owner[path] = key
             try:
-                _, notes = open_reference_image(path, resolution)
+                image, notes = open_reference_image(path, resolution)
             except UserError as exc:
                 v.problem(skey, str(exc).replace(str(path), shown, 1))
                 continue
+            v.image_sizes[path] = image.size
+            if v.read_captions:
+                _check_caption(v, root, key, path, subjects)
             v.notes.extend(n.replace(str(path), shown, 1) for n in notes)
             digest = hashlib.sha256(path.read_bytes()).hexdigest()
             if digest in by_content:
@@ -88,6 +94,37 @@ def check_images(v: Validator, root: Path, subjects: dict[str, SubjectConfig],
             by_content[digest] = (key, path)
         result[key] = tuple(sorted(p for p in found if owner.get(p) == key))
     return result
+
+
+def _check_caption(v: Validator, root: Path, key: str, image: Path, subjects: dict[str, SubjectConfig]) -> None:
+    """The caption beside `image` (captions.caption_path), if any, read and checked: its placeholders must be the
+    subject's own; a caption without one gets it in front, with a note. Records it in v.captions."""
+    file = caption_path(image)
+    if not (file.exists() or file.is_symlink()):
+        return
+    shown = _shown(root, file)
+    if not file.resolve().is_relative_to(root):
+        v.problems.append(Problem(str(file), f"links outside the project folder (to {file.resolve()})",
+                                  hint="copy the caption into the project instead of linking it"))
+        return
+    try:
+        text = read_caption(file)
+    except CaptionError as exc:
+        v.problems.append(Problem(str(file), exc.reason, line=exc.line))
+        return
+    problems = placeholder_problems(text, set(subjects))
+    problems += [(f"names [{other}], the placeholder of another subject: a caption describes one image of [{key}]",
+                  f"remove [{other}], or move {_shown(root, image)} to subject {other}'s images")
+                 for other in dict.fromkeys(PLACEHOLDER.findall(text)) if other != key and other in subjects]
+    for message, hint in problems:
+        v.problems.append(Problem(str(file), f"caption of {_shown(root, image)} {message}", line=1, hint=hint))
+    if problems:
+        return
+    if f"[{key}]" not in text:
+        text = f"[{key}] {text}"
+        v.notes.append(f"{shown}: the caption has no [{key}]; training reads it as {text!r} (write [{key}] where "
+                       "the subject belongs in the sentence)")
+    v.captions[image] = text
 
 
 def _expand_entry(v: Validator, root: Path, skey: str, entry: str) -> list[Path]:

@@ -124,7 +124,8 @@ class TrainConfig:
                            ge=1, le=1024)
     lora_alpha: float | None = _spec("LoRA scaling numerator (the update is scaled by lora_alpha / lora_rank). "
                                      "Default: equal to lora_rank.", None, gt=0.0, extension=True)
-    resolution: int = _spec("Training resolution in pixels (square center crops); a multiple of 8. Default: the "
+    resolution: int = _spec("Training resolution in pixels (square center crops; non-square images train at about "
+                            "its area with `buckets`); a multiple of 8. Default: the "
                             "base model's native size, read from its UNet and VAE configs (64 for builtin:toy, 512 "
                             "for SD 1.x, 768 for SD 2 768-v, 1024 for SDXL); 512 when they cannot be read offline.",
                             512, ge=8, le=4096, multiple_of=8)
@@ -142,6 +143,15 @@ class TrainConfig:
     gradient_checkpointing: bool = _spec("Recompute UNet activations in the backward pass to save memory.", False,
                                          extension=True)
     max_grad_norm: float = _spec("Gradient clipping norm (0: no clipping).", 1.0, ge=0.0, extension=True)
+    buckets: bool = _spec(
+        "Aspect-ratio buckets: a non-square reference trains at the size nearest its aspect ratio (up to 2:1, about "
+        "resolution's area, sides multiples of 64 for Stable Diffusion) instead of a centre square crop; each "
+        "micro-batch holds one size. Square references train exactly as with `false` (square centre crops for "
+        "every image). `check` lists the sizes used.", True, extension=True)
+    captions: bool = _spec(
+        "Read per-image captions: a `name.txt` beside a reference `name.png` holds that image's personalization "
+        "prompt (with the subject's placeholder, put in front when missing); images without one use "
+        "`subjects.Vn.prompt`. `false` ignores the .txt files.", True, extension=True)
     low_memory: bool = _spec(
         "Low-memory preset for 8 GB GPUs: gradient checkpointing on, and the VAE kept off the GPU once the reference "
         "images are encoded (it comes back only to draw previews). Same results, slower steps.", False,
@@ -220,6 +230,10 @@ class Project:
     notes: tuple[str, ...]  # warnings and notes for the user (mode conversions, small images, ...)
     # Keys palp.toml leaves out whose default the base model decided: dotted key -> (value, why)
     model_defaults: dict[str, tuple[Any, str]] = field(default_factory=dict)
+    # Per-image captions (train.captions): image path -> its prompt with the subject's placeholder; images without
+    # a caption file are not listed (they use subjects.Vn.prompt)
+    captions: dict[Path, str] = field(default_factory=dict)
+    image_sizes: dict[Path, tuple[int, int]] = field(default_factory=dict)  # image -> (width, height) (buckets)
 
 
 # ----------------------------------------------------------------------------------------------------------------

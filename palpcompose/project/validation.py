@@ -49,6 +49,9 @@ class Validator:
         self.checkable: tuple[ProjectSection | None, dict[str, SubjectConfig], int] | None = None
         self.base_model = None  # the models.BaseModelSource project.base_model names, once resolved
         self.given: set[str] = set()  # dotted keys palp.toml sets (the others get defaults)
+        self.read_captions = True  # train.captions: read the images' caption files (references._check_caption)
+        self.captions: dict[Path, str] = {}  # image -> its caption's prompt (with the subject's placeholder)
+        self.image_sizes: dict[Path, tuple[int, int]] = {}  # image -> (width, height), EXIF orientation applied
 
     def error(self) -> ProjectError:
         return ProjectError(sorted(self.problems, key=lambda p: (p.line is None, p.line or 0)))
@@ -116,6 +119,7 @@ class Validator:
         name_ok = self.check_name(doc)
         # What the base-model and image checks can still look at when other parts are broken.
         self.checkable = (sections["project"], subjects, train.resolution if train else TrainConfig.resolution)
+        self.read_captions = train.captions if train else TrainConfig.captions
         if not (subjects_ok and name_ok) or any(section is None for section in sections.values()):
             return None
         # Resolve the documented "default: X" values, so every consumer sees the same numbers.
