@@ -30,11 +30,13 @@ from palpcompose.fsutil import atomic_write_text, os_error_text
 # The readers of out/ (one import line: they are moving to palpcompose.outputs).
 from palpcompose.outputs import (
     LOCK_FILE,
+    MANIFEST_FIELDS,
     MANIFEST_FILE,
     RENDER_INDEX_FILE,
     RENDERS_DIR,
     TrainingLock,
     eval_path,
+    field_problem,
     final_dir,
     previews_dir,
     read_json,
@@ -51,13 +53,6 @@ MAX_PREVIEW_PX = 1024  # longest side of an embedded preview grid or contact she
 MAX_IMAGE_PX = 512  # longest side of an embedded single render
 MAX_LOOSE_IMAGES = 24  # a render folder without a contact sheet shows at most this many of its images
 
-# What the manifest's fields should be; a field of another type is named in the page as damaged and not used.
-MANIFEST_FIELDS: dict[str, tuple[type, ...]] = {
-    "status": (str,), "guidance": (str,), "steps_done": (int,), "steps_target": (int,), "started_at": (str,),
-    "finished_at": (str, type(None)), "wall_time_s": (int, float), "device": (str,), "config": (dict,),
-    "base_model": (dict,), "palpcompose_version": (str,), "num_processes": (int,), "effective_batch_size": (int,),
-    "images": (dict,), "tokens": (dict,), "git": (dict, type(None)),
-}
 LOG_TERMS = (  # (key or (numerator, denominator), title, what it is)
     ("loss_pers", "loss_pers", "personalization loss (denoising the reference images)"),
     ("loss_align", "loss_align", "PALP alignment term (score sampling towards the clean prompt)"),
@@ -212,12 +207,11 @@ def _read_run(run_id: str, folder: Path, manifest: dict | None, damaged: list) -
     if manifest is None and not path.exists():
         damaged.append((path, "missing: the run's settings are unknown"))
     for key, value in (manifest or {}).items():
-        types = MANIFEST_FIELDS.get(key)
-        if types is None or (isinstance(value, types) and not (isinstance(value, bool) and bool not in types)):
+        problem = field_problem(key, value, MANIFEST_FIELDS[key]) if key in MANIFEST_FIELDS else None
+        if problem is None:
             run.manifest[key] = value
-        else:
-            expected = " or ".join("null" if t is type(None) else t.__name__ for t in types)
-            damaged.append((path, f"field {key!r} is {json.dumps(value)[:40]}, not {expected}; not shown"))
+        else:  # the field named as damaged in the page (the types: outputs.MANIFEST_FIELDS, checked by every reader)
+            damaged.append((path, f"field {problem}; not shown"))
     try:
         if not _not_a_file(train_log_path(folder), damaged):
             run.log = read_jsonl(train_log_path(folder))
@@ -239,8 +233,8 @@ def _read_run(run_id: str, folder: Path, manifest: dict | None, damaged: list) -
     if run_id == "current" and (folder / LOCK_FILE).exists():
         try:
             run.live = TrainingLock(folder / LOCK_FILE).holder()
-        except (TypeError, ValueError, AttributeError):
-            damaged.append((folder / LOCK_FILE, "not a lock of palpcompose (pid, host, started_at)"))
+        except UserError as exc:  # a folder, or a pid that is no process id: the page names it
+            damaged.append((folder / LOCK_FILE, str(exc)))
     return run
 
 
