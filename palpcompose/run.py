@@ -370,10 +370,10 @@ class RunRecord:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
             try:
-                free = f", {shutil.disk_usage(self.out).free / 1e6:.1f} MB free"
+                free = f", {_size(shutil.disk_usage(self.out).free)} free"
             except OSError:
                 free = ""
-            need = f"about {max(size, 1) / 1e6:.1f} MB needed{free}" if size else free.removeprefix(", ")
+            need = f"about {_size(size)} needed{free}" if size else free.removeprefix(", ")
             root = self.out.parent
             target = self.manifest.get("steps_target")
             steps = ("--steps", target) if isinstance(target, int) else ()
@@ -381,8 +381,8 @@ class RunRecord:
                 then = (f"`{command_line('palpcompose', 'train', root, '--resume', *steps)}` continues from the "
                         f"checkpoint at step {self.checkpoint_step}")
             else:
-                then = f"no checkpoint was written yet, so `{command_line('palpcompose', 'train', root, *steps)}` " \
-                       "starts again"
+                then = f"`{command_line('palpcompose', 'train', root, *steps)}` starts again (no checkpoint was " \
+                       "written yet)"
             raise DiskFull(f"no space left on the disk of {self.out} while writing {what} ({need}); free some "
                            f"space, then {then}") from None
 
@@ -432,6 +432,11 @@ class RunRecord:
     def _write_manifest(self) -> None:
         if self.writer:
             self._write(self.manifest_path, lambda: atomic_write_json(self.manifest_path, self.manifest))
+
+
+def _size(n: int) -> str:
+    """'3.2 MB', '41 KB'."""
+    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{max(n, 1000) / 1e3:.0f} KB"
 
 
 def _nbytes(weights: TrainedWeights) -> int:

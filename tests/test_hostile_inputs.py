@@ -180,8 +180,8 @@ def test_a_full_disk_while_saving_a_snapshot(tmp_path, monkeypatch):
     with pytest.raises(DiskFull) as caught:
         record.snapshot(1, weights)
     message = str(caught.value)
-    assert "no space left" in message and "step-000001" in message and "MB" in message
-    assert "train" in message and "--steps 30" in message and "starts again" in message
+    assert "no space left" in message and "step-000001" in message and "KB needed" in message
+    assert "train" in message and "--steps 30` starts again (no checkpoint" in message
     assert not (out / "snapshots").exists()  # no empty snapshot folder
     assert caught.value.exit_code == 2
 
