@@ -173,9 +173,10 @@ def train(
                      "run could be continued; the earlier run is kept in out/runs/<id>/.")] = False,
 ) -> None:
     """Train the project's subjects with PALP: progress bar, previews, snapshots, out/weights/final/."""
-    from palpcompose.project import load_project
+    from palpcompose.project import check_option, load_project
     from palpcompose.train import train as train_project
 
+    check_option("--steps", "train.steps", steps)  # before any work: the range train.steps has in palp.toml
     project = load_project(project_dir)
     for note in project.notes:
         err_console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
@@ -215,12 +216,16 @@ def render(
 ) -> None:
     """Render prompts with the trained weights: PNGs and a contact sheet under DIR/out/renders/<run>/ (or --out)."""
     from palpcompose.distributed import refuse_launcher
-    from palpcompose.project import load_project
+    from palpcompose.project import check_option, load_project
     from palpcompose.render import render as render_project
     from palpcompose.render import summary_table
 
     refuse_launcher("render")
     steps = _renamed("render", "--steps", old_steps, "--sampling-steps", sampling_steps)
+    for option, key, value in (("--sampling-steps", "render.steps", steps), ("--width", "render.width", width),
+                               ("--height", "render.height", height), ("--batch-size", "render.batch_size", batch_size),
+                               ("--guidance-scale", "render.guidance_scale", guidance_scale)):
+        check_option(option, key, value)  # before any work: the ranges of the same keys in palp.toml
     project = load_project(project_dir, check_images=False)
     result = render_project(
         project, prompts=prompt, seeds=seeds, step=snapshot, steps=steps, guidance_scale=guidance_scale, width=width,
@@ -336,6 +341,21 @@ def _take_debug_flag(argv: list[str]) -> list[str]:
     return [a for a in argv[:end] if a != "--debug"] + argv[end:]
 
 
+def _os_error_message(exc: OSError) -> str:
+    """What the file system refused, and what to do: '/proc/x: could not write it (No such file or directory);
+    choose another place'. The command's own checks come first; this is what they cannot foresee."""
+    import errno
+
+    fix = {errno.ENOSPC: "the disk is full: free some space and run the command again",
+           errno.EDQUOT: "the disk quota is used up: free some space and run the command again",
+           errno.EACCES: "no permission: choose a place you can write to, or fix its permissions",
+           errno.EPERM: "not permitted: choose a place you can write to",
+           errno.EROFS: "a read-only file system: choose a place you can write to"}.get(exc.errno,
+                                                                                      "choose another place")
+    where = f"{exc.filename}: " if exc.filename else ""
+    return f"{where}could not read or write it ({exc.strerror or exc}); {fix}"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the Typer app and map errors to exit codes."""
     # transformers warns on every import that torchvision is missing (we never need it); keep its errors only
@@ -362,6 +382,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(exc.exit_code)
     except typer.Abort:
         sys.exit(130)
+    except OSError as exc:  # the file system refused: a full disk, a folder that cannot be made, no permission
+        if os.environ.get("PALP_DEBUG"):
+            raise
+        err_console.print(f"[bold red]error:[/] {escape(_os_error_message(exc))}", highlight=False, soft_wrap=True)
+        sys.exit(2)
     except Exception as exc:
         if hasattr(exc, "show") and hasattr(exc, "exit_code"):  # click/Typer usage errors: bad options or arguments
             exc.show()

@@ -65,8 +65,12 @@ def is_toy_object(class_name: str) -> bool:
 def _open_rgb(path: Path):
     from PIL import Image
 
-    with Image.open(path) as im:
-        return im.convert("RGB")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:  # a .png that is no image, truncated, a bomb
+        raise UserError(f"{path}: not a readable image ({type(exc).__name__}: {exc}); remove it from the folder, "
+                        "or render again") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -272,6 +276,8 @@ def resolve_renders(project, renders: str | Path) -> Path:
     path = Path(renders).expanduser()
     if path.is_dir():
         return path
+    if path.exists():
+        raise UserError(f"--renders {renders}: is a file, not a folder; give the render folder that holds the images")
     out = out_dir(project.root)
     run = renders_dir(out) / str(renders)
     if run.is_dir():
@@ -315,7 +321,8 @@ def _mean(values):
 def _trained_guidance(project, run: str | None = None) -> str | None:
     """The guidance of the trained weights, from the run's manifest.json (out/, or out/runs/<run>/ with --run; None
     when unreadable)."""
-    return (read_json(manifest_path(run_out_dir(project, run))) or {}).get("guidance")
+    guidance = (read_json(manifest_path(run_out_dir(project, run))) or {}).get("guidance")
+    return guidance if isinstance(guidance, str) else None
 
 
 def evaluate(project, *, clip=None, oracle: bool = False, renders=None, seeds=None, step: int | None = None,

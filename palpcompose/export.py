@@ -37,7 +37,18 @@ import torch
 from palpcompose import __version__
 from palpcompose.errors import UserError, WeightsDoNotFit
 from palpcompose.fsutil import atomic_write_files, check_folder_can_be_made, os_error_text, safetensors_bytes
-from palpcompose.outputs import check_trained_for, load_weights, locate_weights, read_manifest, run_out_dir
+from palpcompose.outputs import (
+    RENDERS_DIR,
+    RUN_FOLDERS,
+    RUNS_DIR,
+    check_trained_for,
+    load_weights,
+    locate_weights,
+    out_dir,
+    read_manifest,
+    run_out_dir,
+)
+from palpcompose.project import listed_images
 from palpcompose.weights import TrainedWeights
 
 FORMATS = ("diffusers", "webui")
@@ -83,6 +94,7 @@ def export(project, fmt: str, out_path, step: int | None = None, force: bool = F
     out_path = Path(out_path).expanduser()
     if out_path.exists() and not out_path.is_dir():
         raise UserError(f"--out {out_path}: is a file; give a folder (it is created if missing)")
+    _check_out_place(project, out_path)
     header = _header(project, weights, label)
     if fmt == "diffusers":
         plan = _diffusers_files(weights, out_path, header)
@@ -103,6 +115,34 @@ def export(project, fmt: str, out_path, step: int | None = None, force: bool = F
         raise UserError(f"--out {out_path}: could not write ({os_error_text(exc)}); nothing was changed there; "
                         "choose a folder you can write to") from exc
     return ExportResult(out_path, fmt, label, tuple(f for f, _, _ in plan), tuple(warnings))
+
+
+def _check_out_place(project, out_path: Path) -> None:
+    """--out must not mix the exported files with what palpcompose manages (out/ itself, a run's folders in it) or
+    with the reference images (the next `check` or `train` would meet .safetensors files among them). A new
+    folder of its own inside out/ (out/exports/) is fine."""
+    target = out_path.resolve()
+    out = out_dir(project.root).resolve()
+    managed = (*RUN_FOLDERS, RENDERS_DIR, RUNS_DIR)
+    if target == out or (target.is_relative_to(out) and target.relative_to(out).parts[0] in managed):
+        raise UserError(f"--out {out_path}: is palpcompose's own {_shown(project, target)} folder, where exported "
+                        "files would mix with the runs; choose a folder of its own, e.g. "
+                        f"{_shown(project, out / 'exports')} or a folder outside the project")
+    try:
+        folders = {path.parent.resolve() for paths in listed_images(project).values() for path in paths}
+    except OSError:  # unreadable references are check's and train's to report
+        folders = set()
+    for folder in sorted(folders):
+        if target == folder or target.is_relative_to(folder):
+            raise UserError(f"--out {out_path}: holds the reference images ({_shown(project, folder)}); exported "
+                            "weights there would be mixed with them; choose another folder")
+
+
+def _shown(project, path: Path) -> str:
+    try:
+        return path.relative_to(project.root.resolve()).as_posix() + "/"
+    except ValueError:
+        return str(path)
 
 
 def _header(project, weights: TrainedWeights, label: str) -> dict[str, str]:

@@ -184,10 +184,64 @@ def read_jsonl(path: Path) -> list[dict]:
     return entries
 
 
+# The manifest's fields and their JSON types, checked by every reader (`load_manifest`): a manifest edited by hand
+# or damaged names its field instead of failing later inside int() or a comparison. "status" is required.
+MANIFEST_FIELDS: dict[str, tuple[type, ...]] = {
+    "status": (str,), "guidance": (str,), "steps_done": (int,), "steps_target": (int,), "started_at": (str,),
+    "finished_at": (str, type(None)), "wall_time_s": (int, float), "device": (str,), "config": (dict,),
+    "base_model": (dict,), "palpcompose_version": (str,), "num_processes": (int,), "effective_batch_size": (int,),
+    "images": (dict,), "tokens": (dict,), "git": (dict, type(None)), "palp_toml": (dict,), "config_hash": (str,),
+    "training_hash": (str,), "model_defaults": (dict,),
+}
+_BASE_MODEL_FIELDS = {"spec": (str,), "identity": (str,), "kind": (str,)}  # manifest["base_model"]
+_JSON_NAMES = {str: "a string", int: "an integer", float: "a number", dict: "an object", type(None): "null"}
+
+
+def field_problem(name: str, value, types: tuple[type, ...]) -> str | None:
+    """'steps_done is "x", not an integer' when `value` is none of `types` (a bool is no number); else None."""
+    if isinstance(value, types) and not (isinstance(value, bool) and bool not in types):
+        return None
+    if int in types and isinstance(value, int) and not isinstance(value, bool):
+        return None
+    expected = " or ".join(dict.fromkeys(_JSON_NAMES.get(t, t.__name__) for t in types))
+    return f"{name} is {json.dumps(value, default=str)[:40]}, not {expected}"
+
+
+def manifest_problems(data: dict) -> list[str]:
+    """What is wrong with the fields of a manifest (MANIFEST_FIELDS): [] when every field palpcompose reads has its
+    type. Unknown fields pass (a newer version may add some)."""
+    problems = [] if "status" in data else ["status is missing"]
+    for name, types in MANIFEST_FIELDS.items():
+        if name in data and (problem := field_problem(name, data[name], types)):
+            problems.append(problem)
+    if isinstance(data.get("base_model"), dict):
+        problems += [problem for name, types in _BASE_MODEL_FIELDS.items() if name in data["base_model"]
+                     and (problem := field_problem(f"base_model.{name}", data["base_model"][name], types))]
+    return problems
+
+
+def load_manifest(out: Path) -> dict | None:
+    """out/manifest.json, each field it holds of its type (MANIFEST_FIELDS); None when missing. DamagedFile names
+    the file and the damaged field (no options: `read_manifest` and `train` add theirs)."""
+    path = manifest_path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: is a file, not a folder; palpcompose keeps a project's outputs in {out}/: move the "
+                        "file away (or rename it)")
+    if path.is_dir():
+        raise DamagedFile(path, "a folder, not a file")
+    data = read_json(path, strict=True)
+    if data is not None:
+        problems = manifest_problems(data)
+        if problems:
+            raise DamagedFile(path, "; ".join(problems))
+    return data
+
+
 def read_manifest(out: Path) -> dict | None:
-    """out/manifest.json (None when missing); DamagedFile when unreadable, with what to do about it."""
+    """out/manifest.json (None when missing); DamagedFile when unreadable or a field has the wrong type, with what
+    to do about it."""
     try:
-        return read_json(manifest_path(out), strict=True)
+        return load_manifest(out)
     except DamagedFile as exc:
         if is_kept_run(out):  # a kept run: --resume and --force act on the current run, not this one
             raise exc.with_options("Options: restore the file, or render or export another run (without --run, "
@@ -234,13 +288,25 @@ class TrainingLock:
         self.path = Path(path)
 
     def holder(self) -> dict | None:
-        """The live lock's content, or None when there is no lock or it is stale."""
+        """The live lock's content, or None when there is no lock or it is stale (its process is gone, or it holds
+        bytes no `train` wrote: a lock palpcompose cannot read is no live run). UserError when the lock is a folder,
+        or names this host with a pid that is no process id (-1 or 0 would make os.kill signal a whole group)."""
+        if self.path.is_dir():
+            raise UserError(f"{self.path}: is a folder, not a training lock; remove it (`rm -r {self.path}`) if no "
+                            "`train` of this project is running")
         try:
             info = json.loads(self.path.read_text())
         except (OSError, ValueError):
             return None
-        if info.get("host") == socket.gethostname() and not _pid_alive(int(info.get("pid", -1))):
+        if not isinstance(info, dict):
             return None
+        if info.get("host") == socket.gethostname():
+            pid = info.get("pid")
+            if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+                raise UserError(f"{self.path} is damaged (pid {json.dumps(pid, default=str)[:40]}, not a process "
+                                "id); if no `train` of this project is running, delete the file")
+            if not _pid_alive(pid):
+                return None
         return info
 
     def check(self) -> None:
@@ -275,6 +341,8 @@ class TrainingLock:
 
 
 def _pid_alive(pid: int) -> bool:
+    if pid <= 0:  # os.kill(0 or -1, 0) signals a process group or every process: never "alive"
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -315,8 +383,8 @@ def unfinished(project, out: Path) -> str | None:
         return (f"training in progress (pid {live.get('pid')} on {live.get('host')}, started {live.get('started_at')});"
                 " wait for it to finish")
     kept = out != out_dir(project.root)  # a run kept in out/runs/: it cannot be resumed
-    status = (read_json(manifest_path(out)) or {}).get("status") or "interrupted"
-    if status in ("running", "completed"):  # no live lock: the process is gone
+    status = (read_json(manifest_path(out)) or {}).get("status")
+    if not isinstance(status, str) or status in ("running", "completed"):  # no live lock: the process is gone
         status = "interrupted"
     checkpoint = checkpoint_folder(checkpoint_dir(out))
     if checkpoint is not None:

@@ -58,6 +58,7 @@ from palpcompose.outputs import (
 from palpcompose.project import (
     MAX_SEED,
     PLACEHOLDER,
+    check_option,
     config_prompts,
     count_prompt_tokens,
     placeholder_problems,
@@ -461,6 +462,12 @@ def render(
             raise Interrupted("interrupted before the first image was drawn; nothing was written") from None
         raise Interrupted(f"interrupted after {len(images)} of {len(models) * len(jobs)} images; they are in "
                           f"{run_dir} (no contact sheet or render.json)") from None
+    except BaseException:  # an error before the first image: no empty render folder left behind
+        if not images and made:
+            import shutil
+
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
     # 5. Contact sheet and the run's index.
     sheet_path = run_dir / CONTACT_SHEET_FILE
@@ -499,19 +506,16 @@ def _validate(settings: RenderSettings) -> None:
         raise UserError(
             f"scheduler {settings.scheduler!r} is not known; choose one of: {', '.join(SCHEDULERS)}"
         )
-    if settings.steps < 1:
-        raise UserError(f"--sampling-steps must be at least 1 (got {settings.steps})")
-    if settings.guidance_scale < 0:
-        raise UserError(f"--guidance-scale must not be negative (got {settings.guidance_scale})")
-    if settings.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1 (got {settings.batch_size})")
     if not 0 < settings.lora_scale <= MAX_LORA_SCALE:
         raise UserError(f"--lora-scale must be above 0 and at most {MAX_LORA_SCALE:g} (got {settings.lora_scale:g}): "
                         "1 renders the LoRA as trained, 0.5 at half strength; for the base model use --compare or "
                         "--base")
-    for name, value in (("width", settings.width), ("height", settings.height)):
-        if value < 8 or value % 8:
-            raise UserError(f"--{name} must be a positive multiple of 8 (got {value})")
+    # the options' ranges are those of the [render] keys they stand for (one check: project.check_option)
+    for option, key, value in (("--sampling-steps", "render.steps", settings.steps),
+                               ("--guidance-scale", "render.guidance_scale", settings.guidance_scale),
+                               ("--batch-size", "render.batch_size", settings.batch_size),
+                               ("--width", "render.width", settings.width), ("--height", "render.height", settings.height)):
+        check_option(option, key, value)
 
 
 def generate(pipe, texts: list[str], seeds: list[int], settings: RenderSettings):

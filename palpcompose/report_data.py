@@ -20,10 +20,12 @@ from palpcompose.errors import DamagedFile, UserError, command_line
 from palpcompose.fsutil import os_error_text
 from palpcompose.outputs import (
     CONTACT_SHEET_FILE,
+    MANIFEST_FIELDS,
     RENDER_INDEX_FILE,
     RENDERS_DIR,
     TrainingLock,
     eval_path,
+    field_problem,
     final_dir,
     lock_path,
     manifest_path,
@@ -39,14 +41,6 @@ from palpcompose.outputs import (
 )
 from palpcompose.project import PROJECT_FILE
 from palpcompose.weights import LORA_FILE
-
-# What the manifest's fields should be; a field of another type is named in the page as damaged and not used.
-MANIFEST_FIELDS: dict[str, tuple[type, ...]] = {
-    "status": (str,), "guidance": (str,), "steps_done": (int,), "steps_target": (int,), "started_at": (str,),
-    "finished_at": (str, type(None)), "wall_time_s": (int, float), "device": (str,), "config": (dict,),
-    "base_model": (dict,), "palpcompose_version": (str,), "num_processes": (int,), "effective_batch_size": (int,),
-    "images": (dict,), "tokens": (dict,), "git": (dict, type(None)),
-}
 
 
 @dataclass
@@ -181,12 +175,11 @@ def _read_run(run_id: str, folder: Path, manifest: dict | None, damaged: list) -
     if manifest is None and not path.exists():
         damaged.append((path, "missing: the run's settings are unknown"))
     for key, value in (manifest or {}).items():
-        types = MANIFEST_FIELDS.get(key)
-        if types is None or (isinstance(value, types) and not (isinstance(value, bool) and bool not in types)):
+        problem = field_problem(key, value, MANIFEST_FIELDS[key]) if key in MANIFEST_FIELDS else None
+        if problem is None:
             run.manifest[key] = value
-        else:
-            expected = " or ".join("null" if t is type(None) else t.__name__ for t in types)
-            damaged.append((path, f"field {key!r} is {json.dumps(value)[:40]}, not {expected}; not shown"))
+        else:  # the field named as damaged in the page (the types: outputs.MANIFEST_FIELDS, checked by every reader)
+            damaged.append((path, f"field {problem}; not shown"))
     try:
         if not _not_a_file(train_log_path(folder), damaged):
             run.log = read_jsonl(train_log_path(folder))

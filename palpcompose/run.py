@@ -11,8 +11,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import shutil
 import subprocess
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -39,6 +42,7 @@ from palpcompose.outputs import (  # noqa: F401 - also re-exported: palpcompose.
     has_run,
     image_changes,
     image_hashes,
+    load_manifest,
     lock_path,
     loss_plot_path,
     manifest_path,
@@ -56,7 +60,13 @@ from palpcompose.outputs import (  # noqa: F401 - also re-exported: palpcompose.
     trained_with,
     unfinished,
 )
-from palpcompose.project import changed_weight_settings, describe_changes, load_project, weight_settings
+from palpcompose.project import (
+    changed_weight_settings,
+    check_option,
+    describe_changes,
+    load_project,
+    weight_settings,
+)
 from palpcompose.weights import TrainedWeights, save_trained_weights
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -100,8 +110,7 @@ def make_plan(project, *, steps: int | None = None, resume: bool = False, guidan
     config = project.config
     if guidance is not None and guidance not in GUIDANCE_MODES:
         raise UserError(f"--guidance must be one of {', '.join(GUIDANCE_MODES)}, not {guidance!r}")
-    if steps is not None and steps < 1:
-        raise UserError(f"--steps must be at least 1, not {steps}")
+    check_option("--steps", "train.steps", steps)  # the range of train.steps in palp.toml
     mode = guidance or config.palp.guidance
     if mode != "none" and not (config.palp.target_prompt and config.palp.clean_prompt):
         raise UserError(f"{project.file}: guidance {mode!r} needs palp.target_prompt and palp.clean_prompt; set "
@@ -127,19 +136,23 @@ def make_plan(project, *, steps: int | None = None, resume: bool = False, guidan
         fresh_command=(launched or "palpcompose") + " " + command_line("train", project.root) + steps_option,
     )
     try:
-        plan.previous = read_json(manifest_path(out), strict=True)
+        plan.previous = load_manifest(out)
     except DamagedFile as exc:  # --resume rewrites it from the checkpoint; --force keeps it in out/runs/
         if not (resume or force):
             raise exc.with_options(_damaged_run_options(plan, resume=True)) from None
+        plan.notice = (f"note: {exc.path} is damaged ({exc.reason}); " + (
+            "--resume rewrites it from the checkpoint" if resume else "--force keeps it as it is in out/runs/"))
     if not force and not resume and trained_with(plan.previous, out, config=plan.config.to_dict(), images=plan.images,
                                                  identity=plan.identity, num_processes=plan.num_processes):
         plan.up_to_date = True
         return plan
     TrainingLock(lock_path(out)).check()
+    damaged, plan.notice = plan.notice, ""
     if resume:
         plan.resume_from = _resumable_checkpoint(plan, steps)
     elif has_run(out):
         _continue_or_keep(plan, force)
+    plan.notice = "\n".join(text for text in (damaged, plan.notice) if text)
     if plan.resume_from is not None:
         try:
             plan.checkpoint = load_checkpoint(plan.resume_from)
@@ -289,6 +302,11 @@ def _resumable_checkpoint(plan: Plan, steps: int | None) -> Path:
 # The record
 
 
+class DiskFull(UserError):
+    """The disk of out/ filled while a run wrote a file (ENOSPC, or a quota): exit 2 with what was being written,
+    the space it needs, and how to go on. Every file is written atomically, so nothing earlier is lost."""
+
+
 @dataclass
 class RunRecord:
     """Everything a run writes under out/. Until `begin` writes this run's manifest, the manifest on disk (if
@@ -322,7 +340,10 @@ class RunRecord:
                 if (self.out / name).exists():
                     os.replace(self.out / name, archive / name)
         if resumed_step is not None:
-            old = read_json(self.manifest_path) or {}
+            try:  # the manifest of the run this one continues; a damaged one is rewritten (make_plan said so)
+                old = load_manifest(self.out) or {}
+            except DamagedFile:
+                old = {}
             self.manifest["started_at"] = old.get("started_at", self.manifest["started_at"])
             self.prior_wall = float(old.get("wall_time_s", 0.0))
             self.log = [e for e in read_jsonl(self.log_path) if e["step"] <= resumed_step]
@@ -332,10 +353,42 @@ class RunRecord:
         self.ours = True
 
     def mark(self, **fields) -> None:
-        """Update this run's manifest (status, steps_done, finished_at, ...); the previous run's is left alone."""
+        """Update this run's manifest (status, steps_done, finished_at, ...); the previous run's is left alone.
+        Recording a failure is best effort: on a full disk the error that stopped the run is the one to show."""
         if self.ours:
             self.manifest.update(**fields)
-            self._write_manifest()
+            failed = fields.get("status") == "failed"
+            with contextlib.suppress(OSError, DiskFull) if failed else contextlib.nullcontext():
+                self._write_manifest()
+
+    @contextlib.contextmanager
+    def _writing(self, what: Path, size: int = 0):
+        """Writing `what` (`size` bytes, about): a full disk becomes DiskFull, saying how to go on."""
+        try:
+            yield
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            try:
+                free = f", {_size(shutil.disk_usage(self.out).free)} free"
+            except OSError:
+                free = ""
+            need = f"about {_size(size)} needed{free}" if size else free.removeprefix(", ")
+            root = self.out.parent
+            target = self.manifest.get("steps_target")
+            steps = ("--steps", target) if isinstance(target, int) else ()
+            if self.checkpoint_step:
+                then = (f"`{command_line('palpcompose', 'train', root, '--resume', *steps)}` continues from the "
+                        f"checkpoint at step {self.checkpoint_step}")
+            else:
+                then = f"`{command_line('palpcompose', 'train', root, *steps)}` starts again (no checkpoint was " \
+                       "written yet)"
+            raise DiskFull(f"no space left on the disk of {self.out} while writing {what} ({need}); free some "
+                           f"space, then {then}") from None
+
+    def _write(self, what: Path, write, size: int = 0) -> None:
+        with self._writing(what, size):
+            write()
 
     def wall_time(self, elapsed: float) -> float:
         return round(self.prior_wall + elapsed, 3)
@@ -343,39 +396,52 @@ class RunRecord:
     def checkpoint(self, ckpt: Checkpoint, status: str, elapsed: float) -> None:
         """The checkpoint, the log so far and the manifest: what a resume continues from."""
         if self.writer:
-            save_checkpoint(checkpoint_dir(self.out), ckpt)
-            atomic_write_text(self.log_path, "".join(json.dumps(e) + "\n" for e in self.log))
+            size = _nbytes(ckpt.weights) + sum(v.numel() * v.element_size()
+                                               for entry in ckpt.optimizer["state"].values() for v in entry.values())
+            self._write(checkpoint_dir(self.out), lambda: save_checkpoint(checkpoint_dir(self.out), ckpt), size)
+            self._write(self.log_path, lambda: atomic_write_text(self.log_path, "".join(json.dumps(e) + "\n"
+                                                                                        for e in self.log)))
         self.checkpoint_step = ckpt.step
         self.mark(status=status, steps_done=ckpt.step, wall_time_s=self.wall_time(elapsed))
 
     def snapshot(self, step: int, weights: TrainedWeights) -> Path:
         folder = snapshot_dir(self.out, step)
         if self.writer:
-            save_trained_weights(folder, weights)
+            self._write(folder, lambda: save_trained_weights(folder, weights), _nbytes(weights))
         self.last_snapshot = folder
         return folder
 
     def final(self, weights: TrainedWeights) -> Path:
         folder = final_dir(self.out)
         if self.writer:
-            save_trained_weights(folder, weights)
+            self._write(folder, lambda: save_trained_weights(folder, weights), _nbytes(weights))
         return folder
 
     def preview(self, step: int, grid, legend: dict) -> Path:
         """out/previews/step-NNNNNN.png (the grid, a PIL image) and .json (its legend)."""
         path = preview_path(self.out, step)
         if self.writer:
-            atomic_save_image(path, grid)
-            atomic_write_json(path.with_suffix(".json"), legend)
+            self._write(path, lambda: (atomic_save_image(path, grid), atomic_write_json(path.with_suffix(".json"),
+                                                                                        legend)))
         return path
 
     def plot(self, plot_losses) -> None:
         if self.writer and self.log:
-            plot_losses(self.log, loss_plot_path(self.out))
+            self._write(loss_plot_path(self.out), lambda: plot_losses(self.log, loss_plot_path(self.out)))
 
     def _write_manifest(self) -> None:
         if self.writer:
-            atomic_write_json(self.manifest_path, self.manifest)
+            self._write(self.manifest_path, lambda: atomic_write_json(self.manifest_path, self.manifest))
+
+
+def _size(n: int) -> str:
+    """'3.2 MB', '41 KB'."""
+    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{max(n, 1000) / 1e3:.0f} KB"
+
+
+def _nbytes(weights: TrainedWeights) -> int:
+    """The size of a weights folder's two files, about (fp32 tensors)."""
+    return sum(v.numel() * 4 for part in (weights.lora, weights.embeddings) for v in part.values())
 
 
 # ---------------------------------------------------------------------------------------------------------------

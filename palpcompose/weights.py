@@ -20,7 +20,7 @@ import torch
 
 from palpcompose import __version__
 from palpcompose.errors import DamagedFile, UserError
-from palpcompose.fsutil import atomic_save_safetensors
+from palpcompose.fsutil import atomic_write_files, safetensors_bytes
 from palpcompose.models.components import LORA_TARGET_MODULES
 
 LORA_FILE = "lora.safetensors"
@@ -62,11 +62,13 @@ class TrainedWeights:
 
 
 def save_trained_weights(folder: str | Path, weights: TrainedWeights) -> None:
-    """Write both files atomically (each appears whole or not at all)."""
+    """Write both files all or nothing (a full disk leaves neither, nor a folder this call created)."""
     folder = Path(folder)
     meta = weights.metadata()
-    atomic_save_safetensors(folder / LORA_FILE, {k: v.float() for k, v in weights.lora.items()}, meta)
-    atomic_save_safetensors(folder / EMBEDDINGS_FILE, {k: v.float() for k, v in weights.embeddings.items()}, meta)
+    atomic_write_files({
+        folder / LORA_FILE: safetensors_bytes({k: v.float() for k, v in weights.lora.items()}, meta),
+        folder / EMBEDDINGS_FILE: safetensors_bytes({k: v.float() for k, v in weights.embeddings.items()}, meta),
+    })
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -57,8 +57,7 @@ def resolve_base_model(spec: str, project_dir: Path | None = None, allow_pickle:
         return BaseModelSource(spec, "builtin", str(folder), ok, detail, family="toy")
 
     path = Path(spec).expanduser()
-    if not path.is_absolute() and project_dir is not None and (
-            (project_dir / path).exists() or (project_dir / path).is_symlink()):
+    if not path.is_absolute() and project_dir is not None:  # as `images`: never the caller's working directory
         path = project_dir / path
     if path.is_dir():
         family = _check_pipeline_folder(path, allow_pickle)
@@ -89,8 +88,11 @@ def resolve_base_model(spec: str, project_dir: Path | None = None, allow_pickle:
             return BaseModelSource(spec, "hub", spec, True, f"hub model {spec} found in the local cache "
                                    f"({FAMILY_NAMES[family]})", allow_pickle, family)
         return BaseModelSource(spec, "hub", spec, False, uncached_hub_message(spec), allow_pickle)
+    where = f" in {project_dir}" if project_dir is not None else ""
     raise UserError(
-        f"base_model {spec!r} is neither builtin:toy, an existing folder or .safetensors file, nor a hub id (org/name)"
+        f"base_model {spec!r} is neither builtin:toy, an existing folder or .safetensors file{where}, nor a hub id "
+        "(org/name); relative paths are relative to the project folder: give the model's folder from there (e.g. "
+        "models/sd15) or its absolute path, a hub id, or builtin:toy"
     )
 
 

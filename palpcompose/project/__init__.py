@@ -59,15 +59,15 @@ from palpcompose.project.settings import (
     flat_settings,
     weight_settings,
 )
-from palpcompose.project.validation import key_lines
+from palpcompose.project.validation import check_option, key_lines
 
 __all__ = [
     "ADDED_LATER", "DEFAULT_TEMPLATE", "DEFAULT_TOKEN_LIMIT", "MAX_SEED", "MIXED_PRECISION_MODES", "NAME_PATTERN",
     "NEAR_PLACEHOLDER", "NO_FLIP_CLASSES", "PLACEHOLDER", "PROJECT_FILE", "SCHEDULER_NAMES", "SECTIONS", "SUBJECT_KEY",
     "TABLE_ORDER", "TEMPLATES", "WEIGHT_NEUTRAL", "CheckReport", "InitResult", "PalpConfig", "Project",
     "ProjectConfig", "ProjectSection", "RenderConfig", "SubjectConfig", "TrainConfig", "caption_length_problems",
-    "changed_weight_settings",
-    "check_project", "config_prompts", "count_prompt_tokens", "describe_changes", "flat_settings", "init_project",
+    "changed_weight_settings", "check_option", "check_project", "config_prompts", "count_prompt_tokens",
+    "describe_changes", "flat_settings", "init_project",
     "key_lines", "listed_images", "load_project", "main", "model_dependent", "placeholder_problems",
     "sanitize_name", "schema_markdown", "too_long_problems", "weight_settings",
 ]

@@ -11,6 +11,18 @@ from palpcompose.project.references import check_base_model, check_images, unset
 from palpcompose.project.schema import PROJECT_FILE, Project, apply_model_defaults
 from palpcompose.project.validation import Validator
 
+MAX_PROJECT_FILE_BYTES = 1_000_000  # a palp.toml larger than this is refused at once, unread
+
+
+def _file_kind(path: Path) -> str:
+    """'a FIFO (named pipe)', 'a socket', 'a device': what stands where a regular file should be."""
+    import stat
+
+    mode = path.stat().st_mode
+    kinds = [(stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder")]
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
+
 
 def load_project(project_dir: str | Path, *, check_images: bool = True) -> Project:
     """Read and validate DIR/palp.toml. Raises ProjectError listing ALL problems (UserError when there is no file).
@@ -38,9 +50,16 @@ def validate(project_dir: Path, with_images: bool) -> tuple[Validator, Project |
         raise UserError(f"{file}: is a folder; the project file must be a file named palp.toml")
     if file.is_symlink() and not file.exists():
         raise UserError(f"{file}: is a broken symbolic link (to {file.readlink()}); replace it with the file")
+    if file.exists() and not file.is_file():  # never opened: reading a FIFO would block
+        raise UserError(f"{file}: is {_file_kind(file)}, not a regular file; replace it with the project file")
     if not file.is_file():
         raise UserError(f"{file}: not found; create a project with "
                         f"`{command_line('palpcompose', 'init', project_dir)}`")
+    size = file.stat().st_size
+    if size > MAX_PROJECT_FILE_BYTES:
+        raise UserError(f"{file}: is {size / 1e6:.1f} MB; a project file is a few KB, and palpcompose reads at most "
+                        f"{MAX_PROJECT_FILE_BYTES // 1_000_000} MB: is it the right file? (reference images go in "
+                        "refs/, listed by name)")
     v = Validator(file, file.read_bytes())
     config = v.parse()
     root = project_dir.resolve()

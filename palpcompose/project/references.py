@@ -146,8 +146,10 @@ def _expand_entry(v: Validator, root: Path, skey: str, entry: str) -> list[Path]
         parent, name = Path(entry).parent, Path(entry).name
         # a folder may be called c[1]: only the file-name part is a pattern then
         pattern = f"{glob.escape(parent.as_posix())}/{name}" if (root / parent).is_dir() else entry
-        matches = [p for p in root.glob(pattern) if p.is_file()]
+        everything = list(root.glob(pattern))
+        matches = [p for p in everything if p.is_file()]
         images = [p for p in matches if is_image_name(p)]
+        _skipped_note(v, root, skey, f"{entry!r} matches", [p for p in everything if p not in matches])
         if not matches:
             folder = root / parent  # refs/V1/*.png over a folder of iPhone photos: say why, not "matches nothing"
             others = sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
@@ -160,8 +162,10 @@ def _expand_entry(v: Validator, root: Path, skey: str, entry: str) -> list[Path]
         return _inside(v, root, skey, images)
     path = root / entry
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file())
+        everything = sorted(path.iterdir())
+        files = [p for p in everything if p.is_file()]
         images = [p for p in files if is_image_name(p)]
+        _skipped_note(v, root, skey, f"folder {entry!r} holds", [p for p in everything if p not in files])
         if not _heic_problem(v, root, skey, f"folder {entry!r} holds", files, images) and not images:
             v.problem(skey, f"folder {entry!r} contains no images",
                       "put pictures of the subject (.png, .jpg, .webp; 3-5 of an object, one is enough for an "
@@ -178,6 +182,17 @@ def _expand_entry(v: Validator, root: Path, skey: str, entry: str) -> list[Path]
         v.problem(skey, f"{entry!r} is not a regular file", "name an image file, a folder of images or a glob")
         return []
     return _inside(v, root, skey, [path])
+
+
+def _skipped_note(v: Validator, root: Path, skey: str, what: str, others: list[Path]) -> None:
+    """A note naming what an entry matched that has an image's name but is no regular file (a folder `0.png`, a
+    FIFO, a broken link): skipped, and said so rather than silently counted out."""
+    named = sorted(p for p in others if is_image_name(p))
+    if named:
+        names = ", ".join(_shown(root, p) for p in named[:3]) + (f" and {len(named) - 3} more" if len(named) > 3
+                                                                  else "")
+        v.notes.append(f"{v.file}: {skey}: {what} {names}, not a regular file (a folder, a FIFO or a broken link): "
+                       "skipped; remove or rename it")
 
 
 def _heic_problem(v: Validator, root: Path, skey: str, what: str, files: list[Path], images: list[Path]) -> bool:

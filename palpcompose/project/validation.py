@@ -19,11 +19,12 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from palpcompose.errors import Problem, ProjectError
+from palpcompose.errors import Problem, ProjectError, UserError
 from palpcompose.guidance import GUIDANCE_MODES
 from palpcompose.placeholders import PLACEHOLDER, SUBJECT_KEY, default_prompt, placeholder_problems
 from palpcompose.project.schema import (
     NAME_PATTERN,
+    PROJECT_FILE,
     SECTIONS,
     TABLE_ORDER,
     PalpConfig,
@@ -320,6 +321,25 @@ _INVALID = object()  # Validator.value's answer for a value with a problem (None
 
 # ----------------------------------------------------------------------------------------------------------------
 # Small helpers
+
+
+def check_option(option: str, key: str, value: Any) -> Any:
+    """A command-line option that stands for a palp.toml key (`train --steps` for train.steps) takes that key's type
+    and range, checked by the code that checks the file (`Validator.value`): the one place of both. None (the option
+    not given) passes. Raises UserError naming the option and the fix, before any work."""
+    if value is None:
+        return None
+    section, name = key.split(".")
+    cls = SECTIONS[section]
+    meta = next(f.metadata for f in dataclasses.fields(cls) if f.name == name)
+    v = Validator(Path(PROJECT_FILE), b"")
+    checked = v.value(key, value, typing.get_type_hints(cls)[name], meta)
+    if v.problems:
+        problem = v.problems[0]
+        hint = f"; {problem.hint}" if problem.hint else ""
+        raise UserError(f"{option} {format_number(value) if isinstance(value, (int, float)) else value}: "
+                        f"{problem.message} (the range of {key} in palp.toml){hint}")
+    return checked
 
 
 def did_you_mean(word: str, choices, fallback: str | None = None) -> str | None:
