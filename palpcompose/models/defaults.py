@@ -3,6 +3,7 @@ settings and the native resolution read from a model's configs. project.py resol
 
 from __future__ import annotations
 
+from palpcompose.models.families import family_of
 from palpcompose.models.resolve import BaseModelSource, config_reader
 
 # builtin:toy's own training and render settings (docs/evaluation.md, "The PALP study"). The training regime was
@@ -24,6 +25,11 @@ TOY_DEFAULTS = {
 }
 
 
+# keys a flow family decides (models.flux, models.sd3 `defaults`, and alpha/beta by its guidance)
+FLOW_DEFAULT_KEYS = ("train.learning_rate", "train.mixed_precision", "render.steps", "render.guidance_scale",
+                     "palp.alpha", "palp.beta")
+
+
 def native_resolution(source: BaseModelSource) -> int | None:
     """The image size the base model was trained at, from its own configs: the UNet's latent `sample_size` times
     the VAE's downsampling factor (2 ** (len(block_out_channels) - 1)): 64 for builtin:toy, 512 for SD 1.x and
@@ -32,9 +38,10 @@ def native_resolution(source: BaseModelSource) -> int | None:
     if source.kind not in ("builtin", "folder", "hub"):
         return None
     read = config_reader(source.kind, source.location)  # the reader family detection uses
-    unet, vae = read("unet/config.json"), read("vae/config.json")
+    unet, vae = read("unet/config.json") or read("transformer/config.json"), read("vae/config.json")
     try:
-        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+        # Flux's transformer has no sample_size: FluxPipeline's default_sample_size is 128 latents (1024 px)
+        return int((unet or {}).get("sample_size", 128)) * 2 ** (len(vae["block_out_channels"]) - 1)
     except (TypeError, KeyError, ValueError):
         return None
 
@@ -46,8 +53,26 @@ def model_defaults(source: BaseModelSource) -> dict[str, tuple[object, str]]:
     size = native_resolution(source)
     if size is not None:
         defaults["train.resolution"] = (size, f"the native size of {source.spec} (its UNet and VAE configs)")
+    family = family_of(source.family)
+    defaults.update(family.defaults if source.family in family.names else {})
+    if family.flow is not None and source.kind in ("folder", "hub"):
+        transformer = config_reader(source.kind, source.location)("transformer/config.json") or {}
+        kind = "distilled" if family.flow.distilled(transformer) else "cfg"
+        alpha, beta = family.flow.default_alpha_beta[kind]
+        why = ("a guidance-distilled model: the values fed to its guidance embedding (docs/method.md)" if
+               kind == "distilled" else "real classifier-free guidance: the paper's scales")
+        defaults["palp.alpha"], defaults["palp.beta"] = (alpha, why), (beta, why)
     if source.spec == "builtin:toy":
         for key, value in TOY_DEFAULTS.items():
             defaults[key] = (value, "builtin:toy's own default")
     return defaults
 
+
+
+def model_notes(source: BaseModelSource) -> list[str]:
+    """What `check` says about the base model's family (a flow family's guidance: what alpha and beta mean)."""
+    family = family_of(source.family)
+    if family.notes is None or source.family not in family.names or source.kind not in ("folder", "hub"):
+        return []
+    return [f"{family.names[source.family]}: {note}" for note in family.notes(config_reader(source.kind,
+                                                                                            source.location))]

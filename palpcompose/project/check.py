@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from palpcompose.errors import Problem
+from palpcompose.models import model_notes
 from palpcompose.placeholders import PLACEHOLDER
 from palpcompose.project.load import validate
 from palpcompose.project.schema import Project, ProjectConfig
@@ -47,7 +48,7 @@ def check_project(project_dir: str | Path) -> CheckReport:
                 v.problem(key, *_too_long(n, limit))
     if v.problems:
         raise v.error()
-    notes = project.notes + tuple(_toy_class_notes(project))
+    notes = project.notes + tuple(_toy_class_notes(project)) + tuple(model_notes(source))
     return CheckReport(project, source, limit, limit_source, tuple(counts), notes)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from palpcompose.guidance import GUIDANCE_MODES
-from palpcompose.models import ATTENTION_MODES, LORA_TARGET_MODULES, TOY_DEFAULTS
+from palpcompose.models import ATTENTION_MODES, FLOW_DEFAULT_KEYS, LORA_TARGET_MODULES, TOY_DEFAULTS
 from palpcompose.placeholders import default_prompt
 from palpcompose.project.settings import ADDED_LATER, sha256_json, weight_settings
 
@@ -54,7 +54,7 @@ def model_dependent(key: str) -> bool:
     """Whether the base model may decide the default of a dotted key (models.model_defaults): the resolution is
     the model's native size, and builtin:toy has its own settings (models.TOY_DEFAULTS). The dataclass default is
     the paper's Stable Diffusion value."""
-    return key == "train.resolution" or key in TOY_DEFAULTS
+    return key == "train.resolution" or key in TOY_DEFAULTS or key in FLOW_DEFAULT_KEYS
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -102,10 +102,12 @@ class PalpConfig:
     guidance: str = _spec(
         "Prompt-alignment guidance: `palp` (paper Eq. 6, default), `sds` (Eq. 4, ablation) or `none` (plain TI+DB "
         "personalization, the baseline).", "palp", choices=GUIDANCE_MODES)
-    alpha: float = _spec("Classifier-free guidance scale of the frozen base model on the clean prompt (Eq. 6).", 7.5,
-                         ge=0.0, le=100.0)
+    alpha: float = _spec("Classifier-free guidance scale of the frozen base model on the clean prompt (Eq. 6). "
+                         "Default: 7.5; 3.5 for a guidance-distilled Flux.1, where it is the value fed to the "
+                         "model's guidance embedding (docs/flux-sd3.md).", 7.5, ge=0.0, le=100.0)
     beta: float = _spec("Classifier-free guidance scale of the personalized model on y_P (Eq. 6); alpha > beta works "
-                        "better.", 1.0, ge=0.0, le=100.0)
+                        "better. Default: 1.0 (for a guidance-distilled Flux.1 its guidance embedding's value).", 1.0,
+                        ge=0.0, le=100.0)
     weight: float = _spec("lambda, the weight of the alignment loss next to the personalization loss.", 1.0, ge=0.0,
                           le=1000.0)
     same_noise: bool = _spec("Re-noise x0-hat with the same noise and timestep as the personalization branch "
