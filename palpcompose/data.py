@@ -67,6 +67,9 @@ def encode_subject(vae, paths: list[Path], resolution: int, flip: bool, device, 
         means.append(dist.mean.float().cpu())
         stds.append(dist.std.float().cpu())
     scale = vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None)  # Flux.1, SD 3: latents = (z - shift) * scale
+    if shift:
+        return (torch.cat(means) - shift) * scale, torch.cat(stds) * scale
     return torch.cat(means) * scale, torch.cat(stds) * scale
 
 

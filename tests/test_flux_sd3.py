@@ -127,3 +127,119 @@ def test_check_shows_the_family_the_defaults_and_what_alpha_beta_mean(flux_dir, 
     text = "".join((sd3.out + sd3.err).replace("│", "").split())
     assert "(StableDiffusion3)" in text and "train.learning_rate=0.0004" in text and "README_sd3" in text
     assert "palp.alpha=7.5" in text and "realclassifier-freeguidance" in text
+
+
+# --- training ------------------------------------------------------------------------------------------------------
+
+
+def final_weights(root):
+    from safetensors.torch import load_file
+
+    folder = root / "out" / "weights" / "final"
+    return load_file(str(folder / "lora.safetensors")), load_file(str(folder / "embeddings.safetensors"))
+
+
+def max_diff(a, b):
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def _count_passes(monkeypatch):
+    """Every transformer forward of a training step, as (batch size, guidance value or None)."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    passes = []
+    for cls in (FluxTransformer2DModel, SD3Transformer2DModel):
+        real = cls.forward
+
+        def forward(self, *args, _real=real, **kwargs):
+            g = kwargs.get("guidance")
+            passes.append((kwargs["hidden_states"].shape[0], None if g is None else round(float(g[0]), 3)))
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "forward", forward)
+    return passes
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_palp_training_completes_and_records_the_family(family, flux_dir, sd3_dir, tmp_path, monkeypatch):
+    from palpcompose.train import train
+    from palpcompose.weights import load_trained_weights
+
+    base = flux_dir if family == "flux" else sd3_dir
+    root = flow_project(tmp_path / family, base, steps=1, save_every=0)
+    passes = _count_passes(monkeypatch)
+    assert train(root, console=quiet()).status == "completed"
+    manifest = json.loads((root / "out" / "manifest.json").read_text())
+    assert manifest["base_model"]["family"] == family and manifest["guidance"] == "palp"
+    log = json.loads((root / "out" / "logs" / "train.jsonl").read_text().splitlines()[0])
+    assert log["loss_align"] != 0 and log["grad_align"] > 0
+    if family == "flux":  # distilled: one pass each, at beta (personalization), alpha (frozen), beta (LoRA)
+        assert passes == [(1, 1.0), (1, 3.5), (1, 1.0)]
+    else:  # real CFG: the personalization pass, the frozen model's two (alpha 7.5), the LoRA's one (beta 1)
+        assert passes == [(1, None)] * 4
+    weights = load_trained_weights(root / "out" / "weights" / "final")
+    keys = ("clip_l", "t5") if family == "flux" else ("clip_l", "clip_g", "t5")
+    assert weights.encoder_keys == keys and len(weights.text_encoder_dims) == len(keys)
+    assert any(".add_q_proj." in k for k in weights.lora) and set(weights.target_modules) >= {"to_q", "to_add_out"}
+
+
+def test_flux_resume_is_bit_exact_and_sigint_leaves_a_resumable_checkpoint(flux_dir, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from palpcompose import train as train_mod
+    from palpcompose.errors import Interrupted
+    from palpcompose.train import train
+
+    straight = flow_project(tmp_path / "straight", flux_dir, steps=3)
+    train(straight, console=quiet())
+    finished = flow_project(tmp_path / "finished", flux_dir, steps=3)
+    train(finished, steps=2, console=quiet())
+    train(finished, steps=3, resume=True, console=quiet())
+    assert max_diff(final_weights(finished)[0], final_weights(straight)[0]) == 0
+    assert max_diff(final_weights(finished)[1], final_weights(straight)[1]) == 0
+
+    interrupted = flow_project(tmp_path / "interrupted", flux_dir, steps=3)
+    real_step, calls = train_mod.training_step, []
+
+    def step_then_signal(state, batch):
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(state, batch)
+
+    monkeypatch.setattr(train_mod, "training_step", step_then_signal)
+    with pytest.raises(Interrupted, match="--resume"):
+        train(interrupted, console=quiet())
+    monkeypatch.setattr(train_mod, "training_step", real_step)
+    assert json.loads((interrupted / "out" / "manifest.json").read_text())["steps_done"] == 1
+    assert train(interrupted, resume=True, console=quiet()).steps_done == 3
+    assert max_diff(final_weights(interrupted)[0], final_weights(straight)[0]) == 0
+
+
+def test_t5_tokens_false_trains_clip_tokens_only_and_t5_reads_the_class_word(flux_dir, tmp_path):
+    from palpcompose.train import train
+    from palpcompose.weights import load_trained_weights
+
+    root = flow_project(tmp_path / "no-t5", flux_dir, steps=1, save_every=0, t5_tokens=False)
+    train(root, console=quiet())
+    weights = load_trained_weights(root / "out" / "weights" / "final")
+    assert weights.encoder_keys == ("clip_l",) and weights.embeddings["<fx-v1>"].shape == (16,)
+
+    from accelerate import Accelerator
+
+    from palpcompose import models
+    from palpcompose.flow_step import prepare_flow_state
+    from palpcompose.guidance import guidance_config
+    from palpcompose.project import load_project
+
+    config = load_project(root).config
+    c = models.load_components(models.resolve_base_model(str(flux_dir)))
+    tokens = models.placeholder_tokens("fx", config.subjects)
+    prepare_flow_state(config, c, Accelerator(mixed_precision="no"), guidance_config(config), tokens)
+    clip_ids, t5_ids = c.tokenize(["A photo of <fx-v1>"]).split([77, 512], dim=-1)
+    t5 = c.text_encoder.tokenizers[1]
+    assert "<fx-v1>" not in t5.get_vocab()  # no T5 token ...
+    assert t5_ids.tolist() == t5(["A photo of cat"], padding="max_length", max_length=512).input_ids  # class word
+    assert c.tokenizer.convert_tokens_to_ids("<fx-v1>") in clip_ids[0].tolist()  # CLIP reads the learned token

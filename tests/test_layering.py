@@ -46,7 +46,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     )),
     ("out folder", ("palpcompose.outputs",)),  # the out/ layout, run lookup and staleness (reads project settings)
     ("command parts", (  # one job each of train and render: data, the step, previews, a run's lifecycle, ...
-        "palpcompose.data", "palpcompose.step", "palpcompose.previews", "palpcompose.progress", "palpcompose.run",
+        "palpcompose.data", "palpcompose.step", "palpcompose.flow_step", "palpcompose.previews", "palpcompose.progress", "palpcompose.run",
         "palpcompose.attach", "palpcompose.contact_sheet", "palpcompose.report_parts",
     )),
     ("commands", (  # one library function per command; eval renders first (evaluate imports render)

@@ -69,3 +69,6 @@ class FlowSpec:
     encode: Callable
     distilled: Callable[[dict], bool]
     default_alpha_beta: dict  # {"distilled": (alpha, beta), "cfg": (alpha, beta)}: docs/method.md
+    # (scale, distilled, negative prompt) -> the family pipeline's guidance keywords for a render
+    render_kwargs: Callable[[float, bool, str], dict]
+    t5_prompt: str  # the pipeline keyword of T5's prompt ("prompt_2" Flux.1, "prompt_3" SD 3)

@@ -48,7 +48,8 @@ def from_keys(keys: list[str]) -> tuple[str, str | None] | None:
     """An original-layout Flux checkpoint (black-forest-labs' flux1-dev.safetensors): refused for now, with the fix."""
     if not any(k.startswith(("double_blocks.", "model.diffusion_model.double_blocks.")) for k in keys):
         return None
-    kind = "Flux.1 schnell" if not any("guidance_in." in k for k in keys) else "a Flux.1 single-file checkpoint"
+    kind = ("a Flux.1 single-file checkpoint without a guidance embedding (Flux.1 schnell)"
+            if not any("guidance_in." in k for k in keys) else "a Flux.1 single-file checkpoint")
     return (f"{kind} (original layout); palpcompose trains Flux from a diffusers folder or a cached hub id "
             "(black-forest-labs/FLUX.1-dev)"), None
 
@@ -92,8 +93,17 @@ def notes(read) -> list[str]:
             "as for Stable Diffusion"]
 
 
+def render_kwargs(scale: float, distilled: bool, negative: str) -> dict:
+    """FluxPipeline's guidance keywords: the guidance embedding's value for a distilled model; real CFG
+    (`true_cfg_scale`, which needs a negative prompt, "" by default) for a de-distilled one."""
+    if distilled:
+        return {"guidance_scale": scale, "negative_prompt": None}
+    return {"true_cfg_scale": scale, "negative_prompt": negative}
+
+
 FLOW = FlowSpec(forward=forward, encode=encode, distilled=lambda config: bool(config.get("guidance_embeds", False)),
-                default_alpha_beta={"distilled": (3.5, 1.0), "cfg": (7.5, 1.0)})
+                default_alpha_beta={"distilled": (3.5, 1.0), "cfg": (7.5, 1.0)}, render_kwargs=render_kwargs,
+                t5_prompt="prompt_2")
 
 FAMILY = Family(
     names={"flux": "Flux.1"},

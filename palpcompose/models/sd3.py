@@ -91,7 +91,10 @@ FAMILY = Family(
     objective="flow",
     encoders=ENCODERS,
     flow=FlowSpec(forward=forward, encode=encode, distilled=lambda config: False,
-                  default_alpha_beta={"distilled": (3.5, 1.0), "cfg": (7.5, 1.0)}),
+                  default_alpha_beta={"distilled": (3.5, 1.0), "cfg": (7.5, 1.0)},
+                  render_kwargs=lambda scale, distilled, negative: {"guidance_scale": scale,
+                                                                    "negative_prompt": negative or None},
+                  t5_prompt="prompt_3"),
     defaults={
         "train.learning_rate": (4e-4, "SD 3's LoRA learning rate in diffusers' train_dreambooth_lora_sd3.py README "
                                 "example (README_sd3.md)"),

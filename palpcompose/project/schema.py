@@ -145,6 +145,10 @@ class TrainConfig:
     gradient_checkpointing: bool = _spec("Recompute UNet activations in the backward pass to save memory.", False,
                                          extension=True)
     max_grad_norm: float = _spec("Gradient clipping norm (0: no clipping).", 1.0, ge=0.0, extension=True)
+    t5_tokens: bool = _spec(
+        "Flux.1 and SD 3: each subject's token is learned in T5 as well as in the CLIP encoders. `false`: T5 reads "
+        "the class word instead (no backward pass through T5: less memory, weaker binding; docs/flux-sd3.md). "
+        "Ignored by other models.", True, extension=True)
     low_memory: bool = _spec(
         "Low-memory preset for 8 GB GPUs: gradient checkpointing on, and the VAE kept off the GPU once the reference "
         "images are encoded (it comes back only to draw previews). Same results, slower steps.", False,

@@ -12,7 +12,7 @@ import hashlib
 import json
 
 # (section, key) -> default: keys left out of both hashes while at their default (ProjectConfig._hashed).
-ADDED_LATER = {("project", "allow_pickle"): False}
+ADDED_LATER = {("project", "allow_pickle"): False, ("train", "t5_tokens"): True}
 
 # The one list of settings that never change the trained weights (with all of [render]): snapshot and preview
 # periods, the memory savers (gradient checkpointing and the low-memory preset recompute the same values), and
