@@ -243,3 +243,108 @@ def test_t5_tokens_false_trains_clip_tokens_only_and_t5_reads_the_class_word(flu
     assert "<fx-v1>" not in t5.get_vocab()  # no T5 token ...
     assert t5_ids.tolist() == t5(["A photo of cat"], padding="max_length", max_length=512).input_ids  # class word
     assert c.tokenizer.convert_tokens_to_ids("<fx-v1>") in clip_ids[0].tolist()  # CLIP reads the learned token
+
+
+# --- render and export -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(flux_dir, sd3_dir, tmp_path_factory):
+    """A Flux.1 (distilled) and an SD 3 project trained 2 steps with palp guidance, a snapshot per step and a
+    preview at step 2 (the flow preview grid)."""
+    from palpcompose.train import train
+
+    roots = {}
+    for family, base in (("flux", flux_dir), ("sd3", sd3_dir)):
+        root = flow_project(tmp_path_factory.mktemp(f"trained-{family}") / "p", base, preview_every=2)
+        train(root, console=quiet())
+        roots[family] = root
+    return roots
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_render_sweep_and_compare_with_trained_weights(family, trained):
+    import numpy as np
+    from PIL import Image
+
+    from palpcompose.project import load_project
+    from palpcompose.render import render
+
+    root = trained[family]
+    assert list((root / "out" / "previews").glob("step-000002*.png"))  # the flow preview grid was drawn
+    project = load_project(root)
+    result = render(project, sweep=True, compare=True, seeds="0", steps=2)
+    labels = [i.model for i in result.images]
+    assert labels == ["base", "step-000001", "final"]  # the snapshot of the last step is the final weights
+    pixels = {i.model: np.asarray(Image.open(i.path), dtype=np.float32) for i in result.images}
+    assert np.abs(pixels["final"] - pixels["base"]).max() > 0  # trained tokens and LoRA change the image
+    assert np.abs(pixels["final"] - pixels["step-000001"]).max() > 0
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_diffusers_export_loads_into_the_family_pipeline_and_changes_its_output(family, trained, flux_dir, sd3_dir,
+                                                                                tmp_path):
+    import numpy as np
+    import torch
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+    from safetensors.torch import load_file
+
+    from palpcompose.export import export
+    from palpcompose.project import load_project
+
+    cls, folder = (FluxPipeline, flux_dir) if family == "flux" else (StableDiffusion3Pipeline, sd3_dir)
+    project = load_project(trained[family])
+    result = export(project, "diffusers", tmp_path / "out")
+    lora = load_file(tmp_path / "out" / "pytorch_lora_weights.safetensors")
+    assert lora and all(k.startswith("transformer.") for k in lora)
+    embedding = load_file(tmp_path / "out" / "fx-v1.safetensors")
+    keys = ["clip_l", "t5"] if family == "flux" else ["clip_l", "clip_g", "t5"]
+    assert sorted(embedding) == sorted(keys) and all(v.shape[0] == 1 for v in embedding.values())
+    assert {f.kind for f in result.files} == {"lora", "embedding"}
+
+    def run(pipe, prompt):
+        pipe.set_progress_bar_config(disable=True)
+        kwargs = {"guidance_scale": 3.5} if family == "flux" else {"guidance_scale": 5.0}
+        return pipe(prompt, num_inference_steps=2, height=32, width=32, output_type="np",
+                    generator=torch.Generator().manual_seed(0), **kwargs).images
+
+    base = run(cls.from_pretrained(folder, local_files_only=True), "A photo of a cat")
+    pipe = cls.from_pretrained(folder, local_files_only=True)
+    pipe.load_lora_weights(tmp_path / "out")
+    encoders = {"clip_l": ("text_encoder", "tokenizer"), "clip_g": ("text_encoder_2", "tokenizer_2"),
+                "t5": ("text_encoder_2", "tokenizer_2") if family == "flux" else ("text_encoder_3", "tokenizer_3")}
+    for key in embedding:
+        encoder, tokenizer = (getattr(pipe, name) for name in encoders[key])
+        if family == "flux":  # FluxPipeline has diffusers' textual-inversion loader
+            pipe.load_textual_inversion(embedding[key], token="<fx-v1>", text_encoder=encoder, tokenizer=tokenizer)
+        else:  # StableDiffusion3Pipeline has none: what users do by hand (add the token, set its row)
+            tokenizer.add_tokens(["<fx-v1>"])
+            encoder.resize_token_embeddings(len(tokenizer))
+            with torch.no_grad():
+                encoder.get_input_embeddings().weight[-1] = embedding[key][0]
+    loaded = run(pipe, "A photo of <fx-v1>")
+    assert np.abs(loaded - base).max() > 1e-4
+
+    # the same as palpcompose's own attach (the trained weights into a pipeline), LoRA unmerged
+    from palpcompose.attach import attach_trained_weights
+    from palpcompose.weights import load_trained_weights
+
+    ours = cls.from_pretrained(folder, local_files_only=True)
+    attach_trained_weights(ours, load_trained_weights(trained[family] / "out" / "weights" / "final"))
+    assert np.allclose(run(ours, "A photo of <fx-v1>"), loaded, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_webui_export_is_one_file_with_alphas_and_the_pivotal_embeddings(family, trained, tmp_path):
+    from safetensors.torch import load_file
+
+    from palpcompose.export import export
+    from palpcompose.project import load_project
+
+    export(load_project(trained[family]), "webui", tmp_path / "out")
+    lora = load_file(tmp_path / "out" / "fx.safetensors")
+    modules = {k.rsplit(".lora_", 1)[0] for k in lora if ".lora_" in k}
+    assert modules and all(m.startswith("transformer.") for m in modules)
+    assert all(float(lora[f"{m}.alpha"]) == 4.0 for m in modules)  # lora_alpha = rank 4: scale 1
+    assert all(f"{m}.lora_A.weight" in lora and f"{m}.lora_B.weight" in lora for m in modules)
+    assert "t5" in load_file(tmp_path / "out" / "fx-v1.safetensors")
