@@ -347,3 +347,27 @@ def test_distilled_palp_makes_one_pass_per_branch_at_alpha_and_beta():
     # r = (0.5 z + 0.35) - (0.5 z + 1 + 0.1) = -0.75 everywhere; the gradient on v_hat is -r / numel
     terms["loss_align"].backward()
     assert torch.allclose(v_hat.grad, torch.full_like(v_hat, 0.75 / v_hat.numel()), atol=1e-7)
+
+
+def test_logit_normal_from_uniform_is_the_inverse_cdf_of_logit_normal():
+    """u = Phi(n) maps back to sigmoid(mean + std n): the same density as logit_normal, drawn by inverse CDF."""
+    from palpcompose.flow_guidance import logit_normal_from_uniform
+
+    n = torch.linspace(-3, 3, 61, dtype=torch.float64)
+    u = 0.5 * (1 + torch.erf(n / math.sqrt(2)))
+    assert torch.allclose(logit_normal_from_uniform(u, 0.2, 1.5), torch.sigmoid(0.2 + 1.5 * n), atol=1e-9)
+
+
+def test_training_sigmas_shift_as_the_family_scheduler_says():
+    """Flux (use_dynamic_shifting): time_shift with mu from the image tokens; SD 3: the static shift."""
+    from palpcompose.flow_guidance import logit_normal_from_uniform
+    from palpcompose.models.flow import training_sigmas
+
+    t = torch.tensor([0, 250, 500, 999])
+    u = logit_normal_from_uniform((t.double() + 0.5) / 1000).float()
+    flux = {"use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
+            "max_image_seq_len": 4096}
+    got = training_sigmas(t, 1000, flux, (64, 64))  # 512 px: 32 x 32 = 1024 image tokens
+    assert torch.allclose(got, time_shift(u, flux_mu(1024)).clamp(1e-3, 1))
+    assert torch.allclose(training_sigmas(t, 1000, {"shift": 3.0}, (64, 64)), shift_sigmas(u, 3.0).clamp(1e-3, 1))
+    assert (got[1:] > got[:-1]).all()  # monotone in the batch's draw

@@ -348,3 +348,21 @@ def test_webui_export_is_one_file_with_alphas_and_the_pivotal_embeddings(family,
     assert all(float(lora[f"{m}.alpha"]) == 4.0 for m in modules)  # lora_alpha = rank 4: scale 1
     assert all(f"{m}.lora_A.weight" in lora and f"{m}.lora_B.weight" in lora for m in modules)
     assert "t5" in load_file(tmp_path / "out" / "fx-v1.safetensors")
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_init_template_on_the_tiny_model_checks_with_the_model_defaults(family, flux_dir, sd3_dir, tmp_path, run_cli):
+    root = tmp_path / family
+    assert run_cli("init", root, "--template", f"{family}-art-inspired").code == 0
+    text = (root / "palp.toml").read_text()
+    base = flux_dir if family == "flux" else sd3_dir
+    hub = "black-forest-labs/FLUX.1-dev" if family == "flux" else "stabilityai/stable-diffusion-3.5-medium"
+    assert f'base_model = "{hub}"' in text
+    (root / "palp.toml").write_text(text.replace(hub, str(base)).replace("[train]", "[train]\nresolution = 32"))
+    for seed, folder in enumerate(("subject", "artwork")):
+        write_test_image(root / "refs" / folder / "0.png", seed=seed, size=32)
+    result = run_cli("check", root)
+    assert result.code == 0, result.err
+    text = "".join((result.out + result.err).replace("│", "").split())
+    lr = "0.0001" if family == "flux" else "0.0004"
+    assert f"train.learning_rate={lr}" in text and "palp.alpha=" in text  # left out: the model decides
