@@ -26,8 +26,20 @@ from palpcompose.flow_guidance import (
     velocity_target,
     velocity_to_eps,
 )
-from palpcompose.guidance import GuidanceConfig, NonFiniteError, cfg
+from palpcompose.guidance import NonFiniteError, cfg
 
+
+
+def palp_config(mode: str = "palp", **overrides):
+    """The run's GuidanceConfig as guidance.guidance_config builds it: [palp]'s schema defaults, then `overrides`
+    (`mode` is palp.guidance)."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from palpcompose.guidance import guidance_config
+    from palpcompose.project import PalpConfig
+
+    return guidance_config(SimpleNamespace(palp=replace(PalpConfig(), guidance=mode, **overrides)))
 
 def _sigma(b=2, ndim=4):
     return expand_sigma(torch.tensor([0.3, 0.8][:b]), ndim)
@@ -193,7 +205,7 @@ def _inputs():
 def test_palp_gradient_is_minus_the_direction():
     x_t, v_hat, noise, s = _inputs()
     den = CountingDenoiser()
-    terms = FlowPalpGuidance(GuidanceConfig(mode="palp", alpha=3.5, beta=1.0))(
+    terms = FlowPalpGuidance(palp_config(mode="palp", alpha=3.5, beta=1.0))(
         x0_hat=predict_x0(x_t, v_hat, s), noise=noise, sigma=s, denoise=den
     )
     assert den.calls == [(False, "clean", 3.5), (True, "personal", 1.0)]
@@ -205,7 +217,7 @@ def test_palp_gradient_is_minus_the_direction():
 
 def test_palp_without_rescale_weights_the_gradient_by_sigma():
     x_t, v_hat, noise, s = _inputs()
-    terms = FlowPalpGuidance(GuidanceConfig(mode="palp", rescale=False))(
+    terms = FlowPalpGuidance(palp_config(mode="palp", rescale=False))(
         x0_hat=predict_x0(x_t, v_hat, s), noise=noise, sigma=s, denoise=CountingDenoiser()
     )
     terms["loss_align"].backward()
@@ -216,7 +228,7 @@ def test_sds_uses_the_renoising_velocity_and_one_pass():
     x_t, v_hat, noise, s = _inputs()
     den = CountingDenoiser()
     fresh = torch.randn_like(noise)
-    guid = FlowPalpGuidance(GuidanceConfig(mode="sds", same_noise=False))
+    guid = FlowPalpGuidance(palp_config(mode="sds", same_noise=False))
     terms = guid(x0_hat=predict_x0(x_t, v_hat, s), noise=noise, sigma=s, denoise=den, fresh_noise=fresh)
     assert den.calls == [(False, "clean", 7.5)]
     x0_hat = predict_x0(x_t, v_hat, s).detach()
@@ -234,7 +246,7 @@ def test_same_noise_feeds_the_closed_form_latent_to_both_branches():
         seen.append(latents.clone())
         return torch.zeros_like(latents)
 
-    FlowPalpGuidance(GuidanceConfig())(x0_hat=predict_x0(x_t, v_hat, s), noise=noise, sigma=s, denoise=recording)
+    FlowPalpGuidance(palp_config())(x0_hat=predict_x0(x_t, v_hat, s), noise=noise, sigma=s, denoise=recording)
     x0 = (x_t - s * noise) / (1 - s)  # the clean latent whose path passes through x_t with this noise
     expected = x_t - s * (1 - s) * (v_hat.detach() - velocity_target(x0, noise))
     assert len(seen) == 2 and all(torch.allclose(lat, expected, atol=1e-5) for lat in seen)
@@ -243,7 +255,7 @@ def test_same_noise_feeds_the_closed_form_latent_to_both_branches():
 def test_none_makes_no_passes():
     x_t, v_hat, noise, s = _inputs()
     den = CountingDenoiser()
-    assert FlowPalpGuidance(GuidanceConfig(mode="none"))(
+    assert FlowPalpGuidance(palp_config(mode="none"))(
         x0_hat=predict_x0(x_t, v_hat, s), noise=noise, sigma=s, denoise=den
     ) == {}
     assert den.calls == []
@@ -252,10 +264,10 @@ def test_none_makes_no_passes():
 def test_independent_noise_needs_a_fresh_draw_and_non_finite_raises():
     x_t, v_hat, noise, s = _inputs()
     with pytest.raises(ValueError, match="fresh_noise"):
-        FlowPalpGuidance(GuidanceConfig(same_noise=False))(x0_hat=predict_x0(x_t, v_hat, s), noise=noise, sigma=s,
+        FlowPalpGuidance(palp_config(same_noise=False))(x0_hat=predict_x0(x_t, v_hat, s), noise=noise, sigma=s,
                                                            denoise=CountingDenoiser())
     with pytest.raises(NonFiniteError, match="lower learning rate"):
-        FlowPalpGuidance(GuidanceConfig())(x0_hat=predict_x0(x_t, v_hat, s), noise=noise, sigma=s,
+        FlowPalpGuidance(palp_config())(x0_hat=predict_x0(x_t, v_hat, s), noise=noise, sigma=s,
                                            denoise=lambda lat, **_: torch.full_like(lat, float("nan")))
 
 
@@ -340,7 +352,7 @@ def test_distilled_palp_makes_one_pass_per_branch_at_alpha_and_beta():
         predict = lambda lat, **kw: transformer(lat, adapter=adapter, **kw)
         return guided_velocity(predict, latents, prompt=prompt, scale=scale, distilled=True)
 
-    terms = FlowPalpGuidance(GuidanceConfig(alpha=3.5, beta=1.0))(
+    terms = FlowPalpGuidance(palp_config(alpha=3.5, beta=1.0))(
         x0_hat=predict_x0(x_t, v_hat, s), noise=noise, sigma=s, denoise=denoise
     )
     assert passes == [(False, "clean", 3.5), (True, "personal", 1.0)]

@@ -12,6 +12,18 @@ from tiny_flow_pipeline import make_t5_tokenizer, make_tiny_flux_pipeline, make_
 PROMPT = "a photo of a cat"
 
 
+def palp_config(mode: str = "palp", **overrides):
+    """The run's GuidanceConfig as guidance.guidance_config builds it: [palp]'s schema defaults, then `overrides`
+    (`mode` is palp.guidance)."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from palpcompose.guidance import guidance_config
+    from palpcompose.project import PalpConfig
+
+    return guidance_config(SimpleNamespace(palp=replace(PalpConfig(), guidance=mode, **overrides)))
+
+
 @pytest.fixture(scope="module")
 def flux_dir(tmp_path_factory):
     return make_tiny_flux_pipeline(tmp_path_factory.mktemp("tiny-flux") / "pipe", guidance_embeds=True)
@@ -149,17 +161,16 @@ def test_one_palp_step_on_the_tiny_transformer(family, flux_dir, sd3_dir):
         renoise,
         sample_sigmas,
     )
-    from palpcompose.guidance import GuidanceConfig
 
     if family == "flux":
         pipe, velocity, distilled = _load(FluxPipeline, flux_dir), _flux_velocity, True
         encode = lambda p: pipe.encode_prompt(p, device="cpu", max_sequence_length=16)
-        config = GuidanceConfig(alpha=3.5, beta=1.0)
+        config = palp_config(alpha=3.5, beta=1.0)
     else:
         pipe, velocity, distilled = _load(StableDiffusion3Pipeline, sd3_dir), _sd3_velocity, False
         encode = lambda p: pipe.encode_prompt(p, p, p, device="cpu", do_classifier_free_guidance=False,
                                               max_sequence_length=16)[0::2]
-        config = GuidanceConfig(alpha=7.5, beta=1.0)
+        config = palp_config(alpha=7.5, beta=1.0)
     transformer = pipe.transformer
     prompts = {"personal": encode("a photo of a cat"), "clean": encode("an oil painting of a cat"), "empty": encode("")}
     g = torch.Generator().manual_seed(0)
