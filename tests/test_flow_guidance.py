@@ -29,7 +29,6 @@ from palpcompose.flow_guidance import (
 from palpcompose.guidance import NonFiniteError, cfg
 
 
-
 def palp_config(mode: str = "palp", **overrides):
     """The run's GuidanceConfig as guidance.guidance_config builds it: [palp]'s schema defaults, then `overrides`
     (`mode` is palp.guidance)."""

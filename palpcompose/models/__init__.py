@@ -32,7 +32,13 @@ from palpcompose.models.components import (
     tokenize,
     unet_forward,
 )
-from palpcompose.models.defaults import FLOW_DEFAULT_KEYS, TOY_DEFAULTS, model_defaults, model_notes, native_resolution
+from palpcompose.models.defaults import (
+    FLOW_DEFAULT_KEYS,
+    TOY_DEFAULTS,
+    model_defaults,
+    model_notes,
+    native_resolution,
+)
 from palpcompose.models.families import (
     FAMILIES,
     FAMILY_NAMES,
@@ -56,7 +62,7 @@ from palpcompose.placeholders import expand_placeholders, placeholder_tokens
 from palpcompose.tokens import add_placeholder_tokens
 
 __all__ = [
-    "ATTENTION_MODES", "BUILTIN_DIR", "FLOW_DEFAULT_KEYS", "BUILTIN_MODELS", "FAMILIES", "FAMILY_NAMES", "LORA_TARGET_MODULES", "NATIVE_RESOLUTION",
+    "ATTENTION_MODES", "BUILTIN_DIR", "BUILTIN_MODELS", "FAMILIES", "FAMILY_NAMES", "FLOW_DEFAULT_KEYS", "LORA_TARGET_MODULES", "NATIVE_RESOLUTION",
     "PICKLED_SUFFIXES", "SDXL_RESOLUTION", "SUPPORTED_FAMILIES", "TOY_DEFAULTS", "BaseModelSource", "Components",
     "Family", "add_lora", "add_placeholder_tokens", "config_reader", "detect_family", "encode_prompt",
     "expand_placeholders", "family_of", "freeze", "load_components", "load_lora_state_dict", "load_pipeline",

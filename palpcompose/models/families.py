@@ -10,8 +10,8 @@ from pathlib import Path
 from palpcompose.models.family import Family
 from palpcompose.models.flux import FAMILY as FLUX
 from palpcompose.models.sd import FAMILY as SD
-from palpcompose.models.sd3 import FAMILY as SD3
 from palpcompose.models.sd import UNET
+from palpcompose.models.sd3 import FAMILY as SD3
 from palpcompose.models.sdxl import FAMILY as SDXL
 from palpcompose.models.sdxl import SDXL_RESOLUTION
 

@@ -10,7 +10,13 @@ from __future__ import annotations
 
 import torch
 
-from palpcompose.flow_guidance import flux_mu, logit_normal_from_uniform, packed_seq_len, shift_sigmas, time_shift
+from palpcompose.flow_guidance import (
+    flux_mu,
+    logit_normal_from_uniform,
+    packed_seq_len,
+    shift_sigmas,
+    time_shift,
+)
 
 
 class FlowTextEncoders(torch.nn.Module):

@@ -84,13 +84,13 @@ def components(pipe) -> dict:
 def notes(read) -> list[str]:
     transformer = read("transformer/config.json") or {}
     if transformer.get("guidance_embeds", True):
-        return ["guidance-distilled (Flux.1-dev): palp.alpha and palp.beta are the values fed to the model's "
+        return [("guidance-distilled (Flux.1-dev): palp.alpha and palp.beta are the values fed to the model's "
                 "guidance embedding, one pass each, no unconditional pass: alpha for the frozen model on the clean "
                 "prompt, beta for the personalized model (and its training branch). The embedding was distilled on "
                 "about 1 to 5 (FluxPipeline renders at 3.5), so SD's alpha 7.5 would be out of range: the defaults "
-                "are alpha 3.5, beta 1.0 (docs/method.md \"Guidance-distilled models\")"]
-    return ["real classifier-free guidance (no guidance embedding): alpha and beta are CFG scales, two passes each "
-            "as for Stable Diffusion"]
+                "are alpha 3.5, beta 1.0 (docs/method.md \"Guidance-distilled models\")")]
+    return [("real classifier-free guidance (no guidance embedding): alpha and beta are CFG scales, two passes each "
+            "as for Stable Diffusion")]
 
 
 def render_kwargs(scale: float, distilled: bool, negative: str) -> dict:
@@ -121,8 +121,8 @@ FAMILY = Family(
     encoders=ENCODERS,
     flow=FLOW,
     defaults={
-        "train.learning_rate": (1e-4, "Flux.1's LoRA learning rate in diffusers' train_dreambooth_lora_flux.py "
-                                "README example, kohya sd-scripts' and ai-toolkit's Flux LoRA configs"),
+        "train.learning_rate": (1e-4, ("Flux.1's LoRA learning rate in diffusers' train_dreambooth_lora_flux.py "
+                                "README example, kohya sd-scripts' and ai-toolkit's Flux LoRA configs")),
         "train.mixed_precision": ("bf16", "Flux.1 is trained and run in bf16 (fp16 overflows in its activations)"),
         "render.steps": (28, "FluxPipeline's default num_inference_steps"),
         "render.guidance_scale": (3.5, "FluxPipeline's default guidance_scale (the guidance embedding's value)"),

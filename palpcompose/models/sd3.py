@@ -70,9 +70,9 @@ def components(pipe) -> dict:
 
 
 def notes(read) -> list[str]:
-    return ["real classifier-free guidance: palp.alpha and palp.beta are CFG scales (two passes each unless 1), as "
+    return [("real classifier-free guidance: palp.alpha and palp.beta are CFG scales (two passes each unless 1), as "
             "for Stable Diffusion; noise levels logit-normal with the scheduler's shift "
-            f"({(read('scheduler/scheduler_config.json') or {}).get('shift', 1.0)})"]
+            f"({(read('scheduler/scheduler_config.json') or {}).get('shift', 1.0)})")]
 
 
 FAMILY = Family(
@@ -96,8 +96,8 @@ FAMILY = Family(
                                                                     "negative_prompt": negative or None},
                   t5_prompt="prompt_3"),
     defaults={
-        "train.learning_rate": (4e-4, "SD 3's LoRA learning rate in diffusers' train_dreambooth_lora_sd3.py README "
-                                "example (README_sd3.md)"),
+        "train.learning_rate": (4e-4, ("SD 3's LoRA learning rate in diffusers' train_dreambooth_lora_sd3.py README "
+                                "example (README_sd3.md)")),
         "train.mixed_precision": ("bf16", "SD 3 runs in bf16 or fp16; bf16 keeps T5's range"),
         "render.steps": (28, "StableDiffusion3Pipeline's default num_inference_steps"),
         "render.guidance_scale": (7.0, "StableDiffusion3Pipeline's default guidance_scale"),
