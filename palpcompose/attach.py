@@ -26,7 +26,7 @@ def attach_trained_weights(pipe, weights: TrainedWeights, adapter_name: str = AD
     from peft import LoraConfig
     from peft.utils import set_peft_model_state_dict
 
-    unet = pipe.unet
+    unet = denoiser(pipe)
     if adapter_name in getattr(unet, "peft_config", {}):
         unet.delete_adapters(adapter_name)
     config = LoraConfig(
@@ -64,6 +64,11 @@ def attach_trained_tokens(pipe, weights: TrainedWeights) -> None:
     """Each learned token into the pipeline's tokenizer and its embedding into the text encoder's input embedding
     matrix (a token already there gets its row replaced). WeightsDoNotFit when the weights are of another model family
     or another embedding width."""
+    if weights.encoder_keys:  # a flow family: each part of the embedding into the encoder its key names
+        pairs = token_slots(pipe, weights)
+        for i, (tokenizer, text_encoder) in enumerate(pairs):
+            set_token_embeddings(tokenizer, text_encoder, {t: weights.per_encoder(t)[i] for t in weights.embeddings})
+        return
     # SDXL: each token into both tokenizers and text encoders, its [clip_l | clip_g] embedding split between them
     pairs = [(pipe.tokenizer, pipe.text_encoder)]
     if getattr(pipe, "text_encoder_2", None) is not None:
@@ -74,6 +79,29 @@ def attach_trained_tokens(pipe, weights: TrainedWeights) -> None:
                         "with the base model they were trained on")
     for i, (tokenizer, text_encoder) in enumerate(pairs):
         set_token_embeddings(tokenizer, text_encoder, {t: weights.per_encoder(t)[i] for t in weights.embeddings})
+
+
+def denoiser(pipe):
+    """The pipeline's denoiser, which holds the LoRA: a flow family's transformer, else the UNet."""
+    return pipe.transformer if getattr(pipe, "transformer", None) is not None else pipe.unet
+
+
+def pipeline_family(pipe):
+    """The models.Family whose pipeline class `pipe` is."""
+    from palpcompose.models import FAMILIES
+
+    return next(f for f in FAMILIES if f.pipeline_class == type(pipe).__name__)
+
+
+def token_slots(pipe, weights: TrainedWeights) -> list[tuple]:
+    """(tokenizer, text encoder) of each part of a flow family's embeddings, in `weights.encoder_keys` order.
+    UserError when the weights name an encoder this pipeline does not have (another family's weights)."""
+    slots = {slot.key: slot for slot in pipeline_family(pipe).encoders}
+    if not slots or any(key not in slots for key in weights.encoder_keys):
+        raise UserError(f"the weights hold embeddings for {', '.join(weights.encoder_keys)}, which this "
+                        f"{type(pipe).__name__} does not have; render with the base model they were trained on")
+    return [(getattr(pipe, slots[key].tokenizer), getattr(pipe, slots[key].component))
+            for key in weights.encoder_keys]
 
 
 @contextlib.contextmanager

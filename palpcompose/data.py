@@ -104,11 +104,13 @@ def encode_references(vae, paths: list[Path], resolution: int, flip: bool, devic
         images += [im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for im in images]
         size_ids += [_mirrored(s) for s in size_ids]
     scale = vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None)  # Flux.1, SD 3: latents = (z - shift) * scale
     means, stds = [], []
     for image in images:  # one at a time: peak memory stays that of one image
         pixels = to_pixel_tensor(image).unsqueeze(0).to(device=device, dtype=dtype)
         dist = vae.encode(pixels).latent_dist
-        means.append(dist.mean.float().cpu()[0] * scale)
+        mean = dist.mean.float().cpu()[0]
+        means.append(((mean - shift) if shift else mean) * scale)
         stds.append(dist.std.float().cpu()[0] * scale)
     return EncodedReferences(means, stds, size_ids)
 

@@ -171,7 +171,11 @@ def _embedding_files(weights, out_path, header, as_tensors):
         trigger = trigger_word(token)
         meta = {**header, "subject": key, "token": token, "trigger_word": trigger}
         exported = ExportedFile(out_path / f"{trigger}.safetensors", "embedding", key, token, trigger)
-        if weights.text_encoder_dims:  # SDXL: one (1, D) tensor per text encoder, in either format
+        if weights.encoder_keys:  # Flux.1, SD 3: the pivotal-tuning layout, one (1, D) tensor per encoder
+            parts = weights.per_encoder(token)
+            plan.append((exported, {k: v.float()[None, :] for k, v in zip(weights.encoder_keys, parts, strict=True)},
+                         meta))
+        elif weights.text_encoder_dims:  # SDXL: one (1, D) tensor per text encoder, in either format
             clip_l, clip_g = (v.float()[None, :] for v in weights.per_encoder(token))
             plan.append((exported, {"clip_l": clip_l, "clip_g": clip_g}, meta))
         else:
@@ -179,8 +183,22 @@ def _embedding_files(weights, out_path, header, as_tensors):
     return plan
 
 
+def _transformer_lora(weights: TrainedWeights) -> dict[str, torch.Tensor]:
+    """A flow family's LoRA as FluxPipeline / StableDiffusion3Pipeline.save_lora_weights write it: peft's keys on
+    the transformer, prefixed `transformer.` (`transformer.transformer_blocks.0.attn.to_q.lora_A.weight`)."""
+    return {f"transformer.{k}": v.float() for k, v in weights.lora.items()}
+
+
 def _diffusers_files(weights: TrainedWeights, out_path: Path, header):
     from diffusers.utils import convert_state_dict_to_diffusers
+
+    if weights.encoder_keys:  # Flux.1, SD 3: the transformer's LoRA, read by the pipeline's load_lora_weights
+        config = {"r": weights.rank, "lora_alpha": weights.lora_alpha, "target_modules": list(weights.target_modules)}
+        meta = {**header, "format": "pt", "lora_adapter_metadata": json.dumps(
+            {f"transformer.{k}": v for k, v in config.items()}, sort_keys=True)}
+        plan = [(ExportedFile(out_path / DIFFUSERS_LORA_FILE, "lora", None, None, None), _transformer_lora(weights),
+                 meta)]
+        return plan + _embedding_files(weights, out_path, header, None)
 
     # peft keys (`...to_q.lora_A.weight`) -> diffusers keys (`unet....to_q.lora.down.weight`), as the diffusers LoRA
     # training scripts save them; diffusers reads lora_alpha back from `lora_adapter_metadata` (else it assumes r).
@@ -228,6 +246,11 @@ def _sdxl_layers_per_block(project) -> int:
 def _webui_files(project, weights: TrainedWeights, out_path: Path, header, sdxl_layers_per_block: int | None):
     from diffusers.utils import convert_state_dict_to_kohya
 
+    if weights.encoder_keys:  # Flux.1, SD 3: ComfyUI maps `transformer.<diffusers name>` keys itself (with .alpha)
+        lora = _transformer_lora(weights)
+        for module in {k.rsplit(".lora_", 1)[0] for k in lora}:
+            lora[f"{module}.alpha"] = torch.tensor(float(weights.lora_alpha))
+        return _single_file_plan(project, weights, out_path, header, lora)
     # peft keys -> kohya keys (`lora_unet_down_blocks_0_..._to_q.lora_down.weight`). The converter writes
     # alpha = rank (scale 1); the scale trained is lora_alpha / rank, so write the real alpha.
     lora = convert_state_dict_to_kohya({f"unet.{k}": v.float() for k, v in weights.lora.items()})
@@ -239,6 +262,11 @@ def _webui_files(project, weights: TrainedWeights, out_path: Path, header, sdxl_
         lora = renamed
     for key in [k for k in lora if k.endswith(".alpha")]:
         lora[key] = torch.tensor(float(weights.lora_alpha))
+    return _single_file_plan(project, weights, out_path, header, lora)
+
+
+def _single_file_plan(project, weights: TrainedWeights, out_path: Path, header, lora: dict):
+    """The webui format's files: the single-file LoRA with kohya's header entries, and the embeddings."""
     name = project.config.project.name
     meta = {
         **header,
@@ -264,6 +292,13 @@ def _is_sdxl_embedding(path: Path) -> bool:
         return "clip_g" in set(f.keys())  # a safe_open handle, not a dict
 
 
+def _is_flow_embedding(path: Path) -> bool:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return "t5" in set(f.keys()) or "clip_g" not in set(f.keys()) and "clip_l" in set(f.keys())
+
+
 def summary_table(result: ExportResult):
     """A rich table: each file written and how to use it (cells are plain text, never rich markup)."""
     from rich.table import Table
@@ -278,13 +313,20 @@ def summary_table(result: ExportResult):
     table.add_column("in prompts")
     for f in result.files:
         if f.kind == "lora":
-            cells = (str(f.path), "UNet LoRA", f.trigger or "")
+            cells = (str(f.path), "LoRA", f.trigger or "")
         else:
             word = f.token if result.fmt == "diffusers" else f.trigger
             cells = (str(f.path), f"embedding of [{f.subject}]", word)
         table.add_row(*map(Text, cells))
     sdxl = any(f.kind == "embedding" and f.path.is_file() and _is_sdxl_embedding(f.path) for f in result.files)
-    if result.fmt == "diffusers" and sdxl:
+    flow = any(f.kind == "embedding" and f.path.is_file() and _is_flow_embedding(f.path) for f in result.files)
+    if flow:  # Flux.1, SD 3
+        caption = (
+            "pipe.load_lora_weights(folder); per embedding file, each key's row into its encoder (clip_l: "
+            "text_encoder, clip_g: text_encoder_2, t5: Flux's text_encoder_2 / SD 3's text_encoder_3) with "
+            "pipe.load_textual_inversion(state[key], token=..., text_encoder=..., tokenizer=...). See docs/flux-sd3.md"
+        )
+    elif result.fmt == "diffusers" and sdxl:
         caption = (
             "pipe.load_lora_weights(folder); per embedding file: state = load_file(file), then "
             "pipe.load_textual_inversion(state['clip_l'], token=..., text_encoder=pipe.text_encoder, "

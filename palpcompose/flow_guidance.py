@@ -35,6 +35,14 @@ def logit_normal(batch: int, *, generator: torch.Generator | None = None, mean: 
     return torch.sigmoid(n)
 
 
+def logit_normal_from_uniform(u: torch.Tensor, mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
+    """The logit-normal density by its inverse CDF: u in (0, 1) uniform -> sigmoid(mean + std * Phi^-1(u)), the same
+    distribution as `logit_normal`. The training step draws u from the batch's integer timestep ((t + 0.5) / T, as
+    the SD 3 script indexes its table with u * T), so no random draw is added to the data generator's stream."""
+    n = math.sqrt(2.0) * torch.erfinv(2 * u - 1)
+    return torch.sigmoid(n * std + mean)
+
+
 def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
     """Static shift (SD 3; Flux without dynamic shifting): s' = shift s / (1 + (shift - 1) s).
 

@@ -56,6 +56,8 @@ def render_preview(state: TrainState, config, tokens: dict[str, str], step: int,
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     acc, c = state.accelerator, state.components
+    if c.flow:
+        return _flow_preview(state, config, tokens, step, record)
     unet = acc.unwrap_model(state.unet)
     text_encoder = acc.unwrap_model(state.text_encoder)
     scheduler = DPMSolverMultistepScheduler.from_config(c.inference_scheduler_config)
@@ -106,6 +108,76 @@ def render_preview(state: TrainState, config, tokens: dict[str, str], step: int,
         legend.append(["x0 base", f"x0-hat at t=T-1, base model (adapter off), {class_prompt!r}"])
         legend.append(["x0 now", f"x0-hat at t=T-1, current weights, {current_prompt!r}"])
     return record.preview(step, _grid(grid_rows), {"step": step, "seeds": seeds, "rows": legend})
+
+
+def _flow_preview(state: TrainState, config, tokens: dict[str, str], step: int, record) -> Path:
+    """The preview grid of a flow family (Flux.1, SD 3): its own pipeline over the training components, its own
+    sampler (flow-matching Euler), its guidance (the embedding's value for a distilled model, else real CFG); T5
+    reads class words when it holds no token (`train.t5_tokens = false`). Rows: the prompts, and the x0-hat
+    diagnostic at s = 1 (x0_hat = eps - v_hat, docs/method.md) of the base model and the current weights."""
+    import diffusers
+
+    acc, c = state.accelerator, state.components
+    family = models.family_of(c.family)
+    encoders = acc.unwrap_model(state.text_encoder)
+    parts = {slot.component: e for slot, e in zip(encoders.slots, encoders.encoders)}
+    parts.update({slot.tokenizer: t for slot, t in zip(encoders.slots, encoders.tokenizers)})
+    transformer = acc.unwrap_model(state.unet)
+    pipe = getattr(diffusers, family.pipeline_class)(
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler.from_config(c.inference_scheduler_config),
+        vae=c.vae, transformer=transformer, **parts)
+    pipe.set_progress_bar_config(disable=True)
+    distilled = family.flow.distilled(dict(transformer.config))
+    guidance = family.flow.render_kwargs(config.render.guidance_scale, distilled, config.render.negative_prompt)
+    seeds = list(config.render.seeds[:PREVIEW_SEEDS]) or [0]
+    res = config.train.resolution
+    rows = preview_prompts(config, tokens)
+    class_words = {k: s.class_name for k, s in config.subjects.items()}
+    grid_rows: list[tuple[str, list]] = []
+    cuda_devices = [acc.device] if acc.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda_devices), acc.autocast(), vae_on_device(state):
+        for label, prompt in rows:
+            t5 = {} if all(encoders.with_tokens) else {  # T5 holds no token: it reads the class words
+                family.flow.t5_prompt: _substituted(prompt, encoders.substitutions)}
+            grid_rows.append((label, [
+                pipe(prompt, height=res, width=res, num_inference_steps=min(config.render.steps, PREVIEW_MAX_STEPS),
+                     generator=torch.Generator("cpu").manual_seed(seed), **guidance, **t5).images[0]
+                for seed in seeds]))
+        if config.palp.target_prompt:
+            class_prompt = models.expand_placeholders(config.palp.target_prompt, class_words)
+            current_prompt = models.expand_placeholders(config.palp.target_prompt, tokens)
+            for label, prompt, adapter in (("x0 base", class_prompt, False), ("x0 now", current_prompt, True)):
+                grid_rows.append((label, [_flow_x0_image(state, pipe, family, prompt, adapter, seed, res, distilled)
+                                          for seed in seeds]))
+    legend = [[label, prompt] for label, prompt in rows]
+    if config.palp.target_prompt:
+        legend.append(["x0 base", f"x0-hat at s=1, base model (adapter off), {class_prompt!r}"])
+        legend.append(["x0 now", f"x0-hat at s=1, current weights, {current_prompt!r}"])
+    return record.preview(step, _grid(grid_rows), {"step": step, "seeds": seeds, "rows": legend})
+
+
+def _substituted(prompt: str, words: dict[str, str]) -> str:
+    for token, word in words.items():
+        prompt = prompt.replace(token, word)
+    return prompt
+
+
+def _flow_x0_image(state: TrainState, pipe, family, prompt: str, adapter: bool, seed: int, res: int,
+                   distilled: bool):
+    """x0_hat = eps - v_hat at s = 1 (one pass at the personalization guidance: beta for a distilled model)."""
+    c, device = state.components, state.accelerator.device
+    latent_res = res // pipe.vae_scale_factor
+    eps = torch.randn((1, c.vae.config.latent_channels, latent_res, latent_res),
+                      generator=torch.Generator("cpu").manual_seed(seed)).to(device)
+    cond = state.accelerator.unwrap_model(state.text_encoder)(c.tokenize([prompt]))
+    with adapters(state.lora_layers, adapter):
+        v_hat = family.flow.forward(state.accelerator.unwrap_model(state.unet), eps.to(c.vae.dtype),
+                                    torch.ones(1, device=device), cond,
+                                    state.guidance.config.beta if distilled else None).float()
+    x0_hat = eps - v_hat
+    shift = getattr(c.vae.config, "shift_factor", None) or 0.0
+    image = c.vae.decode((x0_hat / c.vae.config.scaling_factor + shift).to(c.vae.dtype)).sample.float()
+    return pipe.image_processor.postprocess(image, output_type="pil")[0]
 
 
 def _x0_image(state: TrainState, pipe, prompt: str, adapter: bool, seed: int, size: tuple[int, int], scale: float):

@@ -28,6 +28,7 @@ from palpcompose.attach import (  # noqa: F401 - ADAPTER_NAME, attach_trained_to
     ADAPTER_NAME,
     attach_trained_tokens,
     attach_trained_weights,
+    denoiser,
     merged_lora,
 )
 from palpcompose.contact_sheet import contact_sheet
@@ -36,6 +37,7 @@ from palpcompose.fsutil import atomic_save_image, atomic_write_json, check_folde
 from palpcompose.models import (
     SDXL_RESOLUTION,
     expand_placeholders,
+    family_of,
     load_pipeline,
     native_resolution,
     placeholder_tokens,
@@ -405,7 +407,9 @@ def render(
     pipe = load_pipeline(plan.source, torch_dtype=dtype)
     _check_prompt_lengths(project, pipe.tokenizer, prompts, settings.negative_prompt,
                           from_options=plan.prompts_from_options, negative_from_option=plan.negative_from_option)
-    pipe.scheduler = make_scheduler(settings.scheduler, pipe.scheduler.config)
+    flow = family_of(plan.source.family).flow  # Flux.1, SD 3: their own sampler, guidance and T5 prompt
+    if flow is None:
+        pipe.scheduler = make_scheduler(settings.scheduler, pipe.scheduler.config)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     if not base_only:
@@ -427,18 +431,20 @@ def render(
             task = progress.add_task("rendering", total=len(models) * len(jobs))
             for model in models:
                 if model.weights is None:
-                    if getattr(pipe.unet, "peft_config", None):
-                        pipe.unet.disable_adapters()
+                    if getattr(denoiser(pipe), "peft_config", None):
+                        denoiser(pipe).disable_adapters()
                 else:
                     attach_trained_weights(pipe, model.weights, lora_scale=settings.lora_scale)
                 # merged once per model (not per batch: in fp16 each merge/unmerge pair rounds the base weights)
-                with merged_lora(pipe.unet) if model.weights is not None else contextlib.nullcontext():
+                with merged_lora(denoiser(pipe)) if model.weights is not None else contextlib.nullcontext():
                     for start in range(0, len(jobs), settings.batch_size):
                         batch = jobs[start : start + settings.batch_size]
                         batch_texts = [
                             (plan.base_texts if model.weights is None else plan.texts)[prompt] for _, prompt, _ in batch
                         ]
-                        pictures = generate(pipe, batch_texts, [seed for _, _, seed in batch], settings)
+                        extra = {} if flow is None else flow_render_kwargs(
+                            pipe, flow, model.weights, [plan.base_texts[prompt] for _, prompt, _ in batch], settings)
+                        pictures = generate(pipe, batch_texts, [seed for _, _, seed in batch], settings, extra)
                         for (p_index, prompt, seed), text, picture in zip(batch, batch_texts, pictures):
                             path = run_dir / f"{model.label}_p{p_index}_seed{seed}.png"
                             extra = {
@@ -518,20 +524,37 @@ def _validate(settings: RenderSettings) -> None:
         check_option(option, key, value)
 
 
-def generate(pipe, texts: list[str], seeds: list[int], settings: RenderSettings):
+def generate(pipe, texts: list[str], seeds: list[int], settings: RenderSettings, extra: dict | None = None):
     """One batch through the pipeline. Each image gets its own CPU generator seeded with its seed, so an image is the
-    same whatever batch it is in and on whatever device it is rendered."""
+    same whatever batch it is in and on whatever device it is rendered. `extra`: a flow family's own keywords
+    (flow_render_kwargs), which replace the guidance and negative prompt ones."""
     generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+    kwargs = {
+        "negative_prompt": [settings.negative_prompt] * len(texts) if settings.negative_prompt else None,
+        "guidance_scale": settings.guidance_scale, **(extra or {}),
+    }
     with torch.inference_mode():
         return pipe(
             prompt=texts,
-            negative_prompt=[settings.negative_prompt] * len(texts) if settings.negative_prompt else None,
             num_inference_steps=settings.steps,
-            guidance_scale=settings.guidance_scale,
             width=settings.width,
             height=settings.height,
             generator=generators,
+            **kwargs,
         ).images
+
+
+def flow_render_kwargs(pipe, flow, weights, class_texts: list[str], settings: RenderSettings) -> dict:
+    """A flow family's guidance keywords (the guidance embedding's value for a distilled Flux.1, real CFG
+    otherwise), and T5's prompt with class words when the weights hold no T5 token (train.t5_tokens = false) or
+    the base model renders (`weights` None: its text is the class words already)."""
+    extra = flow.render_kwargs(settings.guidance_scale, flow.distilled(dict(pipe.transformer.config)),
+                               settings.negative_prompt)
+    if isinstance(extra.get("negative_prompt"), str):  # one per prompt of the batch
+        extra["negative_prompt"] = [extra["negative_prompt"]] * len(class_texts)
+    if weights is not None and "t5" not in weights.encoder_keys:
+        extra[flow.t5_prompt] = class_texts
+    return extra
 
 
 def _check_out_folder(folder: Path) -> None:

@@ -52,6 +52,7 @@ class TrainState:
     max_grad_norm: float
     lora_layers: list  # the UNet's peft LoRA layers (adapters() toggles only these; empty would leave LoRA on)
     time_ids: torch.Tensor | None = None  # SDXL's size conditioning (1, 6) at train.resolution; None for SD 1/2
+    step_fn: object = None  # a flow family's step (flow_step.flow_training_step); None: the diffusion step below
 
     @property
     def null_embeds(self) -> torch.Tensor:
@@ -219,7 +220,10 @@ def encode_personal(state: TrainState, batch: Batch) -> Conditioning:
 
 
 def training_step(state: TrainState, batch: Batch) -> dict[str, float]:
-    """One micro-step (method.md steps 2-7): forward, loss, backward, and the optimizer step when gradients sync."""
+    """One micro-step (method.md steps 2-7): forward, loss, backward, and the optimizer step when gradients sync.
+    A flow family's state runs its own step (flow_step.py, set by its prepare_flow_state)."""
+    if state.step_fn is not None:
+        return state.step_fn(state, batch)
     acc, c = state.accelerator, state.components
     device = acc.device
     latents, noise = batch.latents.to(device), batch.noise.to(device)

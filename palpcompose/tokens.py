@@ -115,7 +115,7 @@ def add_trained_tokens(c, tokens: dict[str, str],
     """Each subject's new token in every tokenizer and text encoder of `c` (models.Components), initialised from its
     init word in each; returns the first tokenizer's ids and the PlaceholderEmbedding whose `.rows` are the trained
     values. SDXL: `.rows` (n, D1 + D2) is shared by both encoders' PlaceholderEmbeddings, each reading its own
-    columns."""
+    columns; a flow family's the same over its encoders ([CLIP-L | T5] for Flux.1, [CLIP-L | CLIP-G | T5] for SD 3)."""
     pairs = list(zip(c.tokenizers, c.text_encoders, strict=True))
     ids = [add_placeholder_tokens(tok, enc, tokens, init_words) for tok, enc in pairs]
     if len(pairs) == 1:
@@ -123,7 +123,7 @@ def add_trained_tokens(c, tokens: dict[str, str],
     tables = [enc.get_input_embeddings().weight for _, enc in pairs]
     first = [next(iter(i.values())) for i in ids]
     rows = torch.nn.Parameter(torch.cat([t[f:].detach() for t, f in zip(tables, first)], dim=1).float().clone())
-    width = tables[0].shape[1]
-    embeddings = [train_placeholder_rows(enc, i, rows, cols)
-                  for (_, enc), i, cols in zip(pairs, ids, (slice(0, width), slice(width, None)))]
+    edges = [0, *torch.tensor([t.shape[1] for t in tables]).cumsum(0).tolist()]  # each encoder's columns
+    embeddings = [train_placeholder_rows(enc, i, rows, slice(start, end))
+                  for (_, enc), i, start, end in zip(pairs, ids, edges, edges[1:])]
     return ids[0], embeddings[0]

@@ -26,6 +26,7 @@ from palpcompose import __version__, distributed, models
 from palpcompose.checkpoint import Checkpoint, restore_rng_state, rng_state
 from palpcompose.data import SubjectData, encode_references, sample_batch
 from palpcompose.errors import Interrupted, ProjectError, UserError, command_line
+from palpcompose.flow_step import prepare_flow_state
 from palpcompose.guidance import NonFiniteError, guidance_config
 from palpcompose.memory import OutOfMemory, estimate_training_memory, out_of_memory_message
 from palpcompose.outputs import checkpoint_dir, lock_path
@@ -134,7 +135,8 @@ def setup(plan: Plan, record: RunRecord, components: models.Components, accelera
     for notice in notices:
         if notice:
             console.print(notice)
-    state = prepare_state(config, components, accelerator, guidance_config(config), tokens)  # config: plan.mode in it
+    prepare = prepare_flow_state if components.flow else prepare_state  # a flow family's own setup (flow_step.py)
+    state = prepare(config, components, accelerator, guidance_config(config), tokens)  # config: plan.mode in it
     if accelerator.device.type == "cuda":
         memory["estimate"] = estimate = estimate_training_memory(
             components.unet, components.vae, components.text_encoder,
@@ -260,7 +262,8 @@ def new_manifest(plan: Plan, accelerator) -> dict:
     config = plan.config
     return {
         "palpcompose_version": __version__, "status": "running",
-        "base_model": {"spec": plan.source.spec, "kind": plan.source.kind, "identity": plan.identity},
+        "base_model": {"spec": plan.source.spec, "kind": plan.source.kind, "identity": plan.identity,
+                       "family": plan.source.family},
         "config": config.to_dict(), "config_hash": config.hash(), "training_hash": config.training_hash(),
         "palp_toml": plan.file_hashes, "images": plan.images,
         "tokens": models.placeholder_tokens(config.project.name, config.subjects), "git": git_state(plan.project.root),
@@ -284,7 +287,7 @@ def prepare_subjects(project, config, state: TrainState, tokens: dict[str, str])
         paths = list(project.images[key])
 
         def ids(prompt: str) -> torch.Tensor:
-            return models.tokenize(c.tokenizer, [models.expand_placeholders(prompt, tokens)], c.tokenizer_2)[0]
+            return c.tokenize([models.expand_placeholders(prompt, tokens)])[0]
 
         refs = encode_references(c.vae, paths, config.train.resolution, bool(subject.flip),
                                  state.accelerator.device, c.vae.dtype, alignment=alignment,
@@ -304,10 +307,11 @@ def trained_weights(state: TrainState, config, tokens: dict[str, str], step: int
                     for k, row in zip(state.token_ids, state.token_embedding.rows)},
         placeholders=dict(tokens), rank=config.train.lora_rank,
         lora_alpha=float(config.train.lora_alpha),
-        target_modules=list(models.LORA_TARGET_MODULES), base_model=config.project.base_model, step=step,
+        target_modules=list(state.components.lora_targets), base_model=config.project.base_model, step=step,
         guidance=config.palp.guidance,  # the run's mode (train() puts --guidance into config)
         text_encoder_dims=tuple(enc.get_input_embeddings().table.weight.shape[1]
                                 for enc in state.components.text_encoders) if state.components.tokenizer_2 else (),
+        encoder_keys=state.components.encoder_keys,  # flow families: "clip_l", "clip_g", "t5" of each part
     )
 
 

@@ -39,6 +39,7 @@ class TrainedWeights:
     step: int = 0
     guidance: str = ""  # the guidance mode that trained them (palp, sds, none); "" in files older than the key
     text_encoder_dims: tuple[int, ...] = ()  # SDXL: (D1, D2), each embedding is [encoder 1 | encoder 2]; else ()
+    encoder_keys: tuple[str, ...] = ()  # flow families: each part's encoder, ("clip_l", "t5") for Flux.1; else ()
 
     def per_encoder(self, token: str) -> list[torch.Tensor]:
         """The token's embedding in each text encoder: [vector] (SD 1/2) or SDXL's [clip_l, clip_g]."""
@@ -47,6 +48,8 @@ class TrainedWeights:
 
     def metadata(self) -> dict[str, str]:
         extra = {"text_encoder_dims": json.dumps(list(self.text_encoder_dims))} if self.text_encoder_dims else {}
+        if self.encoder_keys:
+            extra["encoder_keys"] = json.dumps(list(self.encoder_keys))
         return {
             **extra,
             "format": "palpcompose",
@@ -101,6 +104,7 @@ def load_trained_weights(folder: str | Path) -> TrainedWeights:
             target_modules=json.loads(meta["target_modules"]), base_model=meta.get("base_model", ""),
             step=int(meta.get("step", "0")), guidance=meta.get("guidance", ""),
             text_encoder_dims=tuple(json.loads(meta.get("text_encoder_dims", "[]"))),
+            encoder_keys=tuple(json.loads(meta.get("encoder_keys", "[]"))),
         )
     except (KeyError, ValueError, TypeError) as exc:
         raise DamagedFile(lora_path, f"bad header metadata: {type(exc).__name__}: {exc}") from None

@@ -34,6 +34,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     )),
     ("models", (  # base models: one module per family, resolution, SD components (the package re-exports them)
         "palpcompose.models.family", "palpcompose.models.sd", "palpcompose.models.sdxl",
+        "palpcompose.models.flow", "palpcompose.models.flux", "palpcompose.models.sd3",
         "palpcompose.models.families", "palpcompose.models.resolve", "palpcompose.models.defaults",
         "palpcompose.models.components", "palpcompose.models",
     )),
@@ -45,8 +46,9 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     )),
     ("out folder", ("palpcompose.outputs",)),  # the out/ layout, run lookup and staleness (reads project settings)
     ("command parts", (  # one job each of train and render: data, the step, previews, a run's lifecycle, ...
-        "palpcompose.data", "palpcompose.step", "palpcompose.previews", "palpcompose.progress", "palpcompose.run",
-        "palpcompose.attach", "palpcompose.contact_sheet", "palpcompose.report_data", "palpcompose.report_parts",
+        "palpcompose.data", "palpcompose.step", "palpcompose.flow_step", "palpcompose.previews",
+        "palpcompose.progress", "palpcompose.run", "palpcompose.attach", "palpcompose.contact_sheet",
+        "palpcompose.report_data", "palpcompose.report_parts",
         "palpcompose.toyworld.demo_compare",  # scripts/demo's baseline and side-by-side sheet (reads out/renders)
     )),
     ("commands", (  # one library function per command; eval renders first (evaluate imports render)

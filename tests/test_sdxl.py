@@ -27,10 +27,12 @@ def _pipeline_folder(root: Path, index: dict, unet: dict | None = None) -> Path:
 
 
 UNSUPPORTED_FOLDERS = {
-    "sd3": ({"_class_name": "StableDiffusion3Pipeline", "transformer": ["diffusers", "SD3Transformer2DModel"]},
-            None, "a Stable Diffusion 3 model (StableDiffusion3Pipeline)"),
-    "flux": ({"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]}, None,
-             "a Flux model (FluxPipeline)"),
+    # Flux.1 and SD 3 text-to-image models train (tests/test_flux_sd3.py); these kinds of them do not
+    "sd3-controlnet": ({"_class_name": "StableDiffusion3ControlNetPipeline",
+                        "transformer": ["diffusers", "SD3Transformer2DModel"]}, None,
+                       "a StableDiffusion3ControlNetPipeline pipeline"),
+    "flux-fill": ({"_class_name": "FluxFillPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]}, None,
+                  "Flux.1 Fill (an inpainting/outpainting model) (FluxFillPipeline)"),
     "refiner": ({"_class_name": "StableDiffusionXLImg2ImgPipeline", "text_encoder": [None, None],
                  "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
                  "requires_aesthetics_score": True}, {"in_channels": 4}, "an SDXL refiner"),
@@ -71,8 +73,8 @@ SINGLE_FILES = {
     "refiner": ({f"{UNET}input_blocks.0.0.weight": (2, 4, 1, 1), f"{UNET}label_emb.0.0.weight": (2, 3),
                  "conditioner.embedders.0.model.ln_final.weight": (2,)}, "an SDXL refiner checkpoint"),
     "inpaint": ({f"{UNET}input_blocks.0.0.weight": (2, 9, 1, 1)}, "an inpainting checkpoint (a UNet with 9 input"),
-    "sd3": ({f"{UNET}joint_blocks.0.x_block.attn.qkv.weight": (2, 2)}, "a Stable Diffusion 3 checkpoint"),
-    "flux": ({"double_blocks.0.img_attn.qkv.weight": (2, 2)}, "a Flux checkpoint"),
+    "sd3": ({f"{UNET}joint_blocks.0.x_block.attn.qkv.weight": (2, 2)}, "a Stable Diffusion 3 single-file checkpoint"),
+    "flux": ({"double_blocks.0.img_attn.qkv.weight": (2, 2)}, "Flux.1 schnell"),
 }
 
 
@@ -92,11 +94,13 @@ def test_hub_cache_family(tmp_path, monkeypatch):
     """A cached hub id is read from the cache's model_index.json, as a folder is."""
     import huggingface_hub
 
-    cache = _pipeline_folder(tmp_path / "cache", UNSUPPORTED_FOLDERS["flux"][0])
+    cache = _pipeline_folder(tmp_path / "cache", UNSUPPORTED_FOLDERS["flux-fill"][0])
     monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache",
                         lambda repo, name, **kw: str(cache / name) if (cache / name).is_file() else None)
-    with pytest.raises(UserError, match="a Flux model"):
-        models.resolve_base_model("black-forest-labs/FLUX.1-dev")
+    with pytest.raises(UserError, match="Flux.1 Fill"):
+        models.resolve_base_model("black-forest-labs/FLUX.1-Fill-dev")
+    (cache / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    assert models.resolve_base_model("black-forest-labs/FLUX.1-dev").family == "flux"
 
 
 def test_tiny_pipelines_families(tiny_pipeline_dir, tiny_vpred_pipeline_dir):
@@ -107,14 +111,14 @@ def test_tiny_pipelines_families(tiny_pipeline_dir, tiny_vpred_pipeline_dir):
 
 @pytest.mark.parametrize("command", ["check", "train", "render", "export"])
 def test_every_command_refuses_an_unsupported_model_with_exit_2(command, make_project, run_cli, tmp_path):
-    _pipeline_folder(tmp_path / "sd3", *UNSUPPORTED_FOLDERS["sd3"][:2])
+    _pipeline_folder(tmp_path / "sd3", *UNSUPPORTED_FOLDERS["sd3-controlnet"][:2])
     root = make_project({"project": {"base_model": str(tmp_path / "sd3")}})
     before = tree_snapshot(root)
     args = {"export": ["--format", "webui", "--out", tmp_path / "exported"]}.get(command, [])
     result = run_cli(command, root, *args)
     assert result.code == 2, (result.out, result.err)
     assert "Traceback" not in result.err and "internal error" not in result.err
-    assert "a Stable Diffusion 3 model" in result.err and "Stable Diffusion XL" in result.err
+    assert "StableDiffusion3ControlNetPipeline" in result.err and "Stable Diffusion XL" in result.err
     assert tree_snapshot(root) == before
 
 

@@ -33,9 +33,11 @@ from palpcompose.models.components import (
     unet_forward,
 )
 from palpcompose.models.defaults import (
+    FLOW_DEFAULT_KEYS,
     TOY_DEFAULTS,
     bucket_alignment,
     model_defaults,
+    model_notes,
     native_resolution,
     source_bucket_alignment,
 )
@@ -62,12 +64,12 @@ from palpcompose.placeholders import expand_placeholders, placeholder_tokens
 from palpcompose.tokens import add_placeholder_tokens
 
 __all__ = [
-    "ATTENTION_MODES", "BUILTIN_DIR", "BUILTIN_MODELS", "FAMILIES", "FAMILY_NAMES", "LORA_TARGET_MODULES", "NATIVE_RESOLUTION",
+    "ATTENTION_MODES", "BUILTIN_DIR", "BUILTIN_MODELS", "FAMILIES", "FAMILY_NAMES", "FLOW_DEFAULT_KEYS", "LORA_TARGET_MODULES", "NATIVE_RESOLUTION",
     "PICKLED_SUFFIXES", "SDXL_RESOLUTION", "SUPPORTED_FAMILIES", "TOY_DEFAULTS", "BaseModelSource", "Components",
     "Family", "add_lora", "add_placeholder_tokens", "bucket_alignment", "config_reader", "detect_family",
     "encode_prompt",
     "expand_placeholders", "family_of", "freeze", "load_components", "load_lora_state_dict", "load_pipeline",
-    "lora_layers", "lora_state_dict", "model_defaults", "native_resolution", "placeholder_tokens",
+    "lora_layers", "lora_state_dict", "model_defaults", "model_notes", "native_resolution", "placeholder_tokens",
     "resolve_base_model", "set_attention", "source_bucket_alignment", "tokenize", "uncached_hub_message",
     "unet_forward",
 ]

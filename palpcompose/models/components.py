@@ -15,6 +15,7 @@ import torch
 from palpcompose.conditioning import Conditioning
 from palpcompose.errors import UserError, WeightsDoNotFit
 from palpcompose.models.families import FAMILY_NAMES, family_of
+from palpcompose.models.flow import FlowTextEncoders
 from palpcompose.models.resolve import BaseModelSource
 from palpcompose.models.sd import LORA_TARGETS
 
@@ -42,17 +43,41 @@ class Components:
     family: str = "sd1"  # detect_family's answer
     tokenizer_2: object = None  # SDXL's second tokenizer, else None
     force_zeros_for_empty_prompt: bool = False  # SDXL: the empty prompt is encoded as zeros (its pipeline config)
+    lora_targets: tuple[str, ...] = LORA_TARGETS  # the family's LoRA target modules on the denoiser
+
+    @property
+    def flow(self) -> bool:
+        """A rectified-flow family (Flux.1, SD 3): `unet` is its transformer, `text_encoder` a flow.FlowTextEncoders."""
+        return self.prediction_type == "flow"
 
     @property
     def text_encoders(self) -> list:
-        """The CLIP text encoder(s) themselves: [text_encoder] or SDXL's [text_encoder, text_encoder_2]."""
+        """The text encoders that hold a learned token per subject: [text_encoder], SDXL's [text_encoder,
+        text_encoder_2], a flow family's encoders (those T5 included unless `train.t5_tokens = false`)."""
+        if self.flow:
+            return [e for e, holds in zip(self.text_encoder.encoders, self.text_encoder.with_tokens) if holds]
         if self.tokenizer_2 is None:
             return [self.text_encoder]
         return [self.text_encoder.text_encoder, self.text_encoder.text_encoder_2]
 
     @property
     def tokenizers(self) -> list:
+        if self.flow:
+            return [t for t, holds in zip(self.text_encoder.tokenizers, self.text_encoder.with_tokens) if holds]
         return [self.tokenizer] if self.tokenizer_2 is None else [self.tokenizer, self.tokenizer_2]
+
+    @property
+    def encoder_keys(self) -> tuple[str, ...]:
+        """Flow families: the exported-embedding key of each encoder in `text_encoders` ("clip_l", "t5", ...)."""
+        if not self.flow:
+            return ()
+        return tuple(s.key for s, holds in zip(self.text_encoder.slots, self.text_encoder.with_tokens) if holds)
+
+    def tokenize(self, prompts: list[str]):
+        """The prompts' token ids as `text_encoder` reads them (models.tokenize; a flow family's own layout)."""
+        if self.flow:
+            return self.text_encoder.tokenize(prompts)
+        return tokenize(self.tokenizer, prompts, self.tokenizer_2)
 
 
 def load_components(source: BaseModelSource) -> Components:
@@ -61,6 +86,8 @@ def load_components(source: BaseModelSource) -> Components:
 
     family = family_of(source.family)
     pipe = load_pipeline(source)
+    if family.flow is not None:
+        return _flow_components(source, family, pipe)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     prediction_type = noise_scheduler.config.prediction_type
     if prediction_type not in family.prediction_types:
@@ -73,6 +100,19 @@ def load_components(source: BaseModelSource) -> Components:
         noise_scheduler=noise_scheduler, inference_scheduler_config=dict(pipe.scheduler.config),
         prediction_type=prediction_type, alphas_cumprod=noise_scheduler.alphas_cumprod.float().clone(),
         family=source.family, **family.components(pipe),  # the text encoder(s) as one module, a second tokenizer
+    )
+
+
+def _flow_components(source: BaseModelSource, family, pipe) -> Components:
+    """A rectified-flow pipeline's Components: the transformer as `unet`, every text encoder as one
+    flow.FlowTextEncoders, the scheduler config for the noise levels (docs/method.md "PALP for rectified flow")."""
+    encoders = FlowTextEncoders(family.encoders, [getattr(pipe, s.component) for s in family.encoders],
+                                [getattr(pipe, s.tokenizer) for s in family.encoders], family.flow.encode)
+    return Components(
+        unet=pipe.transformer, vae=pipe.vae, text_encoder=encoders, tokenizer=pipe.tokenizer,
+        noise_scheduler=pipe.scheduler, inference_scheduler_config=dict(pipe.scheduler.config),
+        prediction_type="flow", alphas_cumprod=None, family=source.family, lora_targets=family.lora_targets,
+        **family.components(pipe),
     )
 
 
@@ -163,12 +203,13 @@ def lora_layers(unet) -> list:
     return [module for module in unet.modules() if isinstance(module, BaseTunerLayer)]
 
 
-def add_lora(unet, rank: int, lora_alpha: float) -> list:
-    """Attach a peft LoRA adapter to the UNet's attention projections; returns its parameters, in fp32."""
+def add_lora(unet, rank: int, lora_alpha: float, targets: tuple[str, ...] = LORA_TARGETS) -> list:
+    """Attach a peft LoRA adapter to the denoiser's attention projections (`targets`: the family's); returns its
+    parameters, in fp32."""
     from peft import LoraConfig
 
     unet.add_adapter(
-        LoraConfig(r=rank, lora_alpha=lora_alpha, init_lora_weights="gaussian", target_modules=LORA_TARGET_MODULES)
+        LoraConfig(r=rank, lora_alpha=lora_alpha, init_lora_weights="gaussian", target_modules=list(targets))
     )
     params = [p for p in unet.parameters() if p.requires_grad]
     for p in params:
@@ -200,6 +241,10 @@ def set_attention(unet, mode: str, device_type: str) -> str:
 
     if mode not in ATTENTION_MODES:
         raise UserError(f"train.attention must be one of {', '.join(ATTENTION_MODES)}, not {mode!r}")
+    if not hasattr(unet, "set_default_attn_processor"):  # a flow transformer: diffusers' own SDPA processors
+        if mode == "xformers":
+            raise UserError("train.attention = \"xformers\" applies to UNet models; use \"auto\" or \"sdpa\"")
+        return ""
     if mode in ("auto", "xformers"):
         installed = importlib.util.find_spec("xformers") is not None
         reason = ("xformers is not installed" if not installed

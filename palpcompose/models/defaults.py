@@ -5,6 +5,7 @@ resolve them into the config."""
 from __future__ import annotations
 
 from palpcompose import buckets
+from palpcompose.models.families import family_of
 from palpcompose.models.resolve import BaseModelSource, config_reader
 
 # builtin:toy's own training and render settings (docs/evaluation.md, "The PALP study"). The training regime was
@@ -26,6 +27,11 @@ TOY_DEFAULTS = {
 }
 
 
+# keys a flow family decides (models.flux, models.sd3 `defaults`, and alpha/beta by its guidance)
+FLOW_DEFAULT_KEYS = ("train.learning_rate", "train.mixed_precision", "render.steps", "render.guidance_scale",
+                     "palp.alpha", "palp.beta")
+
+
 def native_resolution(source: BaseModelSource) -> int | None:
     """The image size the base model was trained at, from its own configs: the UNet's latent `sample_size` times
     the VAE's downsampling factor (2 ** (len(block_out_channels) - 1)): 64 for builtin:toy, 512 for SD 1.x and
@@ -34,9 +40,10 @@ def native_resolution(source: BaseModelSource) -> int | None:
     if source.kind not in ("builtin", "folder", "hub"):
         return None
     read = config_reader(source.kind, source.location)  # the reader family detection uses
-    unet, vae = read("unet/config.json"), read("vae/config.json")
+    unet, vae = read("unet/config.json") or read("transformer/config.json"), read("vae/config.json")
     try:
-        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+        # Flux's transformer has no sample_size: FluxPipeline's default_sample_size is 128 latents (1024 px)
+        return int((unet or {}).get("sample_size", 128)) * 2 ** (len(vae["block_out_channels"]) - 1)
     except (TypeError, KeyError, ValueError):
         return None
 
@@ -48,6 +55,15 @@ def model_defaults(source: BaseModelSource) -> dict[str, tuple[object, str]]:
     size = native_resolution(source)
     if size is not None:
         defaults["train.resolution"] = (size, f"the native size of {source.spec} (its UNet and VAE configs)")
+    family = family_of(source.family)
+    defaults.update(family.defaults if source.family in family.names else {})
+    if family.flow is not None and source.kind in ("folder", "hub"):
+        transformer = config_reader(source.kind, source.location)("transformer/config.json") or {}
+        kind = "distilled" if family.flow.distilled(transformer) else "cfg"
+        alpha, beta = family.flow.default_alpha_beta[kind]
+        why = ("a guidance-distilled model: the values fed to its guidance embedding (docs/method.md)" if
+               kind == "distilled" else "real classifier-free guidance: the paper's scales")
+        defaults["palp.alpha"], defaults["palp.beta"] = (alpha, why), (beta, why)
     if source.spec == "builtin:toy":
         for key, value in TOY_DEFAULTS.items():
             defaults[key] = (value, "builtin:toy's own default")
@@ -58,8 +74,11 @@ def model_defaults(source: BaseModelSource) -> dict[str, tuple[object, str]]:
 def bucket_alignment(unet_config, vae_config) -> int:
     """Pixels an aspect-ratio bucket's sides are a multiple of (buckets.alignment), from the UNet's and VAE's
     configs (a dict or a diffusers FrozenDict): 64 for SD 1/2 and SDXL, 16 for builtin:toy."""
-    return buckets.alignment(2 ** (len(vae_config["block_out_channels"]) - 1),
-                             len(unet_config["block_out_channels"]) - 1)
+    if "block_out_channels" in unet_config:  # a UNet: one halving per down block after the first
+        downsamplings = len(unet_config["block_out_channels"]) - 1
+    else:  # a flow transformer (Flux.1, SD 3): latents cut into patch_size x patch_size patches
+        downsamplings = max(int(unet_config.get("patch_size", 2)).bit_length() - 1, 0)
+    return buckets.alignment(2 ** (len(vae_config["block_out_channels"]) - 1), downsamplings)
 
 
 def source_bucket_alignment(source: BaseModelSource) -> int:
@@ -72,3 +91,12 @@ def source_bucket_alignment(source: BaseModelSource) -> int:
         except (TypeError, KeyError, ValueError):
             pass
     return buckets.REAL_MODEL_ALIGNMENT
+
+
+def model_notes(source: BaseModelSource) -> list[str]:
+    """What `check` says about the base model's family (a flow family's guidance: what alpha and beta mean)."""
+    family = family_of(source.family)
+    if family.notes is None or source.family not in family.names or source.kind not in ("folder", "hub"):
+        return []
+    return [f"{family.names[source.family]}: {note}" for note in family.notes(config_reader(source.kind,
+                                                                                            source.location))]

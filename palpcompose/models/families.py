@@ -8,20 +8,22 @@ from __future__ import annotations
 from pathlib import Path
 
 from palpcompose.models.family import Family
+from palpcompose.models.flux import FAMILY as FLUX
 from palpcompose.models.sd import FAMILY as SD
 from palpcompose.models.sd import UNET
+from palpcompose.models.sd3 import FAMILY as SD3
 from palpcompose.models.sdxl import FAMILY as SDXL
 from palpcompose.models.sdxl import SDXL_RESOLUTION
 
-FAMILIES: tuple[Family, ...] = (SDXL, SD)  # detection order: SD's single-file test is the fallback
+FAMILIES: tuple[Family, ...] = (FLUX, SD3, SDXL, SD)  # detection order: SD's single-file test is the fallback
 
 FAMILY_NAMES = {key: name for family in FAMILIES for key, name in family.names.items()}
 FAMILY_NAMES["unknown"] = "family not verifiable offline"
 __all__ = ["FAMILIES", "FAMILY_NAMES", "NATIVE_RESOLUTION", "SDXL_RESOLUTION", "SUPPORTED_FAMILIES",
            "family_from_index",
            "family_from_keys", "family_of"]
-SUPPORTED_FAMILIES = ("Stable Diffusion 1.x and 2.x (epsilon and v-prediction) and Stable Diffusion XL base "
-                      "text-to-image models")
+SUPPORTED_FAMILIES = ("Stable Diffusion 1.x and 2.x (epsilon and v-prediction), Stable Diffusion XL base, "
+                      "Flux.1 (dev and de-distilled) and Stable Diffusion 3.x text-to-image models")
 NATIVE_RESOLUTION = {key: size for family in FAMILIES for key, size in family.native_size.items()}
 
 
@@ -35,10 +37,6 @@ def family_from_index(index: dict, read) -> tuple[str, str | None]:
     UNet's and scheduler's configs (`read(name)` -> a config as JSON, or None)."""
     name = str(index.get("_class_name", ""))
     unet = read("unet/config.json") or {}
-    if "Flux" in name:
-        return f"a Flux model ({name})", None
-    if name.startswith("StableDiffusion3"):
-        return f"a Stable Diffusion 3 model ({name})", None
     if "Inpaint" in name or unet.get("in_channels", 4) != 4:
         return (f"an inpainting model ({name}, a UNet with {unet.get('in_channels', '?')} input channels; "
                 "palpcompose needs the 4-channel text-to-image UNet)"), None
@@ -53,10 +51,10 @@ def family_from_keys(keys: list[str], path: Path) -> tuple[str, str | None]:
     """(what an original-format single-file checkpoint is; its family key or None) from its tensor names, and the
     shape of the UNet's first convolution (9 input channels: inpainting)."""
     unet = UNET
-    if any(k.startswith((f"{unet}joint_blocks.", "joint_blocks.")) for k in keys):
-        return "a Stable Diffusion 3 checkpoint (MMDiT joint_blocks)", None
-    if any(k.startswith((f"{unet}double_blocks.", "double_blocks.")) for k in keys):
-        return "a Flux checkpoint (double_blocks)", None
+    for family in (FLUX, SD3):  # transformers: recognised by their blocks before the UNet's channels are read
+        found = family.from_keys(keys)
+        if found is not None:
+            return found
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:

@@ -8,14 +8,19 @@ A family is the set of base models that load, encode prompts and train the same 
 - how it loads: the diffusers pipeline class and its keywords, the components a diffusers folder must hold;
 - how prompts are encoded: `components(pipe)`, the family's own fields of models.Components (the text encoder as
   one module, a second tokenizer, whether the empty prompt is zeros);
-- the prediction types it trains (`prediction_types`) and its LoRA target modules (`lora_targets`).
+- the prediction types it trains (`prediction_types`) and its LoRA target modules (`lora_targets`);
+- what the training step, render and export read of a flow-matching family (flux.py, sd3.py): `objective`
+  ("diffusion": epsilon or v-prediction, read from the scheduler; "flow": rectified-flow velocity), the prompt
+  encoders (`encoders`: one EncoderSlot each, its tokenizer, its key in exported embeddings, its sequence length),
+  the denoiser's call and prompt encoding (`flow`: a FlowSpec), its resolved training defaults with their sources
+  (`defaults`) and what `check` says about it (`notes`).
 families.py lists the families in the order detection tries them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -33,3 +38,37 @@ class Family:
     components: Callable[[object], dict]  # pipeline -> the family's own fields of models.Components
     prediction_types: tuple[str, ...]  # scheduler prediction types it trains
     lora_targets: tuple[str, ...]  # the modules that get a LoRA adapter
+    objective: str = "diffusion"  # "diffusion" (epsilon / v_prediction, from the scheduler config) | "flow"
+    encoders: tuple[EncoderSlot, ...] = ()  # flow families: every text encoder that reads the prompt, in order
+    flow: FlowSpec | None = None  # flow families: the denoiser's call, prompt encoding, noise levels
+    defaults: dict = field(default_factory=dict)  # dotted palp.toml key -> (value, why): this family's defaults
+    notes: Callable[[Callable], list[str]] | None = None  # read -> lines `check` prints about the model
+
+
+@dataclass(frozen=True)
+class EncoderSlot:
+    """One text encoder that reads the prompt: a component of the pipeline and its tokenizer."""
+
+    component: str  # the pipeline attribute: "text_encoder", "text_encoder_2", "text_encoder_3"
+    tokenizer: str  # "tokenizer", ...
+    key: str  # this encoder's key in exported embeddings (the pivotal-tuning layout): "clip_l" | "clip_g" | "t5"
+    kind: str  # "clip" | "t5"
+    max_length: int  # tokens it reads (CLIP 77; T5 512 for Flux.1, 256 for SD 3, as their pipelines default)
+
+
+@dataclass(frozen=True)
+class FlowSpec:
+    """What a rectified-flow family's training step and previews call (docs/method.md "PALP for rectified flow").
+
+    forward(transformer, latents (B, C, h, w), sigma (B,), cond, guidance) -> velocity (B, C, h, w): one pass;
+    `guidance` is the value fed to a guidance-distilled model's embedding, None for real CFG.
+    encode(encoders, ids per encoder) -> conditioning.Conditioning (embeds, pooled).
+    distilled(transformer config) -> whether the model is guidance-distilled (one pass per guided prediction)."""
+
+    forward: Callable
+    encode: Callable
+    distilled: Callable[[dict], bool]
+    default_alpha_beta: dict  # {"distilled": (alpha, beta), "cfg": (alpha, beta)}: docs/method.md
+    # (scale, distilled, negative prompt) -> the family pipeline's guidance keywords for a render
+    render_kwargs: Callable[[float, bool, str], dict]
+    t5_prompt: str  # the pipeline keyword of T5's prompt ("prompt_2" Flux.1, "prompt_3" SD 3)

@@ -40,7 +40,8 @@ class BaseModelSource:
     available: bool  # can be loaded without the network
     detail: str  # one line for `check`: what was found, or why it cannot be verified
     allow_pickle: bool = False  # project.allow_pickle: pickled weight files may be loaded
-    family: str = "unknown"  # detect_family's answer: "toy" | "sd1" | "sd2" | "sd2-v" | "sdxl" | "unknown"
+    family: str = "unknown"  # detect_family's answer: "toy" | "sd1" | "sd2" | "sd2-v" | "sdxl" | "flux" | "sd3"
+    # | "unknown"
 
 
 def resolve_base_model(spec: str, project_dir: Path | None = None, allow_pickle: bool = False) -> BaseModelSource:
@@ -119,13 +120,13 @@ def _check_pipeline_folder(path: Path, allow_pickle: bool = False) -> str:
     data = json.loads(index.read_text(encoding="utf-8"))  # readable: detect_family read it
     missing = [name for name in needed if not isinstance(data, dict) or name not in data]
     if missing:
-        raise UserError(f"{index}: names no {', '.join(missing)}; palpcompose needs a Stable Diffusion text-to-image "
-                        "pipeline folder")
+        raise UserError(f"{index}: names no {', '.join(missing)}; palpcompose needs a complete "
+                        f"{FAMILY_NAMES[family]} text-to-image pipeline folder")
     for name in needed:
         if not (path / name).is_dir():
             raise UserError(f"{path / name}: missing; the pipeline folder is incomplete (copy it again, or save it "
                             "with `pipeline.save_pretrained`)")
-    for name in [n for n in needed if n in ("unet", "vae") or n.startswith("text_encoder")]:
+    for name in [n for n in needed if n in ("unet", "transformer", "vae") or n.startswith("text_encoder")]:
         files = [f for f in (path / name).iterdir() if f.is_file()]
         if any(f.suffix == ".safetensors" for f in files):
             continue
@@ -171,9 +172,10 @@ def _hub_cached(repo_id: str) -> bool:
 
 def detect_family(kind: str, location: str) -> str:
     """The family of the model at `location` ("builtin" | "folder" | "hub" | "single_file", as BaseModelSource):
-    "toy", "sd1", "sd2", "sd2-v" or "sdxl", or "unknown" when nothing can be read offline. Reads configs or a
-    .safetensors header only. Raises UserError naming the kind found for a model palpcompose cannot train: Stable
-    Diffusion 3, Flux, an SDXL refiner alone, an inpainting model, any other pipeline class."""
+    "toy", "sd1", "sd2", "sd2-v", "sdxl", "flux" or "sd3", or "unknown" when nothing can be read offline. Reads
+    configs or a .safetensors header only. Raises UserError naming the kind found for a model palpcompose cannot
+    train: Flux schnell or another few-step model, Fill/Kontext/Redux/ControlNet, an SDXL refiner alone, an
+    inpainting model, a single-file Flux or SD 3 checkpoint, any other pipeline class."""
     if kind == "builtin":
         return "toy"
     if kind == "single_file":

@@ -10,7 +10,7 @@ from typing import Any
 from palpcompose import buckets
 from palpcompose.captions import caption_path
 from palpcompose.errors import Problem
-from palpcompose.models import source_bucket_alignment
+from palpcompose.models import model_notes, source_bucket_alignment
 from palpcompose.placeholders import PLACEHOLDER
 from palpcompose.project.load import validate
 from palpcompose.project.schema import Project, ProjectConfig
@@ -56,7 +56,7 @@ def check_project(project_dir: str | Path) -> CheckReport:
         v.problems += caption_length_problems(tokenizer, project)
     if v.problems:
         raise v.error()
-    notes = project.notes + tuple(_toy_class_notes(project))
+    notes = project.notes + tuple(_toy_class_notes(project)) + tuple(model_notes(source))
     return CheckReport(project, source, limit, limit_source, tuple(counts), notes, caption_summary(project),
                        bucket_summary(project, source_bucket_alignment(source)))
 

@@ -18,7 +18,7 @@ from palpcompose.project.schema import PROJECT_FILE, ascii_name, sanitize_name
 from palpcompose.project.validation import did_you_mean
 from palpcompose.toyworld import demo as toy_demo
 
-TEMPLATES = ("single-subject", "multi-subject", "art-inspired", "toy-demo")
+TEMPLATES = ("single-subject", "multi-subject", "art-inspired", "flux-art-inspired", "sd3-art-inspired", "toy-demo")
 DEFAULT_TEMPLATE = "art-inspired"
 _NAME_MARK = "__PROJECT_NAME__"
 

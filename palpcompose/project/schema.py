@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from palpcompose.choices import GUIDANCE_MODES, SCHEDULER_NAMES
-from palpcompose.models import ATTENTION_MODES, LORA_TARGET_MODULES, TOY_DEFAULTS
+from palpcompose.models import ATTENTION_MODES, FLOW_DEFAULT_KEYS, LORA_TARGET_MODULES, TOY_DEFAULTS
 from palpcompose.placeholders import default_prompt
 from palpcompose.project.settings import ADDED_LATER, sha256_json, weight_settings
 
@@ -53,7 +53,7 @@ def model_dependent(key: str) -> bool:
     """Whether the base model may decide the default of a dotted key (models.model_defaults): the resolution is
     the model's native size, and builtin:toy has its own settings (models.TOY_DEFAULTS). The dataclass default is
     the paper's Stable Diffusion value."""
-    return key == "train.resolution" or key in TOY_DEFAULTS
+    return key == "train.resolution" or key in TOY_DEFAULTS or key in FLOW_DEFAULT_KEYS
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -101,10 +101,12 @@ class PalpConfig:
     guidance: str = _spec(
         "Prompt-alignment guidance: `palp` (paper Eq. 6, default), `sds` (Eq. 4, ablation) or `none` (plain TI+DB "
         "personalization, the baseline).", "palp", choices=GUIDANCE_MODES)
-    alpha: float = _spec("Classifier-free guidance scale of the frozen base model on the clean prompt (Eq. 6).", 7.5,
-                         ge=0.0, le=100.0)
+    alpha: float = _spec("Classifier-free guidance scale of the frozen base model on the clean prompt (Eq. 6). "
+                         "Default: 7.5; 3.5 for a guidance-distilled Flux.1, where it is the value fed to the "
+                         "model's guidance embedding (docs/flux-sd3.md).", 7.5, ge=0.0, le=100.0)
     beta: float = _spec("Classifier-free guidance scale of the personalized model on y_P (Eq. 6); alpha > beta works "
-                        "better.", 1.0, ge=0.0, le=100.0)
+                        "better. Default: 1.0 (for a guidance-distilled Flux.1 its guidance embedding's value).", 1.0,
+                        ge=0.0, le=100.0)
     weight: float = _spec("lambda, the weight of the alignment loss next to the personalization loss.", 1.0, ge=0.0,
                           le=1000.0)
     same_noise: bool = _spec("Re-noise x0-hat with the same noise and timestep as the personalization branch "
@@ -152,6 +154,10 @@ class TrainConfig:
         "Read per-image captions: a `name.txt` beside a reference `name.png` holds that image's personalization "
         "prompt (with the subject's placeholder, put in front when missing); images without one use "
         "`subjects.Vn.prompt`. `false` ignores the .txt files.", True, extension=True)
+    t5_tokens: bool = _spec(
+        "Flux.1 and SD 3: each subject's token is learned in T5 as well as in the CLIP encoders. `false`: T5 reads "
+        "the class word instead (no backward pass through T5: less memory, weaker binding; docs/flux-sd3.md). "
+        "Ignored by other models.", True, extension=True)
     low_memory: bool = _spec(
         "Low-memory preset for 8 GB GPUs: gradient checkpointing on, and the VAE kept off the GPU once the reference "
         "images are encoded (it comes back only to draw previews). Same results, slower steps.", False,

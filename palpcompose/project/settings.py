@@ -17,6 +17,7 @@ ADDED_LATER = {
     ("render", "lora_scale"): 1.0,
     ("train", "buckets"): True,
     ("train", "captions"): True,
+    ("train", "t5_tokens"): True,
 }
 
 # The one list of settings that never change the trained weights (with all of [render]): snapshot and preview

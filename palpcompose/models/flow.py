@@ -1,0 +1,108 @@
+"""What the rectified-flow families (flux.py, sd3.py) share: their text encoders as one module that tokenizes and
+encodes a prompt for every encoder at once (`FlowTextEncoders`), the Flux latent packing, and the training noise
+levels read from the model's own scheduler config (docs/method.md "Noise levels, for both terms").
+
+Token ids of a prompt are one row per prompt with every encoder's ids end to end ([CLIP-L 77 | T5 512] for Flux.1),
+so a batch of them stacks as SD's do; `FlowTextEncoders.forward` splits them again.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from palpcompose.flow_guidance import (
+    flux_mu,
+    logit_normal_from_uniform,
+    packed_seq_len,
+    shift_sigmas,
+    time_shift,
+)
+
+
+class FlowTextEncoders(torch.nn.Module):
+    """A flow family's text encoders as one module: ids (B, sum of lengths) -> the family's Conditioning.
+
+    `slots` are the family's EncoderSlots; `encode(encoders, ids per encoder)` its prompt encoding. An encoder that
+    holds no learned token (`train.t5_tokens = false`: T5 reads the class word) gets its prompt with each token
+    replaced by its subject's class word (`substitutions`)."""
+
+    def __init__(self, slots, encoders, tokenizers, encode):
+        super().__init__()
+        self.slots = tuple(slots)
+        self.encoders = torch.nn.ModuleList(encoders)
+        self.tokenizers = list(tokenizers)
+        self.encode = encode
+        self.with_tokens = [True] * len(self.slots)  # which encoders hold a learned row per subject
+        self.substitutions: dict[str, str] = {}  # token -> class word, in the encoders without tokens
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.encoders[0].parameters()).device
+
+    @property
+    def lengths(self) -> list[int]:
+        return [slot.max_length for slot in self.slots]
+
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        """(B, sum of lengths): each encoder's ids, padded and truncated to its length, end to end."""
+        rows = []
+        for slot, tokenizer, holds in zip(self.slots, self.tokenizers, self.with_tokens, strict=True):
+            texts = prompts if holds else [_substitute(p, self.substitutions) for p in prompts]
+            rows.append(tokenizer(texts, padding="max_length", max_length=slot.max_length, truncation=True,
+                                  return_tensors="pt").input_ids)
+        return torch.cat(rows, dim=-1)
+
+    def forward(self, input_ids: torch.Tensor):
+        parts = input_ids.to(self.device).split(self.lengths, dim=-1)
+        return self.encode(list(self.encoders), list(parts))
+
+
+def _substitute(prompt: str, words: dict[str, str]) -> str:
+    for token, word in words.items():
+        prompt = prompt.replace(token, word)
+    return prompt
+
+
+# --- Flux's 2x2 latent packing (FluxPipeline._pack_latents and its inverse) --------------------------------------
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> (B, h/2 * w/2, 4C): 2x2 patches as tokens, as FluxPipeline._pack_latents."""
+    b, c, h, w = latents.shape
+    return latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The inverse of pack_latents: (B, h/2 * w/2, 4C) -> (B, C, h, w)."""
+    b, _, features = tokens.shape
+    c = features // 4
+    return tokens.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
+def latent_image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
+    """Flux's image position ids (h/2 * w/2, 3): (0, row, column) per packed token."""
+    ids = torch.zeros(h // 2, w // 2, 3)
+    ids[..., 1] = torch.arange(h // 2)[:, None]
+    ids[..., 2] = torch.arange(w // 2)[None, :]
+    return ids.reshape(-1, 3).to(device=device, dtype=dtype)
+
+
+# --- training noise levels -----------------------------------------------------------------------------------------
+
+
+def training_sigmas(timesteps: torch.Tensor, num_train_timesteps: int, scheduler_config: dict,
+                    latent_hw: tuple[int, int]) -> torch.Tensor:
+    """The noise levels s (B,) of a batch from its uniform integer draws t ~ U[0, T) (data.sample_batch): u = (t +
+    0.5) / T through the logit-normal density's inverse CDF (flow_guidance.logit_normal_from_uniform), then the
+    family's shift from its scheduler config: Flux's resolution-dependent one (`use_dynamic_shifting`: mu from the
+    number of image tokens), SD 3's static `shift`. Clamped to [1/T, 1] as flow_guidance.sample_sigmas."""
+    u = (timesteps.double() + 0.5) / num_train_timesteps
+    u = logit_normal_from_uniform(u).float()
+    if scheduler_config.get("use_dynamic_shifting"):
+        mu = flux_mu(packed_seq_len(*latent_hw), scheduler_config.get("base_image_seq_len", 256),
+                     scheduler_config.get("max_image_seq_len", 4096), scheduler_config.get("base_shift", 0.5),
+                     scheduler_config.get("max_shift", 1.15))
+        sigmas = time_shift(u, mu)
+    else:
+        sigmas = shift_sigmas(u, float(scheduler_config.get("shift", 1.0)))
+    return sigmas.clamp(1.0 / num_train_timesteps, 1.0)
