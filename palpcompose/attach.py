@@ -98,7 +98,7 @@ def token_slots(pipe, weights: TrainedWeights) -> list[tuple]:
     UserError when the weights name an encoder this pipeline does not have (another family's weights)."""
     slots = {slot.key: slot for slot in pipeline_family(pipe).encoders}
     if not slots or any(key not in slots for key in weights.encoder_keys):
-        raise UserError(f"the weights hold embeddings for {', '.join(weights.encoder_keys)}, which this "
+        raise WeightsDoNotFit(f"the weights hold embeddings for {', '.join(weights.encoder_keys)}, which this "
                         f"{type(pipe).__name__} does not have; render with the base model they were trained on")
     return [(getattr(pipe, slots[key].tokenizer), getattr(pipe, slots[key].component))
             for key in weights.encoder_keys]
