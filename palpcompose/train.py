@@ -293,6 +293,7 @@ def trained_weights(state: TrainState, config, tokens: dict[str, str], step: int
         lora_alpha=float(config.train.lora_alpha),
         target_modules=list(models.LORA_TARGET_MODULES), base_model=config.project.base_model, step=step,
         guidance=config.palp.guidance,  # the run's mode (train() puts --guidance into config)
+        adapter=config.train.adapter,
         text_encoder_dims=tuple(enc.get_input_embeddings().table.weight.shape[1]
                                 for enc in state.components.text_encoders) if state.components.tokenizer_2 else (),
     )

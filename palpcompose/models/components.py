@@ -20,6 +20,7 @@ from palpcompose.models.sd import LORA_TARGETS
 
 LORA_TARGET_MODULES = list(LORA_TARGETS)  # the UNet's attention projections (models.sd; SDXL's are the same)
 ATTENTION_MODES = ("auto", "sdpa", "xformers")  # train.attention's choices (set_attention)
+ADAPTERS = ("lora", "dora")  # train.adapter's choices: peft LoRA, or DoRA (LoraConfig(use_dora=True); add_lora)
 
 
 @dataclass
@@ -163,12 +164,18 @@ def lora_layers(unet) -> list:
     return [module for module in unet.modules() if isinstance(module, BaseTunerLayer)]
 
 
-def add_lora(unet, rank: int, lora_alpha: float) -> list:
-    """Attach a peft LoRA adapter to the UNet's attention projections; returns its parameters, in fp32."""
+def add_lora(unet, rank: int, lora_alpha: float, adapter: str = "lora") -> list:
+    """Attach a peft LoRA adapter to the UNet's attention projections; returns its parameters, in fp32. `adapter`
+    "dora" makes it DoRA (peft's `use_dora`): each projection also trains a magnitude vector (out_features,),
+    initialised to the row norms of the frozen weight; the LoRA initialisation is the same draw either way."""
     from peft import LoraConfig
 
+    if adapter not in ADAPTERS:
+        raise UserError(f"train.adapter must be one of {', '.join(ADAPTERS)}, not {adapter!r}")
+    dora = {"use_dora": True} if adapter == "dora" else {}  # LoRA's config exactly as before
     unet.add_adapter(
-        LoraConfig(r=rank, lora_alpha=lora_alpha, init_lora_weights="gaussian", target_modules=LORA_TARGET_MODULES)
+        LoraConfig(r=rank, lora_alpha=lora_alpha, init_lora_weights="gaussian", target_modules=LORA_TARGET_MODULES,
+                   **dora)
     )
     params = [p for p in unet.parameters() if p.requires_grad]
     for p in params:
