@@ -53,6 +53,13 @@ class Tracker:
         else:  # TensorBoard: (N, H, W, C) uint8
             self.tracker.log_images({name: np.asarray(image.convert("RGB"))[None]}, step=step, dataformats="NHWC")
 
+    def log_image_file(self, name: str, path: Path, step: int) -> None:
+        """An image written to disk (a preview grid) -> the tracker."""
+        from PIL import Image
+
+        with Image.open(path) as image:
+            self.log_image(name, image.convert("RGB"), step)
+
     def log_table(self, name: str, columns: list[str], rows: list[list], step: int | None = None) -> None:
         """A table of results (W&B: a table; TensorBoard: one markdown text entry)."""
         if self.log_with == "wandb":
