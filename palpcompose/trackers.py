@@ -74,14 +74,13 @@ class Tracker:
         self.tracker.finish()
 
 
-def open_tracker(log_with: str, logs: Path, run_name: str, config: dict) -> Tracker | None:
-    """The tracker `log_with` names, writing under `logs` (out/logs/), with the run's resolved configuration as its
-    hyperparameters; None for "none". Call on the main process only."""
+def open_tracker(log_with: str, logs: Path, run_name: str, config: dict | None) -> Tracker | None:
+    """The tracker `log_with` names, writing under `logs` (out/logs/), with the run's resolved configuration (if
+    given) as its hyperparameters; None for "none". Call on the main process only."""
     if log_with == "none":
         return None
     check_installed(log_with, "train.log_with")
     logs.mkdir(parents=True, exist_ok=True)
-    flat = _flat(config)
     if log_with == "tensorboard":
         from accelerate.tracking import TensorBoardTracker
 
@@ -92,7 +91,8 @@ def open_tracker(log_with: str, logs: Path, run_name: str, config: dict) -> Trac
         os.environ.setdefault("WANDB_MODE", "offline")  # no network, no account; the user may set "online"
         tracker = WandBTracker(run_name, dir=str(logs), name=run_name)
     tracker.start()
-    tracker.store_init_configuration(flat)
+    if config is not None:
+        tracker.store_init_configuration(_flat(config))
     return Tracker(tracker, log_with)
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from rich.console import Console
 from safetensors.torch import load_file
+from test_eval import oracle, toy_project  # noqa: F401 - fixtures
 
 from palpcompose import trackers
 from palpcompose.project import changed_weight_settings, load_project
@@ -92,3 +93,22 @@ def test_a_tracked_run_trains_the_same_weights_and_stays_up_to_date(make_project
     toml.write_text(toml.read_text().replace("[train]\n", "[train]\nlog_with = \"tensorboard\"\n", 1))
     assert load_project(plain).config.train.log_with == "tensorboard"
     assert train(plain, console=quiet()).status == "up_to_date"
+
+
+@needs_tensorboard
+def test_eval_writes_its_table_to_the_run_s_tensorboard(toy_project, oracle):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from palpcompose.evaluate import OracleScorer, evaluate
+
+    toml = toy_project / "palp.toml"
+    toml.write_text(toml.read_text().replace("[train]\n", "[train]\nlog_with = \"tensorboard\"\n", 1))
+    project = load_project(toy_project)
+    result = evaluate(project, seeds=[0], scorer=OracleScorer(project, oracle))
+    acc = EventAccumulator(str(toy_project / "out" / "logs" / trackers.TENSORBOARD_RUN), size_guidance={"tensors": 0})
+    acc.Reload()
+    assert "eval/text_summary" in acc.Tags()["tensors"], acc.Tags()
+    (event,) = acc.Tensors("eval/text_summary")
+    text = event.tensor_proto.string_val[0].decode()
+    assert "| weights | step | guidance | images | text_alignment | subject_fidelity | V1 | V2 |" in text
+    assert f"| final | 4 | palp | 1 | {result.text_alignment} |" in text
