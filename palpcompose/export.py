@@ -227,6 +227,9 @@ def _webui_files(project, weights: TrainedWeights, out_path: Path, header, sdxl_
         "ss_network_dim": str(weights.rank),
         "ss_network_alpha": str(weights.lora_alpha),
         "ss_output_name": name,
+        # DoRA: LyCORIS's names for an output-axis weight decomposition (dora_scale (out, 1); dora_scales)
+        **({"ss_network_args": json.dumps({"algo": "lora", "dora_wd": True, "wd_on_output": True})}
+           if weights.adapter == "dora" else {}),
     }
     plan = [
         (ExportedFile(out_path / f"{name}.safetensors", "lora", None, None, f"<lora:{name}:1>"), lora, meta)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 from rich.console import Console
+from safetensors import safe_open
 from safetensors.torch import load_file
 from test_export import DiffusersWarnings, plain_pipeline, render_plain
 from test_render_fixtures import ALPHA, RANK, TARGETS, write_manifest
@@ -172,6 +174,8 @@ def test_webui_export_of_a_dora_carries_comfyui_dora_scale_keys(dora_project, ti
 
     export(dora_project, "webui", tmp_path / "webui")
     lora = load_file(str(tmp_path / "webui" / "duo.safetensors"))
+    with safe_open(str(tmp_path / "webui" / "duo.safetensors"), framework="pt") as f:
+        assert json.loads(f.metadata()["ss_network_args"]) == {"algo": "lora", "dora_wd": True, "wd_on_output": True}
     modules = {k.rsplit(".", 2)[0] for k in lora if k.endswith(".lora_down.weight")}
     scales = {k.removesuffix(".dora_scale") for k in lora if k.endswith(".dora_scale")}
     assert modules and scales == modules
