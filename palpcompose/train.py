@@ -28,6 +28,7 @@ from palpcompose.data import SubjectData, encode_subject, sample_batch
 from palpcompose.errors import Interrupted, ProjectError, UserError, command_line
 from palpcompose.guidance import NonFiniteError, guidance_config
 from palpcompose.memory import OutOfMemory, estimate_training_memory, out_of_memory_message
+from palpcompose.outputs import logs_dir
 from palpcompose.previews import (
     PREVIEW_MAX_STEPS,
     PREVIEW_SEEDS,
@@ -37,7 +38,6 @@ from palpcompose.previews import (
     render_preview,
 )
 from palpcompose.progress import TrainingProgress, print_summary
-from palpcompose.outputs import logs_dir
 from palpcompose.project import config_prompts, load_project, too_long_problems
 from palpcompose.run import LOCK_FILE, Plan, RunRecord, TrainingLock, git_state, make_plan, now
 from palpcompose.step import (

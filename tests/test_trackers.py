@@ -96,7 +96,7 @@ def test_a_tracked_run_trains_the_same_weights_and_stays_up_to_date(make_project
 
 
 @needs_tensorboard
-def test_eval_writes_its_table_to_the_run_s_tensorboard(toy_project, oracle):
+def test_eval_writes_its_table_to_the_run_s_tensorboard(toy_project, oracle):  # noqa: F811 - the fixtures
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from palpcompose.evaluate import OracleScorer, evaluate
