@@ -415,7 +415,8 @@ def _log_to_tracker(project, run: str | None, models: dict, step: int | None) ->
     columns = ["weights", "step", "guidance", "images", "text_alignment", "subject_fidelity", *keys]
     rows = [[label, m["step"], m["guidance"], m["images"], m["text_alignment"], m["subject_fidelity"],
              *(m["subjects"].get(k) for k in keys)] for label, m in models.items()]
-    tracker = trackers.open_tracker(log_with, logs_dir(run_out_dir(project, run)), "eval", None)
+    tracker = trackers.open_tracker(log_with, logs_dir(run_out_dir(project, run)), "eval", None,
+                                    project=project.config.project.name)
     try:
         tracker.log_table("eval", columns, rows, step=step)
     finally:

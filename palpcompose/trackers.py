@@ -46,10 +46,8 @@ class Tracker:
     def log_image(self, name: str, image, step: int) -> None:
         import numpy as np
 
-        if self.log_with == "wandb":
-            import wandb
-
-            self.tracker.log_images({name: [wandb.Image(image)]}, step=step)
+        if self.log_with == "wandb":  # accelerate wraps each image in a wandb.Image
+            self.tracker.log_images({name: [image]}, step=step)
         else:  # TensorBoard: (N, H, W, C) uint8
             self.tracker.log_images({name: np.asarray(image.convert("RGB"))[None]}, step=step, dataformats="NHWC")
 
@@ -74,9 +72,11 @@ class Tracker:
         self.tracker.finish()
 
 
-def open_tracker(log_with: str, logs: Path, run_name: str, config: dict | None) -> Tracker | None:
+def open_tracker(log_with: str, logs: Path, run_name: str, config: dict | None,
+                 project: str = "palpcompose") -> Tracker | None:
     """The tracker `log_with` names, writing under `logs` (out/logs/), with the run's resolved configuration (if
-    given) as its hyperparameters; None for "none". Call on the main process only."""
+    given) as its hyperparameters; None for "none". W&B files the run `run_name` under the project `project`. Call
+    on the main process only."""
     if log_with == "none":
         return None
     check_installed(log_with, "train.log_with")
@@ -89,7 +89,7 @@ def open_tracker(log_with: str, logs: Path, run_name: str, config: dict | None) 
         from accelerate.tracking import WandBTracker
 
         os.environ.setdefault("WANDB_MODE", "offline")  # no network, no account; the user may set "online"
-        tracker = WandBTracker(run_name, dir=str(logs), name=run_name)
+        tracker = WandBTracker(project, dir=str(logs), name=run_name)  # accelerate's run_name is W&B's project
     tracker.start()
     if config is not None:
         tracker.store_init_configuration(_flat(config))

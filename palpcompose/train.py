@@ -256,7 +256,8 @@ def open_tracker(plan: Plan, record: RunRecord) -> trackers.Tracker | None:
     if not record.writer:
         return None
     name = f"{str(record.manifest['started_at']).split('+')[0].replace(':', '-')}-{plan.mode}"
-    return trackers.open_tracker(plan.config.train.log_with, logs_dir(plan.out), name, record.manifest["config"])
+    return trackers.open_tracker(plan.config.train.log_with, logs_dir(plan.out), name, record.manifest["config"],
+                                 project=plan.config.project.name)
 
 
 def tracked_values(losses: dict[str, float], optimizer) -> dict[str, float]:

@@ -112,3 +112,53 @@ def test_eval_writes_its_table_to_the_run_s_tensorboard(toy_project, oracle):  #
     text = event.tensor_proto.string_val[0].decode()
     assert "| weights | step | guidance | images | text_alignment | subject_fidelity | V1 | V2 |" in text
     assert f"| final | 4 | palp | 1 | {result.text_alignment} |" in text
+
+
+class FakeWandb:
+    """A stand-in for the `wandb` package (not installed here, and it must not reach the network anyway): records
+    what accelerate's WandBTracker calls."""
+
+    def __init__(self):
+        import importlib.machinery
+        import os
+        import types
+
+        self.module = types.ModuleType("wandb")
+        self.module.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+        self.inits, self.logs, self.finished, self.config = [], [], [], {}
+        fake = self
+
+        class Run:
+            def log(self, values, step=None, **kwargs):
+                fake.logs.append((step, values))
+
+            def finish(self):
+                fake.finished.append(True)
+
+        def init(**kwargs):
+            fake.inits.append({**kwargs, "mode": os.environ.get("WANDB_MODE")})
+            return Run()
+
+        self.module.init = init
+        self.module.config = types.SimpleNamespace(update=lambda values, **kw: fake.config.update(values))
+        self.module.Image = lambda image: ("image", image.size)
+
+
+def test_wandb_runs_offline_under_the_project_with_the_same_values(make_project, monkeypatch, one_thread):
+    import sys
+
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake.module)
+    monkeypatch.setenv("WANDB_MODE", "")  # recorded, so that the test leaves the environment as it found it
+    monkeypatch.delenv("WANDB_MODE")
+    root = make_project({"train": {"steps": 2, "preview_every": 2, "log_with": "wandb"}})
+    train(root, console=quiet())
+    (init,) = fake.inits
+    assert init["mode"] == "offline" and init["dir"] == str(root / "out" / "logs")
+    assert init["project"] == load_project(root).config.project.name and init["name"].endswith("-palp")
+    assert fake.config["train.log_with"] == "wandb" and fake.finished == [True]
+    steps = [(step, values) for step, values in fake.logs if "loss/loss_pers" in values]
+    log = [json.loads(line) for line in (root / "out/logs/train.jsonl").read_text().splitlines()]
+    assert [s for s, _ in steps] == [1, 2]
+    assert [v["loss/loss_pers"] for _, v in steps] == pytest.approx([e["loss_pers"] for e in log], rel=1e-5)
+    assert [(s, list(v)) for s, v in fake.logs if "preview" in v] == [(2, ["preview"])]
