@@ -35,7 +35,7 @@ CLEAN_PROMPT = "An oil painting of a cat sitting on a rock"
 
 
 def bench_config(mode: str, alpha: float, beta: float, batch: int, resolution: int, mixed_precision: str,
-                 low_memory: bool = False, num_subjects: int = 1) -> ProjectConfig:
+                 low_memory: bool = False, num_subjects: int = 1, adapter: str = "lora") -> ProjectConfig:
     """A project of `num_subjects` subjects (V1, V2, ...) with the paper's defaults (method.md), resolved as
     project.load_project resolves a palp.toml (init_word and lora_alpha filled in)."""
     return ProjectConfig(
@@ -46,7 +46,7 @@ def bench_config(mode: str, alpha: float, beta: float, batch: int, resolution: i
         palp=PalpConfig(target_prompt="An oil painting of [V1]", clean_prompt=CLEAN_PROMPT, guidance=mode,
                         alpha=alpha, beta=beta),
         train=TrainConfig(batch_size=batch, resolution=resolution, mixed_precision=mixed_precision,
-                          low_memory=low_memory, lora_alpha=float(TrainConfig.lora_rank)),
+                          low_memory=low_memory, lora_alpha=float(TrainConfig.lora_rank), adapter=adapter),
         render=RenderConfig(),
     )
 
@@ -54,19 +54,20 @@ def bench_config(mode: str, alpha: float, beta: float, batch: int, resolution: i
 def make_engine_step(
     m: Models, tokenizer, mode: str, opts: accel.AccelOptions, pixel_values: torch.Tensor, *, alpha: float = 7.5,
     beta: float = 1.0, mixed_precision: str = "no", seed: int = 0, low_memory: bool = False, num_subjects: int = 1,
-    tokenizer_2=None,
+    tokenizer_2=None, adapter: str = "lora",
 ) -> tuple[train.TrainState, Callable[[], dict[str, float]]]:
     """Build the engine's TrainState on `m` (which it takes over) and a no-argument callable running one step.
     `low_memory`: the engine's low-memory preset (train.low_memory): gradient checkpointing, and the VAE moved to the
     CPU once the latents are cached. `num_subjects`: that many subjects, each with its own placeholder row and the
     same reference latents; each sample of a batch draws one (data.sample_batch). SDXL (`m.text_encoder_2`): pass
-    its second tokenizer as `tokenizer_2` (a separate object: each tokenizer gets the placeholder tokens)."""
+    its second tokenizer as `tokenizer_2` (a separate object: each tokenizer gets the placeholder tokens). `adapter`:
+    train.adapter, "lora" or "dora"."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
     batch, _, resolution, _ = pixel_values.shape
     config = bench_config(mode, alpha, beta, batch, resolution, mixed_precision, low_memory=low_memory,
-                          num_subjects=num_subjects)
+                          num_subjects=num_subjects, adapter=adapter)
     sdxl = m.text_encoder_2 is not None
     components = models.Components(
         unet=m.unet, vae=m.vae, tokenizer=tokenizer, noise_scheduler=m.scheduler,

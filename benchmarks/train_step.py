@@ -15,7 +15,9 @@ the process's peak resident set, shared by all variants).
 Variant names: `reference` | `none` | `palp` | `sds`, optionally followed by accel levers joined with "+":
 `graphs` (the guidance's no-grad passes), `graphs_pers` (the personalization pass, forward and backward), `fused`,
 `channels_last`, `compile`, `sdpa=flash|efficient|cudnn|math` (e.g. `palp+graphs+fused`), and
-`lowmem`, the low-memory preset (`train.low_memory`: gradient checkpointing, VAE moved to the CPU after caching).
+`lowmem`, the low-memory preset (`train.low_memory`: gradient checkpointing, VAE moved to the CPU after caching),
+and `dora`, the DoRA adapter (`train.adapter = "dora"`): `--variants palp,palp+dora` times both in one process, and
+the report's `dora_vs_lora` gives each DoRA variant's median (and CPU time) over the same variant's with LoRA.
 Every variant builds fresh, identically seeded models (the engine adds its token and LoRA to them).
 With --json the last stdout line is one JSON object (reference_ms, none_ms, palp_ms, peak_mem_gib, device, ...).
 """
@@ -67,6 +69,7 @@ class Variant:
     mode: str  # reference | none | palp | sds
     opts: accel.AccelOptions
     low_memory: bool = False  # train.low_memory: gradient checkpointing, VAE on the CPU after caching
+    adapter: str = "lora"  # train.adapter
 
 
 def parse_variant(name: str) -> Variant:
@@ -84,11 +87,12 @@ def parse_variant(name: str) -> Variant:
             kwargs["sdpa_backend"] = lever.removeprefix("sdpa=")
         elif lever in flags:
             kwargs[flags[lever]] = True
-        elif lever != "lowmem":
-            raise UserError(f"variant {name!r}: unknown lever {lever!r}; levers: {', '.join(flags)}, lowmem, "
+        elif lever not in ("lowmem", "dora"):
+            raise UserError(f"variant {name!r}: unknown lever {lever!r}; levers: {', '.join(flags)}, lowmem, dora, "
                             "sdpa=BACKEND")
     try:
-        return Variant(mode, accel.AccelOptions(**kwargs), low_memory="lowmem" in levers)
+        return Variant(mode, accel.AccelOptions(**kwargs), low_memory="lowmem" in levers,
+                       adapter="dora" if "dora" in levers else "lora")
     except ValueError as exc:
         raise UserError(f"variant {name!r}: {exc}") from exc
 
@@ -205,7 +209,7 @@ def run(args: argparse.Namespace) -> dict:
                 return make_engine_step(m, tokenizer, variant.mode, variant.opts, pixel_values, alpha=args.alpha,
                                         beta=args.beta, mixed_precision=mixed_precision,
                                         low_memory=variant.low_memory, num_subjects=args.subjects,
-                                        tokenizer_2=tokenizer_2)[1]
+                                        tokenizer_2=tokenizer_2, adapter=variant.adapter)[1]
         try:
             results[name] = time_variant(make_step, args.steps, args.warmup, device, args.profile_steps, args.batch)
         except Exception as exc:  # noqa: BLE001 (one failing lever, e.g. a capture error, must not lose the rest)
@@ -233,6 +237,11 @@ def run(args: argparse.Namespace) -> dict:
             for key, out in (("gpu_busy_ms", "busy_ms"), ("peak_mem_gib", "peak_mem_gib")):
                 if key in results[mode]:
                     report[f"{mode}_{out}"] = results[mode][key]
+    # DoRA's cost: each `...+dora` variant over the same variant with LoRA, both timed in this process
+    lora_of = {n: "+".join(p for p in n.split("+") if p != "dora") for n in timed if "dora" in n.split("+")[1:]}
+    report["dora_vs_lora"] = {n: {"median": round(timed[n]["median_ms"] / timed[lora]["median_ms"], 3),
+                                  "cpu_time": round(timed[n]["cpu_time_median_ms"] / timed[lora]["cpu_time_median_ms"], 3)}
+                              for n, lora in lora_of.items() if lora in timed}
     if "reference" in timed:
         ref = timed["reference"]["median_ms"]
         report["ratios_vs_reference"] = {n: round(r["median_ms"] / ref, 3) for n, r in timed.items()}

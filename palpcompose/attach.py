@@ -29,8 +29,9 @@ def attach_trained_weights(pipe, weights: TrainedWeights, adapter_name: str = AD
     unet = denoiser(pipe)
     if adapter_name in getattr(unet, "peft_config", {}):
         unet.delete_adapters(adapter_name)
+    dora = {"use_dora": True} if weights.adapter == "dora" else {}  # its magnitude vectors are in weights.lora
     config = LoraConfig(
-        r=weights.rank, lora_alpha=weights.lora_alpha, target_modules=list(weights.target_modules)
+        r=weights.rank, lora_alpha=weights.lora_alpha, target_modules=list(weights.target_modules), **dora
     )
     unet.add_adapter(config, adapter_name=adapter_name)
     lora = {k: v.to(device=unet.device, dtype=unet.dtype) for k, v in weights.lora.items()}

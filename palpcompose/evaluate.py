@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from palpcompose import __version__
+from palpcompose import __version__, trackers
 from palpcompose.errors import UserError, command_line
 from palpcompose.fsutil import atomic_write_json
 from palpcompose.images import IMAGE_SUFFIXES
@@ -40,6 +40,7 @@ from palpcompose.outputs import (
     RENDER_INDEX_FILE,
     RENDERS_DIR,
     eval_path,
+    logs_dir,
     manifest_path,
     out_dir,
     read_json,
@@ -339,6 +340,7 @@ def evaluate(project, *, clip=None, oracle: bool = False, renders=None, seeds=No
     if folder is None and not cfg.palp.target_prompt:
         raise UserError(f"{project.file}: palp.target_prompt is not set, so there is nothing to render and score; "
                         "set it, or score existing renders with --renders")
+    trackers.check_installed(cfg.train.log_with, project.file)  # the eval table goes to the run's tracker too
     scorer = scorer or make_scorer(project, clip, oracle)
     listed = images_from_folder(project, folder) if folder is not None else None
     for prompt in dict.fromkeys(i.prompt for i in listed) if listed else [cfg.palp.target_prompt]:
@@ -405,8 +407,27 @@ def evaluate(project, *, clip=None, oracle: bool = False, renders=None, seeds=No
         atomic_write_json(run_eval_json, data)
     eval_json = eval_path(out_dir(project.root))  # the latest eval
     atomic_write_json(eval_json, data)
+    _log_to_tracker(project, run, models, top["step"])
     return EvalResult(scorer.name, folder, top["text_alignment"], top["subject_fidelity"], subjects, rows, eval_json,
                       models, means_of, top["guidance"], run_eval_json)
+
+
+def _log_to_tracker(project, run: str | None, models: dict, step: int | None) -> None:
+    """train.log_with: the eval's means, one row per set of weights, as a table in the training run's tracker
+    (out/logs/ of that run), at the step of the weights scored."""
+    log_with = project.config.train.log_with
+    if log_with == "none":
+        return
+    keys = list(project.config.subjects)
+    columns = ["weights", "step", "guidance", "images", "text_alignment", "subject_fidelity", *keys]
+    rows = [[label, m["step"], m["guidance"], m["images"], m["text_alignment"], m["subject_fidelity"],
+             *(m["subjects"].get(k) for k in keys)] for label, m in models.items()]
+    tracker = trackers.open_tracker(log_with, logs_dir(run_out_dir(project, run)), "eval", None,
+                                    project=project.config.project.name)
+    try:
+        tracker.log_table("eval", columns, rows, step=step)
+    finally:
+        tracker.finish()
 
 
 def summary_table(result: EvalResult):

@@ -207,6 +207,7 @@ def _diffusers_files(weights: TrainedWeights, out_path: Path, header):
         "r": weights.rank,
         "lora_alpha": weights.lora_alpha,
         "target_modules": list(weights.target_modules),
+        **({"use_dora": True} if weights.adapter == "dora" else {}),  # DoRA: `...lora_magnitude_vector` keys
     }
     meta = {
         **header,
@@ -243,6 +244,22 @@ def _sdxl_layers_per_block(project) -> int:
     return 2
 
 
+DORA_MAGNITUDE = ".lora_magnitude_vector"  # peft's key of a DoRA layer's magnitude vector (out_features,)
+
+
+def dora_scales(magnitudes: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """peft's DoRA magnitudes -> the kohya/LyCORIS `<module>.dora_scale` keys ComfyUI reads, each (out_features, 1).
+
+    peft normalises each output row: W' = m / ||W + s B A||_row * (W + s B A), m of shape (out,). LyCORIS writes
+    that decomposition (its `wd_on_out`) as `dora_scale` of shape (out, 1); ComfyUI and Forge tell it from the
+    input-axis one (1, in) by `dora_scale.shape[0] == out` (comfy/weight_adapter/base.py, weight_decompose). A 1-D
+    (out,) vector would broadcast against ComfyUI's (out, 1) norm into an (out, out) matrix (ComfyUI issue 12938).
+    The values are peft's magnitudes themselves (docs/render-export.md, "DoRA", says what each tool does with them).
+    """
+    return {f"lora_unet_{key.removesuffix(DORA_MAGNITUDE).replace('.', '_')}.dora_scale": value.float().reshape(-1, 1)
+            for key, value in magnitudes.items()}
+
+
 def _webui_files(project, weights: TrainedWeights, out_path: Path, header, sdxl_layers_per_block: int | None):
     from diffusers.utils import convert_state_dict_to_kohya
 
@@ -253,7 +270,9 @@ def _webui_files(project, weights: TrainedWeights, out_path: Path, header, sdxl_
         return _single_file_plan(project, weights, out_path, header, lora)
     # peft keys -> kohya keys (`lora_unet_down_blocks_0_..._to_q.lora_down.weight`). The converter writes
     # alpha = rank (scale 1); the scale trained is lora_alpha / rank, so write the real alpha.
-    lora = convert_state_dict_to_kohya({f"unet.{k}": v.float() for k, v in weights.lora.items()})
+    magnitudes = {k: v for k, v in weights.lora.items() if k.endswith(DORA_MAGNITUDE)}  # DoRA's, done below
+    lora = convert_state_dict_to_kohya({f"unet.{k}": v.float() for k, v in weights.lora.items() if k not in magnitudes})
+    lora.update(dora_scales(magnitudes))
     if sdxl_layers_per_block is not None:  # SDXL: kohya's SGM block names
         renamed = {}
         for key, value in lora.items():
@@ -276,6 +295,9 @@ def _single_file_plan(project, weights: TrainedWeights, out_path: Path, header, 
         "ss_network_dim": str(weights.rank),
         "ss_network_alpha": str(weights.lora_alpha),
         "ss_output_name": name,
+        # DoRA: LyCORIS's names for an output-axis weight decomposition (dora_scale (out, 1); dora_scales)
+        **({"ss_network_args": json.dumps({"algo": "lora", "dora_wd": True, "wd_on_output": True})}
+           if weights.adapter == "dora" else {}),
     }
     plan = [
         (ExportedFile(out_path / f"{name}.safetensors", "lora", None, None, f"<lora:{name}:1>"), lora, meta)

@@ -45,7 +45,8 @@ def prepare_flow_state(config, components: models.Components, accelerator, guida
     init_words = {key: s.init_word for key, s in config.subjects.items()}
     token_ids, token_embedding = add_trained_tokens(c, tokens, init_words)
     torch.manual_seed(train_cfg.seed)  # LoRA initialisation
-    lora_params = models.add_lora(c.unet, train_cfg.lora_rank, train_cfg.lora_alpha, c.lora_targets)
+    lora_params = models.add_lora(c.unet, train_cfg.lora_rank, train_cfg.lora_alpha, c.lora_targets,
+                                  adapter=train_cfg.adapter)
     if train_cfg.recomputes_activations:
         c.unet.enable_gradient_checkpointing()
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)

@@ -111,6 +111,11 @@ def preview_path(out: Path, step: int) -> Path:
     return previews_dir(out) / f"{snapshot_name(step)}.png"
 
 
+def logs_dir(out: Path) -> Path:
+    """out/logs/: train.jsonl, loss.png, and the tracker's files (train.log_with: `tensorboard --logdir` it)."""
+    return out / LOGS_DIR
+
+
 def train_log_path(out: Path) -> Path:
     return out / LOGS_DIR / "train.jsonl"
 

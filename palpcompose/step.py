@@ -75,7 +75,7 @@ def prepare_state(config, components: models.Components, accelerator, guidance_c
     init_words = {key: s.init_word for key, s in config.subjects.items()}  # resolved by the project
     token_ids, token_embedding = add_trained_tokens(c, tokens, init_words)
     torch.manual_seed(train_cfg.seed)  # LoRA initialisation
-    lora_params = models.add_lora(c.unet, train_cfg.lora_rank, train_cfg.lora_alpha)
+    lora_params = models.add_lora(c.unet, train_cfg.lora_rank, train_cfg.lora_alpha, adapter=train_cfg.adapter)
     if train_cfg.recomputes_activations:
         c.unet.enable_gradient_checkpointing()
     # Frozen weights in the mixed-precision dtype, trainable ones (LoRA, text encoder's table) in fp32

@@ -22,14 +22,14 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from palpcompose import __version__, distributed, models
+from palpcompose import __version__, distributed, models, trackers
 from palpcompose.checkpoint import Checkpoint, restore_rng_state, rng_state
 from palpcompose.data import SubjectData, encode_references, sample_batch
 from palpcompose.errors import Interrupted, ProjectError, UserError, command_line
 from palpcompose.flow_step import prepare_flow_state
 from palpcompose.guidance import NonFiniteError, guidance_config
 from palpcompose.memory import OutOfMemory, estimate_training_memory, out_of_memory_message
-from palpcompose.outputs import checkpoint_dir, lock_path
+from palpcompose.outputs import checkpoint_dir, lock_path, logs_dir
 from palpcompose.previews import (
     PREVIEW_MAX_STEPS,
     PREVIEW_SEEDS,
@@ -106,10 +106,12 @@ def train(project, *, steps: int | None = None, resume: bool = False, guidance: 
     record = RunRecord(plan.out, new_manifest(plan, accelerator), writer=main)
     memory: dict = {}  # the estimate printed before training, for an out-of-memory message
     with _held_by_main(TrainingLock(lock_path(plan.out)), accelerator), _stop_requests() as stop:
+        tracker = None  # train.log_with's TensorBoard or W&B run, on the main process only
         try:
             state, subjects, generator = setup(plan, record, components, accelerator, console,
                                                [precision_notice], memory)
-            losses = loop(plan, record, state, subjects, generator, stop, console, t0)
+            tracker = open_tracker(plan, record)
+            losses = loop(plan, record, state, subjects, generator, stop, console, t0, tracker)
             return finish(plan, record, state, generator, losses, console, t0)
         except torch.OutOfMemoryError:
             record.mark(status="failed", finished_at=now())
@@ -124,6 +126,9 @@ def train(project, *, steps: int | None = None, resume: bool = False, guidance: 
             if distributed.lost_peer(accelerator, exc):
                 raise _lost_peer(plan, record, exc) from exc
             raise
+        finally:
+            if tracker is not None:
+                tracker.finish()
 
 
 def setup(plan: Plan, record: RunRecord, components: models.Components, accelerator, console: Console,
@@ -164,8 +169,9 @@ def setup(plan: Plan, record: RunRecord, components: models.Components, accelera
 
 
 def loop(plan: Plan, record: RunRecord, state: TrainState, subjects: list[SubjectData], generator, stop: dict,
-         console: Console, t0: float) -> dict[str, float]:
-    """sample -> step -> log -> preview -> snapshot + checkpoint, to plan.steps_target. Returns the last losses."""
+         console: Console, t0: float, tracker: trackers.Tracker | None = None) -> dict[str, float]:
+    """sample -> step -> log -> preview -> snapshot + checkpoint, to plan.steps_target. Returns the last losses.
+    `tracker` (train.log_with) gets each logged step and each preview grid as well."""
     config, tokens, target = plan.config, record.manifest["tokens"], plan.steps_target
 
     def save_checkpoint(status: str) -> None:
@@ -193,8 +199,12 @@ def loop(plan: Plan, record: RunRecord, state: TrainState, subjects: list[Subjec
             record.log.append({"step": step, **{k: round(v, 6) for k, v in losses.items()},
                                "lr": state.optimizer.param_groups[0]["lr"], "time_s": round(time.monotonic() - t0, 3)})
             progress.update(step, losses)
+            if tracker is not None:
+                tracker.log_step(step, tracked_values(losses, state.optimizer))
             if record.writer and config.train.preview_every and step % config.train.preview_every == 0:
-                render_preview(state, config, tokens, step, record, preview_shapes(subjects))  # main process only
+                preview = render_preview(state, config, tokens, step, record, preview_shapes(subjects))  # main only
+                if tracker is not None:
+                    tracker.log_image_file("preview", preview, step)
             if config.train.save_every and step % config.train.save_every == 0 and step < target:
                 record.snapshot(step, trained_weights(state, config, tokens, step))
                 save_checkpoint("running")
@@ -237,6 +247,28 @@ def _held_by_main(lock: TrainingLock, accelerator):
     finally:
         if accelerator.is_main_process:
             lock.release()
+
+
+LEARNING_RATE_GROUPS = ("lora", "embedding")  # prepare_state's optimizer groups, in order
+
+
+def open_tracker(plan: Plan, record: RunRecord) -> trackers.Tracker | None:
+    """train.log_with's tracker, writing under out/logs/ (the main process's; None on the others and for "none").
+    Its run is named after the run's start (a resumed run keeps it) and guidance; the resolved settings are its
+    hyperparameters."""
+    if not record.writer:
+        return None
+    name = f"{str(record.manifest['started_at']).split('+')[0].replace(':', '-')}-{plan.mode}"
+    return trackers.open_tracker(plan.config.train.log_with, logs_dir(plan.out), name, record.manifest["config"],
+                                 project=plan.config.project.name)
+
+
+def tracked_values(losses: dict[str, float], optimizer) -> dict[str, float]:
+    """One step's values for a tracker: `loss/<term>`, `grad_norm/<term>` (the gradient balance) and `lr/<group>`."""
+    values = {(f"grad_norm/{k}" if k.startswith("grad_") else f"loss/{k}"): v for k, v in losses.items()}
+    for name, group in zip(LEARNING_RATE_GROUPS, optimizer.param_groups):
+        values[f"lr/{name}"] = group["lr"]
+    return values
 
 
 def load_base_model(plan: Plan) -> models.Components:
@@ -309,6 +341,7 @@ def trained_weights(state: TrainState, config, tokens: dict[str, str], step: int
         lora_alpha=float(config.train.lora_alpha),
         target_modules=list(state.components.lora_targets), base_model=config.project.base_model, step=step,
         guidance=config.palp.guidance,  # the run's mode (train() puts --guidance into config)
+        adapter=config.train.adapter,
         text_encoder_dims=tuple(enc.get_input_embeddings().table.weight.shape[1]
                                 for enc in state.components.text_encoders) if state.components.tokenizer_2 else (),
         encoder_keys=state.components.encoder_keys,  # flow families: "clip_l", "clip_g", "t5" of each part

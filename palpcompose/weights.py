@@ -2,7 +2,9 @@
 
 A weights folder (`out/weights/final/`, `out/snapshots/step-000100/`, ...) holds two small safetensors files:
 - `lora.safetensors`: the UNet LoRA in peft's own key format, i.e. `peft.get_peft_model_state_dict(unet)`
-  (keys such as `down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight`), fp32.
+  (keys such as `down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight`), fp32. A DoRA
+  (`train.adapter = "dora"`, header `adapter: dora`) also holds each layer's magnitude vector, peft's
+  `...to_q.lora_magnitude_vector` of shape (out_features,).
 - `embeddings.safetensors`: one 1-D fp32 tensor per learned token, keyed by the token string (`<name-V1>`). SDXL:
   the token's embeddings in both text encoders end to end, [CLIP-L (768) | OpenCLIP-G (1280)], and the header's
   `text_encoder_dims` ("[768, 1280]") says where they split (`TrainedWeights.per_encoder`).
@@ -40,6 +42,7 @@ class TrainedWeights:
     guidance: str = ""  # the guidance mode that trained them (palp, sds, none); "" in files older than the key
     text_encoder_dims: tuple[int, ...] = ()  # SDXL: (D1, D2), each embedding is [encoder 1 | encoder 2]; else ()
     encoder_keys: tuple[str, ...] = ()  # flow families: each part's encoder, ("clip_l", "t5") for Flux.1; else ()
+    adapter: str = "lora"  # "dora": `lora` also holds peft's `...lora_magnitude_vector` (out_features,) per layer
 
     def per_encoder(self, token: str) -> list[torch.Tensor]:
         """The token's embedding in each text encoder: [vector] (SD 1/2) or SDXL's [clip_l, clip_g]."""
@@ -50,6 +53,8 @@ class TrainedWeights:
         extra = {"text_encoder_dims": json.dumps(list(self.text_encoder_dims))} if self.text_encoder_dims else {}
         if self.encoder_keys:
             extra["encoder_keys"] = json.dumps(list(self.encoder_keys))
+        if self.adapter != "lora":  # LoRA files keep the header they always had
+            extra["adapter"] = self.adapter
         return {
             **extra,
             "format": "palpcompose",
@@ -105,6 +110,7 @@ def load_trained_weights(folder: str | Path) -> TrainedWeights:
             step=int(meta.get("step", "0")), guidance=meta.get("guidance", ""),
             text_encoder_dims=tuple(json.loads(meta.get("text_encoder_dims", "[]"))),
             encoder_keys=tuple(json.loads(meta.get("encoder_keys", "[]"))),
+            adapter=meta.get("adapter", "lora"),
         )
     except (KeyError, ValueError, TypeError) as exc:
         raise DamagedFile(lora_path, f"bad header metadata: {type(exc).__name__}: {exc}") from None

@@ -383,3 +383,15 @@ def test_flow_activation_count_matches_cuda_allocations(name):
           f"{checkpointed / 2**20:.0f} MiB (meta {(meta.checkpointed - max(meta.blocks)) / 2**20:.0f})")
     assert full == pytest.approx(meta.full, rel=0.15)
     assert checkpointed == pytest.approx(meta.checkpointed - max(meta.blocks), rel=0.25)
+
+
+def test_train_step_times_dora_against_lora_in_one_process(capsys):
+    code = train_step.main(["--arch", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--resolution", "16",
+                            "--variants", "none,none+dora", "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    ratio = report["dora_vs_lora"]["none+dora"]
+    v = report["variants"]
+    assert ratio["median"] == pytest.approx(v["none+dora"]["median_ms"] / v["none"]["median_ms"], abs=1e-3)
+    assert ratio["cpu_time"] > 0
+    assert train_step.parse_variant("palp+dora").adapter == "dora" and train_step.parse_variant("palp").adapter == "lora"

@@ -17,6 +17,7 @@ Every name is re-exported here: callers write `from palpcompose import models` /
 from __future__ import annotations
 
 from palpcompose.models.components import (
+    ADAPTERS,
     ATTENTION_MODES,
     LORA_TARGET_MODULES,
     Components,
@@ -64,7 +65,7 @@ from palpcompose.placeholders import expand_placeholders, placeholder_tokens
 from palpcompose.tokens import add_placeholder_tokens
 
 __all__ = [
-    "ATTENTION_MODES", "BUILTIN_DIR", "BUILTIN_MODELS", "FAMILIES", "FAMILY_NAMES", "FLOW_DEFAULT_KEYS", "LORA_TARGET_MODULES", "NATIVE_RESOLUTION",
+    "ADAPTERS", "ATTENTION_MODES", "BUILTIN_DIR", "BUILTIN_MODELS", "FAMILIES", "FAMILY_NAMES", "FLOW_DEFAULT_KEYS", "LORA_TARGET_MODULES", "NATIVE_RESOLUTION",
     "PICKLED_SUFFIXES", "SDXL_RESOLUTION", "SUPPORTED_FAMILIES", "TOY_DEFAULTS", "BaseModelSource", "Components",
     "Family", "add_lora", "add_placeholder_tokens", "bucket_alignment", "config_reader", "detect_family",
     "encode_prompt",

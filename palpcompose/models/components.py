@@ -21,6 +21,7 @@ from palpcompose.models.sd import LORA_TARGETS
 
 LORA_TARGET_MODULES = list(LORA_TARGETS)  # the UNet's attention projections (models.sd; SDXL's are the same)
 ATTENTION_MODES = ("auto", "sdpa", "xformers")  # train.attention's choices (set_attention)
+ADAPTERS = ("lora", "dora")  # train.adapter's choices: peft LoRA, or DoRA (LoraConfig(use_dora=True); add_lora)
 
 
 @dataclass
@@ -203,13 +204,20 @@ def lora_layers(unet) -> list:
     return [module for module in unet.modules() if isinstance(module, BaseTunerLayer)]
 
 
-def add_lora(unet, rank: int, lora_alpha: float, targets: tuple[str, ...] = LORA_TARGETS) -> list:
+def add_lora(unet, rank: int, lora_alpha: float, targets: tuple[str, ...] = LORA_TARGETS,
+             adapter: str = "lora") -> list:
     """Attach a peft LoRA adapter to the denoiser's attention projections (`targets`: the family's); returns its
-    parameters, in fp32."""
+    parameters, in fp32. `adapter` "dora" makes it DoRA (peft's `use_dora`): each projection also trains a magnitude
+    vector (out_features,), initialised to the row norms of the frozen weight; the LoRA initialisation is the same
+    draw either way."""
     from peft import LoraConfig
 
+    if adapter not in ADAPTERS:
+        raise UserError(f"train.adapter must be one of {', '.join(ADAPTERS)}, not {adapter!r}")
+    dora = {"use_dora": True} if adapter == "dora" else {}  # LoRA's config exactly as before
     unet.add_adapter(
-        LoraConfig(r=rank, lora_alpha=lora_alpha, init_lora_weights="gaussian", target_modules=list(targets))
+        LoraConfig(r=rank, lora_alpha=lora_alpha, init_lora_weights="gaussian", target_modules=list(targets),
+                   **dora)
     )
     params = [p for p in unet.parameters() if p.requires_grad]
     for p in params:

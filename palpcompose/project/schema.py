@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from palpcompose.choices import GUIDANCE_MODES, SCHEDULER_NAMES
-from palpcompose.models import ATTENTION_MODES, FLOW_DEFAULT_KEYS, LORA_TARGET_MODULES, TOY_DEFAULTS
+from palpcompose.models import ADAPTERS, ATTENTION_MODES, FLOW_DEFAULT_KEYS, LORA_TARGET_MODULES, TOY_DEFAULTS
 from palpcompose.placeholders import default_prompt
 from palpcompose.project.settings import ADDED_LATER, sha256_json, weight_settings
+from palpcompose.trackers import LOG_WITH
 
 PROJECT_FILE = "palp.toml"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -162,6 +163,15 @@ class TrainConfig:
         "Low-memory preset for 8 GB GPUs: gradient checkpointing on, and the VAE kept off the GPU once the reference "
         "images are encoded (it comes back only to draw previews). Same results, slower steps.", False,
         extension=True)
+    adapter: str = _spec(
+        "The adapter trained on the UNet's attention projections: `lora`, or `dora` (DoRA, weight-decomposed LoRA: "
+        "each projection also learns a magnitude vector; peft's `use_dora`). DoRA costs more per step "
+        "(docs/performance.md); its exports carry the magnitudes (docs/render-export.md).", "lora",
+        choices=ADAPTERS, extension=True)
+    log_with: str = _spec(
+        "Experiment tracker fed during training: `none`, `tensorboard` or `wandb` (offline unless WANDB_MODE is set). "
+        "Writes under out/logs/ (`tensorboard --logdir DIR/out/logs`); needs `pip install 'palpcompose[NAME]'`. "
+        "out/logs/train.jsonl is written either way.", "none", choices=LOG_WITH, extension=True)
 
     @property
     def recomputes_activations(self) -> bool:

@@ -15,16 +15,19 @@ import json
 ADDED_LATER = {
     ("project", "allow_pickle"): False,
     ("render", "lora_scale"): 1.0,
+    ("train", "adapter"): "lora",
     ("train", "buckets"): True,
     ("train", "captions"): True,
+    ("train", "log_with"): "none",
     ("train", "t5_tokens"): True,
 }
 
 # The one list of settings that never change the trained weights (with all of [render]): snapshot and preview
 # periods, the memory savers (gradient checkpointing and the low-memory preset recompute the same values), and
-# project.allow_pickle (a permission). Everything else changes the weights; train.steps only by training longer.
+# project.allow_pickle (a permission), train.log_with (a tracker only watches). Everything else changes the
+# weights; train.steps only by training longer.
 WEIGHT_NEUTRAL = (("train", "save_every"), ("train", "preview_every"), ("train", "gradient_checkpointing"),
-                  ("train", "low_memory"), ("project", "allow_pickle"))
+                  ("train", "low_memory"), ("project", "allow_pickle"), ("train", "log_with"))
 
 
 def weight_settings(config: dict, *, steps: bool = True) -> dict:
