@@ -178,7 +178,7 @@ def test_damaged_files_are_named_in_the_page_and_the_rest_is_shown(project, run_
     assert "Traceback" not in result.err
     text, _ = _page(project)
     damaged = re.search(r"<h2 class=\"damaged\">Damaged files</h2>(.*?)</ul>", text, re.DOTALL).group(1)
-    for name in (f"runs/{kept.name}/manifest.json", "field &#x27;steps_done&#x27;", "field &#x27;config&#x27;",
+    for name in (f"runs/{kept.name}/manifest.json", "field steps_done is", "field config is",
                  "logs/train.jsonl", "previews/step-000001.png", f"runs/{kept.name}/previews/{fifo.name}",
                  f"{eval_json.parent.name}/eval.json</code>: a folder"):
         assert name in damaged, name
