@@ -240,7 +240,8 @@ def run(args: argparse.Namespace) -> dict:
     # DoRA's cost: each `...+dora` variant over the same variant with LoRA, both timed in this process
     lora_of = {n: "+".join(p for p in n.split("+") if p != "dora") for n in timed if "dora" in n.split("+")[1:]}
     report["dora_vs_lora"] = {n: {"median": round(timed[n]["median_ms"] / timed[lora]["median_ms"], 3),
-                                  "cpu_time": round(timed[n]["cpu_time_median_ms"] / timed[lora]["cpu_time_median_ms"], 3)}
+                                  "cpu_time": round(timed[n]["cpu_time_median_ms"]
+                                                    / timed[lora]["cpu_time_median_ms"], 3)}
                               for n, lora in lora_of.items() if lora in timed}
     if "reference" in timed:
         ref = timed["reference"]["median_ms"]

@@ -146,7 +146,8 @@ def markdown(phase: str, result: dict, header: list[str], smoke: bool = False) -
         for key, e in est.items():
             regime, variant = key.split("|")
             lines.append(f"| {regime} | {variant} | {_f(e['margin'])} | {_f(e['T'])} | {_f(e['F'])} | "
-                         f"{_f(e['F_id'])} | {('not judged (smoke)' if smoke else bar(e)) if variant == 'palp' else ''} |")
+                         f"{_f(e['F_id'])} | "
+                         f"{('not judged (smoke)' if smoke else bar(e)) if variant == 'palp' else ''} |")
         lines += ["", "Against the baseline at its final step (paired by cell):", "",
                   "| regime | variant | T - none | F - none | F-id - none | cos(PALP, SDS) |",
                   "| --- | --- | ---: | ---: | ---: | ---: |"]

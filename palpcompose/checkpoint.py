@@ -45,7 +45,8 @@ class Checkpoint:
     weights: TrainedWeights
     optimizer: dict  # torch optimizer state_dict (LoRA weights, then the placeholder rows)
     lr_scheduler: dict
-    rng: list[dict]  # per process, in rank order: {"torch": ByteTensor, "cuda": [ByteTensor...], "data": ..., "python": ...}
+    # per process, in rank order: {"torch": ByteTensor, "cuda": [ByteTensor...], "data": ..., "python": ...}
+    rng: list[dict]
     settings: dict  # what the run was started with; train.py compares it on resume
 
     @property
@@ -166,7 +167,8 @@ def load_checkpoint(folder: str | Path) -> Checkpoint:
     except (KeyError, ValueError, TypeError, IndexError) as exc:
         raise DamagedFile(folder / STATE_FILE, f"incomplete: {type(exc).__name__}: {exc}") from None
     return Checkpoint(
-        step=int(meta["step"]), weights=load_trained_weights(folder), optimizer={"state": state, "param_groups": groups},
+        step=int(meta["step"]), weights=load_trained_weights(folder),
+        optimizer={"state": state, "param_groups": groups},
         lr_scheduler=meta["lr_scheduler"], rng=rng, settings=meta["settings"],
     )
 

@@ -38,7 +38,9 @@ def _one_of(choices: tuple[str, ...]) -> str:
     return f"{', '.join(choices[:-1])} or {choices[-1]}"
 
 
-ProjectDir = Annotated[Path, typer.Argument(metavar="DIR", help="The project folder (holds palp.toml).", show_default=False)]
+ProjectDir = Annotated[
+    Path, typer.Argument(metavar="DIR", help="The project folder (holds palp.toml).", show_default=False)
+]
 # `--step` is the contract's spelling; `--snapshot` says what it picks, next to train's `--steps` (how many to train)
 SnapshotOpt = Annotated[int | None, typer.Option("--snapshot", "--step", metavar="N", help="Use the snapshot saved at "
                         "training step N instead of the final weights.")]
@@ -77,7 +79,9 @@ def _root(
 
 @app.command()
 def init(
-    project_dir: Annotated[Path, typer.Argument(metavar="DIR", help="The folder to create the project in (created if missing).")],
+    project_dir: Annotated[
+        Path, typer.Argument(metavar="DIR", help="The folder to create the project in (created if missing).")
+    ],
     template: Annotated[
         str, typer.Option("--template", metavar="NAME", help="single-subject, multi-subject, art-inspired or toy-demo.")
     ] = "art-inspired",
@@ -166,9 +170,16 @@ def check(project_dir: ProjectDir) -> None:
 @app.command()
 def train(
     project_dir: ProjectDir,
-    steps: Annotated[int | None, typer.Option("--steps", metavar="N", help="Train to N steps in total (default: train.steps).")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from out/checkpoint (an interrupted or finished run).")] = False,
-    guidance: Annotated[str | None, typer.Option("--guidance", metavar="MODE", help=f"{_one_of(GUIDANCE_MODES)} (default: palp.guidance).")] = None,
+    steps: Annotated[
+        int | None, typer.Option("--steps", metavar="N", help="Train to N steps in total (default: train.steps).")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from out/checkpoint (an interrupted or finished run).")
+    ] = False,
+    guidance: Annotated[
+        str | None,
+        typer.Option("--guidance", metavar="MODE", help=f"{_one_of(GUIDANCE_MODES)} (default: palp.guidance)."),
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Start a new run even when the weights are up to date or the "
                      "run could be continued; the earlier run is kept in out/runs/<id>/.")] = False,
 ) -> None:
@@ -188,28 +199,59 @@ def render(
     project_dir: ProjectDir,
     prompt: Annotated[
         list[str] | None,
-        typer.Option("--prompt", metavar="TEXT", help="Prompt to render, with [V1]-style placeholders (repeatable; default: "
-                     "render.prompts, else palp.target_prompt)."),
+        typer.Option("--prompt", metavar="TEXT", help="Prompt to render, with [V1]-style placeholders (repeatable; "
+                     "default: render.prompts, else palp.target_prompt)."),
     ] = None,
     seeds: Annotated[str | None, typer.Option("--seeds", metavar="SEEDS", help="Seeds: 0-7, 1,5,9 or mixes (0-3,10) "
                      "(default: render.seeds, [0, 1, 2, 3] unless set).")] = None,
     snapshot: SnapshotOpt = None,
-    sampling_steps: Annotated[int | None, typer.Option("--sampling-steps", metavar="N", help="Denoising steps per image (default: render.steps).")] = None,
+    sampling_steps: Annotated[
+        int | None,
+        typer.Option("--sampling-steps", metavar="N", help="Denoising steps per image (default: render.steps)."),
+    ] = None,
     old_steps: Annotated[int | None, typer.Option("--steps", hidden=True)] = None,  # before --sampling-steps
-    guidance_scale: Annotated[float | None, typer.Option("--guidance-scale", metavar="FLOAT", help="Classifier-free guidance scale (default: render.guidance_scale).")] = None,
-    width: Annotated[int | None, typer.Option("--width", metavar="PX", help="Image width in pixels, a multiple of 8 (default: render.width, else train.resolution).")] = None,
-    height: Annotated[int | None, typer.Option("--height", metavar="PX", help="Image height in pixels, a multiple of 8 (default: render.height, else train.resolution).")] = None,
-    negative_prompt: Annotated[str | None, typer.Option("--negative-prompt", metavar="TEXT", help="Negative prompt (default: render.negative_prompt).")] = None,
-    scheduler: Annotated[str | None, typer.Option("--scheduler", metavar="NAME", help=f"Sampler: {_one_of(SCHEDULER_NAMES)} (default: render.scheduler).")] = None,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", metavar="N", help="Images per forward pass; the images do not change (default: render.batch_size).")] = None,
-    sweep: Annotated[bool, typer.Option("--sweep", help="Render every snapshot and the final weights in one grid.")] = False,
-    compare: Annotated[bool, typer.Option("--compare", help="Render the base model (class words, no LoRA) beside the personalized one.")] = False,
-    base: Annotated[bool, typer.Option("--base", help="Render the base model alone (class words; no training needed): try a "
-                    "prompt, or palp.clean_prompt, before training.")] = False,
+    guidance_scale: Annotated[
+        float | None,
+        typer.Option("--guidance-scale", metavar="FLOAT",
+                     help="Classifier-free guidance scale (default: render.guidance_scale)."),
+    ] = None,
+    width: Annotated[
+        int | None,
+        typer.Option("--width", metavar="PX",
+                     help="Image width in pixels, a multiple of 8 (default: render.width, else train.resolution)."),
+    ] = None,
+    height: Annotated[
+        int | None,
+        typer.Option("--height", metavar="PX",
+                     help="Image height in pixels, a multiple of 8 (default: render.height, else train.resolution)."),
+    ] = None,
+    negative_prompt: Annotated[
+        str | None,
+        typer.Option("--negative-prompt", metavar="TEXT", help="Negative prompt (default: render.negative_prompt)."),
+    ] = None,
+    scheduler: Annotated[
+        str | None,
+        typer.Option("--scheduler", metavar="NAME",
+                     help=f"Sampler: {_one_of(SCHEDULER_NAMES)} (default: render.scheduler)."),
+    ] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option("--batch-size", metavar="N",
+                     help="Images per forward pass; the images do not change (default: render.batch_size)."),
+    ] = None,
+    sweep: Annotated[
+        bool, typer.Option("--sweep", help="Render every snapshot and the final weights in one grid.")
+    ] = False,
+    compare: Annotated[
+        bool,
+        typer.Option("--compare", help="Render the base model (class words, no LoRA) beside the personalized one."),
+    ] = False,
+    base: Annotated[bool, typer.Option("--base", help="Render the base model alone (class words; no training needed): "
+                    "try a prompt, or palp.clean_prompt, before training.")] = False,
     run: Annotated[str | None, typer.Option("--run", metavar="ID", help="Use the earlier training run kept in "
                    "out/runs/ID/ instead of the current one.")] = None,
-    out: Annotated[Path | None, typer.Option("--out", metavar="PATH", help="Write the images to this new or empty folder "
-                   "(default: a new folder in DIR/out/renders/).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", metavar="PATH", help="Write the images to this new or empty "
+                   "folder (default: a new folder in DIR/out/renders/).")] = None,
     lora_scale: Annotated[float | None, typer.Option("--lora-scale", metavar="S", help="Strength of the trained LoRA, "
                           "0 < S <= 2: 1 as trained, 0.5 at half strength; the learned tokens stay whole "
                           "(default: render.lora_scale, 1).")] = None,
@@ -238,10 +280,16 @@ def render(
 @app.command()
 def export(
     project_dir: ProjectDir,
-    fmt: Annotated[str, typer.Option("--format", metavar="FORMAT", help="diffusers or webui (AUTOMATIC1111, ComfyUI).")],
-    out: Annotated[Path, typer.Option("--out", metavar="PATH", help="Folder to write the files to (created if missing).")],
+    fmt: Annotated[
+        str, typer.Option("--format", metavar="FORMAT", help="diffusers or webui (AUTOMATIC1111, ComfyUI).")
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", metavar="PATH", help="Folder to write the files to (created if missing).")
+    ],
     snapshot: SnapshotOpt = None,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite files of the same name in the --out folder.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Overwrite files of the same name in the --out folder.")
+    ] = False,
     run: Annotated[str | None, typer.Option("--run", metavar="ID", help="Use the earlier training run kept in "
                    "out/runs/ID/ instead of the current one.")] = None,
 ) -> None:
@@ -263,12 +311,13 @@ def export(
 @app.command(name="eval")
 def eval_command(
     project_dir: ProjectDir,
-    clip: Annotated[Path | None, typer.Option("--clip", metavar="PATH", help="A local CLIP model folder (transformers format): "
-                    "the paper's CLIP metrics. Needed for models other than builtin:toy.")] = None,
+    clip: Annotated[Path | None, typer.Option("--clip", metavar="PATH", help="A local CLIP model folder "
+                    "(transformers format): the paper's CLIP metrics. Needed for models other than "
+                    "builtin:toy.")] = None,
     oracle: Annotated[bool, typer.Option("--oracle", help="Judge with the toy world's oracle (automatic for "
                       "builtin:toy; for your own models trained on the toy world).")] = False,
-    renders: Annotated[Path | None, typer.Option("--renders", metavar="PATH", help="Score this render folder (or run name under "
-                       "out/renders/) instead of rendering the target prompt.")] = None,
+    renders: Annotated[Path | None, typer.Option("--renders", metavar="PATH", help="Score this render folder (or run "
+                       "name under out/renders/) instead of rendering the target prompt.")] = None,
     seeds: Annotated[str | None, typer.Option("--seeds", metavar="SEEDS", help="Seeds to render: 0-7, 1,5,9 or mixes "
                      "(default: render.seeds).")] = None,
     snapshot: SnapshotOpt = None,

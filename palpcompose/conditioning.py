@@ -33,7 +33,8 @@ class Conditioning:
 
     def zeros_like(self) -> Conditioning:
         """SDXL's `force_zeros_for_empty_prompt`: the empty prompt as zeros, as the SDXL sampler uses it."""
-        return Conditioning(torch.zeros_like(self.embeds), None if self.pooled is None else torch.zeros_like(self.pooled))
+        return Conditioning(torch.zeros_like(self.embeds),
+                            None if self.pooled is None else torch.zeros_like(self.pooled))
 
     @staticmethod
     def cat(items: list[Conditioning]) -> Conditioning:

@@ -257,7 +257,8 @@ def images_from_folder(project, folder: Path) -> list[EvalImage]:
             images = [EvalImage(folder / e["file"], e["prompt"], e.get("seed"), e.get("model"), e.get("step"),
                                 e.get("guidance")) for e in entries]
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise UserError(f"{index}: unreadable render index ({exc}); render again with `palpcompose render`") from exc
+            raise UserError(
+                f"{index}: unreadable render index ({exc}); render again with `palpcompose render`") from exc
         missing = [str(i.path) for i in images if not i.path.is_file()]
         if missing:
             raise UserError(f"{index} lists images that are missing: {', '.join(missing[:3])}; render again")

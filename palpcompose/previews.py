@@ -239,7 +239,8 @@ def plot_losses(log: list[dict], path: Path) -> None:
         lo, hi = min(v for _, v in points), max(v for _, v in points)
         span = (hi - lo) or 1.0
         first, last = min(s for s, _ in points), max(s for s, _ in points)
-        xy = [(pad + (s - first) / max(last - first, 1) * (width - 2 * pad), top + panel - pad - (v - lo) / span * (panel - 2 * pad))
+        xy = [(pad + (s - first) / max(last - first, 1) * (width - 2 * pad),
+               top + panel - pad - (v - lo) / span * (panel - 2 * pad))
               for s, v in points]
         draw.rectangle((pad, top + pad, width - pad, top + panel - pad), outline="grey")
         if len(xy) > 1:

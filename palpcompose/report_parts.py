@@ -42,7 +42,8 @@ def svg_plot(title: str, note: str, series: list[tuple[str, str, list[tuple[int,
     values = [v for _, _, pts in series for _, v in pts if v is not None]
     steps = [s for _, _, pts in series for s, v in pts if v is not None]
     head = (f'<figure class="plot"><svg viewBox="0 0 {width} {height}" width="{width}" height="{height}" '
-            f'role="img" aria-label="{html.escape(title)}"><text x="{left}" y="16" class="t">{html.escape(title)}</text>')
+            f'role="img" aria-label="{html.escape(title)}">'
+            f'<text x="{left}" y="16" class="t">{html.escape(title)}</text>')
     if not values:
         return head + f'<text x="{left}" y="{height // 2}">no values logged</text></svg></figure>'
     lo, hi = min(values), max(values)
@@ -91,7 +92,8 @@ def svg_plot(title: str, note: str, series: list[tuple[str, str, list[tuple[int,
                          f'{html.escape(label)}</title></polyline>')
         if smooth:
             k = max(3, len(good) // 30)
-            averaged = [(good[i][0], sum(v for _, v in good[max(0, i - k + 1):i + 1]) / len(good[max(0, i - k + 1):i + 1]))
+            averaged = [(good[i][0],
+                         sum(v for _, v in good[max(0, i - k + 1):i + 1]) / len(good[max(0, i - k + 1):i + 1]))
                         for i in range(len(good))]
             coords = " ".join(f"{px(s):.1f},{py(v):.1f}" for s, v in averaged)
             parts.append(f'<polyline points="{coords}" stroke="{color}" class="line avg"><title>{html.escape(label)} '
@@ -140,22 +142,28 @@ def image_data_uri(path: Path, max_px: int) -> tuple[str, int, int]:
 
 
 STYLE = """
-body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0 auto;max-width:1500px;padding:0 24px 48px;color:#1b1b1b;background:#fff}
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0 auto;max-width:1500px;\
+padding:0 24px 48px;color:#1b1b1b;background:#fff}
 h1{font-size:22px;margin:20px 0 2px}h2{font-size:18px;margin:30px 0 8px;border-bottom:1px solid #ddd;padding-bottom:3px}
-h3{font-size:15px;margin:20px 0 6px}.muted{color:#666}code{font-size:12.5px;background:#f3f3f3;padding:0 3px;border-radius:3px}
-table{border-collapse:collapse;margin:6px 0 12px}th,td{border:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top}
+h3{font-size:15px;margin:20px 0 6px}.muted{color:#666}\
+code{font-size:12.5px;background:#f3f3f3;padding:0 3px;border-radius:3px}
+table{border-collapse:collapse;margin:6px 0 12px}\
+th,td{border:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top}
 th{background:#f6f6f6;font-weight:600}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .swatch{display:inline-block;width:11px;height:11px;border-radius:2px;margin-right:5px;vertical-align:-1px}
 .plots{display:flex;flex-wrap:wrap;gap:10px}.plot{margin:0;border:1px solid #e3e3e3;border-radius:4px;padding:4px}
 .plot figcaption{font-size:12px;color:#555;max-width:430px;padding:0 4px 2px}
 svg text{font:11px system-ui,sans-serif;fill:#333}svg .t{font-weight:600;font-size:12px}svg .yl{text-anchor:end}
-svg .xl{text-anchor:middle}svg .frame{fill:none;stroke:#bbb}svg .grid{stroke:#eee}svg .ref{stroke:#888;stroke-dasharray:4 3}
+svg .xl{text-anchor:middle}svg .frame{fill:none;stroke:#bbb}svg .grid{stroke:#eee}\
+svg .ref{stroke:#888;stroke-dasharray:4 3}
 svg .line{fill:none;stroke-width:1.6}svg .avg{stroke-width:2.2}
 .strip{display:flex;gap:12px;overflow-x:auto;padding-bottom:6px;align-items:flex-start}
-.strip figure,.renders figure{margin:0;flex:none}.strip figcaption,.renders figcaption{font-size:12px;color:#444;margin-top:2px}
+.strip figure,.renders figure{margin:0;flex:none}\
+.strip figcaption,.renders figcaption{font-size:12px;color:#444;margin-top:2px}
 img{display:block;max-width:100%;height:auto;border:1px solid #ddd;background:#fafafa}img.px{image-rendering:pixelated}
 .run{border-left:4px solid #ccc;padding-left:14px;margin-top:26px}.damaged{color:#a40000}
-.legend{font-size:12px;margin:4px 0 0;padding-left:18px}.badge{font-size:12px;padding:1px 6px;border-radius:8px;background:#eee}
+.legend{font-size:12px;margin:4px 0 0;padding-left:18px}\
+.badge{font-size:12px;padding:1px 6px;border-radius:8px;background:#eee}
 .badge.completed{background:#d9f2dc}.badge.failed{background:#f8d7d7}.badge.running,.badge.interrupted{background:#fbefc9}
 details{margin:6px 0}summary{cursor:pointer;color:#333}
 """

@@ -133,7 +133,8 @@ def make_plan(project, *, steps: int | None = None, resume: bool = False, guidan
         images=image_hashes(project, project.images),
         previous=None, settings=resume_settings(config),
         num_processes=num_processes,  # the launcher's prefix stays unquoted: it holds $(which palpcompose)
-        resume_command=(launched or "palpcompose") + " " + command_line("train", project.root, "--resume") + steps_option,
+        resume_command=(launched or "palpcompose") + " " + command_line("train", project.root, "--resume")
+        + steps_option,
         fresh_command=(launched or "palpcompose") + " " + command_line("train", project.root) + steps_option,
     )
     try:
@@ -189,8 +190,8 @@ def _continue_or_keep(plan: Plan, force: bool) -> None:
         there = distributed.launcher_prefix(int(previous.get("num_processes", 1))) or "palpcompose"
         resume = there + plan.resume_command.removeprefix(here)
         why.insert(0, f"it was {status_words(previous.get('status'))} at step {previous.get('steps_done', 0)} of "
-                      f"{previous.get('steps_target', '?')}; to continue it instead, press Ctrl-C now (nothing has moved "
-                      f"yet) and run `{resume}`")
+                      f"{previous.get('steps_target', '?')}; to continue it instead, press Ctrl-C now (nothing has "
+                      f"moved yet) and run `{resume}`")
     only_steps_grew = (previous is not None and previous.get("status") == "completed"
                        and len(why) == 1 and isinstance(previous.get("config"), dict)
                        and [k for k, _, _ in changed_weight_settings(previous["config"], now_config)] == ["train.steps"]
@@ -273,7 +274,8 @@ def _resumable_checkpoint(plan: Plan, steps: int | None) -> Path:
         launch = (f"{distributed.launcher_prefix(written_by)} {command}" if written_by > 1
                   else f"palpcompose {command}, without a launcher")
         raise UserError(
-            f"{resume_from}: the checkpoint was written by a run of {written_by} process{'es' if written_by > 1 else ''}"
+            f"{resume_from}: the checkpoint was written by a run of {written_by} "
+            f"process{'es' if written_by > 1 else ''}"
             f", this one has {plan.num_processes}: the effective batch and every process's random draws would "
             f"change, so it would not continue that run. Resume with {written_by} (e.g. {launch}), or train "
             "without --resume to start over")

@@ -23,7 +23,9 @@ def add_tokens(tokenizer, text_encoder, tokens: list[str]) -> dict[str, int]:
     return {token: tokenizer.convert_tokens_to_ids(token) for token in tokens}
 
 
-def add_placeholder_tokens(tokenizer, text_encoder, tokens: dict[str, str], init_words: dict[str, str]) -> dict[str, int]:
+def add_placeholder_tokens(
+    tokenizer, text_encoder, tokens: dict[str, str], init_words: dict[str, str]
+) -> dict[str, int]:
     """Add one new token per subject and initialise its embedding from its init word.
 
     `tokens`: {"V1": "<name-v1>"}; `init_words`: {"V1": "cat"}. A word that the tokenizer splits into several

@@ -394,4 +394,5 @@ def test_train_step_times_dora_against_lora_in_one_process(capsys):
     v = report["variants"]
     assert ratio["median"] == pytest.approx(v["none+dora"]["median_ms"] / v["none"]["median_ms"], abs=1e-3)
     assert ratio["cpu_time"] > 0
-    assert train_step.parse_variant("palp+dora").adapter == "dora" and train_step.parse_variant("palp").adapter == "lora"
+    assert (train_step.parse_variant("palp+dora").adapter == "dora"
+            and train_step.parse_variant("palp").adapter == "lora")

@@ -92,7 +92,8 @@ def test_a_sample_trains_with_its_images_caption(make_project, tiny_pipeline_dir
     assert rows == {tuple(caption.tolist()), tuple(prompt.tolist())}  # each sample: its own image's prompt
     assert batch.captions
     # train.captions = false: every image trains with the subject's prompt
-    (root / "palp.toml").write_text((root / "palp.toml").read_text().replace("[train]\n", "[train]\ncaptions = false\n"))
+    (root / "palp.toml").write_text(
+        (root / "palp.toml").read_text().replace("[train]\n", "[train]\ncaptions = false\n"))
     _, _, _, subjects = _subjects(load_project(root), tiny_pipeline_dir)
     assert subjects[0].image_ids is None
     batch = sample_batch(subjects, torch.Generator().manual_seed(0), 16, 1000)
@@ -131,7 +132,8 @@ def test_a_changed_caption_makes_the_weights_stale_and_refuses_resume(make_proje
     # train.captions = false: caption files are not the run's
     caption.write_text("A photo of [V1] at noon")
     assert "refs/V1/0.txt" in image_hashes(load_project(root), load_project(root).images)
-    (root / "palp.toml").write_text((root / "palp.toml").read_text().replace("[train]\n", "[train]\ncaptions = false\n"))
+    (root / "palp.toml").write_text(
+        (root / "palp.toml").read_text().replace("[train]\n", "[train]\ncaptions = false\n"))
     project = load_project(root)
     assert project.captions == {} and "refs/V1/0.txt" not in image_hashes(project, project.images)
 

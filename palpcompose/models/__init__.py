@@ -65,7 +65,8 @@ from palpcompose.placeholders import expand_placeholders, placeholder_tokens
 from palpcompose.tokens import add_placeholder_tokens
 
 __all__ = [
-    "ADAPTERS", "ATTENTION_MODES", "BUILTIN_DIR", "BUILTIN_MODELS", "FAMILIES", "FAMILY_NAMES", "FLOW_DEFAULT_KEYS", "LORA_TARGET_MODULES", "NATIVE_RESOLUTION",
+    "ADAPTERS", "ATTENTION_MODES", "BUILTIN_DIR", "BUILTIN_MODELS", "FAMILIES", "FAMILY_NAMES", "FLOW_DEFAULT_KEYS",
+    "LORA_TARGET_MODULES", "NATIVE_RESOLUTION",
     "PICKLED_SUFFIXES", "SDXL_RESOLUTION", "SUPPORTED_FAMILIES", "TOY_DEFAULTS", "BaseModelSource", "Components",
     "Family", "add_lora", "add_placeholder_tokens", "bucket_alignment", "config_reader", "detect_family",
     "encode_prompt",

@@ -54,7 +54,8 @@ def resolve_base_model(spec: str, project_dir: Path | None = None, allow_pickle:
         if folder is None:
             raise UserError(f"unknown built-in model {spec!r}; built-in models: {', '.join(BUILTIN_MODELS)}")
         ok = (folder / "model_index.json").is_file()
-        detail = f"built-in model at {folder}" if ok else f"{spec} is not installed in this copy of palpcompose ({folder})"
+        detail = (f"built-in model at {folder}" if ok
+                  else f"{spec} is not installed in this copy of palpcompose ({folder})")
         return BaseModelSource(spec, "builtin", str(folder), ok, detail, family="toy")
 
     path = Path(spec).expanduser()

@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--count", type=int, default=5)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_subject)
-    p = sub.add_parser("ceiling", help="the base-model gate: described subjects vs the class word, per style x ambiance")
+    p = sub.add_parser("ceiling",
+                       help="the base-model gate: described subjects vs the class word, per style x ambiance")
     p.add_argument("--model", default="builtin:toy", help="a diffusers folder or builtin:toy")
     p.add_argument("--subjects", type=int, default=6, help="ceiling subjects (seeds 1,000,000 + i)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="render seeds per subject")

@@ -63,7 +63,8 @@ def artwork_image(seed: int = ARTWORK_SEED, style: str = ARTWORK_STYLE, ambiance
 def reference_files(root: str | Path) -> dict[Path, object]:
     """The demo's reference images by path in project folder `root`."""
     root = Path(root)
-    files = {root / "refs" / "subject" / f"star-{i:02d}.png": image for i, image in enumerate(subject_images(ambiance=SUBJECT_AMBIANCE))}
+    files = {root / "refs" / "subject" / f"star-{i:02d}.png": image
+             for i, image in enumerate(subject_images(ambiance=SUBJECT_AMBIANCE))}
     for i, image in enumerate(artwork_images(ARTWORK_IMAGES, objects=True)):
         files[root / "refs" / "artwork" / f"artwork-{i}.png"] = image
     return files

@@ -14,7 +14,10 @@ from pathlib import Path
 from palpcompose.fsutil import atomic_write_text
 from palpcompose.toyworld import world
 
-COMMON_WORDS = ["a", "an", "the", "of", "in", "on", "at", "by", "with", "and", "photo", "painting", "picture", "drawing", "image", "art", "style", "inspired", "sketch", "pop", "watercolor", "pixel", "night", "sunset", "snow", "underwater", "stripes", "dots", "checks", "toy", "object", "shape", "my", "white", "black", "sitting", "next", "to"]
+COMMON_WORDS = ["a", "an", "the", "of", "in", "on", "at", "by", "with", "and", "photo", "painting", "picture",
+                "drawing", "image", "art", "style", "inspired", "sketch", "pop", "watercolor", "pixel", "night",
+                "sunset", "snow", "underwater", "stripes", "dots", "checks", "toy", "object", "shape", "my", "white",
+                "black", "sitting", "next", "to"]
 
 
 def words() -> list[str]:

@@ -42,7 +42,8 @@ STYLE_PHRASES = {
     "watercolor": "a watercolor painting of",
     "pixel art": "a pixel art picture of",
 }
-AMBIANCE_PHRASES = {"day": "", "night": "at night", "sunset": "at sunset", "snow": "in the snow", "underwater": "underwater"}
+AMBIANCE_PHRASES = {"day": "", "night": "at night", "sunset": "at sunset", "snow": "in the snow",
+                    "underwater": "underwater"}
 PATTERN_WORDS = {"stripes": "stripes", "dots": "dots", "checks": "checks"}
 
 RGB = {

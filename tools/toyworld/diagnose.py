@@ -86,7 +86,8 @@ def binding(report: dict, subjects) -> dict:
         c["class_wrong"] += int(r["cls"] != s.cls)
     for kind, c in counts.items():
         sel = [r for r in report["rows"] if r["kind"] == "described"
-               and (world.COLORS2[by_seed[r["subject"]].color2] in ("white", "black")) == (kind == "color2_white_black")]
+               and ((world.COLORS2[by_seed[r["subject"]].color2] in ("white", "black"))
+                    == (kind == "color2_white_black"))]
         c["fidelity"] = round(sum(r["fidelity"] for r in sel) / len(sel), 4)
         c["heads"] = {h: round(sum(r[h] for r in sel) / len(sel), 4) for h in HEADS}
     return counts
