@@ -1,5 +1,5 @@
 """The v2 study's design facts and arithmetic (docs/evaluation.md, "The v2 study (issue 19)"): subjects, regimes,
-prompts, variants and knob candidates as fixed before any run; the baseline's trade-off curve, PALP's margin above \
+prompts, variants and knob candidates as fixed before any run; the baseline's trade-off curve, PALP's margin above
 it, means with standard errors clustered by subject, and the two rules fixed before any run (PALP's
 knobs, builtin:toy's default step count). Pure functions on plain numbers: experiments/study_v2.py feeds them,
 tests/test_study_v2.py checks them on hand-made points.

@@ -107,12 +107,12 @@ def token_slots(pipe, weights: TrainedWeights) -> list[tuple]:
 
 @contextlib.contextmanager
 def merged_lora(unet):
-    """The LoRA merged into the base weights for the duration (W <- W + scale * B A, peft's `merge`); afterwards \
-the base weights are put back bit for bit.
+    """The LoRA merged into the base weights for the duration (W <- W + scale * B A, peft's `merge`); afterwards
+    the base weights are put back bit for bit.
 
     A render then costs what the base model costs: no extra low-rank matmuls per attention projection at every
-    sampling step (docs/performance.md: 1.13x images/s over the unmerged adapter, toy model, CPU). In fp32 the \
-images are those of
+    sampling step (docs/performance.md: 1.13x images/s over the unmerged adapter, toy model, CPU). In fp32 the
+    images are those of
     the unmerged adapter to rounding (tests/test_render.py); in fp16 the merged weights are rounded to fp16 once.
     """
     from peft.tuners.tuners_utils import BaseTunerLayer

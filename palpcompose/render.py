@@ -387,8 +387,8 @@ def render(
     run kept in out/runs/<run>/ (its renders go there too). `out` is the folder to write to (new or empty) instead of
     a new render folder. `base_only` renders the base model alone (class words, no trained weights needed): a
     prompt, or the clean prompt, tried before training. `lora_scale` (0 < S <= 2) scales the trained LoRA through
-    peft's adapter scale (1: as trained); the learned tokens stay whole. Everything is validated before anything \
-is written:
+    peft's adapter scale (1: as trained); the learned tokens stay whole. Everything is validated before anything
+    is written:
     `plan_render`, then the checks that need the loaded model (prompt lengths, whether the weights fit it).
     """
     from rich.markup import escape

@@ -9,7 +9,7 @@ A weights folder (`out/weights/final/`, `out/snapshots/step-000100/`, ...) holds
   the token's embeddings in both text encoders end to end, [CLIP-L (768) | OpenCLIP-G (1280)], and the header's
   `text_encoder_dims` ("[768, 1280]") says where they split (`TrainedWeights.per_encoder`).
 Both carry metadata in the safetensors header (format, tokens, rank, alpha, base model, step, the guidance mode that
-trained them, palpcompose version), so a file found on its own still says what it is. `export.py` converts this \
+trained them, palpcompose version), so a file found on its own still says what it is. `export.py` converts this
 format to other tools' formats.
 """
 

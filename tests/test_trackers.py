@@ -1,4 +1,4 @@
-"""`train.log_with`: TensorBoard (and W&B) through accelerate's trackers; weight-neutral; a missing package is \
+"""`train.log_with`: TensorBoard (and W&B) through accelerate's trackers; weight-neutral; a missing package is
 exit 2."""
 
 from __future__ import annotations
