@@ -142,7 +142,6 @@ def reference_images(subject, regime: str, k: int, count: int = REFERENCES) -> l
     import torch
 
     from palpcompose.toyworld import world
-    from palpcompose.toyworld.demo import _to_pil
 
     g = torch.Generator().manual_seed(subject.seed)
     if regime == "R-context":
@@ -153,7 +152,7 @@ def reference_images(subject, regime: str, k: int, count: int = REFERENCES) -> l
         scenes = world.subject_scenes(subject, count, g)
         ambiances = [world.AMBIANCES.index(NOTHING_AMBIANCES[i % len(NOTHING_AMBIANCES)]) for i in range(count)]
         scenes = dataclasses.replace(scenes, ambiance=torch.tensor(ambiances))
-    return [_to_pil(image) for image in world.render(scenes, g)]
+    return [world.to_pil(image) for image in world.render(scenes, g)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
