@@ -165,8 +165,10 @@ def test_reference_sets_are_drawn_by_the_world_per_regime():
     assert ambiance["R-context"].count("underwater") >= 4 and style["R-context"].count("photo") >= 4
     assert style["R-style"].count("watercolor") >= 4
     assert len(set(ambiance["R-nothing"])) >= 4  # each reference in another ambiance
-    with pytest.raises(sv.UserError, match="--world v2"):  # until the v2 world's generator takes color2_choices
-        sv.make_subject(32, "v2")
+    from palpcompose.toyworld import world
+
+    v2 = sv.make_subject(32, "v2")  # the v2 world: second colours white or black only
+    assert world.COLORS2[v2.color2] in ("white", "black")
 
 
 def test_tiny_study_end_to_end_resumes_and_reports(tmp_path, tiny_pipeline_dir, monkeypatch):
