@@ -407,6 +407,8 @@ def render(
                             extra = {
                                 "PALP weights": model.label if model.weights is not None else "none (base model)"
                             }
+                            if flow is not None:  # the family's own flow-matching Euler sampler, not --scheduler's
+                                extra["Sampler"] = "Euler"
                             if model.step is not None:
                                 extra["PALP step"] = str(model.step)
                                 extra["PALP guidance"] = model.guidance

@@ -279,6 +279,8 @@ def test_render_sweep_and_compare_with_trained_weights(family, trained):
     pixels = {i.model: np.asarray(Image.open(i.path), dtype=np.float32) for i in result.images}
     assert np.abs(pixels["final"] - pixels["base"]).max() > 0  # trained tokens and LoRA change the image
     assert np.abs(pixels["final"] - pixels["step-000001"]).max() > 0
+    parameters = Image.open(result.images[0].path).text["parameters"]
+    assert "Sampler: Euler," in parameters and "DPM++" not in parameters  # the flow sampler the family renders with
 
 
 @pytest.mark.parametrize("family", ["flux", "sd3"])
