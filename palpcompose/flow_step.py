@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from palpcompose import distributed, models
+from palpcompose import models
 from palpcompose.conditioning import Conditioning
 from palpcompose.data import Batch
 from palpcompose.flow_guidance import (
@@ -26,7 +26,7 @@ from palpcompose.flow_guidance import (
 )
 from palpcompose.guidance import GuidanceConfig, check_finite
 from palpcompose.models.flow import training_sigmas
-from palpcompose.step import EMBEDDING_WEIGHT_DECAY, LORA_WEIGHT_DECAY, TrainState, adapters, gradient_norms
+from palpcompose.step import TrainState, adapters, gradient_norms, place_and_optimize
 from palpcompose.tokens import add_trained_tokens
 
 
@@ -36,7 +36,6 @@ def prepare_flow_state(config, components: models.Components, accelerator, guida
     prompt (T5 only with `train.t5_tokens`, else T5 reads the class word), LoRA on the transformer, the optimizer,
     and the fixed prompts encoded once (the empty prompt only for real CFG: a distilled model never reads it)."""
     c, train_cfg = components, config.train
-    device = accelerator.device
     models.freeze(c.unet, c.vae, c.text_encoder)
     encoders = c.text_encoder
     if not train_cfg.t5_tokens:  # T5 reads the class word: no backward pass through it
@@ -49,22 +48,8 @@ def prepare_flow_state(config, components: models.Components, accelerator, guida
                                   adapter=train_cfg.adapter)
     if train_cfg.recomputes_activations:
         c.unet.enable_gradient_checkpointing()
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    for module in (c.unet, c.vae):
-        module.to(device)
-        if weight_dtype != torch.float32:
-            module.to(dtype=weight_dtype)
-    for p in lora_params:
-        p.data = p.data.float()
-    c.text_encoder.to(device)
-    optimizer = torch.optim.AdamW([
-        {"params": lora_params, "lr": train_cfg.learning_rate, "weight_decay": LORA_WEIGHT_DECAY},
-        {"params": [token_embedding.rows], "lr": train_cfg.embedding_learning_rate,
-         "weight_decay": EMBEDDING_WEIGHT_DECAY},
-    ])
-    lr_scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
-    unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(c.unet, c.text_encoder, optimizer, lr_scheduler)
-    distributed.check_all_reduced(accelerator, [unet, text_encoder], lora_params + [token_embedding.rows])
+    weight_dtype, unet, text_encoder, optimizer, lr_scheduler = place_and_optimize(
+        c, accelerator, train_cfg, lora_params, token_embedding)
     with torch.no_grad():
         null_cond = None if distilled(c) else c.text_encoder(c.tokenize([""])).detach()
         clean_cond = None

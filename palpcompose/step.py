@@ -78,26 +78,11 @@ def prepare_state(config, components: models.Components, accelerator, guidance_c
     lora_params = models.add_lora(c.unet, train_cfg.lora_rank, train_cfg.lora_alpha, adapter=train_cfg.adapter)
     if train_cfg.recomputes_activations:
         c.unet.enable_gradient_checkpointing()
-    # Frozen weights in the mixed-precision dtype, trainable ones (LoRA, text encoder's table) in fp32
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     # (SDXL's VAE overflows in fp16, its config says force_upcast: under fp16 it stays fp32, as its pipeline does)
-    vae_fp32 = c.tokenizer_2 is not None and weight_dtype == torch.float16 and c.vae.config.get("force_upcast", True)
-    for module in (c.unet, c.vae):
-        module.to(device)
-        if weight_dtype != torch.float32 and not (module is c.vae and vae_fp32):
-            module.to(dtype=weight_dtype)
-    for p in lora_params:
-        p.data = p.data.float()
-    c.text_encoder.to(device)
-    optimizer = torch.optim.AdamW([
-        {"params": lora_params, "lr": train_cfg.learning_rate, "weight_decay": LORA_WEIGHT_DECAY},
-        {"params": [token_embedding.rows], "lr": train_cfg.embedding_learning_rate,
-         "weight_decay": EMBEDDING_WEIGHT_DECAY},
-    ])
-    lr_scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
-    unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(c.unet, c.text_encoder, optimizer, lr_scheduler)
-    # Several processes: the LoRA weights (UNet) and the placeholder rows (text encoder) average their gradients
-    distributed.check_all_reduced(accelerator, [unet, text_encoder], lora_params + [token_embedding.rows])
+    vae_fp32 = c.tokenizer_2 is not None and accelerator.mixed_precision == "fp16" \
+        and c.vae.config.get("force_upcast", True)
+    weight_dtype, unet, text_encoder, optimizer, lr_scheduler = place_and_optimize(
+        c, accelerator, train_cfg, lora_params, token_embedding, vae_fp32=vae_fp32)
     # Frozen prompts, encoded once: the empty prompt (CFG) and the clean prompt y_c (SDXL: with pooled embeddings;
     # its empty prompt is zeros when the model says so, as its sampler uses it)
     with torch.no_grad():
@@ -116,6 +101,33 @@ def prepare_state(config, components: models.Components, accelerator, guidance_c
         clean_cond=clean_cond, weight_dtype=weight_dtype, max_grad_norm=train_cfg.max_grad_norm,
         lora_layers=models.lora_layers(c.unet), time_ids=time_ids,
     )
+
+
+def place_and_optimize(c: models.Components, accelerator, train_cfg, lora_params: list, token_embedding, *,
+                       vae_fp32: bool = False):
+    """Frozen weights on the device in the mixed-precision dtype (the VAE kept fp32 when `vae_fp32`), trainable ones
+    (LoRA, the placeholder rows) in fp32; AdamW over the LoRA and the rows; everything through accelerator.prepare.
+    Shared by every family's setup (prepare_state here, flow_step's for Flux.1 / SD 3).
+    Returns (weight_dtype, denoiser, text_encoder, optimizer, lr_scheduler)."""
+    device = accelerator.device
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    for module in (c.unet, c.vae):
+        module.to(device)
+        if weight_dtype != torch.float32 and not (module is c.vae and vae_fp32):
+            module.to(dtype=weight_dtype)
+    for p in lora_params:
+        p.data = p.data.float()
+    c.text_encoder.to(device)
+    optimizer = torch.optim.AdamW([
+        {"params": lora_params, "lr": train_cfg.learning_rate, "weight_decay": LORA_WEIGHT_DECAY},
+        {"params": [token_embedding.rows], "lr": train_cfg.embedding_learning_rate,
+         "weight_decay": EMBEDDING_WEIGHT_DECAY},
+    ])
+    lr_scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(c.unet, c.text_encoder, optimizer, lr_scheduler)
+    # Several processes: the LoRA weights (denoiser) and the placeholder rows (text encoder) average their gradients
+    distributed.check_all_reduced(accelerator, [unet, text_encoder], lora_params + [token_embedding.rows])
+    return weight_dtype, unet, text_encoder, optimizer, lr_scheduler
 
 
 def offload_vae(state: TrainState) -> None:
