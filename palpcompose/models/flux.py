@@ -121,8 +121,8 @@ FAMILY = Family(
     encoders=ENCODERS,
     flow=FLOW,
     defaults={
-        "train.learning_rate": (1e-4, ("Flux.1's LoRA learning rate in diffusers' train_dreambooth_lora_flux.py "
-                                "README example, kohya sd-scripts' and ai-toolkit's Flux LoRA configs")),
+        "train.learning_rate": (1e-4, ("the AdamW learning rate of ai-toolkit's Flux.1-dev LoRA example "
+                                "(config/examples/train_lora_flux_24gb.yaml)")),
         "train.mixed_precision": ("bf16", "Flux.1 is trained and run in bf16 (fp16 overflows in its activations)"),
         "render.steps": (28, "FluxPipeline's default num_inference_steps"),
         "render.guidance_scale": (3.5, "FluxPipeline's default guidance_scale (the guidance embedding's value)"),
