@@ -117,6 +117,15 @@ def cmd_diagnose(args) -> None:
     diagnose.main(args)
 
 
+def cmd_probe(args) -> None:
+    import torch
+
+    from tools.toyworld.probe import run_probe
+
+    torch.set_num_threads(args.threads)
+    run_probe(Path(args.out), n_subjects=args.subjects, steps=args.steps, batch=args.batch)
+
+
 def main(argv: list[str] | None = None) -> None:
     from palpcompose.models import BUILTIN_MODELS
 
@@ -160,6 +169,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--old-bar", type=int, default=200)
     p.add_argument("--threads", type=int, default=2)
     p.set_defaults(func=cmd_diagnose)
+    p = sub.add_parser("probe", help="can the architecture draw one subject's pattern when trained on it alone")
+    p.add_argument("--out", required=True)
+    p.add_argument("--subjects", type=int, default=4)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--threads", type=int, default=2)
+    p.set_defaults(func=cmd_probe)
     args = parser.parse_args(argv)
     try:
         args.func(args)

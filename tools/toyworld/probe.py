@@ -1,0 +1,126 @@
+"""The capacity probe (docs/toyworld.md, "The capacity probe"): can the shipped architecture draw one subject's
+pattern when it is fine-tuned on that subject alone?
+
+    python -m tools.toyworld probe --out DIR [--subjects 4] [--steps 300] [--batch 16] [--threads 2]
+
+For each probe subject (seeds 3,000,000 + i, v2 world: white or black second colours), starting from builtin:toy:
+fine-tune the whole UNet (text encoder and VAE frozen) on fresh photo/day world renders of the subject, prompt = the
+subject described in words, v-prediction loss on the shipped noise schedule; then render the prompt and read the
+renders with the shipped oracle. The bound is the oracle on the VAE's reconstructions of the subject's renders.
+Writes DIR/probe.json (per subject and the mean per head: before, after, bound) and DIR/probe.png.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from palpcompose.fsutil import atomic_save_image, atomic_write_text
+from palpcompose.models import resolve_base_model
+from palpcompose.toyworld import ceiling, world
+from palpcompose.toyworld import oracle as oracle_mod
+
+HEADS = oracle_mod.IDENTITY_HEADS
+FIRST_SEED = 3_000_000
+COLOR2 = ("white", "black")
+
+
+def described_prompt(subject: world.Subject) -> str:
+    return world.compose_prompt("photo", subject.describe()["description"], "day")
+
+
+def load_toy_pipeline():
+    from diffusers import StableDiffusionPipeline
+
+    source = resolve_base_model("builtin:toy")
+    return StableDiffusionPipeline.from_pretrained(str(source.location), torch_dtype=torch.float32,
+                                                   safety_checker=None)
+
+
+def _head_means(p: torch.Tensor) -> dict:
+    return {h: round(float(p[:, j].mean()), 4) for j, h in enumerate(HEADS)}
+
+
+@torch.no_grad()
+def read_renders(pipe, oracle, subject, n: int) -> tuple[dict, torch.Tensor]:
+    images = ceiling.render_prompts(pipe, [described_prompt(subject)] * n, seed=0, steps=20, guidance_scale=5.0)
+    return _head_means(ceiling.identity_probs(oracle, images, subject)[0]), images
+
+
+@torch.no_grad()
+def read_reconstructions(pipe, oracle, subject, n: int) -> dict:
+    g = torch.Generator().manual_seed(subject.seed)
+    images = world.render(world.subject_scenes(subject, n, g), g)
+    rec = ((pipe.vae.decode(pipe.vae.encode(images * 2 - 1).latent_dist.mean).sample + 1) / 2).clamp(0, 1)
+    return _head_means(ceiling.identity_probs(oracle, rec, subject)[0])
+
+
+def fine_tune(pipe, subject, steps: int, batch: int, lr: float, log) -> None:
+    """The whole UNet on the subject's photo/day renders, text encoder and VAE frozen (v-prediction loss)."""
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    unet, vae = pipe.unet, pipe.vae
+    unet.train()
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
+    ids = pipe.tokenizer([described_prompt(subject)], padding="max_length", truncation=True,
+                         max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
+    with torch.no_grad():
+        cond = pipe.text_encoder(ids)[0].expand(batch, -1, -1)
+    g = torch.Generator().manual_seed(subject.seed + 1)
+    start = time.time()
+    for step in range(steps):
+        with torch.no_grad():
+            images = world.render(world.subject_scenes(subject, batch, g), g)
+            latents = vae.encode(images * 2 - 1).latent_dist.sample(generator=g) * vae.config.scaling_factor
+        noise = torch.randn(latents.shape, generator=g)
+        t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=g)
+        noisy = sched.add_noise(latents, noise, t)
+        target = sched.get_velocity(latents, noise, t)
+        loss = F.mse_loss(unet(noisy, t, cond).sample, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0 or step == steps - 1:
+            log({"seed": subject.seed, "step": step, "loss": round(float(loss), 4),
+                 "seconds": round(time.time() - start, 1)})
+    unet.eval()
+
+
+def run_probe(out: Path, n_subjects: int = 4, steps: int = 300, batch: int = 16, lr: float = 1e-4,
+              n_images: int = 16) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    oracle = oracle_mod.load_oracle()
+    rows, strips = [], []
+
+    def log(record):
+        print(json.dumps(record), flush=True)
+
+    for i in range(n_subjects):
+        subject = world.subject_from_seed(FIRST_SEED + i, COLOR2)
+        torch.manual_seed(subject.seed)
+        pipe = load_toy_pipeline()
+        before, before_images = read_renders(pipe, oracle, subject, n_images)
+        bound = read_reconstructions(pipe, oracle, subject, n_images)
+        fine_tune(pipe, subject, steps, batch, lr, log)
+        after, after_images = read_renders(pipe, oracle, subject, n_images)
+        row = {"seed": subject.seed, "prompt": described_prompt(subject), "before": before, "after": after,
+               "vae_bound": bound}
+        log(row)
+        rows.append(row)
+        g = torch.Generator().manual_seed(subject.seed)
+        refs = world.render(world.subject_scenes(subject, 4, g), g)
+        strips.append(torch.cat([refs, before_images[:4], after_images[:4]]))
+    summary = {part: {h: round(sum(r[part][h] for r in rows) / len(rows), 4) for h in HEADS}
+               for part in ("before", "after", "vae_bound")}
+    report = {"design": "docs/toyworld.md, 'The capacity probe'", "steps": steps, "batch": batch, "lr": lr,
+              "subjects": rows, "mean": summary}
+    atomic_write_text(out / "probe.json", json.dumps(report, indent=2) + "\n")
+    grid = torch.cat([torch.cat(list(s), dim=2) for s in strips], dim=1)  # rows: subjects; refs | v1 | fine-tuned
+    atomic_save_image(out / "probe.png", world.to_pil(grid))
+    log({"mean": summary})
+    return report
