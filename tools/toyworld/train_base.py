@@ -587,10 +587,14 @@ def _raise_interrupt(*_):
     raise KeyboardInterrupt
 
 
-def export_pipeline(ckpt: Path, dest: Path, oracle_path: Path) -> None:
-    """Write the shipped `builtin:toy` diffusers folder (fp16, EMA weights) and the oracle (fp16) from a checkpoint."""
+def export_pipeline(ckpt: Path, dest: Path, oracle_path: Path, readout: dict | None = None) -> None:
+    """Write the shipped `builtin:toy` diffusers folder (fp16, EMA weights) and the oracle (fp16) from a checkpoint;
+    `readout` (readout.load_for_export): its fine-tuned VAE decoder and oracle replace the checkpoint's."""
     cfg = config_from_state(json.loads((ckpt / "state.json").read_text()).get("config", {}))
     trainer = Trainer(ckpt, "cpu", cfg, ckpt)
+    if readout is not None:
+        trainer.vae.load_state_dict(readout["vae"])
+        trainer.oracle.load_state_dict(readout["oracle"])
     pipe = trainer.pipeline()
     pipe.to(torch.float16)
     dest.mkdir(parents=True, exist_ok=True)
@@ -602,4 +606,6 @@ def export_pipeline(ckpt: Path, dest: Path, oracle_path: Path) -> None:
                                                  "oracle_accuracy", "final_eval", "config", "init_from",
                                                  "git_commit", "gates")}
     summary["world"] = {"color2_choices": list(cfg.color2_choices) if cfg.color2_choices else None}
+    if readout is not None:
+        summary["readout"] = readout["summary"]
     atomic_write_text(dest / "training.json", json.dumps(summary, indent=2) + "\n")
