@@ -66,8 +66,8 @@ class ReadoutConfig:
     log_every_s: float = 60.0
 
 
-SMOKE = dict(decoder_steps=3, decoder_batch=4, oracle_steps=3, oracle_batch=8, warmup_steps=2, eval_images=16,
-             eval_subjects=1, eval_per_cell=1, ckpt_every_s=0.0, log_every_s=0.0)
+SMOKE = {"decoder_steps": 3, "decoder_batch": 4, "oracle_steps": 3, "oracle_batch": 8, "warmup_steps": 2,
+         "eval_images": 16, "eval_subjects": 1, "eval_per_cell": 1, "ckpt_every_s": 0.0, "log_every_s": 0.0}
 
 
 class GuardFailed(PalpcomposeError):
@@ -407,7 +407,8 @@ def load_for_export(readout_dir: Path, ckpt: Path) -> dict:
                         f"`python -m tools.toyworld readout --ckpt {state['source']['ckpt']} --out {readout_dir} "
                         "--resume`")
     if not state["guard"]["passed"]:
-        heads = ", ".join(f"{d['head']} ({d['world']}: {d['before']} -> {d['after']})" for d in state["guard"]["dropped"])
+        heads = ", ".join(f"{d['head']} ({d['world']}: {d['before']} -> {d['after']})"
+                          for d in state["guard"]["dropped"])
         raise UserError(f"--readout {readout_dir}: its oracle reads clean renders worse than before ({heads}); "
                         "this read-out must not be used")
     vae_sd = load_sharded(readout_dir, "vae")
