@@ -81,6 +81,14 @@ def cmd_readout(args) -> None:
 
         torch.set_num_threads(args.threads)
     cfg = replace(ReadoutConfig(), **SMOKE) if args.smoke else ReadoutConfig()
+    sizes = {k: v for k, v in (("decoder_steps", args.decoder_steps), ("oracle_steps", args.oracle_steps),
+                               ("eval_images", args.eval_images)) if v is not None}
+    if any(v < 1 for v in sizes.values()):
+        raise UserError("--decoder-steps, --oracle-steps and --eval-images must be at least 1")
+    if sizes and args.resume:
+        raise UserError("--decoder-steps/--oracle-steps/--eval-images set a new read-out; a resumed one goes on with "
+                        "the sizes it recorded (drop them, or start another --out)")
+    cfg = replace(cfg, **sizes)
     result = run_readout(Path(args.ckpt), Path(args.out), args.minutes, args.resume, cfg,
                          stop_after_steps=args.stop_after_steps)
     print(json.dumps(result, indent=2))
@@ -177,6 +185,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--stop-after-steps", type=int, default=None, help="stop after this many training steps "
                    "(a speed measurement; resume goes on)")
     p.add_argument("--smoke", action="store_true", help="tiny batches, 3+3 steps: checks the tool end to end")
+    p.add_argument("--decoder-steps", type=int, default=None, help="phase 1 steps (default 1,000)")
+    p.add_argument("--oracle-steps", type=int, default=None, help="phase 2 steps (default 1,000)")
+    p.add_argument("--eval-images", type=int, default=None, help="held-out clean renders per world (default 2,000)")
     p.set_defaults(func=cmd_readout)
     p = sub.add_parser("eval-base", help="oracle recognition rates of a base model on fixed prompts")
     p.add_argument("--model", default="builtin:toy")
