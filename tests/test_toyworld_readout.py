@@ -161,6 +161,12 @@ def test_bad_folders_are_refused_before_anything_is_written(ckpt, finished, tmp_
     with pytest.raises(SystemExit) as exc:  # already holds a read-out and no --resume
         tools_main(["readout", "--ckpt", str(ckpt), "--out", str(finished[0])])
     assert exc.value.code == 2 and "--resume" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        tools_main(["readout", "--ckpt", str(ckpt), "--out", str(tmp_path / "a"), "--decoder-steps", "0"])
+    assert exc.value.code == 2 and "at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # a resumed read-out keeps its recorded sizes
+        tools_main(["readout", "--ckpt", str(ckpt), "--out", str(finished[0]), "--resume", "--oracle-steps", "9"])
+    assert exc.value.code == 2 and "recorded" in capsys.readouterr().err
     v1 = tmp_path / "v1ck"
     shutil.copytree(ckpt, v1)
     (v1 / "state.json").write_text(json.dumps({"config": {}, "scaling_factor": 1.0}))
