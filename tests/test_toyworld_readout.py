@@ -205,3 +205,25 @@ def test_export_takes_the_readouts_decoder_and_oracle_and_the_ceiling_reads_with
     with pytest.raises(SystemExit) as exc:
         toyworld_main(["ceiling", "--model", str(dest), "--oracle", str(tmp_path / "none.safetensors")])
     assert exc.value.code == 2 and "--oracle" in capsys.readouterr().err
+
+
+def test_oracle_accuracy_measures_the_oracle_it_is_given(tmp_path, capsys):
+    from palpcompose.fsutil import atomic_save_safetensors
+    from palpcompose.toyworld.__main__ import main as toyworld_main
+    from palpcompose.toyworld.oracle import load_oracle
+
+    worse = {k: v.half() if v.is_floating_point() else v for k, v in load_oracle().state_dict().items()}
+    worse["heads.color.weight"].zero_()
+    worse["heads.color.bias"].zero_()
+    atomic_save_safetensors(tmp_path / "worse.safetensors", worse)
+    reports = []
+    for extra in ([], ["--oracle", str(tmp_path / "worse.safetensors")]):
+        toyworld_main(["oracle-accuracy", "--images", "60", *extra])
+        reports.append(json.loads(capsys.readouterr().out)["accuracy"])
+    shipped, zeroed = reports
+    assert shipped["color"]["all_styles"] > 0.8 and zeroed["color"]["all_styles"] < 0.5  # every image read "red"
+    assert zeroed["cls"] == shipped["cls"] and set(shipped["cls"]) == {"all_styles", "photo", "sketch", "pop art",
+                                                                       "watercolor", "pixel art"}
+    with pytest.raises(SystemExit) as exc:
+        toyworld_main(["oracle-accuracy", "--images", "4", "--oracle", str(tmp_path / "none.safetensors")])
+    assert exc.value.code == 2
