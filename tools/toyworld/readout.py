@@ -254,6 +254,8 @@ class Readout:
             self.state["optim_phase"] = self.state["phase"]
         atomic_write_json(self.out / "state.json", self.state)
         self.stop.in_step = was
+        if self.stop.requested and not was:  # signalled while saving outside a step: stop now
+            raise KeyboardInterrupt
 
     def log(self, record: dict) -> None:
         record = {"time": round(time.time(), 1), **record}
@@ -289,7 +291,7 @@ class Readout:
             p.requires_grad_(True)
         if self.optim_state is not None and self.state.get("optim_phase") == phase:
             restore_optim(opt, self.optim_state)
-        self.optimizer = opt
+        self.optimizer = (phase, opt)
         key = f"{phase}_step"
         last_ckpt = last_log = time.time()
         losses, t_start, step_start = [], time.time(), self.state[key]
@@ -326,12 +328,14 @@ class Readout:
             p.requires_grad_(False)
         self.oracle.eval()
         self.save(opt)
+        self.optimizer = None
         return self.state[key] >= total
 
     def run(self, minutes: float, stop_after: int | None) -> dict:
         start = time.time()
         deadline = start + minutes * 60
         self.steps_run = 0
+        self.optimizer = None
         flow = [("before", None), ("decoder", "after_decoder"), ("oracle", "after")]
         try:
             for phase, then in flow:
@@ -355,7 +359,9 @@ class Readout:
                         self.state["b_target"] = {"before": b_summary(m["before"]), "after": b_summary(m["after"])}
                     self.save()
         except KeyboardInterrupt:
-            self.save(getattr(self, "optimizer", None) if self.state["phase"] in ("decoder", "oracle") else None)
+            self.stop.in_step, self.stop.requested = True, False  # a second signal waits for this checkpoint
+            phase, opt = self.optimizer or (None, None)
+            self.save(opt if phase == self.state["phase"] else None)  # AdamW's moments of the phase in progress
             raise Interrupted(f"read-out interrupted; checkpoint saved, continue with --resume (--out {self.out})") \
                 from None
         finally:
