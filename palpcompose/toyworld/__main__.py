@@ -2,8 +2,8 @@
 
   vocab                                   the exact phrases prompts use (JSON)
   subject --seed S --count N --out DIR    N photo-like reference PNGs of personal subject S, and its description (JSON)
-  ceiling [--model M] [--subjects N] [--seeds S..] [--json FILE]   the base-model gate (described vs class word)
-  oracle-accuracy [--images N]            held-out accuracy of the shipped oracle per head and style
+  ceiling [--model M] [--subjects N] [--seeds S..] [--json FILE] [--oracle FILE]   the base-model gate
+  oracle-accuracy [--images N] [--oracle FILE]   held-out accuracy of the shipped oracle per head and style
 
 Making the base model (train-base, export-base, eval-base, speed, diagnose) is tooling, not product:
 `python -m tools.toyworld` (docs/toyworld.md).
@@ -64,6 +64,7 @@ def cmd_ceiling(args) -> None:
         raise UserError("--steps must be at least 1 and --guidance-scale at least 1")
     if args.json and Path(args.json).is_dir():
         raise UserError(f"--json {args.json} is a folder; give a file path")
+    _check_oracle_file(args.oracle)
     torch.set_num_threads(args.threads)
     source = resolve_base_model(args.model)
     pipe = load_pipeline(source, torch_dtype=torch.float32)
@@ -71,31 +72,35 @@ def cmd_ceiling(args) -> None:
     if source.kind not in ("builtin", "folder"):
         raise UserError(f"--model {args.model}: the ceiling needs a diffusers folder or builtin:toy")
     choices = ceiling.model_world(source.location)["color2_choices"]
-    report = ceiling.run_ceiling(pipe, load_oracle(), args.subjects, tuple(args.seeds), args.steps,
+    oracle_path = Path(args.oracle) if args.oracle else ceiling.model_oracle_path(source.location)
+    report = ceiling.run_ceiling(pipe, load_oracle(oracle_path), args.subjects, tuple(args.seeds), args.steps,
                                  args.guidance_scale, old_bar_prompts=args.old_bar_prompts, color2_choices=choices)
     report["model"] = args.model
+    report["oracle"] = str(oracle_path)
+    print(f"oracle: {oracle_path}")
     print(ceiling.format_table(report))
     if args.json:
         atomic_write_text(Path(args.json), json.dumps(report, indent=1) + "\n")
 
 
+def _check_oracle_file(path: str | None) -> None:
+    if path and not Path(path).is_file():
+        raise UserError(f"--oracle {path}: no such file; pass an oracle .safetensors file (export-base writes one "
+                        "into a candidate model folder as oracle.safetensors)")
+
+
 def cmd_oracle_accuracy(args) -> None:
-    """Held-out accuracy of the shipped oracle per head, overall and per style, on freshly rendered scenes."""
+    """Held-out accuracy of the shipped oracle (or --oracle FILE) per head, overall and per style, on freshly rendered
+    scenes."""
     import torch
 
     from palpcompose.toyworld import world
-    from palpcompose.toyworld.oracle import load_oracle, oracle_targets, predict
+    from palpcompose.toyworld.oracle import ORACLE_PATH, accuracy_by_style, load_oracle
 
+    _check_oracle_file(args.oracle)
     g = torch.Generator().manual_seed(args.seed)
     s = world.sample_scenes(args.images, g, styles=world.ALL_STYLES, exclude_held_out_subjects=False)
-    probs = predict(load_oracle(), world.render(s, g))
-    report = {}
-    for head, target in oracle_targets(s).items():
-        ok, keep = probs[head].argmax(-1) == target, target >= 0
-        report[head] = {"all_styles": round(float(ok[keep].float().mean()), 4)}
-        for i, style in enumerate(world.ALL_STYLES):
-            sel = keep & (s.style == i)
-            report[head][style] = round(float(ok[sel].float().mean()), 4)
+    report = accuracy_by_style(load_oracle(args.oracle or ORACLE_PATH), world.render(s, g), s)
     print(json.dumps({"images": args.images, "seed": args.seed, "accuracy": report}, indent=2))
 
 
@@ -118,10 +123,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--old-bar-prompts", type=int, default=200, help="prompts for the old bar at guidance 5 (0: skip)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None, help="also write the full report (every render's record) here")
+    p.add_argument("--oracle", default=None,
+                   help="oracle weights (default: the model folder's oracle.safetensors if any, else the shipped one)")
     p.set_defaults(func=cmd_ceiling)
     p = sub.add_parser("oracle-accuracy", help="held-out accuracy of the shipped oracle, per head and style")
     p.add_argument("--images", type=int, default=2000)
     p.add_argument("--seed", type=int, default=4242)
+    p.add_argument("--oracle", default=None, help="oracle weights to measure (default: the shipped oracle)")
     p.set_defaults(func=cmd_oracle_accuracy)
     args = parser.parse_args(argv)
     try:

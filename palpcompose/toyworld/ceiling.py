@@ -44,6 +44,17 @@ def model_world(folder: str | Path) -> dict:
     return {"color2_choices": tuple(choices) if choices else None}
 
 
+# A candidate base model may carry the oracle that reads its decoder (tools/toyworld readout + export-base):
+# FOLDER/oracle.safetensors. Without one, the shipped oracle reads it.
+MODEL_ORACLE_FILE = "oracle.safetensors"
+
+
+def model_oracle_path(folder: str | Path) -> Path:
+    """The oracle that scores a model folder: its own `oracle.safetensors` when it has one, else the shipped one."""
+    own = Path(folder) / MODEL_ORACLE_FILE
+    return own if own.is_file() else oracle_mod.ORACLE_PATH
+
+
 def ceiling_subjects(n: int, color2_choices=None) -> list[world.Subject]:
     return [world.subject_from_seed(s, color2_choices) for s in CEILING_SUBJECT_SEEDS[:n]]
 

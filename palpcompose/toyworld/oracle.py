@@ -197,3 +197,22 @@ def accuracy(oracle: Oracle, images: torch.Tensor, s: world.Scenes) -> dict[str,
         keep = target >= 0
         out[k] = float((probs[k].argmax(-1)[keep] == target[keep]).float().mean())
     return out
+
+
+def accuracy_by_style(oracle: Oracle, images: torch.Tensor, s: world.Scenes, batch: int = 256) -> dict:
+    """Held-out accuracy per head, over every style in the batch ("all_styles") and per style (second colour only on
+    patterned objects); the report of `python -m palpcompose.toyworld oracle-accuracy`. Scored `batch` images at a
+    time."""
+    read = {k: torch.cat([predict(oracle, images[i:i + batch])[k].argmax(-1) for i in range(0, len(images), batch)])
+            for k in HEADS}
+    style = s.style.cpu()
+    report = {}
+    for head, target in oracle_targets(s).items():
+        target = target.cpu()
+        ok, keep = read[head] == target, target >= 0
+        report[head] = {"all_styles": round(float(ok[keep].float().mean()), 4)}
+        for i, name in enumerate(world.ALL_STYLES):
+            sel = keep & (style == i)
+            if sel.any():
+                report[head][name] = round(float(ok[sel].float().mean()), 4)
+    return report

@@ -1,7 +1,8 @@
 """`python -m tools.toyworld COMMAND`: the tooling that makes `builtin:toy` (not part of the product).
 
   train-base --out DIR --device D --minutes M [--resume CKPT] [--recipe v1|v2]   train the base model
-  export-base --ckpt DIR [--dest FOLDER]  write the shipped diffusers folder and oracle from a checkpoint
+  export-base --ckpt DIR [--dest FOLDER] [--oracle FILE] [--readout DIR2]   write the diffusers folder and oracle
+  readout --ckpt DIR --out DIR2 [--minutes M] [--threads N] [--resume]   fine-tune the VAE decoder, then the oracle
   eval-base [--model FOLDER] [--prompts N] [--steps K] [--guidance-scale G]   the old bar: oracle on N prompts
   speed [--threads T]                     CPU timing of the shipped UNet (batch-1 forward, PALP-like step)
   diagnose --out DIR [--model M] [--subjects N] [--color2 any|white,black]   why a model misses the ceiling
@@ -54,13 +55,46 @@ def cmd_train_base(args) -> None:
 
 
 def cmd_export_base(args) -> None:
+    from palpcompose.toyworld.ceiling import MODEL_ORACLE_FILE
     from palpcompose.toyworld.oracle import ORACLE_PATH
     from tools.toyworld.train_base import export_pipeline
 
     ckpt = Path(args.ckpt)
     if not (ckpt / "state.json").is_file():
         raise UserError(f"--ckpt {ckpt}: no state.json there; pass the folder train-base wrote")
-    export_pipeline(ckpt, Path(args.dest), Path(args.oracle) if args.oracle else ORACLE_PATH)
+    readout = None
+    if args.readout:  # a candidate: the read-out's decoder, and its oracle beside the model unless --oracle
+        from tools.toyworld.readout import load_for_export
+
+        readout = load_for_export(Path(args.readout), ckpt)
+    default_oracle = Path(args.dest) / MODEL_ORACLE_FILE if readout is not None else ORACLE_PATH
+    export_pipeline(ckpt, Path(args.dest), Path(args.oracle) if args.oracle else default_oracle, readout)
+
+
+def cmd_readout(args) -> None:
+    from dataclasses import replace
+
+    from tools.toyworld.readout import SMOKE, GuardFailed, ReadoutConfig, run_readout
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    cfg = replace(ReadoutConfig(), **SMOKE) if args.smoke else ReadoutConfig()
+    sizes = {k: v for k, v in (("decoder_steps", args.decoder_steps), ("oracle_steps", args.oracle_steps),
+                               ("eval_images", args.eval_images)) if v is not None}
+    if any(v < 1 for v in sizes.values()):
+        raise UserError("--decoder-steps, --oracle-steps and --eval-images must be at least 1")
+    if sizes and args.resume:
+        raise UserError("--decoder-steps/--oracle-steps/--eval-images set a new read-out; a resumed one goes on with "
+                        "the sizes it recorded (drop them, or start another --out)")
+    cfg = replace(cfg, **sizes)
+    result = run_readout(Path(args.ckpt), Path(args.out), args.minutes, args.resume, cfg,
+                         stop_after_steps=args.stop_after_steps)
+    print(json.dumps(result, indent=2))
+    if result["done"] and not result["guard"]["passed"]:
+        raise GuardFailed(f"the fine-tuned oracle reads clean renders worse than before: {result['guard']['dropped']}; "
+                          "this read-out must not be used (export-base --readout refuses it)")
 
 
 def cmd_eval_base(args) -> None:
@@ -147,8 +181,23 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("export-base", help="write the shipped diffusers folder from a checkpoint")
     p.add_argument("--ckpt", required=True)
     p.add_argument("--dest", default=str(BUILTIN_MODELS["builtin:toy"]))
-    p.add_argument("--oracle", default=None, help="where to write the oracle weights (default: the package's)")
+    p.add_argument("--oracle", default=None, help="where to write the oracle weights (default: the package's; "
+                   "with --readout: DEST/oracle.safetensors)")
+    p.add_argument("--readout", default=None, help="a finished read-out folder: its VAE decoder and oracle")
     p.set_defaults(func=cmd_export_base)
+    p = sub.add_parser("readout", help="fine-tune the VAE decoder, then the oracle, on a checkpoint's world")
+    p.add_argument("--ckpt", required=True, help="the train-base checkpoint (read only)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--minutes", type=float, default=600.0, help="stop (with a checkpoint) after this long")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--resume", action="store_true", help="go on with the read-out in --out")
+    p.add_argument("--stop-after-steps", type=int, default=None, help="stop after this many training steps "
+                   "(a speed measurement; resume goes on)")
+    p.add_argument("--smoke", action="store_true", help="tiny batches, 3+3 steps: checks the tool end to end")
+    p.add_argument("--decoder-steps", type=int, default=None, help="phase 1 steps (default 1,000)")
+    p.add_argument("--oracle-steps", type=int, default=None, help="phase 2 steps (default 1,000)")
+    p.add_argument("--eval-images", type=int, default=None, help="held-out clean renders per world (default 2,000)")
+    p.set_defaults(func=cmd_readout)
     p = sub.add_parser("eval-base", help="oracle recognition rates of a base model on fixed prompts")
     p.add_argument("--model", default="builtin:toy")
     p.add_argument("--prompts", type=int, default=200)

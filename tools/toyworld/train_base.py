@@ -119,16 +119,23 @@ def config_from_state(saved: dict) -> TrainConfig:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def build_models(tokenizer, text_tokens: int = 77):
-    """Fresh VAE, text encoder and UNet of `builtin:toy` (seeded by the caller)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+def build_vae():
+    """Fresh VAE of `builtin:toy` (64x64x3 <-> 16x16x4; seeded by the caller)."""
+    from diffusers import AutoencoderKL
 
-    vae = AutoencoderKL(
+    return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, sample_size=world.SIZE,
         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
         block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16,
     )
+
+
+def build_models(tokenizer, text_tokens: int = 77):
+    """Fresh VAE, text encoder and UNet of `builtin:toy` (seeded by the caller)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    vae = build_vae()
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512, num_attention_heads=4,
         num_hidden_layers=3, max_position_embeddings=text_tokens, bos_token_id=tokenizer.bos_token_id,
@@ -580,10 +587,14 @@ def _raise_interrupt(*_):
     raise KeyboardInterrupt
 
 
-def export_pipeline(ckpt: Path, dest: Path, oracle_path: Path) -> None:
-    """Write the shipped `builtin:toy` diffusers folder (fp16, EMA weights) and the oracle (fp16) from a checkpoint."""
+def export_pipeline(ckpt: Path, dest: Path, oracle_path: Path, readout: dict | None = None) -> None:
+    """Write the shipped `builtin:toy` diffusers folder (fp16, EMA weights) and the oracle (fp16) from a checkpoint;
+    `readout` (readout.load_for_export): its fine-tuned VAE decoder and oracle replace the checkpoint's."""
     cfg = config_from_state(json.loads((ckpt / "state.json").read_text()).get("config", {}))
     trainer = Trainer(ckpt, "cpu", cfg, ckpt)
+    if readout is not None:
+        trainer.vae.load_state_dict(readout["vae"])
+        trainer.oracle.load_state_dict(readout["oracle"])
     pipe = trainer.pipeline()
     pipe.to(torch.float16)
     dest.mkdir(parents=True, exist_ok=True)
@@ -595,4 +606,6 @@ def export_pipeline(ckpt: Path, dest: Path, oracle_path: Path) -> None:
                                                  "oracle_accuracy", "final_eval", "config", "init_from",
                                                  "git_commit", "gates")}
     summary["world"] = {"color2_choices": list(cfg.color2_choices) if cfg.color2_choices else None}
+    if readout is not None:
+        summary["readout"] = readout["summary"]
     atomic_write_text(dest / "training.json", json.dumps(summary, indent=2) + "\n")
