@@ -289,9 +289,14 @@ def comfyui():
         pytest.skip("set PALP_COMFYUI to a ComfyUI checkout to run ComfyUI's own key map on the exports")
     if not (Path(root) / "comfy" / "lora.py").is_file():
         pytest.fail(f"PALP_COMFYUI={root}: no comfy/lora.py there; give the folder of a ComfyUI checkout")
+    import importlib.util
+
     before = set(sys.modules)
     sys.path.insert(0, root)
     try:
+        for name in ("einops",):  # imported at the top of comfy/utils.py, used only by code we do not call
+            if importlib.util.find_spec(name) is None:
+                sys.modules[name] = _Anything(name)
         import comfy
 
         args = types.SimpleNamespace(mmap_torch_files=False, disable_mmap=False)
@@ -304,10 +309,13 @@ def comfyui():
         for name, module in stubs.items():
             sys.modules[f"comfy.{name}"] = module
             setattr(comfy, name, module)
-        import comfy.lora
-        import comfy.lora_convert
-        import comfy.utils
-
+        try:
+            import comfy.lora
+            import comfy.lora_convert
+            import comfy.utils
+        except ImportError as exc:
+            pytest.fail(f"PALP_COMFYUI={root}: importing ComfyUI's comfy.lora failed ({exc}); install that module "
+                        "or add it to the stubs of this fixture")
         yield comfy
     finally:
         sys.path.remove(root)
