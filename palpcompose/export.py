@@ -17,6 +17,11 @@ key names kohya's sd-scripts write for SDXL, the original (SGM) UNet's block nam
 diffusers LoRA keeps diffusers' names (`load_lora_weights` of an SDXL pipeline reads them as for SD 1.x). No text
 encoder LoRA is trained, so no `lora_te1_`/`lora_te2_` keys are written.
 
+Flux.1 and SD 3 (flow families): the diffusers LoRA has peft's keys prefixed `transformer.`, as their pipelines'
+save_lora_weights write them; the webui file has the same keys plus `.alpha` (and DoRA's `.dora_scale`) per module,
+the names ComfyUI's own key map reads for these models (`flow_single_file`; docs/flux-sd3.md, "The single file in
+ComfyUI"), not kohya names.
+
 The trigger word of a subject is its token without the angle brackets (`<cat-wanderer-v1>` -> `cat-wanderer-v1`):
 AUTOMATIC1111 and ComfyUI name an embedding after its file, and `<` and `>` are not allowed in Windows file names.
 Key names come from diffusers' own converters (peft -> diffusers, peft -> kohya); only SDXL's diffusers -> SGM
