@@ -17,6 +17,11 @@ key names kohya's sd-scripts write for SDXL, the original (SGM) UNet's block nam
 diffusers LoRA keeps diffusers' names (`load_lora_weights` of an SDXL pipeline reads them as for SD 1.x). No text
 encoder LoRA is trained, so no `lora_te1_`/`lora_te2_` keys are written.
 
+Flux.1 and SD 3 (flow families): the diffusers LoRA has peft's keys prefixed `transformer.`, as their pipelines'
+save_lora_weights write them; the webui file has the same keys plus `.alpha` (and DoRA's `.dora_scale`) per module,
+the names ComfyUI's own key map reads for these models (`flow_single_file`; docs/flux-sd3.md, "The single file in
+ComfyUI"), not kohya names.
+
 The trigger word of a subject is its token without the angle brackets (`<cat-wanderer-v1>` -> `cat-wanderer-v1`):
 AUTOMATIC1111 and ComfyUI name an embedding after its file, and `<` and `>` are not allowed in Windows file names.
 Key names come from diffusers' own converters (peft -> diffusers, peft -> kohya); only SDXL's diffusers -> SGM
@@ -260,14 +265,25 @@ def dora_scales(magnitudes: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             for key, value in magnitudes.items()}
 
 
+def flow_single_file(weights: TrainedWeights) -> dict[str, torch.Tensor]:
+    """A flow family's single-file LoRA, in the keys ComfyUI's own LoRA key map reads for Flux.1 and SD 3
+    (docs/flux-sd3.md, "The single file in ComfyUI"): per module `transformer.<diffusers name>.lora_A.weight` and
+    `.lora_B.weight`, `.alpha` (the trained lora_alpha, so ComfyUI's scale alpha / rank is the trained one) and, for
+    DoRA, `.dora_scale` of shape (out_features, 1) in place of peft's `.lora_magnitude_vector`, which ComfyUI does
+    not read (the same layout as the SD files' `dora_scales`)."""
+    lora = _transformer_lora(weights)
+    for key in [k for k in lora if k.endswith(DORA_MAGNITUDE)]:
+        lora[f"{key.removesuffix(DORA_MAGNITUDE)}.dora_scale"] = lora.pop(key).reshape(-1, 1)
+    for module in {k.removesuffix(".lora_A.weight") for k in lora if k.endswith(".lora_A.weight")}:
+        lora[f"{module}.alpha"] = torch.tensor(float(weights.lora_alpha))
+    return lora
+
+
 def _webui_files(project, weights: TrainedWeights, out_path: Path, header, sdxl_layers_per_block: int | None):
     from diffusers.utils import convert_state_dict_to_kohya
 
-    if weights.encoder_keys:  # Flux.1, SD 3: ComfyUI maps `transformer.<diffusers name>` keys itself (with .alpha)
-        lora = _transformer_lora(weights)
-        for module in {k.rsplit(".lora_", 1)[0] for k in lora}:
-            lora[f"{module}.alpha"] = torch.tensor(float(weights.lora_alpha))
-        return _single_file_plan(project, weights, out_path, header, lora)
+    if weights.encoder_keys:  # Flux.1, SD 3: ComfyUI maps `transformer.<diffusers name>` keys itself
+        return _single_file_plan(project, weights, out_path, header, flow_single_file(weights))
     # peft keys -> kohya keys (`lora_unet_down_blocks_0_..._to_q.lora_down.weight`). The converter writes
     # alpha = rank (scale 1); the scale trained is lora_alpha / rank, so write the real alpha.
     magnitudes = {k: v for k, v in weights.lora.items() if k.endswith(DORA_MAGNITUDE)}  # DoRA's, done below
