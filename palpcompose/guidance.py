@@ -76,7 +76,8 @@ class Parameterisation:
 
     renoise: Callable[..., torch.Tensor]  # (x0_hat, level, eps) -> x0_hat_t, step 4 (no gradient)
     sds_target: Callable[..., torch.Tensor]  # (x0_hat, eps) -> what an exact model predicts at x0_hat_t (Eq. 4)
-    rescale: Callable[..., torch.Tensor]  # (g, level) -> g times Eq. 7's factor, step 6
+    rescale: Callable[..., torch.Tensor]  # (g, level) -> g times Eq. 7's factor, step 6 (it multiplies rather
+    # than returning the factor: g * sqrt(abar_t) / sqrt(1 - abar_t) rounds as trained weights always have)
 
 
 # The paper's: x_t = sqrt(abar_t) x + sqrt(1 - abar_t) eps, predictions as eps (SD 2's v predictions are converted
