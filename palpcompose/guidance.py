@@ -202,7 +202,7 @@ class PalpGuidance:
         if cfg_.mode == "none":  # the TI+DB baseline: no term and no extra passes
             return {}
         with torch.no_grad():
-            # Step 4: re-noise x0_hat at the same t (same eps by default, a fresh eps2 for the ablation)
+            # Step 4: re-noise x0_hat at the same t or s (same eps by default, a fresh eps2 for the ablation)
             renoise_eps = noise if cfg_.same_noise else fresh_noise
             if renoise_eps is None:
                 raise ValueError("independent-noise guidance needs fresh_noise")
