@@ -9,7 +9,8 @@ velocity `v = d x_t / d s = eps - x0` (diffusers' `FlowMatchEulerDiscreteSchedul
 Shapes: latents and predictions are (B, ...) (unpacked (B, C, H, W), or Flux's packed (B, tokens, features));
 `sigma` is (B, 1, ..., 1) with the latents' number of dimensions (`expand_sigma`), so it broadcasts per sample.
 The family decides what the transformer's `timestep` argument is (Flux: `sigma`, it multiplies by 1000 itself;
-SD 3: `sigma * 1000`); nothing here calls a model.
+SD 3: `sigma * 1000`); nothing here calls a model. The guidance term itself is guidance.PalpGuidance, given
+`VELOCITY`: this module's path, velocity target and rescale.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 
-from palpcompose.guidance import GuidanceConfig, cfg, check_finite
+from palpcompose.guidance import Parameterisation, cfg
 
 SIGMA_SAMPLINGS = ("logit_normal", "uniform")
 
@@ -163,85 +164,15 @@ def guided_velocity(predict: Predictor, latents: torch.Tensor, *, prompt: str, s
     return cfg(predict(latents, prompt="empty", guidance=None), cond, scale)
 
 
-def guidance_direction(
-    mode: str,
-    base_v: torch.Tensor,
-    lora_v: torch.Tensor | None = None,
-    renoise_velocity: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The velocity residual r that pulls the personalized prediction towards the target prompt.
+def eq7_rescale(g: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Flow step 6, Eq. 7 for flow: g / s, the inverse size of d x0_hat / d v_hat = -s (flow step 3).
 
-    palp (Eq. 6 in velocity): r = G_base^alpha(x0_hat_t, s, y_c) - G_lora^beta(x0_hat_t, s, y_P)
-    sds  (Eq. 4 in velocity): r = G_base^alpha(x0_hat_t, s, y_c) - (eps - x0_hat), the velocity of the re-noising
-    """
-    if mode == "palp":
-        if lora_v is None:
-            raise ValueError("palp guidance needs the personalized model's prediction")
-        return base_v - lora_v
-    if mode == "sds":
-        if renoise_velocity is None:
-            raise ValueError("sds guidance needs the re-noising velocity eps - x0_hat")
-        return base_v - renoise_velocity
-    raise ValueError(f"no guidance direction for mode {mode!r}")
-
-
-def alignment_loss(
-    x0_hat: torch.Tensor, r: torch.Tensor, sigma: torch.Tensor, rescale: bool = True, w: float = 1.0
-) -> torch.Tensor:
-    """Flow step 6, Eq. 7 for flow: a surrogate loss whose gradient w.r.t. x0_hat is g / numel, per element.
-
-    g = w r / s   (rescale on; g = w r with it off)
-    L_align = sum(g.detach() * x0_hat) / numel
-
-    Since d x0_hat / d v_hat = -s, with the rescale on the gradient w.r.t. v_hat is -w r / numel: exactly what SD's
+    With it, guidance.alignment_loss's gradient w.r.t. v_hat is -w r / numel: exactly what SD's
     sqrt(abar_t) / sqrt(1 - abar_t) achieves for eps_hat. It rides on the personalization branch's backward pass.
-    """
-    g = w * r
-    if rescale:
-        g = g / sigma
-    return (g.detach().float() * x0_hat.float()).sum() / x0_hat.numel()
+    Without it (the ablation, g = w r) the gradient on v_hat is -w s r / numel."""
+    return g / sigma
 
 
-# denoise(latents, adapter=..., prompt="clean"|"personal", scale=...) -> fp32 velocity with guidance applied
-# (build it from `guided_velocity`, so a distilled model makes one pass per call)
-Denoiser = Callable[..., torch.Tensor]
-
-
-class FlowPalpGuidance:
-    """The alignment term for flow models: guidance.PalpGuidance with velocities and noise levels. Has no parameters;
-    the caller passes a `denoise` callable that runs the transformer (adapter on or off, on the clean or the
-    personalization prompt, at guidance scale s: two passes for real CFG, one with the guidance embedding)."""
-
-    def __init__(self, config: GuidanceConfig):
-        self.config = config
-
-    def __call__(
-        self,
-        *,
-        x0_hat: torch.Tensor,
-        noise: torch.Tensor,
-        sigma: torch.Tensor,
-        denoise: Denoiser,
-        fresh_noise: torch.Tensor | None = None,
-    ) -> dict[str, torch.Tensor]:
-        cfg_ = self.config
-        if cfg_.mode == "none":  # the TI+DB baseline: no term and no extra transformer passes
-            return {}
-        with torch.no_grad():
-            # Flow step 4: re-noise x0_hat at the same s (same eps by default, a fresh eps2 for the ablation)
-            renoise_eps = noise if cfg_.same_noise else fresh_noise
-            if renoise_eps is None:
-                raise ValueError("independent-noise guidance needs fresh_noise")
-            x0_hat32 = x0_hat.detach().float()
-            x0_hat_t = renoise(x0_hat32, sigma, renoise_eps.float())
-            # Flow step 5: velocity residual; the frozen model runs with the adapter disabled
-            base_v = denoise(x0_hat_t, adapter=False, prompt="clean", scale=cfg_.alpha)
-            lora_v = None
-            if cfg_.mode == "palp":
-                lora_v = denoise(x0_hat_t, adapter=True, prompt="personal", scale=cfg_.beta)
-            r = guidance_direction(cfg_.mode, base_v.float(), lora_v,
-                                   velocity_target(x0_hat32, renoise_eps.float()))
-            check_finite("the guidance direction", r)
-        # Flow step 6: the surrogate; the gradient flows into x0_hat (and so into v_hat) only
-        loss_align = alignment_loss(x0_hat, r, sigma, rescale=cfg_.rescale)
-        return {"loss_align": loss_align, "guidance_norm": r.detach().pow(2).mean().sqrt()}
+# The rectified flow's: x_t = (1 - s) x0 + s eps, predictions as velocity v = eps - x0; the guidance of flow steps 4
+# to 6 is guidance.PalpGuidance with this (the SDS target is the velocity of the re-noising, eps - x0_hat)
+VELOCITY = Parameterisation(renoise=renoise, sds_target=velocity_target, rescale=eq7_rescale)

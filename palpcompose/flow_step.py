@@ -17,14 +17,14 @@ from palpcompose import models
 from palpcompose.conditioning import Conditioning
 from palpcompose.data import Batch
 from palpcompose.flow_guidance import (
-    FlowPalpGuidance,
+    VELOCITY,
     add_noise,
     expand_sigma,
     flow_loss,
     guided_velocity,
     predict_x0,
 )
-from palpcompose.guidance import GuidanceConfig, check_finite
+from palpcompose.guidance import GuidanceConfig, PalpGuidance, check_finite
 from palpcompose.models.flow import training_sigmas
 from palpcompose.step import TrainState, adapters, gradient_norms, place_and_optimize
 from palpcompose.tokens import add_trained_tokens
@@ -57,7 +57,7 @@ def prepare_flow_state(config, components: models.Components, accelerator, guida
             clean_cond = c.text_encoder(c.tokenize([config.palp.clean_prompt])).detach()
     return TrainState(
         accelerator=accelerator, components=c, unet=unet, text_encoder=text_encoder,
-        guidance=FlowPalpGuidance(guidance_config), optimizer=optimizer, lr_scheduler=lr_scheduler,
+        guidance=PalpGuidance(guidance_config, VELOCITY), optimizer=optimizer, lr_scheduler=lr_scheduler,
         lora_params=lora_params, token_embedding=token_embedding, token_ids=token_ids, null_cond=null_cond,
         clean_cond=clean_cond, weight_dtype=weight_dtype, max_grad_norm=train_cfg.max_grad_norm,
         lora_layers=models.lora_layers(c.unet), step_fn=flow_training_step,
@@ -70,7 +70,7 @@ def distilled(c: models.Components) -> bool:
 
 
 def make_flow_denoiser(state: TrainState, sigmas: torch.Tensor, personal: Conditioning):
-    """The `denoise` callable of flow_guidance.FlowPalpGuidance: fp32 velocity with guidance applied (the guidance
+    """The `denoise` callable of guidance.PalpGuidance: fp32 velocity with guidance applied (the guidance
     embedding set to the scale for a distilled model, one pass; classifier-free guidance otherwise)."""
     flow = models.family_of(state.components.family).flow
     prompts = {"personal": personal, "clean": state.clean_cond, "empty": state.null_cond}
@@ -109,9 +109,9 @@ def flow_training_step(state: TrainState, batch: Batch) -> dict[str, float]:
         terms = {"loss_pers": flow_loss(v_hat, latents, noise)}  # flow step 2
         loss = terms["loss_pers"]
         if config.mode != "none":
-            x0_hat = predict_x0(noisy_latents, v_hat, sigma)  # flow step 3, graph kept; 4-6 in FlowPalpGuidance
+            x0_hat = predict_x0(noisy_latents, v_hat, sigma)  # flow step 3, graph kept; 4-6 in PalpGuidance
             denoise = make_flow_denoiser(state, sigmas, personal.detach())
-            terms.update(state.guidance(x0_hat=x0_hat, noise=noise, sigma=sigma, denoise=denoise,
+            terms.update(state.guidance(x0_hat=x0_hat, noise=noise, level=sigma, denoise=denoise,
                                         fresh_noise=batch.fresh_noise.to(device)))
             loss = loss + config.weight * terms["loss_align"]  # flow step 7
         terms.update(gradient_norms(terms, config.weight, v_hat))

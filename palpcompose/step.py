@@ -18,6 +18,7 @@ from palpcompose import distributed, models
 from palpcompose.conditioning import Conditioning, size_conditioning
 from palpcompose.data import Batch
 from palpcompose.guidance import (
+    EPSILON,
     GuidanceConfig,
     PalpGuidance,
     add_noise,
@@ -96,7 +97,7 @@ def prepare_state(config, components: models.Components, accelerator, guidance_c
     time_ids = size_conditioning(train_cfg.resolution).to(device) if c.tokenizer_2 is not None else None
     return TrainState(
         accelerator=accelerator, components=c, unet=unet, text_encoder=text_encoder,
-        guidance=PalpGuidance(guidance_config), optimizer=optimizer, lr_scheduler=lr_scheduler,
+        guidance=PalpGuidance(guidance_config, EPSILON), optimizer=optimizer, lr_scheduler=lr_scheduler,
         lora_params=lora_params, token_embedding=token_embedding, token_ids=token_ids, null_cond=null_cond,
         clean_cond=clean_cond, weight_dtype=weight_dtype, max_grad_norm=train_cfg.max_grad_norm,
         lora_layers=models.lora_layers(c.unet), time_ids=time_ids,
@@ -265,7 +266,7 @@ def training_step(state: TrainState, batch: Batch) -> dict[str, float]:
             eps_hat = model_pred if c.prediction_type == "epsilon" else v_to_eps(model_pred, noisy_latents, abar_t)
             x0_hat = predict_x0(noisy_latents, eps_hat, abar_t)
             denoise = make_denoiser(state, timesteps, abar_t, personal.detach(), time_ids)
-            terms.update(state.guidance(x0_hat=x0_hat, noise=noise, abar_t=abar_t, denoise=denoise,
+            terms.update(state.guidance(x0_hat=x0_hat, noise=noise, level=abar_t, denoise=denoise,
                                         fresh_noise=batch.fresh_noise.to(device)))
             loss = loss + state.guidance.config.weight * terms["loss_align"]  # step 7
         terms.update(gradient_norms(terms, state.guidance.config.weight, model_pred))

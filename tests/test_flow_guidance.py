@@ -8,13 +8,11 @@ import pytest
 import torch
 
 from palpcompose.flow_guidance import (
-    FlowPalpGuidance,
+    VELOCITY,
     add_noise,
-    alignment_loss,
     expand_sigma,
     flow_loss,
     flux_mu,
-    guidance_direction,
     guided_velocity,
     logit_normal,
     packed_seq_len,
@@ -26,7 +24,14 @@ from palpcompose.flow_guidance import (
     velocity_target,
     velocity_to_eps,
 )
-from palpcompose.guidance import GuidanceConfig, NonFiniteError, cfg
+from palpcompose.guidance import (
+    GuidanceConfig,
+    NonFiniteError,
+    PalpGuidance,
+    alignment_loss,
+    cfg,
+    guidance_direction,
+)
 
 
 def _config(**overrides) -> GuidanceConfig:
@@ -113,7 +118,7 @@ def test_alignment_gradient_matches_eq7(rescale):
     (v_hat,) = _draw(1, 8)
     v_hat.requires_grad_(True)
     s = _sigma()
-    loss = alignment_loss(predict_x0(x_t, v_hat, s), r, s, rescale=rescale, w=0.5)
+    loss = alignment_loss(predict_x0(x_t, v_hat, s), r, s, VELOCITY, rescale=rescale, w=0.5)
     (grad,) = torch.autograd.grad(loss, v_hat)
     n = v_hat.numel()
     # hand-computed: g = w r (/ s), times d x0_hat / d v_hat = -s
@@ -129,17 +134,19 @@ def test_palp_velocity_residual_is_the_eps_residual_over_one_minus_sigma():
     """The same two predictions as eps: eps_base - eps_lora = (1 - s) r, so the direction is the SD one, reweighted."""
     x_t, v_base, v_lora = _draw(3, 9)
     s = _sigma()
-    r = guidance_direction("palp", v_base, lora_v=v_lora)
+    r = guidance_direction("palp", v_base, lora=v_lora)
     r_eps = velocity_to_eps(v_base, x_t, s) - velocity_to_eps(v_lora, x_t, s)
     assert torch.allclose(r_eps, (1 - s) * r, atol=1e-6)
 
 
-def test_directions():
+def test_directions_and_the_sds_target_is_the_renoising_velocity():
     base, lora, target = torch.full((1, 2), 3.0), torch.ones(1, 2), torch.full((1, 2), 2.0)
-    assert torch.equal(guidance_direction("palp", base, lora_v=lora), torch.full((1, 2), 2.0))
-    assert torch.equal(guidance_direction("sds", base, renoise_velocity=target), torch.ones(1, 2))
+    assert torch.equal(guidance_direction("palp", base, lora=lora), torch.full((1, 2), 2.0))
+    assert torch.equal(guidance_direction("sds", base, sds_target=target), torch.ones(1, 2))
     with pytest.raises(ValueError):
         guidance_direction("palp", base)
+    x0_hat, eps = _draw(2, 13)
+    assert torch.equal(VELOCITY.sds_target(x0_hat, eps), eps - x0_hat)  # flow step 5: the path's velocity
 
 
 # --- guided predictions: real CFG and guidance distillation ------------------------------------------------------
@@ -199,8 +206,8 @@ def _inputs():
 def test_palp_gradient_is_minus_the_direction():
     x_t, v_hat, noise, s = _inputs()
     den = CountingDenoiser()
-    terms = FlowPalpGuidance(_config(mode="palp", alpha=3.5, beta=1.0))(
-        x0_hat=predict_x0(x_t, v_hat, s), noise=noise, sigma=s, denoise=den
+    terms = PalpGuidance(_config(mode="palp", alpha=3.5, beta=1.0), VELOCITY)(
+        x0_hat=predict_x0(x_t, v_hat, s), noise=noise, level=s, denoise=den
     )
     assert den.calls == [(False, "clean", 3.5), (True, "personal", 1.0)]
     # r = 0.5 z - (0.5 z + 1) = -1 everywhere, so d loss / d v_hat = +1 / numel at every s
@@ -211,8 +218,8 @@ def test_palp_gradient_is_minus_the_direction():
 
 def test_palp_without_rescale_weights_the_gradient_by_sigma():
     x_t, v_hat, noise, s = _inputs()
-    terms = FlowPalpGuidance(_config(mode="palp", rescale=False))(
-        x0_hat=predict_x0(x_t, v_hat, s), noise=noise, sigma=s, denoise=CountingDenoiser()
+    terms = PalpGuidance(_config(mode="palp", rescale=False), VELOCITY)(
+        x0_hat=predict_x0(x_t, v_hat, s), noise=noise, level=s, denoise=CountingDenoiser()
     )
     terms["loss_align"].backward()
     assert torch.allclose(v_hat.grad, (s * torch.ones_like(v_hat)) / v_hat.numel(), atol=1e-7)
@@ -222,8 +229,8 @@ def test_sds_uses_the_renoising_velocity_and_one_pass():
     x_t, v_hat, noise, s = _inputs()
     den = CountingDenoiser()
     fresh = torch.randn_like(noise)
-    guid = FlowPalpGuidance(_config(mode="sds", same_noise=False))
-    terms = guid(x0_hat=predict_x0(x_t, v_hat, s), noise=noise, sigma=s, denoise=den, fresh_noise=fresh)
+    guid = PalpGuidance(_config(mode="sds", same_noise=False), VELOCITY)
+    terms = guid(x0_hat=predict_x0(x_t, v_hat, s), noise=noise, level=s, denoise=den, fresh_noise=fresh)
     assert den.calls == [(False, "clean", 7.5)]
     x0_hat = predict_x0(x_t, v_hat, s).detach()
     x0_hat_t = (1 - s) * x0_hat + s * fresh  # brute force: the path at s through x0_hat with the fresh noise
@@ -240,7 +247,7 @@ def test_same_noise_feeds_the_closed_form_latent_to_both_branches():
         seen.append(latents.clone())
         return torch.zeros_like(latents)
 
-    FlowPalpGuidance(_config())(x0_hat=predict_x0(x_t, v_hat, s), noise=noise, sigma=s, denoise=recording)
+    PalpGuidance(_config(), VELOCITY)(x0_hat=predict_x0(x_t, v_hat, s), noise=noise, level=s, denoise=recording)
     x0 = (x_t - s * noise) / (1 - s)  # the clean latent whose path passes through x_t with this noise
     expected = x_t - s * (1 - s) * (v_hat.detach() - velocity_target(x0, noise))
     assert len(seen) == 2 and all(torch.allclose(lat, expected, atol=1e-5) for lat in seen)
@@ -249,8 +256,8 @@ def test_same_noise_feeds_the_closed_form_latent_to_both_branches():
 def test_none_makes_no_passes():
     x_t, v_hat, noise, s = _inputs()
     den = CountingDenoiser()
-    assert FlowPalpGuidance(_config(mode="none"))(
-        x0_hat=predict_x0(x_t, v_hat, s), noise=noise, sigma=s, denoise=den
+    assert PalpGuidance(_config(mode="none"), VELOCITY)(
+        x0_hat=predict_x0(x_t, v_hat, s), noise=noise, level=s, denoise=den
     ) == {}
     assert den.calls == []
 
@@ -258,11 +265,52 @@ def test_none_makes_no_passes():
 def test_independent_noise_needs_a_fresh_draw_and_non_finite_raises():
     x_t, v_hat, noise, s = _inputs()
     with pytest.raises(ValueError, match="fresh_noise"):
-        FlowPalpGuidance(_config(same_noise=False))(x0_hat=predict_x0(x_t, v_hat, s), noise=noise, sigma=s,
-                                                           denoise=CountingDenoiser())
+        PalpGuidance(_config(same_noise=False), VELOCITY)(x0_hat=predict_x0(x_t, v_hat, s), noise=noise, level=s,
+                                                          denoise=CountingDenoiser())
     with pytest.raises(NonFiniteError, match="lower learning rate"):
-        FlowPalpGuidance(_config())(x0_hat=predict_x0(x_t, v_hat, s), noise=noise, sigma=s,
-                                           denoise=lambda lat, **_: torch.full_like(lat, float("nan")))
+        PalpGuidance(_config(), VELOCITY)(x0_hat=predict_x0(x_t, v_hat, s), noise=noise, level=s,
+                                          denoise=lambda lat, **_: torch.full_like(lat, float("nan")))
+
+
+class SampleDenoiser:
+    """A frozen branch and a personalized branch that disagree differently for every sample."""
+
+    def __call__(self, latents, *, adapter, prompt, scale):
+        weights = torch.arange(1, latents.shape[0] + 1, dtype=latents.dtype).view(-1, 1, 1, 1)
+        return latents.sin() * scale + (weights * latents.cos() if adapter else 0.0)
+
+
+@pytest.mark.parametrize("same_noise", [True, False])
+def test_cos_palp_sds_is_the_mean_per_sample_cosine_of_the_two_velocity_directions(same_noise):
+    """The SD diagnostic for flow runs: PALP's r against SDS's r = G_base^alpha - (eps - x0_hat), at the same
+    x0_hat_t; by hand, sample by sample, in float64. Only palp logs it, and it changes no gradient."""
+    x_t, v_hat, noise, s = _inputs()
+    (fresh,) = _draw(1, 14)
+    x0_hat = predict_x0(x_t, v_hat, s)
+    terms = PalpGuidance(_config(alpha=3.5, beta=1.0, same_noise=same_noise), VELOCITY)(
+        x0_hat=x0_hat, noise=noise, level=s, denoise=SampleDenoiser(), fresh_noise=fresh)
+    eps = (noise if same_noise else fresh).double()
+    x0 = x0_hat.detach().double()
+    x0_hat_t = (1 - s.double()) * x0 + s.double() * eps
+    cosines, r = [], []
+    for i in range(x0.shape[0]):
+        z = x0_hat_t[i].flatten().tolist()
+        base = [math.sin(v) * 3.5 for v in z]
+        lora = [math.sin(v) + (i + 1) * math.cos(v) for v in z]
+        velocity = [e - x for e, x in zip(eps[i].flatten().tolist(), x0[i].flatten().tolist(), strict=True)]
+        r_palp = [b - p for b, p in zip(base, lora, strict=True)]
+        r_sds = [b - v for b, v in zip(base, velocity, strict=True)]
+        dot = sum(a * b for a, b in zip(r_palp, r_sds, strict=True))
+        cosines.append(dot / (sum(a * a for a in r_palp) * sum(b * b for b in r_sds)) ** 0.5)
+        r.append(r_palp)
+    assert abs(cosines[0] - cosines[1]) > 0.01  # the samples differ: a mean over the batch is tested, not one value
+    assert terms["cos_palp_sds"].item() == pytest.approx(sum(cosines) / len(cosines), abs=1e-5)
+    terms["loss_align"].backward()  # Eq. 7 with PALP's direction alone: d L / d v_hat = -r / numel
+    r = torch.tensor(r, dtype=torch.float32).view_as(v_hat)
+    assert torch.allclose(v_hat.grad, -r / v_hat.numel(), atol=1e-6)
+    sds = PalpGuidance(_config(mode="sds"), VELOCITY)(x0_hat=x0_hat.detach(), noise=noise, level=s,
+                                                      denoise=SampleDenoiser())
+    assert "cos_palp_sds" not in sds
 
 
 # --- timestep sampling against diffusers -------------------------------------------------------------------------
@@ -346,8 +394,8 @@ def test_distilled_palp_makes_one_pass_per_branch_at_alpha_and_beta():
         predict = lambda lat, **kw: transformer(lat, adapter=adapter, **kw)
         return guided_velocity(predict, latents, prompt=prompt, scale=scale, distilled=True)
 
-    terms = FlowPalpGuidance(_config(alpha=3.5, beta=1.0))(
-        x0_hat=predict_x0(x_t, v_hat, s), noise=noise, sigma=s, denoise=denoise
+    terms = PalpGuidance(_config(alpha=3.5, beta=1.0), VELOCITY)(
+        x0_hat=predict_x0(x_t, v_hat, s), noise=noise, level=s, denoise=denoise
     )
     assert passes == [(False, "clean", 3.5), (True, "personal", 1.0)]
     # r = (0.5 z + 0.35) - (0.5 z + 1 + 0.1) = -0.75 everywhere; the gradient on v_hat is -r / numel

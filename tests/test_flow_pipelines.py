@@ -148,7 +148,7 @@ def test_one_palp_step_on_the_tiny_transformer(family, flux_dir, sd3_dir):
     from peft import LoraConfig
 
     from palpcompose.flow_guidance import (
-        FlowPalpGuidance,
+        VELOCITY,
         add_noise,
         expand_sigma,
         flow_loss,
@@ -157,6 +157,7 @@ def test_one_palp_step_on_the_tiny_transformer(family, flux_dir, sd3_dir):
         renoise,
         sample_sigmas,
     )
+    from palpcompose.guidance import PalpGuidance
 
     if family == "flux":
         pipe, velocity, distilled = _load(FluxPipeline, flux_dir), _flux_velocity, True
@@ -200,7 +201,7 @@ def test_one_palp_step_on_the_tiny_transformer(family, flux_dir, sd3_dir):
     v_hat = predict(x_t, adapter=True, prompt="personal", guidance=config.beta if distilled else None)  # step 2
     loss_pers = flow_loss(v_hat, x0, eps)
     x0_hat = predict_x0(x_t, v_hat, sigma)  # step 3
-    terms = FlowPalpGuidance(config)(x0_hat=x0_hat, noise=eps, sigma=sigma, denoise=denoise)  # steps 4 to 6
+    terms = PalpGuidance(config, VELOCITY)(x0_hat=x0_hat, noise=eps, level=sigma, denoise=denoise)  # 4 to 6
     grad_align = torch.autograd.grad(terms["loss_align"], lora, retain_graph=True)
 
     with torch.no_grad():  # r again, by hand

@@ -174,6 +174,7 @@ def test_palp_training_completes_and_records_the_family(family, flux_dir, sd3_di
     assert manifest["base_model"]["family"] == family and manifest["guidance"] == "palp"
     log = json.loads((root / "out" / "logs" / "train.jsonl").read_text().splitlines()[0])
     assert log["loss_align"] != 0 and log["grad_align"] > 0
+    assert -1 <= log["cos_palp_sds"] <= 1  # the SD diagnostic, for flow runs too (guidance.PalpGuidance)
     if family == "flux":  # distilled: one pass each, at beta (personalization), alpha (frozen), beta (LoRA)
         assert passes == [(1, 1.0), (1, 3.5), (1, 1.0)]
     else:  # real CFG: the personalization pass, the frozen model's two (alpha 7.5), the LoRA's one (beta 1)

@@ -23,7 +23,8 @@ def engine(make_project, mode: str, weight: float = 1.0):
     """The training step of a tiny project (the same images, seeds and batches whatever `mode`), its LoRA random."""
     root = make_project({"train": {"batch_size": BATCH}}, dirname=f"{mode}-{weight}")
     state, subjects = prepared_state(root, mode)
-    state.guidance = PalpGuidance(dataclasses.replace(state.guidance.config, weight=weight))
+    state.guidance = PalpGuidance(dataclasses.replace(state.guidance.config, weight=weight),
+                                  state.guidance.parameterisation)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in state.lora_params:  # B = 0 at init would make the adapter a no-op

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from palpcompose.guidance import (
+    EPSILON,
     GuidanceConfig,
     NonFiniteError,
     PalpGuidance,
@@ -67,7 +68,7 @@ def test_alignment_gradient_matches_eq7(rescale):  # (a)
     eps_hat = torch.randn(2, 4, 3, 3, generator=g, requires_grad=True)
     r = torch.randn(2, 4, 3, 3, generator=g)
     abar = _abar()
-    loss = alignment_loss(predict_x0(x_t, eps_hat, abar), r, abar, rescale=rescale, w=0.5)
+    loss = alignment_loss(predict_x0(x_t, eps_hat, abar), r, abar, EPSILON, rescale=rescale, w=0.5)
     (grad,) = torch.autograd.grad(loss, eps_hat)
     n = eps_hat.numel()
     # hand-computed: g = w * [sqrt(abar)/sqrt(1-abar)] * r, times d x0_hat / d eps_hat = -sqrt(1-abar)/sqrt(abar)
@@ -84,8 +85,8 @@ def test_directions_and_cfg():
     assert torch.equal(cfg(u, c, 7.5), torch.full((1, 2), 7.5))
     assert torch.equal(cfg(u, c, 1.0), c)
     base, lora, eps = torch.full((1, 2), 3.0), torch.ones(1, 2), torch.full((1, 2), 2.0)
-    assert torch.equal(guidance_direction("palp", base, lora_eps=lora), torch.full((1, 2), 2.0))
-    assert torch.equal(guidance_direction("sds", base, noise=eps), torch.ones(1, 2))
+    assert torch.equal(guidance_direction("palp", base, lora=lora), torch.full((1, 2), 2.0))
+    assert torch.equal(guidance_direction("sds", base, sds_target=eps), torch.ones(1, 2))
 
 
 def test_v_to_eps_matches_definition():
@@ -118,8 +119,8 @@ def _inputs():
 def test_palp_calls_frozen_branch_without_adapter_and_personal_with_it():
     x_t, eps_hat, noise, abar = _inputs()
     den = CountingDenoiser()
-    terms = PalpGuidance(_guidance(guidance="palp", alpha=7.5, beta=1.0))(
-        x0_hat=predict_x0(x_t, eps_hat, abar), noise=noise, abar_t=abar, denoise=den
+    terms = PalpGuidance(_guidance(guidance="palp", alpha=7.5, beta=1.0), EPSILON)(
+        x0_hat=predict_x0(x_t, eps_hat, abar), noise=noise, level=abar, denoise=den
     )
     assert den.calls == [(False, "clean", 7.5), (True, "personal", 1.0)]
     # r = (0.5 z) - (0.5 z + 1) = -1 everywhere, so d loss / d eps_hat = +1 / numel
@@ -131,8 +132,8 @@ def test_sds_uses_the_renoising_noise_and_one_pass():
     x_t, eps_hat, noise, abar = _inputs()
     den = CountingDenoiser()
     fresh = torch.randn_like(noise)
-    guid = PalpGuidance(_guidance(guidance="sds", alpha=7.5, same_noise=False))
-    terms = guid(x0_hat=predict_x0(x_t, eps_hat, abar), noise=noise, abar_t=abar, denoise=den, fresh_noise=fresh)
+    guid = PalpGuidance(_guidance(guidance="sds", alpha=7.5, same_noise=False), EPSILON)
+    terms = guid(x0_hat=predict_x0(x_t, eps_hat, abar), noise=noise, level=abar, denoise=den, fresh_noise=fresh)
     assert den.calls == [(False, "clean", 7.5)]
     x0_hat_t = renoise(predict_x0(x_t, eps_hat, abar), abar, fresh)
     r = 0.5 * x0_hat_t - fresh
@@ -143,8 +144,8 @@ def test_sds_uses_the_renoising_noise_and_one_pass():
 def test_none_makes_no_passes():  # (b), at the guidance level; the UNet count is in test_train.py
     x_t, eps_hat, noise, abar = _inputs()
     den = CountingDenoiser()
-    assert PalpGuidance(_guidance(guidance="none"))(
-        x0_hat=predict_x0(x_t, eps_hat, abar), noise=noise, abar_t=abar, denoise=den
+    assert PalpGuidance(_guidance(guidance="none"), EPSILON)(
+        x0_hat=predict_x0(x_t, eps_hat, abar), noise=noise, level=abar, denoise=den
     ) == {}
     assert den.calls == []
 
@@ -156,8 +157,8 @@ def test_non_finite_direction_raises():
         return torch.full_like(latents, float("nan"))
 
     with pytest.raises(NonFiniteError, match="lower learning rate"):
-        PalpGuidance(_guidance(guidance="palp"))(x0_hat=predict_x0(x_t, eps_hat, abar), noise=noise, abar_t=abar,
-                                                 denoise=nan_denoiser)
+        PalpGuidance(_guidance(guidance="palp"), EPSILON)(x0_hat=predict_x0(x_t, eps_hat, abar), noise=noise,
+                                                          level=abar, denoise=nan_denoiser)
 
 
 class SampleDenoiser:
@@ -171,8 +172,8 @@ class SampleDenoiser:
 def test_cos_palp_sds_is_the_mean_per_sample_cosine_of_the_two_directions():
     x_t, eps_hat, noise, abar = _inputs()
     x0_hat = predict_x0(x_t, eps_hat, abar)
-    terms = PalpGuidance(_guidance(guidance="palp", alpha=7.5, beta=1.0))(
-        x0_hat=x0_hat, noise=noise, abar_t=abar, denoise=SampleDenoiser())
+    terms = PalpGuidance(_guidance(guidance="palp", alpha=7.5, beta=1.0), EPSILON)(
+        x0_hat=x0_hat, noise=noise, level=abar, denoise=SampleDenoiser())
     # brute force: every number by hand, sample by sample, in float64
     x0_hat_t = renoise(x0_hat, abar, noise).double()
     cosines = []
@@ -191,8 +192,8 @@ def test_cos_palp_sds_is_the_mean_per_sample_cosine_of_the_two_directions():
 
 def test_cos_palp_sds_changes_nothing_else_and_only_palp_logs_it():
     x_t, eps_hat, noise, abar = _inputs()
-    guid = PalpGuidance(_guidance(guidance="palp"))
-    terms = guid(x0_hat=predict_x0(x_t, eps_hat, abar), noise=noise, abar_t=abar, denoise=SampleDenoiser())
+    guid = PalpGuidance(_guidance(guidance="palp"), EPSILON)
+    terms = guid(x0_hat=predict_x0(x_t, eps_hat, abar), noise=noise, level=abar, denoise=SampleDenoiser())
     terms["loss_align"].backward()
     # the gradient is Eq. 7's with PALP's direction alone (rescale on: d L / d eps_hat = -r / numel)
     x0_hat_t = renoise(predict_x0(x_t, eps_hat, abar), abar, noise)
@@ -200,6 +201,6 @@ def test_cos_palp_sds_changes_nothing_else_and_only_palp_logs_it():
     r = den(x0_hat_t, adapter=False, prompt="clean", scale=7.5) - den(x0_hat_t, adapter=True, prompt="personal",
                                                                        scale=1.0)
     assert torch.allclose(eps_hat.grad, -r / eps_hat.numel(), atol=1e-6)
-    sds = PalpGuidance(_guidance(guidance="sds"))(x0_hat=predict_x0(x_t, eps_hat, abar).detach(), noise=noise,
-                                                  abar_t=abar, denoise=SampleDenoiser())
+    sds = PalpGuidance(_guidance(guidance="sds"), EPSILON)(x0_hat=predict_x0(x_t, eps_hat, abar).detach(),
+                                                           noise=noise, level=abar, denoise=SampleDenoiser())
     assert "cos_palp_sds" not in sds
