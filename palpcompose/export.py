@@ -198,7 +198,8 @@ def _diffusers_files(weights: TrainedWeights, out_path: Path, header):
     from diffusers.utils import convert_state_dict_to_diffusers
 
     if weights.encoder_keys:  # Flux.1, SD 3: the transformer's LoRA, read by the pipeline's load_lora_weights
-        config = {"r": weights.rank, "lora_alpha": weights.lora_alpha, "target_modules": list(weights.target_modules)}
+        config = {"r": weights.rank, "lora_alpha": weights.lora_alpha, "target_modules": list(weights.target_modules),
+                  **({"use_dora": True} if weights.adapter == "dora" else {})}  # DoRA: the magnitude vectors load
         meta = {**header, "format": "pt", "lora_adapter_metadata": json.dumps(
             {f"transformer.{k}": v for k, v in config.items()}, sort_keys=True)}
         plan = [(ExportedFile(out_path / DIFFUSERS_LORA_FILE, "lora", None, None, None), _transformer_lora(weights),

@@ -369,3 +369,27 @@ def test_init_template_on_the_tiny_model_checks_with_the_model_defaults(family, 
     text = "".join((result.out + result.err).replace("│", "").split())
     lr = "0.0001" if family == "flux" else "0.0004"
     assert f"train.learning_rate={lr}" in text and "palp.alpha=" in text  # left out: the model decides
+
+
+def test_a_flux_dora_diffusers_export_loads_its_magnitudes_into_flux_pipeline(flux_dir, tmp_path):
+    """A DoRA's `lora_magnitude_vector` keys reach FluxPipeline.load_lora_weights only when the header's
+    lora_adapter_metadata says `use_dora`: the loaded adapter then equals the trained one, magnitudes included."""
+    from diffusers import FluxPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    from palpcompose.export import export
+    from palpcompose.project import load_project
+    from palpcompose.train import train
+    from palpcompose.weights import load_trained_weights
+
+    root = flow_project(tmp_path / "dora", flux_dir, steps=1, save_every=0, adapter="dora")
+    train(root, console=quiet())
+    export(load_project(root), "diffusers", tmp_path / "out")
+    pipe = FluxPipeline.from_pretrained(flux_dir, local_files_only=True)
+    pipe.load_lora_weights(tmp_path / "out", adapter_name="fx")
+    loaded = get_peft_model_state_dict(pipe.transformer, adapter_name="fx")
+    trained = load_trained_weights(root / "out" / "weights" / "final").lora
+    magnitudes = [k for k in trained if k.endswith("lora_magnitude_vector")]
+    assert magnitudes and set(loaded) == set(trained)
+    for key, value in trained.items():
+        assert (loaded[key].float() - value.float()).abs().max() < 1e-6, key
