@@ -165,3 +165,26 @@ def test_cached_encoder_serves_what_the_encoder_returns_and_encodes_unseen_promp
         unseen = encoders.tokenize(["a photo of a dog"]).split(encoders.lengths, dim=-1)[1]
         assert torch.equal(encoders.caches[1](unseen)[0], t5(unseen)[0]) and len(runs) == 2
     assert isinstance(t5, T5EncoderModel) and not list(encoders.caches[1].parameters())
+
+
+def test_two_processes_train_with_t5_off_the_device(bases, tmp_path):
+    """torchrun, 2 CPU processes (gloo): the text encoders are one DDP module whose T5 leaves the device after the
+    module is wrapped; each process makes the same cache, the run completes, with its preview."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = project(tmp_path / "two", bases["flux"], steps=2, preview_every=2)
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error", "HF_HOME": str(tmp_path / "hf"),
+           "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(repo), str(repo / "tests")])}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "palpcompose.cli", "train", str(root)], env=env, capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "t5: holds no learned token" in done.stdout
+    manifest = json.loads((root / "out" / "manifest.json").read_text())
+    assert manifest["status"] == "completed" and manifest["num_processes"] == 2
+    assert list((root / "out" / "previews").glob("*.png"))
