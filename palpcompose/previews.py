@@ -120,7 +120,7 @@ def _flow_preview(state: TrainState, config, tokens: dict[str, str], step: int, 
     acc, c = state.accelerator, state.components
     family = models.family_of(c.family)
     encoders = acc.unwrap_model(state.text_encoder)
-    parts = {slot.component: e for slot, e in zip(encoders.slots, encoders.encoders)}
+    parts = {slot.component: e for slot, e in zip(encoders.slots, encoders.in_use)}  # an idle T5: its cache
     parts.update({slot.tokenizer: t for slot, t in zip(encoders.slots, encoders.tokenizers)})
     transformer = acc.unwrap_model(state.unet)
     pipe = getattr(diffusers, family.pipeline_class)(

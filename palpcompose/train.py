@@ -25,6 +25,7 @@ from rich.console import Console
 from palpcompose import __version__, distributed, models, trackers
 from palpcompose.checkpoint import Checkpoint, restore_rng_state, rng_state
 from palpcompose.data import SubjectData, encode_references, sample_batch
+from palpcompose.encoder_offload import offload_idle_modules
 from palpcompose.errors import Interrupted, ProjectError, UserError, command_line
 from palpcompose.flow_step import prepare_flow_state
 from palpcompose.guidance import NonFiniteError, guidance_config
@@ -148,11 +149,15 @@ def setup(plan: Plan, record: RunRecord, components: models.Components, accelera
             state.lora_params + [state.token_embedding.rows], resolution=config.train.resolution,
             batch_size=config.train.batch_size, half_precision=state.weight_dtype != torch.float32,
             gradient_checkpointing=config.train.recomputes_activations,
-            vae_on_device=not config.train.low_memory)
+            vae_on_device=not (config.train.low_memory or components.flow))
         total = torch.cuda.get_device_properties(accelerator.device).total_memory / 2**30
         console.print(f"{estimate.describe()}; this GPU has {total:.1f} GiB")
     subjects = prepare_subjects(plan.project, config, state, tokens)
-    if config.train.low_memory:
+    if components.flow:  # the VAE, and the encoders without a learned token once they have encoded the run's prompts
+        for key in offload_idle_modules(state, config, tokens, subjects):
+            console.print(f"{key}: holds no learned token (train.t5_tokens = false): the run's prompts are encoded "
+                          "once and it waits in host memory")
+    elif config.train.low_memory:
         offload_vae(state)  # the latents are cached: the step never uses the VAE again
     # This process's own draws: subjects, images, flips, timesteps, noise (rank 0: train.seed itself)
     generator = torch.Generator("cpu").manual_seed(distributed.data_seed(config.train.seed, accelerator.process_index))

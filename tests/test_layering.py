@@ -47,6 +47,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("out folder", ("palpcompose.outputs",)),  # the out/ layout, run lookup and staleness (reads project settings)
     ("command parts", (  # one job each of train and render: data, the step, previews, a run's lifecycle, ...
         "palpcompose.data", "palpcompose.step", "palpcompose.flow_step", "palpcompose.previews",
+        "palpcompose.encoder_offload",
         "palpcompose.progress", "palpcompose.run", "palpcompose.attach", "palpcompose.contact_sheet",
         "palpcompose.report_data", "palpcompose.report_parts", "palpcompose.sampling",
         "palpcompose.toyworld.demo_compare",  # scripts/demo's baseline and side-by-side sheet (reads out/renders)

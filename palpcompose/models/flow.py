@@ -4,6 +4,10 @@ levels read from the model's own scheduler config (docs/method.md "Noise levels,
 
 Token ids of a prompt are one row per prompt with every encoder's ids end to end ([CLIP-L 77 | T5 512] for Flux.1),
 so a batch of them stacks as SD's do; `FlowTextEncoders.forward` splits them again.
+
+An encoder that holds no learned token (T5 with `train.t5_tokens = false`) has nothing to train: `cache_idle`
+encodes once every prompt the run will give it, on the training device as the step would, and then moves it to the
+CPU; from then on a `CachedEncoder` stands in for it and serves those encodings (docs/flow-memory.md).
 """
 
 from __future__ import annotations
@@ -34,10 +38,20 @@ class FlowTextEncoders(torch.nn.Module):
         self.encode = encode
         self.with_tokens = [True] * len(self.slots)  # which encoders hold a learned row per subject
         self.substitutions: dict[str, str] = {}  # token -> class word, in the encoders without tokens
+        self.caches: list[CachedEncoder | None] = [None] * len(self.slots)  # set by cache_idle (a plain list:
+        # the stand-ins are no submodules, so .to(), state_dict and DDP see only the real encoders)
 
     @property
     def device(self) -> torch.device:
-        return next(self.encoders[0].parameters()).device
+        """Where the prompts are encoded: the device of the first encoder still in use (CLIP-L)."""
+        live = [e for e, cache in zip(self.encoders, self.caches) if cache is None] or list(self.encoders)
+        return next(live[0].parameters()).device
+
+    @property
+    def in_use(self) -> list:
+        """What reads each encoder's part of the prompt: the encoder itself, or its CachedEncoder once it has left
+        the device (previews hand these to the family's pipeline)."""
+        return [e if cache is None else cache for e, cache in zip(self.encoders, self.caches)]
 
     @property
     def lengths(self) -> list[int]:
@@ -54,7 +68,86 @@ class FlowTextEncoders(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor):
         parts = input_ids.to(self.device).split(self.lengths, dim=-1)
-        return self.encode(list(self.encoders), list(parts))
+        return self.encode(self.in_use, list(parts))
+
+    def cache_idle(self, input_ids: torch.Tensor, autocast) -> list[str]:
+        """The encoders without a learned token: encode each distinct prompt of `input_ids` (rows as `tokenize`
+        makes them) once, one prompt at a time, without gradients and under `autocast` (the step's), where they
+        are now (the training device); keep what they returned, in host memory; move them to the CPU. The family's
+        own `encode` makes the calls, so the cache holds exactly the calls the step makes. Returns the keys of the
+        encoders moved ([] when every encoder holds a token)."""
+        idle = [i for i, holds in enumerate(self.with_tokens) if not holds and self.caches[i] is None]
+        if not idle:
+            return []
+        device = self.device
+        for i in idle:
+            self.caches[i] = CachedEncoder(self.encoders[i], device)
+        with torch.no_grad(), autocast:
+            for row in torch.unique(input_ids, dim=0):
+                self(row[None])
+        for i in idle:
+            self.caches[i].recording = False
+            self.encoders[i].to("cpu")
+        return [self.slots[i].key for i in idle]
+
+
+class CachedEncoder(torch.nn.Module):
+    """A text encoder's outputs for the prompts it was given while `recording`, served in its place: called as the
+    encoder is (`ids (B, L)`, keywords), it returns the same output class with each prompt's recorded tensors, on
+    `device`. A prompt it has not seen (after recording) is encoded by the encoder where it now is (the CPU) and
+    the result moved to `device`. No parameters and no submodules (the encoder is held outside the module tree), so
+    a diffusers pipeline given it as its text encoder runs the prompt's encoding through it."""
+
+    def __init__(self, encoder, device: torch.device):
+        super().__init__()
+        self._encoder = [encoder]  # a list: not a submodule
+        self._device = torch.device(device)
+        self._dtype = encoder.dtype
+        self.outputs: dict[tuple, object] = {}  # (ids, keywords) -> the encoder's output for that one prompt
+        self.recording = True
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def encoder(self):
+        return self._encoder[0]
+
+    def forward(self, input_ids: torch.Tensor, **kwargs):
+        extra = tuple(sorted(kwargs.items()))
+        keys = [(tuple(row.tolist()), extra) for row in input_ids]
+        if self.recording:  # the encoder is still on the device: one prompt at a time, as it will be served
+            for key, row in zip(keys, input_ids):
+                if key not in self.outputs:
+                    self.outputs[key] = _to_device(self.encoder(row[None].to(self._device), **kwargs), "cpu")
+        if not all(key in self.outputs for key in keys):
+            home = next(self.encoder.parameters()).device
+            return _to_device(self.encoder(input_ids.to(home), **kwargs), self._device)
+        return _concat([self.outputs[key] for key in keys], self._device)
+
+
+def _to_device(output, device):
+    """A transformers model output (or tensor) with every tensor in it moved to `device`."""
+    if isinstance(output, torch.Tensor):
+        return output.detach().to(device)
+    if isinstance(output, tuple):  # (a ModelOutput is a dict)
+        return tuple(_to_device(v, device) for v in output)
+    return type(output)(**{k: _to_device(v, device) for k, v in output.items()})
+
+
+def _concat(outputs: list, device):
+    """Batch-1 outputs of the same class stacked along the batch, on `device`."""
+    first = outputs[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(outputs).to(device)
+    if isinstance(first, tuple):
+        return tuple(_concat(list(parts), device) for parts in zip(*outputs))
+    return type(first)(**{k: _concat([o[k] for o in outputs], device) for k in first})
 
 
 def _substitute(prompt: str, words: dict[str, str]) -> str:
