@@ -264,3 +264,40 @@ def test_an_int8_run_resumes_bit_exactly(make_project, one_thread):
     a, b = (load_trained_weights(root / "out" / "weights" / "final") for root in (straight, resumed))
     assert a.lora.keys() == b.lora.keys() and all(torch.equal(a.lora[k], b.lora[k]) for k in a.lora)
     assert all(torch.equal(a.embeddings[k], b.embeddings[k]) for k in a.embeddings)
+
+
+@pytest.mark.parametrize("mixed_precision", ["bf16", "fp16"])
+def test_a_mixed_precision_step_runs_on_the_8_bit_weights_in_that_dtype(flux_dir, tmp_path, mixed_precision,
+                                                                         one_thread):
+    """What a GPU run does, on the CPU (tiny Flux): frozen weights cast to the mixed-precision dtype, then stored in
+    8 bits (computing in that dtype), the step under autocast; the LoRA stays fp32 and gets a gradient."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from conftest import capture_grads, step_runner
+
+    from palpcompose import models
+    from palpcompose.flow_step import prepare_flow_state
+    from palpcompose.guidance import guidance_config
+    from palpcompose.project import load_project
+    from palpcompose.train import prepare_subjects
+
+    project = load_project(flux_project(tmp_path / "p", flux_dir, frozen_weights="int8"))
+    config = project.config
+    c = models.load_components(models.resolve_base_model(config.project.base_model, project.root))
+    tokens = models.placeholder_tokens(config.project.name, config.subjects)
+    AcceleratorState._reset_state()
+    try:
+        state = prepare_flow_state(config, c, Accelerator(mixed_precision=mixed_precision, cpu=True),
+                                   guidance_config(config), tokens)
+        dtype = state.weight_dtype
+        assert dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[mixed_precision]
+        quantized = [m for m in c.unet.modules() if type(m) is FrozenQuantLinear]
+        assert quantized and all(m.weight.dtype == dtype and m.weight.qdata.dtype == torch.int8 for m in quantized)
+        assert all(p.dtype == torch.float32 for p in state.lora_params)
+        grads = capture_grads(state)
+        logged = step_runner(state, prepare_subjects(project, config, state, tokens), batch_size=1)()
+        assert all(torch.isfinite(torch.tensor(v)) for v in logged.values())
+        assert len(grads) == len(state.lora_params) + 1  # lora_A, lora_B per layer, then the token rows
+        assert all(g and g[0].abs().sum() > 0 for g in grads[1:-1:2] + grads[-1:])  # every lora_B and the rows
+    finally:
+        AcceleratorState._reset_state()
