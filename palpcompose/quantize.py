@@ -63,6 +63,9 @@ class FrozenQuantLinear(nn.Linear):
     turns the quantized layers into this class in place (their parameters, hooks and peft's references stay)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        device = x.device.type
+        if torch.is_autocast_enabled(device):  # torchao's linear bypasses autocast: cast as it casts nn.Linear's
+            x = x.to(torch.get_autocast_dtype(device))  # input (a layer norm's fp32 output would stay fp32 otherwise)
         return FrozenQuantLinearFn.apply(x, self.weight, self.bias)
 
 

@@ -77,6 +77,21 @@ def test_the_wrapper_saves_no_copy_of_the_weight_and_computes_what_torchao_does(
     assert weight.grad is None and wrapped[0].bias.grad is None  # frozen: no gradient of their own
 
 
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+def test_under_autocast_the_wrapper_computes_in_the_autocast_dtype_as_nn_linear_does(mode):
+    """A layer norm's fp32 output entering a frozen linear under bf16 autocast: nn.Linear computes in bf16 and returns
+    bf16; so must the 8-bit layer (torchao's own linear would compute and return fp32: twice the activations)."""
+    plain, wrapped = layer(dtype=torch.bfloat16), layer(dtype=torch.bfloat16)
+    quantize_frozen(wrapped, mode, torch.bfloat16)
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(1), requires_grad=True)  # fp32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_plain, y = plain(x), wrapped(x)
+    assert y.dtype == y_plain.dtype == torch.bfloat16
+    torch.testing.assert_close(y, y_plain, rtol=0.1, atol=0.05)  # 8-bit rounding of the weight, in bf16
+    (grad,) = torch.autograd.grad(y.float().sum(), x)
+    assert grad.dtype == torch.float32  # the gradient reaches the fp32 input in its dtype
+
+
 def test_the_wrapper_needs_no_input_gradient_and_works_without_grad():
     wrapped = layer()
     quantize_frozen(wrapped, "int8", torch.float32)
