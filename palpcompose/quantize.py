@@ -78,17 +78,17 @@ def frozen_linears(module: nn.Module) -> list[tuple[str, nn.Linear]]:
 
 
 def quantize_frozen(denoiser: nn.Module, frozen_weights: str, dtype: torch.dtype) -> int:
-    """train.frozen_weights: with "int8" or "fp8", cast `denoiser` to `dtype` (the training's frozen dtype) and store
-    each of its frozen linear weights in 8 bits, routed through FrozenQuantLinearFn. Call on the CPU, once the LoRA
-    is attached (its base layers are then the frozen linears) and before the weights go to the device. The default
-    changes nothing. Returns how many layers were quantized."""
+    """train.frozen_weights: with "int8" or "fp8", store each frozen linear weight of `denoiser` in 8 bits, computing
+    in `dtype` (the training's frozen dtype), routed through FrozenQuantLinearFn; nothing else changes. Call on the
+    CPU, once the LoRA is attached (its base layers are then the frozen linears) and before the weights go to the
+    device. The default changes nothing. Returns how many layers were quantized."""
     if frozen_weights == DEFAULT:
         return 0
     check_installed(frozen_weights, "train.frozen_weights")
     quantize_, config = _torchao(frozen_weights)
-    if dtype != torch.float32:  # what place_and_optimize does next anyway; torchao keeps the weight's dtype
-        denoiser.to(dtype=dtype)
     layers = frozen_linears(denoiser)
+    for _, layer in layers:  # torchao keeps the weight's dtype as the one it computes in; the rest is left as it is
+        layer.to(dtype=dtype)
     chosen = {id(m) for _, m in layers}
     quantize_(denoiser, config, filter_fn=lambda module, fqn: id(module) in chosen)
     for _, layer in layers:

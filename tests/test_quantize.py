@@ -3,6 +3,7 @@ run through an autograd Function that keeps no dequantized copy for backward; ti
 
 from __future__ import annotations
 
+import collections
 import copy
 import importlib.util
 import io
@@ -126,17 +127,17 @@ def test_every_frozen_linear_is_quantized_and_the_lora_is_not(tiny_pipeline_dir)
     assert quantize_frozen(unet, "mixed_precision", torch.float32) == 0  # the default changes nothing
     assert all(type(m) is nn.Linear for m in unet.modules() if isinstance(m, nn.Linear))
 
-    assert quantize_frozen(unet, "int8", torch.float32) == len(frozen)
+    assert quantize_frozen(unet, "int8", torch.bfloat16) == len(frozen)
     modules = dict(unet.named_modules())
     for name in frozen:
         assert type(modules[name]) is FrozenQuantLinear, name
-        assert type(modules[name].weight).__name__ == "Int8Tensor", name
+        assert type(modules[name].weight).__name__ == "Int8Tensor" and modules[name].weight.dtype == torch.bfloat16
     for name in set(linears) - set(frozen):  # lora_A / lora_B: full-precision trainable parameters
         assert type(modules[name]) is nn.Linear and type(modules[name].weight) is nn.Parameter, name
-        assert modules[name].weight.requires_grad and modules[name].weight.dtype == torch.float32, name
+        assert modules[name].weight.requires_grad and modules[name].weight.dtype == torch.float32, name  # left fp32
     assert {id(p) for p in lora_params} == {id(p) for p in unet.parameters() if p.requires_grad}
     convs = [m for m in unet.modules() if isinstance(m, nn.Conv2d)]
-    assert convs and all(type(m.weight) is nn.Parameter for m in convs)  # only linears are stored in 8 bits
+    assert convs and all(type(m.weight) is nn.Parameter and m.weight.dtype == torch.float32 for m in convs)  # as is
 
 
 @pytest.mark.parametrize("mode", ["int8", "fp8"])
@@ -164,6 +165,59 @@ def test_the_lora_gradient_in_8_bits_is_close_to_full_precision(tiny_pipeline_di
     assert error < 0.05, error  # ... and give about the same gradient (int8 ~0.5%, fp8 e4m3 ~3% here)
     embed_error = ((grads[1][-1] - grads[0][-1]).norm() / grads[0][-1].norm()).item()
     assert 0 < embed_error < 0.05, embed_error  # the tokens' gradient flows back through the wrapper
+
+
+def test_a_flux_pass_keeps_what_bf16_keeps_and_no_weight_copy(flux_dir):
+    """The tiny Flux transformer, LoRA attached, one forward with grad under bf16 autocast: with the wrapper autograd
+    keeps exactly the activations the bf16 model keeps (same shapes, dtypes and bytes); torchao's linear alone keeps
+    a bf16 copy of every frozen linear weight on top."""
+    from diffusers import FluxTransformer2DModel
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    from palpcompose import models
+
+    def saved_by(variant):
+        torch.manual_seed(0)
+        model = FluxTransformer2DModel.from_pretrained(flux_dir, subfolder="transformer").requires_grad_(False)
+        model.to(torch.bfloat16)
+        models.add_lora(model, 4, 4.0, models.family_of("flux").lora_targets)
+        linears = quantize.frozen_linears(model)
+        weight_shapes = {tuple(m.weight.shape) for _, m in linears}
+        if variant == "torchao":
+            chosen = {id(m) for _, m in linears}
+            quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda module, fqn: id(module) in chosen)
+        elif variant == "int8":
+            quantize_frozen(model, "int8", torch.bfloat16)
+        params = {id(p) for p in model.parameters()}
+        c, g = model.config, torch.Generator().manual_seed(0)
+        inputs = {"hidden_states": torch.randn(1, 16, c.in_channels, generator=g),
+                  "encoder_hidden_states": torch.randn(1, 8, c.joint_attention_dim, generator=g),
+                  "pooled_projections": torch.randn(1, c.pooled_projection_dim, generator=g),
+                  "timestep": torch.full((1,), 0.5), "guidance": torch.full((1,), 3.5),
+                  "img_ids": torch.zeros(16, 3), "txt_ids": torch.zeros(8, 3)}
+
+        def forward():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return model(**inputs, return_dict=False)[0]
+
+        _, saved = saved_tensors(forward)
+        owners = {}
+        for t in saved:
+            while t._base is not None:
+                t = t._base
+            if id(t) not in params:
+                owners[id(t)] = t
+        kept = sorted((tuple(t.shape), str(t.dtype)) for t in owners.values())
+        return kept, sum(t.numel() * t.element_size() for t in owners.values()), weight_shapes
+
+    bf16, bf16_bytes, weight_shapes = saved_by("bf16")
+    int8, int8_bytes, _ = saved_by("int8")
+    alone, alone_bytes, _ = saved_by("torchao")
+    assert int8 == bf16 and int8_bytes == bf16_bytes
+    extra = collections.Counter(alone) - collections.Counter(bf16)  # torchao alone: its weight copies (and its fp32
+    assert alone_bytes > bf16_bytes  # outputs for fp32 inputs, which autocast does not see)
+    assert any(dtype == "torch.bfloat16" and (shape in weight_shapes or shape[::-1] in weight_shapes)
+               for shape, dtype in extra)
 
 
 # --- the setting --------------------------------------------------------------------------------------------------
@@ -316,3 +370,29 @@ def test_a_mixed_precision_step_runs_on_the_8_bit_weights_in_that_dtype(flux_dir
         assert all(g and g[0].abs().sum() > 0 for g in grads[1:-1:2] + grads[-1:])  # every lora_B and the rows
     finally:
         AcceleratorState._reset_state()
+
+
+@pytest.mark.gpu
+def test_int8_training_on_cuda_moves_the_8_bit_weights_and_trains_like_bf16(flux_dir, tmp_path, monkeypatch):
+    """benchmarks/gpu_suite.sh `quant`: the product's path on a GPU (tiny Flux, bf16): quantized on the CPU, the 8-bit
+    weights moved to the device, the step on them; its losses near the bf16 run's."""
+    from palpcompose import step
+    from palpcompose.train import train
+
+    devices = []
+    real = step.quantize_frozen
+
+    def spy(denoiser, *args):
+        count = real(denoiser, *args)
+        devices.append({p.device.type for p in denoiser.parameters()})  # still on the CPU when quantized
+        return count
+
+    monkeypatch.setattr(step, "quantize_frozen", spy)
+    plain = flux_project(tmp_path / "plain", flux_dir, steps=3, mixed_precision="bf16")
+    int8 = flux_project(tmp_path / "int8", flux_dir, steps=3, mixed_precision="bf16", frozen_weights="int8")
+    train(plain, console=quiet())
+    assert train(int8, console=quiet()).status == "completed"
+    assert devices == [{"cpu"}, {"cpu"}]
+    manifest = json.loads((int8 / "out" / "manifest.json").read_text())
+    assert manifest["device"].startswith("cuda") and manifest["config"]["train"]["frozen_weights"] == "int8"
+    torch.testing.assert_close(_losses(int8), _losses(plain), rtol=5e-2, atol=1e-2)
