@@ -63,6 +63,9 @@ def out_of_memory_message(config, mixed_precision: str, device_name: str, step: 
     if not train.low_memory:
         changes.append("set train.low_memory = true (the low-memory preset: gradient checkpointing, VAE off the GPU; "
                        "slower steps, same results)")
+    if train.frozen_weights == "mixed_precision":
+        changes.append('set train.frozen_weights = "int8" (the frozen linear weights in 8 bits: about half their '
+                       "memory, slightly different results; pip install 'palpcompose[quant]'; a fresh run)")
     if mixed_precision == "no":
         changes.append('set train.mixed_precision = "bf16" (or "fp16" on GPUs without bf16)')
     estimated = f"; {estimate.describe()}" if estimate else ""
