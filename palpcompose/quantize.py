@@ -93,6 +93,10 @@ def quantize_frozen(denoiser: nn.Module, frozen_weights: str, dtype: torch.dtype
     quantize_(denoiser, config, filter_fn=lambda module, fqn: id(module) in chosen)
     for _, layer in layers:
         layer.__class__ = FrozenQuantLinear
+    # Several processes: DistributedDataParallel broadcasts every parameter when it wraps the model, which torchao's
+    # tensors do not support. These are frozen, and each process quantizes the same base model to the same values.
+    ignored = list(getattr(denoiser, "_ddp_params_and_buffers_to_ignore", []))
+    denoiser._ddp_params_and_buffers_to_ignore = ignored + [f"{name}.weight" for name, _ in layers]
     return len(layers)
 
 

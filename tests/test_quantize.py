@@ -396,3 +396,25 @@ def test_int8_training_on_cuda_moves_the_8_bit_weights_and_trains_like_bf16(flux
     manifest = json.loads((int8 / "out" / "manifest.json").read_text())
     assert manifest["device"].startswith("cuda") and manifest["config"]["train"]["frozen_weights"] == "int8"
     torch.testing.assert_close(_losses(int8), _losses(plain), rtol=5e-2, atol=1e-2)
+
+
+def test_two_processes_train_on_int8_frozen_weights(make_project, tmp_path):
+    """torchrun, 2 CPU processes: DistributedDataParallel skips the 8-bit weights (it cannot broadcast torchao's
+    tensors; each process quantizes the same base model to the same values) and averages the LoRA's gradients."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = make_project({"train": {"steps": 2, "save_every": 0, "frozen_weights": "int8"}})
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error", "HF_HOME": str(tmp_path / "hf"),
+           "HF_HUB_OFFLINE": "1", "PYTHONPATH": f"{repo}{os.pathsep}{repo / 'tests'}"}
+    env.pop("PALP_DEBUG", None)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "palpcompose.cli", "train", str(root)], env=env, capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    manifest = json.loads((root / "out" / "manifest.json").read_text())
+    assert manifest["status"] == "completed" and manifest["num_processes"] == 2
+    assert manifest["config"]["train"]["frozen_weights"] == "int8"
