@@ -56,11 +56,7 @@ def build(spec: archs.FlowArchSpec, variant: str, rank: int, device: torch.devic
 
 
 def parameter_bytes(model) -> int:
-    total = 0
-    for p in model.parameters():
-        parts = [getattr(p, name) for name in getattr(type(p), "tensor_data_names", ())] or [p]  # torchao: data+scale
-        total += sum(t.numel() * t.element_size() for t in parts)
-    return total
+    return sum(quantize.stored_bytes(p) for p in model.parameters())
 
 
 def measure(model, spec: archs.FlowArchSpec, args, device: torch.device) -> dict:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from palpcompose.errors import PalpcomposeError
+from palpcompose.quantize import stored_bytes
 
 GIB = 2**30
 ACTIVATION_GIB_512_SD15 = 1.5  # measured (see above): bf16, batch 1, PALP, SD-1.5 top-level width 320
@@ -39,7 +40,7 @@ class MemoryEstimate:
 
 
 def _frozen_bytes(module) -> int:
-    return sum(p.numel() * p.element_size() for p in module.parameters() if not p.requires_grad)
+    return sum(stored_bytes(p) for p in module.parameters() if not p.requires_grad)  # 8-bit weights: 1 byte a value
 
 
 def estimate_training_memory(unet, vae, text_encoder, trained_params, *, resolution: int, batch_size: int,

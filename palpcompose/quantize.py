@@ -69,6 +69,13 @@ class FrozenQuantLinear(nn.Linear):
         return FrozenQuantLinearFn.apply(x, self.weight, self.bias)
 
 
+def stored_bytes(tensor: torch.Tensor) -> int:
+    """The bytes a parameter takes where it is stored: an 8-bit weight's data and scales (torchao's tensors report
+    the dtype they compute in, so numel x element_size would count them at 2 bytes a value)."""
+    parts = [getattr(tensor, name) for name in getattr(type(tensor), "tensor_data_names", ())] or [tensor]
+    return sum(t.numel() * t.element_size() for t in parts)
+
+
 def frozen_linears(module: nn.Module) -> list[tuple[str, nn.Linear]]:
     """(name, layer) of every nn.Linear of `module` that quantize_frozen stores in 8 bits: frozen, a plain weight
     (not already quantized), and not one of the LoRA's own layers."""

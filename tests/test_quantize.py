@@ -131,7 +131,9 @@ def test_every_frozen_linear_is_quantized_and_the_lora_is_not(tiny_pipeline_dir)
     modules = dict(unet.named_modules())
     for name in frozen:
         assert type(modules[name]) is FrozenQuantLinear, name
-        assert type(modules[name].weight).__name__ == "Int8Tensor" and modules[name].weight.dtype == torch.bfloat16
+        weight = modules[name].weight
+        assert type(weight).__name__ == "Int8Tensor" and weight.dtype == torch.bfloat16, name  # computes in bf16
+        assert weight.numel() <= quantize.stored_bytes(weight) < 2 * weight.numel(), name  # a byte a value + scales
     for name in set(linears) - set(frozen):  # lora_A / lora_B: full-precision trainable parameters
         assert type(modules[name]) is nn.Linear and type(modules[name].weight) is nn.Parameter, name
         assert modules[name].weight.requires_grad and modules[name].weight.dtype == torch.float32, name  # left fp32
