@@ -295,6 +295,7 @@ def _spy_quantized(monkeypatch) -> list[int]:
 @pytest.mark.parametrize("family", ["sd", "flux"])
 def test_training_with_int8_frozen_weights_completes_records_the_setting_and_exports_the_lora(
         family, make_project, flux_dir, tmp_path, monkeypatch, run_cli, one_thread):
+    from palpcompose.outputs import preview_path
     from palpcompose.train import train
     from palpcompose.weights import load_trained_weights
 
@@ -306,9 +307,10 @@ def test_training_with_int8_frozen_weights_completes_records_the_setting_and_exp
     counts = _spy_quantized(monkeypatch)
     plain = project("plain")
     train(plain, console=quiet())
-    int8 = project("int8", frozen_weights="int8")
+    int8 = project("int8", frozen_weights="int8", preview_every=2)  # a preview grid drawn on the 8-bit weights too
     assert train(int8, console=quiet()).status == "completed"
     assert counts[0] == 0 and counts[1] > 0  # the default quantized nothing; int8 its frozen linears
+    assert preview_path(int8 / "out", 2).is_file()
     manifest = json.loads((int8 / "out" / "manifest.json").read_text())
     assert manifest["config"]["train"]["frozen_weights"] == "int8"
     torch.testing.assert_close(_losses(int8), _losses(plain), rtol=2e-2, atol=1e-3)  # about the same training ...
