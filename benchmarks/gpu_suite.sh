@@ -5,6 +5,7 @@
 #     bash benchmarks/gpu_suite.sh core      # installs, GPU equivalence tests, SD-1.5 batch 1: limits add up to 510 s
 #     bash benchmarks/gpu_suite.sh levers    # each other lever alone at batch 1, and batch 8: 500 s
 #     bash benchmarks/gpu_suite.sh extra     # regional compilation, rendering: 560 s
+#     bash benchmarks/gpu_suite.sh quant     # 8-bit frozen weights (train.frozen_weights): 330 s; needs torchao in .whl
 #     bash benchmarks/gpu_suite.sh all       # everything, on a machine without the per-call limit (~26 min at worst)
 # The limits are 2-3x what the 2026-11-23 H100 run needed per variant (~15 s setup and warm-up, 0.3-0.5 s per step,
 # 10-60 s to parse a profile; docs/data/gpu-2026-11-23/): that run's limits (45-85 s per measurement) killed most
@@ -12,7 +13,7 @@
 # runs in its own process under `timeout`, so one failure or overrun does not lose the others.
 set -u
 PART=${1:-all}
-case "$PART" in core|levers|extra|all) ;; *) echo "usage: bash benchmarks/gpu_suite.sh core|levers|extra|all" >&2; exit 2;; esac
+case "$PART" in core|levers|extra|quant|all) ;; *) echo "usage: bash benchmarks/gpu_suite.sh core|levers|extra|quant|all" >&2; exit 2;; esac
 want() { [ "$PART" = all ] || [ "$PART" = "$1" ]; }
 OUT=${OUT:-$PWD/out-gpu}
 mkdir -p "$OUT"
@@ -72,6 +73,12 @@ want extra && step render_b1 150 python3 -m benchmarks.render --arch sd15 --devi
     --variants diffusers,ours,ours+fuse,ours+graphs,ours+fuse+graphs,ours+fuse+graphs+channels_last
 want extra && step render_b4 90 python3 -m benchmarks.render --arch sd15 --device cuda --batch 4 --batches 2 --json \
     --variants diffusers,ours+fuse+graphs
+
+# 5. 8-bit frozen weights (train.frozen_weights, docs/flow-memory.md): the product's int8 path trains tiny Flux on the
+#    GPU; then Flux.1-dev widths, 2 + 2 blocks, 512 px, one forward + backward per variant: weights, bytes saved for
+#    backward and the CUDA peak for bf16, torchao's int8 alone (its bf16 weight copies) and the int8 / fp8 wrapper.
+want quant && step quant_tests 90 python3 -m pytest -q -m gpu tests/test_quantize.py -p no:cacheprovider
+want quant && step quant_memory 240 python3 -m benchmarks.quant_memory --device cuda --json
 
 echo "=== done in $(( $(date +%s) - START ))s; JSON under $OUT:"
 ls -l "$OUT"

@@ -6,6 +6,7 @@ A traceback is shown only with `--debug` (or PALP_DEBUG=1).
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -142,7 +143,8 @@ def check(project_dir: ProjectDir) -> None:
                      f" (alpha {palp.alpha:g}, beta {palp.beta:g}, weight {palp.weight:g})"))
     settings.add_row("training", f"{config.train.steps} steps at {config.train.resolution} px, batch "
                      f"{config.train.batch_size}, LoRA rank {config.train.lora_rank}, mixed precision "
-                     f"{config.train.mixed_precision}")
+                     f"{config.train.mixed_precision}" + ("" if config.train.frozen_weights == "mixed_precision"
+                                                          else f", frozen weights {config.train.frozen_weights}"))
     rc = config.render
     settings.add_row("training rates", f"LoRA {config.train.learning_rate:g}, embeddings "
                      f"{config.train.embedding_learning_rate:g}")
@@ -409,6 +411,10 @@ def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the Typer app and map errors to exit codes."""
     # transformers warns on every import that torchvision is missing (we never need it); keep its errors only
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # with torchao installed (train.frozen_weights), transformers and diffusers import it, and it, torch and diffusers
+    # log harmless notices about its CUDA extensions, enums and older tensor classes on every command; errors only
+    for name in ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     _sigterm_is_ctrl_c()
     argv = _take_debug_flag(list(sys.argv[1:] if argv is None else argv))
     try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from palpcompose.errors import PalpcomposeError
+from palpcompose.quantize import stored_bytes
 
 GIB = 2**30
 ACTIVATION_GIB_512_SD15 = 1.5  # measured (see above): bf16, batch 1, PALP, SD-1.5 top-level width 320
@@ -39,7 +40,7 @@ class MemoryEstimate:
 
 
 def _frozen_bytes(module) -> int:
-    return sum(p.numel() * p.element_size() for p in module.parameters() if not p.requires_grad)
+    return sum(stored_bytes(p) for p in module.parameters() if not p.requires_grad)  # 8-bit weights: 1 byte a value
 
 
 def estimate_training_memory(unet, vae, text_encoder, trained_params, *, resolution: int, batch_size: int,
@@ -63,6 +64,9 @@ def out_of_memory_message(config, mixed_precision: str, device_name: str, step: 
     if not train.low_memory:
         changes.append("set train.low_memory = true (the low-memory preset: gradient checkpointing, VAE off the GPU; "
                        "slower steps, same results)")
+    if train.frozen_weights == "mixed_precision":
+        changes.append('set train.frozen_weights = "int8" (the frozen linear weights in 8 bits: about half their '
+                       "memory, slightly different results; pip install 'palpcompose[quant]'; a fresh run)")
     if mixed_precision == "no":
         changes.append('set train.mixed_precision = "bf16" (or "fp16" on GPUs without bf16)')
     estimated = f"; {estimate.describe()}" if estimate else ""

@@ -20,7 +20,7 @@ import subprocess
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from palpcompose import distributed, models, trackers
+from palpcompose import distributed, models, quantize, trackers
 from palpcompose.checkpoint import (
     Checkpoint,
     checkpoint_folder,
@@ -113,6 +113,7 @@ def make_plan(project, *, steps: int | None = None, resume: bool = False, guidan
     check_option("--steps", "train.steps", steps)  # the range of train.steps in palp.toml
     mode = guidance or config.palp.guidance
     trackers.check_installed(config.train.log_with, project.file)  # before any work: the pip extra it needs
+    quantize.check_installed(config.train.frozen_weights, project.file)  # 8 bits: torchao (the quant extra)
     if mode != "none" and not (config.palp.target_prompt and config.palp.clean_prompt):
         raise UserError(f"{project.file}: guidance {mode!r} needs palp.target_prompt and palp.clean_prompt; set "
                         "both, or use --guidance none")

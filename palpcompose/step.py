@@ -27,6 +27,7 @@ from palpcompose.guidance import (
     predict_x0,
     v_to_eps,
 )
+from palpcompose.quantize import quantize_frozen
 from palpcompose.tokens import PlaceholderEmbedding, add_trained_tokens
 
 LORA_WEIGHT_DECAY = 1e-2  # AdamW default of diffusers' LoRA scripts
@@ -112,6 +113,7 @@ def place_and_optimize(c: models.Components, accelerator, train_cfg, lora_params
     Returns (weight_dtype, denoiser, text_encoder, optimizer, lr_scheduler)."""
     device = accelerator.device
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    quantize_frozen(c.unet, train_cfg.frozen_weights, weight_dtype)  # 8-bit frozen linears, on the CPU, if asked
     for module in (c.unet, c.vae):
         module.to(device)
         if weight_dtype != torch.float32 and not (module is c.vae and vae_fp32):

@@ -26,7 +26,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "palpcompose.choices", "palpcompose.images", "palpcompose.captions", "palpcompose.buckets",
         "palpcompose.placeholders",
         "palpcompose.tokens", "palpcompose.guidance", "palpcompose.flow_guidance", "palpcompose.conditioning",
-        "palpcompose.memory", "palpcompose.distributed", "palpcompose.trackers",
+        "palpcompose.memory", "palpcompose.distributed", "palpcompose.trackers", "palpcompose.quantize",
     )),
     ("toy world", (  # a leaf library: the toy world, its oracle and tokenizer, the demo's drawings
         "palpcompose.toyworld", "palpcompose.toyworld.world", "palpcompose.toyworld.oracle",

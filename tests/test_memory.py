@@ -64,7 +64,7 @@ def test_out_of_memory_exits_1_names_the_fixes_and_keeps_the_checkpoint(make_pro
     err = " ".join(capsys.readouterr().err.split())
     assert "ran out of memory" in err and "at step 2" in err and "Traceback" not in err
     for fix in ("train.resolution (now 16)", "train.batch_size (now 1)", "train.low_memory = true",
-                'train.mixed_precision = "bf16"', "checkpoint of step 1"):
+                'train.frozen_weights = "int8"', 'train.mixed_precision = "bf16"', "checkpoint of step 1"):
         assert fix in err, fix
     out = root / "out"
     assert json.loads((out / "manifest.json").read_text())["status"] == "failed"

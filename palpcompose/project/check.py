@@ -15,6 +15,7 @@ from palpcompose.placeholders import PLACEHOLDER
 from palpcompose.project.load import validate
 from palpcompose.project.schema import Project, ProjectConfig
 from palpcompose.project.validation import Validator, key_lines
+from palpcompose.quantize import check_installed
 from palpcompose.toyworld.world import CLASSES
 
 DEFAULT_TOKEN_LIMIT = 77  # CLIP's text encoders (SD 1.x and 2.x) read 77 tokens, start and end tokens included
@@ -43,6 +44,7 @@ def check_project(project_dir: str | Path) -> CheckReport:
         v.problem("project.base_model", source.detail)  # train and render would refuse it: so does check
     if project is None or v.problems:
         raise v.error()
+    check_installed(project.config.train.frozen_weights, project.file)  # 8 bits need torchao, as train says
     tokenizer, limit_source = _load_tokenizer(source)
     config = project.config
     prompts = config_prompts(config)

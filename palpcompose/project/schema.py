@@ -20,6 +20,7 @@ from palpcompose.choices import GUIDANCE_MODES, SCHEDULER_NAMES
 from palpcompose.models import ADAPTERS, ATTENTION_MODES, FLOW_DEFAULT_KEYS, LORA_TARGET_MODULES, TOY_DEFAULTS
 from palpcompose.placeholders import default_prompt
 from palpcompose.project.settings import ADDED_LATER, sha256_json, weight_settings
+from palpcompose.quantize import FROZEN_WEIGHTS
 from palpcompose.trackers import LOG_WITH
 
 PROJECT_FILE = "palp.toml"
@@ -159,6 +160,13 @@ class TrainConfig:
         "Flux.1 and SD 3: each subject's token is learned in T5 as well as in the CLIP encoders. `false`: T5 reads "
         "the class word instead (no backward pass through T5: less memory, weaker binding; docs/flux-sd3.md). "
         "Ignored by other models.", True, extension=True)
+    frozen_weights: str = _spec(
+        "Storage of the transformer's / UNet's frozen linear weights while training: `mixed_precision` (as "
+        "train.mixed_precision says), or 8 bits, `int8` or `fp8` (torchao weight-only: half the memory of bf16 for "
+        "those weights, slightly different results; the LoRA, the tokens and the computation keep their precision). "
+        "For Flux.1-dev on a 24 GB GPU (docs/flow-memory.md). Only training uses it: exports and render are as "
+        "usual. Needs `pip install 'palpcompose[quant]'`.", "mixed_precision", choices=FROZEN_WEIGHTS,
+        extension=True)
     low_memory: bool = _spec(
         "Low-memory preset for 8 GB GPUs: gradient checkpointing on, and the VAE kept off the GPU once the reference "
         "images are encoded (it comes back only to draw previews). Same results, slower steps.", False,

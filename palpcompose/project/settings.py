@@ -18,6 +18,7 @@ ADDED_LATER = {
     ("train", "adapter"): "lora",
     ("train", "buckets"): True,
     ("train", "captions"): True,
+    ("train", "frozen_weights"): "mixed_precision",
     ("train", "log_with"): "none",
     ("train", "t5_tokens"): True,
 }

@@ -1,0 +1,424 @@
+"""train.frozen_weights (palpcompose/quantize.py): the denoiser's frozen linear weights stored in 8 bits by torchao,
+run through an autograd Function that keeps no dequantized copy for backward; tiny models on the CPU."""
+
+from __future__ import annotations
+
+import collections
+import copy
+import importlib.util
+import io
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import to_toml, write_test_image
+from rich.console import Console
+from torch import nn
+
+from palpcompose import quantize
+from palpcompose.project.settings import changed_weight_settings
+from palpcompose.quantize import FrozenQuantLinear, quantize_frozen
+
+
+def quiet():
+    return Console(file=io.StringIO(), width=120)
+
+
+def saved_tensors(fn) -> list[torch.Tensor]:
+    """Every tensor autograd saves for backward while `fn()` runs; returns (fn's result, the saved tensors)."""
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, saved
+
+
+def layer(seed: int = 0, dtype=torch.float32) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(64, 96)).to(dtype).requires_grad_(False)
+
+
+# --- the autograd Function ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_wrapper_saves_no_copy_of_the_weight_and_computes_what_torchao_does(mode, dtype):
+    from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+
+    wrapped = layer(dtype=dtype)
+    assert quantize_frozen(wrapped, mode, dtype) == 1 and type(wrapped[0]) is FrozenQuantLinear
+    plain = layer(dtype=dtype)  # torchao alone, as docs/flow-memory.md measured it
+    quantize_(plain, Int8WeightOnlyConfig() if mode == "int8" else Float8WeightOnlyConfig())
+    weight = wrapped[0].weight
+    assert type(weight).__module__.startswith("torchao.")  # stored in 8 bits
+    dequantized = weight.dequantize().to(dtype)
+
+    x = torch.randn(5, 64, dtype=dtype, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    y, saved = saved_tensors(lambda: wrapped(x))
+    y_plain, saved_plain = saved_tensors(lambda: plain(x))
+    full = weight.numel()
+    assert any(t.numel() == full for t in saved_plain)  # torchao's own linear keeps a dequantized weight ...
+    assert not any(t.numel() >= full for t in saved)  # ... the wrapper keeps nothing of that size
+    assert torch.equal(y, y_plain)  # torchao's own kernel in forward
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
+    torch.testing.assert_close(y, F.linear(x, dequantized, wrapped[0].bias), **tol)
+
+    grad = torch.randn_like(y)
+    (grad_input,) = torch.autograd.grad(y, x, grad)
+    (grad_plain,) = torch.autograd.grad(y_plain, x, grad)
+    assert grad_input.dtype == x.dtype
+    torch.testing.assert_close(grad_input, grad @ dequantized, **tol)
+    torch.testing.assert_close(grad_input, grad_plain, **tol)
+    assert weight.grad is None and wrapped[0].bias.grad is None  # frozen: no gradient of their own
+
+
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+def test_under_autocast_the_wrapper_computes_in_the_autocast_dtype_as_nn_linear_does(mode):
+    """A layer norm's fp32 output entering a frozen linear under bf16 autocast: nn.Linear computes in bf16 and returns
+    bf16; so must the 8-bit layer (torchao's own linear would compute and return fp32: twice the activations)."""
+    plain, wrapped = layer(dtype=torch.bfloat16), layer(dtype=torch.bfloat16)
+    quantize_frozen(wrapped, mode, torch.bfloat16)
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(1), requires_grad=True)  # fp32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_plain, y = plain(x), wrapped(x)
+    assert y.dtype == y_plain.dtype == torch.bfloat16
+    torch.testing.assert_close(y, y_plain, rtol=0.1, atol=0.05)  # 8-bit rounding of the weight, in bf16
+    (grad,) = torch.autograd.grad(y.float().sum(), x)
+    assert grad.dtype == torch.float32  # the gradient reaches the fp32 input in its dtype
+
+
+def test_the_wrapper_needs_no_input_gradient_and_works_without_grad():
+    wrapped = layer()
+    quantize_frozen(wrapped, "int8", torch.float32)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        y = wrapped(x)
+    assert y.shape == (3, 96) and y.grad_fn is None
+
+
+# --- what gets quantized ------------------------------------------------------------------------------------------
+
+
+def tiny_unet(tiny_pipeline_dir, *, lora: bool = True):
+    from diffusers import UNet2DConditionModel
+
+    from palpcompose import models
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_pipeline_dir, subfolder="unet").requires_grad_(False)
+    params = []
+    if lora:
+        torch.manual_seed(0)
+        params = models.add_lora(unet, 4, 4.0)
+    return unet, params
+
+
+def test_every_frozen_linear_is_quantized_and_the_lora_is_not(tiny_pipeline_dir):
+    unet, lora_params = tiny_unet(tiny_pipeline_dir)
+    linears = [name for name, m in unet.named_modules() if isinstance(m, nn.Linear)]
+    frozen = [name for name in linears if "lora_" not in name]
+    base_layers = [name for name in frozen if name.endswith(".base_layer")]
+    assert base_layers and len(frozen) > len(base_layers)  # LoRA base layers and other frozen linears (ff, time)
+    assert quantize_frozen(unet, "mixed_precision", torch.float32) == 0  # the default changes nothing
+    assert all(type(m) is nn.Linear for m in unet.modules() if isinstance(m, nn.Linear))
+
+    assert quantize_frozen(unet, "int8", torch.bfloat16) == len(frozen)
+    modules = dict(unet.named_modules())
+    for name in frozen:
+        assert type(modules[name]) is FrozenQuantLinear, name
+        weight = modules[name].weight
+        assert type(weight).__name__ == "Int8Tensor" and weight.dtype == torch.bfloat16, name  # computes in bf16
+        assert weight.numel() <= quantize.stored_bytes(weight) < 2 * weight.numel(), name  # a byte a value + scales
+    for name in set(linears) - set(frozen):  # lora_A / lora_B: full-precision trainable parameters
+        assert type(modules[name]) is nn.Linear and type(modules[name].weight) is nn.Parameter, name
+        assert modules[name].weight.requires_grad and modules[name].weight.dtype == torch.float32, name  # left fp32
+    assert {id(p) for p in lora_params} == {id(p) for p in unet.parameters() if p.requires_grad}
+    convs = [m for m in unet.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(type(m.weight) is nn.Parameter and m.weight.dtype == torch.float32 for m in convs)  # as is
+
+
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+def test_the_lora_gradient_in_8_bits_is_close_to_full_precision(tiny_pipeline_dir, mode):
+    """One UNet forward and backward with the LoRA: its gradient (and the gradient reaching the text embeddings,
+    through the frozen cross-attention projections) with 8-bit frozen weights against the same in fp32."""
+    reference, params_ref = tiny_unet(tiny_pipeline_dir)
+    for p in params_ref:  # lora_B starts at zero: give it values so that lora_A gets a gradient too
+        p.data.normal_(0, 0.05, generator=torch.Generator().manual_seed(p.numel()))
+    quantized = copy.deepcopy(reference)
+    quantize_frozen(quantized, mode, torch.float32)
+    params_q = [p for p in quantized.parameters() if p.requires_grad]
+
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, reference.config.in_channels, 8, 8, generator=g)
+    text = torch.randn(2, 77, reference.config.cross_attention_dim, generator=g)
+    grads = []
+    for unet, params in ((reference, params_ref), (quantized, params_q)):
+        embeds = text.clone().requires_grad_(True)
+        out = unet(latents, torch.tensor([10, 500]), encoder_hidden_states=embeds).sample
+        grads.append(torch.autograd.grad(out.square().mean(), params + [embeds]))
+    flat_ref, flat_q = (torch.cat([g.flatten() for g in gs]) for gs in grads)
+    assert not torch.equal(flat_ref, flat_q)  # the 8-bit weights were used ...
+    error = ((flat_q - flat_ref).norm() / flat_ref.norm()).item()
+    assert error < 0.05, error  # ... and give about the same gradient (int8 ~0.5%, fp8 e4m3 ~3% here)
+    embed_error = ((grads[1][-1] - grads[0][-1]).norm() / grads[0][-1].norm()).item()
+    assert 0 < embed_error < 0.05, embed_error  # the tokens' gradient flows back through the wrapper
+
+
+def test_a_flux_pass_keeps_what_bf16_keeps_and_no_weight_copy(flux_dir):
+    """The tiny Flux transformer, LoRA attached, one forward with grad under bf16 autocast: with the wrapper autograd
+    keeps exactly the activations the bf16 model keeps (same shapes, dtypes and bytes); torchao's linear alone keeps
+    a bf16 copy of every frozen linear weight on top."""
+    from diffusers import FluxTransformer2DModel
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    from palpcompose import models
+
+    def saved_by(variant):
+        torch.manual_seed(0)
+        model = FluxTransformer2DModel.from_pretrained(flux_dir, subfolder="transformer").requires_grad_(False)
+        model.to(torch.bfloat16)
+        models.add_lora(model, 4, 4.0, models.family_of("flux").lora_targets)
+        linears = quantize.frozen_linears(model)
+        weight_shapes = {tuple(m.weight.shape) for _, m in linears}
+        if variant == "torchao":
+            chosen = {id(m) for _, m in linears}
+            quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda module, fqn: id(module) in chosen)
+        elif variant == "int8":
+            quantize_frozen(model, "int8", torch.bfloat16)
+        params = {id(p) for p in model.parameters()}
+        c, g = model.config, torch.Generator().manual_seed(0)
+        inputs = {"hidden_states": torch.randn(1, 16, c.in_channels, generator=g),
+                  "encoder_hidden_states": torch.randn(1, 8, c.joint_attention_dim, generator=g),
+                  "pooled_projections": torch.randn(1, c.pooled_projection_dim, generator=g),
+                  "timestep": torch.full((1,), 0.5), "guidance": torch.full((1,), 3.5),
+                  "img_ids": torch.zeros(16, 3), "txt_ids": torch.zeros(8, 3)}
+
+        def forward():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return model(**inputs, return_dict=False)[0]
+
+        _, saved = saved_tensors(forward)
+        owners = {}
+        for t in saved:
+            while t._base is not None:
+                t = t._base
+            if id(t) not in params:
+                owners[id(t)] = t
+        kept = sorted((tuple(t.shape), str(t.dtype)) for t in owners.values())
+        return kept, sum(t.numel() * t.element_size() for t in owners.values()), weight_shapes
+
+    bf16, bf16_bytes, weight_shapes = saved_by("bf16")
+    int8, int8_bytes, _ = saved_by("int8")
+    alone, alone_bytes, _ = saved_by("torchao")
+    assert int8 == bf16 and int8_bytes == bf16_bytes
+    extra = collections.Counter(alone) - collections.Counter(bf16)  # torchao alone: its weight copies (and its fp32
+    assert alone_bytes > bf16_bytes  # outputs for fp32 inputs, which autocast does not see)
+    assert any(dtype == "torch.bfloat16" and (shape in weight_shapes or shape[::-1] in weight_shapes)
+               for shape, dtype in extra)
+
+
+# --- the setting --------------------------------------------------------------------------------------------------
+
+
+def test_frozen_weights_changes_the_weights_and_reads_as_the_default_in_older_manifests():
+    older = {"train": {"steps": 2}, "palp": {"guidance": "palp"}}  # written before the key existed
+    default = {"train": {"steps": 2, "frozen_weights": "mixed_precision"}, "palp": {"guidance": "palp"}}
+    int8 = {"train": {"steps": 2, "frozen_weights": "int8"}, "palp": {"guidance": "palp"}}
+    assert changed_weight_settings(older, default) == []
+    assert changed_weight_settings(older, int8) == [("train.frozen_weights", "mixed_precision", "int8")]
+
+
+@pytest.mark.parametrize("command", ["check", "train"])
+def test_8_bits_without_torchao_is_exit_2_naming_the_setting_and_the_pip_extra(make_project, run_cli, monkeypatch,
+                                                                                 command):
+    root = make_project({"train": {"frozen_weights": "int8"}})
+    real = importlib.util.find_spec
+    monkeypatch.setattr(quantize.importlib.util, "find_spec", lambda name, *a: None if name == "torchao"
+                        else real(name, *a))
+    result = run_cli(command, root)
+    assert result.code == 2, result.err
+    assert "train.frozen_weights" in result.err and "pip install 'palpcompose[quant]'" in result.err
+    assert "Traceback" not in result.err and not (root / "out").exists()
+    root_default = make_project({}, dirname="default")  # the default needs no torchao
+    assert run_cli("check", root_default).code == 0
+
+
+# --- training -----------------------------------------------------------------------------------------------------
+
+
+def flux_project(root, base_model, **train):
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(2):
+        write_test_image(root / "refs" / f"{i}.png", seed=i, size=32)
+    config = {
+        "project": {"name": "fx", "base_model": str(base_model)},
+        "subjects": {"V1": {"class_name": "cat", "images": ["refs/*.png"]}},
+        "palp": {"target_prompt": "An oil painting of [V1]", "clean_prompt": "An oil painting of a cat"},
+        "train": {"resolution": 32, "steps": 2, "save_every": 0, "preview_every": 0, "lora_rank": 4,
+                  "learning_rate": 1e-2, "embedding_learning_rate": 1e-2, **train},
+        "render": {"seeds": [0], "steps": 2},
+    }
+    (root / "palp.toml").write_text(to_toml(config))
+    return root
+
+
+@pytest.fixture(scope="module")
+def flux_dir(tmp_path_factory):
+    from tiny_flow_pipeline import make_tiny_flux_pipeline
+
+    return make_tiny_flux_pipeline(tmp_path_factory.mktemp("flux") / "pipe", guidance_embeds=True)
+
+
+def _losses(root) -> list[float]:
+    return [json.loads(line)["loss_pers"] for line in (root / "out" / "logs" / "train.jsonl").read_text().splitlines()]
+
+
+def _spy_quantized(monkeypatch) -> list[int]:
+    """The number of layers each quantize_frozen call of the training setup stored in 8 bits."""
+    from palpcompose import step
+
+    counts = []
+
+    def spy(*args):
+        counts.append(quantize_frozen(*args))
+        return counts[-1]
+
+    monkeypatch.setattr(step, "quantize_frozen", spy)
+    return counts
+
+
+@pytest.mark.parametrize("family", ["sd", "flux"])
+def test_training_with_int8_frozen_weights_completes_records_the_setting_and_exports_the_lora(
+        family, make_project, flux_dir, tmp_path, monkeypatch, run_cli, one_thread):
+    from palpcompose.outputs import preview_path
+    from palpcompose.train import train
+    from palpcompose.weights import load_trained_weights
+
+    def project(name, **train_settings):
+        if family == "flux":
+            return flux_project(tmp_path / name, flux_dir, **train_settings)
+        return make_project({"train": {"save_every": 0, **train_settings}}, dirname=name)
+
+    counts = _spy_quantized(monkeypatch)
+    plain = project("plain")
+    train(plain, console=quiet())
+    int8 = project("int8", frozen_weights="int8", preview_every=2)  # a preview grid drawn on the 8-bit weights too
+    assert train(int8, console=quiet()).status == "completed"
+    assert counts[0] == 0 and counts[1] > 0  # the default quantized nothing; int8 its frozen linears
+    assert preview_path(int8 / "out", 2).is_file()
+    manifest = json.loads((int8 / "out" / "manifest.json").read_text())
+    assert manifest["config"]["train"]["frozen_weights"] == "int8"
+    torch.testing.assert_close(_losses(int8), _losses(plain), rtol=2e-2, atol=1e-3)  # about the same training ...
+    assert _losses(int8) != _losses(plain)  # ... on the 8-bit weights
+
+    # The trained files hold the LoRA (fp32) and the tokens, never base weights; export and render as usual
+    weights = load_trained_weights(int8 / "out" / "weights" / "final")
+    assert weights.lora and all("lora_" in key for key in weights.lora)
+    assert all(v.dtype == torch.float32 and type(v) is torch.Tensor for v in weights.lora.values())
+    assert run_cli("export", int8, "--format", "diffusers", "--out", tmp_path / "export").code == 0
+    if family == "sd":
+        assert run_cli("render", int8).code == 0
+
+
+def test_an_int8_run_resumes_bit_exactly(make_project, one_thread):
+    from palpcompose.train import train
+    from palpcompose.weights import load_trained_weights
+
+    straight = make_project({"train": {"steps": 3, "frozen_weights": "int8"}}, dirname="straight")
+    train(straight, console=quiet())
+    resumed = make_project({"train": {"steps": 3, "frozen_weights": "int8"}}, dirname="resumed")
+    train(resumed, steps=2, console=quiet())
+    train(resumed, steps=3, resume=True, console=quiet())
+    a, b = (load_trained_weights(root / "out" / "weights" / "final") for root in (straight, resumed))
+    assert a.lora.keys() == b.lora.keys() and all(torch.equal(a.lora[k], b.lora[k]) for k in a.lora)
+    assert all(torch.equal(a.embeddings[k], b.embeddings[k]) for k in a.embeddings)
+
+
+@pytest.mark.parametrize("mixed_precision", ["bf16", "fp16"])
+def test_a_mixed_precision_step_runs_on_the_8_bit_weights_in_that_dtype(flux_dir, tmp_path, mixed_precision,
+                                                                         one_thread):
+    """What a GPU run does, on the CPU (tiny Flux): frozen weights cast to the mixed-precision dtype, then stored in
+    8 bits (computing in that dtype), the step under autocast; the LoRA stays fp32 and gets a gradient."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from conftest import capture_grads, step_runner
+
+    from palpcompose import models
+    from palpcompose.flow_step import prepare_flow_state
+    from palpcompose.guidance import guidance_config
+    from palpcompose.project import load_project
+    from palpcompose.train import prepare_subjects
+
+    project = load_project(flux_project(tmp_path / "p", flux_dir, frozen_weights="int8"))
+    config = project.config
+    c = models.load_components(models.resolve_base_model(config.project.base_model, project.root))
+    tokens = models.placeholder_tokens(config.project.name, config.subjects)
+    AcceleratorState._reset_state()
+    try:
+        state = prepare_flow_state(config, c, Accelerator(mixed_precision=mixed_precision, cpu=True),
+                                   guidance_config(config), tokens)
+        dtype = state.weight_dtype
+        assert dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[mixed_precision]
+        quantized = [m for m in c.unet.modules() if type(m) is FrozenQuantLinear]
+        assert quantized and all(m.weight.dtype == dtype and m.weight.qdata.dtype == torch.int8 for m in quantized)
+        assert all(p.dtype == torch.float32 for p in state.lora_params)
+        grads = capture_grads(state)
+        logged = step_runner(state, prepare_subjects(project, config, state, tokens), batch_size=1)()
+        assert all(torch.isfinite(torch.tensor(v)) for v in logged.values())
+        assert len(grads) == len(state.lora_params) + 1  # lora_A, lora_B per layer, then the token rows
+        assert all(g and g[0].abs().sum() > 0 for g in grads[1:-1:2] + grads[-1:])  # every lora_B and the rows
+    finally:
+        AcceleratorState._reset_state()
+
+
+@pytest.mark.gpu
+def test_int8_training_on_cuda_moves_the_8_bit_weights_and_trains_like_bf16(flux_dir, tmp_path, monkeypatch):
+    """benchmarks/gpu_suite.sh `quant`: the product's path on a GPU (tiny Flux, bf16): quantized on the CPU, the 8-bit
+    weights moved to the device, the step on them; its losses near the bf16 run's."""
+    from palpcompose import step
+    from palpcompose.train import train
+
+    devices = []
+    real = step.quantize_frozen
+
+    def spy(denoiser, *args):
+        count = real(denoiser, *args)
+        devices.append({p.device.type for p in denoiser.parameters()})  # still on the CPU when quantized
+        return count
+
+    monkeypatch.setattr(step, "quantize_frozen", spy)
+    plain = flux_project(tmp_path / "plain", flux_dir, steps=3, mixed_precision="bf16")
+    int8 = flux_project(tmp_path / "int8", flux_dir, steps=3, mixed_precision="bf16", frozen_weights="int8")
+    train(plain, console=quiet())
+    assert train(int8, console=quiet()).status == "completed"
+    assert devices == [{"cpu"}, {"cpu"}]
+    manifest = json.loads((int8 / "out" / "manifest.json").read_text())
+    assert manifest["device"].startswith("cuda") and manifest["config"]["train"]["frozen_weights"] == "int8"
+    torch.testing.assert_close(_losses(int8), _losses(plain), rtol=5e-2, atol=1e-2)
+
+
+def test_two_processes_train_on_int8_frozen_weights(make_project, tmp_path):
+    """torchrun, 2 CPU processes: DistributedDataParallel skips the 8-bit weights (it cannot broadcast torchao's
+    tensors; each process quantizes the same base model to the same values) and averages the LoRA's gradients."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = make_project({"train": {"steps": 2, "save_every": 0, "frozen_weights": "int8"}})
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error", "HF_HOME": str(tmp_path / "hf"),
+           "HF_HUB_OFFLINE": "1", "PYTHONPATH": f"{repo}{os.pathsep}{repo / 'tests'}"}
+    env.pop("PALP_DEBUG", None)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "palpcompose.cli", "train", str(root)], env=env, capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    manifest = json.loads((root / "out" / "manifest.json").read_text())
+    assert manifest["status"] == "completed" and manifest["num_processes"] == 2
+    assert manifest["config"]["train"]["frozen_weights"] == "int8"
