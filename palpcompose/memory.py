@@ -45,9 +45,14 @@ def _frozen_bytes(module) -> int:
 
 def estimate_training_memory(unet, vae, text_encoder, trained_params, *, resolution: int, batch_size: int,
                              half_precision: bool, gradient_checkpointing: bool,
-                             vae_on_device: bool = True) -> MemoryEstimate:
+                             vae_on_device: bool = True) -> MemoryEstimate | None:
     """Peak GPU memory of `training_step` for these (already prepared) modules and settings, in GiB.
-    `vae_on_device` False: train.low_memory, the VAE waits in host memory during the steps."""
+    `vae_on_device` False: train.low_memory, the VAE waits in host memory during the steps.
+    None for a denoiser that is not a UNet (Flux.1, SD 3 transformers): the activation term scales one SD 1.5
+    measurement by the UNet's width and has nothing to say about a transformer (docs/flow-memory.md estimates those
+    offline)."""
+    if "block_out_channels" not in unet.config:
+        return None
     weights = _frozen_bytes(unet) + (_frozen_bytes(vae) if vae_on_device else 0) + _frozen_bytes(text_encoder)
     trainable = sum(p.numel() for p in trained_params) * ADAMW_BYTES_PER_TRAINED_VALUE
     top_width = unet.config.block_out_channels[0]

@@ -151,7 +151,9 @@ def setup(plan: Plan, record: RunRecord, components: models.Components, accelera
             gradient_checkpointing=config.train.recomputes_activations,
             vae_on_device=not (config.train.low_memory or components.flow))
         total = torch.cuda.get_device_properties(accelerator.device).total_memory / 2**30
-        console.print(f"{estimate.describe()}; this GPU has {total:.1f} GiB")
+        console.print(f"{estimate.describe()}; this GPU has {total:.1f} GiB" if estimate else
+                      f"no memory estimate for this model's transformer (docs/flow-memory.md has the published "
+                      f"models' tables); this GPU has {total:.1f} GiB")
     subjects = prepare_subjects(plan.project, config, state, tokens)
     if components.flow:  # the VAE, and the encoders without a learned token once they have encoded the run's prompts
         for key in offload_idle_modules(state, config, tokens, subjects):

@@ -47,6 +47,16 @@ def test_estimate_counts_weights_and_trained_values_and_scales_activations(tiny_
     assert "estimate" in base.describe() and f"{base.total_gib:.1f} GiB" in base.describe()
 
 
+def test_a_flow_transformer_gets_no_unet_estimate_instead_of_a_crash(tmp_path):
+    """train's CUDA setup asks for the estimate before the first step: for a Flux.1 / SD 3 transformer (no UNet
+    block widths) it says there is none, where it used to raise AttributeError and stop the run."""
+    from tiny_flow_pipeline import make_tiny_flux_pipeline
+
+    c = models.load_components(models.resolve_base_model(str(make_tiny_flux_pipeline(tmp_path / "flux"))))
+    assert memory.estimate_training_memory(c.unet, c.vae, c.text_encoder, [], resolution=32, batch_size=1,
+                                           half_precision=True, gradient_checkpointing=False) is None
+
+
 def test_out_of_memory_exits_1_names_the_fixes_and_keeps_the_checkpoint(make_project, monkeypatch, capsys):
     root = make_project({"train": {"steps": 2, "save_every": 1}})
     real_step, calls = train_mod.training_step, []
