@@ -157,7 +157,8 @@ def cmd_probe(args) -> None:
     from tools.toyworld.probe import run_probe
 
     torch.set_num_threads(args.threads)
-    run_probe(Path(args.out), n_subjects=args.subjects, steps=args.steps, batch=args.batch)
+    freq = tuple(float(v) for v in args.pattern_freq.split(",")) if args.pattern_freq else None
+    run_probe(Path(args.out), n_subjects=args.subjects, steps=args.steps, batch=args.batch, pattern_freq=freq)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -223,6 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--subjects", type=int, default=4)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--pattern-freq", default=None, help="LO,HI periods per object radius (default: the world's)")
     p.add_argument("--threads", type=int, default=2)
     p.set_defaults(func=cmd_probe)
     args = parser.parse_args(argv)

@@ -12,6 +12,7 @@ Writes DIR/probe.json (per subject and the mean per head: before, after, bound) 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -52,11 +53,13 @@ def read_renders(pipe, oracle, subject, n: int) -> tuple[dict, torch.Tensor]:
 
 
 @torch.no_grad()
-def read_reconstructions(pipe, oracle, subject, n: int) -> dict:
+def read_reconstructions(pipe, oracle, subject, n: int) -> tuple[dict, dict]:
+    """The oracle on the VAE's reconstructions (the bound) and on the clean world renders themselves."""
     g = torch.Generator().manual_seed(subject.seed)
     images = world.render(world.subject_scenes(subject, n, g), g)
     rec = ((pipe.vae.decode(pipe.vae.encode(images * 2 - 1).latent_dist.mean).sample + 1) / 2).clamp(0, 1)
-    return _head_means(ceiling.identity_probs(oracle, rec, subject)[0])
+    return _head_means(ceiling.identity_probs(oracle, rec, subject)[0]), \
+        _head_means(ceiling.identity_probs(oracle, images, subject)[0])
 
 
 def fine_tune(pipe, subject, steps: int, batch: int, lr: float, log) -> None:
@@ -91,8 +94,17 @@ def fine_tune(pipe, subject, steps: int, batch: int, lr: float, log) -> None:
     unet.eval()
 
 
+def with_pattern_freq(subject: world.Subject, freq_range: tuple[float, float] | None) -> world.Subject:
+    """The subject with its pattern frequency moved from the world's 1.8-2.6 periods per object radius into
+    `freq_range`, at the same relative place (None: unchanged). A world with coarser patterns, for the probe."""
+    if freq_range is None:
+        return subject
+    lo, hi = freq_range
+    return dataclasses.replace(subject, pattern_freq=lo + (hi - lo) * (subject.pattern_freq - 1.8) / 0.8)
+
+
 def run_probe(out: Path, n_subjects: int = 4, steps: int = 300, batch: int = 16, lr: float = 1e-4,
-              n_images: int = 16) -> dict:
+              n_images: int = 16, pattern_freq: tuple[float, float] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     oracle = oracle_mod.load_oracle()
     rows, strips = [], []
@@ -101,23 +113,25 @@ def run_probe(out: Path, n_subjects: int = 4, steps: int = 300, batch: int = 16,
         print(json.dumps(record), flush=True)
 
     for i in range(n_subjects):
-        subject = world.subject_from_seed(FIRST_SEED + i, COLOR2)
+        subject = with_pattern_freq(world.subject_from_seed(FIRST_SEED + i, COLOR2), pattern_freq)
         torch.manual_seed(subject.seed)
         pipe = load_toy_pipeline()
         before, before_images = read_renders(pipe, oracle, subject, n_images)
-        bound = read_reconstructions(pipe, oracle, subject, n_images)
+        bound, clean = read_reconstructions(pipe, oracle, subject, n_images)
         fine_tune(pipe, subject, steps, batch, lr, log)
         after, after_images = read_renders(pipe, oracle, subject, n_images)
         row = {"seed": subject.seed, "prompt": described_prompt(subject), "before": before, "after": after,
-               "vae_bound": bound}
+               "vae_bound": bound,
+               "clean": clean}
         log(row)
         rows.append(row)
         g = torch.Generator().manual_seed(subject.seed)
         refs = world.render(world.subject_scenes(subject, 4, g), g)
         strips.append(torch.cat([refs, before_images[:4], after_images[:4]]))
     summary = {part: {h: round(sum(r[part][h] for r in rows) / len(rows), 4) for h in HEADS}
-               for part in ("before", "after", "vae_bound")}
+               for part in ("before", "after", "vae_bound", "clean")}
     report = {"design": "docs/toyworld.md, 'The capacity probe'", "steps": steps, "batch": batch, "lr": lr,
+              "pattern_freq": pattern_freq,
               "subjects": rows, "mean": summary}
     atomic_write_text(out / "probe.json", json.dumps(report, indent=2) + "\n")
     grid = torch.cat([torch.cat(list(s), dim=2) for s in strips], dim=1)  # rows: subjects; refs | v1 | fine-tuned
