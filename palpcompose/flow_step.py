@@ -48,8 +48,9 @@ def prepare_flow_state(config, components: models.Components, accelerator, guida
                                   adapter=train_cfg.adapter)
     if train_cfg.recomputes_activations:
         c.unet.enable_gradient_checkpointing()
+    idle = [e for e, holds in zip(encoders.encoders, encoders.with_tokens, strict=True) if not holds]  # T5, no tokens
     weight_dtype, unet, text_encoder, optimizer, lr_scheduler = place_and_optimize(
-        c, accelerator, train_cfg, lora_params, token_embedding)
+        c, accelerator, train_cfg, lora_params, token_embedding, idle_encoders=idle)
     with torch.no_grad():
         null_cond = None if distilled(c) else c.text_encoder(c.tokenize([""])).detach()
         clean_cond = None

@@ -106,21 +106,25 @@ def prepare_state(config, components: models.Components, accelerator, guidance_c
 
 
 def place_and_optimize(c: models.Components, accelerator, train_cfg, lora_params: list, token_embedding, *,
-                       vae_fp32: bool = False):
+                       vae_fp32: bool = False, idle_encoders=()):
     """Frozen weights on the device in the mixed-precision dtype (the VAE kept fp32 when `vae_fp32`), trainable ones
     (LoRA, the placeholder rows) in fp32; AdamW over the LoRA and the rows; everything through accelerator.prepare.
     Shared by every family's setup (prepare_state here, flow_step's for Flux.1 / SD 3).
+    `idle_encoders`: text encoders that hold no trained token (a flow family's T5 with `train.t5_tokens = false`);
+    they go to the mixed-precision dtype too, as diffusers' Flux LoRA script does with its frozen T5. Every module is
+    cast in host memory before it moves, so the device never holds an fp32 copy of a frozen model (Flux.1-dev's
+    transformer: 44 GiB in fp32, 22 in bf16).
     Returns (weight_dtype, denoiser, text_encoder, optimizer, lr_scheduler)."""
     device = accelerator.device
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     quantize_frozen(c.unet, train_cfg.frozen_weights, weight_dtype)  # 8-bit frozen linears, on the CPU, if asked
-    for module in (c.unet, c.vae):
-        module.to(device)
+    for module in (c.unet, c.vae, *idle_encoders):
         if weight_dtype != torch.float32 and not (module is c.vae and vae_fp32):
             module.to(dtype=weight_dtype)
+    for module in (c.unet, c.vae, c.text_encoder):  # the idle encoders are parts of the text encoder
+        module.to(device)
     for p in lora_params:
         p.data = p.data.float()
-    c.text_encoder.to(device)
     optimizer = torch.optim.AdamW([
         {"params": lora_params, "lr": train_cfg.learning_rate, "weight_decay": LORA_WEIGHT_DECAY},
         {"params": [token_embedding.rows], "lr": train_cfg.embedding_learning_rate,

@@ -188,3 +188,34 @@ def test_two_processes_train_with_t5_off_the_device(bases, tmp_path):
     manifest = json.loads((root / "out" / "manifest.json").read_text())
     assert manifest["status"] == "completed" and manifest["num_processes"] == 2
     assert list((root / "out" / "previews").glob("*.png"))
+
+
+@pytest.mark.parametrize("t5_tokens", [False, True])
+def test_under_mixed_precision_an_idle_t5_is_cast_like_the_transformer_and_a_training_one_stays_fp32(
+        bases, tmp_path, t5_tokens):
+    """What a bf16 GPU run does, on the CPU (tiny Flux): T5 without a learned token joins the transformer in bf16
+    (cast in host memory before it moves, so the device never holds its fp32 copy: 17.7 GiB for T5-XXL); with
+    t5_tokens it trains a row and stays fp32, as the CLIP encoder does."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from palpcompose import models
+    from palpcompose.flow_step import prepare_flow_state
+    from palpcompose.guidance import guidance_config
+    from palpcompose.project import load_project
+
+    config = load_project(project(tmp_path / "p", bases["flux"], t5_tokens=t5_tokens)).config
+    c = models.load_components(models.resolve_base_model(config.project.base_model))
+    tokens = models.placeholder_tokens(config.project.name, config.subjects)
+    AcceleratorState._reset_state()
+    try:
+        state = prepare_flow_state(config, c, Accelerator(mixed_precision="bf16", cpu=True), guidance_config(config),
+                                   tokens)
+        kinds = {slot.kind: encoder for slot, encoder in zip(c.text_encoder.slots, c.text_encoder.encoders)}
+        frozen_dtypes = {kind: {p.dtype for p in e.parameters() if not p.requires_grad} for kind, e in kinds.items()}
+        assert frozen_dtypes["t5"] == ({torch.float32} if t5_tokens else {torch.bfloat16})
+        assert frozen_dtypes["clip"] == {torch.float32}
+        assert state.token_embedding.rows.dtype == torch.float32
+        assert {p.dtype for p in c.unet.parameters() if not p.requires_grad} == {torch.bfloat16}
+    finally:
+        AcceleratorState._reset_state()
