@@ -24,9 +24,9 @@ from palpcompose.flow_guidance import (
     guided_velocity,
     predict_x0,
 )
-from palpcompose.guidance import GuidanceConfig, PalpGuidance, check_finite
+from palpcompose.guidance import GuidanceConfig, PalpGuidance
 from palpcompose.models.flow import training_sigmas
-from palpcompose.step import TrainState, adapters, gradient_norms, place_and_optimize
+from palpcompose.step import TrainState, adapters, place_and_optimize, update
 from palpcompose.tokens import add_trained_tokens
 
 
@@ -115,12 +115,4 @@ def flow_training_step(state: TrainState, batch: Batch) -> dict[str, float]:
             terms.update(state.guidance(x0_hat=x0_hat, noise=noise, level=sigma, denoise=denoise,
                                         fresh_noise=batch.fresh_noise.to(device)))
             loss = loss + config.weight * terms["loss_align"]  # flow step 7
-        terms.update(gradient_norms(terms, config.weight, v_hat))
-        check_finite("the training loss", loss)
-        acc.backward(loss)
-        if acc.sync_gradients and state.max_grad_norm > 0:
-            acc.clip_grad_norm_(state.lora_params + [state.token_embedding.rows], state.max_grad_norm)
-        state.optimizer.step()
-        state.lr_scheduler.step()
-        state.optimizer.zero_grad(set_to_none=True)
-    return dict(zip(terms, torch.stack([v.detach().float() for v in terms.values()]).tolist(), strict=True))
+        return update(state, loss, terms, v_hat)

@@ -275,13 +275,21 @@ def training_step(state: TrainState, batch: Batch) -> dict[str, float]:
             terms.update(state.guidance(x0_hat=x0_hat, noise=noise, level=abar_t, denoise=denoise,
                                         fresh_noise=batch.fresh_noise.to(device)))
             loss = loss + state.guidance.config.weight * terms["loss_align"]  # step 7
-        terms.update(gradient_norms(terms, state.guidance.config.weight, model_pred))
-        check_finite("the training loss", loss)
-        acc.backward(loss)
-        if acc.sync_gradients and state.max_grad_norm > 0:
-            acc.clip_grad_norm_(state.lora_params + [state.token_embedding.rows], state.max_grad_norm)
-        state.optimizer.step()
-        state.lr_scheduler.step()
-        state.optimizer.zero_grad(set_to_none=True)
+        return update(state, loss, terms, model_pred)
+
+
+def update(state: TrainState, loss: torch.Tensor, terms: dict[str, torch.Tensor],
+           prediction: torch.Tensor) -> dict[str, float]:
+    """Step 7's update, shared by every family's step (called inside its `accelerator.accumulate`): the gradient
+    norms logged, backward, clipping when gradients sync, AdamW and the LR schedule; returns the logged values."""
+    acc = state.accelerator
+    terms.update(gradient_norms(terms, state.guidance.config.weight, prediction))
+    check_finite("the training loss", loss)
+    acc.backward(loss)
+    if acc.sync_gradients and state.max_grad_norm > 0:
+        acc.clip_grad_norm_(state.lora_params + [state.token_embedding.rows], state.max_grad_norm)
+    state.optimizer.step()
+    state.lr_scheduler.step()
+    state.optimizer.zero_grad(set_to_none=True)
     # One device-to-host copy for all the logged values (each float(tensor) would wait for the GPU on its own)
     return dict(zip(terms, torch.stack([v.detach().float() for v in terms.values()]).tolist(), strict=True))
