@@ -9,9 +9,9 @@ import json
 import shutil
 
 import pytest
-from conftest import to_toml, write_test_image
+from conftest import write_test_image
 from rich.console import Console
-from tiny_flow_pipeline import make_tiny_flux_pipeline, make_tiny_sd3_pipeline
+from tiny_flow_pipeline import flow_project, make_tiny_flux_pipeline, make_tiny_sd3_pipeline
 
 from palpcompose.errors import UserError
 from palpcompose.models import detect_family, resolve_base_model
@@ -29,23 +29,6 @@ def sd3_dir(tmp_path_factory):
 
 def quiet():
     return Console(file=io.StringIO(), width=120)
-
-
-def flow_project(root, base_model, **train):
-    root.mkdir(parents=True, exist_ok=True)
-    for i in range(2):
-        write_test_image(root / "refs" / f"{i}.png", seed=i, size=32)
-    config = {
-        "project": {"name": "fx", "base_model": str(base_model)},
-        "subjects": {"V1": {"class_name": "cat", "images": ["refs/*.png"]}},
-        "palp": {"target_prompt": "An oil painting of [V1]", "clean_prompt": "An oil painting of a cat"},
-        "train": {"resolution": 32, "steps": 2, "save_every": 1, "preview_every": 0, "lora_rank": 4,
-                  "learning_rate": 1e-2, "embedding_learning_rate": 1e-2, **train},
-        "render": {"seeds": [0], "steps": 2},
-    }
-    config["train"] = {k: v for k, v in config["train"].items() if v is not None}  # None: the model's default
-    (root / "palp.toml").write_text(to_toml(config))
-    return root
 
 
 def _edit_json(path, **changes):

@@ -12,8 +12,8 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import to_toml, write_test_image
 from rich.console import Console
+from tiny_flow_pipeline import flow_project
 from torch import nn
 
 from palpcompose import quantize
@@ -252,19 +252,8 @@ def test_8_bits_without_torchao_is_exit_2_naming_the_setting_and_the_pip_extra(m
 
 
 def flux_project(root, base_model, **train):
-    root.mkdir(parents=True, exist_ok=True)
-    for i in range(2):
-        write_test_image(root / "refs" / f"{i}.png", seed=i, size=32)
-    config = {
-        "project": {"name": "fx", "base_model": str(base_model)},
-        "subjects": {"V1": {"class_name": "cat", "images": ["refs/*.png"]}},
-        "palp": {"target_prompt": "An oil painting of [V1]", "clean_prompt": "An oil painting of a cat"},
-        "train": {"resolution": 32, "steps": 2, "save_every": 0, "preview_every": 0, "lora_rank": 4,
-                  "learning_rate": 1e-2, "embedding_learning_rate": 1e-2, **train},
-        "render": {"seeds": [0], "steps": 2},
-    }
-    (root / "palp.toml").write_text(to_toml(config))
-    return root
+    """tiny_flow_pipeline.flow_project without snapshots."""
+    return flow_project(root, base_model, **{"save_every": 0, **train})
 
 
 @pytest.fixture(scope="module")

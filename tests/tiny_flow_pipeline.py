@@ -161,3 +161,24 @@ def make_tiny_sd3_pipeline(folder: str | Path) -> Path:
     pipe.save_pretrained(folder, safe_serialization=True)
     shutil.rmtree(tok_dir)
     return folder
+
+
+def flow_project(root, base_model, **train):
+    """A one-subject project on a tiny flow pipeline: two 32-px references, 2 steps, a snapshot every step, rank 4;
+    `train` overrides the [train] table (None: leave the key out, so the model's default applies)."""
+    from conftest import to_toml, write_test_image
+
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(2):
+        write_test_image(root / "refs" / f"{i}.png", seed=i, size=32)
+    config = {
+        "project": {"name": "fx", "base_model": str(base_model)},
+        "subjects": {"V1": {"class_name": "cat", "images": ["refs/*.png"]}},
+        "palp": {"target_prompt": "An oil painting of [V1]", "clean_prompt": "An oil painting of a cat"},
+        "train": {"resolution": 32, "steps": 2, "save_every": 1, "preview_every": 0, "lora_rank": 4,
+                  "learning_rate": 1e-2, "embedding_learning_rate": 1e-2, **train},
+        "render": {"seeds": [0], "steps": 2},
+    }
+    config["train"] = {k: v for k, v in config["train"].items() if v is not None}  # None: the model's default
+    (root / "palp.toml").write_text(to_toml(config))
+    return root
