@@ -31,7 +31,7 @@ COLOR2 = ("white", "black")
 
 
 def described_prompt(subject: world.Subject) -> str:
-    return world.compose_prompt("photo", subject.describe()["description"], "day")
+    return ceiling.subject_prompts(subject, "photo", "day")[0]  # the gate's own wording (with "an orange ...")
 
 
 def load_toy_pipeline():
