@@ -162,8 +162,14 @@ def test_bad_folders_are_refused_before_anything_is_written(ckpt, finished, tmp_
         tools_main(["readout", "--ckpt", str(ckpt), "--out", str(finished[0])])
     assert exc.value.code == 2 and "--resume" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
-        tools_main(["readout", "--ckpt", str(ckpt), "--out", str(tmp_path / "a"), "--decoder-steps", "0"])
+        tools_main(["readout", "--ckpt", str(ckpt), "--out", str(tmp_path / "a"), "--oracle-steps", "0"])
     assert exc.value.code == 2 and "at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # builtin:toy must be told which world to be read on
+        tools_main(["readout", "--ckpt", "builtin:toy", "--out", str(tmp_path / "a")])
+    assert exc.value.code == 2 and "--world" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # a checkpoint's world is its own
+        tools_main(["readout", "--ckpt", str(ckpt), "--out", str(tmp_path / "a"), "--world", "v2b"])
+    assert exc.value.code == 2 and "trained on world v2" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:  # a resumed read-out keeps its recorded sizes
         tools_main(["readout", "--ckpt", str(ckpt), "--out", str(finished[0]), "--resume", "--oracle-steps", "9"])
     assert exc.value.code == 2 and "recorded" in capsys.readouterr().err
@@ -172,7 +178,7 @@ def test_bad_folders_are_refused_before_anything_is_written(ckpt, finished, tmp_
     (v1 / "state.json").write_text(json.dumps({"config": {}, "scaling_factor": 1.0}))
     with pytest.raises(SystemExit) as exc:
         tools_main(["readout", "--ckpt", str(v1), "--out", str(tmp_path / "b")])
-    assert exc.value.code == 2 and "v2-world" in capsys.readouterr().err
+    assert exc.value.code == 2 and "v1's" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
@@ -227,3 +233,35 @@ def test_oracle_accuracy_measures_the_oracle_it_is_given(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         toyworld_main(["oracle-accuracy", "--images", "4", "--oracle", str(tmp_path / "none.safetensors")])
     assert exc.value.code == 2
+
+
+def test_the_oracle_alone_on_builtin_toy_in_the_v2b_world(tmp_path):
+    """--ckpt builtin:toy --world v2b --decoder-steps 0: the decoder is the shipped one bit for bit, only the oracle
+    trains, on v1 and v2b renders (v2b's objects drawn at its larger scale), and the v2b held-out set is measured."""
+    from tools.toyworld.worlds import WORLDS
+
+    drawn = []
+    real = readout.render
+
+    def spy(n, g, w, solid_fraction):
+        drawn.append(w.name)
+        s, images = real(n, g, w, solid_fraction)
+        assert float(s.scale.min()) >= w.object_scale[0] and float(s.scale.max()) <= w.object_scale[1]
+        return s, images
+
+    out = tmp_path / "ro"
+    cfg = replace(TINY, decoder_steps=0)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(readout, "render", spy)
+        result = readout.run_readout("builtin:toy", out, minutes=60, cfg=cfg, world_name="v2b")
+    assert result["done"] and result["decoder_step"] == 0 and result["oracle_step"] == TINY.oracle_steps
+    assert set(drawn) == {"v1", "v2b"} and WORLDS["v2b"].object_scale[0] >= WORLDS["v1"].object_scale[1]
+    state = json.loads((out / "state.json").read_text())
+    assert state["source"]["world"] == "v2b" and state["config"]["world"] == "v2b"
+    assert "after_decoder" not in state["measurements"]
+    assert set(state["measurements"]["after"]["clean"]) == {"v1", "v2", "v2b"}
+    vae_before = readout.load_source("builtin:toy", "v2b")[0].state_dict()
+    tuned = load_sharded(out, "vae")
+    assert all(torch.equal(tuned[k], v) for k, v in vae_before.items())
+    oracle_before = readout.load_source("builtin:toy", "v2b")[1].state_dict()
+    assert any(not torch.equal(load_sharded(out, "oracle")[k], v) for k, v in oracle_before.items())

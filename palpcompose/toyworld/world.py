@@ -21,6 +21,9 @@ import torch
 import torch.nn.functional as F
 
 SIZE = 64
+# The object's radius as a fraction of the half-frame (v1's world; a world may draw larger objects, whose pattern,
+# drawn in object units, grows with them: docs/toyworld.md, "v2b").
+OBJECT_SCALE = (0.30, 0.50)
 
 CLASSES = ("circle", "square", "triangle", "star", "cross", "heart")
 COLORS = ("red", "orange", "yellow", "green", "blue", "purple")
@@ -131,9 +134,11 @@ def check_color2_choices(color2_choices) -> tuple[str, ...] | None:
     return choices
 
 
-def sample_layout(n: int, g: torch.Generator, device="cpu") -> dict[str, torch.Tensor]:
-    """Random placement, scale, rotation and background details for `n` scenes."""
-    scale = _uniform(n, 0.30, 0.50, g, device)
+def sample_layout(n: int, g: torch.Generator, device="cpu",
+                  object_scale: tuple[float, float] = OBJECT_SCALE) -> dict[str, torch.Tensor]:
+    """Random placement, scale, rotation and background details for `n` scenes. `object_scale`: the range of the
+    object's radius as a fraction of the half-frame (the pattern, in object units, scales with it)."""
+    scale = _uniform(n, *object_scale, g, device)
     limit = 0.92 - scale
     center = (torch.rand((n, 2), generator=g, device=device) * 2 - 1) * limit[:, None]
     return {
@@ -156,11 +161,13 @@ def sample_scenes(
     exclude_held_out_subjects: bool = True,
     solid_fraction: float = 0.4,
     color2_choices: tuple[str, ...] | None = None,
+    object_scale: tuple[float, float] = OBJECT_SCALE,
 ) -> Scenes:
     """Random scenes. `styles` restricts the styles used (names); by default the held-out subjects' combinations are
     replaced by solid objects, so a base model trained on these scenes never sees a held-out subject.
     `color2_choices` (None: v1's world) restricts second colours, e.g. to ("white", "black") (`check_color2_choices`);
-    held-out subjects are then those `subject_from_seed(seed, color2_choices)` gives."""
+    held-out subjects are then those `subject_from_seed(seed, color2_choices)` gives. `object_scale` as in
+    `sample_layout`."""
     color2_choices = check_color2_choices(color2_choices)
     style_ids = torch.tensor([ALL_STYLES.index(s) for s in styles], device=device)
     cls = torch.randint(len(CLASSES), (n,), generator=g, device=device)
@@ -180,7 +187,7 @@ def sample_scenes(
         held = _held_out_table(device, color2_choices)[_combo_id(cls, color, pattern, color2)]
         pattern = torch.where(held, 0, pattern)
     return Scenes(cls=cls, color=color, pattern=pattern, color2=color2, style=style, ambiance=ambiance,
-                  **sample_layout(n, g, device))
+                  **sample_layout(n, g, device, object_scale))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -234,13 +241,15 @@ def subject_from_seed(seed: int, color2_choices: tuple[str, ...] | None = None) 
     return Subject(seed, cls, color, pattern, color2, freq, angle)
 
 
-def subject_scenes(subject: Subject, n: int, g: torch.Generator, style="photo", ambiance="day", device="cpu") -> Scenes:
-    """`n` scenes of `subject` at varied placements, in one style and ambiance (photo-like by default)."""
+def subject_scenes(subject: Subject, n: int, g: torch.Generator, style="photo", ambiance="day", device="cpu",
+                   object_scale: tuple[float, float] = OBJECT_SCALE) -> Scenes:
+    """`n` scenes of `subject` at varied placements, in one style and ambiance (photo-like by default);
+    `object_scale` as in `sample_layout`."""
 
     def full(v, dtype=torch.long):
         return torch.full((n,), v, dtype=dtype, device=device)
 
-    layout = sample_layout(n, g, device)
+    layout = sample_layout(n, g, device, object_scale)
     layout["pattern_freq"] = full(subject.pattern_freq, torch.float32)
     layout["pattern_angle"] = full(subject.pattern_angle, torch.float32)
     return Scenes(cls=full(subject.cls), color=full(subject.color), pattern=full(subject.pattern),

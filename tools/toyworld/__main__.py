@@ -1,6 +1,7 @@
 """`python -m tools.toyworld COMMAND`: the tooling that makes `builtin:toy` (not part of the product).
 
-  train-base --out DIR --device D --minutes M [--resume CKPT] [--recipe v1|v2]   train the base model
+  train-base --out DIR --device D --minutes M [--resume CKPT] [--recipe v1|v2|v2b] [--oracle-from DIR]
+                                                                                 train the base model
   export-base --ckpt DIR [--dest FOLDER] [--oracle FILE] [--readout DIR2]   write the diffusers folder and oracle
   readout --ckpt DIR --out DIR2 [--minutes M] [--threads N] [--resume]   fine-tune the VAE decoder, then the oracle
   eval-base [--model FOLDER] [--prompts N] [--steps K] [--guidance-scale G]   the old bar: oracle on N prompts
@@ -39,6 +40,12 @@ def cmd_train_base(args) -> None:
         cfg = config_from_state(saved.get("config", {}))
     else:
         cfg = RECIPES[args.recipe]
+        if args.oracle_from:
+            if not cfg.init_from:
+                raise UserError(f"--oracle-from: recipe {args.recipe} trains its own oracle; it is for warm starts")
+            cfg = replace(cfg, oracle_from=str(Path(args.oracle_from).resolve()))
+    if args.oracle_from and resume is not None:
+        raise UserError("--oracle-from sets up a new run; a resumed run goes on with the oracle it recorded")
     if args.threads:
         import torch
 
@@ -83,14 +90,18 @@ def cmd_readout(args) -> None:
     cfg = replace(ReadoutConfig(), **SMOKE) if args.smoke else ReadoutConfig()
     sizes = {k: v for k, v in (("decoder_steps", args.decoder_steps), ("oracle_steps", args.oracle_steps),
                                ("eval_images", args.eval_images)) if v is not None}
-    if any(v < 1 for v in sizes.values()):
-        raise UserError("--decoder-steps, --oracle-steps and --eval-images must be at least 1")
+    if any(v < (0 if k == "decoder_steps" else 1) for k, v in sizes.items()):
+        raise UserError("--oracle-steps and --eval-images must be at least 1, --decoder-steps at least 0 (0: keep "
+                        "the decoder, tune the oracle only)")
+    if args.world and args.resume:
+        raise UserError("--world sets up a new read-out; a resumed one goes on with the world it recorded")
     if sizes and args.resume:
         raise UserError("--decoder-steps/--oracle-steps/--eval-images set a new read-out; a resumed one goes on with "
                         "the sizes it recorded (drop them, or start another --out)")
     cfg = replace(cfg, **sizes)
-    result = run_readout(Path(args.ckpt), Path(args.out), args.minutes, args.resume, cfg,
-                         stop_after_steps=args.stop_after_steps)
+    ckpt = args.ckpt if args.ckpt == "builtin:toy" else Path(args.ckpt)
+    result = run_readout(ckpt, Path(args.out), args.minutes, args.resume, cfg,
+                         stop_after_steps=args.stop_after_steps, world_name=args.world)
     print(json.dumps(result, indent=2))
     if result["done"] and not result["guard"]["passed"]:
         raise GuardFailed(f"the fine-tuned oracle reads clean renders worse than before: {result['guard']['dropped']}; "
@@ -158,7 +169,11 @@ def cmd_probe(args) -> None:
 
     torch.set_num_threads(args.threads)
     freq = tuple(float(v) for v in args.pattern_freq.split(",")) if args.pattern_freq else None
-    run_probe(Path(args.out), n_subjects=args.subjects, steps=args.steps, batch=args.batch, pattern_freq=freq)
+    oracle_dir = Path(args.oracle) if args.oracle else None
+    if oracle_dir is not None and not any(oracle_dir.glob("oracle-*.safetensors")):
+        raise UserError(f"--oracle {oracle_dir}: no oracle-*.safetensors there; pass a read-out folder")
+    run_probe(Path(args.out), n_subjects=args.subjects, steps=args.steps, batch=args.batch, pattern_freq=freq,
+              world_name=args.world, oracle_dir=oracle_dir)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -175,8 +190,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--more-oracle-minutes", type=float, default=0.0,
                    help="with --resume: train the already trained oracle this much longer")
     p.add_argument("--smoke", action="store_true", help="tiny batches: a quick end-to-end check of the script")
-    p.add_argument("--recipe", choices=["v1", "v2"], default="v1",
+    p.add_argument("--recipe", choices=["v1", "v2", "v2b"], default="v1",
                    help="training recipe (ignored with --resume: the checkpoint's recipe goes on)")
+    p.add_argument("--oracle-from", default=None, help="a finished read-out folder whose oracle the gates read "
+                   "(warm-start recipes; default: the shipped oracle)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.set_defaults(func=cmd_train_base)
     p = sub.add_parser("export-base", help="write the shipped diffusers folder from a checkpoint")
@@ -187,7 +204,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--readout", default=None, help="a finished read-out folder: its VAE decoder and oracle")
     p.set_defaults(func=cmd_export_base)
     p = sub.add_parser("readout", help="fine-tune the VAE decoder, then the oracle, on a checkpoint's world")
-    p.add_argument("--ckpt", required=True, help="the train-base checkpoint (read only)")
+    p.add_argument("--ckpt", required=True, help="the train-base checkpoint (read only), or builtin:toy (its VAE "
+                   "and the shipped oracle; needs --world)")
+    p.add_argument("--world", default=None, choices=["v2", "v2b"],
+                   help="with --ckpt builtin:toy: the world to read it on (a checkpoint's own world otherwise)")
     p.add_argument("--out", required=True)
     p.add_argument("--minutes", type=float, default=600.0, help="stop (with a checkpoint) after this long")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -195,7 +215,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--stop-after-steps", type=int, default=None, help="stop after this many training steps "
                    "(a speed measurement; resume goes on)")
     p.add_argument("--smoke", action="store_true", help="tiny batches, 3+3 steps: checks the tool end to end")
-    p.add_argument("--decoder-steps", type=int, default=None, help="phase 1 steps (default 1,000)")
+    p.add_argument("--decoder-steps", type=int, default=None, help="phase 1 steps (default 1,000; 0: the oracle "
+                   "alone)")
     p.add_argument("--oracle-steps", type=int, default=None, help="phase 2 steps (default 1,000)")
     p.add_argument("--eval-images", type=int, default=None, help="held-out clean renders per world (default 2,000)")
     p.set_defaults(func=cmd_readout)
@@ -225,6 +246,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--pattern-freq", default=None, help="LO,HI periods per object radius (default: the world's)")
+    p.add_argument("--world", default="v2", choices=["v2", "v2b"], help="the world the subjects are drawn in")
+    p.add_argument("--oracle", default=None, help="a read-out folder whose oracle reads the renders "
+                   "(default: the shipped oracle)")
     p.add_argument("--threads", type=int, default=2)
     p.set_defaults(func=cmd_probe)
     args = parser.parse_args(argv)

@@ -33,9 +33,9 @@ def _head_means(p: torch.Tensor) -> dict:
 
 
 @torch.no_grad()
-def legibility(pipe, oracle, subjects, per_cell: int = 2) -> dict:
+def legibility(pipe, oracle, subjects, per_cell: int = 2, object_scale=world.OBJECT_SCALE) -> dict:
     """(a) and (b): per style, the oracle's per-head probability of the truth on clean renders and on VAE
-    reconstructions (posterior mean and a sample)."""
+    reconstructions (posterior mean and a sample); the subjects drawn at `object_scale` (world.sample_layout)."""
     out = {"clean": {}, "vae_mean": {}, "vae_sample": {}}
     grid_rows = []
     for style in world.STYLES:
@@ -44,7 +44,8 @@ def legibility(pipe, oracle, subjects, per_cell: int = 2) -> dict:
             imgs = []
             for ambiance in world.AMBIANCES:
                 g = torch.Generator().manual_seed(subject.seed + 31 * world.AMBIANCES.index(ambiance))
-                imgs.append(world.render(world.subject_scenes(subject, per_cell, g, style, ambiance), g))
+                imgs.append(world.render(world.subject_scenes(subject, per_cell, g, style, ambiance,
+                                                              object_scale=object_scale), g))
             imgs = torch.cat(imgs)
             dist = pipe.vae.encode(imgs * 2 - 1).latent_dist
             rec_mean = ((pipe.vae.decode(dist.mean).sample + 1) / 2).clamp(0, 1)

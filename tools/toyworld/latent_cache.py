@@ -46,7 +46,7 @@ def build_chunk(out: Path, chunk: int, cfg, vae, device) -> dict | None:
     t0 = time.time()
     g = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + 7919 * chunk + 5)
     s = world.sample_scenes(cfg.cache_chunk, g, device, solid_fraction=cfg.solid_fraction,
-                            color2_choices=cfg.color2_choices)
+                            color2_choices=cfg.color2_choices, object_scale=cfg.object_scale)
     images = world.render(s, g)
     t1 = time.time()
     means, stds = [], []

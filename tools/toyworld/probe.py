@@ -2,12 +2,15 @@
 pattern when it is fine-tuned on that subject alone?
 
     python -m tools.toyworld probe --out DIR [--subjects 4] [--steps 300] [--batch 16] [--threads 2]
+                                   [--world v2|v2b] [--oracle READOUT_DIR]
 
 For each probe subject (seeds 3,000,000 + i, v2 world: white or black second colours), starting from builtin:toy:
 fine-tune the whole UNet (text encoder and VAE frozen) on fresh photo/day world renders of the subject, prompt = the
 subject described in words, v-prediction loss on the shipped noise schedule; then render the prompt and read the
 renders with the shipped oracle. The bound is the oracle on the VAE's reconstructions of the subject's renders.
 Writes DIR/probe.json (per subject and the mean per head: before, after, bound) and DIR/probe.png.
+`--world v2b` draws the subjects (references, fine-tuning data) at v2b's larger object scale; `--oracle` reads with a
+read-out's oracle (one tuned to read that world) instead of the shipped one.
 """
 
 from __future__ import annotations
@@ -24,10 +27,11 @@ from palpcompose.fsutil import atomic_save_image, atomic_write_text
 from palpcompose.models import resolve_base_model
 from palpcompose.toyworld import ceiling, world
 from palpcompose.toyworld import oracle as oracle_mod
+from tools.toyworld.checkpoint import load_sharded
+from tools.toyworld.worlds import WORLDS, World
 
 HEADS = oracle_mod.IDENTITY_HEADS
 FIRST_SEED = 3_000_000
-COLOR2 = ("white", "black")
 
 
 def described_prompt(subject: world.Subject) -> str:
@@ -53,16 +57,16 @@ def read_renders(pipe, oracle, subject, n: int) -> tuple[dict, torch.Tensor]:
 
 
 @torch.no_grad()
-def read_reconstructions(pipe, oracle, subject, n: int) -> tuple[dict, dict]:
+def read_reconstructions(pipe, oracle, subject, n: int, w: World) -> tuple[dict, dict]:
     """The oracle on the VAE's reconstructions (the bound) and on the clean world renders themselves."""
     g = torch.Generator().manual_seed(subject.seed)
-    images = world.render(world.subject_scenes(subject, n, g), g)
+    images = world.render(w.subject_scenes(subject, n, g), g)
     rec = ((pipe.vae.decode(pipe.vae.encode(images * 2 - 1).latent_dist.mean).sample + 1) / 2).clamp(0, 1)
     return _head_means(ceiling.identity_probs(oracle, rec, subject)[0]), \
         _head_means(ceiling.identity_probs(oracle, images, subject)[0])
 
 
-def fine_tune(pipe, subject, steps: int, batch: int, lr: float, log) -> None:
+def fine_tune(pipe, subject, steps: int, batch: int, lr: float, log, w: World) -> None:
     """The whole UNet on the subject's photo/day renders, text encoder and VAE frozen (v-prediction loss)."""
     from diffusers import DDPMScheduler
 
@@ -78,7 +82,7 @@ def fine_tune(pipe, subject, steps: int, batch: int, lr: float, log) -> None:
     start = time.time()
     for step in range(steps):
         with torch.no_grad():
-            images = world.render(world.subject_scenes(subject, batch, g), g)
+            images = world.render(w.subject_scenes(subject, batch, g), g)
             latents = vae.encode(images * 2 - 1).latent_dist.sample(generator=g) * vae.config.scaling_factor
         noise = torch.randn(latents.shape, generator=g)
         t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=g)
@@ -104,21 +108,26 @@ def with_pattern_freq(subject: world.Subject, freq_range: tuple[float, float] | 
 
 
 def run_probe(out: Path, n_subjects: int = 4, steps: int = 300, batch: int = 16, lr: float = 1e-4,
-              n_images: int = 16, pattern_freq: tuple[float, float] | None = None) -> dict:
-    out.mkdir(parents=True, exist_ok=True)
+              n_images: int = 16, pattern_freq: tuple[float, float] | None = None, world_name: str = "v2",
+              oracle_dir: Path | None = None) -> dict:
+    w = WORLDS[world_name]
     oracle = oracle_mod.load_oracle()
+    if oracle_dir is not None:
+        oracle.load_state_dict(load_sharded(oracle_dir, "oracle"))
+        oracle.eval()
+    out.mkdir(parents=True, exist_ok=True)
     rows, strips = [], []
 
     def log(record):
         print(json.dumps(record), flush=True)
 
     for i in range(n_subjects):
-        subject = with_pattern_freq(world.subject_from_seed(FIRST_SEED + i, COLOR2), pattern_freq)
+        subject = with_pattern_freq(w.subject(FIRST_SEED + i), pattern_freq)
         torch.manual_seed(subject.seed)
         pipe = load_toy_pipeline()
         before, before_images = read_renders(pipe, oracle, subject, n_images)
-        bound, clean = read_reconstructions(pipe, oracle, subject, n_images)
-        fine_tune(pipe, subject, steps, batch, lr, log)
+        bound, clean = read_reconstructions(pipe, oracle, subject, n_images, w)
+        fine_tune(pipe, subject, steps, batch, lr, log, w)
         after, after_images = read_renders(pipe, oracle, subject, n_images)
         row = {"seed": subject.seed, "prompt": described_prompt(subject), "before": before, "after": after,
                "vae_bound": bound,
@@ -126,12 +135,13 @@ def run_probe(out: Path, n_subjects: int = 4, steps: int = 300, batch: int = 16,
         log(row)
         rows.append(row)
         g = torch.Generator().manual_seed(subject.seed)
-        refs = world.render(world.subject_scenes(subject, 4, g), g)
+        refs = world.render(w.subject_scenes(subject, 4, g), g)
         strips.append(torch.cat([refs, before_images[:4], after_images[:4]]))
     summary = {part: {h: round(sum(r[part][h] for r in rows) / len(rows), 4) for h in HEADS}
                for part in ("before", "after", "vae_bound", "clean")}
     report = {"design": "docs/toyworld.md, 'The capacity probe'", "steps": steps, "batch": batch, "lr": lr,
-              "pattern_freq": pattern_freq,
+              "pattern_freq": pattern_freq, "world": world_name,
+              "oracle": str(oracle_dir) if oracle_dir is not None else "shipped",
               "subjects": rows, "mean": summary}
     atomic_write_text(out / "probe.json", json.dumps(report, indent=2) + "\n")
     grid = torch.cat([torch.cat(list(s), dim=2) for s in strips], dim=1)  # rows: subjects; refs | v1 | fine-tuned

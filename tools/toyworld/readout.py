@@ -37,9 +37,10 @@ from palpcompose.toyworld import oracle as oracle_mod
 from tools.toyworld import diagnose
 from tools.toyworld.checkpoint import digest, flat_optim, git_commit, load_sharded, restore_optim, save_sharded
 from tools.toyworld.train_base import build_vae, config_from_state
+from tools.toyworld.worlds import WORLDS, World, world_of
 
-WORLDS = {"v1": None, "v2": ("white", "black")}  # second-colour choices of each world
-EVAL_SEEDS = {"v1": 4242, "v2": 4243}  # v1: the held-out set of `python -m palpcompose.toyworld oracle-accuracy`
+# held-out clean renders per world; v1's is the set of `python -m palpcompose.toyworld oracle-accuracy`
+EVAL_SEEDS = {"v1": 4242, "v2": 4243, "v2b": 4244}
 DECODING = ("decoder.", "post_quant_conv.")  # the VAE's decoding half; the rest (encoder, quant_conv) is frozen
 PHASE_SEED = {"decoder": 10_000_000, "oracle": 20_000_000}
 B_TARGET = 0.95  # (b) per style the design asks of decoder + oracle before a ceiling run is worth it
@@ -48,6 +49,7 @@ B_TARGET = 0.95  # (b) per style the design asks of decoder + oracle before a ce
 @dataclass(frozen=True)
 class ReadoutConfig:
     seed: int = 0
+    world: str = "v2"  # the world the source model draws (a checkpoint's own; builtin:toy needs --world)
     decoder_steps: int = 1000
     decoder_batch: int = 64
     decoder_lr: float = 1e-4
@@ -98,9 +100,8 @@ def lr_at(step: int, total: int, base: float, cfg: ReadoutConfig) -> float:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def render(n: int, g: torch.Generator, world_name: str, solid_fraction: float):
-    s = world.sample_scenes(n, g, styles=world.ALL_STYLES, exclude_held_out_subjects=False,
-                            solid_fraction=solid_fraction, color2_choices=WORLDS[world_name])
+def render(n: int, g: torch.Generator, w: World, solid_fraction: float):
+    s = w.scenes(n, g, styles=world.ALL_STYLES, exclude_held_out_subjects=False, solid_fraction=solid_fraction)
     return s, world.render(s, g)
 
 
@@ -115,8 +116,9 @@ def reconstruct(vae, images: torch.Tensor, g: torch.Generator, batch: int = 256)
 
 
 def decoder_loss(vae, cfg: ReadoutConfig, g: torch.Generator) -> torch.Tensor:
-    """L1 between v2-world renders and their decoded posterior samples (gradient into the decoding half only)."""
-    _, images = render(cfg.decoder_batch, g, "v2", cfg.solid_fraction)
+    """L1 between the source world's renders and their decoded posterior samples (gradient into the decoding half
+    only)."""
+    _, images = render(cfg.decoder_batch, g, WORLDS[cfg.world], cfg.solid_fraction)
     x = images * 2 - 1
     with torch.no_grad():
         z = vae.encode(x).latent_dist.sample(generator=g)
@@ -124,11 +126,12 @@ def decoder_loss(vae, cfg: ReadoutConfig, g: torch.Generator) -> torch.Tensor:
 
 
 def oracle_loss(vae, oracle, cfg: ReadoutConfig, g: torch.Generator) -> torch.Tensor:
-    """Cross-entropy over the six heads on v1 clean, v1 reconstructed, v2 clean, v2 reconstructed quarters."""
+    """Cross-entropy over the six heads on v1 clean, v1 reconstructed, source-world clean, source-world
+    reconstructed quarters."""
     q = cfg.oracle_batch // 4
     images, targets = [], []
-    for name in ("v1", "v2"):
-        s, imgs = render(2 * q, g, name, cfg.solid_fraction)
+    for name in ("v1", cfg.world):
+        s, imgs = render(2 * q, g, WORLDS[name], cfg.solid_fraction)
         images += [imgs[:q], reconstruct(vae, imgs[q:], g)]
         targets.append(oracle_mod.oracle_targets(s))
     logits = oracle(torch.cat(images))
@@ -143,10 +146,9 @@ def oracle_loss(vae, oracle, cfg: ReadoutConfig, g: torch.Generator) -> torch.Te
 def eval_sets(cfg: ReadoutConfig) -> dict:
     """The held-out clean renders of each world (the same images before and after)."""
     sets = {}
-    for name, seed in EVAL_SEEDS.items():
-        g = torch.Generator().manual_seed(seed)
-        s = world.sample_scenes(cfg.eval_images, g, styles=world.ALL_STYLES, exclude_held_out_subjects=False,
-                                color2_choices=WORLDS[name])
+    for name in sorted({"v1", "v2", cfg.world}, key=list(EVAL_SEEDS).index):
+        g = torch.Generator().manual_seed(EVAL_SEEDS[name])
+        s = WORLDS[name].scenes(cfg.eval_images, g, styles=world.ALL_STYLES, exclude_held_out_subjects=False)
         sets[name] = (s, world.render(s, g))
     return sets
 
@@ -154,15 +156,18 @@ def eval_sets(cfg: ReadoutConfig) -> dict:
 @torch.no_grad()
 def measure(vae, oracle, cfg: ReadoutConfig, sets: dict) -> dict:
     """Per head and style: accuracy on clean renders and on reconstructions of each world; (b) on the v2 world's
-    ceiling subjects (diagnose.legibility: clean, posterior-mean and posterior-sample reconstructions)."""
+    ceiling subjects in the source world (diagnose.legibility: clean, posterior-mean and posterior-sample
+    reconstructions)."""
     oracle.eval()
     out = {"clean": {}, "reconstructed": {}}
     for name, (s, images) in sets.items():
         out["clean"][name] = oracle_mod.accuracy_by_style(oracle, images, s)
         rec = reconstruct(vae, images, torch.Generator().manual_seed(cfg.seed * 1_000_003 + 77))
         out["reconstructed"][name] = oracle_mod.accuracy_by_style(oracle, rec, s)
-    subjects = ceiling.ceiling_subjects(cfg.eval_subjects, WORLDS["v2"])
-    out["b_v2"], _ = diagnose.legibility(SimpleNamespace(vae=vae), oracle, subjects, per_cell=cfg.eval_per_cell)
+    w = WORLDS[cfg.world]
+    subjects = ceiling.ceiling_subjects(cfg.eval_subjects, w.color2_choices)
+    out["b_v2"], _ = diagnose.legibility(SimpleNamespace(vae=vae), oracle, subjects, per_cell=cfg.eval_per_cell,
+                                         object_scale=w.object_scale)
     return out
 
 
@@ -201,34 +206,59 @@ class _Stop:
             raise KeyboardInterrupt
 
 
-def load_source(ckpt: Path):
-    """The VAE (fp32, its latent scale) and the oracle of a train-base checkpoint, and what identifies them."""
-    path = ckpt / "state.json"
-    if not path.is_file():
-        raise UserError(f"--ckpt {ckpt}: no state.json there; pass the folder train-base wrote")
-    state = json.loads(path.read_text())
-    choices = config_from_state(state.get("config", {})).color2_choices
-    if choices != WORLDS["v2"]:
-        raise UserError(f"--ckpt {ckpt}: its world's second colours are {choices or 'any (v1)'}; the read-out is for "
-                        f"v2-world checkpoints (second colours {', '.join(WORLDS['v2'])})")
-    vae_sd, oracle_sd = load_sharded(ckpt, "vae"), load_sharded(ckpt, "oracle")
-    if vae_sd is None or oracle_sd is None:
-        raise UserError(f"--ckpt {ckpt}: no vae-*.safetensors or oracle-*.safetensors there")
+def load_source(ckpt: Path | str, world_name: str | None = None):
+    """The VAE (fp32, its latent scale) and the oracle of a train-base checkpoint, or of the shipped builtin:toy
+    (`ckpt` = "builtin:toy"; its VAE and the shipped oracle), the world they are read on, and what identifies them.
+    A checkpoint's world is the one it recorded; builtin:toy needs `world_name`."""
+    if str(ckpt) == "builtin:toy":
+        if world_name not in WORLDS or world_name == "v1":
+            raise UserError(f"--ckpt builtin:toy: name the world to read it on with --world "
+                            f"({', '.join(w for w in WORLDS if w != 'v1')})")
+        from safetensors.torch import load_file
+
+        from palpcompose.models import BUILTIN_MODELS
+        from palpcompose.toyworld.oracle import load_oracle
+
+        toy = BUILTIN_MODELS["builtin:toy"]
+        vae_sd = {k: v.float() for k, v in load_file(str(next((toy / "vae").glob("*.safetensors")))).items()}
+        oracle_sd = load_oracle().state_dict()
+        state = {"scaling_factor": json.loads((toy / "vae" / "config.json").read_text())["scaling_factor"]}
+        w = WORLDS[world_name]
+    else:
+        ckpt = Path(ckpt)
+        path = ckpt / "state.json"
+        if not path.is_file():
+            raise UserError(f"--ckpt {ckpt}: no state.json there; pass the folder train-base wrote (or builtin:toy)")
+        state = json.loads(path.read_text())
+        saved = config_from_state(state.get("config", {}))
+        w = world_of(saved.color2_choices, saved.object_scale)
+        if w.name == "v1":
+            raise UserError(f"--ckpt {ckpt}: its world is v1's (second colours of any colour); the read-out is for "
+                            f"the v2 worlds (second colours white and black)")
+        if world_name is not None and world_name != w.name:
+            raise UserError(f"--world {world_name}: --ckpt {ckpt} was trained on world {w.name}; drop --world")
+        vae_sd, oracle_sd = load_sharded(ckpt, "vae"), load_sharded(ckpt, "oracle")
+        if vae_sd is None or oracle_sd is None:
+            raise UserError(f"--ckpt {ckpt}: no vae-*.safetensors or oracle-*.safetensors there")
+    if w.name not in EVAL_SEEDS:
+        raise UserError(f"--ckpt {ckpt}: its world ({w}) is none of {', '.join(WORLDS)}; add it to "
+                        "tools/toyworld/worlds.py")
     vae = build_vae()
     vae.load_state_dict(vae_sd)
     vae.register_to_config(scaling_factor=state["scaling_factor"])
     oracle = oracle_mod.Oracle()
     oracle.load_state_dict(oracle_sd)
-    source = {"ckpt": str(ckpt), "scaling_factor": state["scaling_factor"], "ckpt_unet_steps": state.get("unet_steps"),
-              "ckpt_git_commit": state.get("git_commit"), "vae_encoder_digest": digest(encoder_part(vae_sd)),
-              "vae_digest": digest(vae_sd), "oracle_digest": digest(oracle_sd)}
+    source = {"ckpt": str(ckpt), "world": w.name, "scaling_factor": state["scaling_factor"],
+              "ckpt_unet_steps": state.get("unet_steps"), "ckpt_git_commit": state.get("git_commit"),
+              "vae_encoder_digest": digest(encoder_part(vae_sd)), "vae_digest": digest(vae_sd),
+              "oracle_digest": digest(oracle_sd)}
     return vae.eval().requires_grad_(False), oracle.eval().requires_grad_(False), source
 
 
 class Readout:
-    def __init__(self, ckpt: Path, out: Path, cfg: ReadoutConfig, resume: bool):
-        self.out, self.cfg = out, cfg
-        self.vae, self.oracle, source = load_source(ckpt)
+    def __init__(self, ckpt: Path | str, out: Path, cfg: ReadoutConfig, resume: bool, world_name: str | None):
+        self.vae, self.oracle, source = load_source(ckpt, world_name)
+        self.out, self.cfg = out, replace(cfg, world=source["world"])
         self.optim_state = None
         if resume:
             self.state = json.loads((out / "state.json").read_text())
@@ -239,7 +269,7 @@ class Readout:
             self.oracle.load_state_dict(load_sharded(out, "oracle"))
             self.optim_state = load_sharded(out, "optim")
         else:
-            self.state = {"source": source, "config": asdict(cfg), "phase": "before", "decoder_step": 0,
+            self.state = {"source": source, "config": asdict(self.cfg), "phase": "before", "decoder_step": 0,
                           "oracle_step": 0, "seconds": 0.0, "measurements": {}, "optim_phase": None}
         self.state["git_commit"] = git_commit()
         self.sets = None
@@ -345,6 +375,10 @@ class Readout:
                         self.state["phase"] = "decoder"
                         self.save()
                     continue
+                if phase == "decoder" and self.cfg.decoder_steps == 0 and self.state["phase"] == phase:
+                    self.state["phase"] = "oracle"  # the oracle alone (the shipped decoder kept): no phase 1
+                    self.save()
+                    continue
                 if self.state["phase"] == phase:
                     if not self.train(phase, deadline, stop_after):
                         return self.result(done=False)
@@ -378,9 +412,11 @@ class Readout:
         return out
 
 
-def run_readout(ckpt: Path, out: Path, minutes: float, resume: bool = False, cfg: ReadoutConfig = ReadoutConfig(),
-                stop_after_steps: int | None = None) -> dict:
-    """Run (or go on with) a read-out; returns where it stands and, once done, the guard and the (b) target."""
+def run_readout(ckpt: Path | str, out: Path, minutes: float, resume: bool = False,
+                cfg: ReadoutConfig = ReadoutConfig(), stop_after_steps: int | None = None,
+                world_name: str | None = None) -> dict:
+    """Run (or go on with) a read-out; returns where it stands and, once done, the guard and the (b) target.
+    `ckpt`: a train-base checkpoint folder, or "builtin:toy" with `world_name` (the world to read it on)."""
     if resume and not (out / "state.json").is_file():
         raise UserError(f"--resume: no state.json in {out}; start without --resume")
     if not resume and (out / "state.json").is_file():
@@ -388,7 +424,7 @@ def run_readout(ckpt: Path, out: Path, minutes: float, resume: bool = False, cfg
     if resume:  # the recorded configuration goes on
         saved = json.loads((out / "state.json").read_text())["config"]
         cfg = replace(ReadoutConfig(), **{k: v for k, v in saved.items() if k in {f.name for f in fields(cfg)}})
-    readout = Readout(ckpt, out, cfg, resume)
+    readout = Readout(ckpt, out, cfg, resume, world_name or (cfg.world if resume else None))
     out.mkdir(parents=True, exist_ok=True)
     previous = {}
     if threading.current_thread() is threading.main_thread():

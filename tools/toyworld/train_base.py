@@ -78,6 +78,8 @@ class TrainConfig:
     prediction_type: str = "v_prediction"
     # v2 options; these defaults are v1's recipe
     color2_choices: tuple[str, ...] | None = None  # world.sample_scenes: None = v1 world
+    object_scale: tuple[float, float] = world.OBJECT_SCALE  # world.sample_layout: v1's (0.30, 0.50); v2b larger
+    oracle_from: str | None = None  # with init_from: the oracle the gates read (a readout folder); None = shipped
     solid_fraction: float = 0.4
     text_tokens: int = 77  # tokenizer model_max_length = text encoder positions
     init_from: str | None = None  # a diffusers folder or builtin:toy: warm start, its VAE (+ shipped oracle) frozen
@@ -103,6 +105,13 @@ RECIPES = {
         text_tokens=32, init_from="builtin:toy", latent_cache=65_536, lr_schedule="cosine", total_steps=5_000,
         eval_every_s=1e12, ckpt_every_s=300.0, gate_every_s=1800.0, gate_subjects=3, gate_old_bar_prompts=64,
         log_every_s=60.0,
+    ),
+    # decided from the two capacity probes and the v2b probe (docs/toyworld.md, "v2b: larger objects")
+    "v2b": TrainConfig(
+        batch=128, lr=2e-4, warmup_steps=200, drop_color=0.1, drop_pattern=0.05, color2_choices=("white", "black"),
+        object_scale=(0.50, 0.70), text_tokens=32, init_from="builtin:toy", latent_cache=65_536,
+        lr_schedule="cosine", total_steps=3_000, eval_every_s=1e12, ckpt_every_s=300.0, gate_every_s=1800.0,
+        gate_subjects=3, gate_old_bar_prompts=64, log_every_s=60.0,
     ),
 }
 
@@ -251,9 +260,16 @@ class Trainer:
         pos = next(k for k in te if k.endswith("embeddings.position_embedding.weight"))
         te[pos] = te[pos][: self.cfg.text_tokens]
         self.text_encoder.load_state_dict(te)
-        self.oracle.load_state_dict(oracle_mod.load_oracle().state_dict())
+        if self.cfg.oracle_from:  # a read-out's oracle, tuned to read this world (e.g. v2b's larger objects)
+            oracle_sd = load_sharded(Path(self.cfg.oracle_from), "oracle")
+            if oracle_sd is None:
+                raise FileNotFoundError(f"oracle_from {self.cfg.oracle_from}: no oracle-*.safetensors there")
+            self.oracle.load_state_dict(oracle_sd)
+        else:
+            self.oracle.load_state_dict(oracle_mod.load_oracle().state_dict())
         self.state.update(vae_done=True, oracle_done=True, init_from={
-            "spec": spec, "sha256": {n: digest(w) for n, w in weights.items()}})
+            "spec": spec, "sha256": {n: digest(w) for n, w in weights.items()},
+            "oracle_sha256": digest(self.oracle.state_dict())})
         self.vae.eval().requires_grad_(False)
         self.oracle.eval().requires_grad_(False)
 
@@ -277,7 +293,8 @@ class Trainer:
     # -- data ---------------------------------------------------------------------------------------------------
     def render_batch(self, n: int, styles=world.STYLES, exclude=True):
         s = world.sample_scenes(n, self.g, self.device, styles=styles, exclude_held_out_subjects=exclude,
-                                solid_fraction=self.cfg.solid_fraction, color2_choices=self.cfg.color2_choices)
+                                solid_fraction=self.cfg.solid_fraction, color2_choices=self.cfg.color2_choices,
+                                object_scale=self.cfg.object_scale)
         return s, world.render(s, self.g)
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
@@ -605,7 +622,8 @@ def export_pipeline(ckpt: Path, dest: Path, oracle_path: Path, readout: dict | N
     summary = {k: trainer.state.get(k) for k in ("unet_steps", "unet_samples", "unet_seconds", "scaling_factor",
                                                  "oracle_accuracy", "final_eval", "config", "init_from",
                                                  "git_commit", "gates")}
-    summary["world"] = {"color2_choices": list(cfg.color2_choices) if cfg.color2_choices else None}
+    summary["world"] = {"color2_choices": list(cfg.color2_choices) if cfg.color2_choices else None,
+                        "object_scale": list(cfg.object_scale)}
     if readout is not None:
         summary["readout"] = readout["summary"]
     atomic_write_text(dest / "training.json", json.dumps(summary, indent=2) + "\n")
