@@ -47,7 +47,6 @@ from experiments.study_v2_stats import (
     TRAIN_SEEDS,
     TUNING_SUBJECTS,
     VARIANTS,
-    WORLDS,
 )
 from palpcompose.errors import PalpcomposeError, UserError
 from palpcompose.fsutil import atomic_save_image, atomic_write_json, atomic_write_text
@@ -62,6 +61,7 @@ from palpcompose.outputs import (
     snapshot_steps,
     train_log_path,
 )
+from palpcompose.toyworld.worlds import WORLDS
 
 
 @dataclass(frozen=True)
@@ -108,13 +108,7 @@ class Run:
 
 
 def make_subject(seed: int, version: str):
-    from palpcompose.toyworld import world
-
-    try:
-        return world.subject_from_seed(seed, **WORLDS[version])
-    except TypeError:
-        raise UserError(f"--world {version}: this toy world's subject_from_seed takes no "
-                        f"{', '.join(WORLDS[version])} (the v2 world adds it); use --world v1") from None
+    return WORLDS[version].subject(seed)
 
 
 def cell_prompts(regime: str, k: int, count: int = 2) -> list[tuple[str, str]]:
@@ -135,21 +129,22 @@ def prompt_texts(subject, pair: tuple[str, str]) -> tuple[str, str]:
             world.compose_prompt(style, world.object_phrase(subject.class_name), ambiance))
 
 
-def reference_images(subject, regime: str, k: int, count: int = REFERENCES) -> list:
-    """The regime's references of `subject`, drawn by the world at varied layouts (a generator seeded with the
-    subject's seed): R-context photos in one ambiance, R-style in one non-photo style by day, R-nothing photos in
+def reference_images(subject, regime: str, k: int, count: int = REFERENCES, version: str = "v1") -> list:
+    """The regime's references of `subject`, drawn by the world `version` at varied layouts (a generator seeded with
+    the subject's seed): R-context photos in one ambiance, R-style in one non-photo style by day, R-nothing photos in
     each ambiance."""
     import torch
 
     from palpcompose.toyworld import world
 
+    w = WORLDS[version]
     g = torch.Generator().manual_seed(subject.seed)
     if regime == "R-context":
-        scenes = world.subject_scenes(subject, count, g, ambiance=CONTEXTS[k % 3])
+        scenes = w.subject_scenes(subject, count, g, ambiance=CONTEXTS[k % 3])
     elif regime == "R-style":
-        scenes = world.subject_scenes(subject, count, g, style=REFERENCE_STYLES[k % 3])
+        scenes = w.subject_scenes(subject, count, g, style=REFERENCE_STYLES[k % 3])
     else:
-        scenes = world.subject_scenes(subject, count, g)
+        scenes = w.subject_scenes(subject, count, g)
         ambiances = [world.AMBIANCES.index(NOTHING_AMBIANCES[i % len(NOTHING_AMBIANCES)]) for i in range(count)]
         scenes = dataclasses.replace(scenes, ambiance=torch.tensor(ambiances))
     return [world.to_pil(image) for image in world.render(scenes, g)]
@@ -228,7 +223,7 @@ def write_run(s: Settings, run: Run) -> Path:
     toml = "\n".join(lines) + "\n"
     if not (root / "palp.toml").is_file() or (root / "palp.toml").read_text() != toml:
         atomic_write_text(root / "palp.toml", toml)
-    for i, image in enumerate(reference_images(subject, run.regime, run.k)):
+    for i, image in enumerate(reference_images(subject, run.regime, run.k, version=s.world)):
         path = root / "refs" / f"{i:02d}.png"
         if not path.exists():
             atomic_save_image(path, image)
@@ -486,7 +481,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", default=None, help="runs, scores and the report (default out/study-v2/, with "
                         "--smoke out/study-v2-smoke/)")
     parser.add_argument("--world", choices=tuple(WORLDS), default="v1",
-                        help="the toy world's subject generator (v2: second colours white or black)")
+                        help="the toy world's subjects and references (palpcompose/toyworld/worlds.py: v2 second "
+                        "colours white or black, v2b also larger objects)")
     parser.add_argument("--base-model", default="builtin:toy")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--steps", type=int, default=None, help="train.steps (default: the base model's default)")

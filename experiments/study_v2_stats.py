@@ -43,8 +43,6 @@ KNOB_CANDIDATES = {  # (lambda = palp.weight, alpha); beta stays 1.0
     "w3-a7.5-t500": {"weight": 3.0, "alpha": 7.5, "t_min": 500},  # run only if the code offers the knob
 }
 T_MIN_KEY = "guidance_t_min"  # the [palp] key the t >= 500 candidate needs; absent today, so it is not run
-# The toy world's versions: keyword arguments of world.subject_from_seed (v2: second colours white or black)
-WORLDS = {"v1": {}, "v2": {"color2_choices": ("white", "black")}}
 KNOB_LETTERS = {"weight": "w", "alpha": "a", "t_min": "m"}  # in run names
 HEADS = ("cls", "color", "pattern", "color2")
 ID_HEADS = ("color", "pattern", "color2")  # F-id: identity without the class

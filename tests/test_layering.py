@@ -30,7 +30,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     )),
     ("toy world", (  # a leaf library: the toy world, its oracle and tokenizer, the demo's drawings
         "palpcompose.toyworld", "palpcompose.toyworld.world", "palpcompose.toyworld.oracle",
-        "palpcompose.toyworld.tokenizer", "palpcompose.toyworld.demo", "palpcompose.toyworld.ceiling",
+        "palpcompose.toyworld.tokenizer", "palpcompose.toyworld.worlds", "palpcompose.toyworld.demo",
+        "palpcompose.toyworld.ceiling",
     )),
     ("models", (  # base models: one module per family, resolution, SD components (the package re-exports them)
         "palpcompose.models.family", "palpcompose.models.sd", "palpcompose.models.sdxl",

@@ -238,7 +238,7 @@ def test_oracle_accuracy_measures_the_oracle_it_is_given(tmp_path, capsys):
 def test_the_oracle_alone_on_builtin_toy_in_the_v2b_world(tmp_path):
     """--ckpt builtin:toy --world v2b --decoder-steps 0: the decoder is the shipped one bit for bit, only the oracle
     trains, on v1 and v2b renders (v2b's objects drawn at its larger scale), and the v2b held-out set is measured."""
-    from tools.toyworld.worlds import WORLDS
+    from palpcompose.toyworld.worlds import WORLDS
 
     drawn = []
     real = readout.render

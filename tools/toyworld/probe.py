@@ -27,8 +27,8 @@ from palpcompose.fsutil import atomic_save_image, atomic_write_text
 from palpcompose.models import resolve_base_model
 from palpcompose.toyworld import ceiling, world
 from palpcompose.toyworld import oracle as oracle_mod
+from palpcompose.toyworld.worlds import WORLDS, World
 from tools.toyworld.checkpoint import load_sharded
-from tools.toyworld.worlds import WORLDS, World
 
 HEADS = oracle_mod.IDENTITY_HEADS
 FIRST_SEED = 3_000_000

@@ -34,10 +34,10 @@ from palpcompose.errors import Interrupted, PalpcomposeError, UserError
 from palpcompose.fsutil import atomic_write_json
 from palpcompose.toyworld import ceiling, world
 from palpcompose.toyworld import oracle as oracle_mod
+from palpcompose.toyworld.worlds import WORLDS, World, world_of
 from tools.toyworld import diagnose
 from tools.toyworld.checkpoint import digest, flat_optim, git_commit, load_sharded, restore_optim, save_sharded
 from tools.toyworld.train_base import build_vae, config_from_state
-from tools.toyworld.worlds import WORLDS, World, world_of
 
 # held-out clean renders per world; v1's is the set of `python -m palpcompose.toyworld oracle-accuracy`
 EVAL_SEEDS = {"v1": 4242, "v2": 4243, "v2b": 4244}
@@ -242,7 +242,7 @@ def load_source(ckpt: Path | str, world_name: str | None = None):
             raise UserError(f"--ckpt {ckpt}: no vae-*.safetensors or oracle-*.safetensors there")
     if w.name not in EVAL_SEEDS:
         raise UserError(f"--ckpt {ckpt}: its world ({w}) is none of {', '.join(WORLDS)}; add it to "
-                        "tools/toyworld/worlds.py")
+                        "palpcompose/toyworld/worlds.py")
     vae = build_vae()
     vae.load_state_dict(vae_sd)
     vae.register_to_config(scaling_factor=state["scaling_factor"])
