@@ -65,6 +65,42 @@ def test_v2_smoke_warm_start_cache_gate_checkpoint_resume_export(tmp_path):
     assert out.shape == (1, 3, 64, 64)
 
 
+def test_v2b_draws_larger_objects_and_its_gates_read_the_given_oracle(tmp_path, monkeypatch):
+    """v2b recipe: every training scene (the latent cache included) is drawn at v2b's object scale, the gates read
+    the oracle of --oracle-from (not the shipped one), and the export records the world's scale."""
+    from palpcompose.toyworld import ceiling, world
+    from palpcompose.toyworld.oracle import load_oracle
+    from palpcompose.toyworld.worlds import WORLDS
+    from tools.toyworld.checkpoint import digest, load_sharded, save_sharded
+
+    tuned = tmp_path / "readout"
+    oracle = {k: v + 0.01 if v.is_floating_point() else v for k, v in load_oracle().state_dict().items()}
+    save_sharded(tuned, "oracle", oracle)
+    scales = []
+    real = world.render
+
+    def spy(scenes, g):  # every picture the training sees (the gates render with the model, not the world)
+        scales.append((float(scenes.scale.min()), float(scenes.scale.max())))
+        return real(scenes, g)
+
+    monkeypatch.setattr(world, "render", spy)
+    ck = tmp_path / "ck"
+    tools_main(["train-base", "--out", str(ck), "--recipe", "v2b", "--oracle-from", str(tuned), "--minutes", "0.1",
+                "--final-eval", "0", "--smoke", "--threads", "2"])
+    state = json.loads((ck / "state.json").read_text())
+    assert state["config"]["object_scale"] == list(WORLDS["v2b"].object_scale) and state["cache_chunks"] >= 1
+    lo, hi = WORLDS["v2b"].object_scale
+    assert scales and all(lo <= a and b <= hi for a, b in scales), scales
+    assert state["init_from"]["oracle_sha256"] == digest(oracle) == digest(load_sharded(ck, "oracle"))
+    with pytest.raises(SystemExit) as exc:  # a resumed run keeps the oracle it recorded
+        tools_main(["train-base", "--out", str(ck), "--resume", str(ck), "--oracle-from", str(tuned)])
+    assert exc.value.code == 2
+    dest = tmp_path / "toy"
+    tools_main(["export-base", "--ckpt", str(ck), "--dest", str(dest), "--oracle", str(tmp_path / "o.safetensors")])
+    assert json.loads((dest / "training.json").read_text())["world"]["object_scale"] == [0.5, 0.7]
+    assert ceiling.model_world(dest)["color2_choices"] == ("white", "black")
+
+
 def test_warm_start_keeps_the_latent_scale_and_the_text_encoders_first_positions(tmp_path):
     """The warm start keeps v1's latent scale, and cutting the positions to 32 leaves a causal text encoder's output
     for a short prompt unchanged."""

@@ -173,7 +173,7 @@ def cmd_probe(args) -> None:
     if oracle_dir is not None and not any(oracle_dir.glob("oracle-*.safetensors")):
         raise UserError(f"--oracle {oracle_dir}: no oracle-*.safetensors there; pass a read-out folder")
     run_probe(Path(args.out), n_subjects=args.subjects, steps=args.steps, batch=args.batch, pattern_freq=freq,
-              world_name=args.world, oracle_dir=oracle_dir)
+              world_name=args.world, oracle_dir=oracle_dir, draw_only=args.draw_only)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -249,6 +249,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--world", default="v2", choices=["v2", "v2b"], help="the world the subjects are drawn in")
     p.add_argument("--oracle", default=None, help="a read-out folder whose oracle reads the renders "
                    "(default: the shipped oracle)")
+    p.add_argument("--draw-only", action="store_true", help="draw (fine-tune and render) every subject and stop; "
+                   "the same command without it later reads what was drawn (e.g. once --oracle has finished)")
     p.add_argument("--threads", type=int, default=2)
     p.set_defaults(func=cmd_probe)
     args = parser.parse_args(argv)

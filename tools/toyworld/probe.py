@@ -51,19 +51,17 @@ def _head_means(p: torch.Tensor) -> dict:
 
 
 @torch.no_grad()
-def read_renders(pipe, oracle, subject, n: int) -> tuple[dict, torch.Tensor]:
-    images = ceiling.render_prompts(pipe, [described_prompt(subject)] * n, seed=0, steps=20, guidance_scale=5.0)
-    return _head_means(ceiling.identity_probs(oracle, images, subject)[0]), images
+def draw_renders(pipe, subject, n: int) -> torch.Tensor:
+    return ceiling.render_prompts(pipe, [described_prompt(subject)] * n, seed=0, steps=20, guidance_scale=5.0)
 
 
 @torch.no_grad()
-def read_reconstructions(pipe, oracle, subject, n: int, w: World) -> tuple[dict, dict]:
-    """The oracle on the VAE's reconstructions (the bound) and on the clean world renders themselves."""
+def world_and_reconstructions(pipe, subject, n: int, w: World) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clean world renders of the subject and the VAE's reconstructions of them (posterior mean: the bound)."""
     g = torch.Generator().manual_seed(subject.seed)
     images = world.render(w.subject_scenes(subject, n, g), g)
     rec = ((pipe.vae.decode(pipe.vae.encode(images * 2 - 1).latent_dist.mean).sample + 1) / 2).clamp(0, 1)
-    return _head_means(ceiling.identity_probs(oracle, rec, subject)[0]), \
-        _head_means(ceiling.identity_probs(oracle, images, subject)[0])
+    return images, rec
 
 
 def fine_tune(pipe, subject, steps: int, batch: int, lr: float, log, w: World) -> None:
@@ -107,44 +105,79 @@ def with_pattern_freq(subject: world.Subject, freq_range: tuple[float, float] | 
     return dataclasses.replace(subject, pattern_freq=lo + (hi - lo) * (subject.pattern_freq - 1.8) / 0.8)
 
 
-def run_probe(out: Path, n_subjects: int = 4, steps: int = 300, batch: int = 16, lr: float = 1e-4,
-              n_images: int = 16, pattern_freq: tuple[float, float] | None = None, world_name: str = "v2",
-              oracle_dir: Path | None = None) -> dict:
-    w = WORLDS[world_name]
-    oracle = oracle_mod.load_oracle()
-    if oracle_dir is not None:
-        oracle.load_state_dict(load_sharded(oracle_dir, "oracle"))
-        oracle.eval()
-    out.mkdir(parents=True, exist_ok=True)
+def images_path(out: Path, seed: int) -> Path:
+    return out / f"images-{seed}.safetensors"
+
+
+def probe_subject(out: Path, subject, w: World, steps: int, batch: int, lr: float, n_images: int, log) -> None:
+    """Fine-tune a fresh builtin:toy on `subject` and keep every image the reading needs (before, after, the
+    world's renders and their reconstructions) in one atomic file: the oracle reads them afterwards, so the
+    images can be drawn while the oracle that reads them is still training, and a stopped probe resumes."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(subject.seed)
+    pipe = load_toy_pipeline()
+    before = draw_renders(pipe, subject, n_images)
+    clean, rec = world_and_reconstructions(pipe, subject, n_images, w)
+    fine_tune(pipe, subject, steps, batch, lr, log, w)
+    after = draw_renders(pipe, subject, n_images)
+    path = images_path(out, subject.seed)
+    tmp = path.with_suffix(".tmp")
+    save_file({"before": before.contiguous(), "after": after.contiguous(), "clean": clean.contiguous(),
+               "vae_bound": rec.contiguous()}, str(tmp))
+    tmp.replace(path)
+
+
+@torch.no_grad()
+def read_probe(out: Path, subjects: list, w: World, oracle, oracle_name: str, meta: dict) -> dict:
+    """The oracle's probability of the truth per head on each subject's saved images; probe.json and probe.png."""
+    from safetensors.torch import load_file
+
     rows, strips = [], []
-
-    def log(record):
-        print(json.dumps(record), flush=True)
-
-    for i in range(n_subjects):
-        subject = with_pattern_freq(w.subject(FIRST_SEED + i), pattern_freq)
-        torch.manual_seed(subject.seed)
-        pipe = load_toy_pipeline()
-        before, before_images = read_renders(pipe, oracle, subject, n_images)
-        bound, clean = read_reconstructions(pipe, oracle, subject, n_images, w)
-        fine_tune(pipe, subject, steps, batch, lr, log, w)
-        after, after_images = read_renders(pipe, oracle, subject, n_images)
-        row = {"seed": subject.seed, "prompt": described_prompt(subject), "before": before, "after": after,
-               "vae_bound": bound,
-               "clean": clean}
-        log(row)
+    for subject in subjects:
+        images = load_file(str(images_path(out, subject.seed)))
+        row = {"seed": subject.seed, "prompt": described_prompt(subject)}
+        for part in ("before", "after", "vae_bound", "clean"):
+            row[part] = _head_means(ceiling.identity_probs(oracle, images[part], subject)[0])
         rows.append(row)
         g = torch.Generator().manual_seed(subject.seed)
         refs = world.render(w.subject_scenes(subject, 4, g), g)
-        strips.append(torch.cat([refs, before_images[:4], after_images[:4]]))
+        strips.append(torch.cat([refs, images["before"][:4], images["after"][:4]]))
     summary = {part: {h: round(sum(r[part][h] for r in rows) / len(rows), 4) for h in HEADS}
                for part in ("before", "after", "vae_bound", "clean")}
-    report = {"design": "docs/toyworld.md, 'The capacity probe'", "steps": steps, "batch": batch, "lr": lr,
-              "pattern_freq": pattern_freq, "world": world_name,
-              "oracle": str(oracle_dir) if oracle_dir is not None else "shipped",
+    report = {"design": "docs/toyworld.md, 'The capacity probe'", **meta, "world": w.name, "oracle": oracle_name,
               "subjects": rows, "mean": summary}
     atomic_write_text(out / "probe.json", json.dumps(report, indent=2) + "\n")
     grid = torch.cat([torch.cat(list(s), dim=2) for s in strips], dim=1)  # rows: subjects; refs | v1 | fine-tuned
     atomic_save_image(out / "probe.png", world.to_pil(grid))
-    log({"mean": summary})
+    return report
+
+
+def run_probe(out: Path, n_subjects: int = 4, steps: int = 300, batch: int = 16, lr: float = 1e-4,
+              n_images: int = 16, pattern_freq: tuple[float, float] | None = None, world_name: str = "v2",
+              oracle_dir: Path | None = None, draw_only: bool = False) -> dict | None:
+    """Draw what is missing (subjects whose images file exists are kept), then read it all with the oracle
+    (`oracle_dir`: a read-out's; default the shipped one). `draw_only`: stop after drawing."""
+    w = WORLDS[world_name]
+    out.mkdir(parents=True, exist_ok=True)
+
+    def log(record):
+        print(json.dumps(record), flush=True)
+
+    subjects = [with_pattern_freq(w.subject(FIRST_SEED + i), pattern_freq) for i in range(n_subjects)]
+    for subject in subjects:
+        if not images_path(out, subject.seed).is_file():
+            probe_subject(out, subject, w, steps, batch, lr, n_images, log)
+            log({"seed": subject.seed, "drawn": str(images_path(out, subject.seed))})
+    if draw_only:
+        return None
+    oracle = oracle_mod.load_oracle()
+    if oracle_dir is not None:
+        oracle.load_state_dict(load_sharded(oracle_dir, "oracle"))
+        oracle.eval()
+    meta = {"steps": steps, "batch": batch, "lr": lr, "pattern_freq": pattern_freq}
+    report = read_probe(out, subjects, w, oracle, str(oracle_dir) if oracle_dir is not None else "shipped", meta)
+    for row in report["subjects"]:
+        log(row)
+    log({"mean": report["mean"]})
     return report
