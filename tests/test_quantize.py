@@ -411,3 +411,148 @@ def test_two_processes_train_on_int8_frozen_weights(make_project, tmp_path):
     manifest = json.loads((root / "out" / "manifest.json").read_text())
     assert manifest["status"] == "completed" and manifest["num_processes"] == 2
     assert manifest["config"]["train"]["frozen_weights"] == "int8"
+
+
+# --- T5, when it trains a token -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def flux_setup(flux_dir, tmp_path, one_thread):
+    """prepare_flow_state on the tiny Flux with the given [train] settings (CPU, fp32 unless `mixed_precision`):
+    returns (the TrainState, the project, its config, the tokens)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from palpcompose import models
+    from palpcompose.flow_step import prepare_flow_state
+    from palpcompose.guidance import guidance_config
+    from palpcompose.project import load_project
+
+    def setup(mixed_precision: str = "no", **train):
+        project = load_project(flux_project(tmp_path / "p", flux_dir, **train))
+        config = project.config
+        c = models.load_components(models.resolve_base_model(config.project.base_model, project.root))
+        tokens = models.placeholder_tokens(config.project.name, config.subjects)
+        AcceleratorState._reset_state()
+        state = prepare_flow_state(config, c, Accelerator(mixed_precision=mixed_precision, cpu=True),
+                                   guidance_config(config), tokens)
+        return state, project, config, tokens
+
+    yield setup
+    AcceleratorState._reset_state()
+
+
+def _encoder(encoders, kind: str):
+    """The encoder of `kind` ("t5", "clip") of a FlowTextEncoders, and its columns in the shared token rows (None: it
+    holds no token)."""
+    encoder = next(e for e, slot in zip(encoders.encoders, encoders.slots) if slot.kind == kind)
+    return encoder, getattr(encoder.get_input_embeddings(), "columns", None)
+
+
+def _linears(module) -> dict[str, nn.Linear]:
+    return {name: m for name, m in module.named_modules() if isinstance(m, nn.Linear)}
+
+
+def test_with_t5_tokens_int8_stores_t5s_frozen_linears_in_8_bits_and_the_token_row_trains(flux_setup):
+    """train.frozen_weights = "int8", train.t5_tokens = true (the default): after setup every linear of T5 (attention
+    q, k, v, o and the gated feed-forward's wi_0, wi_1, wo) is 8-bit behind the wrapper; CLIP-L is as it was; the
+    token rows stay one fp32 parameter; one step gives the T5 columns a gradient through the 8-bit linears and
+    changes them; DDP is told to leave T5's 8-bit weights alone, by their names in the module it wraps."""
+    from conftest import capture_grads, step_runner
+
+    from palpcompose.train import prepare_subjects
+
+    state, project, config, tokens = flux_setup(frozen_weights="int8")
+    t5, t5_columns = _encoder(state.components.text_encoder, "t5")
+    clip, _ = _encoder(state.components.text_encoder, "clip")
+    linears = _linears(t5)
+    assert {name.rsplit(".", 1)[-1] for name in linears} == {"q", "k", "v", "o", "wi_0", "wi_1", "wo"}
+    for name, m in linears.items():
+        assert type(m) is FrozenQuantLinear and type(m.weight).__name__ == "Int8Tensor", name
+        assert m.weight.qdata.dtype == torch.int8 and m.weight.dtype == torch.float32, name  # computes in T5's dtype
+        assert m.bias is None, name
+    assert all(type(m) is nn.Linear and type(m.weight) is nn.Parameter for m in _linears(clip).values())
+    embedding = t5.get_input_embeddings()
+    assert type(embedding.table.weight) is nn.Parameter and embedding.table.weight.dtype == torch.float32
+    rows = state.token_embedding.rows
+    assert rows is embedding.rows and rows.dtype == torch.float32 and rows.requires_grad
+    encoders = state.components.text_encoder
+    ignored = set(encoders._ddp_params_and_buffers_to_ignore)
+    t5_weights = {name for name, p in encoders.state_dict(keep_vars=True).items() if type(p) is not nn.Parameter
+                  and type(p).__module__.startswith("torchao.")}
+    assert ignored == t5_weights and len(ignored) == len(linears)
+
+    before = rows.detach().clone()
+    grads = capture_grads(state)
+    step_runner(state, prepare_subjects(project, config, state, tokens), batch_size=1)()
+    row_grad = grads[-1][0]
+    assert row_grad[:, t5_columns].abs().sum() > 0  # the gradient reached the token through the 8-bit T5
+    assert not torch.equal(rows[:, t5_columns], before[:, t5_columns])  # and the T5 row trained
+    assert rows.dtype == torch.float32 and type(rows) is nn.Parameter
+
+
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_the_t5_token_gradient_through_8_bit_t5_is_close_to_full_precision(flux_dir, mode, autocast, one_thread):
+    """The token rows' gradient (T5's columns) from one encoding of a prompt with the token, with T5 as train stores
+    it (quantize_frozen_text_encoder) against the same T5 unquantized; fp32 and under bf16 autocast, as the step
+    runs it; autograd keeps no copy of T5's weights for that backward. Measured on the tiny T5 (2 layers, d_model
+    32, d_ff 37), relative L2 error: int8 0.76% in fp32, 0.86% under bf16 autocast; fp8 e4m3 5.0% / 5.1% (3
+    mantissa bits); the bounds are about twice and 1.6 times that."""
+    from palpcompose import models, quantize
+    from palpcompose.tokens import add_trained_tokens
+
+    c = models.load_components(models.resolve_base_model(str(flux_dir)))
+    models.freeze(c.unet, c.vae, c.text_encoder)
+    token = "<fx-v1>"
+    add_trained_tokens(c, {"V1": token}, {"V1": "cat"})
+    reference = c.text_encoder
+    quantized = copy.deepcopy(reference)
+    assert quantize.quantize_frozen_text_encoder(quantized, mode) > 0
+    ids = reference.tokenize([f"a photo of {token} on a table", f"{token} in the snow"])
+
+    grads = []
+    for encoders in (reference, quantized):
+        t5, t5_columns = _encoder(encoders, "t5")
+        rows = t5.get_input_embeddings().rows
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            embeds, saved = saved_tensors(lambda: encoders(ids).embeds)  # (B, 512, 32): what Flux reads per token
+        if encoders is quantized:  # the wrapper keeps no copy of an 8-bit weight for backward (torchao's linear would)
+            shapes = {tuple(m.weight.shape) for m in _linears(t5).values()}
+            assert not any(tuple(t.shape) in shapes or tuple(t.shape)[::-1] in shapes for t in saved)
+        target = torch.randn(embeds.shape, generator=torch.Generator().manual_seed(0))
+        (grad,) = torch.autograd.grad((embeds.float() * target).sum(), rows)
+        grads.append(grad[:, t5_columns])
+    assert grads[0].abs().sum() > 0 and not torch.equal(grads[0], grads[1])  # the 8-bit weights were used ...
+    error = ((grads[1] - grads[0]).norm() / grads[0].norm()).item()
+    assert error < {"int8": 0.02, "fp8": 0.08}[mode], error  # ... and give about the same gradient
+
+
+def test_without_t5_tokens_t5_is_left_as_it_was(flux_setup):
+    """train.t5_tokens = false: T5 reads the class word, encodes the run's prompts once and leaves for the CPU
+    (docs/flow-memory.md "T5 in 8 bits": why it stays out of 8 bits); int8 still quantizes the transformer. T5 is
+    cast to the mixed-precision dtype as before, every linear a plain nn.Linear; nothing in DDP's ignore list."""
+    state, *_ = flux_setup(mixed_precision="bf16", frozen_weights="int8", t5_tokens=False)
+    t5, _ = _encoder(state.components.text_encoder, "t5")
+    assert any(type(m) is FrozenQuantLinear for m in state.components.unet.modules())  # the transformer: 8 bits
+    assert all(type(m) is nn.Linear and type(m.weight) is nn.Parameter and m.weight.dtype == torch.bfloat16
+               for m in _linears(t5).values())
+    assert not hasattr(state.components.text_encoder, "_ddp_params_and_buffers_to_ignore")
+    assert quantize.quantized_text_encoders(state.components.text_encoder) == []
+
+
+def test_the_default_leaves_t5_as_it_was(flux_setup):
+    """train.frozen_weights = "mixed_precision" with T5 tokens: no layer changes class, T5's weights are the loaded
+    values (bit for bit, fp32 as a trained-token encoder is kept), no DDP ignore list."""
+    from palpcompose import models
+
+    state, project, config, _ = flux_setup()
+    loaded = models.load_components(models.resolve_base_model(config.project.base_model, project.root))
+    t5, _ = _encoder(state.components.text_encoder, "t5")
+    assert quantize.quantized_text_encoders(state.components.text_encoder) == [t5]  # it would qualify ...
+    loaded_t5, _ = _encoder(loaded.text_encoder, "t5")
+    assert all(type(m) is nn.Linear for m in state.components.text_encoder.modules() if isinstance(m, nn.Linear))
+    for name, m in _linears(t5).items():  # ... but the default stores nothing in 8 bits
+        assert type(m.weight) is nn.Parameter and m.weight.dtype == torch.float32, name
+        assert torch.equal(m.weight, loaded_t5.get_submodule(name).weight), name
+    assert not hasattr(state.components.text_encoder, "_ddp_params_and_buffers_to_ignore")
