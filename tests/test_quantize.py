@@ -391,15 +391,20 @@ def test_int8_training_on_cuda_moves_the_8_bit_weights_and_trains_like_bf16(flux
     torch.testing.assert_close(_losses(int8), _losses(plain), rtol=5e-2, atol=1e-2)
 
 
-def test_two_processes_train_on_int8_frozen_weights(make_project, tmp_path):
+@pytest.mark.parametrize("family", ["sd", "flux"])
+def test_two_processes_train_on_int8_frozen_weights(family, make_project, flux_dir, tmp_path):
     """torchrun, 2 CPU processes: DistributedDataParallel skips the 8-bit weights (it cannot broadcast torchao's
-    tensors; each process quantizes the same base model to the same values) and averages the LoRA's gradients."""
+    tensors; each process quantizes the same base model to the same values) and averages the LoRA's gradients.
+    Flux (T5 tokens, the default): T5's 8-bit weights too, in the text encoder DDP wraps for the token rows."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
-    root = make_project({"train": {"steps": 2, "save_every": 0, "frozen_weights": "int8"}})
+    if family == "flux":
+        root = flux_project(tmp_path / "p", flux_dir, steps=2, frozen_weights="int8")
+    else:
+        root = make_project({"train": {"steps": 2, "save_every": 0, "frozen_weights": "int8"}})
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error", "HF_HOME": str(tmp_path / "hf"),
            "HF_HUB_OFFLINE": "1", "PYTHONPATH": f"{repo}{os.pathsep}{repo / 'tests'}"}
@@ -516,7 +521,7 @@ def test_the_t5_token_gradient_through_8_bit_t5_is_close_to_full_precision(flux_
         t5, t5_columns = _encoder(encoders, "t5")
         rows = t5.get_input_embeddings().rows
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            embeds, saved = saved_tensors(lambda: encoders(ids).embeds)  # (B, 512, 32): what Flux reads per token
+            embeds, saved = saved_tensors(lambda e=encoders: e(ids).embeds)  # (B, 512, 32): what Flux reads per token
         if encoders is quantized:  # the wrapper keeps no copy of an 8-bit weight for backward (torchao's linear would)
             shapes = {tuple(m.weight.shape) for m in _linears(t5).values()}
             assert not any(tuple(t.shape) in shapes or tuple(t.shape)[::-1] in shapes for t in saved)
