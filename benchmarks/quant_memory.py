@@ -110,6 +110,8 @@ def measure_t5(t5, args, device: torch.device) -> dict:
               "linears_xxl_gib": linears * scale / GIB,
               "saved_xxl_mib": (saved.outside + (saved.inputs_saved + sum(saved.blocks)) * scale) / MIB}
     if device.type == "cuda":
+        with torch.no_grad():
+            forward()  # cuBLAS workspaces: allocated once, before the measurement
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
