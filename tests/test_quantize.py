@@ -421,10 +421,17 @@ def test_two_processes_train_on_int8_frozen_weights(family, make_project, flux_d
 # --- T5, when it trains a token -----------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def sd3_dir(tmp_path_factory):
+    from tiny_flow_pipeline import make_tiny_sd3_pipeline
+
+    return make_tiny_sd3_pipeline(tmp_path_factory.mktemp("sd3") / "pipe")
+
+
 @pytest.fixture
-def flux_setup(flux_dir, tmp_path, one_thread):
-    """prepare_flow_state on the tiny Flux with the given [train] settings (CPU, fp32 unless `mixed_precision`):
-    returns (the TrainState, the project, its config, the tokens)."""
+def flow_setup(flux_dir, tmp_path, one_thread):
+    """prepare_flow_state on the tiny Flux (or the flow pipeline `base`) with the given [train] settings (CPU, fp32
+    unless `mixed_precision`): returns (the TrainState, the project, its config, the tokens)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
@@ -433,8 +440,8 @@ def flux_setup(flux_dir, tmp_path, one_thread):
     from palpcompose.guidance import guidance_config
     from palpcompose.project import load_project
 
-    def setup(mixed_precision: str = "no", **train):
-        project = load_project(flux_project(tmp_path / "p", flux_dir, **train))
+    def setup(mixed_precision: str = "no", base=None, **train):
+        project = load_project(flux_project(tmp_path / "p", base or flux_dir, **train))
         config = project.config
         c = models.load_components(models.resolve_base_model(config.project.base_model, project.root))
         tokens = models.placeholder_tokens(config.project.name, config.subjects)
@@ -458,30 +465,34 @@ def _linears(module) -> dict[str, nn.Linear]:
     return {name: m for name, m in module.named_modules() if isinstance(m, nn.Linear)}
 
 
-def test_with_t5_tokens_int8_stores_t5s_frozen_linears_in_8_bits_and_the_token_row_trains(flux_setup):
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_with_t5_tokens_int8_stores_t5s_frozen_linears_in_8_bits_and_the_token_row_trains(flow_setup, family,
+                                                                                          request):
     """train.frozen_weights = "int8", train.t5_tokens = true (the default): after setup every linear of T5 (attention
-    q, k, v, o and the gated feed-forward's wi_0, wi_1, wo) is 8-bit behind the wrapper; CLIP-L is as it was; the
-    token rows stay one fp32 parameter; one step gives the T5 columns a gradient through the 8-bit linears and
-    changes them; DDP is told to leave T5's 8-bit weights alone, by their names in the module it wraps."""
+    q, k, v, o and the gated feed-forward's wi_0, wi_1, wo) is 8-bit behind the wrapper; the CLIP encoders are as
+    they were; the token rows stay one fp32 parameter; one step gives the T5 columns a gradient through the 8-bit
+    linears and changes them; DDP is told to leave T5's 8-bit weights alone, by their names in the module it wraps."""
     from conftest import capture_grads, step_runner
 
     from palpcompose.train import prepare_subjects
 
-    state, project, config, tokens = flux_setup(frozen_weights="int8")
-    t5, t5_columns = _encoder(state.components.text_encoder, "t5")
-    clip, _ = _encoder(state.components.text_encoder, "clip")
+    base = request.getfixturevalue("sd3_dir") if family == "sd3" else None
+    state, project, config, tokens = flow_setup(frozen_weights="int8", base=base)
+    encoders = state.components.text_encoder
+    t5, t5_columns = _encoder(encoders, "t5")
+    clips = [e for e, slot in zip(encoders.encoders, encoders.slots) if slot.kind == "clip"]
     linears = _linears(t5)
     assert {name.rsplit(".", 1)[-1] for name in linears} == {"q", "k", "v", "o", "wi_0", "wi_1", "wo"}
     for name, m in linears.items():
         assert type(m) is FrozenQuantLinear and type(m.weight).__name__ == "Int8Tensor", name
         assert m.weight.qdata.dtype == torch.int8 and m.weight.dtype == torch.float32, name  # computes in T5's dtype
         assert m.bias is None, name
-    assert all(type(m) is nn.Linear and type(m.weight) is nn.Parameter for m in _linears(clip).values())
+    assert clips and all(type(m) is nn.Linear and type(m.weight) is nn.Parameter
+                         for clip in clips for m in _linears(clip).values())
     embedding = t5.get_input_embeddings()
     assert type(embedding.table.weight) is nn.Parameter and embedding.table.weight.dtype == torch.float32
     rows = state.token_embedding.rows
     assert rows is embedding.rows and rows.dtype == torch.float32 and rows.requires_grad
-    encoders = state.components.text_encoder
     ignored = set(encoders._ddp_params_and_buffers_to_ignore)
     t5_weights = {name for name, p in encoders.state_dict(keep_vars=True).items() if type(p) is not nn.Parameter
                   and type(p).__module__.startswith("torchao.")}
@@ -533,11 +544,11 @@ def test_the_t5_token_gradient_through_8_bit_t5_is_close_to_full_precision(flux_
     assert error < {"int8": 0.02, "fp8": 0.08}[mode], error  # ... and give about the same gradient
 
 
-def test_without_t5_tokens_t5_is_left_as_it_was(flux_setup):
+def test_without_t5_tokens_t5_is_left_as_it_was(flow_setup):
     """train.t5_tokens = false: T5 reads the class word, encodes the run's prompts once and leaves for the CPU
     (docs/flow-memory.md "T5 in 8 bits": why it stays out of 8 bits); int8 still quantizes the transformer. T5 is
     cast to the mixed-precision dtype as before, every linear a plain nn.Linear; nothing in DDP's ignore list."""
-    state, *_ = flux_setup(mixed_precision="bf16", frozen_weights="int8", t5_tokens=False)
+    state, *_ = flow_setup(mixed_precision="bf16", frozen_weights="int8", t5_tokens=False)
     t5, _ = _encoder(state.components.text_encoder, "t5")
     assert any(type(m) is FrozenQuantLinear for m in state.components.unet.modules())  # the transformer: 8 bits
     assert all(type(m) is nn.Linear and type(m.weight) is nn.Parameter and m.weight.dtype == torch.bfloat16
@@ -546,12 +557,12 @@ def test_without_t5_tokens_t5_is_left_as_it_was(flux_setup):
     assert quantize.quantized_text_encoders(state.components.text_encoder) == []
 
 
-def test_the_default_leaves_t5_as_it_was(flux_setup):
+def test_the_default_leaves_t5_as_it_was(flow_setup):
     """train.frozen_weights = "mixed_precision" with T5 tokens: no layer changes class, T5's weights are the loaded
     values (bit for bit, fp32 as a trained-token encoder is kept), no DDP ignore list."""
     from palpcompose import models
 
-    state, project, config, _ = flux_setup()
+    state, project, config, _ = flow_setup()
     loaded = models.load_components(models.resolve_base_model(config.project.base_model, project.root))
     t5, _ = _encoder(state.components.text_encoder, "t5")
     assert quantize.quantized_text_encoders(state.components.text_encoder) == [t5]  # it would qualify ...
