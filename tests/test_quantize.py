@@ -20,6 +20,10 @@ from palpcompose import quantize
 from palpcompose.project.settings import changed_weight_settings
 from palpcompose.quantize import FrozenQuantLinear, quantize_frozen
 
+# The tests that quantize need torchao (the `quant` extra, in `dev` too); without it they skip, and the others run
+needs_torchao = pytest.mark.skipif(importlib.util.find_spec("torchao") is None,
+                                   reason="needs torchao: pip install 'palpcompose[quant]'")
+
 
 def quiet():
     return Console(file=io.StringIO(), width=120)
@@ -46,6 +50,7 @@ def layer(seed: int = 0, dtype=torch.float32) -> nn.Sequential:
 # --- the autograd Function ----------------------------------------------------------------------------------------
 
 
+@needs_torchao
 @pytest.mark.parametrize("mode", ["int8", "fp8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_wrapper_saves_no_copy_of_the_weight_and_computes_what_torchao_does(mode, dtype):
@@ -78,6 +83,7 @@ def test_the_wrapper_saves_no_copy_of_the_weight_and_computes_what_torchao_does(
     assert weight.grad is None and wrapped[0].bias.grad is None  # frozen: no gradient of their own
 
 
+@needs_torchao
 @pytest.mark.parametrize("mode", ["int8", "fp8"])
 def test_under_autocast_the_wrapper_computes_in_the_autocast_dtype_as_nn_linear_does(mode):
     """A layer norm's fp32 output entering a frozen linear under bf16 autocast: nn.Linear computes in bf16 and returns
@@ -93,6 +99,7 @@ def test_under_autocast_the_wrapper_computes_in_the_autocast_dtype_as_nn_linear_
     assert grad.dtype == torch.float32  # the gradient reaches the fp32 input in its dtype
 
 
+@needs_torchao
 def test_the_wrapper_needs_no_input_gradient_and_works_without_grad():
     wrapped = layer()
     quantize_frozen(wrapped, "int8", torch.float32)
@@ -118,6 +125,7 @@ def tiny_unet(tiny_pipeline_dir, *, lora: bool = True):
     return unet, params
 
 
+@needs_torchao
 def test_every_frozen_linear_is_quantized_and_the_lora_is_not(tiny_pipeline_dir):
     unet, lora_params = tiny_unet(tiny_pipeline_dir)
     linears = [name for name, m in unet.named_modules() if isinstance(m, nn.Linear)]
@@ -142,6 +150,7 @@ def test_every_frozen_linear_is_quantized_and_the_lora_is_not(tiny_pipeline_dir)
     assert convs and all(type(m.weight) is nn.Parameter and m.weight.dtype == torch.float32 for m in convs)  # as is
 
 
+@needs_torchao
 @pytest.mark.parametrize("mode", ["int8", "fp8"])
 def test_the_lora_gradient_in_8_bits_is_close_to_full_precision(tiny_pipeline_dir, mode):
     """One UNet forward and backward with the LoRA: its gradient (and the gradient reaching the text embeddings,
@@ -169,6 +178,7 @@ def test_the_lora_gradient_in_8_bits_is_close_to_full_precision(tiny_pipeline_di
     assert 0 < embed_error < 0.05, embed_error  # the tokens' gradient flows back through the wrapper
 
 
+@needs_torchao
 def test_a_flux_pass_keeps_what_bf16_keeps_and_no_weight_copy(flux_dir):
     """The tiny Flux transformer, LoRA attached, one forward with grad under bf16 autocast: with the wrapper autograd
     keeps exactly the activations the bf16 model keeps (same shapes, dtypes and bytes); torchao's linear alone keeps
@@ -281,6 +291,7 @@ def _spy_quantized(monkeypatch) -> list[int]:
     return counts
 
 
+@needs_torchao
 @pytest.mark.parametrize("family", ["sd", "flux"])
 def test_training_with_int8_frozen_weights_completes_records_the_setting_and_exports_the_lora(
         family, make_project, flux_dir, tmp_path, monkeypatch, run_cli, one_thread):
@@ -314,6 +325,7 @@ def test_training_with_int8_frozen_weights_completes_records_the_setting_and_exp
         assert run_cli("render", int8).code == 0
 
 
+@needs_torchao
 def test_an_int8_run_resumes_bit_exactly(make_project, one_thread):
     from palpcompose.train import train
     from palpcompose.weights import load_trained_weights
@@ -328,6 +340,7 @@ def test_an_int8_run_resumes_bit_exactly(make_project, one_thread):
     assert all(torch.equal(a.embeddings[k], b.embeddings[k]) for k in a.embeddings)
 
 
+@needs_torchao
 @pytest.mark.parametrize("mixed_precision", ["bf16", "fp16"])
 def test_a_mixed_precision_step_runs_on_the_8_bit_weights_in_that_dtype(flux_dir, tmp_path, mixed_precision,
                                                                          one_thread):
@@ -365,6 +378,7 @@ def test_a_mixed_precision_step_runs_on_the_8_bit_weights_in_that_dtype(flux_dir
         AcceleratorState._reset_state()
 
 
+@needs_torchao
 @pytest.mark.gpu
 def test_int8_training_on_cuda_moves_the_8_bit_weights_and_trains_like_bf16(flux_dir, tmp_path, monkeypatch):
     """benchmarks/gpu_suite.sh `quant`: the product's path on a GPU (tiny Flux, bf16): quantized on the CPU, the 8-bit
@@ -391,6 +405,7 @@ def test_int8_training_on_cuda_moves_the_8_bit_weights_and_trains_like_bf16(flux
     torch.testing.assert_close(_losses(int8), _losses(plain), rtol=5e-2, atol=1e-2)
 
 
+@needs_torchao
 @pytest.mark.parametrize("family", ["sd", "flux"])
 def test_two_processes_train_on_int8_frozen_weights(family, make_project, flux_dir, tmp_path):
     """torchrun, 2 CPU processes: DistributedDataParallel skips the 8-bit weights (it cannot broadcast torchao's
@@ -465,6 +480,7 @@ def _linears(module) -> dict[str, nn.Linear]:
     return {name: m for name, m in module.named_modules() if isinstance(m, nn.Linear)}
 
 
+@needs_torchao
 @pytest.mark.parametrize("family", ["flux", "sd3"])
 def test_with_t5_tokens_int8_stores_t5s_frozen_linears_in_8_bits_and_the_token_row_trains(flow_setup, family,
                                                                                           request):
@@ -507,6 +523,7 @@ def test_with_t5_tokens_int8_stores_t5s_frozen_linears_in_8_bits_and_the_token_r
     assert rows.dtype == torch.float32 and type(rows) is nn.Parameter
 
 
+@needs_torchao
 @pytest.mark.parametrize("mode", ["int8", "fp8"])
 @pytest.mark.parametrize("autocast", [False, True])
 def test_the_t5_token_gradient_through_8_bit_t5_is_close_to_full_precision(flux_dir, mode, autocast, one_thread):
@@ -544,6 +561,7 @@ def test_the_t5_token_gradient_through_8_bit_t5_is_close_to_full_precision(flux_
     assert error < {"int8": 0.02, "fp8": 0.08}[mode], error  # ... and give about the same gradient
 
 
+@needs_torchao
 def test_without_t5_tokens_t5_is_left_as_it_was(flow_setup):
     """train.t5_tokens = false: T5 reads the class word, encodes the run's prompts once and leaves for the CPU
     (docs/flow-memory.md "T5 in 8 bits": why it stays out of 8 bits); int8 still quantizes the transformer. T5 is
