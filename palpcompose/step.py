@@ -27,7 +27,7 @@ from palpcompose.guidance import (
     predict_x0,
     v_to_eps,
 )
-from palpcompose.quantize import quantize_frozen
+from palpcompose.quantize import quantize_frozen, quantize_frozen_text_encoder
 from palpcompose.tokens import PlaceholderEmbedding, add_trained_tokens
 
 LORA_WEIGHT_DECAY = 1e-2  # AdamW default of diffusers' LoRA scripts
@@ -117,7 +117,9 @@ def place_and_optimize(c: models.Components, accelerator, train_cfg, lora_params
     Returns (weight_dtype, denoiser, text_encoder, optimizer, lr_scheduler)."""
     device = accelerator.device
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    quantize_frozen(c.unet, train_cfg.frozen_weights, weight_dtype)  # 8-bit frozen linears, on the CPU, if asked
+    # 8-bit frozen linears, on the CPU, if asked: the denoiser's, and T5's when it trains a token (quantize.py)
+    quantize_frozen(c.unet, train_cfg.frozen_weights, weight_dtype)
+    quantize_frozen_text_encoder(c.text_encoder, train_cfg.frozen_weights)
     for module in (c.unet, c.vae, *idle_encoders):
         if weight_dtype != torch.float32 and not (module is c.vae and vae_fp32):
             module.to(dtype=weight_dtype)

@@ -20,6 +20,10 @@ from palpcompose import quantize
 from palpcompose.project.settings import changed_weight_settings
 from palpcompose.quantize import FrozenQuantLinear, quantize_frozen
 
+# The tests that quantize need torchao (the `quant` extra, in `dev` too); without it they skip, and the others run
+needs_torchao = pytest.mark.skipif(importlib.util.find_spec("torchao") is None,
+                                   reason="needs torchao: pip install 'palpcompose[quant]'")
+
 
 def quiet():
     return Console(file=io.StringIO(), width=120)
@@ -46,6 +50,7 @@ def layer(seed: int = 0, dtype=torch.float32) -> nn.Sequential:
 # --- the autograd Function ----------------------------------------------------------------------------------------
 
 
+@needs_torchao
 @pytest.mark.parametrize("mode", ["int8", "fp8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_wrapper_saves_no_copy_of_the_weight_and_computes_what_torchao_does(mode, dtype):
@@ -78,6 +83,7 @@ def test_the_wrapper_saves_no_copy_of_the_weight_and_computes_what_torchao_does(
     assert weight.grad is None and wrapped[0].bias.grad is None  # frozen: no gradient of their own
 
 
+@needs_torchao
 @pytest.mark.parametrize("mode", ["int8", "fp8"])
 def test_under_autocast_the_wrapper_computes_in_the_autocast_dtype_as_nn_linear_does(mode):
     """A layer norm's fp32 output entering a frozen linear under bf16 autocast: nn.Linear computes in bf16 and returns
@@ -93,6 +99,7 @@ def test_under_autocast_the_wrapper_computes_in_the_autocast_dtype_as_nn_linear_
     assert grad.dtype == torch.float32  # the gradient reaches the fp32 input in its dtype
 
 
+@needs_torchao
 def test_the_wrapper_needs_no_input_gradient_and_works_without_grad():
     wrapped = layer()
     quantize_frozen(wrapped, "int8", torch.float32)
@@ -118,6 +125,7 @@ def tiny_unet(tiny_pipeline_dir, *, lora: bool = True):
     return unet, params
 
 
+@needs_torchao
 def test_every_frozen_linear_is_quantized_and_the_lora_is_not(tiny_pipeline_dir):
     unet, lora_params = tiny_unet(tiny_pipeline_dir)
     linears = [name for name, m in unet.named_modules() if isinstance(m, nn.Linear)]
@@ -142,6 +150,7 @@ def test_every_frozen_linear_is_quantized_and_the_lora_is_not(tiny_pipeline_dir)
     assert convs and all(type(m.weight) is nn.Parameter and m.weight.dtype == torch.float32 for m in convs)  # as is
 
 
+@needs_torchao
 @pytest.mark.parametrize("mode", ["int8", "fp8"])
 def test_the_lora_gradient_in_8_bits_is_close_to_full_precision(tiny_pipeline_dir, mode):
     """One UNet forward and backward with the LoRA: its gradient (and the gradient reaching the text embeddings,
@@ -169,6 +178,7 @@ def test_the_lora_gradient_in_8_bits_is_close_to_full_precision(tiny_pipeline_di
     assert 0 < embed_error < 0.05, embed_error  # the tokens' gradient flows back through the wrapper
 
 
+@needs_torchao
 def test_a_flux_pass_keeps_what_bf16_keeps_and_no_weight_copy(flux_dir):
     """The tiny Flux transformer, LoRA attached, one forward with grad under bf16 autocast: with the wrapper autograd
     keeps exactly the activations the bf16 model keeps (same shapes, dtypes and bytes); torchao's linear alone keeps
@@ -281,6 +291,7 @@ def _spy_quantized(monkeypatch) -> list[int]:
     return counts
 
 
+@needs_torchao
 @pytest.mark.parametrize("family", ["sd", "flux"])
 def test_training_with_int8_frozen_weights_completes_records_the_setting_and_exports_the_lora(
         family, make_project, flux_dir, tmp_path, monkeypatch, run_cli, one_thread):
@@ -314,6 +325,7 @@ def test_training_with_int8_frozen_weights_completes_records_the_setting_and_exp
         assert run_cli("render", int8).code == 0
 
 
+@needs_torchao
 def test_an_int8_run_resumes_bit_exactly(make_project, one_thread):
     from palpcompose.train import train
     from palpcompose.weights import load_trained_weights
@@ -328,6 +340,7 @@ def test_an_int8_run_resumes_bit_exactly(make_project, one_thread):
     assert all(torch.equal(a.embeddings[k], b.embeddings[k]) for k in a.embeddings)
 
 
+@needs_torchao
 @pytest.mark.parametrize("mixed_precision", ["bf16", "fp16"])
 def test_a_mixed_precision_step_runs_on_the_8_bit_weights_in_that_dtype(flux_dir, tmp_path, mixed_precision,
                                                                          one_thread):
@@ -365,6 +378,7 @@ def test_a_mixed_precision_step_runs_on_the_8_bit_weights_in_that_dtype(flux_dir
         AcceleratorState._reset_state()
 
 
+@needs_torchao
 @pytest.mark.gpu
 def test_int8_training_on_cuda_moves_the_8_bit_weights_and_trains_like_bf16(flux_dir, tmp_path, monkeypatch):
     """benchmarks/gpu_suite.sh `quant`: the product's path on a GPU (tiny Flux, bf16): quantized on the CPU, the 8-bit
@@ -391,15 +405,21 @@ def test_int8_training_on_cuda_moves_the_8_bit_weights_and_trains_like_bf16(flux
     torch.testing.assert_close(_losses(int8), _losses(plain), rtol=5e-2, atol=1e-2)
 
 
-def test_two_processes_train_on_int8_frozen_weights(make_project, tmp_path):
+@needs_torchao
+@pytest.mark.parametrize("family", ["sd", "flux"])
+def test_two_processes_train_on_int8_frozen_weights(family, make_project, flux_dir, tmp_path):
     """torchrun, 2 CPU processes: DistributedDataParallel skips the 8-bit weights (it cannot broadcast torchao's
-    tensors; each process quantizes the same base model to the same values) and averages the LoRA's gradients."""
+    tensors; each process quantizes the same base model to the same values) and averages the LoRA's gradients.
+    Flux (T5 tokens, the default): T5's 8-bit weights too, in the text encoder DDP wraps for the token rows."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
-    root = make_project({"train": {"steps": 2, "save_every": 0, "frozen_weights": "int8"}})
+    if family == "flux":
+        root = flux_project(tmp_path / "p", flux_dir, steps=2, frozen_weights="int8")
+    else:
+        root = make_project({"train": {"steps": 2, "save_every": 0, "frozen_weights": "int8"}})
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error", "HF_HOME": str(tmp_path / "hf"),
            "HF_HUB_OFFLINE": "1", "PYTHONPATH": f"{repo}{os.pathsep}{repo / 'tests'}"}
@@ -411,3 +431,162 @@ def test_two_processes_train_on_int8_frozen_weights(make_project, tmp_path):
     manifest = json.loads((root / "out" / "manifest.json").read_text())
     assert manifest["status"] == "completed" and manifest["num_processes"] == 2
     assert manifest["config"]["train"]["frozen_weights"] == "int8"
+
+
+# --- T5, when it trains a token -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sd3_dir(tmp_path_factory):
+    from tiny_flow_pipeline import make_tiny_sd3_pipeline
+
+    return make_tiny_sd3_pipeline(tmp_path_factory.mktemp("sd3") / "pipe")
+
+
+@pytest.fixture
+def flow_setup(flux_dir, tmp_path, one_thread):
+    """prepare_flow_state on the tiny Flux (or the flow pipeline `base`) with the given [train] settings (CPU, fp32
+    unless `mixed_precision`): returns (the TrainState, the project, its config, the tokens)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from palpcompose import models
+    from palpcompose.flow_step import prepare_flow_state
+    from palpcompose.guidance import guidance_config
+    from palpcompose.project import load_project
+
+    def setup(mixed_precision: str = "no", base=None, **train):
+        project = load_project(flux_project(tmp_path / "p", base or flux_dir, **train))
+        config = project.config
+        c = models.load_components(models.resolve_base_model(config.project.base_model, project.root))
+        tokens = models.placeholder_tokens(config.project.name, config.subjects)
+        AcceleratorState._reset_state()
+        state = prepare_flow_state(config, c, Accelerator(mixed_precision=mixed_precision, cpu=True),
+                                   guidance_config(config), tokens)
+        return state, project, config, tokens
+
+    yield setup
+    AcceleratorState._reset_state()
+
+
+def _encoder(encoders, kind: str):
+    """The encoder of `kind` ("t5", "clip") of a FlowTextEncoders, and its columns in the shared token rows (None: it
+    holds no token)."""
+    encoder = next(e for e, slot in zip(encoders.encoders, encoders.slots) if slot.kind == kind)
+    return encoder, getattr(encoder.get_input_embeddings(), "columns", None)
+
+
+def _linears(module) -> dict[str, nn.Linear]:
+    return {name: m for name, m in module.named_modules() if isinstance(m, nn.Linear)}
+
+
+@needs_torchao
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_with_t5_tokens_int8_stores_t5s_frozen_linears_in_8_bits_and_the_token_row_trains(flow_setup, family,
+                                                                                          request):
+    """train.frozen_weights = "int8", train.t5_tokens = true (the default): after setup every linear of T5 (attention
+    q, k, v, o and the gated feed-forward's wi_0, wi_1, wo) is 8-bit behind the wrapper; the CLIP encoders are as
+    they were; the token rows stay one fp32 parameter; one step gives the T5 columns a gradient through the 8-bit
+    linears and changes them; DDP is told to leave T5's 8-bit weights alone, by their names in the module it wraps."""
+    from conftest import capture_grads, step_runner
+
+    from palpcompose.train import prepare_subjects
+
+    base = request.getfixturevalue("sd3_dir") if family == "sd3" else None
+    state, project, config, tokens = flow_setup(frozen_weights="int8", base=base)
+    encoders = state.components.text_encoder
+    t5, t5_columns = _encoder(encoders, "t5")
+    clips = [e for e, slot in zip(encoders.encoders, encoders.slots) if slot.kind == "clip"]
+    linears = _linears(t5)
+    assert {name.rsplit(".", 1)[-1] for name in linears} == {"q", "k", "v", "o", "wi_0", "wi_1", "wo"}
+    for name, m in linears.items():
+        assert type(m) is FrozenQuantLinear and type(m.weight).__name__ == "Int8Tensor", name
+        assert m.weight.qdata.dtype == torch.int8 and m.weight.dtype == torch.float32, name  # computes in T5's dtype
+        assert m.bias is None, name
+    assert clips and all(type(m) is nn.Linear and type(m.weight) is nn.Parameter
+                         for clip in clips for m in _linears(clip).values())
+    embedding = t5.get_input_embeddings()
+    assert type(embedding.table.weight) is nn.Parameter and embedding.table.weight.dtype == torch.float32
+    rows = state.token_embedding.rows
+    assert rows is embedding.rows and rows.dtype == torch.float32 and rows.requires_grad
+    ignored = set(encoders._ddp_params_and_buffers_to_ignore)
+    t5_weights = {name for name, p in encoders.state_dict(keep_vars=True).items() if type(p) is not nn.Parameter
+                  and type(p).__module__.startswith("torchao.")}
+    assert ignored == t5_weights and len(ignored) == len(linears)
+
+    before = rows.detach().clone()
+    grads = capture_grads(state)
+    step_runner(state, prepare_subjects(project, config, state, tokens), batch_size=1)()
+    row_grad = grads[-1][0]
+    assert row_grad[:, t5_columns].abs().sum() > 0  # the gradient reached the token through the 8-bit T5
+    assert not torch.equal(rows[:, t5_columns], before[:, t5_columns])  # and the T5 row trained
+    assert rows.dtype == torch.float32 and type(rows) is nn.Parameter
+
+
+@needs_torchao
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_the_t5_token_gradient_through_8_bit_t5_is_close_to_full_precision(flux_dir, mode, autocast, one_thread):
+    """The token rows' gradient (T5's columns) from one encoding of a prompt with the token, with T5 as train stores
+    it (quantize_frozen_text_encoder) against the same T5 unquantized; fp32 and under bf16 autocast, as the step
+    runs it; autograd keeps no copy of T5's weights for that backward. Measured on the tiny T5 (2 layers, d_model
+    32, d_ff 37), relative L2 error: int8 0.76% in fp32, 0.86% under bf16 autocast; fp8 e4m3 5.0% / 5.1% (3
+    mantissa bits); the bounds are about twice and 1.6 times that."""
+    from palpcompose import models, quantize
+    from palpcompose.tokens import add_trained_tokens
+
+    c = models.load_components(models.resolve_base_model(str(flux_dir)))
+    models.freeze(c.unet, c.vae, c.text_encoder)
+    token = "<fx-v1>"
+    add_trained_tokens(c, {"V1": token}, {"V1": "cat"})
+    reference = c.text_encoder
+    quantized = copy.deepcopy(reference)
+    assert quantize.quantize_frozen_text_encoder(quantized, mode) > 0
+    ids = reference.tokenize([f"a photo of {token} on a table", f"{token} in the snow"])
+
+    grads = []
+    for encoders in (reference, quantized):
+        t5, t5_columns = _encoder(encoders, "t5")
+        rows = t5.get_input_embeddings().rows
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            embeds, saved = saved_tensors(lambda e=encoders: e(ids).embeds)  # (B, 512, 32): what Flux reads per token
+        if encoders is quantized:  # the wrapper keeps no copy of an 8-bit weight for backward (torchao's linear would)
+            shapes = {tuple(m.weight.shape) for m in _linears(t5).values()}
+            assert not any(tuple(t.shape) in shapes or tuple(t.shape)[::-1] in shapes for t in saved)
+        target = torch.randn(embeds.shape, generator=torch.Generator().manual_seed(0))
+        (grad,) = torch.autograd.grad((embeds.float() * target).sum(), rows)
+        grads.append(grad[:, t5_columns])
+    assert grads[0].abs().sum() > 0 and not torch.equal(grads[0], grads[1])  # the 8-bit weights were used ...
+    error = ((grads[1] - grads[0]).norm() / grads[0].norm()).item()
+    assert error < {"int8": 0.02, "fp8": 0.08}[mode], error  # ... and give about the same gradient
+
+
+@needs_torchao
+def test_without_t5_tokens_t5_is_left_as_it_was(flow_setup):
+    """train.t5_tokens = false: T5 reads the class word, encodes the run's prompts once and leaves for the CPU
+    (docs/flow-memory.md "T5 in 8 bits": why it stays out of 8 bits); int8 still quantizes the transformer. T5 is
+    cast to the mixed-precision dtype as before, every linear a plain nn.Linear; nothing in DDP's ignore list."""
+    state, *_ = flow_setup(mixed_precision="bf16", frozen_weights="int8", t5_tokens=False)
+    t5, _ = _encoder(state.components.text_encoder, "t5")
+    assert any(type(m) is FrozenQuantLinear for m in state.components.unet.modules())  # the transformer: 8 bits
+    assert all(type(m) is nn.Linear and type(m.weight) is nn.Parameter and m.weight.dtype == torch.bfloat16
+               for m in _linears(t5).values())
+    assert not hasattr(state.components.text_encoder, "_ddp_params_and_buffers_to_ignore")
+    assert quantize.quantized_text_encoders(state.components.text_encoder) == []
+
+
+def test_the_default_leaves_t5_as_it_was(flow_setup):
+    """train.frozen_weights = "mixed_precision" with T5 tokens: no layer changes class, T5's weights are the loaded
+    values (bit for bit, fp32 as a trained-token encoder is kept), no DDP ignore list."""
+    from palpcompose import models
+
+    state, project, config, _ = flow_setup()
+    loaded = models.load_components(models.resolve_base_model(config.project.base_model, project.root))
+    t5, _ = _encoder(state.components.text_encoder, "t5")
+    assert quantize.quantized_text_encoders(state.components.text_encoder) == [t5]  # it would qualify ...
+    loaded_t5, _ = _encoder(loaded.text_encoder, "t5")
+    assert all(type(m) is nn.Linear for m in state.components.text_encoder.modules() if isinstance(m, nn.Linear))
+    for name, m in _linears(t5).items():  # ... but the default stores nothing in 8 bits
+        assert type(m.weight) is nn.Parameter and m.weight.dtype == torch.float32, name
+        assert torch.equal(m.weight, loaded_t5.get_submodule(name).weight), name
+    assert not hasattr(state.components.text_encoder, "_ddp_params_and_buffers_to_ignore")

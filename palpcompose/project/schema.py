@@ -161,8 +161,9 @@ class TrainConfig:
         "the class word instead (no backward pass through T5: less memory, weaker binding; docs/flux-sd3.md). "
         "Ignored by other models.", True, extension=True)
     frozen_weights: str = _spec(
-        "Storage of the transformer's / UNet's frozen linear weights while training: `mixed_precision` (as "
-        "train.mixed_precision says), or 8 bits, `int8` or `fp8` (torchao weight-only: half the memory of bf16 for "
+        "Storage of the transformer's / UNet's frozen linear weights (and T5's, when it trains a token: "
+        "`t5_tokens`) while training: `mixed_precision` (as train.mixed_precision says), or 8 bits, `int8` or "
+        "`fp8` (torchao weight-only: half the memory of bf16 for "
         "those weights, slightly different results; the LoRA, the tokens and the computation keep their precision). "
         "For Flux.1-dev on a 24 GB GPU (docs/flow-memory.md). Only training uses it: exports and render are as "
         "usual. Needs `pip install 'palpcompose[quant]'`.", "mixed_precision", choices=FROZEN_WEIGHTS,
