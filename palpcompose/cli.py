@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from palpcompose import __version__
+from palpcompose import __version__, torchao_gate
 from palpcompose.choices import GUIDANCE_MODES, SCHEDULER_NAMES
 from palpcompose.errors import PalpcomposeError, command_line
 
@@ -411,10 +411,20 @@ def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the Typer app and map errors to exit codes."""
     # transformers warns on every import that torchvision is missing (we never need it); keep its errors only
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    # with torchao installed (train.frozen_weights), transformers and diffusers import it, and it, torch and diffusers
-    # log harmless notices about its CUDA extensions, enums and older tensor classes on every command; errors only
+    # transformers and diffusers import torchao whenever it is installed, and it prints notices on stderr: only
+    # train.frozen_weights' 8 bits need it (quantize.py lets it through then, and these loggers keep its notices,
+    # torch's and diffusers' about it to errors only)
+    torchao_gate.hold_back()
     for name in ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        _run(argv)
+    finally:
+        torchao_gate.release()
+
+
+def _run(argv: list[str] | None) -> None:
+    """main's body: the command, its errors mapped to exit codes (sys.exit)."""
     _sigterm_is_ctrl_c()
     argv = _take_debug_flag(list(sys.argv[1:] if argv is None else argv))
     try:

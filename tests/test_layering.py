@@ -27,6 +27,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "palpcompose.placeholders",
         "palpcompose.tokens", "palpcompose.guidance", "palpcompose.flow_guidance", "palpcompose.conditioning",
         "palpcompose.memory", "palpcompose.distributed", "palpcompose.trackers", "palpcompose.quantize",
+        "palpcompose.torchao_gate",
     )),
     ("toy world", (  # a leaf library: the toy world, its oracle and tokenizer, the demo's drawings
         "palpcompose.toyworld", "palpcompose.toyworld.world", "palpcompose.toyworld.oracle",
