@@ -34,7 +34,6 @@ from torch import nn
 
 from palpcompose import torchao_gate
 from palpcompose.errors import UserError
-from palpcompose.models.flow import FlowTextEncoders
 
 DEFAULT = "mixed_precision"
 FROZEN_WEIGHTS = (DEFAULT, "int8", "fp8")  # train.frozen_weights's choices
@@ -133,8 +132,9 @@ def quantize_frozen(model: nn.Module, frozen_weights: str, dtype: torch.dtype | 
 
 def quantized_text_encoders(text_encoder: nn.Module) -> list[nn.Module]:
     """The text encoders whose frozen linears train.frozen_weights stores in 8 bits: a flow family's T5 that holds
-    a learned token (module docstring: why not CLIP, why not an idle T5). SD's encoders: none."""
-    if not isinstance(text_encoder, FlowTextEncoders):
+    a learned token (module docstring: why not CLIP, why not an idle T5). SD's encoders: none. A flow family's
+    encoders are models.flow.FlowTextEncoders, known here by its `slots` (this layer sits below models/)."""
+    if not hasattr(text_encoder, "slots"):
         return []
     return [encoder for encoder, slot, holds in zip(text_encoder.encoders, text_encoder.slots,
                                                     text_encoder.with_tokens, strict=True)
