@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from palpcompose import __version__, torchao_gate
-from palpcompose.choices import GUIDANCE_MODES, SCHEDULER_NAMES
+from palpcompose.choices import GUIDANCE_MODES, SCHEDULER_NAMES, SIZE_RULE
 from palpcompose.errors import PalpcomposeError, command_line
 
 app = typer.Typer(
@@ -220,12 +220,12 @@ def render(
     width: Annotated[
         int | None,
         typer.Option("--width", metavar="PX",
-                     help="Image width in pixels, a multiple of 8 (default: render.width, else train.resolution)."),
+                     help=f"Image width in pixels, {SIZE_RULE}; default: render.width, else train.resolution."),
     ] = None,
     height: Annotated[
         int | None,
         typer.Option("--height", metavar="PX",
-                     help="Image height in pixels, a multiple of 8 (default: render.height, else train.resolution)."),
+                     help=f"Image height in pixels, {SIZE_RULE}; default: render.height, else train.resolution."),
     ] = None,
     negative_prompt: Annotated[
         str | None,

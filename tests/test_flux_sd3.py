@@ -112,6 +112,37 @@ def test_check_shows_the_family_the_defaults_and_what_alpha_beta_mean(flux_dir, 
     assert "palp.alpha=7.5" in text and "realclassifier-freeguidance" in text
 
 
+def _with_8x_vae(base, folder):
+    """A copy of the tiny pipeline whose VAE config says 4 blocks (an 8x VAE, as every released model): the image
+    sides it takes are then multiples of 16, as Flux.1's and SD 3's. Only the configs are read by the refusals."""
+    shutil.copytree(base, folder)
+    _edit_json(folder / "vae" / "config.json", block_out_channels=[8, 8, 16, 16])
+    return folder
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_sizes_the_model_cannot_take_are_refused_with_the_nearest_ones(family, flux_dir, sd3_dir, tmp_path, run_cli):
+    """Flux.1 packs 2x2 latent patches and SD 3's transformer cuts patch_size ones: with an 8x VAE each image side
+    is a multiple of 16. train.resolution = 24 passed check and crashed train (exit 1, out/ left behind); render
+    --width 72 was a diffusers ValueError (SD 3) or rounded to 64 while the PNG said 72 (Flux)."""
+    name = {"flux": "Flux.1", "sd3": "Stable Diffusion 3"}[family]
+    base = _with_8x_vae(flux_dir if family == "flux" else sd3_dir, tmp_path / "model")
+    root = flow_project(tmp_path / "p", base, resolution=24)
+    for command in ("check", "train"):
+        result = run_cli(command, root)
+        assert result.code == 2, result.out + result.err
+        assert "train.resolution: must be a multiple of 16 for " + name in result.err
+        assert "use 16 or 32" in result.err and "Traceback" not in result.err
+        assert not (root / "out").exists()
+    (root / "palp.toml").write_text((root / "palp.toml").read_text().replace("resolution = 24", "resolution = 32"))
+    assert run_cli("check", root).code == 0
+    result = run_cli("render", root, "--base", "--width", "72")
+    assert result.code == 2 and "--width 72: must be a multiple of 16" in result.err and "use 64 or 80" in result.err
+    assert not (root / "out").exists()
+    result = run_cli("render", "--help")
+    assert "of 16 for Flux.1 and SD 3" in " ".join(result.out.split())
+
+
 # --- training ------------------------------------------------------------------------------------------------------
 
 

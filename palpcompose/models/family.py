@@ -13,7 +13,9 @@ A family is the set of base models that load, encode prompts and train the same 
   ("diffusion": epsilon or v-prediction, read from the scheduler; "flow": rectified-flow velocity), the prompt
   encoders (`encoders`: one EncoderSlot each, its tokenizer, its key in exported embeddings, its sequence length),
   the denoiser's call and prompt encoding (`flow`: a FlowSpec), its resolved training defaults with their sources
-  (`defaults`) and what `check` says about it (`notes`).
+  (`defaults`) and what `check` says about it (`notes`);
+- what the latent sides must be a multiple of (`latent_multiple`: the transformer's patches), which makes the image
+  sizes it takes.
 families.py lists the families in the order detection tries them.
 """
 
@@ -43,6 +45,9 @@ class Family:
     flow: FlowSpec | None = None  # flow families: the denoiser's call, prompt encoding, noise levels
     defaults: dict = field(default_factory=dict)  # dotted palp.toml key -> (value, why): this family's defaults
     notes: Callable[[Callable], list[str]] | None = None  # read -> lines `check` prints about the model
+    # denoiser config -> what each latent side must be a multiple of (a UNet: 1; Flux.1's 2x2 packing: 2; SD 3: its
+    # patch_size); times the VAE's factor, the image sides it trains on and renders (models.size_alignment)
+    latent_multiple: Callable[[dict], int] = lambda config: 1
 
 
 @dataclass(frozen=True)

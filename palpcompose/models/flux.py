@@ -128,4 +128,5 @@ FAMILY = Family(
         "render.guidance_scale": (3.5, "FluxPipeline's default guidance_scale (the guidance embedding's value)"),
     },
     notes=notes,
+    latent_multiple=lambda config: 2,  # 2x2 latent patches packed into tokens (pack_latents), whatever patch_size says
 )

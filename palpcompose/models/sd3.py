@@ -103,4 +103,5 @@ FAMILY = Family(
         "render.guidance_scale": (7.0, "StableDiffusion3Pipeline's default guidance_scale"),
     },
     notes=notes,
+    latent_multiple=lambda config: int(config.get("patch_size", 2)),  # the transformer cuts latents into patches
 )
