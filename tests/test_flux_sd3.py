@@ -143,6 +143,56 @@ def test_sizes_the_model_cannot_take_are_refused_with_the_nearest_ones(family, f
     assert "of 16 for Flux.1 and SD 3" in " ".join(result.out.split())
 
 
+def _cut(file, keep):
+    """Truncate `file` to `keep` of its bytes (a download or copy cut short)."""
+    data = file.read_bytes()
+    file.write_bytes(data[: int(len(data) * keep)])
+
+
+@pytest.mark.parametrize("family,weights,keep", [
+    ("flux", "transformer/diffusion_pytorch_model.safetensors", 0.5),
+    ("flux", "vae/diffusion_pytorch_model.safetensors", 0.0),
+    ("sd3", "text_encoder_3/model.safetensors", 0.5),
+    ("sd", "unet/diffusion_pytorch_model.safetensors", 0.9),
+])
+def test_a_damaged_weights_file_is_named_by_check_and_train(family, weights, keep, flux_dir, sd3_dir,
+                                                            tiny_pipeline_dir, tmp_path, run_cli):
+    """A truncated or empty .safetensors in the model folder passed `check` (exit 0); train then said a generic
+    'could not be loaded' (for SD 3's text_encoder_3 without naming the file). The headers are read, not the
+    weights: the file is named, with what is wrong and how to get it again."""
+    base = tmp_path / "model"
+    shutil.copytree({"flux": flux_dir, "sd3": sd3_dir, "sd": tiny_pipeline_dir}[family], base)
+    _cut(base / weights, keep)
+    root = flow_project(tmp_path / "p", base)
+    for command in ("check", "train"):
+        result = run_cli(command, root)
+        assert result.code == 2, result.out + result.err
+        text = " ".join(result.err.split())
+        assert f"{base / weights}: damaged or incomplete weights file" in text, text
+        assert ("it is empty" if keep == 0 else "but its header declares") in text
+        assert "download the model again" in text and "Traceback" not in text
+        assert not (root / "out").exists()
+
+
+def test_a_damaged_single_file_and_a_missing_shard_are_named(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from palpcompose.models.weight_files import check_weight_files, safetensors_problem
+
+    single = tmp_path / "model.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(8, 4, 3, 3)}, single)
+    assert safetensors_problem(single) is None
+    _cut(single, 0.8)
+    with pytest.raises(UserError, match="model.safetensors: damaged or incomplete weights file .*download or copy it"):
+        resolve_base_model(str(single))
+    (tmp_path / "pipe" / "unet").mkdir(parents=True)
+    (tmp_path / "pipe" / "unet" / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a": "diffusion_pytorch_model-00001-of-00002.safetensors"}}))
+    with pytest.raises(UserError, match="names diffusion_pytorch_model-00001-of-00002.safetensors, missing"):
+        check_weight_files(tmp_path / "pipe", ["unet"], "fix")
+
+
 # --- training ------------------------------------------------------------------------------------------------------
 
 
