@@ -77,6 +77,28 @@ def test_schnell_and_turbo_are_refused(flux_dir, sd3_dir, tmp_path):
                _name_or_path="stabilityai/stable-diffusion-3.5-large-turbo")
     with pytest.raises(UserError, match="Turbo"):
         resolve_base_model(str(turbo))
+    # SD 3.5 Large Turbo has SD 3.5 Large's configs, and save_pretrained writes no _name_or_path: its name tells it
+    for where, folder, change in (("folder", "stable-diffusion-3.5-large-turbo", None),
+                                  ("model_index.json", "sd35", {"_name_or_path": "org/SD3.5-Large-Turbo"})):
+        turbo = tmp_path / where / folder
+        shutil.copytree(sd3_dir, turbo)
+        if change:
+            _edit_json(turbo / "model_index.json", **change)
+        with pytest.raises(UserError, match="SD 3.5 Large Turbo"):
+            resolve_base_model(str(turbo))
+    from palpcompose.models import config_reader
+    from palpcompose.models.families import model_names
+
+    assert model_names("hub", "stabilityai/stable-diffusion-3.5-large-turbo", {}, lambda name: None) == (
+        "stabilityai/stable-diffusion-3.5-large-turbo",)
+    # Flux.1 schnell by its name, unless the configs are clearly Flux.1-dev's (then the weights are dev's)
+    named = tmp_path / "named" / "FLUX.1-schnell"
+    shutil.copytree(flux_dir, named)
+    assert resolve_base_model(str(named)).family == "flux"  # a guidance embedding and resolution-dependent shift
+    _edit_json(named / "transformer" / "config.json", guidance_embeds=False)
+    with pytest.raises(UserError, match="Flux.1 schnell \\(named 'FLUX.1-schnell'.*no guidance embedding"):
+        resolve_base_model(str(named))
+    assert model_names("folder", str(named), {}, config_reader("folder", str(named))) == ("FLUX.1-schnell",)
     fill = tmp_path / "fill"
     shutil.copytree(flux_dir, fill)
     _edit_json(fill / "transformer" / "config.json", in_channels=384)

@@ -21,7 +21,7 @@ FAMILY_NAMES = {key: name for family in FAMILIES for key, name in family.names.i
 FAMILY_NAMES["unknown"] = "family not verifiable offline"
 __all__ = ["FAMILIES", "FAMILY_NAMES", "NATIVE_RESOLUTION", "SDXL_RESOLUTION", "SUPPORTED_FAMILIES",
            "family_from_index",
-           "family_from_keys", "family_of"]
+           "family_from_keys", "family_of", "model_names"]
 SUPPORTED_FAMILIES = ("Stable Diffusion 1.x and 2.x (epsilon and v-prediction), Stable Diffusion XL base, "
                       "Flux.1 (dev and de-distilled) and Stable Diffusion 3.x text-to-image models")
 NATIVE_RESOLUTION = {key: size for family in FAMILIES for key, size in family.native_size.items()}
@@ -32,16 +32,30 @@ def family_of(key: str) -> Family:
     return next((family for family in FAMILIES if key in family.names), SD)
 
 
-def family_from_index(index: dict, read) -> tuple[str, str | None]:
+def model_names(kind: str, location: str, index: dict, read) -> tuple[str, ...]:
+    """What a model is called, for the kinds told apart only by their name (SD 3.5 Large Turbo has SD 3.5 Large's
+    configs): the hub id or the folder's name (`kind` and `location` as resolve.BaseModelSource's), and the
+    `_name_or_path` its model_index.json, denoiser and scheduler configs record, if any (a hub download keeps
+    them; `save_pretrained` writes none)."""
+    names = [location if kind == "hub" else Path(location).resolve().name]
+    for config in (index, read("transformer/config.json"), read("unet/config.json"),
+                   read("scheduler/scheduler_config.json")):
+        if isinstance(config, dict) and isinstance(config.get("_name_or_path"), str):
+            names.append(config["_name_or_path"])
+    return tuple(dict.fromkeys(n for n in names if n))
+
+
+def family_from_index(index: dict, read, names: tuple[str, ...] = ()) -> tuple[str, str | None]:
     """(what the pipeline is, in words; its family key or None when unsupported) from model_index.json and the
-    UNet's and scheduler's configs (`read(name)` -> a config as JSON, or None)."""
+    UNet's and scheduler's configs (`read(name)` -> a config as JSON, or None), and what it is called (`names`,
+    model_names)."""
     name = str(index.get("_class_name", ""))
     unet = read("unet/config.json") or {}
     if "Inpaint" in name or unet.get("in_channels", 4) != 4:
         return (f"an inpainting model ({name}, a UNet with {unet.get('in_channels', '?')} input channels; "
                 "palpcompose needs the 4-channel text-to-image UNet)"), None
     for family in FAMILIES:
-        found = family.from_index(name, index, unet, read)
+        found = family.from_index(name, index, unet, read, names)
         if found is not None:
             return found
     return (f"a {name} pipeline" if name else "a pipeline whose model_index.json names no _class_name"), None

@@ -29,8 +29,9 @@ from dataclasses import dataclass, field
 class Family:
     names: dict[str, str]  # family key -> its name in messages: {"sd1": "Stable Diffusion 1.x", ...}
     native_size: dict[str, int]  # family key -> the image side the models were trained at
-    # (class name, model_index.json, the UNet's config or {}, read) -> (what, key) | None; read(name) -> JSON or None
-    from_index: Callable[[str, dict, dict, Callable], tuple[str, str | None] | None]
+    # (class name, model_index.json, the UNet's config or {}, read, names) -> (what, key) | None; read(name) -> JSON
+    # or None; names: what the model is called (families.model_names), for kinds told apart only by their name
+    from_index: Callable[[str, dict, dict, Callable, tuple[str, ...]], tuple[str, str | None] | None]
     # (tensor names of an original-layout single file) -> (what, key) | None
     from_keys: Callable[[list[str]], tuple[str, str | None] | None]
     pipeline_class: str  # the diffusers pipeline class that loads a model of the family

@@ -25,7 +25,7 @@ REFUSED_CLASSES = {"Fill": "Flux.1 Fill (an inpainting/outpainting model)", "Kon
                    "image-to-image pipeline (use the FluxPipeline folder)"}
 
 
-def from_index(name: str, index: dict, unet: dict, read) -> tuple[str, str | None] | None:
+def from_index(name: str, index: dict, unet: dict, read, names: tuple[str, ...]) -> tuple[str, str | None] | None:
     if "Flux" not in name:
         return None
     for part, what in REFUSED_CLASSES.items():
@@ -38,9 +38,18 @@ def from_index(name: str, index: dict, unet: dict, read) -> tuple[str, str | Non
     if transformer.get("in_channels", 64) != 64:
         return (f"a Flux transformer with {transformer.get('in_channels')} input channels (Fill/inpainting: "
                 "palpcompose needs the 64-channel text-to-image model)"), None
-    if not transformer.get("guidance_embeds", True) and not scheduler.get("use_dynamic_shifting", True):
+    guidance, shifting = transformer.get("guidance_embeds", True), scheduler.get("use_dynamic_shifting", True)
+    if not guidance and not shifting:
         return ("Flux.1 schnell or another few-step distilled Flux (no guidance embedding, a scheduler without "
                 "resolution-dependent shifting); use Flux.1-dev or a de-distilled Flux"), None
+    # A name that says schnell is believed unless the configs are clearly Flux.1-dev's (a guidance embedding and
+    # resolution-dependent shifting, neither of which schnell has): then the weights are dev's, whatever the folder
+    # is called (docs/flux-sd3.md)
+    schnell = next((n for n in names if "schnell" in n.lower()), None)
+    if schnell is not None and not (guidance and shifting):
+        return (f"Flux.1 schnell (named {schnell!r}, and its configs are not Flux.1-dev's: "
+                f"{'no guidance embedding' if not guidance else 'no resolution-dependent shifting'}); use Flux.1-dev "
+                "or a de-distilled Flux"), None
     return "Flux.1", "flux"
 
 

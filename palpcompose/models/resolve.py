@@ -23,6 +23,7 @@ from palpcompose.models.families import (
     family_from_index,
     family_from_keys,
     family_of,
+    model_names,
 )
 from palpcompose.models.weight_files import check_weight_file, check_weight_files
 
@@ -197,7 +198,7 @@ def detect_family(kind: str, location: str) -> str:
         index = read("model_index.json")
         if index is None:
             return "unknown"
-        kind_found, family = family_from_index(index, read)
+        kind_found, family = family_from_index(index, read, model_names(kind, location, index, read))
     if family is None:
         raise UserError(f"base model {location!r} is {kind_found}, which palpcompose cannot train; it supports "
                         f"{SUPPORTED_FAMILIES}: point base_model at one of those")

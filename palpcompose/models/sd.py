@@ -9,7 +9,7 @@ UNET = "model.diffusion_model."  # the UNet's key prefix in an original-layout s
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the UNet's attention projections (SD 1/2 and SDXL)
 
 
-def from_index(name: str, index: dict, unet: dict, read) -> tuple[str, str] | None:
+def from_index(name: str, index: dict, unet: dict, read, names: tuple[str, ...]) -> tuple[str, str] | None:
     if name != "StableDiffusionPipeline":
         return None
     scheduler = read("scheduler/scheduler_config.json") or {}

@@ -19,7 +19,7 @@ ENCODERS = (
 )
 
 
-def from_index(name: str, index: dict, unet: dict, read) -> tuple[str, str | None] | None:
+def from_index(name: str, index: dict, unet: dict, read, names: tuple[str, ...]) -> tuple[str, str | None] | None:
     if not name.startswith("StableDiffusion3"):
         return None
     if name != "StableDiffusion3Pipeline":
@@ -27,9 +27,11 @@ def from_index(name: str, index: dict, unet: dict, read) -> tuple[str, str | Non
     if any(not (isinstance(index.get(k), list) and index[k] and index[k][0]) for k in ("text_encoder_3",)):
         return ("a Stable Diffusion 3 folder without its T5 text encoder (text_encoder_3); palpcompose trains "
                 "the three-encoder model"), None
-    scheduler = read("scheduler/scheduler_config.json") or {}
-    if "turbo" in str(scheduler.get("_name_or_path", "")).lower():
-        return "SD 3.5 Large Turbo (a few-step distilled model); use SD 3.5 Large or Medium", None
+    # SD 3.5 Large Turbo has SD 3.5 Large's configs: only its name tells it (the hub id, the folder, _name_or_path)
+    turbo = next((n for n in names if "turbo" in n.lower()), None)
+    if turbo is not None:
+        return (f"SD 3.5 Large Turbo or another few-step distilled SD 3 (named {turbo!r}); use SD 3.5 Large or "
+                "Medium"), None
     return "Stable Diffusion 3", "sd3"
 
 

@@ -11,7 +11,7 @@ from palpcompose.models.sd import LORA_TARGETS, UNET
 SDXL_RESOLUTION = 1024  # SDXL's native image side; train.resolution's default for an SDXL base_model
 
 
-def from_index(name: str, index: dict, unet: dict, read) -> tuple[str, str | None] | None:
+def from_index(name: str, index: dict, unet: dict, read, names: tuple[str, ...]) -> tuple[str, str | None] | None:
     if not name.startswith("StableDiffusionXL"):
         return None
     encoders = [index.get(k) for k in ("text_encoder", "text_encoder_2")]
