@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from palpcompose import __version__, torchao_gate
-from palpcompose.choices import GUIDANCE_MODES, SCHEDULER_NAMES, SIZE_RULE
+from palpcompose.choices import FLOW_SCHEDULER_NAMES, GUIDANCE_MODES, SD_SCHEDULER_NAMES, SIZE_RULE
 from palpcompose.errors import PalpcomposeError, command_line
 
 app = typer.Typer(
@@ -36,7 +36,7 @@ err_console = Console(stderr=True)
 
 def _one_of(choices: tuple[str, ...]) -> str:
     """('a', 'b', 'c') -> 'a, b or c': an option's allowed values in its help."""
-    return f"{', '.join(choices[:-1])} or {choices[-1]}"
+    return f"{', '.join(choices[:-1])} or {choices[-1]}" if len(choices) > 1 else choices[0]
 
 
 ProjectDir = Annotated[
@@ -234,7 +234,8 @@ def render(
     scheduler: Annotated[
         str | None,
         typer.Option("--scheduler", metavar="NAME",
-                     help=f"Sampler: {_one_of(SCHEDULER_NAMES)} (default: render.scheduler)."),
+                     help=f"Sampler: {_one_of(SD_SCHEDULER_NAMES)} for Stable Diffusion; "
+                     f"{_one_of(FLOW_SCHEDULER_NAMES)} for Flux.1 and SD 3 (default: render.scheduler)."),
     ] = None,
     batch_size: Annotated[
         int | None,

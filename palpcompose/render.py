@@ -63,6 +63,7 @@ from palpcompose.project import (
     config_prompts,
     count_prompt_tokens,
     placeholder_problems,
+    sampler_problem,
     size_problem,
     too_long_problems,
 )
@@ -274,6 +275,10 @@ def plan_render(project, *, prompts=None, seeds=None, step: int | None = None, s
     )
     _validate(settings)
     _check_size(source, settings, width, height)
+    problem = sampler_problem(settings.scheduler, source)
+    if problem is not None:  # render.scheduler was checked with palp.toml: this is --scheduler
+        raise UserError(f"--scheduler {settings.scheduler}: {problem}; use --scheduler "
+                        f"{family_of(source.family).samplers[0]}, or leave it out")
 
     tokens = placeholder_tokens(cfg.project.name, cfg.subjects.keys())
     class_words = {key: subject.class_name for key, subject in cfg.subjects.items()}
@@ -367,9 +372,8 @@ def render(
     pipe = load_pipeline(plan.source, torch_dtype=dtype)
     _check_prompt_lengths(project, pipe.tokenizer, prompts, settings.negative_prompt,
                           from_options=plan.prompts_from_options, negative_from_option=plan.negative_from_option)
-    flow = family_of(plan.source.family).flow  # Flux.1, SD 3: their own sampler, guidance and T5 prompt
-    if flow is None:
-        pipe.scheduler = make_scheduler(settings.scheduler, pipe.scheduler.config)
+    flow = family_of(plan.source.family).flow  # Flux.1, SD 3: their own guidance and T5 prompt
+    pipe.scheduler = make_scheduler(settings.scheduler, pipe.scheduler.config)  # one of the family's samplers
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     if not base_only:
@@ -411,8 +415,6 @@ def render(
                                 "Size": f"{picture.width}x{picture.height}",
                                 "PALP weights": model.label if model.weights is not None else "none (base model)",
                             }
-                            if flow is not None:  # the family's own flow-matching Euler sampler, not --scheduler's
-                                extra["Sampler"] = "Euler"
                             if model.step is not None:
                                 extra["PALP step"] = str(model.step)
                                 extra["PALP guidance"] = model.guidance

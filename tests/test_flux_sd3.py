@@ -165,6 +165,27 @@ def test_sizes_the_model_cannot_take_are_refused_with_the_nearest_ones(family, f
     assert "of 16 for Flux.1 and SD 3" in " ".join(result.out.split())
 
 
+def test_the_sampler_is_the_familys_and_others_are_refused(flux_dir, tiny_pipeline_dir, tmp_path, run_cli):
+    """Flux.1 and SD 3 render with their flow-matching Euler sampler only (Family.samplers): check said '4 dpm++
+    steps' and render.json 'dpm++' while the image was drawn with Euler, and --scheduler ddim was silently
+    ignored. Now the default is euler, and another sampler is exit 2 in palp.toml and as an option."""
+    root = flow_project(tmp_path / "p", flux_dir)
+    result = run_cli("check", root)
+    assert result.code == 0
+    text = " ".join(result.out.replace("│", " ").split())
+    assert "2 euler steps" in text and "dpm++" not in text
+    result = run_cli("render", root, "--base", "--scheduler", "ddim")
+    assert result.code == 2 and "--scheduler ddim: 'ddim' is not a sampler Flux.1 renders with" in result.err
+    assert "use --scheduler euler" in result.err and not (root / "out").exists()
+    toml = root / "palp.toml"
+    toml.write_text(toml.read_text().replace("[render]", '[render]\nscheduler = "dpm++"'))
+    result = run_cli("check", root)
+    assert result.code == 2 and "render.scheduler: 'dpm++' is not a sampler Flux.1 renders with" in result.err
+    sd = flow_project(tmp_path / "sd", tiny_pipeline_dir)  # Stable Diffusion: its own samplers, not euler
+    result = run_cli("render", sd, "--base", "--scheduler", "euler")
+    assert result.code == 2 and "(it renders with dpm++, ddim, euler-a)" in result.err
+
+
 def _cut(file, keep):
     """Truncate `file` to `keep` of its bytes (a download or copy cut short)."""
     data = file.read_bytes()
@@ -368,6 +389,14 @@ def test_render_sweep_and_compare_with_trained_weights(family, trained):
     assert np.abs(pixels["final"] - pixels["step-000001"]).max() > 0
     parameters = Image.open(result.images[0].path).text["parameters"]
     assert "Sampler: Euler," in parameters and "DPM++" not in parameters  # the flow sampler the family renders with
+    assert "Size: 32x32," in parameters  # the image's own size
+    index = json.loads((result.run_dir / "render.json").read_text())
+    assert index["settings"]["scheduler"] == "euler"
+    console = quiet()
+    from palpcompose.render import summary_table
+
+    console.print(summary_table(result))
+    assert "Euler, 2 steps" in console.file.getvalue()
 
 
 @pytest.mark.parametrize("family", ["flux", "sd3"])

@@ -31,7 +31,7 @@ TOY_DEFAULTS = {
 
 # keys a flow family decides (models.flux, models.sd3 `defaults`, and alpha/beta by its guidance)
 FLOW_DEFAULT_KEYS = ("train.learning_rate", "train.mixed_precision", "render.steps", "render.guidance_scale",
-                     "palp.alpha", "palp.beta")
+                     "render.scheduler", "palp.alpha", "palp.beta")
 
 
 def native_resolution(source: BaseModelSource) -> int | None:

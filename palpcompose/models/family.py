@@ -14,6 +14,7 @@ A family is the set of base models that load, encode prompts and train the same 
   encoders (`encoders`: one EncoderSlot each, its tokenizer, its key in exported embeddings, its sequence length),
   the denoiser's call and prompt encoding (`flow`: a FlowSpec), its resolved training defaults with their sources
   (`defaults`) and what `check` says about it (`notes`);
+- the samplers it renders with (`samplers`, keys of sampling.SCHEDULERS);
 - what the latent sides must be a multiple of (`latent_multiple`: the transformer's patches), which makes the image
   sizes it takes.
 families.py lists the families in the order detection tries them.
@@ -23,6 +24,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from palpcompose.choices import SD_SCHEDULER_NAMES
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ class Family:
     # denoiser config -> what each latent side must be a multiple of (a UNet: 1; Flux.1's 2x2 packing: 2; SD 3: its
     # patch_size); times the VAE's factor, the image sides it trains on and renders (models.size_alignment)
     latent_multiple: Callable[[dict], int] = lambda config: 1
+    samplers: tuple[str, ...] = SD_SCHEDULER_NAMES  # the render.scheduler values it renders with, the first the default
 
 
 @dataclass(frozen=True)

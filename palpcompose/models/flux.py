@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from palpcompose.choices import FLOW_SCHEDULER_NAMES
 from palpcompose.conditioning import Conditioning
 from palpcompose.models.family import EncoderSlot, Family, FlowSpec
 from palpcompose.models.flow import latent_image_ids, pack_latents, unpack_latents
@@ -134,8 +135,11 @@ FAMILY = Family(
                                 "(config/examples/train_lora_flux_24gb.yaml)")),
         "train.mixed_precision": ("bf16", "Flux.1 is trained and run in bf16 (fp16 overflows in its activations)"),
         "render.steps": (28, "FluxPipeline's default num_inference_steps"),
+        "render.scheduler": (FLOW_SCHEDULER_NAMES[0], ("FluxPipeline's flow-matching Euler sampler, the one Flux.1 "
+                             "renders with")),
         "render.guidance_scale": (3.5, "FluxPipeline's default guidance_scale (the guidance embedding's value)"),
     },
     notes=notes,
+    samplers=FLOW_SCHEDULER_NAMES,
     latent_multiple=lambda config: 2,  # 2x2 latent patches packed into tokens (pack_latents), whatever patch_size says
 )

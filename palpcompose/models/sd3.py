@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from palpcompose.choices import FLOW_SCHEDULER_NAMES
 from palpcompose.conditioning import Conditioning
 from palpcompose.models.family import EncoderSlot, Family, FlowSpec
 from palpcompose.models.flux import LORA_TARGETS
@@ -102,8 +103,11 @@ FAMILY = Family(
                                 "example (README_sd3.md)")),
         "train.mixed_precision": ("bf16", "SD 3 runs in bf16 or fp16; bf16 keeps T5's range"),
         "render.steps": (28, "StableDiffusion3Pipeline's default num_inference_steps"),
+        "render.scheduler": (FLOW_SCHEDULER_NAMES[0], ("StableDiffusion3Pipeline's flow-matching Euler sampler, "
+                             "the one SD 3 renders with")),
         "render.guidance_scale": (7.0, "StableDiffusion3Pipeline's default guidance_scale"),
     },
     notes=notes,
+    samplers=FLOW_SCHEDULER_NAMES,
     latent_multiple=lambda config: int(config.get("patch_size", 2)),  # the transformer cuts latents into patches
 )

@@ -196,7 +196,9 @@ class RenderConfig:
     guidance_scale: float = _spec("Classifier-free guidance scale at render time.", 7.5, ge=0.0, le=100.0)
     negative_prompt: str = _spec("Negative prompt.", "", extension=True)
     scheduler: str = _spec(
-        "Sampler: `dpm++` (DPM-Solver++ 2M), `ddim` or `euler-a` (Euler ancestral).", "dpm++",
+        "Sampler: `dpm++` (DPM-Solver++ 2M), `ddim` or `euler-a` (Euler ancestral) for Stable Diffusion; `euler` "
+        "(flow-matching Euler) for Flux.1 and SD 3, their only sampler. Default: `dpm++`; `euler` for Flux.1 and "
+        "SD 3.", "dpm++",
         choices=SCHEDULER_NAMES, extension=True)
     width: int | None = _spec(f"Image width in pixels, {SIZE_RULE}. Default: train.resolution (SDXL: the "
                               "pipeline's own size, 1024 for SDXL base).", None, ge=8, le=4096, multiple_of=8,
