@@ -17,7 +17,14 @@ from rich.console import Console
 from rich.markup import escape
 
 from palpcompose import __version__, torchao_gate
-from palpcompose.choices import FLOW_SCHEDULER_NAMES, GUIDANCE_MODES, SD_SCHEDULER_NAMES, SIZE_RULE
+from palpcompose.choices import (
+    DEFAULT_TEMPLATE,
+    FLOW_SCHEDULER_NAMES,
+    GUIDANCE_MODES,
+    SD_SCHEDULER_NAMES,
+    SIZE_RULE,
+    TEMPLATES,
+)
 from palpcompose.errors import PalpcomposeError, command_line
 
 app = typer.Typer(
@@ -84,8 +91,9 @@ def init(
         Path, typer.Argument(metavar="DIR", help="The folder to create the project in (created if missing).")
     ],
     template: Annotated[
-        str, typer.Option("--template", metavar="NAME", help="single-subject, multi-subject, art-inspired or toy-demo.")
-    ] = "art-inspired",
+        str, typer.Option("--template", metavar="NAME", help=f"{_one_of(TEMPLATES)} (default: {DEFAULT_TEMPLATE}); "
+                          "docs/user-guide.md says what each is for.", show_default=False)
+    ] = DEFAULT_TEMPLATE,
 ) -> None:
     """Create a project: a commented palp.toml, refs/ for the reference images, .gitignore and a README."""
     from palpcompose.distributed import refuse_launcher
