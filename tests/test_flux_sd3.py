@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 
 import pytest
@@ -69,8 +70,11 @@ def test_schnell_and_turbo_are_refused(flux_dir, sd3_dir, tmp_path):
     shutil.copytree(flux_dir, schnell)  # schnell: no guidance embedding, no resolution-dependent shift
     _edit_json(schnell / "transformer" / "config.json", guidance_embeds=False)
     _edit_json(schnell / "scheduler" / "scheduler_config.json", use_dynamic_shifting=False, shift=1.0)
-    with pytest.raises(UserError, match="schnell"):
+    with pytest.raises(UserError, match="schnell") as err:
         resolve_base_model(str(schnell))
+    # "cannot train" is said of schnell, not of the advice (it read "use Flux.1-dev ..., which palpcompose cannot
+    # train")
+    assert "shifting), which palpcompose cannot train; use Flux.1-dev" in str(err.value)
     turbo = tmp_path / "turbo"
     shutil.copytree(sd3_dir, turbo)
     _edit_json(turbo / "scheduler" / "scheduler_config.json",
@@ -117,8 +121,25 @@ def test_single_files_are_recognised_and_refused_with_the_fix(tmp_path):
         keys = {key: torch.zeros(1), "double_blocks.0.x.weight": torch.zeros(1)} if "guidance" in key else \
             {key: torch.zeros(1)}
         save_file(keys, tmp_path / name)
-        with pytest.raises(UserError, match=words):
+        with pytest.raises(UserError, match=words) as err:
             detect_family("single_file", str(tmp_path / name))
+        assert re.search(r"(layout|\)), which palpcompose cannot train; ", str(err.value))  # then what to use
+        assert "(black-forest-labs/FLUX.1-dev)" in str(err.value) or "stable-diffusion-3.5" in str(err.value)
+
+
+@pytest.mark.parametrize("family,component,what", [("flux", "transformer", "Flux.1's transformer"),
+                                                   ("sd3", "transformer", "Stable Diffusion 3's transformer"),
+                                                   ("sd", "unet", "a Stable Diffusion UNet")])
+def test_a_pipeline_component_given_as_base_model_says_what_it_is_and_the_folder_to_give(
+        family, component, what, flux_dir, sd3_dir, tiny_pipeline_dir):
+    """The diffusers-layout transformer of a Flux folder was said to hold 'no Stable Diffusion UNet (66 tensors,
+    none named model.diffusion_model.*)'."""
+    folder = {"flux": flux_dir, "sd3": sd3_dir, "sd": tiny_pipeline_dir}[family]
+    file = folder / component / "diffusion_pytorch_model.safetensors"
+    with pytest.raises(UserError) as err:
+        resolve_base_model(str(file))
+    assert f"this file is {what} in the diffusers layout" in str(err.value)
+    assert f"give base_model the folder that holds it, {folder}" in str(err.value)
 
 
 def test_check_shows_the_family_the_defaults_and_what_alpha_beta_mean(flux_dir, sd3_dir, tmp_path, run_cli):

@@ -3,7 +3,8 @@
 A family is the set of base models that load, encode prompts and train the same way. Its module declares:
 - how it is recognised: `from_index` (a diffusers folder's or cached hub model's model_index.json and configs) and
   `from_keys` (a single .safetensors file's tensor names), each answering (what it is, in words; its family key)
-  or None when the model is not of this family; a key of None refuses the model with the words as the reason;
+  or None when the model is not of this family; a key of None refuses the model with the words as the reason
+  (`refused(kind, fix)` words them);
 - the names of its keys (`names`, for `check` and messages) and the image side each was trained at (`native_size`);
 - how it loads: the diffusers pipeline class and its keywords, the components a diffusers folder must hold;
 - how prompts are encoded: `components(pipe)`, the family's own fields of models.Components (the text encoder as
@@ -53,6 +54,13 @@ class Family:
     # patch_size); times the VAE's factor, the image sides it trains on and renders (models.size_alignment)
     latent_multiple: Callable[[dict], int] = lambda config: 1
     samplers: tuple[str, ...] = SD_SCHEDULER_NAMES  # the render.scheduler values it renders with, the first the default
+
+
+def refused(kind: str, fix: str = "") -> tuple[str, None]:
+    """A model palpcompose does not train, as from_index / from_keys answer it: what it is, said to be untrainable
+    right after it (so the phrase never lands on the advice), then what to use instead. resolve.detect_family adds
+    the families palpcompose does train."""
+    return f"{kind}, which palpcompose cannot train" + (f"; {fix}" if fix else ""), None
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from palpcompose.errors import UserError, command_line
 from palpcompose.models.families import (
     FAMILY_NAMES,
     SUPPORTED_FAMILIES,
+    component_file,
     family_from_index,
     family_from_keys,
     family_of,
@@ -162,6 +163,14 @@ def _check_single_file(path: Path) -> str:
     # a UNet in the original layout, or a Flux / SD 3 transformer (refused by name)
     if any(k.startswith(("model.diffusion_model.", "double_blocks.", "joint_blocks.")) for k in keys):
         return detect_family("single_file", str(path))
+    component = component_file(keys)
+    if component is not None:  # transformer/ or unet/ of a diffusers folder, alone
+        folder = path.parent.parent
+        where = (f"give base_model the folder that holds it, {folder}" if (folder / "model_index.json").is_file()
+                 else "give base_model the diffusers folder it comes from (the one with model_index.json), or its "
+                 "hub id")
+        raise UserError(f"{path}: this file is {component} in the diffusers layout, one component of a pipeline "
+                        f"folder, not a whole model (no VAE, no text encoders); {where}")
     if any(k.startswith(("lora_unet_", "lora_te", "unet.", "text_encoder.")) or ".lora_" in k or "lora_A" in k
            for k in keys):
         what = "is a LoRA, not a base model"
@@ -200,8 +209,8 @@ def detect_family(kind: str, location: str) -> str:
             return "unknown"
         kind_found, family = family_from_index(index, read, model_names(kind, location, index, read))
     if family is None:
-        raise UserError(f"base model {location!r} is {kind_found}, which palpcompose cannot train; it supports "
-                        f"{SUPPORTED_FAMILIES}: point base_model at one of those")
+        raise UserError(f"base model {location!r} is {kind_found}; palpcompose trains {SUPPORTED_FAMILIES}: point "
+                        "base_model at one of those")
     return family
 
 

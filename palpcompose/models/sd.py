@@ -26,6 +26,14 @@ def from_keys(keys: list[str]) -> tuple[str, str]:
     return "SD 1.x", "sd1"
 
 
+def component_file(keys: list[str]) -> str | None:
+    """What a .safetensors file of a diffusers UNet2DConditionModel's weights alone is (unet/ of a diffusers folder;
+    a VAE's down blocks sit under encoder.), or None."""
+    if any(k.startswith("down_blocks.") for k in keys) and any(k.startswith("conv_in.") for k in keys):
+        return "a Stable Diffusion UNet"
+    return None
+
+
 def components(pipe) -> dict:
     return {"text_encoder": pipe.text_encoder}
 
