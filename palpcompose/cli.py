@@ -135,13 +135,20 @@ def check(project_dir: ProjectDir) -> None:
         subjects.add_row(*map(Text, cells))
     console.print(subjects, highlight=False)
 
-    prompts = Table(title=Text(f"prompts (token limit {report.token_limit}, {report.token_limit_source})"),
-                    title_justify="left")
+    if report.t5 is None:
+        limits = f"token limit {report.token_limit}"
+    else:  # Flux.1, SD 3: CLIP's limit and T5's (the pipeline's max_sequence_length)
+        limits = f"token limits: CLIP {report.token_limit}, T5 {report.t5[0]}"
+    prompts = Table(title=Text(f"prompts ({limits}, {report.token_limit_source})"), title_justify="left")
     prompts.add_column("key")
     prompts.add_column("prompt")
-    prompts.add_column("tokens", justify="right")
-    for key, prompt, count in report.prompt_tokens:
-        prompts.add_row(Text(key), Text(prompt), "?" if count is None else str(count))
+    prompts.add_column("tokens" if report.t5 is None else "CLIP tokens", justify="right")
+    if report.t5 is not None:
+        prompts.add_column("T5 tokens", justify="right")
+    t5_counts = report.t5[1] if report.t5 is not None else [None] * len(report.prompt_tokens)
+    for (key, prompt, count), t5_count in zip(report.prompt_tokens, t5_counts, strict=True):
+        cells = [Text(key), Text(prompt), "?" if count is None else str(count)]
+        prompts.add_row(*cells, *([] if report.t5 is None else ["?" if t5_count is None else str(t5_count)]))
     console.print(prompts, highlight=False)
 
     palp = config.palp

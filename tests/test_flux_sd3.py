@@ -148,11 +148,13 @@ def test_check_shows_the_family_the_defaults_and_what_alpha_beta_mean(flux_dir, 
     text = "".join((flux.out + flux.err).replace("│", "").split())  # table cells wrap anywhere
     assert "(Flux.1)" in text and "guidanceembedding" in text and "palp.alpha=3.5" in text
     assert "train.learning_rate=0.0001" not in text  # palp.toml sets it: not a model default
+    assert "tokenlimits:CLIP77,T5512" in text and "T5tokens" in text  # T5 reads FluxPipeline's 512 tokens
     sd3 = run_cli("check", str(flow_project(tmp_path / "s", sd3_dir, learning_rate=None)))
     assert sd3.code == 0, sd3.out + sd3.err
     text = "".join((sd3.out + sd3.err).replace("│", "").split())
     assert "(StableDiffusion3)" in text and "train.learning_rate=0.0004" in text and "README_sd3" in text
     assert "palp.alpha=7.5" in text and "realclassifier-freeguidance" in text
+    assert "tokenlimits:CLIP77,T5256" in text  # StableDiffusion3Pipeline's max_sequence_length
 
 
 def _with_8x_vae(base, folder):
@@ -480,7 +482,14 @@ def test_webui_export_is_one_file_with_alphas_and_the_pivotal_embeddings(family,
     from palpcompose.export import export
     from palpcompose.project import load_project
 
-    export(load_project(trained[family]), "webui", tmp_path / "out")
+    result = export(load_project(trained[family]), "webui", tmp_path / "out")
+    # the hint fits the family: ComfyUI's LoRA node, not AUTOMATIC1111's <lora:fx:1> (A1111 runs neither model)
+    console = quiet()
+    from palpcompose.export import summary_table
+
+    console.print(summary_table(result))
+    shown = " ".join(console.file.getvalue().replace("│", " ").split())
+    assert "<lora:" not in shown and "LoraLoader" in shown and "AUTOMATIC1111 cannot run these models" in shown
     lora = load_file(tmp_path / "out" / "fx.safetensors")
     modules = {k.rsplit(".lora_", 1)[0] for k in lora if ".lora_" in k}
     assert modules and all(m.startswith("transformer.") for m in modules)
