@@ -16,8 +16,15 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from palpcompose import __version__
-from palpcompose.choices import GUIDANCE_MODES, SCHEDULER_NAMES
+from palpcompose import __version__, torchao_gate
+from palpcompose.choices import (
+    DEFAULT_TEMPLATE,
+    FLOW_SCHEDULER_NAMES,
+    GUIDANCE_MODES,
+    SD_SCHEDULER_NAMES,
+    SIZE_RULE,
+    TEMPLATES,
+)
 from palpcompose.errors import PalpcomposeError, command_line
 
 app = typer.Typer(
@@ -36,7 +43,7 @@ err_console = Console(stderr=True)
 
 def _one_of(choices: tuple[str, ...]) -> str:
     """('a', 'b', 'c') -> 'a, b or c': an option's allowed values in its help."""
-    return f"{', '.join(choices[:-1])} or {choices[-1]}"
+    return f"{', '.join(choices[:-1])} or {choices[-1]}" if len(choices) > 1 else choices[0]
 
 
 ProjectDir = Annotated[
@@ -84,8 +91,9 @@ def init(
         Path, typer.Argument(metavar="DIR", help="The folder to create the project in (created if missing).")
     ],
     template: Annotated[
-        str, typer.Option("--template", metavar="NAME", help="single-subject, multi-subject, art-inspired or toy-demo.")
-    ] = "art-inspired",
+        str, typer.Option("--template", metavar="NAME", help=f"{_one_of(TEMPLATES)} (default: {DEFAULT_TEMPLATE}); "
+                          "docs/user-guide.md says what each is for.", show_default=False)
+    ] = DEFAULT_TEMPLATE,
 ) -> None:
     """Create a project: a commented palp.toml, refs/ for the reference images, .gitignore and a README."""
     from palpcompose.distributed import refuse_launcher
@@ -127,13 +135,20 @@ def check(project_dir: ProjectDir) -> None:
         subjects.add_row(*map(Text, cells))
     console.print(subjects, highlight=False)
 
-    prompts = Table(title=Text(f"prompts (token limit {report.token_limit}, {report.token_limit_source})"),
-                    title_justify="left")
+    if report.t5 is None:
+        limits = f"token limit {report.token_limit}"
+    else:  # Flux.1, SD 3: CLIP's limit and T5's (the pipeline's max_sequence_length)
+        limits = f"token limits: CLIP {report.token_limit}, T5 {report.t5[0]}"
+    prompts = Table(title=Text(f"prompts ({limits}, {report.token_limit_source})"), title_justify="left")
     prompts.add_column("key")
     prompts.add_column("prompt")
-    prompts.add_column("tokens", justify="right")
-    for key, prompt, count in report.prompt_tokens:
-        prompts.add_row(Text(key), Text(prompt), "?" if count is None else str(count))
+    prompts.add_column("tokens" if report.t5 is None else "CLIP tokens", justify="right")
+    if report.t5 is not None:
+        prompts.add_column("T5 tokens", justify="right")
+    t5_counts = report.t5[1] if report.t5 is not None else [None] * len(report.prompt_tokens)
+    for (key, prompt, count), t5_count in zip(report.prompt_tokens, t5_counts, strict=True):
+        cells = [Text(key), Text(prompt), "?" if count is None else str(count)]
+        prompts.add_row(*cells, *([] if report.t5 is None else ["?" if t5_count is None else str(t5_count)]))
     console.print(prompts, highlight=False)
 
     palp = config.palp
@@ -220,12 +235,12 @@ def render(
     width: Annotated[
         int | None,
         typer.Option("--width", metavar="PX",
-                     help="Image width in pixels, a multiple of 8 (default: render.width, else train.resolution)."),
+                     help=f"Image width in pixels, {SIZE_RULE}; default: render.width, else train.resolution."),
     ] = None,
     height: Annotated[
         int | None,
         typer.Option("--height", metavar="PX",
-                     help="Image height in pixels, a multiple of 8 (default: render.height, else train.resolution)."),
+                     help=f"Image height in pixels, {SIZE_RULE}; default: render.height, else train.resolution."),
     ] = None,
     negative_prompt: Annotated[
         str | None,
@@ -234,7 +249,8 @@ def render(
     scheduler: Annotated[
         str | None,
         typer.Option("--scheduler", metavar="NAME",
-                     help=f"Sampler: {_one_of(SCHEDULER_NAMES)} (default: render.scheduler)."),
+                     help=f"Sampler: {_one_of(SD_SCHEDULER_NAMES)} for Stable Diffusion; "
+                     f"{_one_of(FLOW_SCHEDULER_NAMES)} for Flux.1 and SD 3 (default: render.scheduler)."),
     ] = None,
     batch_size: Annotated[
         int | None,
@@ -411,10 +427,20 @@ def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the Typer app and map errors to exit codes."""
     # transformers warns on every import that torchvision is missing (we never need it); keep its errors only
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    # with torchao installed (train.frozen_weights), transformers and diffusers import it, and it, torch and diffusers
-    # log harmless notices about its CUDA extensions, enums and older tensor classes on every command; errors only
+    # transformers and diffusers import torchao whenever it is installed, and it prints notices on stderr: only
+    # train.frozen_weights' 8 bits need it (quantize.py lets it through then, and these loggers keep its notices,
+    # torch's and diffusers' about it to errors only)
+    torchao_gate.hold_back()
     for name in ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        _run(argv)
+    finally:
+        torchao_gate.release()
+
+
+def _run(argv: list[str] | None) -> None:
+    """main's body: the command, its errors mapped to exit codes (sys.exit)."""
     _sigterm_is_ctrl_c()
     argv = _take_debug_flag(list(sys.argv[1:] if argv is None else argv))
     try:

@@ -284,7 +284,8 @@ def _webui_files(project, weights: TrainedWeights, out_path: Path, header, sdxl_
     from diffusers.utils import convert_state_dict_to_kohya
 
     if weights.encoder_keys:  # Flux.1, SD 3: ComfyUI maps `transformer.<diffusers name>` keys itself
-        return _single_file_plan(project, weights, out_path, header, flow_single_file(weights))
+        # no AUTOMATIC1111 `<lora:...>` to write: A1111 runs neither; ComfyUI loads the file with a LoRA node
+        return _single_file_plan(project, weights, out_path, header, flow_single_file(weights), prompt_tag=False)
     # peft keys -> kohya keys (`lora_unet_down_blocks_0_..._to_q.lora_down.weight`). The converter writes
     # alpha = rank (scale 1); the scale trained is lora_alpha / rank, so write the real alpha.
     magnitudes = {k: v for k, v in weights.lora.items() if k.endswith(DORA_MAGNITUDE)}  # DoRA's, done below
@@ -301,8 +302,9 @@ def _webui_files(project, weights: TrainedWeights, out_path: Path, header, sdxl_
     return _single_file_plan(project, weights, out_path, header, lora)
 
 
-def _single_file_plan(project, weights: TrainedWeights, out_path: Path, header, lora: dict):
-    """The webui format's files: the single-file LoRA with kohya's header entries, and the embeddings."""
+def _single_file_plan(project, weights: TrainedWeights, out_path: Path, header, lora: dict, prompt_tag: bool = True):
+    """The webui format's files: the single-file LoRA with kohya's header entries, and the embeddings. `prompt_tag`:
+    the LoRA's `<lora:NAME:1>`, AUTOMATIC1111's prompt syntax (SD families only)."""
     name = project.config.project.name
     meta = {
         **header,
@@ -317,7 +319,8 @@ def _single_file_plan(project, weights: TrainedWeights, out_path: Path, header, 
            if weights.adapter == "dora" else {}),
     }
     plan = [
-        (ExportedFile(out_path / f"{name}.safetensors", "lora", None, None, f"<lora:{name}:1>"), lora, meta)
+        (ExportedFile(out_path / f"{name}.safetensors", "lora", None, None, f"<lora:{name}:1>" if prompt_tag else None),
+         lora, meta)
     ]
     return plan + _embedding_files(
         weights, out_path, header, lambda token, vector: {"emb_params": vector[None, :]}
@@ -359,7 +362,13 @@ def summary_table(result: ExportResult):
         table.add_row(*map(Text, cells))
     sdxl = any(f.kind == "embedding" and f.path.is_file() and _is_sdxl_embedding(f.path) for f in result.files)
     flow = any(f.kind == "embedding" and f.path.is_file() and _is_flow_embedding(f.path) for f in result.files)
-    if flow:  # Flux.1, SD 3
+    if flow and result.fmt == "webui":  # Flux.1, SD 3: AUTOMATIC1111 runs neither
+        caption = (
+            "ComfyUI: the LoRA to models/loras, loaded with a LoraLoader node on the Flux.1 / SD 3 model (it reads "
+            "the transformer.* keys; AUTOMATIC1111 cannot run these models, other tools are not checked); the "
+            "embedding files hold one row per text encoder (clip_l, t5, and clip_g for SD 3). See docs/flux-sd3.md"
+        )
+    elif flow:  # Flux.1, SD 3
         caption = (
             "pipe.load_lora_weights(folder); per embedding file, each key's row into its encoder (clip_l: "
             "text_encoder, clip_g: text_encoder_2, t5: Flux's text_encoder_2 / SD 3's text_encoder_3) with "

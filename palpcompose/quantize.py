@@ -32,19 +32,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from palpcompose import torchao_gate
 from palpcompose.errors import UserError
-from palpcompose.models.flow import FlowTextEncoders
 
 DEFAULT = "mixed_precision"
 FROZEN_WEIGHTS = (DEFAULT, "int8", "fp8")  # train.frozen_weights's choices
-PACKAGE, EXTRA = "torchao", "quant"  # what 8 bits import, and the pip extra of palpcompose that installs it
+PACKAGE, EXTRA = torchao_gate.TORCHAO, "quant"  # what 8 bits import, and the pip extra of palpcompose that installs it
 
 
 def check_installed(frozen_weights: str, where) -> None:
-    """UserError (exit 2) when train.frozen_weights asks for 8 bits and torchao is not installed."""
+    """UserError (exit 2) when train.frozen_weights asks for 8 bits and torchao is not installed. With 8 bits, torchao
+    is let through from here on (the command line holds it back otherwise: torchao_gate.py)."""
     if frozen_weights not in FROZEN_WEIGHTS:
         raise UserError(f"{where}: train.frozen_weights must be one of {', '.join(FROZEN_WEIGHTS)}, "
                         f"not {frozen_weights!r}")
+    if frozen_weights != DEFAULT:
+        torchao_gate.release()
     if frozen_weights != DEFAULT and importlib.util.find_spec(PACKAGE) is None:
         raise UserError(f"{where}: train.frozen_weights = \"{frozen_weights}\" needs the {PACKAGE} package, which is "
                         f"not installed: pip install 'palpcompose[{EXTRA}]' (or set train.frozen_weights = "
@@ -129,8 +132,9 @@ def quantize_frozen(model: nn.Module, frozen_weights: str, dtype: torch.dtype | 
 
 def quantized_text_encoders(text_encoder: nn.Module) -> list[nn.Module]:
     """The text encoders whose frozen linears train.frozen_weights stores in 8 bits: a flow family's T5 that holds
-    a learned token (module docstring: why not CLIP, why not an idle T5). SD's encoders: none."""
-    if not isinstance(text_encoder, FlowTextEncoders):
+    a learned token (module docstring: why not CLIP, why not an idle T5). SD's encoders: none. A flow family's
+    encoders are models.flow.FlowTextEncoders, known here by its `slots` (this layer sits below models/)."""
+    if not hasattr(text_encoder, "slots"):
         return []
     return [encoder for encoder, slot, holds in zip(text_encoder.encoders, text_encoder.slots,
                                                     text_encoder.with_tokens, strict=True)

@@ -41,6 +41,7 @@ from palpcompose.models import (
     native_resolution,
     placeholder_tokens,
     resolve_base_model,
+    source_size_alignment,
 )
 from palpcompose.outputs import (
     CONTACT_SHEET_FILE,
@@ -62,6 +63,8 @@ from palpcompose.project import (
     config_prompts,
     count_prompt_tokens,
     placeholder_problems,
+    sampler_problem,
+    size_problem,
     too_long_problems,
 )
 from palpcompose.sampling import SCHEDULERS, make_scheduler, parse_seeds
@@ -271,6 +274,11 @@ def plan_render(project, *, prompts=None, seeds=None, step: int | None = None, s
         lora_scale=float(pick(lora_scale, rc.lora_scale)),
     )
     _validate(settings)
+    _check_size(source, settings, width, height)
+    problem = sampler_problem(settings.scheduler, source)
+    if problem is not None:  # render.scheduler was checked with palp.toml: this is --scheduler
+        raise UserError(f"--scheduler {settings.scheduler}: {problem}; use --scheduler "
+                        f"{family_of(source.family).samplers[0]}, or leave it out")
 
     tokens = placeholder_tokens(cfg.project.name, cfg.subjects.keys())
     class_words = {key: subject.class_name for key, subject in cfg.subjects.items()}
@@ -364,9 +372,8 @@ def render(
     pipe = load_pipeline(plan.source, torch_dtype=dtype)
     _check_prompt_lengths(project, pipe.tokenizer, prompts, settings.negative_prompt,
                           from_options=plan.prompts_from_options, negative_from_option=plan.negative_from_option)
-    flow = family_of(plan.source.family).flow  # Flux.1, SD 3: their own sampler, guidance and T5 prompt
-    if flow is None:
-        pipe.scheduler = make_scheduler(settings.scheduler, pipe.scheduler.config)
+    flow = family_of(plan.source.family).flow  # Flux.1, SD 3: their own guidance and T5 prompt
+    pipe.scheduler = make_scheduler(settings.scheduler, pipe.scheduler.config)  # one of the family's samplers
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     if not base_only:
@@ -404,11 +411,10 @@ def render(
                         pictures = generate(pipe, batch_texts, [seed for _, _, seed in batch], settings, extra)
                         for (p_index, prompt, seed), text, picture in zip(batch, batch_texts, pictures):
                             path = run_dir / f"{model.label}_p{p_index}_seed{seed}.png"
-                            extra = {
-                                "PALP weights": model.label if model.weights is not None else "none (base model)"
+                            extra = {  # the image's own size: what the pipeline drew, whatever was asked
+                                "Size": f"{picture.width}x{picture.height}",
+                                "PALP weights": model.label if model.weights is not None else "none (base model)",
                             }
-                            if flow is not None:  # the family's own flow-matching Euler sampler, not --scheduler's
-                                extra["Sampler"] = "Euler"
                             if model.step is not None:
                                 extra["PALP step"] = str(model.step)
                                 extra["PALP guidance"] = model.guidance
@@ -482,6 +488,17 @@ def _validate(settings: RenderSettings) -> None:
                                ("--width", "render.width", settings.width),
                                ("--height", "render.height", settings.height)):
         check_option(option, key, value)
+
+
+def _check_size(source, settings: RenderSettings, width: int | None, height: int | None) -> None:
+    """Sides the base model cannot render (models.source_size_alignment: 16 for Flux.1 and SD 3), refused before any
+    work: FluxPipeline would round them down, and the image would not be the size its PNG and render.json say."""
+    alignment, why = source_size_alignment(source)
+    for option, key, given, value in (("--width", "render.width", width, settings.width),
+                                      ("--height", "render.height", height, settings.height)):
+        if value % alignment:
+            message, hint = size_problem(value, alignment, why)
+            raise UserError(f"{option if given is not None else key} {value}: {message}; {hint}")
 
 
 def generate(pipe, texts: list[str], seeds: list[int], settings: RenderSettings, extra: dict | None = None):

@@ -1,5 +1,6 @@
 """Seeds and samplers of a render: `--seeds` parsed into seeds, and the samplers `render.scheduler` offers, each
-built from the base model's own scheduler config (so its noise schedule and prediction type carry over)."""
+built from the base model's own scheduler config (so its noise schedule and prediction type carry over). Which
+of them a base model renders with is its family's (models.family.Family.samplers)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ SCHEDULERS = {
     ),
     "ddim": ("DDIMScheduler", {}, "DDIM"),
     "euler-a": ("EulerAncestralDiscreteScheduler", {}, "Euler a"),
+    "euler": ("FlowMatchEulerDiscreteScheduler", {}, "Euler"),  # Flux.1 and SD 3 (flow matching): their only one
 }
 
 

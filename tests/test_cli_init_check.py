@@ -142,3 +142,17 @@ def test_check_summary(make_project, run_cli):
 def test_help_lists_init_and_check(run_cli):
     out = run_cli("--help").out
     assert "init" in out and "check" in out
+
+
+def test_init_help_and_the_user_guide_list_every_template(run_cli):
+    """`init --help` and docs/user-guide.md's table listed 4 templates, missing flux-art-inspired and
+    sd3-art-inspired: the help is built from choices.TEMPLATES, and the table must name each."""
+    from pathlib import Path
+
+    result = run_cli("init", "--help")
+    assert result.code == 0
+    text = "".join(result.out.split())  # the help wraps lines at hyphens too
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "user-guide.md").read_text()
+    for template in TEMPLATES:
+        assert template in text, template
+        assert f"| `{template}`" in guide, template

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 
 import pytest
@@ -69,14 +70,39 @@ def test_schnell_and_turbo_are_refused(flux_dir, sd3_dir, tmp_path):
     shutil.copytree(flux_dir, schnell)  # schnell: no guidance embedding, no resolution-dependent shift
     _edit_json(schnell / "transformer" / "config.json", guidance_embeds=False)
     _edit_json(schnell / "scheduler" / "scheduler_config.json", use_dynamic_shifting=False, shift=1.0)
-    with pytest.raises(UserError, match="schnell"):
+    with pytest.raises(UserError, match="schnell") as err:
         resolve_base_model(str(schnell))
+    # "cannot train" is said of schnell, not of the advice (it read "use Flux.1-dev ..., which palpcompose cannot
+    # train")
+    assert "shifting), which palpcompose cannot train; use Flux.1-dev" in str(err.value)
     turbo = tmp_path / "turbo"
     shutil.copytree(sd3_dir, turbo)
     _edit_json(turbo / "scheduler" / "scheduler_config.json",
                _name_or_path="stabilityai/stable-diffusion-3.5-large-turbo")
     with pytest.raises(UserError, match="Turbo"):
         resolve_base_model(str(turbo))
+    # SD 3.5 Large Turbo has SD 3.5 Large's configs, and save_pretrained writes no _name_or_path: its name tells it
+    for where, folder, change in (("folder", "stable-diffusion-3.5-large-turbo", None),
+                                  ("model_index.json", "sd35", {"_name_or_path": "org/SD3.5-Large-Turbo"})):
+        turbo = tmp_path / where / folder
+        shutil.copytree(sd3_dir, turbo)
+        if change:
+            _edit_json(turbo / "model_index.json", **change)
+        with pytest.raises(UserError, match="SD 3.5 Large Turbo"):
+            resolve_base_model(str(turbo))
+    from palpcompose.models import config_reader
+    from palpcompose.models.families import model_names
+
+    assert model_names("hub", "stabilityai/stable-diffusion-3.5-large-turbo", {}, lambda name: None) == (
+        "stabilityai/stable-diffusion-3.5-large-turbo",)
+    # Flux.1 schnell by its name, unless the configs are clearly Flux.1-dev's (then the weights are dev's)
+    named = tmp_path / "named" / "FLUX.1-schnell"
+    shutil.copytree(flux_dir, named)
+    assert resolve_base_model(str(named)).family == "flux"  # a guidance embedding and resolution-dependent shift
+    _edit_json(named / "transformer" / "config.json", guidance_embeds=False)
+    with pytest.raises(UserError, match="Flux.1 schnell \\(named 'FLUX.1-schnell'.*no guidance embedding"):
+        resolve_base_model(str(named))
+    assert model_names("folder", str(named), {}, config_reader("folder", str(named))) == ("FLUX.1-schnell",)
     fill = tmp_path / "fill"
     shutil.copytree(flux_dir, fill)
     _edit_json(fill / "transformer" / "config.json", in_channels=384)
@@ -95,8 +121,25 @@ def test_single_files_are_recognised_and_refused_with_the_fix(tmp_path):
         keys = {key: torch.zeros(1), "double_blocks.0.x.weight": torch.zeros(1)} if "guidance" in key else \
             {key: torch.zeros(1)}
         save_file(keys, tmp_path / name)
-        with pytest.raises(UserError, match=words):
+        with pytest.raises(UserError, match=words) as err:
             detect_family("single_file", str(tmp_path / name))
+        assert re.search(r"(layout|\)), which palpcompose cannot train; ", str(err.value))  # then what to use
+        assert "(black-forest-labs/FLUX.1-dev)" in str(err.value) or "stable-diffusion-3.5" in str(err.value)
+
+
+@pytest.mark.parametrize("family,component,what", [("flux", "transformer", "Flux.1's transformer"),
+                                                   ("sd3", "transformer", "Stable Diffusion 3's transformer"),
+                                                   ("sd", "unet", "a Stable Diffusion UNet")])
+def test_a_pipeline_component_given_as_base_model_says_what_it_is_and_the_folder_to_give(
+        family, component, what, flux_dir, sd3_dir, tiny_pipeline_dir):
+    """The diffusers-layout transformer of a Flux folder was said to hold 'no Stable Diffusion UNet (66 tensors,
+    none named model.diffusion_model.*)'."""
+    folder = {"flux": flux_dir, "sd3": sd3_dir, "sd": tiny_pipeline_dir}[family]
+    file = folder / component / "diffusion_pytorch_model.safetensors"
+    with pytest.raises(UserError) as err:
+        resolve_base_model(str(file))
+    assert f"this file is {what} in the diffusers layout" in str(err.value)
+    assert f"give base_model the folder that holds it, {folder}" in str(err.value)
 
 
 def test_check_shows_the_family_the_defaults_and_what_alpha_beta_mean(flux_dir, sd3_dir, tmp_path, run_cli):
@@ -105,11 +148,115 @@ def test_check_shows_the_family_the_defaults_and_what_alpha_beta_mean(flux_dir, 
     text = "".join((flux.out + flux.err).replace("│", "").split())  # table cells wrap anywhere
     assert "(Flux.1)" in text and "guidanceembedding" in text and "palp.alpha=3.5" in text
     assert "train.learning_rate=0.0001" not in text  # palp.toml sets it: not a model default
+    assert "tokenlimits:CLIP77,T5512" in text and "T5tokens" in text  # T5 reads FluxPipeline's 512 tokens
     sd3 = run_cli("check", str(flow_project(tmp_path / "s", sd3_dir, learning_rate=None)))
     assert sd3.code == 0, sd3.out + sd3.err
     text = "".join((sd3.out + sd3.err).replace("│", "").split())
     assert "(StableDiffusion3)" in text and "train.learning_rate=0.0004" in text and "README_sd3" in text
     assert "palp.alpha=7.5" in text and "realclassifier-freeguidance" in text
+    assert "tokenlimits:CLIP77,T5256" in text  # StableDiffusion3Pipeline's max_sequence_length
+
+
+def _with_8x_vae(base, folder):
+    """A copy of the tiny pipeline whose VAE config says 4 blocks (an 8x VAE, as every released model): the image
+    sides it takes are then multiples of 16, as Flux.1's and SD 3's. Only the configs are read by the refusals."""
+    shutil.copytree(base, folder)
+    _edit_json(folder / "vae" / "config.json", block_out_channels=[8, 8, 16, 16])
+    return folder
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_sizes_the_model_cannot_take_are_refused_with_the_nearest_ones(family, flux_dir, sd3_dir, tmp_path, run_cli):
+    """Flux.1 packs 2x2 latent patches and SD 3's transformer cuts patch_size ones: with an 8x VAE each image side
+    is a multiple of 16. train.resolution = 24 passed check and crashed train (exit 1, out/ left behind); render
+    --width 72 was a diffusers ValueError (SD 3) or rounded to 64 while the PNG said 72 (Flux)."""
+    name = {"flux": "Flux.1", "sd3": "Stable Diffusion 3"}[family]
+    base = _with_8x_vae(flux_dir if family == "flux" else sd3_dir, tmp_path / "model")
+    root = flow_project(tmp_path / "p", base, resolution=24)
+    for command in ("check", "train"):
+        result = run_cli(command, root)
+        assert result.code == 2, result.out + result.err
+        assert "train.resolution: must be a multiple of 16 for " + name in result.err
+        assert "use 16 or 32" in result.err and "Traceback" not in result.err
+        assert not (root / "out").exists()
+    (root / "palp.toml").write_text((root / "palp.toml").read_text().replace("resolution = 24", "resolution = 32"))
+    assert run_cli("check", root).code == 0
+    result = run_cli("render", root, "--base", "--width", "72")
+    assert result.code == 2 and "--width 72: must be a multiple of 16" in result.err and "use 64 or 80" in result.err
+    assert not (root / "out").exists()
+    result = run_cli("render", "--help")
+    assert "of 16 for Flux.1 and SD 3" in " ".join(result.out.split())
+
+
+def test_the_sampler_is_the_familys_and_others_are_refused(flux_dir, tiny_pipeline_dir, tmp_path, run_cli):
+    """Flux.1 and SD 3 render with their flow-matching Euler sampler only (Family.samplers): check said '4 dpm++
+    steps' and render.json 'dpm++' while the image was drawn with Euler, and --scheduler ddim was silently
+    ignored. Now the default is euler, and another sampler is exit 2 in palp.toml and as an option."""
+    root = flow_project(tmp_path / "p", flux_dir)
+    result = run_cli("check", root)
+    assert result.code == 0
+    text = " ".join(result.out.replace("│", " ").split())
+    assert "2 euler steps" in text and "dpm++" not in text
+    result = run_cli("render", root, "--base", "--scheduler", "ddim")
+    assert result.code == 2 and "--scheduler ddim: 'ddim' is not a sampler Flux.1 renders with" in result.err
+    assert "use --scheduler euler" in result.err and not (root / "out").exists()
+    toml = root / "palp.toml"
+    toml.write_text(toml.read_text().replace("[render]", '[render]\nscheduler = "dpm++"'))
+    result = run_cli("check", root)
+    assert result.code == 2 and "render.scheduler: 'dpm++' is not a sampler Flux.1 renders with" in result.err
+    sd = flow_project(tmp_path / "sd", tiny_pipeline_dir)  # Stable Diffusion: its own samplers, not euler
+    result = run_cli("render", sd, "--base", "--scheduler", "euler")
+    assert result.code == 2 and "(it renders with dpm++, ddim, euler-a)" in result.err
+
+
+def _cut(file, keep):
+    """Truncate `file` to `keep` of its bytes (a download or copy cut short)."""
+    data = file.read_bytes()
+    file.write_bytes(data[: int(len(data) * keep)])
+
+
+@pytest.mark.parametrize("family,weights,keep", [
+    ("flux", "transformer/diffusion_pytorch_model.safetensors", 0.5),
+    ("flux", "vae/diffusion_pytorch_model.safetensors", 0.0),
+    ("sd3", "text_encoder_3/model.safetensors", 0.5),
+    ("sd", "unet/diffusion_pytorch_model.safetensors", 0.9),
+])
+def test_a_damaged_weights_file_is_named_by_check_and_train(family, weights, keep, flux_dir, sd3_dir,
+                                                            tiny_pipeline_dir, tmp_path, run_cli):
+    """A truncated or empty .safetensors in the model folder passed `check` (exit 0); train then said a generic
+    'could not be loaded' (for SD 3's text_encoder_3 without naming the file). The headers are read, not the
+    weights: the file is named, with what is wrong and how to get it again."""
+    base = tmp_path / "model"
+    shutil.copytree({"flux": flux_dir, "sd3": sd3_dir, "sd": tiny_pipeline_dir}[family], base)
+    _cut(base / weights, keep)
+    root = flow_project(tmp_path / "p", base)
+    for command in ("check", "train"):
+        result = run_cli(command, root)
+        assert result.code == 2, result.out + result.err
+        text = " ".join(result.err.split())
+        assert f"{base / weights}: damaged or incomplete weights file" in text, text
+        assert ("it is empty" if keep == 0 else "but its header declares") in text
+        assert "download the model again" in text and "Traceback" not in text
+        assert not (root / "out").exists()
+
+
+def test_a_damaged_single_file_and_a_missing_shard_are_named(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from palpcompose.models.weight_files import check_weight_files, safetensors_problem
+
+    single = tmp_path / "model.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(8, 4, 3, 3)}, single)
+    assert safetensors_problem(single) is None
+    _cut(single, 0.8)
+    with pytest.raises(UserError, match="model.safetensors: damaged or incomplete weights file .*download or copy it"):
+        resolve_base_model(str(single))
+    (tmp_path / "pipe" / "unet").mkdir(parents=True)
+    (tmp_path / "pipe" / "unet" / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a": "diffusion_pytorch_model-00001-of-00002.safetensors"}}))
+    with pytest.raises(UserError, match="names diffusion_pytorch_model-00001-of-00002.safetensors, missing"):
+        check_weight_files(tmp_path / "pipe", ["unet"], "fix")
 
 
 # --- training ------------------------------------------------------------------------------------------------------
@@ -265,6 +412,14 @@ def test_render_sweep_and_compare_with_trained_weights(family, trained):
     assert np.abs(pixels["final"] - pixels["step-000001"]).max() > 0
     parameters = Image.open(result.images[0].path).text["parameters"]
     assert "Sampler: Euler," in parameters and "DPM++" not in parameters  # the flow sampler the family renders with
+    assert "Size: 32x32," in parameters  # the image's own size
+    index = json.loads((result.run_dir / "render.json").read_text())
+    assert index["settings"]["scheduler"] == "euler"
+    console = quiet()
+    from palpcompose.render import summary_table
+
+    console.print(summary_table(result))
+    assert "Euler, 2 steps" in console.file.getvalue()
 
 
 @pytest.mark.parametrize("family", ["flux", "sd3"])
@@ -327,7 +482,14 @@ def test_webui_export_is_one_file_with_alphas_and_the_pivotal_embeddings(family,
     from palpcompose.export import export
     from palpcompose.project import load_project
 
-    export(load_project(trained[family]), "webui", tmp_path / "out")
+    result = export(load_project(trained[family]), "webui", tmp_path / "out")
+    # the hint fits the family: ComfyUI's LoRA node, not AUTOMATIC1111's <lora:fx:1> (A1111 runs neither model)
+    console = quiet()
+    from palpcompose.export import summary_table
+
+    console.print(summary_table(result))
+    shown = " ".join(console.file.getvalue().replace("│", " ").split())
+    assert "<lora:" not in shown and "LoraLoader" in shown and "AUTOMATIC1111 cannot run these models" in shown
     lora = load_file(tmp_path / "out" / "fx.safetensors")
     modules = {k.rsplit(".lora_", 1)[0] for k in lora if ".lora_" in k}
     assert modules and all(m.startswith("transformer.") for m in modules)

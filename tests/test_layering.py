@@ -27,6 +27,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "palpcompose.placeholders",
         "palpcompose.tokens", "palpcompose.guidance", "palpcompose.flow_guidance", "palpcompose.conditioning",
         "palpcompose.memory", "palpcompose.distributed", "palpcompose.trackers", "palpcompose.quantize",
+        "palpcompose.torchao_gate",
     )),
     ("toy world", (  # a leaf library: the toy world, its oracle and tokenizer, the demo's drawings
         "palpcompose.toyworld", "palpcompose.toyworld.world", "palpcompose.toyworld.oracle",
@@ -36,7 +37,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("models", (  # base models: one module per family, resolution, SD components (the package re-exports them)
         "palpcompose.models.family", "palpcompose.models.sd", "palpcompose.models.sdxl",
         "palpcompose.models.flow", "palpcompose.models.flux", "palpcompose.models.sd3",
-        "palpcompose.models.families", "palpcompose.models.resolve", "palpcompose.models.defaults",
+        "palpcompose.models.families", "palpcompose.models.weight_files", "palpcompose.models.resolve",
+        "palpcompose.models.defaults",
         "palpcompose.models.components", "palpcompose.models",
     )),
     ("trained weights", ("palpcompose.weights", "palpcompose.checkpoint")),  # their files (LoRA keys: models')

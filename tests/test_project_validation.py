@@ -103,7 +103,10 @@ def test_unknown_key_in_subject(make_project, run_cli):
         ("render", "seeds", 3, "must be a list of integers", "e.g. seeds = [0, 1]"),
         ("render", "steps", 0, "must be >= 1", None),
         ("render", "width", 100, "must be a multiple of 8", "use 96 or 104"),
-        ("render", "scheduler", "euler", "must be one of 'dpm++', 'ddim', 'euler-a'", None),
+        ("render", "scheduler", "heun", "must be one of 'dpm++', 'ddim', 'euler-a', 'euler'", None),
+        # euler is Flux.1's and SD 3's flow-matching sampler: Stable Diffusion refuses it (Family.samplers)
+        ("render", "scheduler", "euler", ("'euler' is not a sampler Stable Diffusion 1.x renders with (it renders "
+         "with dpm++, ddim, euler-a)"), 'set render.scheduler = "dpm++", or leave it out for the model\'s default'),
     ],
 )
 def test_types_ranges_and_choices(make_project, run_cli, table, key, value, message, hint):
@@ -417,7 +420,7 @@ def test_pickled_base_model_is_refused_by_check_unless_allowed(make_project, run
     ({"foo": 3}, "holds no Stable Diffusion UNet (1 tensors"),
     ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": 3}, "is a LoRA, not a base model"),
     ({"emb_params": 3}, "is a textual-inversion embedding, not a base model"),
-    (None, "not a readable .safetensors file"),
+    (None, "damaged or incomplete weights file (its header is not a readable safetensors header)"),
 ])
 def test_safetensors_base_model_that_is_not_a_model(make_project, run_cli, tensors, message):
     import torch

@@ -590,3 +590,68 @@ def test_the_default_leaves_t5_as_it_was(flow_setup):
         assert type(m.weight) is nn.Parameter and m.weight.dtype == torch.float32, name
         assert torch.equal(m.weight, loaded_t5.get_submodule(name).weight), name
     assert not hasattr(state.components.text_encoder, "_ddp_params_and_buffers_to_ignore")
+
+
+# --- torchao only when 8 bits are asked for -----------------------------------------------------------------------
+
+_PROBE = """
+import sys
+from palpcompose.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit as exc:
+    assert not exc.code, exc.code
+print("TORCHAO", sys.modules.get("torchao") is not None)
+"""
+
+
+@needs_torchao
+@pytest.mark.parametrize("args", [["--help"], ["check", "{root}"], ["render", "{root}", "--base", "--seeds", "0"]])
+def test_commands_without_8_bits_never_import_torchao(args, make_project, tmp_path):
+    """transformers and diffusers import torchao whenever it is installed, and it prints notices on stderr (CUDA
+    extensions, torch's _pytree deprecations): the command line holds it back unless train.frozen_weights asks for
+    8 bits (torchao_gate.py). Rendering the base model loads the whole pipeline (every import a command makes)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = make_project()
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(repo)}
+    env.pop("PALP_DEBUG", None)
+    env.pop("TRANSFORMERS_VERBOSITY", None)
+    done = subprocess.run([sys.executable, "-c", _PROBE, *[a.format(root=root) for a in args]], env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert "TORCHAO False" in done.stdout
+    for noise in ("torchao", "_pytree", "Failed to load"):
+        assert noise not in done.stderr, done.stderr
+
+
+@needs_torchao
+def test_8_bits_let_torchao_through_after_the_libraries_were_imported_without_it():
+    """With train.frozen_weights = int8, quantize.check_installed releases torchao even though transformers and
+    diffusers were imported while it was held back: the 8-bit layers still work."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = """
+import sys
+import torch
+from palpcompose import quantize, torchao_gate
+torchao_gate.hold_back()
+import diffusers, transformers.modeling_utils  # noqa: E401
+assert sys.modules.get("torchao") is None
+quantize.check_installed("int8", "palp.toml")
+model = torch.nn.Sequential(torch.nn.Linear(64, 96)).requires_grad_(False)
+assert quantize.quantize_frozen(model, "int8", torch.float32) == 1
+print("OK", type(model[0].weight).__module__)
+"""
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", script], env={**__import__("os").environ, "PYTHONPATH": str(repo)},
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "OK torchao." in done.stdout

@@ -40,7 +40,9 @@ from palpcompose.models.defaults import (
     model_defaults,
     model_notes,
     native_resolution,
+    size_alignment,
     source_bucket_alignment,
+    source_size_alignment,
 )
 from palpcompose.models.families import (
     FAMILIES,
@@ -72,7 +74,8 @@ __all__ = [
     "encode_prompt",
     "expand_placeholders", "family_of", "freeze", "load_components", "load_lora_state_dict", "load_pipeline",
     "lora_layers", "lora_state_dict", "model_defaults", "model_notes", "native_resolution", "placeholder_tokens",
-    "resolve_base_model", "set_attention", "source_bucket_alignment", "tokenize", "uncached_hub_message",
+    "resolve_base_model", "set_attention", "size_alignment", "source_bucket_alignment", "source_size_alignment",
+    "tokenize", "uncached_hub_message",
     "unet_forward",
 ]
 

@@ -4,8 +4,10 @@ resolve them into the config."""
 
 from __future__ import annotations
 
+import math
+
 from palpcompose import buckets
-from palpcompose.models.families import family_of
+from palpcompose.models.families import FAMILY_NAMES, family_of
 from palpcompose.models.resolve import BaseModelSource, config_reader
 
 # builtin:toy's own training and render settings (docs/evaluation.md, "The PALP study"). The training regime was
@@ -29,7 +31,7 @@ TOY_DEFAULTS = {
 
 # keys a flow family decides (models.flux, models.sd3 `defaults`, and alpha/beta by its guidance)
 FLOW_DEFAULT_KEYS = ("train.learning_rate", "train.mixed_precision", "render.steps", "render.guidance_scale",
-                     "palp.alpha", "palp.beta")
+                     "render.scheduler", "palp.alpha", "palp.beta")
 
 
 def native_resolution(source: BaseModelSource) -> int | None:
@@ -69,6 +71,34 @@ def model_defaults(source: BaseModelSource) -> dict[str, tuple[object, str]]:
             defaults[key] = (value, "builtin:toy's own default")
     return defaults
 
+
+
+def size_alignment(family: str, denoiser_config, vae_config) -> tuple[int, str]:
+    """(pixels, why): every side of an image a model of `family` trains on or renders must be a multiple of
+    `pixels`: the VAE's scale factor times what the family's denoiser needs of a latent side
+    (Family.latent_multiple: Flux.1 packs 2x2 latent patches, SD 3's transformer cuts patch_size ones), and a
+    multiple of 8, which diffusers' pipelines need: 16 for Flux.1 and SD 3, 8 for Stable Diffusion. `why` says it in
+    words for messages. Configs are dicts or diffusers FrozenDicts."""
+    factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    multiple = family_of(family).latent_multiple(dict(denoiser_config or {}))
+    pixels = math.lcm(8, factor * multiple)
+    if multiple == 1:
+        return pixels, f"{FAMILY_NAMES[family]} (diffusers' pipelines take multiples of 8)"
+    return pixels, (f"{FAMILY_NAMES[family]} (its VAE's factor {factor} times the transformer's {multiple}x{multiple} "
+                    "latent patches)")
+
+
+def source_size_alignment(source: BaseModelSource) -> tuple[int, str]:
+    """size_alignment of a base model read from its configs without loading it (check, train, render's plan); an
+    8x VAE is assumed when they cannot be read offline (a single-file checkpoint, a hub id that is not cached)."""
+    denoiser, vae = None, None
+    if source.kind in ("builtin", "folder", "hub"):
+        read = config_reader(source.kind, source.location)
+        denoiser = read("unet/config.json") or read("transformer/config.json")
+        vae = read("vae/config.json")
+    if not isinstance(vae, dict) or not isinstance(vae.get("block_out_channels"), list):
+        vae = {"block_out_channels": [0] * 4}  # 2 ** 3: the 8x VAE of every released model
+    return size_alignment(source.family, denoiser, vae)
 
 
 def bucket_alignment(unet_config, vae_config) -> int:

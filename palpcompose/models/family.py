@@ -3,7 +3,8 @@
 A family is the set of base models that load, encode prompts and train the same way. Its module declares:
 - how it is recognised: `from_index` (a diffusers folder's or cached hub model's model_index.json and configs) and
   `from_keys` (a single .safetensors file's tensor names), each answering (what it is, in words; its family key)
-  or None when the model is not of this family; a key of None refuses the model with the words as the reason;
+  or None when the model is not of this family; a key of None refuses the model with the words as the reason
+  (`refused(kind, fix)` words them);
 - the names of its keys (`names`, for `check` and messages) and the image side each was trained at (`native_size`);
 - how it loads: the diffusers pipeline class and its keywords, the components a diffusers folder must hold;
 - how prompts are encoded: `components(pipe)`, the family's own fields of models.Components (the text encoder as
@@ -13,7 +14,10 @@ A family is the set of base models that load, encode prompts and train the same 
   ("diffusion": epsilon or v-prediction, read from the scheduler; "flow": rectified-flow velocity), the prompt
   encoders (`encoders`: one EncoderSlot each, its tokenizer, its key in exported embeddings, its sequence length),
   the denoiser's call and prompt encoding (`flow`: a FlowSpec), its resolved training defaults with their sources
-  (`defaults`) and what `check` says about it (`notes`).
+  (`defaults`) and what `check` says about it (`notes`);
+- the samplers it renders with (`samplers`, keys of sampling.SCHEDULERS);
+- what the latent sides must be a multiple of (`latent_multiple`: the transformer's patches), which makes the image
+  sizes it takes.
 families.py lists the families in the order detection tries them.
 """
 
@@ -22,13 +26,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from palpcompose.choices import SD_SCHEDULER_NAMES
+
 
 @dataclass(frozen=True)
 class Family:
     names: dict[str, str]  # family key -> its name in messages: {"sd1": "Stable Diffusion 1.x", ...}
     native_size: dict[str, int]  # family key -> the image side the models were trained at
-    # (class name, model_index.json, the UNet's config or {}, read) -> (what, key) | None; read(name) -> JSON or None
-    from_index: Callable[[str, dict, dict, Callable], tuple[str, str | None] | None]
+    # (class name, model_index.json, the UNet's config or {}, read, names) -> (what, key) | None; read(name) -> JSON
+    # or None; names: what the model is called (families.model_names), for kinds told apart only by their name
+    from_index: Callable[[str, dict, dict, Callable, tuple[str, ...]], tuple[str, str | None] | None]
     # (tensor names of an original-layout single file) -> (what, key) | None
     from_keys: Callable[[list[str]], tuple[str, str | None] | None]
     pipeline_class: str  # the diffusers pipeline class that loads a model of the family
@@ -43,6 +50,17 @@ class Family:
     flow: FlowSpec | None = None  # flow families: the denoiser's call, prompt encoding, noise levels
     defaults: dict = field(default_factory=dict)  # dotted palp.toml key -> (value, why): this family's defaults
     notes: Callable[[Callable], list[str]] | None = None  # read -> lines `check` prints about the model
+    # denoiser config -> what each latent side must be a multiple of (a UNet: 1; Flux.1's 2x2 packing: 2; SD 3: its
+    # patch_size); times the VAE's factor, the image sides it trains on and renders (models.size_alignment)
+    latent_multiple: Callable[[dict], int] = lambda config: 1
+    samplers: tuple[str, ...] = SD_SCHEDULER_NAMES  # the render.scheduler values it renders with, the first the default
+
+
+def refused(kind: str, fix: str = "") -> tuple[str, None]:
+    """A model palpcompose does not train, as from_index / from_keys answer it: what it is, said to be untrainable
+    right after it (so the phrase never lands on the advice), then what to use instead. resolve.detect_family adds
+    the families palpcompose does train."""
+    return f"{kind}, which palpcompose cannot train" + (f"; {fix}" if fix else ""), None
 
 
 @dataclass(frozen=True)

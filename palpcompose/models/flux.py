@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import torch
 
+from palpcompose.choices import FLOW_SCHEDULER_NAMES
 from palpcompose.conditioning import Conditioning
-from palpcompose.models.family import EncoderSlot, Family, FlowSpec
+from palpcompose.models.family import EncoderSlot, Family, FlowSpec, refused
 from palpcompose.models.flow import latent_image_ids, pack_latents, unpack_latents
 
 # The attention projections of both streams (double blocks) and of the single blocks (attn.to_q/k/v): what
@@ -18,29 +19,39 @@ ENCODERS = (
     EncoderSlot("text_encoder", "tokenizer", "clip_l", "clip", 77),
     EncoderSlot("text_encoder_2", "tokenizer_2", "t5", "t5", 512),  # FluxPipeline's max_sequence_length
 )
+USE_INSTEAD = "use Flux.1-dev (black-forest-labs/FLUX.1-dev) or a de-distilled Flux, as a diffusers folder or hub id"
 # Kinds of Flux pipelines that are not the text-to-image model, in words (refused with exit 2)
 REFUSED_CLASSES = {"Fill": "Flux.1 Fill (an inpainting/outpainting model)", "Kontext": "Flux.1 Kontext (an "
                    "image-editing model)", "Redux": "Flux.1 Redux (an image-variation adapter)", "ControlNet":
                    "a Flux ControlNet pipeline", "Inpaint": "a Flux inpainting pipeline", "Img2Img": "a Flux "
-                   "image-to-image pipeline (use the FluxPipeline folder)"}
+                   "image-to-image pipeline"}
 
 
-def from_index(name: str, index: dict, unet: dict, read) -> tuple[str, str | None] | None:
+def from_index(name: str, index: dict, unet: dict, read, names: tuple[str, ...]) -> tuple[str, str | None] | None:
     if "Flux" not in name:
         return None
     for part, what in REFUSED_CLASSES.items():
         if part in name:
-            return f"{what} ({name})", None
+            return refused(f"{what} ({name})", "palpcompose trains the FluxPipeline text-to-image model")
     if name != "FluxPipeline":
-        return f"a {name} pipeline (palpcompose trains the FluxPipeline text-to-image model)", None
+        return refused(f"a {name} pipeline (not FluxPipeline, the text-to-image model)")
     transformer = read("transformer/config.json") or {}
     scheduler = read("scheduler/scheduler_config.json") or {}
     if transformer.get("in_channels", 64) != 64:
-        return (f"a Flux transformer with {transformer.get('in_channels')} input channels (Fill/inpainting: "
-                "palpcompose needs the 64-channel text-to-image model)"), None
-    if not transformer.get("guidance_embeds", True) and not scheduler.get("use_dynamic_shifting", True):
-        return ("Flux.1 schnell or another few-step distilled Flux (no guidance embedding, a scheduler without "
-                "resolution-dependent shifting); use Flux.1-dev or a de-distilled Flux"), None
+        return refused(f"a Flux transformer with {transformer.get('in_channels')} input channels (Fill or "
+                       "inpainting)", "palpcompose trains the 64-channel text-to-image model")
+    guidance, shifting = transformer.get("guidance_embeds", True), scheduler.get("use_dynamic_shifting", True)
+    if not guidance and not shifting:
+        return refused("Flux.1 schnell or another few-step distilled Flux (no guidance embedding, a scheduler without "
+                       "resolution-dependent shifting)", USE_INSTEAD)
+    # A name that says schnell is believed unless the configs are clearly Flux.1-dev's (a guidance embedding and
+    # resolution-dependent shifting, neither of which schnell has): then the weights are dev's, whatever the folder
+    # is called (docs/flux-sd3.md)
+    schnell = next((n for n in names if "schnell" in n.lower()), None)
+    if schnell is not None and not (guidance and shifting):
+        return refused(f"Flux.1 schnell (named {schnell!r}, and its configs are not Flux.1-dev's: "
+                       f"{'no guidance embedding' if not guidance else 'no resolution-dependent shifting'})",
+                       USE_INSTEAD)
     return "Flux.1", "flux"
 
 
@@ -48,10 +59,17 @@ def from_keys(keys: list[str]) -> tuple[str, str | None] | None:
     """An original-layout Flux checkpoint (black-forest-labs' flux1-dev.safetensors): refused for now, with the fix."""
     if not any(k.startswith(("double_blocks.", "model.diffusion_model.double_blocks.")) for k in keys):
         return None
-    kind = ("a Flux.1 single-file checkpoint without a guidance embedding (Flux.1 schnell)"
-            if not any("guidance_in." in k for k in keys) else "a Flux.1 single-file checkpoint")
-    return (f"{kind} (original layout); palpcompose trains Flux from a diffusers folder or a cached hub id "
-            "(black-forest-labs/FLUX.1-dev)"), None
+    if not any("guidance_in." in k for k in keys):
+        return refused("a Flux.1 single-file checkpoint (original layout, no guidance embedding: Flux.1 schnell)",
+                       USE_INSTEAD)
+    return refused("a Flux.1 single-file checkpoint (original layout)", "give base_model the diffusers folder "
+                   "or the cached hub id instead (black-forest-labs/FLUX.1-dev)")
+
+
+def component_file(keys: list[str]) -> str | None:
+    """What a .safetensors file of FluxTransformer2DModel's weights alone is (transformer/ of a diffusers folder,
+    recognised by its single-stream blocks), or None."""
+    return "Flux.1's transformer" if any(k.startswith("single_transformer_blocks.") for k in keys) else None
 
 
 def encode(encoders, ids) -> Conditioning:
@@ -125,7 +143,11 @@ FAMILY = Family(
                                 "(config/examples/train_lora_flux_24gb.yaml)")),
         "train.mixed_precision": ("bf16", "Flux.1 is trained and run in bf16 (fp16 overflows in its activations)"),
         "render.steps": (28, "FluxPipeline's default num_inference_steps"),
+        "render.scheduler": (FLOW_SCHEDULER_NAMES[0], ("FluxPipeline's flow-matching Euler sampler, the one Flux.1 "
+                             "renders with")),
         "render.guidance_scale": (3.5, "FluxPipeline's default guidance_scale (the guidance embedding's value)"),
     },
     notes=notes,
+    samplers=FLOW_SCHEDULER_NAMES,
+    latent_multiple=lambda config: 2,  # 2x2 latent patches packed into tokens (pack_latents), whatever patch_size says
 )

@@ -20,10 +20,13 @@ from palpcompose.errors import UserError, command_line
 from palpcompose.models.families import (
     FAMILY_NAMES,
     SUPPORTED_FAMILIES,
+    component_file,
     family_from_index,
     family_from_keys,
     family_of,
+    model_names,
 )
+from palpcompose.models.weight_files import check_weight_file, check_weight_files
 
 BUILTIN_DIR = Path(__file__).parent.parent / "builtin"
 BUILTIN_MODELS = {"builtin:toy": BUILTIN_DIR / "toy"}
@@ -87,6 +90,8 @@ def resolve_base_model(spec: str, project_dir: Path | None = None, allow_pickle:
         cached = _hub_cached(spec)
         if cached:
             family = detect_family("hub", spec)
+            check_weight_files(Path(cached).parent, _weight_folders(family), "download it again: "
+                               f"`{command_line('hf', 'download', spec, '--force-download')}`")
             return BaseModelSource(spec, "hub", spec, True, f"hub model {spec} found in the local cache "
                                    f"({FAMILY_NAMES[family]})", allow_pickle, family)
         return BaseModelSource(spec, "hub", spec, False, uncached_hub_message(spec), allow_pickle)
@@ -127,7 +132,7 @@ def _check_pipeline_folder(path: Path, allow_pickle: bool = False) -> str:
         if not (path / name).is_dir():
             raise UserError(f"{path / name}: missing; the pipeline folder is incomplete (copy it again, or save it "
                             "with `pipeline.save_pretrained`)")
-    for name in [n for n in needed if n in ("unet", "transformer", "vae") or n.startswith("text_encoder")]:
+    for name in _weight_folders(family):
         files = [f for f in (path / name).iterdir() if f.is_file()]
         if any(f.suffix == ".safetensors" for f in files):
             continue
@@ -139,17 +144,33 @@ def _check_pipeline_folder(path: Path, allow_pickle: bool = False) -> str:
                                 "trust where it comes from")
             continue
         raise UserError(f"{path / name}: no weights file; the pipeline folder is incomplete")
+    check_weight_files(path, _weight_folders(family), "copy or download the model again (a copy or download was cut "
+                       "short), or save it again with `pipeline.save_pretrained`")
     return family
+
+
+def _weight_folders(family: str) -> list[str]:
+    """The components of a family's pipeline folder that hold weights (the denoiser, the VAE, the text encoders)."""
+    return [n for n in family_of(family).folders if n in ("unet", "transformer", "vae") or n.startswith("text_encoder")]
 
 
 def _check_single_file(path: Path) -> str:
     """Read a .safetensors file's header (no weights, no code) and make sure it holds a Stable Diffusion UNet of a
     supported family, so a LoRA or an embedding given as base_model gets a clear message instead of a failed
     download of configs. Returns the family."""
+    check_weight_file(path, "download or copy it again (a download or copy was cut short)")
     keys = _safetensors_keys(path)
     # a UNet in the original layout, or a Flux / SD 3 transformer (refused by name)
     if any(k.startswith(("model.diffusion_model.", "double_blocks.", "joint_blocks.")) for k in keys):
         return detect_family("single_file", str(path))
+    component = component_file(keys)
+    if component is not None:  # transformer/ or unet/ of a diffusers folder, alone
+        folder = path.parent.parent
+        where = (f"give base_model the folder that holds it, {folder}" if (folder / "model_index.json").is_file()
+                 else "give base_model the diffusers folder it comes from (the one with model_index.json), or its "
+                 "hub id")
+        raise UserError(f"{path}: this file is {component} in the diffusers layout, one component of a pipeline "
+                        f"folder, not a whole model (no VAE, no text encoders); {where}")
     if any(k.startswith(("lora_unet_", "lora_te", "unet.", "text_encoder.")) or ".lora_" in k or "lora_A" in k
            for k in keys):
         what = "is a LoRA, not a base model"
@@ -160,15 +181,15 @@ def _check_single_file(path: Path) -> str:
     raise UserError(f"{path}: this file {what}; {_BASE_MODEL_HINT} holding a whole model")
 
 
-def _hub_cached(repo_id: str) -> bool:
+def _hub_cached(repo_id: str) -> str | None:
+    """The cached model_index.json of `repo_id` (its snapshot folder holds the rest), or None."""
     try:
         from huggingface_hub import try_to_load_from_cache
 
         hit = try_to_load_from_cache(repo_id, "model_index.json")
-        return isinstance(hit, str)
+        return hit if isinstance(hit, str) else None
     except Exception:  # noqa: BLE001 - a cache we cannot read counts as no cache (the load then says what to do)
-        return False
-
+        return None
 
 
 def detect_family(kind: str, location: str) -> str:
@@ -186,10 +207,10 @@ def detect_family(kind: str, location: str) -> str:
         index = read("model_index.json")
         if index is None:
             return "unknown"
-        kind_found, family = family_from_index(index, read)
+        kind_found, family = family_from_index(index, read, model_names(kind, location, index, read))
     if family is None:
-        raise UserError(f"base model {location!r} is {kind_found}, which palpcompose cannot train; it supports "
-                        f"{SUPPORTED_FAMILIES}: point base_model at one of those")
+        raise UserError(f"base model {location!r} is {kind_found}; palpcompose trains {SUPPORTED_FAMILIES}: point "
+                        "base_model at one of those")
     return family
 
 

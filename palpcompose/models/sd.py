@@ -9,7 +9,7 @@ UNET = "model.diffusion_model."  # the UNet's key prefix in an original-layout s
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the UNet's attention projections (SD 1/2 and SDXL)
 
 
-def from_index(name: str, index: dict, unet: dict, read) -> tuple[str, str] | None:
+def from_index(name: str, index: dict, unet: dict, read, names: tuple[str, ...]) -> tuple[str, str] | None:
     if name != "StableDiffusionPipeline":
         return None
     scheduler = read("scheduler/scheduler_config.json") or {}
@@ -24,6 +24,14 @@ def from_keys(keys: list[str]) -> tuple[str, str]:
     if any(k.startswith("cond_stage_model.model.") for k in keys):
         return "SD 2.x", "sd2"
     return "SD 1.x", "sd1"
+
+
+def component_file(keys: list[str]) -> str | None:
+    """What a .safetensors file of a diffusers UNet2DConditionModel's weights alone is (unet/ of a diffusers folder;
+    a VAE's down blocks sit under encoder.), or None."""
+    if any(k.startswith("down_blocks.") for k in keys) and any(k.startswith("conv_in.") for k in keys):
+        return "a Stable Diffusion UNet"
+    return None
 
 
 def components(pipe) -> dict:

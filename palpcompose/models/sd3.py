@@ -8,8 +8,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from palpcompose.choices import FLOW_SCHEDULER_NAMES
 from palpcompose.conditioning import Conditioning
-from palpcompose.models.family import EncoderSlot, Family, FlowSpec
+from palpcompose.models.family import EncoderSlot, Family, FlowSpec, refused
 from palpcompose.models.flux import LORA_TARGETS
 
 ENCODERS = (
@@ -19,25 +20,36 @@ ENCODERS = (
 )
 
 
-def from_index(name: str, index: dict, unet: dict, read) -> tuple[str, str | None] | None:
+def from_index(name: str, index: dict, unet: dict, read, names: tuple[str, ...]) -> tuple[str, str | None] | None:
     if not name.startswith("StableDiffusion3"):
         return None
     if name != "StableDiffusion3Pipeline":
-        return f"a {name} pipeline (palpcompose trains the StableDiffusion3Pipeline text-to-image model)", None
+        return refused(f"a {name} pipeline (not StableDiffusion3Pipeline, the text-to-image model)")
     if any(not (isinstance(index.get(k), list) and index[k] and index[k][0]) for k in ("text_encoder_3",)):
-        return ("a Stable Diffusion 3 folder without its T5 text encoder (text_encoder_3); palpcompose trains "
-                "the three-encoder model"), None
-    scheduler = read("scheduler/scheduler_config.json") or {}
-    if "turbo" in str(scheduler.get("_name_or_path", "")).lower():
-        return "SD 3.5 Large Turbo (a few-step distilled model); use SD 3.5 Large or Medium", None
+        return refused("a Stable Diffusion 3 folder without its T5 text encoder (text_encoder_3)",
+                       "palpcompose trains the three-encoder model")
+    # SD 3.5 Large Turbo has SD 3.5 Large's configs: only its name tells it (the hub id, the folder, _name_or_path)
+    turbo = next((n for n in names if "turbo" in n.lower()), None)
+    if turbo is not None:
+        return refused(f"SD 3.5 Large Turbo or another few-step distilled SD 3 (named {turbo!r})",
+                       "use SD 3.5 Large or Medium")
     return "Stable Diffusion 3", "sd3"
 
 
 def from_keys(keys: list[str]) -> tuple[str, str | None] | None:
     if not any(k.startswith(("joint_blocks.", "model.diffusion_model.joint_blocks.")) for k in keys):
         return None
-    return ("a Stable Diffusion 3 single-file checkpoint (original MMDiT layout); palpcompose trains SD 3 from a "
-            "diffusers folder or a cached hub id (stabilityai/stable-diffusion-3.5-medium)"), None
+    return refused("a Stable Diffusion 3 single-file checkpoint (original MMDiT layout)", "give base_model the "
+                   "diffusers folder or the cached hub id instead (stabilityai/stable-diffusion-3.5-medium)")
+
+
+def component_file(keys: list[str]) -> str | None:
+    """What a .safetensors file of SD3Transformer2DModel's weights alone is (transformer/ of a diffusers folder:
+    joint blocks and a patch embedding, no single-stream blocks as Flux's), or None."""
+    if any(k.startswith("transformer_blocks.") for k in keys) and any(k.startswith("pos_embed.") for k in keys) \
+            and not any(k.startswith("single_transformer_blocks.") for k in keys):
+        return "Stable Diffusion 3's transformer"
+    return None
 
 
 def encode(encoders, ids) -> Conditioning:
@@ -100,7 +112,11 @@ FAMILY = Family(
                                 "example (README_sd3.md)")),
         "train.mixed_precision": ("bf16", "SD 3 runs in bf16 or fp16; bf16 keeps T5's range"),
         "render.steps": (28, "StableDiffusion3Pipeline's default num_inference_steps"),
+        "render.scheduler": (FLOW_SCHEDULER_NAMES[0], ("StableDiffusion3Pipeline's flow-matching Euler sampler, "
+                             "the one SD 3 renders with")),
         "render.guidance_scale": (7.0, "StableDiffusion3Pipeline's default guidance_scale"),
     },
     notes=notes,
+    samplers=FLOW_SCHEDULER_NAMES,
+    latent_multiple=lambda config: int(config.get("patch_size", 2)),  # the transformer cuts latents into patches
 )

@@ -4,20 +4,20 @@ embedding and size `time_ids` in the UNet's added conditioning, 1024 px (docs/sd
 from __future__ import annotations
 
 from palpcompose.conditioning import SDXLTextEncoders
-from palpcompose.models.family import Family
+from palpcompose.models.family import Family, refused
 from palpcompose.models.sd import FAMILY as SD
 from palpcompose.models.sd import LORA_TARGETS, UNET
 
 SDXL_RESOLUTION = 1024  # SDXL's native image side; train.resolution's default for an SDXL base_model
 
 
-def from_index(name: str, index: dict, unet: dict, read) -> tuple[str, str | None] | None:
+def from_index(name: str, index: dict, unet: dict, read, names: tuple[str, ...]) -> tuple[str, str | None] | None:
     if not name.startswith("StableDiffusionXL"):
         return None
     encoders = [index.get(k) for k in ("text_encoder", "text_encoder_2")]
     if not all(isinstance(e, list) and e and e[0] for e in encoders) or index.get("requires_aesthetics_score"):
-        return (f"an SDXL refiner ({name}: no first text encoder, aesthetic-score conditioning; it only "
-                "post-processes an SDXL base model's images: use the base model)"), None
+        return refused(f"an SDXL refiner ({name}: no first text encoder, aesthetic-score conditioning; it only "
+                       "post-processes an SDXL base model's images)", "use the SDXL base model")
     return "SDXL", "sdxl"
 
 
@@ -26,7 +26,7 @@ def from_keys(keys: list[str]) -> tuple[str, str | None] | None:
         return None
     if not any(k.startswith("conditioner.embedders.1.") for k in keys) and any(
             k.startswith("conditioner.embedders.0.model.") for k in keys):
-        return "an SDXL refiner checkpoint (one OpenCLIP text encoder; use the SDXL base model)", None
+        return refused("an SDXL refiner checkpoint (one OpenCLIP text encoder)", "use the SDXL base model")
     return "SDXL", "sdxl"
 
 

@@ -30,7 +30,7 @@ from palpcompose.project.check import (
 )
 from palpcompose.project.init import DEFAULT_TEMPLATE, TEMPLATES, InitResult, init_project
 from palpcompose.project.load import load_project
-from palpcompose.project.references import listed_images
+from palpcompose.project.references import listed_images, sampler_problem, size_problem
 from palpcompose.project.schema import (
     MAX_SEED,
     MIXED_PRECISION_MODES,
@@ -69,5 +69,5 @@ __all__ = [
     "changed_weight_settings", "check_option", "check_project", "config_prompts", "count_prompt_tokens",
     "describe_changes", "flat_settings", "init_project",
     "key_lines", "listed_images", "load_project", "main", "model_dependent", "placeholder_problems",
-    "sanitize_name", "schema_markdown", "too_long_problems", "weight_settings",
+    "sampler_problem", "sanitize_name", "schema_markdown", "size_problem", "too_long_problems", "weight_settings",
 ]

@@ -10,7 +10,7 @@ from typing import Any
 from palpcompose import buckets
 from palpcompose.captions import caption_path
 from palpcompose.errors import Problem
-from palpcompose.models import model_notes, source_bucket_alignment
+from palpcompose.models import family_of, model_notes, source_bucket_alignment
 from palpcompose.placeholders import PLACEHOLDER
 from palpcompose.project.load import validate
 from palpcompose.project.schema import Project, ProjectConfig
@@ -32,6 +32,9 @@ class CheckReport:
     # (subject key, images with a caption, images, the first few captioned images relative to the project)
     captions: tuple[tuple[str, int, int, tuple[str, ...]], ...] = ()
     buckets: tuple[tuple[tuple[int, int], int], ...] = ()  # ((width, height), images) of each training size used
+    # a flow family's T5 (Flux.1, SD 3): (the tokens it reads, the family's max_sequence_length; each prompt's
+    # count in T5's tokens, in prompt_tokens' order, None when not counted); None for CLIP-only models
+    t5: tuple[int, tuple[int | None, ...]] | None = None
 
 CAPTIONS_SHOWN = 3  # captioned images `check` names per subject
 
@@ -60,7 +63,23 @@ def check_project(project_dir: str | Path) -> CheckReport:
         raise v.error()
     notes = project.notes + tuple(_toy_class_notes(project)) + tuple(model_notes(source))
     return CheckReport(project, source, limit, limit_source, tuple(counts), notes, caption_summary(project),
-                       bucket_summary(project, source_bucket_alignment(source)))
+                       bucket_summary(project, source_bucket_alignment(source)), _t5_counts(source, prompts))
+
+
+def _t5_counts(source, prompts: list[tuple[str, str]]) -> tuple[int, tuple[int | None, ...]] | None:
+    """A flow family's T5 limit (its EncoderSlot's max_length: FluxPipeline's 512, SD 3's 256) and each prompt's
+    length in T5's tokens, when its tokenizer can be read offline (else None per prompt); None without a T5."""
+    slot = next((s for s in family_of(source.family).encoders if s.kind == "t5"), None)
+    if slot is None or source.family not in family_of(source.family).names:
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(source.location, subfolder=slot.tokenizer, local_files_only=True)
+    except (OSError, ValueError):
+        return slot.max_length, tuple(None for _ in prompts)
+    return slot.max_length, tuple(len(tokenizer(PLACEHOLDER.sub(" x ", prompt), truncation=False,
+                                                verbose=False).input_ids) for _, prompt in prompts)
 
 
 def caption_summary(project: Project) -> tuple[tuple[str, int, int, tuple[str, ...]], ...]:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
+from palpcompose.choices import DEFAULT_TEMPLATE, TEMPLATES
 from palpcompose.errors import UserError, command_line
 from palpcompose.fsutil import atomic_write_bytes, atomic_write_text, check_folder_can_be_made, os_error_text
 from palpcompose.models import resolve_base_model
@@ -18,8 +19,6 @@ from palpcompose.project.schema import PROJECT_FILE, ascii_name, sanitize_name
 from palpcompose.project.validation import did_you_mean
 from palpcompose.toyworld import demo as toy_demo
 
-TEMPLATES = ("single-subject", "multi-subject", "art-inspired", "flux-art-inspired", "sd3-art-inspired", "toy-demo")
-DEFAULT_TEMPLATE = "art-inspired"
 _NAME_MARK = "__PROJECT_NAME__"
 
 

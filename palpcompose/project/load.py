@@ -7,7 +7,13 @@ from pathlib import Path
 from typing import Any
 
 from palpcompose.errors import UserError, command_line
-from palpcompose.project.references import check_base_model, check_images, unset_model_defaults
+from palpcompose.project.references import (
+    check_base_model,
+    check_images,
+    check_sampler,
+    check_sizes,
+    unset_model_defaults,
+)
 from palpcompose.project.schema import PROJECT_FILE, Project, apply_model_defaults
 from palpcompose.project.validation import Validator
 
@@ -69,6 +75,7 @@ def validate(project_dir: Path, with_images: bool) -> tuple[Validator, Project |
         section, subjects, resolution = v.checkable
         source = check_base_model(v, section.base_model, section.allow_pickle) if section is not None else None
         if source is not None:
+            check_sizes(v, source)
             resolved = unset_model_defaults(v, source)
             resolution = resolved.get("train.resolution", (resolution,))[0]
         if with_images:
@@ -76,6 +83,8 @@ def validate(project_dir: Path, with_images: bool) -> tuple[Validator, Project |
     project = None
     if config is not None:
         config = apply_model_defaults(config, resolved)
+        if source is not None:
+            check_sampler(v, source, config.render.scheduler)
         project = Project(root, root / PROJECT_FILE, config, images, tuple(v.notes), resolved,
                           captions=dict(v.captions), image_sizes=dict(v.image_sizes))
     return v, project

@@ -17,7 +17,7 @@ from typing import Any
 from palpcompose.captions import CaptionError, caption_path, read_caption
 from palpcompose.errors import Problem, UserError
 from palpcompose.images import heic_fix, is_heic_name, is_image_name, open_reference_image
-from palpcompose.models import model_defaults, resolve_base_model
+from palpcompose.models import FAMILY_NAMES, family_of, model_defaults, resolve_base_model, source_size_alignment
 from palpcompose.placeholders import PLACEHOLDER, placeholder_problems
 from palpcompose.project.schema import Project, SubjectConfig
 from palpcompose.project.validation import Validator
@@ -46,6 +46,45 @@ def check_base_model(v: Validator, spec: str, allow_pickle: bool):
         v.problem("project.base_model", source.detail, "reinstall palpcompose (pip install -e . in a clone)")
         return None
     return source
+
+
+def check_sizes(v: Validator, source) -> None:
+    """The image sides palp.toml gives (train.resolution, render.width, render.height) that the base model cannot
+    take: each must be a multiple of its family's step (models.source_size_alignment: 16 for Flux.1 and SD 3),
+    which the schema's multiple of 8 does not make sure of. A side that failed the schema's check is said again
+    with the model's step, so the values suggested are ones it takes."""
+    alignment, why = source_size_alignment(source)
+    for key, value in v.sizes.items():
+        if value % alignment == 0 or alignment == 8:  # 8: the schema's own check said it
+            continue
+        v.problems = [p for p in v.problems if p.key != key]
+        message, hint = size_problem(value, alignment, why)
+        v.problem(key, message, hint)
+
+
+def size_problem(value: int, alignment: int, why: str) -> tuple[str, str]:
+    """(message, hint) for an image side that is not a multiple of `alignment`: the nearest sides that are."""
+    lower = value // alignment * alignment
+    near = " or ".join(str(n) for n in (lower, lower + alignment) if n > 0)
+    return f"must be a multiple of {alignment} for {why}, got {value}", f"use {near}"
+
+
+def check_sampler(v: Validator, source, scheduler: str) -> None:
+    """render.scheduler must be a sampler the base model's family renders with (sampler_problem)."""
+    problem = sampler_problem(scheduler, source)
+    if problem is not None:
+        v.problem("render.scheduler", problem, f'set render.scheduler = "{family_of(source.family).samplers[0]}", '
+                  "or leave it out for the model's default")
+
+
+def sampler_problem(scheduler: str, source) -> str | None:
+    """What is wrong when the base model's family does not render with the sampler `scheduler`
+    (models.family.Family.samplers: Flux.1 and SD 3 only with their flow-matching `euler`), else None."""
+    samplers = family_of(source.family).samplers
+    if scheduler in samplers or source.family == "unknown":  # unknown: loads as SD, whose samplers the schema has
+        return None
+    return (f"{scheduler!r} is not a sampler {FAMILY_NAMES[source.family]} renders with (it renders with "
+            f"{', '.join(samplers)})")
 
 
 def unset_model_defaults(v: Validator, source) -> dict[str, tuple[Any, str]]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from palpcompose.choices import GUIDANCE_MODES, SCHEDULER_NAMES
+from palpcompose.choices import GUIDANCE_MODES, SCHEDULER_NAMES, SIZE_RULE
 from palpcompose.models import ADAPTERS, ATTENTION_MODES, FLOW_DEFAULT_KEYS, LORA_TARGET_MODULES, TOY_DEFAULTS
 from palpcompose.placeholders import default_prompt
 from palpcompose.project.settings import ADDED_LATER, sha256_json, weight_settings
@@ -129,7 +129,7 @@ class TrainConfig:
     lora_alpha: float | None = _spec("LoRA scaling numerator (the update is scaled by lora_alpha / lora_rank). "
                                      "Default: equal to lora_rank.", None, gt=0.0, extension=True)
     resolution: int = _spec("Training resolution in pixels (square center crops; non-square images train at about "
-                            "its area with `buckets`); a multiple of 8. Default: the "
+                            f"its area with `buckets`); {SIZE_RULE}. Default: the "
                             "base model's native size, read from its UNet and VAE configs (64 for builtin:toy, 512 "
                             "for SD 1.x, 768 for SD 2 768-v, 1024 for SDXL); 512 when they cannot be read offline.",
                             512, ge=8, le=4096, multiple_of=8)
@@ -196,12 +196,14 @@ class RenderConfig:
     guidance_scale: float = _spec("Classifier-free guidance scale at render time.", 7.5, ge=0.0, le=100.0)
     negative_prompt: str = _spec("Negative prompt.", "", extension=True)
     scheduler: str = _spec(
-        "Sampler: `dpm++` (DPM-Solver++ 2M), `ddim` or `euler-a` (Euler ancestral).", "dpm++",
+        "Sampler: `dpm++` (DPM-Solver++ 2M), `ddim` or `euler-a` (Euler ancestral) for Stable Diffusion; `euler` "
+        "(flow-matching Euler) for Flux.1 and SD 3, their only sampler. Default: `dpm++`; `euler` for Flux.1 and "
+        "SD 3.", "dpm++",
         choices=SCHEDULER_NAMES, extension=True)
-    width: int | None = _spec("Image width in pixels, a multiple of 8. Default: train.resolution (SDXL: the "
+    width: int | None = _spec(f"Image width in pixels, {SIZE_RULE}. Default: train.resolution (SDXL: the "
                               "pipeline's own size, 1024 for SDXL base).", None, ge=8, le=4096, multiple_of=8,
                               extension=True)
-    height: int | None = _spec("Image height in pixels, a multiple of 8. Default: train.resolution (SDXL: the "
+    height: int | None = _spec(f"Image height in pixels, {SIZE_RULE}. Default: train.resolution (SDXL: the "
                                "pipeline's own size, 1024 for SDXL base).", None, ge=8, le=4096, multiple_of=8,
                                extension=True)
     batch_size: int = _spec("Images generated per forward pass (does not change the images).", 1, ge=1, le=256,

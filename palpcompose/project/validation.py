@@ -53,6 +53,9 @@ class Validator:
         self.read_captions = True  # train.captions: read the images' caption files (references._check_caption)
         self.captions: dict[Path, str] = {}  # image -> its caption's prompt (with the subject's placeholder)
         self.image_sizes: dict[Path, tuple[int, int]] = {}  # image -> (width, height), EXIF orientation applied
+        # image sides palp.toml gives (train.resolution, render.width, render.height: the keys with a multiple_of),
+        # in range, a multiple of 8 or not: the base model's own step is checked once it is known (references.py)
+        self.sizes: dict[str, int] = {}
 
     def error(self) -> ProjectError:
         return ProjectError(sorted(self.problems, key=lambda p: (p.line is None, p.line or 0)))
@@ -238,6 +241,8 @@ class Validator:
                       f"<= {format_number(le)}" if le is not None else None]
             self.problem(key, f"must be {' and '.join(b for b in bounds if b)}, got {format_number(value)}")
             return False
+        if multiple is not None:
+            self.sizes[key] = int(value)
         if multiple is not None and value % multiple:
             lower = int(value) // multiple * multiple
             near = " or ".join(str(n) for n in (lower, lower + multiple) if n >= (ge or 0) and n > 0)
