@@ -89,15 +89,21 @@ def cmd_readout(args) -> None:
         torch.set_num_threads(args.threads)
     cfg = replace(ReadoutConfig(), **SMOKE) if args.smoke else ReadoutConfig()
     sizes = {k: v for k, v in (("decoder_steps", args.decoder_steps), ("oracle_steps", args.oracle_steps),
-                               ("eval_images", args.eval_images)) if v is not None}
-    if any(v < (0 if k == "decoder_steps" else 1) for k, v in sizes.items()):
-        raise UserError("--oracle-steps and --eval-images must be at least 1, --decoder-steps at least 0 (0: keep "
-                        "the decoder, tune the oracle only)")
+                               ("eval_images", args.eval_images), ("oracle_batch", args.oracle_batch),
+                               ("oracle_lr", args.oracle_lr)) if v is not None}
+    if args.oracle_worlds:
+        sizes["oracle_worlds"] = tuple(args.oracle_worlds.split(","))
+    if args.oracle_lr is not None and not args.oracle_lr > 0:
+        raise UserError(f"--oracle-lr must be above 0 (got {args.oracle_lr})")
+    if any(v < (0 if k == "decoder_steps" else 1) for k, v in sizes.items() if k != "oracle_lr"):
+        raise UserError("--oracle-steps, --oracle-batch and --eval-images must be at least 1, --decoder-steps at "
+                        "least 0 (0: keep the decoder, tune the oracle only)")
     if args.world and args.resume:
         raise UserError("--world sets up a new read-out; a resumed one goes on with the world it recorded")
     if sizes and args.resume:
-        raise UserError("--decoder-steps/--oracle-steps/--eval-images set a new read-out; a resumed one goes on with "
-                        "the sizes it recorded (drop them, or start another --out)")
+        raise UserError("--decoder-steps/--oracle-steps/--eval-images/--oracle-batch/--oracle-lr/--oracle-worlds set "
+                        "a new read-out; a resumed one goes on with the sizes it recorded (drop them, or start another "
+                        "--out)")
     cfg = replace(cfg, **sizes)
     ckpt = args.ckpt if args.ckpt == "builtin:toy" else Path(args.ckpt)
     result = run_readout(ckpt, Path(args.out), args.minutes, args.resume, cfg,
@@ -219,6 +225,11 @@ def main(argv: list[str] | None = None) -> None:
                    "alone)")
     p.add_argument("--oracle-steps", type=int, default=None, help="phase 2 steps (default 1,000)")
     p.add_argument("--eval-images", type=int, default=None, help="held-out clean renders per world (default 2,000)")
+    p.add_argument("--oracle-batch", type=int, default=None, help="phase 2 batch (default 64), split equally between "
+                   "clean and reconstructed renders of each world the oracle trains on")
+    p.add_argument("--oracle-lr", type=float, default=None, help="phase 2 peak learning rate (default 2e-4)")
+    p.add_argument("--oracle-worlds", default=None, choices=["v1", "v1,v2"],
+                   help="worlds the oracle trains on besides the source's (default v1)")
     p.set_defaults(func=cmd_readout)
     p = sub.add_parser("eval-base", help="oracle recognition rates of a base model on fixed prompts")
     p.add_argument("--model", default="builtin:toy")

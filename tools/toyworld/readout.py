@@ -54,8 +54,9 @@ class ReadoutConfig:
     decoder_batch: int = 64
     decoder_lr: float = 1e-4
     oracle_steps: int = 1000
-    oracle_batch: int = 64  # four equal quarters: v1 clean, v1 reconstructed, v2 clean, v2 reconstructed
+    oracle_batch: int = 64  # equal parts: clean and reconstructed renders of each of the oracle's worlds
     oracle_lr: float = 2e-4
+    oracle_worlds: tuple[str, ...] = ("v1",)  # trained on besides the source's world (v2b's retry adds v2)
     oracle_weight_decay: float = 1e-4
     warmup_steps: int = 50
     min_lr_frac: float = 0.1
@@ -125,12 +126,18 @@ def decoder_loss(vae, cfg: ReadoutConfig, g: torch.Generator) -> torch.Tensor:
     return (vae.decode(z).sample - x).abs().mean()
 
 
+def oracle_worlds(cfg: ReadoutConfig) -> tuple[str, ...]:
+    """The worlds the oracle trains on: cfg.oracle_worlds, then the source's world (each once)."""
+    return tuple(dict.fromkeys((*cfg.oracle_worlds, cfg.world)))
+
+
 def oracle_loss(vae, oracle, cfg: ReadoutConfig, g: torch.Generator) -> torch.Tensor:
-    """Cross-entropy over the six heads on v1 clean, v1 reconstructed, source-world clean, source-world
-    reconstructed quarters."""
-    q = cfg.oracle_batch // 4
+    """Cross-entropy over the six heads on equal parts of the batch: clean and reconstructed renders of each of
+    the oracle's worlds (by default v1 and the source's: four quarters)."""
+    names = oracle_worlds(cfg)
+    q = cfg.oracle_batch // (2 * len(names))
     images, targets = [], []
-    for name in ("v1", cfg.world):
+    for name in names:
         s, imgs = render(2 * q, g, WORLDS[name], cfg.solid_fraction)
         images += [imgs[:q], reconstruct(vae, imgs[q:], g)]
         targets.append(oracle_mod.oracle_targets(s))
@@ -423,7 +430,8 @@ def run_readout(ckpt: Path | str, out: Path, minutes: float, resume: bool = Fals
         raise UserError(f"--out {out} already holds a read-out; pass --resume to go on, or choose another --out")
     if resume:  # the recorded configuration goes on
         saved = json.loads((out / "state.json").read_text())["config"]
-        cfg = replace(ReadoutConfig(), **{k: v for k, v in saved.items() if k in {f.name for f in fields(cfg)}})
+        cfg = replace(ReadoutConfig(), **{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()
+                                          if k in {f.name for f in fields(cfg)}})
     readout = Readout(ckpt, out, cfg, resume, world_name or (cfg.world if resume else None))
     out.mkdir(parents=True, exist_ok=True)
     previous = {}
