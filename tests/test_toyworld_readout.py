@@ -265,3 +265,23 @@ def test_the_oracle_alone_on_builtin_toy_in_the_v2b_world(tmp_path):
     assert all(torch.equal(tuned[k], v) for k, v in vae_before.items())
     oracle_before = readout.load_source("builtin:toy", "v2b")[1].state_dict()
     assert any(not torch.equal(load_sharded(out, "oracle")[k], v) for k, v in oracle_before.items())
+
+
+def test_the_oracle_trains_on_equal_parts_of_every_world_it_is_given():
+    """--oracle-worlds v1,v2 with a v2b source: each step draws v1, v2 and v2b in equal parts, clean and
+    reconstructed (the v2b retry's sixths)."""
+    cfg = replace(TINY, oracle_worlds=("v1", "v2"), oracle_batch=12, world="v2b")
+    assert readout.oracle_worlds(cfg) == ("v1", "v2", "v2b")
+    assert readout.oracle_worlds(replace(TINY, world="v2b")) == ("v1", "v2b")  # step 1's quarters
+    drawn = []
+    real = readout.render
+
+    def spy(n, g, w, solid_fraction):
+        drawn.append((w.name, n))
+        return real(n, g, w, solid_fraction)
+
+    vae, oracle, _ = readout.load_source("builtin:toy", "v2b")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(readout, "render", spy)
+        loss = readout.oracle_loss(vae, oracle, cfg, torch.Generator().manual_seed(0))
+    assert drawn == [("v1", 4), ("v2", 4), ("v2b", 4)] and torch.isfinite(loss)
