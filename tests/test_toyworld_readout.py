@@ -285,3 +285,16 @@ def test_the_oracle_trains_on_equal_parts_of_every_world_it_is_given():
         mp.setattr(readout, "render", spy)
         loss = readout.oracle_loss(vae, oracle, cfg, torch.Generator().manual_seed(0))
     assert drawn == [("v1", 4), ("v2", 4), ("v2b", 4)] and torch.isfinite(loss)
+
+
+def test_the_command_line_sets_the_oracles_worlds_batch_and_learning_rate(tmp_path, capsys):
+    out = tmp_path / "ro"
+    tools_main(["readout", "--ckpt", "builtin:toy", "--world", "v2b", "--smoke", "--decoder-steps", "0",
+                "--oracle-worlds", "v1,v2", "--oracle-batch", "12", "--oracle-lr", "1e-4", "--out", str(out)])
+    config = json.loads((out / "state.json").read_text())["config"]
+    assert config["oracle_worlds"] == ["v1", "v2"] and config["oracle_batch"] == 12 and config["oracle_lr"] == 1e-4
+    assert config["world"] == "v2b" and config["decoder_steps"] == 0
+    with pytest.raises(SystemExit) as exc:
+        tools_main(["readout", "--ckpt", "builtin:toy", "--world", "v2b", "--oracle-lr", "0", "--out",
+                    str(tmp_path / "x")])
+    assert exc.value.code == 2 and "--oracle-lr" in capsys.readouterr().err

@@ -95,7 +95,7 @@ def cmd_readout(args) -> None:
         sizes["oracle_worlds"] = tuple(args.oracle_worlds.split(","))
     if args.oracle_lr is not None and not args.oracle_lr > 0:
         raise UserError(f"--oracle-lr must be above 0 (got {args.oracle_lr})")
-    if any(v < (0 if k == "decoder_steps" else 1) for k, v in sizes.items() if k != "oracle_lr"):
+    if any(v < (0 if k == "decoder_steps" else 1) for k, v in sizes.items() if k not in ("oracle_lr", "oracle_worlds")):
         raise UserError("--oracle-steps, --oracle-batch and --eval-images must be at least 1, --decoder-steps at "
                         "least 0 (0: keep the decoder, tune the oracle only)")
     if args.world and args.resume:
