@@ -51,7 +51,7 @@ def prepare_flow_state(config, components: models.Components, accelerator, guida
     if train_cfg.recomputes_activations:
         c.unet.enable_gradient_checkpointing()
         for encoder, slot, holds in zip(encoders.encoders, encoders.slots, encoders.with_tokens, strict=True):
-            if slot.kind == "t5" and holds:  # y_P's pass through T5 keeps 2.4 GiB at 512 tokens otherwise
+            if slot.kind == "t5" and holds:  # y_P's pass through T5-XXL keeps 2.2 GiB otherwise (8 bits, 512 tokens)
                 recompute_t5_blocks(encoder)
     idle = [e for e, holds in zip(encoders.encoders, encoders.with_tokens, strict=True) if not holds]  # T5, no tokens
     weight_dtype, unet, text_encoder, optimizer, lr_scheduler = place_and_optimize(
