@@ -5,6 +5,7 @@ with `--model t5`, what y_P's pass through T5-XXL keeps when T5 trains a token (
     python -m benchmarks.quant_memory --device cpu --double 1 --single 1 --resolution 256 --text-tokens 64
     python -m benchmarks.quant_memory --device cuda --json       # benchmarks/gpu_suite.sh's `quant` step
     python -m benchmarks.quant_memory --model t5 --device cpu --t5-layers 1   # T5-XXL's widths, 1 of its 24 layers
+    python -m benchmarks.quant_memory --model t5 --device cpu --t5-layers 2 --variants fp32+ckpt,int8+ckpt
 
 Variants: `bf16` (nothing quantized, as train.frozen_weights = "mixed_precision" under bf16); `int8+torchao`
 (torchao's int8 weight-only linear alone: it keeps a bf16 copy of each weight for backward); `int8` and `fp8` (the
@@ -20,10 +21,17 @@ over forward + backward above what was allocated before it, and `pass_s`, the ti
 keeps an encoder that trains a token (step.place_and_optimize casts only the idle ones), then stored as the variant
 says: `fp32` (train.frozen_weights = "mixed_precision"), `bf16` (for comparison: what a cast would keep),
 `int8+torchao`, `int8`, `fp8` (quantize_frozen_text_encoder's path: every linear through FrozenQuantLinearFn, each
-computing in T5's dtype). One forward of `--text-tokens` tokens (default Flux.1's 512) with grad to the token
-embeddings (standing for the learned row), under bf16 autocast as the step runs it. Per variant: `weights_gib` (all
-of T5's parameters as built), `linears_gib` (its frozen linear weights), `saved_mib` (what autograd keeps), and the
-same extrapolated to the 24 layers of T5-XXL (`*_xxl`: outside the layers + 24 x the mean layer).
+computing in T5's dtype); `fp32+ckpt`, `int8+ckpt`: the same with T5's blocks recomputed in backward, as
+train.recomputes_activations does to a T5 that trains a token (models.flow.recompute_t5_blocks). One forward of
+`--text-tokens` tokens (default Flux.1's 512) with grad to the token embeddings (standing for the learned row), under
+bf16 autocast as the step runs it. Per variant: `weights_gib` (all of T5's parameters as built), `linears_gib` (its
+frozen linear weights), `saved_mib` (what autograd keeps), and the same extrapolated to the 24 layers of T5-XXL
+(`*_xxl`: outside the layers + 24 x the mean layer). A `+ckpt` variant's `saved_mib` is what its forward keeps (the
+blocks' inputs: each block's hidden states, and the position bias block 0 computes and every later block is passed);
+`recompute_mib` is one block's activations while backward recomputes it (the largest block of the same model's
+plain forward, counted before the blocks are wrapped); `saved_xxl_mib` is what the forward keeps + block 0's inputs
+(the hidden states: what each further block adds) for each of T5-XXL's further layers + `recompute_mib`. These
+variants are built with 2 layers when `--t5-layers` is 1 (block 1 is the first that is passed the position bias).
 """
 
 from __future__ import annotations
@@ -37,11 +45,13 @@ import torch
 
 from benchmarks import archs
 from benchmarks._cli import run_main
-from benchmarks.flow_memory import count_saved, transformer_blocks, transformer_inputs
+from benchmarks.flow_memory import _storage_owner, count_saved, transformer_blocks, transformer_inputs
 from palpcompose import models, quantize
+from palpcompose.models.flow import recompute_t5_blocks
 
 VARIANTS = ("bf16", "int8+torchao", "int8", "fp8")
-T5_VARIANTS = ("fp32", "bf16", "int8+torchao", "int8", "fp8")
+T5_VARIANTS = ("fp32", "bf16", "int8+torchao", "int8", "fp8", "fp32+ckpt", "int8+ckpt")
+RECOMPUTED = "+ckpt"  # a T5 variant's suffix: its blocks recomputed in backward
 T5_XXL_LAYERS = archs.T5_XXL["num_layers"]
 GIB, MIB = 2**30, 2**20
 
@@ -69,11 +79,13 @@ def build(spec: archs.FlowArchSpec, variant: str, rank: int, device: torch.devic
 
 
 def build_t5(layers: int, variant: str, device: torch.device):
-    """T5-XXL's encoder with `layers` layers, fp32 on the CPU, frozen, stored as `variant` says, then on `device`."""
+    """T5-XXL's encoder with `layers` layers, fp32 on the CPU, frozen (eval mode, as models.freeze leaves it), stored
+    as `variant` says (its `+ckpt` is measure_t5's to apply), then on `device`."""
     from transformers import T5Config, T5EncoderModel
 
+    variant = variant.removesuffix(RECOMPUTED)
     torch.manual_seed(0)
-    t5 = T5EncoderModel(T5Config(**{**archs.T5_XXL, "num_layers": layers})).requires_grad_(False)
+    t5 = T5EncoderModel(T5Config(**{**archs.T5_XXL, "num_layers": layers})).requires_grad_(False).eval()
     if variant == "bf16":
         t5.to(torch.bfloat16)
     elif variant == "int8+torchao":
@@ -86,8 +98,9 @@ def build_t5(layers: int, variant: str, device: torch.device):
     return t5.to(device)
 
 
-def measure_t5(t5, args, device: torch.device) -> dict:
-    """Weights and what autograd keeps in one forward with grad to the token embeddings, under bf16 autocast."""
+def measure_t5(t5, args, device: torch.device, recomputed: bool = False) -> dict:
+    """Weights and what autograd keeps in one forward with grad to the token embeddings, under bf16 autocast;
+    `recomputed`: with the blocks wrapped by recompute_t5_blocks after a first, plain count (module docstring)."""
     from benchmarks.flow_memory import encoder_layers
 
     layers = encoder_layers(t5)
@@ -109,6 +122,12 @@ def measure_t5(t5, args, device: torch.device) -> dict:
               "weights_xxl_gib": (weights - in_layers + in_layers * scale) / GIB,
               "linears_xxl_gib": linears * scale / GIB,
               "saved_xxl_mib": (saved.outside + (saved.inputs_saved + sum(saved.blocks)) * scale) / MIB}
+    if recomputed:
+        recompute = max(saved.blocks)  # one block's activations, alive while backward recomputes it
+        recompute_t5_blocks(t5)
+        kept, inputs = count_saved(t5, layers, forward, autocast=False), block_input_bytes(layers, forward)
+        result.update(saved_mib=kept.full / MIB, recompute_mib=recompute / MIB,
+                      saved_xxl_mib=(kept.full + inputs[0] * (T5_XXL_LAYERS - len(layers)) + recompute) / MIB)
     if device.type == "cuda":
         with torch.no_grad():
             forward()  # cuBLAS workspaces: allocated once, before the measurement
@@ -121,6 +140,29 @@ def measure_t5(t5, args, device: torch.device) -> dict:
         result["pass_s"] = time.perf_counter() - t0
         result["peak_gib"] = (torch.cuda.max_memory_allocated() - before) / GIB
     return result
+
+
+def block_input_bytes(blocks: list, forward) -> list[int]:
+    """Per block, in call order, the bytes of the tensors passed to it that no earlier block was passed (each storage
+    once): what per-block checkpointing keeps for it."""
+    seen: set[int] = set()
+    per_block = []
+
+    def enter(block, args, kwargs):
+        tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+        owners = {id(o): o for o in map(_storage_owner, tensors)}
+        new = [o for key, o in owners.items() if key not in seen]
+        seen.update(owners)
+        per_block.append(sum(o.numel() * o.element_size() for o in new))
+
+    handles = [b.register_forward_pre_hook(enter, with_kwargs=True) for b in blocks]
+    try:
+        with torch.no_grad():  # what is passed, not what is saved: no graph needed
+            forward()
+    finally:
+        for h in handles:
+            h.remove()
+    return per_block
 
 
 def parameter_bytes(model) -> int:
@@ -201,12 +243,15 @@ def run_t5(args: argparse.Namespace) -> dict:
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "model": "t5-xxl",
               "layers": args.t5_layers, "text_tokens": args.text_tokens or 512, "variants": {}}
     for variant in (args.variants or ",".join(T5_VARIANTS)).split(","):
-        t5 = build_t5(args.t5_layers, variant, device)
-        report["variants"][variant] = row = measure_t5(t5, args, device)
-        print(f"{variant:>13}: {args.t5_layers} layer(s): weights {row['weights_gib']:.3f} GiB (linears "
-              f"{row['linears_gib']:.3f}), saved for backward {row['saved_mib']:.1f} MiB; T5-XXL's {T5_XXL_LAYERS}: "
-              f"weights {row['weights_xxl_gib']:.2f} GiB (linears {row['linears_xxl_gib']:.2f}), saved "
-              f"{row['saved_xxl_mib']:.0f} MiB"
+        recomputed = variant.endswith(RECOMPUTED)
+        layers = max(args.t5_layers, 2) if recomputed else args.t5_layers
+        t5 = build_t5(layers, variant, device)
+        report["variants"][variant] = row = {"layers": layers, **measure_t5(t5, args, device, recomputed)}
+        print(f"{variant:>13}: {layers} layer(s): weights {row['weights_gib']:.3f} GiB (linears "
+              f"{row['linears_gib']:.3f}), saved for backward {row['saved_mib']:.1f} MiB"
+              + (f" + {row['recompute_mib']:.1f} MiB for the block recomputed" if "recompute_mib" in row else "")
+              + f"; T5-XXL's {T5_XXL_LAYERS}: weights {row['weights_xxl_gib']:.2f} GiB (linears "
+              f"{row['linears_xxl_gib']:.2f}), saved {row['saved_xxl_mib']:.0f} MiB"
               + (f"; peak {row['peak_gib']:.3f} GiB, {row['pass_s']:.3f} s" if "peak_gib" in row else ""), flush=True)
         del t5
         if device.type == "cuda":

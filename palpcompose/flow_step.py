@@ -25,7 +25,7 @@ from palpcompose.flow_guidance import (
     predict_x0,
 )
 from palpcompose.guidance import GuidanceConfig, PalpGuidance
-from palpcompose.models.flow import training_sigmas
+from palpcompose.models.flow import recompute_t5_blocks, training_sigmas
 from palpcompose.step import TrainState, adapters, place_and_optimize, update
 from palpcompose.tokens import add_trained_tokens
 
@@ -33,8 +33,10 @@ from palpcompose.tokens import add_trained_tokens
 def prepare_flow_state(config, components: models.Components, accelerator, guidance_config: GuidanceConfig,
                        tokens: dict[str, str]) -> TrainState:
     """step.prepare_state for a flow family: freeze, one learned token per subject in every encoder that reads the
-    prompt (T5 only with `train.t5_tokens`, else T5 reads the class word), LoRA on the transformer, the optimizer,
-    and the fixed prompts encoded once (the empty prompt only for real CFG: a distilled model never reads it)."""
+    prompt (T5 only with `train.t5_tokens`, else T5 reads the class word), LoRA on the transformer, gradient
+    checkpointing with `train.recomputes_activations` (the transformer's, and the blocks of a T5 that trains a token),
+    the optimizer, and the fixed prompts encoded once (the empty prompt only for real CFG: a distilled model never
+    reads it)."""
     c, train_cfg = components, config.train
     models.freeze(c.unet, c.vae, c.text_encoder)
     encoders = c.text_encoder
@@ -48,6 +50,9 @@ def prepare_flow_state(config, components: models.Components, accelerator, guida
                                   adapter=train_cfg.adapter)
     if train_cfg.recomputes_activations:
         c.unet.enable_gradient_checkpointing()
+        for encoder, slot, holds in zip(encoders.encoders, encoders.slots, encoders.with_tokens, strict=True):
+            if slot.kind == "t5" and holds:  # y_P's pass through T5-XXL keeps 2.2 GiB otherwise (8 bits, 512 tokens)
+                recompute_t5_blocks(encoder)
     idle = [e for e, holds in zip(encoders.encoders, encoders.with_tokens, strict=True) if not holds]  # T5, no tokens
     weight_dtype, unet, text_encoder, optimizer, lr_scheduler = place_and_optimize(
         c, accelerator, train_cfg, lora_params, token_embedding, idle_encoders=idle)

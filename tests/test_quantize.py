@@ -592,6 +592,113 @@ def test_the_default_leaves_t5_as_it_was(flow_setup):
     assert not hasattr(state.components.text_encoder, "_ddp_params_and_buffers_to_ignore")
 
 
+# --- T5's blocks recomputed in backward (train.recomputes_activations with T5 tokens) ------------------------------
+
+
+def _t5_pass(state, token: str):
+    """y_P for a prompt with `token` through the state's text encoders, then its backward to the token rows, with
+    T5's blocks watched. Returns (T5 block computations in the forward, in the backward; the tensors autograd saved
+    while a T5 block ran in the forward; the tensors passed to T5's blocks). A block computes when its self-attention
+    sublayer runs: in the forward, and again if backward recomputes it."""
+    encoders = state.components.text_encoder
+    t5, _ = _encoder(encoders, "t5")
+    runs, inside, saved, inputs = [], [], [], []
+    handles = []
+
+    def enter(block, args, kwargs):
+        inside.append(block)
+        inputs.extend(t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor))
+
+    for block in t5.encoder.block:
+        handles.append(block.register_forward_pre_hook(enter, with_kwargs=True))
+        handles.append(block.register_forward_hook(lambda *_: inside.clear()))
+        handles.append(block.layer[0].register_forward_hook(lambda *_: runs.append(1)))
+
+    def pack(t):
+        if inside:
+            saved.append(t)
+        return t
+
+    try:
+        ids = encoders.tokenize([f"a photo of {token} on a table"])
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            embeds = encoders(ids).embeds
+        forward_runs = len(runs)
+        torch.autograd.grad(embeds.square().sum(), state.token_embedding.rows)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return forward_runs, len(runs) - forward_runs, saved, inputs
+
+
+def test_with_recomputed_activations_t5_keeps_only_its_blocks_inputs_and_recomputes_each_in_backward(flow_setup):
+    """train.gradient_checkpointing with T5 tokens: T5 stays in eval mode (no dropout); while a T5 block runs,
+    autograd saves nothing but the blocks' inputs (what the recomputation starts from), and backward computes every
+    block once more."""
+    state, _, _, tokens = flow_setup(gradient_checkpointing=True)
+    t5, _ = _encoder(state.components.text_encoder, "t5")
+    blocks = len(t5.encoder.block)
+    dropouts = [m for m in t5.modules() if isinstance(m, nn.Dropout)]
+    assert dropouts and not any(m.training for m in dropouts) and not t5.encoder.training  # eval mode: no dropout
+    forward_runs, backward_runs, saved, inputs = _t5_pass(state, tokens["V1"])
+    assert forward_runs == blocks and backward_runs == blocks
+    assert all(any(t is x for x in inputs) for t in saved), [tuple(t.shape) for t in saved]
+
+
+@pytest.mark.parametrize("settings", [{}, {"gradient_checkpointing": True, "t5_tokens": False}])
+def test_t5s_blocks_are_recomputed_only_with_recomputed_activations_and_t5_tokens(flow_setup, settings):
+    """By default T5's blocks run as transformers wrote them: computed once, their activations saved for backward.
+    With checkpointing but the token in CLIP only, T5 trains nothing (it encodes the run's prompts once and leaves
+    the GPU), and is left as it was, while the transformer is checkpointed."""
+    state, _, config, tokens = flow_setup(**settings)
+    t5, _ = _encoder(state.components.text_encoder, "t5")
+    assert all("forward" not in vars(block) for block in t5.encoder.block)  # no wrapper on any block
+    assert state.components.unet.is_gradient_checkpointing == config.train.recomputes_activations
+    if config.train.t5_tokens:
+        forward_runs, backward_runs, saved, inputs = _t5_pass(state, tokens["V1"])
+        assert forward_runs == len(t5.encoder.block) and backward_runs == 0
+        assert len([t for t in saved if not any(t is x for x in inputs)]) > 10  # the blocks' activations
+
+
+@pytest.mark.parametrize("settings", [{}, pytest.param({"frozen_weights": "int8", "mixed_precision": "bf16"},
+                                                       marks=needs_torchao)])
+def test_recomputing_t5s_blocks_changes_no_gradient_and_no_trained_value(flow_setup, monkeypatch, settings):
+    """Two steps with the transformer checkpointed and T5 tokens, T5's blocks recomputed or (the helper replaced by a
+    no-op) kept: every gradient of both steps (the LoRA's, the token rows') and every trained value after them are
+    bit for bit the same; in fp32, and with T5's 8-bit linears under bf16 autocast. The recomputation ran."""
+    from conftest import capture_grads, step_runner
+
+    from palpcompose import flow_step
+    from palpcompose.train import prepare_subjects
+
+    runs = {}
+    for recompute in (True, False):
+        with monkeypatch.context() as patch:
+            if not recompute:
+                patch.setattr(flow_step, "recompute_t5_blocks", lambda t5: 0)
+            state, project, config, tokens = flow_setup(gradient_checkpointing=True, **settings)
+        t5, t5_columns = _encoder(state.components.text_encoder, "t5")
+        block_runs = []
+        for block in t5.encoder.block:
+            block.layer[0].register_forward_hook(lambda *_, runs=block_runs: runs.append(1))
+        rows_before = state.token_embedding.rows.detach().clone()
+        grads = capture_grads(state)
+        step = step_runner(state, prepare_subjects(project, config, state, tokens), batch_size=1)
+        step()
+        step()
+        trained = [p.detach().clone() for p in state.lora_params + [state.token_embedding.rows]]
+        runs[recompute] = grads, trained, len(block_runs), rows_before
+    grads, trained, block_runs, rows_before = runs[True]
+    plain_grads, plain_trained, plain_block_runs, _ = runs[False]
+    assert block_runs == 2 * plain_block_runs > 0  # each block computed again in backward ...
+    assert grads[-1][0][:, t5_columns].abs().sum() > 0  # ... on the gradient's path to the T5 row
+    assert [len(g) for g in grads] == [len(g) for g in plain_grads] == [2] * len(grads)
+    for mine, plain in zip(grads, plain_grads, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(mine, plain, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(trained, plain_trained, strict=True))
+    assert not torch.equal(trained[-1][:, t5_columns], rows_before[:, t5_columns])  # the T5 row trained
+
+
 # --- torchao only when 8 bits are asked for -----------------------------------------------------------------------
 
 _PROBE = """

@@ -8,11 +8,17 @@ so a batch of them stacks as SD's do; `FlowTextEncoders.forward` splits them aga
 An encoder that holds no learned token (T5 with `train.t5_tokens = false`) has nothing to train: `cache_idle`
 encodes once every prompt the run will give it, on the training device as the step would, and then moves it to the
 CPU; from then on a `CachedEncoder` stands in for it and serves those encodings (docs/flow-memory.md).
+
+A T5 that holds a learned token, under `train.recomputes_activations`, recomputes its blocks' activations in backward
+(`recompute_t5_blocks`) instead of keeping them, as the transformer does.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from palpcompose.flow_guidance import (
     flux_mu,
@@ -129,6 +135,27 @@ class CachedEncoder(torch.nn.Module):
             home = next(self.encoder.parameters()).device
             return _to_device(self.encoder(input_ids.to(home), **kwargs), self._device)
         return _concat([self.outputs[key] for key in keys], self._device)
+
+
+def recompute_t5_blocks(t5) -> int:
+    """Gradient checkpointing of a T5 encoder that trains a token, left in eval mode: each block's forward runs under
+    torch.utils.checkpoint (non-reentrant), so backward keeps each block's inputs and recomputes one block's
+    activations at a time (T5-XXL at 512 tokens with 8-bit linears: 0.34 GiB kept instead of 2.2, docs/flow-memory.md
+    "T5's blocks recomputed"). transformers' own `gradient_checkpointing_enable()` acts only in training mode, which
+    would switch T5's dropout on (rate 0.1); in eval mode the recomputation is the same computation again, so the
+    gradients are those of the plain forward. The block's forward is wrapped, not its call: module hooks run once.
+    Without gradients (the fixed prompts, previews) the blocks run as they are. Returns how many blocks."""
+    blocks = t5.encoder.block  # T5EncoderModel -> T5Stack -> its T5Blocks
+    for block in blocks:
+        block.forward = functools.partial(_checkpointed_forward, block)
+    return len(blocks)
+
+
+def _checkpointed_forward(block, *args, **kwargs):
+    forward = type(block).forward  # the class's forward (the instance's is this wrapper)
+    if not torch.is_grad_enabled():
+        return forward(block, *args, **kwargs)
+    return checkpoint(forward, block, *args, use_reentrant=False, **kwargs)
 
 
 def _to_device(output, device):

@@ -144,8 +144,9 @@ class TrainConfig:
     preview_every: int = _spec("Preview-grid period in steps (0: none).", 100, ge=0)
     gradient_accumulation_steps: int = _spec("Steps whose gradients are summed before one optimizer update.", 1,
                                              ge=1, le=1024, extension=True)
-    gradient_checkpointing: bool = _spec("Recompute UNet activations in the backward pass to save memory.", False,
-                                         extension=True)
+    gradient_checkpointing: bool = _spec(
+        "Recompute activations in the backward pass to save memory: the UNet's (Flux.1 and SD 3: the transformer's, "
+        "and T5's when it trains a token). Same results, slower steps.", False, extension=True)
     max_grad_norm: float = _spec("Gradient clipping norm (0: no clipping).", 1.0, ge=0.0, extension=True)
     buckets: bool = _spec(
         "Aspect-ratio buckets: a non-square reference trains at the size nearest its aspect ratio (up to 2:1, about "
