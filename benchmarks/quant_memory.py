@@ -129,17 +129,21 @@ def measure_t5(t5, args, device: torch.device, recomputed: bool = False) -> dict
         result.update(saved_mib=kept.full / MIB, recompute_mib=recompute / MIB,
                       saved_xxl_mib=(kept.full + inputs[0] * (T5_XXL_LAYERS - len(layers)) + recompute) / MIB)
     if device.type == "cuda":
-        with torch.no_grad():
-            forward()  # cuBLAS workspaces: allocated once, before the measurement
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        t0 = time.perf_counter()
-        forward().float().square().mean().backward()
-        torch.cuda.synchronize()
-        result["pass_s"] = time.perf_counter() - t0
-        result["peak_gib"] = (torch.cuda.max_memory_allocated() - before) / GIB
+        result.update(cuda_pass(forward))
     return result
+
+
+def cuda_pass(forward) -> dict:
+    """One forward and backward on CUDA: its time and the memory it allocated at its peak, above what was there."""
+    with torch.no_grad():
+        forward()  # cuBLAS workspaces: allocated once, before the measurement
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    t0 = time.perf_counter()
+    forward().float().square().mean().backward()
+    torch.cuda.synchronize()
+    return {"pass_s": time.perf_counter() - t0, "peak_gib": (torch.cuda.max_memory_allocated() - before) / GIB}
 
 
 def block_input_bytes(blocks: list, forward) -> list[int]:
@@ -184,16 +188,7 @@ def measure(model, spec: archs.FlowArchSpec, args, device: torch.device) -> dict
     saved = count_saved(model, transformer_blocks(model), forward, autocast=False)
     result["saved_mib"] = saved.full / MIB
     if device.type == "cuda":
-        with torch.no_grad():
-            forward()  # cuBLAS workspaces: allocated once, before the measurement
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        t0 = time.perf_counter()
-        forward().float().square().mean().backward()
-        torch.cuda.synchronize()
-        result["pass_s"] = time.perf_counter() - t0
-        result["peak_gib"] = (torch.cuda.max_memory_allocated() - before) / GIB
+        result.update(cuda_pass(forward))
     return result
 
 

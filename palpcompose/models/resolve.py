@@ -132,7 +132,8 @@ def _check_pipeline_folder(path: Path, allow_pickle: bool = False) -> str:
         if not (path / name).is_dir():
             raise UserError(f"{path / name}: missing; the pipeline folder is incomplete (copy it again, or save it "
                             "with `pipeline.save_pretrained`)")
-    for name in _weight_folders(family):
+    weight_folders = _weight_folders(family)
+    for name in weight_folders:
         files = [f for f in (path / name).iterdir() if f.is_file()]
         if any(f.suffix == ".safetensors" for f in files):
             continue
@@ -144,7 +145,7 @@ def _check_pipeline_folder(path: Path, allow_pickle: bool = False) -> str:
                                 "trust where it comes from")
             continue
         raise UserError(f"{path / name}: no weights file; the pipeline folder is incomplete")
-    check_weight_files(path, _weight_folders(family), "copy or download the model again (a copy or download was cut "
+    check_weight_files(path, weight_folders, "copy or download the model again (a copy or download was cut "
                        "short), or save it again with `pipeline.save_pretrained`")
     return family
 

@@ -184,6 +184,9 @@ def cmd_probe(args) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     from palpcompose.models import BUILTIN_MODELS
+    from palpcompose.toyworld.worlds import WORLDS
+
+    v2_worlds = [name for name, w in WORLDS.items() if w.color2_choices]  # the worlds after v1 (white/black)
 
     parser = argparse.ArgumentParser(prog="python -m tools.toyworld", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -212,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("readout", help="fine-tune the VAE decoder, then the oracle, on a checkpoint's world")
     p.add_argument("--ckpt", required=True, help="the train-base checkpoint (read only), or builtin:toy (its VAE "
                    "and the shipped oracle; needs --world)")
-    p.add_argument("--world", default=None, choices=["v2", "v2b"],
+    p.add_argument("--world", default=None, choices=v2_worlds,
                    help="with --ckpt builtin:toy: the world to read it on (a checkpoint's own world otherwise)")
     p.add_argument("--out", required=True)
     p.add_argument("--minutes", type=float, default=600.0, help="stop (with a checkpoint) after this long")
@@ -257,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--pattern-freq", default=None, help="LO,HI periods per object radius (default: the world's)")
-    p.add_argument("--world", default="v2", choices=["v2", "v2b"], help="the world the subjects are drawn in")
+    p.add_argument("--world", default="v2", choices=v2_worlds, help="the world the subjects are drawn in")
     p.add_argument("--oracle", default=None, help="a read-out folder whose oracle reads the renders "
                    "(default: the shipped oracle)")
     p.add_argument("--draw-only", action="store_true", help="draw (fine-tune and render) every subject and stop; "

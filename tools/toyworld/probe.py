@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from palpcompose.fsutil import atomic_save_image, atomic_write_text
+from palpcompose.fsutil import atomic_save_image, atomic_save_safetensors, atomic_write_text
 from palpcompose.models import resolve_base_model
 from palpcompose.toyworld import ceiling, world
 from palpcompose.toyworld import oracle as oracle_mod
@@ -113,19 +113,14 @@ def probe_subject(out: Path, subject, w: World, steps: int, batch: int, lr: floa
     """Fine-tune a fresh builtin:toy on `subject` and keep every image the reading needs (before, after, the
     world's renders and their reconstructions) in one atomic file: the oracle reads them afterwards, so the
     images can be drawn while the oracle that reads them is still training, and a stopped probe resumes."""
-    from safetensors.torch import save_file
-
     torch.manual_seed(subject.seed)
     pipe = load_toy_pipeline()
     before = draw_renders(pipe, subject, n_images)
     clean, rec = world_and_reconstructions(pipe, subject, n_images, w)
     fine_tune(pipe, subject, steps, batch, lr, log, w)
     after = draw_renders(pipe, subject, n_images)
-    path = images_path(out, subject.seed)
-    tmp = path.with_suffix(".tmp")
-    save_file({"before": before.contiguous(), "after": after.contiguous(), "clean": clean.contiguous(),
-               "vae_bound": rec.contiguous()}, str(tmp))
-    tmp.replace(path)
+    atomic_save_safetensors(images_path(out, subject.seed),
+                            {"before": before, "after": after, "clean": clean, "vae_bound": rec})
 
 
 @torch.no_grad()
