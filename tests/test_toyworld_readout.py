@@ -154,6 +154,27 @@ def test_a_worse_oracle_fails_the_guard_and_the_export_refuses_it(ckpt, finished
     assert not (tmp_path / "cand").exists()
 
 
+def test_export_accepts_a_readout_that_dropped_only_on_another_world_and_records_it(ckpt, finished, tmp_path):
+    """The oracle in a model folder is that model's instrument: the guard that matters is on the read-out's own
+    world (docs/toyworld.md, "v2c"); a drop on v1 alone is recorded, not refused."""
+    out = tmp_path / "ro"
+    shutil.copytree(finished[0], out)
+    state = json.loads((out / "state.json").read_text())
+    assert state["source"]["world"] == "v2"
+    drop = {"world": "v1", "head": "pattern", "before": 0.954, "after": 0.948}
+    state["guard"] = {"passed": False, "tolerance": 0.005, "dropped": [drop]}
+    (out / "state.json").write_text(json.dumps(state))
+    dest = tmp_path / "cand"
+    tools_main(["export-base", "--ckpt", str(ckpt), "--dest", str(dest), "--readout", str(out)])
+    recorded = json.loads((dest / "training.json").read_text())["readout"]
+    assert recorded["guard"]["dropped"] == [drop] and recorded["guard_world"] == "v2"
+    state["guard"]["dropped"] = [drop, {**drop, "world": "v2"}]  # its own world too: refused
+    (out / "state.json").write_text(json.dumps(state))
+    with pytest.raises(SystemExit) as exc:
+        tools_main(["export-base", "--ckpt", str(ckpt), "--dest", str(tmp_path / "cand2"), "--readout", str(out)])
+    assert exc.value.code == 2 and not (tmp_path / "cand2").exists()
+
+
 def test_bad_folders_are_refused_before_anything_is_written(ckpt, finished, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         tools_main(["readout", "--ckpt", str(tmp_path / "nope"), "--out", str(tmp_path / "a")])

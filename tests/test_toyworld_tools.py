@@ -101,6 +101,43 @@ def test_v2b_draws_larger_objects_and_its_gates_read_the_given_oracle(tmp_path, 
     assert ceiling.model_world(dest)["color2_choices"] == ("white", "black")
 
 
+def test_the_v2c_recipe_draws_one_texture_per_pattern_and_the_export_records_it(tmp_path, monkeypatch):
+    """v2c (docs/toyworld.md): every training picture has the world's one pattern frequency and angle, more of them
+    are patterned than v2b's, and training.json records both ranges; a seed keeps its identity in every world."""
+    from palpcompose.toyworld import world
+    from palpcompose.toyworld.worlds import WORLDS, world_of
+
+    seen = []
+    real = world.render
+
+    def spy(scenes, g):
+        seen.append(scenes)
+        return real(scenes, g)
+
+    monkeypatch.setattr(world, "render", spy)
+    ck = tmp_path / "ck"
+    tools_main(["train-base", "--out", str(ck), "--recipe", "v2c", "--minutes", "0.1", "--final-eval", "0",
+                "--smoke", "--threads", "2"])
+    v2c = WORLDS["v2c"]
+    freq = torch.cat([s.pattern_freq for s in seen])
+    angle = torch.cat([s.pattern_angle for s in seen])
+    assert seen and torch.allclose(freq, torch.full_like(freq, v2c.pattern_freq[0]))
+    assert torch.allclose(angle, torch.full_like(angle, v2c.pattern_angle[0]))
+    state = json.loads((ck / "state.json").read_text())
+    assert state["config"]["solid_fraction"] == 0.2
+    dest = tmp_path / "toy"
+    tools_main(["export-base", "--ckpt", str(ck), "--dest", str(dest), "--oracle", str(tmp_path / "o.safetensors")])
+    recorded = json.loads((dest / "training.json").read_text())["world"]
+    assert recorded["pattern_freq"] == [2.2, 2.2] and recorded["pattern_angle"] == [0.3, 0.3]
+    assert world_of(recorded["color2_choices"], recorded["object_scale"], recorded["pattern_freq"],
+                    recorded["pattern_angle"]) is v2c
+    for seed in (0, 1, 1_000_000):
+        a, b = WORLDS["v2b"].subject(seed), v2c.subject(seed)
+        assert (a.cls, a.color, a.pattern, a.color2) == (b.cls, b.color, b.pattern, b.color2)
+        assert (b.pattern_freq, b.pattern_angle) == (2.2, 0.3)
+    assert world.subject_from_seed(1) == WORLDS["v1"].subject(1)
+
+
 def test_warm_start_keeps_the_latent_scale_and_the_text_encoders_first_positions(tmp_path):
     """The warm start keeps v1's latent scale, and cutting the positions to 32 leaves a causal text encoder's output
     for a short prompt unchanged."""

@@ -24,6 +24,10 @@ SIZE = 64
 # The object's radius as a fraction of the half-frame (v1's world; a world may draw larger objects, whose pattern,
 # drawn in object units, grows with them: docs/toyworld.md, "v2b").
 OBJECT_SCALE = (0.30, 0.50)
+# A pattern's frequency (periods per object radius) and angle (radians, in the object's frame): v1's ranges. A world
+# may fix them (v2c: docs/toyworld.md), so that a pattern word names one texture rather than a family of them.
+PATTERN_FREQ = (1.8, 2.6)
+PATTERN_ANGLE = (-0.6, 0.6)
 
 CLASSES = ("circle", "square", "triangle", "star", "cross", "heart")
 COLORS = ("red", "orange", "yellow", "green", "blue", "purple")
@@ -134,10 +138,13 @@ def check_color2_choices(color2_choices) -> tuple[str, ...] | None:
     return choices
 
 
-def sample_layout(n: int, g: torch.Generator, device="cpu",
-                  object_scale: tuple[float, float] = OBJECT_SCALE) -> dict[str, torch.Tensor]:
+def sample_layout(n: int, g: torch.Generator, device="cpu", object_scale: tuple[float, float] = OBJECT_SCALE,
+                  pattern_freq: tuple[float, float] = PATTERN_FREQ,
+                  pattern_angle: tuple[float, float] = PATTERN_ANGLE) -> dict[str, torch.Tensor]:
     """Random placement, scale, rotation and background details for `n` scenes. `object_scale`: the range of the
-    object's radius as a fraction of the half-frame (the pattern, in object units, scales with it)."""
+    object's radius as a fraction of the half-frame (the pattern, in object units, scales with it);
+    `pattern_freq`, `pattern_angle`: the ranges of the pattern's frequency and angle (equal ends fix them; the
+    generator's draws are the same either way)."""
     scale = _uniform(n, *object_scale, g, device)
     limit = 0.92 - scale
     center = (torch.rand((n, 2), generator=g, device=device) * 2 - 1) * limit[:, None]
@@ -145,8 +152,8 @@ def sample_layout(n: int, g: torch.Generator, device="cpu",
         "center": center,
         "scale": scale,
         "angle": _uniform(n, -0.3, 0.3, g, device),
-        "pattern_freq": _uniform(n, 1.8, 2.6, g, device),
-        "pattern_angle": _uniform(n, -0.6, 0.6, g, device),
+        "pattern_freq": _uniform(n, *pattern_freq, g, device),
+        "pattern_angle": _uniform(n, *pattern_angle, g, device),
         "horizon": _uniform(n, -0.55, -0.25, g, device),
         "points": torch.rand((n, 24, 2), generator=g, device=device) * 2 - 1,
         "noise_seed": torch.rand((n, 1, 8, 8), generator=g, device=device),
@@ -162,12 +169,14 @@ def sample_scenes(
     solid_fraction: float = 0.4,
     color2_choices: tuple[str, ...] | None = None,
     object_scale: tuple[float, float] = OBJECT_SCALE,
+    pattern_freq: tuple[float, float] = PATTERN_FREQ,
+    pattern_angle: tuple[float, float] = PATTERN_ANGLE,
 ) -> Scenes:
     """Random scenes. `styles` restricts the styles used (names); by default the held-out subjects' combinations are
     replaced by solid objects, so a base model trained on these scenes never sees a held-out subject.
     `color2_choices` (None: v1's world) restricts second colours, e.g. to ("white", "black") (`check_color2_choices`);
     held-out subjects are then those `subject_from_seed(seed, color2_choices)` gives. `object_scale` as in
-    `sample_layout`."""
+    `sample_layout`, and `pattern_freq`, `pattern_angle`."""
     color2_choices = check_color2_choices(color2_choices)
     style_ids = torch.tensor([ALL_STYLES.index(s) for s in styles], device=device)
     cls = torch.randint(len(CLASSES), (n,), generator=g, device=device)
@@ -187,7 +196,7 @@ def sample_scenes(
         held = _held_out_table(device, color2_choices)[_combo_id(cls, color, pattern, color2)]
         pattern = torch.where(held, 0, pattern)
     return Scenes(cls=cls, color=color, pattern=pattern, color2=color2, style=style, ambiance=ambiance,
-                  **sample_layout(n, g, device, object_scale))
+                  **sample_layout(n, g, device, object_scale, pattern_freq, pattern_angle))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -224,9 +233,12 @@ class Subject:
         }
 
 
-def subject_from_seed(seed: int, color2_choices: tuple[str, ...] | None = None) -> Subject:
+def subject_from_seed(seed: int, color2_choices: tuple[str, ...] | None = None,
+                      pattern_freq: tuple[float, float] = PATTERN_FREQ,
+                      pattern_angle: tuple[float, float] = PATTERN_ANGLE) -> Subject:
     """The subject a seed stands for. Always patterned (two colours), so it is an instance, not a class.
-    `color2_choices` as in `sample_scenes` (None: v1's world)."""
+    `color2_choices` as in `sample_scenes` (None: v1's world); `pattern_freq`, `pattern_angle`: the ranges its own
+    pattern frequency and angle are drawn from (a seed keeps its class, colours and pattern in every world)."""
     color2_choices = check_color2_choices(color2_choices)
     g = torch.Generator().manual_seed(10_007 * int(seed) + 17)
     cls = int(torch.randint(len(CLASSES), (1,), generator=g))
@@ -236,8 +248,12 @@ def subject_from_seed(seed: int, color2_choices: tuple[str, ...] | None = None) 
         color2 = (color + int(torch.randint(1, len(COLORS2), (1,), generator=g))) % len(COLORS2)
     else:
         color2 = COLORS2.index(color2_choices[int(torch.randint(len(color2_choices), (1,), generator=g))])
-    freq = 1.8 + 0.8 * float(torch.rand(1, generator=g))
-    angle = -0.6 + 1.2 * float(torch.rand(1, generator=g))
+    u_freq, u_angle = float(torch.rand(1, generator=g)), float(torch.rand(1, generator=g))
+    # v1's own expressions for v1's ranges, so v1's subjects keep their exact floats (the golden tests)
+    freq = 1.8 + 0.8 * u_freq if pattern_freq == PATTERN_FREQ else \
+        pattern_freq[0] + (pattern_freq[1] - pattern_freq[0]) * u_freq
+    angle = -0.6 + 1.2 * u_angle if pattern_angle == PATTERN_ANGLE else \
+        pattern_angle[0] + (pattern_angle[1] - pattern_angle[0]) * u_angle
     return Subject(seed, cls, color, pattern, color2, freq, angle)
 
 

@@ -1,6 +1,6 @@
 """`python -m tools.toyworld COMMAND`: the tooling that makes `builtin:toy` (not part of the product).
 
-  train-base --out DIR --device D --minutes M [--resume CKPT] [--recipe v1|v2|v2b] [--oracle-from DIR]
+  train-base --out DIR --device D --minutes M [--resume CKPT] [--recipe v1|v2|v2b|v2c] [--oracle-from DIR]
                                                                                  train the base model
   export-base --ckpt DIR [--dest FOLDER] [--oracle FILE] [--readout DIR2]   write the diffusers folder and oracle
   readout --ckpt DIR --out DIR2 [--minutes M] [--threads N] [--resume]   fine-tune the VAE decoder, then the oracle
@@ -182,9 +182,16 @@ def cmd_probe(args) -> None:
               world_name=args.world, oracle_dir=oracle_dir, draw_only=args.draw_only)
 
 
+def cmd_loss_gap(args) -> None:
+    from tools.toyworld import loss_gap
+
+    loss_gap.main(args.model, args.world, args.scenes, Path(args.json) if args.json else None, args.threads)
+
+
 def main(argv: list[str] | None = None) -> None:
     from palpcompose.models import BUILTIN_MODELS
     from palpcompose.toyworld.worlds import WORLDS
+    from tools.toyworld.train_base import RECIPES
 
     v2_worlds = [name for name, w in WORLDS.items() if w.color2_choices]  # the worlds after v1 (white/black)
 
@@ -199,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--more-oracle-minutes", type=float, default=0.0,
                    help="with --resume: train the already trained oracle this much longer")
     p.add_argument("--smoke", action="store_true", help="tiny batches: a quick end-to-end check of the script")
-    p.add_argument("--recipe", choices=["v1", "v2", "v2b"], default="v1",
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="v1",
                    help="training recipe (ignored with --resume: the checkpoint's recipe goes on)")
     p.add_argument("--oracle-from", default=None, help="a finished read-out folder whose oracle the gates read "
                    "(warm-start recipes; default: the shipped oracle)")
@@ -267,6 +274,13 @@ def main(argv: list[str] | None = None) -> None:
                    "the same command without it later reads what was drawn (e.g. once --oracle has finished)")
     p.add_argument("--threads", type=int, default=2)
     p.set_defaults(func=cmd_probe)
+    p = sub.add_parser("loss-gap", help="what each prompt word is worth to the denoiser, per timestep band")
+    p.add_argument("--model", default="builtin:toy", help="builtin:toy or a diffusers folder (export-base)")
+    p.add_argument("--world", default="v2b", choices=sorted(WORLDS))
+    p.add_argument("--scenes", type=int, default=256)
+    p.add_argument("--json", default=None)
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=cmd_loss_gap)
     args = parser.parse_args(argv)
     try:
         args.func(args)

@@ -16,6 +16,7 @@ import torch
 
 from palpcompose.fsutil import atomic_save_safetensors
 from palpcompose.toyworld import world
+from palpcompose.toyworld.worlds import world_of_config
 
 LABELS = ("cls", "color", "pattern", "color2", "style", "ambiance")
 
@@ -38,6 +39,7 @@ def chunk_path(out: Path, chunk: int) -> Path:
 
 @torch.no_grad()
 def build_chunk(out: Path, chunk: int, cfg, vae, device) -> dict | None:
+
     """Render and encode chunk `chunk` (cfg.cache_chunk scenes of the recipe's world) unless it exists; returns
     the seconds spent rendering and encoding, or None when the file was already there."""
     path = chunk_path(out, chunk)
@@ -45,8 +47,7 @@ def build_chunk(out: Path, chunk: int, cfg, vae, device) -> dict | None:
         return None
     t0 = time.time()
     g = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + 7919 * chunk + 5)
-    s = world.sample_scenes(cfg.cache_chunk, g, device, solid_fraction=cfg.solid_fraction,
-                            color2_choices=cfg.color2_choices, object_scale=cfg.object_scale)
+    s = world_of_config(cfg).scenes(cfg.cache_chunk, g, device, solid_fraction=cfg.solid_fraction)
     images = world.render(s, g)
     t1 = time.time()
     means, stds = [], []

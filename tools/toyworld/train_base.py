@@ -44,6 +44,7 @@ from palpcompose.toyworld import oracle as oracle_mod
 from palpcompose.toyworld import tokenizer as tok_mod
 from palpcompose.toyworld import world
 from palpcompose.toyworld.ceiling import evaluate_pipeline
+from palpcompose.toyworld.worlds import world_of_config
 from tools.toyworld import latent_cache
 from tools.toyworld.checkpoint import (
     digest,
@@ -79,6 +80,8 @@ class TrainConfig:
     # v2 options; these defaults are v1's recipe
     color2_choices: tuple[str, ...] | None = None  # world.sample_scenes: None = v1 world
     object_scale: tuple[float, float] = world.OBJECT_SCALE  # world.sample_layout: v1's (0.30, 0.50); v2b larger
+    pattern_freq: tuple[float, float] = world.PATTERN_FREQ  # world.sample_layout: v1's ranges; v2c fixes both
+    pattern_angle: tuple[float, float] = world.PATTERN_ANGLE
     oracle_from: str | None = None  # with init_from: the oracle the gates read (a readout folder); None = shipped
     solid_fraction: float = 0.4
     text_tokens: int = 77  # tokenizer model_max_length = text encoder positions
@@ -113,7 +116,16 @@ RECIPES = {
         lr_schedule="cosine", total_steps=3_000, eval_every_s=1e12, ckpt_every_s=300.0, gate_every_s=1800.0,
         gate_subjects=3, gate_old_bar_prompts=64, log_every_s=60.0,
     ),
+    # decided from the loss-gap diagnosis (docs/toyworld.md, "v2c: one texture per pattern word")
+    "v2c": TrainConfig(
+        batch=128, lr=2e-4, warmup_steps=200, drop_color=0.1, drop_pattern=0.05, color2_choices=("white", "black"),
+        object_scale=(0.50, 0.70), pattern_freq=(2.2, 2.2), pattern_angle=(0.3, 0.3), solid_fraction=0.2,
+        text_tokens=32, init_from="builtin:toy", latent_cache=65_536, lr_schedule="cosine", total_steps=3_000,
+        eval_every_s=1e12, ckpt_every_s=300.0, gate_every_s=1800.0, gate_subjects=3, gate_old_bar_prompts=64,
+        log_every_s=60.0,
+    ),
 }
+
 
 
 def config_from_state(saved: dict) -> TrainConfig:
@@ -292,9 +304,8 @@ class Trainer:
 
     # -- data ---------------------------------------------------------------------------------------------------
     def render_batch(self, n: int, styles=world.STYLES, exclude=True):
-        s = world.sample_scenes(n, self.g, self.device, styles=styles, exclude_held_out_subjects=exclude,
-                                solid_fraction=self.cfg.solid_fraction, color2_choices=self.cfg.color2_choices,
-                                object_scale=self.cfg.object_scale)
+        s = world_of_config(self.cfg).scenes(n, self.g, self.device, styles=styles, exclude_held_out_subjects=exclude,
+                                             solid_fraction=self.cfg.solid_fraction)
         return s, world.render(s, self.g)
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
@@ -622,8 +633,9 @@ def export_pipeline(ckpt: Path, dest: Path, oracle_path: Path, readout: dict | N
     summary = {k: trainer.state.get(k) for k in ("unet_steps", "unet_samples", "unet_seconds", "scaling_factor",
                                                  "oracle_accuracy", "final_eval", "config", "init_from",
                                                  "git_commit", "gates")}
-    summary["world"] = {"color2_choices": list(cfg.color2_choices) if cfg.color2_choices else None,
-                        "object_scale": list(cfg.object_scale)}
+    w = world_of_config(cfg)
+    summary["world"] = {"color2_choices": list(w.color2_choices) if w.color2_choices else None,
+                        **{k: list(v) for k, v in w.layout.items()}}
     if readout is not None:
         summary["readout"] = readout["summary"]
     atomic_write_text(dest / "training.json", json.dumps(summary, indent=2) + "\n")
