@@ -83,9 +83,15 @@ def test_ceiling_subjects_are_outside_every_other_seed_range():
 
 
 def test_model_world_reads_training_json(tmp_path):
-    assert ceiling.model_world(tmp_path) == {"color2_choices": None}
+    from palpcompose.toyworld.worlds import WORLDS
+
+    assert ceiling.model_world(tmp_path) is WORLDS["v1"]
     (tmp_path / "training.json").write_text(json.dumps({"world": {"color2_choices": ["white", "black"]}}))
-    assert ceiling.model_world(tmp_path) == {"color2_choices": ("white", "black")}
+    assert ceiling.model_world(tmp_path) is WORLDS["v2"]
+    (tmp_path / "training.json").write_text(json.dumps({"world": {
+        "color2_choices": ["white", "black"], "object_scale": [0.5, 0.7], "pattern_freq": [2.2, 2.2],
+        "pattern_angle": [0.3, 0.3]}}))
+    assert ceiling.model_world(tmp_path) is WORLDS["v2c"]
 
 
 def test_identity_probs_are_high_on_the_subjects_own_renders_and_low_on_another():

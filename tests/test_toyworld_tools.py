@@ -56,7 +56,7 @@ def test_v2_smoke_warm_start_cache_gate_checkpoint_resume_export(tmp_path):
     assert again["unet_steps"] > steps and again["config"]["text_tokens"] == 32  # the recorded recipe went on
     dest = tmp_path / "toy"
     tools_main(["export-base", "--ckpt", str(ck), "--dest", str(dest), "--oracle", str(tmp_path / "o.safetensors")])
-    assert ceiling.model_world(dest)["color2_choices"] == ("white", "black")
+    assert ceiling.model_world(dest).color2_choices == ("white", "black")
     pipe = load_pipeline(resolve_base_model(str(dest)))
     assert pipe.tokenizer.model_max_length == 32
     assert pipe.text_encoder.config.max_position_embeddings == 32
@@ -98,7 +98,7 @@ def test_v2b_draws_larger_objects_and_its_gates_read_the_given_oracle(tmp_path, 
     dest = tmp_path / "toy"
     tools_main(["export-base", "--ckpt", str(ck), "--dest", str(dest), "--oracle", str(tmp_path / "o.safetensors")])
     assert json.loads((dest / "training.json").read_text())["world"]["object_scale"] == [0.5, 0.7]
-    assert ceiling.model_world(dest)["color2_choices"] == ("white", "black")
+    assert ceiling.model_world(dest).color2_choices == ("white", "black")
 
 
 def test_the_v2c_recipe_draws_one_texture_per_pattern_and_the_export_records_it(tmp_path, monkeypatch):
@@ -172,3 +172,23 @@ def test_the_product_never_imports_the_tooling():
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             offenders += [f"{path.relative_to(root)}: {n}" for n in names if n == "tools" or n.startswith("tools.")]
     assert not offenders, offenders
+
+
+def test_legibility_reads_a_world_with_the_readouts_oracle_and_the_shipped_one(tmp_path, capsys):
+    """The v2 instrument's legibility rule (docs/toyworld.md, "v2c"): per identity head and (b) per style, both
+    oracles reported; the rule is judged on the read-out's oracle only."""
+    from palpcompose.toyworld.oracle import load_oracle
+    from tools.toyworld.checkpoint import save_sharded
+
+    worse = {k: v.clone() for k, v in load_oracle().state_dict().items()}
+    worse["heads.pattern.weight"].zero_()  # reads every pattern as the same one: the rule must fail
+    worse["heads.pattern.bias"].zero_()
+    save_sharded(tmp_path / "ro", "oracle", worse)
+    report = tmp_path / "leg.json"
+    tools_main(["legibility", "--world", "v2c", "--oracle", str(tmp_path / "ro"), "--images", "16",
+                "--json", str(report)])
+    data = json.loads(report.read_text())
+    assert data["world"] == "v2c" and set(data["rule"]["b_by_style"]) == {"photo", "sketch", "pop art", "watercolor"}
+    assert data["rule"]["clean_heads"]["pattern"] < 0.95 and not data["rule"]["met"]
+    assert data["shipped"]["clean"]["pattern"]["all_styles"] > data["readout"]["clean"]["pattern"]["all_styles"]
+    assert "NOT met" in capsys.readouterr().out

@@ -71,7 +71,7 @@ def cmd_ceiling(args) -> None:
     pipe.set_progress_bar_config(disable=True)
     if source.kind not in ("builtin", "folder"):
         raise UserError(f"--model {args.model}: the ceiling needs a diffusers folder or builtin:toy")
-    choices = ceiling.model_world(source.location)["color2_choices"]
+    choices = ceiling.model_world(source.location).color2_choices
     oracle_path = Path(args.oracle) if args.oracle else ceiling.model_oracle_path(source.location)
     report = ceiling.run_ceiling(pipe, load_oracle(oracle_path), args.subjects, tuple(args.seeds), args.steps,
                                  args.guidance_scale, old_bar_prompts=args.old_bar_prompts, color2_choices=choices)

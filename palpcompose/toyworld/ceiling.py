@@ -25,6 +25,7 @@ import torch
 
 from palpcompose.toyworld import oracle as oracle_mod
 from palpcompose.toyworld import world
+from palpcompose.toyworld.worlds import World, world_of
 
 # Ceiling subjects: seeds 1,000,000 + i. No other measurement, test or project uses this range (held-out subjects
 # are 0-63, the toy demo uses seed 1, studies use their own ranges documented in docs/evaluation.md).
@@ -35,13 +36,14 @@ GATE = {"described_style_mean": 0.90, "described_cell": 0.80, "class_word_mean":
 OLD_BAR_HEADS = ("cls", "style", "ambiance")
 
 
-def model_world(folder: str | Path) -> dict:
-    """The world a base model was trained on, from its `training.json` ("world": {"color2_choices": [...]});
-    v1's world (any second colour) when the file or the key is absent."""
+def model_world(folder: str | Path) -> World:
+    """The world a base model was trained on, from its `training.json` ("world": its second colours and layout
+    ranges, written by `export-base`); v1's world when the file or the key is absent, and v1's ranges for keys a
+    model of an older export lacks."""
     path = Path(folder) / "training.json"
     info = json.loads(path.read_text()).get("world", {}) if path.is_file() else {}
-    choices = info.get("color2_choices")
-    return {"color2_choices": tuple(choices) if choices else None}
+    return world_of(info.get("color2_choices"), info.get("object_scale") or world.OBJECT_SCALE,
+                    info.get("pattern_freq") or world.PATTERN_FREQ, info.get("pattern_angle") or world.PATTERN_ANGLE)
 
 
 # A candidate base model may carry the oracle that reads its decoder (tools/toyworld readout + export-base):

@@ -188,6 +188,13 @@ def cmd_loss_gap(args) -> None:
     loss_gap.main(args.model, args.world, args.scenes, Path(args.json) if args.json else None, args.threads)
 
 
+def cmd_legibility(args) -> None:
+    from tools.toyworld import legibility
+
+    legibility.main(args.world, Path(args.oracle), args.images, Path(args.json) if args.json else None,
+                    args.threads)
+
+
 def main(argv: list[str] | None = None) -> None:
     from palpcompose.models import BUILTIN_MODELS
     from palpcompose.toyworld.worlds import WORLDS
@@ -281,6 +288,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", default=None)
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(func=cmd_loss_gap)
+    p = sub.add_parser("legibility", help="a world read by a read-out's oracle: clean, reconstructed, (b)")
+    p.add_argument("--world", required=True, choices=sorted(WORLDS))
+    p.add_argument("--oracle", required=True, help="a read-out folder")
+    p.add_argument("--images", type=int, default=2000)
+    p.add_argument("--json", default=None)
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=cmd_legibility)
     args = parser.parse_args(argv)
     try:
         args.func(args)
