@@ -473,6 +473,19 @@ def _ints(text: str) -> tuple[int, ...]:
         raise UserError(f"{text!r}: expected comma-separated integers, e.g. 1,2,3") from None
 
 
+def model_world_name(base_model: str, asked: str | None) -> str:
+    """The world the base model recorded (ceiling.model_world); `asked` must be it: references drawn in another
+    world than the model learnt would measure the world change, not the method."""
+    from palpcompose.models import resolve_base_model
+    from palpcompose.toyworld.ceiling import model_world
+
+    source = resolve_base_model(base_model)
+    recorded = model_world(source.location).name if source.kind in ("builtin", "folder") else None
+    if asked is not None and recorded is not None and asked != recorded:
+        raise UserError(f"--world {asked}: --base-model {base_model} was trained on world {recorded}; drop --world")
+    return asked or recorded or "v1"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m experiments.study_v2", description=__doc__.splitlines()[0])
     parser.add_argument("--phase", choices=PHASES, action="append",
@@ -480,9 +493,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", default="1,2,3,4,5", help="held-out layers of the design's order, e.g. 1,2")
     parser.add_argument("--work", default=None, help="runs, scores and the report (default out/study-v2/, with "
                         "--smoke out/study-v2-smoke/)")
-    parser.add_argument("--world", choices=tuple(WORLDS), default="v1",
-                        help="the toy world's subjects and references (palpcompose/toyworld/worlds.py: v2 second "
-                        "colours white or black, v2b also larger objects)")
+    parser.add_argument("--world", choices=tuple(WORLDS), default=None,
+                        help="the toy world's subjects and references (palpcompose/toyworld/worlds.py); default: the "
+                        "world --base-model was trained on (its training.json), which it must match")
     parser.add_argument("--base-model", default="builtin:toy")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--steps", type=int, default=None, help="train.steps (default: the base model's default)")
@@ -511,7 +524,8 @@ def main(argv: list[str] | None = None) -> None:
             s, phases = dataclasses.replace(smoke_settings(work), device=args.device), PHASES
             layers = (1,)
         else:
-            s = Settings(work, world=args.world, base_model=args.base_model, device=args.device, steps=args.steps,
+            world_name = model_world_name(args.base_model, args.world)
+            s = Settings(work, world=world_name, base_model=args.base_model, device=args.device, steps=args.steps,
                          weight=args.weight, alpha=args.alpha)
             phases = tuple(dict.fromkeys(args.phase or ["held-out"]))
         make_subject(s.held_out[0], s.world)  # the world version exists, before anything is written

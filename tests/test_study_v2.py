@@ -201,3 +201,22 @@ def test_tiny_study_end_to_end_resumes_and_reports(tmp_path, tiny_pipeline_dir, 
     assert again["held-out"]["estimates"]["R-context|palp"]["margin"] == est["margin"]
     monkeypatch.setattr(sv, "train_run", lambda *a: pytest.fail("--report-only trained"))
     assert sv.study(s, ("held-out",), (1,), report_only=True)["held-out"]["cells"] == 1
+
+
+def test_the_studys_world_is_the_base_models_recorded_one(tmp_path):
+    """References are drawn in the world the base model learnt: --world defaults to it and may not contradict it."""
+    from palpcompose.errors import UserError
+
+    import shutil
+
+    from palpcompose.models import BUILTIN_MODELS
+
+    assert sv.model_world_name("builtin:toy", None) == "v1"
+    folder = tmp_path / "model"
+    shutil.copytree(BUILTIN_MODELS["builtin:toy"], folder)
+    (folder / "training.json").write_text(json.dumps({"world": {
+        "color2_choices": ["white", "black"], "object_scale": [0.5, 0.7], "pattern_freq": [2.2, 2.2],
+        "pattern_angle": [0.3, 0.3]}}))
+    assert sv.model_world_name(str(folder), None) == "v2c"
+    with pytest.raises(UserError, match="trained on world v2c"):
+        sv.model_world_name(str(folder), "v2b")
