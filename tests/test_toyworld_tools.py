@@ -192,3 +192,25 @@ def test_legibility_reads_a_world_with_the_readouts_oracle_and_the_shipped_one(t
     assert data["rule"]["clean_heads"]["pattern"] < 0.95 and not data["rule"]["met"]
     assert data["shipped"]["clean"]["pattern"]["all_styles"] > data["readout"]["clean"]["pattern"]["all_styles"]
     assert "NOT met" in capsys.readouterr().out
+
+
+def test_v2d_trains_the_text_encoder_at_five_times_the_unets_rate(tmp_path, monkeypatch):
+    """RECIPES["v2d"] (docs/toyworld.md): two parameter groups, the text encoder's learning rate 5x the UNet's at
+    every step of the schedule; v2c keeps one group at one rate."""
+    from tools.toyworld import train_base
+
+    seen = []
+
+    class Recording(torch.optim.AdamW):
+        def step(self, closure=None):
+            seen.append([(len(g["params"]), g["lr"]) for g in self.param_groups])
+            return super().step(closure)
+
+    monkeypatch.setattr(train_base.torch.optim, "AdamW", Recording)
+    tools_main(["train-base", "--out", str(tmp_path / "ck"), "--recipe", "v2d", "--minutes", "0.05",
+                "--final-eval", "0", "--smoke", "--threads", "1"])
+    unet_steps = [groups for groups in seen if len(groups) == 2]
+    assert unet_steps, seen
+    for (n_unet, lr_unet), (n_text, lr_text) in unet_steps:
+        assert n_unet > n_text > 0 and lr_text == pytest.approx(5 * lr_unet)
+    assert train_base.RECIPES["v2c"].text_encoder_lr_mult == 1.0
