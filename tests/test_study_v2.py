@@ -205,10 +205,9 @@ def test_tiny_study_end_to_end_resumes_and_reports(tmp_path, tiny_pipeline_dir, 
 
 def test_the_studys_world_is_the_base_models_recorded_one(tmp_path):
     """References are drawn in the world the base model learnt: --world defaults to it and may not contradict it."""
-    from palpcompose.errors import UserError
-
     import shutil
 
+    from palpcompose.errors import UserError
     from palpcompose.models import BUILTIN_MODELS
 
     assert sv.model_world_name("builtin:toy", None) == "v1"
