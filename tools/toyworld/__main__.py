@@ -185,7 +185,8 @@ def cmd_probe(args) -> None:
 def cmd_loss_gap(args) -> None:
     from tools.toyworld import loss_gap
 
-    loss_gap.main(args.model, args.world, args.scenes, Path(args.json) if args.json else None, args.threads)
+    loss_gap.main(args.model, args.world, args.scenes, Path(args.json) if args.json else None, args.threads,
+                  args.positions)
 
 
 def cmd_legibility(args) -> None:
@@ -285,6 +286,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default="builtin:toy", help="builtin:toy or a diffusers folder (export-base)")
     p.add_argument("--world", default="v2b", choices=sorted(WORLDS))
     p.add_argument("--scenes", type=int, default=256)
+    p.add_argument("--positions", type=int, default=None, help="the UNet reads only the first N text positions")
     p.add_argument("--json", default=None)
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(func=cmd_loss_gap)

@@ -2,13 +2,16 @@
 stays flat").
 
     python -m tools.toyworld loss-gap [--model builtin:toy|CKPT_DIR] [--world v2b] [--scenes 256] [--json FILE]
+                                      [--positions N]
 
 For patterned world scenes (their VAE latents, posterior mean), the same noise and timestep, the v-prediction loss
 of the model given the scene's true prompt is compared with the loss given the same prompt with one attribute word
 replaced by another value of it (the class, the colour, the pattern, the second colour), and with the empty prompt.
 The gap L(changed) - L(true), per timestep band of 100, says where in the denoising chain a word steers the sample
 and how strongly: a word the model ignores has a gap near 0, and a gap that is small next to the loss itself is
-a small gradient for training to learn that word from. Forward passes only; a few minutes on one CPU thread.
+a small gradient for training to learn that word from. `--positions N` lets the UNet read only the first N text
+positions (the words and fewer padding states), which asks whether the padding dilutes a word. Forward passes only;
+a few minutes on one CPU thread.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from palpcompose.errors import UserError
 from palpcompose.toyworld import world
 from palpcompose.toyworld.worlds import WORLDS
 
@@ -44,7 +48,9 @@ def _swapped(s: world.Scenes, attr: str, g: torch.Generator) -> world.Scenes:
 
 
 @torch.no_grad()
-def loss_gap(pipe, world_name: str = "v2b", scenes: int = 256, seed: int = 0, batch: int = 128) -> dict:
+def loss_gap(pipe, world_name: str = "v2b", scenes: int = 256, seed: int = 0, batch: int = 128,
+             positions: int | None = None) -> dict:
+    """`positions`: the UNet reads only the first this many text positions (fewer padding states; None: all)."""
     from diffusers import DDPMScheduler
 
     from tools.toyworld.train_base import noise_schedule_config
@@ -64,13 +70,16 @@ def loss_gap(pipe, world_name: str = "v2b", scenes: int = 256, seed: int = 0, ba
     alphas = sched.alphas_cumprod
     T = sched.config.num_train_timesteps
     tok = pipe.tokenizer
+    longest = max(len(tok(p).input_ids) for texts in prompts.values() for p in texts)  # start and end tokens included
+    if positions is not None and positions < longest:
+        raise UserError(f"--positions {positions}: these prompts need {longest} (every word and the end token)")
 
     def cond(texts):
         ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
                   return_tensors="pt").input_ids
-        return pipe.text_encoder(ids)[0]
+        return pipe.text_encoder(ids)[0][:, :positions]
 
-    out = {"world": world_name, "scenes": len(s.cls), "bands": []}
+    out = {"world": world_name, "scenes": len(s.cls), "positions": positions or tok.model_max_length, "bands": []}
     for b in range(BANDS):
         lo, hi = b * T // BANDS, (b + 1) * T // BANDS
         t = torch.randint(lo, hi, (len(s.cls),), generator=g)
@@ -97,14 +106,15 @@ def loss_gap(pipe, world_name: str = "v2b", scenes: int = 256, seed: int = 0, ba
 def print_table(report: dict) -> None:
     cols = ("empty", *ATTRIBUTES)
     print(f"loss gap L(word changed) - L(true prompt), v-prediction, {report['scenes']} patterned "
-          f"{report['world']} scenes")
+          f"{report['world']} scenes, the first {report['positions']} text positions")
     print(f"{'t':>9} {'L(true)':>8} " + " ".join(f"{c:>15}" for c in cols))
     for r in report["bands"]:
         cells = " ".join(f"{r[f'gap_{c}']:>8.5f}±{r[f'gap_{c}_se']:.4f}" for c in cols)
         print(f"{r['t'][0]:>4}-{r['t'][1]:<4} {r['loss_true']:>8.4f} {cells}")
 
 
-def main(model: str, world_name: str, scenes: int, json_path: Path | None, threads: int) -> None:
+def main(model: str, world_name: str, scenes: int, json_path: Path | None, threads: int,
+         positions: int | None = None) -> None:
     torch.set_num_threads(threads)
     from tools.toyworld.probe import load_toy_pipeline
 
@@ -114,7 +124,9 @@ def main(model: str, world_name: str, scenes: int, json_path: Path | None, threa
         from diffusers import StableDiffusionPipeline
 
         pipe = StableDiffusionPipeline.from_pretrained(model, torch_dtype=torch.float32, safety_checker=None)
-    report = loss_gap(pipe, world_name, scenes)
+    if positions is not None and not 1 <= positions <= pipe.tokenizer.model_max_length:
+        raise UserError(f"--positions {positions}: at most the model's {pipe.tokenizer.model_max_length}")
+    report = loss_gap(pipe, world_name, scenes, positions=positions)
     report["model"] = model
     print_table(report)
     if json_path:
