@@ -214,3 +214,33 @@ def test_v2d_trains_the_text_encoder_at_five_times_the_unets_rate(tmp_path, monk
     for (n_unet, lr_unet), (n_text, lr_text) in unet_steps:
         assert n_unet > n_text > 0 and lr_text == pytest.approx(5 * lr_unet)
     assert train_base.RECIPES["v2c"].text_encoder_lr_mult == 1.0
+
+
+def test_loss_gap_changes_one_word_and_measures_every_band(capsys):
+    """tools.toyworld loss-gap (docs/toyworld.md): a changed attribute is another allowed value of that attribute
+    only (a pattern never becomes solid, a white second colour becomes black), every timestep band is measured, and
+    --positions below the prompts' length is refused."""
+    from palpcompose.errors import UserError
+    from palpcompose.toyworld import world
+    from palpcompose.toyworld.worlds import WORLDS
+    from tools.toyworld import loss_gap
+    from tools.toyworld.probe import load_toy_pipeline
+
+    g = torch.Generator().manual_seed(0)
+    s = WORLDS["v2c"].scenes(64, g, solid_fraction=0.0)
+    s = world.Scenes(**{f: getattr(s, f)[s.pattern > 0] for f in s.__dataclass_fields__})
+    for attr in loss_gap.ATTRIBUTES:
+        changed = loss_gap._swapped(s, attr, g)
+        for other in loss_gap.ATTRIBUTES:
+            same = torch.equal(getattr(changed, other), getattr(s, other))
+            assert same == (other != attr), (attr, other)
+    assert bool((loss_gap._swapped(s, "pattern", g).pattern > 0).all())
+    white, black = world.COLORS2.index("white"), world.COLORS2.index("black")
+    c2 = loss_gap._swapped(s, "color2", g).color2
+    assert bool(((s.color2 == white) == (c2 == black)).all())
+    pipe = load_toy_pipeline()
+    report = loss_gap.loss_gap(pipe, "v2c", scenes=4)
+    assert len(report["bands"]) == loss_gap.BANDS and report["positions"] == pipe.tokenizer.model_max_length
+    assert all(b["loss_true"] > 0 for b in report["bands"])
+    with pytest.raises(UserError, match="--positions 5"):
+        loss_gap.loss_gap(pipe, "v2c", scenes=4, positions=5)
