@@ -50,6 +50,7 @@ from experiments.study_v2_stats import (
 )
 from palpcompose.errors import PalpcomposeError, UserError
 from palpcompose.fsutil import atomic_save_image, atomic_write_json, atomic_write_text
+from palpcompose.models import resolve_base_model
 from palpcompose.outputs import (
     final_dir,
     load_weights,
@@ -61,6 +62,7 @@ from palpcompose.outputs import (
     snapshot_steps,
     train_log_path,
 )
+from palpcompose.toyworld.ceiling import model_world
 from palpcompose.toyworld.worlds import WORLDS
 
 
@@ -251,7 +253,7 @@ class Renderer:
     def __init__(self, s: Settings, project):
         import torch
 
-        from palpcompose.models import load_pipeline, resolve_base_model
+        from palpcompose.models import load_pipeline
         from palpcompose.render import RenderSettings, make_scheduler
 
         rc = project.config.render  # the base model's render defaults (builtin:toy: 20 steps, CFG 5)
@@ -476,9 +478,6 @@ def _ints(text: str) -> tuple[int, ...]:
 def model_world_name(base_model: str, asked: str | None) -> str:
     """The world the base model recorded (ceiling.model_world); `asked` must be it: references drawn in another
     world than the model learnt would measure the world change, not the method."""
-    from palpcompose.models import resolve_base_model
-    from palpcompose.toyworld.ceiling import model_world
-
     source = resolve_base_model(base_model)
     recorded = model_world(source.location).name if source.kind in ("builtin", "folder") else None
     if asked is not None and recorded is not None and asked != recorded:

@@ -1,12 +1,14 @@
 """`python -m tools.toyworld COMMAND`: the tooling that makes `builtin:toy` (not part of the product).
 
-  train-base --out DIR --device D --minutes M [--resume CKPT] [--recipe v1|v2|v2b|v2c] [--oracle-from DIR]
+  train-base --out DIR --device D --minutes M [--resume CKPT] [--recipe v1|v2|v2b|v2c|v2d] [--oracle-from DIR]
                                                                                  train the base model
   export-base --ckpt DIR [--dest FOLDER] [--oracle FILE] [--readout DIR2]   write the diffusers folder and oracle
   readout --ckpt DIR --out DIR2 [--minutes M] [--threads N] [--resume]   fine-tune the VAE decoder, then the oracle
   eval-base [--model FOLDER] [--prompts N] [--steps K] [--guidance-scale G]   the old bar: oracle on N prompts
   speed [--threads T]                     CPU timing of the shipped UNet (batch-1 forward, PALP-like step)
   diagnose --out DIR [--model M] [--subjects N] [--color2 any|white,black]   why a model misses the ceiling
+  loss-gap [--model M] [--world W] [--positions N]   what each prompt word is worth to the denoiser, per timestep
+  legibility --world W --oracle DIR2   a world read by a read-out's oracle (the v2 instrument's rule)
 
 The product-side measurements (vocab, subject, oracle-accuracy, ceiling) stay in `python -m palpcompose.toyworld`.
 The product never imports this package.

@@ -39,7 +39,6 @@ def chunk_path(out: Path, chunk: int) -> Path:
 
 @torch.no_grad()
 def build_chunk(out: Path, chunk: int, cfg, vae, device) -> dict | None:
-
     """Render and encode chunk `chunk` (cfg.cache_chunk scenes of the recipe's world) unless it exists; returns
     the seconds spent rendering and encoding, or None when the file was already there."""
     path = chunk_path(out, chunk)

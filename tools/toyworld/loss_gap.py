@@ -16,6 +16,7 @@ a few minutes on one CPU thread.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -42,9 +43,7 @@ def _swapped(s: world.Scenes, attr: str, g: torch.Generator) -> world.Scenes:
     else:
         n = len(world.CLASSES) if attr == "cls" else len(world.COLORS)
         new = (v + torch.randint(1, n, v.shape, generator=g)) % n
-    fields = {f: getattr(s, f) for f in s.__dataclass_fields__}
-    fields[attr] = new
-    return world.Scenes(**fields)
+    return dataclasses.replace(s, **{attr: new})
 
 
 @torch.no_grad()

@@ -150,14 +150,17 @@ def oracle_loss(vae, oracle, cfg: ReadoutConfig, g: torch.Generator) -> torch.Te
     return loss
 
 
+def eval_set(name: str, images: int) -> tuple[world.Scenes, torch.Tensor]:
+    """A world's held-out clean renders (seeded by EVAL_SEEDS, all five styles)."""
+    g = torch.Generator().manual_seed(EVAL_SEEDS[name])
+    s = WORLDS[name].scenes(images, g, styles=world.ALL_STYLES, exclude_held_out_subjects=False)
+    return s, world.render(s, g)
+
+
 def eval_sets(cfg: ReadoutConfig) -> dict:
     """The held-out clean renders of each world (the same images before and after)."""
-    sets = {}
-    for name in sorted({"v1", "v2", cfg.world}, key=list(EVAL_SEEDS).index):
-        g = torch.Generator().manual_seed(EVAL_SEEDS[name])
-        s = WORLDS[name].scenes(cfg.eval_images, g, styles=world.ALL_STYLES, exclude_held_out_subjects=False)
-        sets[name] = (s, world.render(s, g))
-    return sets
+    return {name: eval_set(name, cfg.eval_images)
+            for name in sorted({"v1", "v2", cfg.world}, key=list(EVAL_SEEDS).index)}
 
 
 @torch.no_grad()
@@ -172,7 +175,7 @@ def measure(vae, oracle, cfg: ReadoutConfig, sets: dict) -> dict:
         rec = reconstruct(vae, images, torch.Generator().manual_seed(cfg.seed * 1_000_003 + 77))
         out["reconstructed"][name] = oracle_mod.accuracy_by_style(oracle, rec, s)
     w = WORLDS[cfg.world]
-    subjects = ceiling.ceiling_subjects(cfg.eval_subjects, w.color2_choices)
+    subjects = [w.subject(seed) for seed in ceiling.CEILING_SUBJECT_SEEDS[:cfg.eval_subjects]]  # the world's own
     out["b_v2"], _ = diagnose.legibility(SimpleNamespace(vae=vae), oracle, subjects, per_cell=cfg.eval_per_cell,
                                          object_scale=w.object_scale)
     return out
