@@ -244,3 +244,12 @@ def test_loss_gap_changes_one_word_and_measures_every_band(capsys):
     assert all(b["loss_true"] > 0 for b in report["bands"])
     with pytest.raises(UserError, match="--positions 5"):
         loss_gap.loss_gap(pipe, "v2c", scenes=4, positions=5)
+
+
+def test_loss_gap_and_legibility_refuse_a_wrong_folder_with_exit_2(tmp_path, capsys):
+    for argv, words in ((["loss-gap", "--model", str(tmp_path / "none")], "model_index.json"),
+                        (["legibility", "--world", "v2c", "--oracle", str(tmp_path)], "oracle-*.safetensors")):
+        with pytest.raises(SystemExit) as exc:
+            tools_main(argv)
+        assert exc.value.code == 2 and words in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

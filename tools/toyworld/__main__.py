@@ -187,12 +187,19 @@ def cmd_probe(args) -> None:
 def cmd_loss_gap(args) -> None:
     from tools.toyworld import loss_gap
 
+    if args.model != "builtin:toy" and not (Path(args.model) / "model_index.json").is_file():
+        raise UserError(f"--model {args.model}: not a diffusers folder (no model_index.json); pass builtin:toy or "
+                        "a folder export-base wrote")
+
     loss_gap.main(args.model, args.world, args.scenes, Path(args.json) if args.json else None, args.threads,
                   args.positions)
 
 
 def cmd_legibility(args) -> None:
     from tools.toyworld import legibility
+
+    if not any(Path(args.oracle).glob("oracle-*.safetensors")):
+        raise UserError(f"--oracle {args.oracle}: no oracle-*.safetensors there; pass a read-out folder")
 
     legibility.main(args.world, Path(args.oracle), args.images, Path(args.json) if args.json else None,
                     args.threads)
