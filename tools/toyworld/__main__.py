@@ -1,8 +1,8 @@
 """`python -m tools.toyworld COMMAND`: the tooling that makes `builtin:toy` (not part of the product).
 
-  train-base --out DIR --device D --minutes M [--resume CKPT] [--recipe v1|v2|v2b|v2c|v2d] [--oracle-from DIR]
-                                                                                 train the base model
-  export-base --ckpt DIR [--dest FOLDER] [--oracle FILE] [--readout DIR2]   write the diffusers folder and oracle
+  train-base --out DIR --device D --minutes M [--resume CKPT] [--recipe v1|v2|...|v2e] [--oracle-from DIR]
+             [--branch-from CKPT] [--stop-at-step N]                             train the base model
+  export-base --ckpt DIR [--dest FOLDER] [--oracle FILE] [--readout DIR2] [--raw]   the diffusers folder and oracle
   readout --ckpt DIR --out DIR2 [--minutes M] [--threads N] [--resume]   fine-tune the VAE decoder, then the oracle
   eval-base [--model FOLDER] [--prompts N] [--steps K] [--guidance-scale G]   the old bar: oracle on N prompts
   speed [--threads T]                     CPU timing of the shipped UNet (batch-1 forward, PALP-like step)
@@ -48,6 +48,20 @@ def cmd_train_base(args) -> None:
             cfg = replace(cfg, oracle_from=str(Path(args.oracle_from).resolve()))
     if args.oracle_from and resume is not None:
         raise UserError("--oracle-from sets up a new run; a resumed run goes on with the oracle it recorded")
+    branch = Path(args.branch_from) if args.branch_from else None
+    if branch is not None:
+        if args.oracle_from:
+            raise UserError("--oracle-from with --branch-from: a branch reads the oracle its source recorded")
+        if resume is not None:
+            raise UserError("--branch-from starts a new run from a checkpoint; --resume goes on with one: pass one")
+        if not (branch / "state.json").is_file():
+            raise UserError(f"--branch-from {branch}: no state.json there; pass the folder a previous train-base wrote")
+        if (Path(args.out) / "state.json").exists():
+            raise UserError(f"--out {args.out} already holds a run; continue it with --resume {args.out}")
+        source = config_from_state(json.loads((branch / "state.json").read_text()).get("config", {}))
+        cfg = replace(cfg, oracle_from=source.oracle_from)  # a branch reads the oracle its source read
+    if args.stop_at_step is not None and args.stop_at_step < 1:
+        raise UserError(f"--stop-at-step must be at least 1 (got {args.stop_at_step})")
     if args.threads:
         import torch
 
@@ -58,8 +72,12 @@ def cmd_train_base(args) -> None:
                       latent_cache=min(cfg.latent_cache, 64), cache_chunk=32, cache_every_steps=2, gate_subjects=1,
                       gate_old_bar_prompts=4, gate_every_s=cfg.gate_every_s and 1e9,  # v2: the final gate only
                       ckpt_every_s=cfg.ckpt_every_s and 2.0, warmup_steps=5)
-    result = train_base(Path(args.out), args.device, args.minutes, resume, cfg=cfg, final_eval=args.final_eval,
-                        more_oracle_minutes=args.more_oracle_minutes)
+    try:
+        result = train_base(Path(args.out), args.device, args.minutes, resume, cfg=cfg, final_eval=args.final_eval,
+                            more_oracle_minutes=args.more_oracle_minutes, stop_at_step=args.stop_at_step,
+                            branch_from=branch)
+    except ValueError as e:  # a branch whose recipe would change the source's data
+        raise UserError(f"--branch-from: {e}") from None
     print(json.dumps(result, indent=2))
 
 
@@ -77,7 +95,8 @@ def cmd_export_base(args) -> None:
 
         readout = load_for_export(Path(args.readout), ckpt)
     default_oracle = Path(args.dest) / MODEL_ORACLE_FILE if readout is not None else ORACLE_PATH
-    export_pipeline(ckpt, Path(args.dest), Path(args.oracle) if args.oracle else default_oracle, readout)
+    export_pipeline(ckpt, Path(args.dest), Path(args.oracle) if args.oracle else default_oracle, readout,
+                    raw=args.raw)
 
 
 def cmd_readout(args) -> None:
@@ -228,6 +247,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--oracle-from", default=None, help="a finished read-out folder whose oracle the gates read "
                    "(warm-start recipes; default: the shipped oracle)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--branch-from", default=None, help="a checkpoint: start --recipe from its weights, EMA and step "
+                   "count, with fresh AdamW moments (the lever probe's arms)")
+    p.add_argument("--stop-at-step", type=int, default=None, help="stop once the UNet has trained this many steps "
+                   "(no final gate: the run is measured apart)")
     p.set_defaults(func=cmd_train_base)
     p = sub.add_parser("export-base", help="write the shipped diffusers folder from a checkpoint")
     p.add_argument("--ckpt", required=True)
@@ -235,6 +258,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--oracle", default=None, help="where to write the oracle weights (default: the package's; "
                    "with --readout: DEST/oracle.safetensors)")
     p.add_argument("--readout", default=None, help="a finished read-out folder: its VAE decoder and oracle")
+    p.add_argument("--raw", action="store_true", help="the trained weights instead of their EMA (diagnostics only)")
     p.set_defaults(func=cmd_export_base)
     p = sub.add_parser("readout", help="fine-tune the VAE decoder, then the oracle, on a checkpoint's world")
     p.add_argument("--ckpt", required=True, help="the train-base checkpoint (read only), or builtin:toy (its VAE "

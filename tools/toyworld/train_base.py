@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import tempfile
 import threading
@@ -93,6 +94,7 @@ class TrainConfig:
     total_steps: int = 0
     min_lr_frac: float = 0.1
     text_encoder_lr_mult: float = 1.0  # the text encoder's learning rate over the UNet's (v2d: 5)
+    cross_attn_qk_lr_mult: float = 1.0  # the UNet's cross-attention query and key projections over the UNet's (v2e)
     cpu_bf16: bool = False  # bf16 autocast on CPU (measured slower for the UNet step: docs/toyworld.md)
     ckpt_every_s: float = 0.0  # 0: checkpoints only at the end of phases
     gate_every_s: float = 0.0  # 0: no periodic ceiling gate
@@ -129,7 +131,30 @@ RECIPES = {
 # decided from what v2c's run showed: the text encoder carries the pattern weakly where the UNet reads (docs/
 # toyworld.md, "v2d"); v2c's world, data and UNet rate, so the two runs compare at equal steps
 RECIPES["v2d"] = replace(RECIPES["v2c"], text_encoder_lr_mult=5.0)
+# the lever probe (docs/toyworld.md, "v2e: the lever probe"): arms branched from a v2d checkpoint with fresh AdamW
+# moments (hence the short warm-up); "v2d-b" is the control, each other arm changes one thing
+RECIPES["v2d-b"] = replace(RECIPES["v2d"], warmup_steps=20)
+RECIPES["v2e"] = replace(RECIPES["v2d-b"], cross_attn_qk_lr_mult=10.0)
+RECIPES["v2e-lr"] = replace(RECIPES["v2d-b"], lr=6e-4)
 
+
+
+def param_groups(unet, text_encoder, cfg: TrainConfig) -> list[dict]:
+    """AdamW's parameter groups, each with its `lr_mult` over `cfg.lr`. With every multiplier at 1 one group, and
+    with only the text encoder's changed two (UNet, text encoder): the orders older checkpoints' moments were saved in.
+    """
+    if cfg.cross_attn_qk_lr_mult == 1.0:
+        groups = [{"params": list(unet.parameters()), "lr_mult": 1.0}]
+    else:  # the cross-attention's to_q / to_k (attn2 in every transformer block) apart
+        qk = [p for n, p in unet.named_parameters() if ".attn2.to_q." in n or ".attn2.to_k." in n]
+        ids = {id(p) for p in qk}
+        groups = [{"params": [p for p in unet.parameters() if id(p) not in ids], "lr_mult": 1.0},
+                  {"params": qk, "lr_mult": cfg.cross_attn_qk_lr_mult}]
+    if cfg.text_encoder_lr_mult == 1.0 and len(groups) == 1:
+        groups[0]["params"] += list(text_encoder.parameters())
+    else:
+        groups.append({"params": list(text_encoder.parameters()), "lr_mult": cfg.text_encoder_lr_mult})
+    return groups
 
 
 def config_from_state(saved: dict) -> TrainConfig:
@@ -196,7 +221,10 @@ def sampling_scheduler(prediction_type: str):
 
 
 class Trainer:
-    def __init__(self, out: Path, device: str, cfg: TrainConfig, resume: Path | None):
+    def __init__(self, out: Path, device: str, cfg: TrainConfig, resume: Path | None, branch_from: Path | None = None):
+        """`resume`: go on with a checkpoint's recipe, weights and AdamW moments. `branch_from`: start a new run of
+        `cfg` from a checkpoint's weights, EMA and step count, with fresh AdamW moments (its cached latents are
+        hard-linked into `out`: a branch keeps its source's world, seed and solid share)."""
         self.out, self.device, self.cfg = out, torch.device(device), cfg
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory() as tmp:  # the tokenizer is rebuilt from code; the checkpoint stays flat
@@ -213,6 +241,8 @@ class Trainer:
         self.optim_state = None
         if resume is not None:
             self._load(resume)
+        elif branch_from is not None:
+            self._branch(branch_from)
         elif cfg.init_from:
             self._init_from(cfg.init_from)
         for m in (self.vae, self.text_encoder, self.unet, self.oracle):
@@ -256,6 +286,24 @@ class Trainer:
             self.state.update(unet_steps=0, unet_samples=0, unet_seconds=0.0)
             self.ema = None
         self.state["prediction_type"] = self.cfg.prediction_type
+
+    def _branch(self, source: Path) -> None:
+        saved = config_from_state(json.loads((source / "state.json").read_text()).get("config", {}))
+        for name in ("seed", "solid_fraction", "color2_choices", "object_scale", "pattern_freq", "pattern_angle",
+                     "latent_cache", "cache_chunk", "text_tokens", "prediction_type", "oracle_from", "init_from"):
+            if getattr(saved, name) != getattr(self.cfg, name):
+                raise ValueError(f"branch from {source}: the recipe's {name} ({getattr(self.cfg, name)!r}) differs "
+                                 f"from the checkpoint's ({getattr(saved, name)!r}); a branch keeps its source's data")
+        self._load(source)
+        self.optim_state = None
+        self.state["config"] = asdict(self.cfg)
+        self.state["branched_from"] = {"path": str(source.resolve()), "unet_steps": self.state["unet_steps"],
+                                       "git_commit": self.state.get("git_commit")}
+        self.state["git_commit"] = self.code_commit
+        if (source / "cache").is_dir() and not (self.out / "cache").exists():
+            (self.out / "cache").mkdir()
+            for f in sorted((source / "cache").glob("chunk-*.safetensors")):
+                os.link(f, self.out / "cache" / f.name)
 
     def _init_from(self, spec: str) -> None:
         """Warm start from a shipped diffusers folder: VAE (frozen, its scaling factor), the shipped oracle (frozen),
@@ -423,7 +471,7 @@ class Trainer:
         return cfg.lr * warm
 
     # -- phase 3: latent diffusion ------------------------------------------------------------------------------
-    def train_unet(self, seconds: float) -> None:
+    def train_unet(self, seconds: float, stop_at_step: int | None = None) -> None:
         cfg = self.cfg
         from diffusers import DDPMScheduler
 
@@ -432,12 +480,7 @@ class Trainer:
         self.unet.train().requires_grad_(True)
         self.text_encoder.train().requires_grad_(True)
         params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
-        if cfg.text_encoder_lr_mult == 1.0:
-            opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
-        else:  # the text encoder at its own rate (v2d)
-            opt = torch.optim.AdamW([{"params": list(self.unet.parameters()), "lr_mult": 1.0},
-                                     {"params": list(self.text_encoder.parameters()),
-                                      "lr_mult": cfg.text_encoder_lr_mult}], lr=cfg.lr, weight_decay=0.01)
+        opt = torch.optim.AdamW(param_groups(self.unet, self.text_encoder, cfg), lr=cfg.lr, weight_decay=0.01)
         if self.optim_state is not None:
             restore_optim(opt, self.optim_state)
         self.optimizer = opt
@@ -453,6 +496,8 @@ class Trainer:
         while time.time() - start < seconds or self.state["unet_steps"] == step0:  # at least one step per run
             step = self.state["unet_steps"]
             if cfg.total_steps and cfg.lr_schedule == "cosine" and step >= cfg.total_steps:
+                break
+            if stop_at_step is not None and step >= stop_at_step:
                 break
             for group in opt.param_groups:
                 group["lr"] = self.lr_at(step, step0) * group.get("lr_mult", 1.0)
@@ -555,13 +600,15 @@ class Trainer:
                   "cfg": self.cfg.guidance_scale, **{f"acc_{k}": v for k, v in acc.items()}})
 
     # -- sampling with the EMA weights, through the real diffusers pipeline -------------------------------------
-    def pipeline(self):
-        """A StableDiffusionPipeline holding copies of the EMA weights and the shipped scheduler."""
+    def pipeline(self, raw: bool = False):
+        """A StableDiffusionPipeline holding copies of the EMA weights (`raw`: the trained weights themselves, for
+        diagnostics) and the shipped scheduler."""
         from diffusers import StableDiffusionPipeline
 
+        weights = self._diffusion_params() if raw else self.ema
         _, text_encoder, unet = build_models(self.tokenizer, self.cfg.text_tokens)
-        unet.load_state_dict({k[5:]: v for k, v in self.ema.items() if k.startswith("unet.")})
-        text_encoder.load_state_dict({k[13:]: v for k, v in self.ema.items() if k.startswith("text_encoder.")},
+        unet.load_state_dict({k[5:]: v for k, v in weights.items() if k.startswith("unet.")})
+        text_encoder.load_state_dict({k[13:]: v for k, v in weights.items() if k.startswith("text_encoder.")},
                                      strict=False)
         pipe = StableDiffusionPipeline(
             vae=self.vae, text_encoder=text_encoder.eval(), tokenizer=self.tokenizer, unet=unet.eval(),
@@ -578,9 +625,11 @@ class Trainer:
 
 
 def train_base(out: Path, device: str, minutes: float, resume: Path | None = None, cfg: TrainConfig = TrainConfig(),
-               final_eval: int = 200, more_oracle_minutes: float = 0.0) -> dict:
-    """Run the phases that are not done yet within `minutes`, save the checkpoint, and evaluate on `final_eval`
-    prompts at several guidance scales. Returns the final evaluation."""
+               final_eval: int = 200, more_oracle_minutes: float = 0.0, stop_at_step: int | None = None,
+               branch_from: Path | None = None) -> dict:
+    """Run the phases that are not done yet within `minutes` (and the UNet up to `stop_at_step` steps at most),
+    save the checkpoint, and evaluate on `final_eval` prompts at several guidance scales. Returns the final
+    evaluation. `branch_from`: see Trainer."""
     if device == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -589,7 +638,7 @@ def train_base(out: Path, device: str, minutes: float, resume: Path | None = Non
     start = time.time()
     if threading.current_thread() is threading.main_thread():  # a stopped session's SIGTERM saves like Ctrl-C
         signal.signal(signal.SIGTERM, _raise_interrupt)
-    trainer = Trainer(out, device, cfg, resume)
+    trainer = Trainer(out, device, cfg, resume, branch_from)
     try:
         if not trainer.state["vae_done"]:
             trainer.train_vae(total * cfg.vae_fraction)
@@ -599,8 +648,8 @@ def train_base(out: Path, device: str, minutes: float, resume: Path | None = Non
             trainer.train_oracle(extra)
             trainer.save()
         remaining = total - (time.time() - start)
-        trainer.train_unet(max(remaining, 0.0))
-        if cfg.gate_every_s:
+        trainer.train_unet(max(remaining, 0.0), stop_at_step)
+        if cfg.gate_every_s and stop_at_step is None:  # a run stopped at a step (a probe's arm) is measured apart
             trainer.gate()
     except KeyboardInterrupt:
         # an interrupted phase is redone on resume; finished phases and the UNet's progress are kept
@@ -624,15 +673,16 @@ def _raise_interrupt(*_):
     raise KeyboardInterrupt
 
 
-def export_pipeline(ckpt: Path, dest: Path, oracle_path: Path, readout: dict | None = None) -> None:
+def export_pipeline(ckpt: Path, dest: Path, oracle_path: Path, readout: dict | None = None, raw: bool = False) -> None:
     """Write the shipped `builtin:toy` diffusers folder (fp16, EMA weights) and the oracle (fp16) from a checkpoint;
-    `readout` (readout.load_for_export): its fine-tuned VAE decoder and oracle replace the checkpoint's."""
+    `readout` (readout.load_for_export): its fine-tuned VAE decoder and oracle replace the checkpoint's. `raw`: the
+    trained weights instead of the EMA (a diagnostic export, recorded in training.json; never shipped)."""
     cfg = config_from_state(json.loads((ckpt / "state.json").read_text()).get("config", {}))
     trainer = Trainer(ckpt, "cpu", cfg, ckpt)
     if readout is not None:
         trainer.vae.load_state_dict(readout["vae"])
         trainer.oracle.load_state_dict(readout["oracle"])
-    pipe = trainer.pipeline()
+    pipe = trainer.pipeline(raw=raw)
     pipe.to(torch.float16)
     dest.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(dest, safe_serialization=True)
@@ -641,7 +691,8 @@ def export_pipeline(ckpt: Path, dest: Path, oracle_path: Path, readout: dict | N
                                           for k, v in trainer.oracle.state_dict().items()})
     summary = {k: trainer.state.get(k) for k in ("unet_steps", "unet_samples", "unet_seconds", "scaling_factor",
                                                  "oracle_accuracy", "final_eval", "config", "init_from",
-                                                 "git_commit", "gates")}
+                                                 "git_commit", "gates", "branched_from")}
+    summary["weights"] = "raw" if raw else "ema"
     w = world_of_config(cfg)
     summary["world"] = {"color2_choices": list(w.color2_choices) if w.color2_choices else None,
                         **{k: list(v) for k, v in w.layout.items()}}
