@@ -312,7 +312,9 @@ class Scorer:
     def __init__(self, s: Settings):
         from palpcompose.toyworld import oracle as toy_oracle
 
-        self.s, self.oracle, self.renderer = s, toy_oracle.load_oracle(), None
+        # the base model's own instrument (its folder's oracle.safetensors), else the shipped oracle
+        self.oracle_path = toy_oracle.model_oracle_path(resolve_base_model(s.base_model).location)
+        self.s, self.oracle, self.renderer = s, toy_oracle.load_oracle(self.oracle_path), None
         self.base_path = s.work / "base-points.json"
         self.base = read_json(self.base_path) or {}
 
@@ -328,7 +330,7 @@ class Scorer:
 
         rc = load_project(root).config.render
         return {"render_seeds": list(self.s.render_seeds), "render_steps": rc.steps, "cfg": rc.guidance_scale,
-                "world": self.s.world, "base_model": self.s.base_model}
+                "world": self.s.world, "base_model": self.s.base_model, "oracle": str(self.oracle_path)}
 
     def base_point(self, root: Path, subject, target: str, class_prompt: str) -> dict:
         """The base model on the prompt with the class word (step 0), cached per subject and prompt."""

@@ -87,6 +87,18 @@ class PromptScores:
     details: list[dict] = field(default_factory=list)  # (N,) per-image extras (oracle elements, raw cosines)
 
 
+def _model_folder(project) -> Path:
+    """The project's base model as a folder path (builtin:NAME's folder, or the path as written, relative to the
+    project); a hub id or a file gives a path that is no folder."""
+    from palpcompose.models import BUILTIN_MODELS
+
+    spec = project.config.project.base_model.strip()
+    if spec in BUILTIN_MODELS:
+        return BUILTIN_MODELS[spec]
+    path = Path(spec).expanduser()
+    return path if path.is_absolute() else project.root / path
+
+
 class OracleScorer:
     """Text alignment and subject fidelity read by the toy world's oracle (see the module docstring)."""
 
@@ -97,7 +109,10 @@ class OracleScorer:
         from palpcompose.toyworld import world
 
         self._oracle_module, self._world = toy_oracle, world
-        self.oracle = oracle if oracle is not None else toy_oracle.load_oracle()
+        # the instrument of the project's base model: its folder's own oracle when it has one (a toy-world model
+        # exported with a read-out), else the shipped one
+        self.oracle_path = None if oracle is not None else toy_oracle.model_oracle_path(_model_folder(project))
+        self.oracle = oracle if oracle is not None else toy_oracle.load_oracle(self.oracle_path)
         self.class_words = {k: s.class_name for k, s in project.config.subjects.items()}
         # What each subject is judged on, read once from its references.
         self.kinds: dict[str, str] = {}
@@ -394,7 +409,8 @@ def evaluate(project, *, clip=None, oracle: bool = False, renders=None, seeds=No
     }
     data = {
         "palpcompose_version": __version__, "project": cfg.project.name, "base_model": cfg.project.base_model,
-        "metric": scorer.name, "clip_model": str(clip) if clip is not None else None, "renders": str(folder),
+        "metric": scorer.name, "clip_model": str(clip) if clip is not None else None,
+        "oracle": str(scorer.oracle_path) if getattr(scorer, "oracle_path", None) else None, "renders": str(folder),
         "means_of": means_of, "guidance": top["guidance"], "text_alignment": top["text_alignment"],
         "subject_fidelity": top["subject_fidelity"], "subjects": subjects, "models": models, "images": rows,
     }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -84,6 +85,35 @@ def test_oracle_eval_writes_eval_json_with_means_in_range(toy_project, oracle, r
     flat = result.out.replace("\n", "")  # rich wraps long paths at the console width
     assert "mean" in result.out and "eval.json" in flat
 
+
+
+def test_a_model_folders_own_oracle_is_its_instrument(tmp_path, toy_project, run_cli):
+    """A toy-world model exported with its read-out carries FOLDER/oracle.safetensors: eval reads with it (and says
+    so in eval.json); a model folder without one is read by the shipped oracle."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    project = load_project(toy_project)
+    base = Path(project.config.project.base_model)
+    base = base if base.is_absolute() else toy_project / base
+    assert OracleScorer(project).oracle_path == toy_oracle.ORACLE_PATH
+    model = tmp_path / "model-with-oracle"
+    shutil.copytree(base, model)
+    torch.manual_seed(3)
+    own = toy_oracle.Oracle()
+    save_file({k: v.half().contiguous() for k, v in own.state_dict().items()},
+              str(model / toy_oracle.MODEL_ORACLE_FILE))
+    text = (toy_project / "palp.toml").read_text().replace(str(project.config.project.base_model), str(model))
+    (toy_project / "palp.toml").write_text(text)
+    scorer = OracleScorer(load_project(toy_project))
+    assert scorer.oracle_path == model / toy_oracle.MODEL_ORACLE_FILE
+    key = next(iter(own.state_dict()))
+    assert torch.equal(scorer.oracle.state_dict()[key], own.state_dict()[key].half().float())
+    result = run_cli("eval", toy_project, "--oracle")
+    assert result.code == 0, result.err
+    assert json.loads((toy_project / "out" / "eval.json").read_text())["oracle"] == str(
+        model / toy_oracle.MODEL_ORACLE_FILE)
 
 def test_oracle_scores_match_the_oracle_module(toy_project, oracle):
     """eval's per-image numbers are the oracle module's definitions (text alignment, object fidelity)."""

@@ -208,8 +208,7 @@ def test_export_takes_the_readouts_decoder_and_oracle_and_the_ceiling_reads_with
     from safetensors.torch import load_file
 
     from palpcompose.toyworld.__main__ import main as toyworld_main
-    from palpcompose.toyworld.ceiling import MODEL_ORACLE_FILE, model_oracle_path
-    from palpcompose.toyworld.oracle import ORACLE_PATH
+    from palpcompose.toyworld.oracle import MODEL_ORACLE_FILE, ORACLE_PATH, model_oracle_path
 
     shipped = ORACLE_PATH.read_bytes()
     dest = tmp_path / "cand"

@@ -216,6 +216,98 @@ def test_v2d_trains_the_text_encoder_at_five_times_the_unets_rate(tmp_path, monk
     assert train_base.RECIPES["v2c"].text_encoder_lr_mult == 1.0
 
 
+
+def test_param_groups_keep_old_layouts_and_put_the_cross_attention_query_and_key_apart():
+    """train_base.param_groups: one group (v1-v2c), UNet + text encoder (v2d), and for v2e the cross-attention's
+    to_q/to_k (attn2 only, never the self-attention) in a group of their own at 10x."""
+    import tempfile
+    from dataclasses import replace
+
+    from palpcompose.toyworld import tokenizer as tok_mod
+    from tools.toyworld import train_base
+
+    with tempfile.TemporaryDirectory() as tmp:
+        _, te, unet = train_base.build_models(tok_mod.make_tokenizer(tmp, model_max_length=32), 32)
+    n_unet, n_te = len(list(unet.parameters())), len(list(te.parameters()))
+    one = train_base.param_groups(unet, te, train_base.RECIPES["v2c"])
+    assert [len(g["params"]) for g in one] == [n_unet + n_te]
+    two = train_base.param_groups(unet, te, train_base.RECIPES["v2d"])
+    assert [(len(g["params"]), g["lr_mult"]) for g in two] == [(n_unet, 1.0), (n_te, 5.0)]
+    three = train_base.param_groups(unet, te, train_base.RECIPES["v2e"])
+    names = {id(p): n for n, p in unet.named_parameters()}
+    qk = [names[id(p)] for p in three[1]["params"]]
+    blocks = sum(1 for n, _ in unet.named_modules() if n.endswith(".attn2"))
+    assert blocks >= 7 and len(qk) == 2 * blocks  # to_q and to_k (no bias) in every transformer block
+    assert all(".attn2.to_q." in n or ".attn2.to_k." in n for n in qk)
+    assert [g["lr_mult"] for g in three] == [1.0, 10.0, 5.0]
+    assert sum(len(g["params"]) for g in three) == n_unet + n_te
+    qk_only = train_base.param_groups(unet, te, replace(train_base.RECIPES["v2c"], cross_attn_qk_lr_mult=10.0))
+    assert [g["lr_mult"] for g in qk_only] == [1.0, 10.0, 1.0]
+
+
+def test_a_branch_starts_from_a_checkpoints_weights_with_fresh_moments_and_keeps_its_data(tmp_path, monkeypatch,
+                                                                                         capsys):
+    """train-base --branch-from (the v2e lever probe): the source's weights, EMA and step count, fresh AdamW
+    moments, its cached latents hard-linked, its oracle; the new recipe's rates (v2e: to_q/to_k at 10x);
+    --stop-at-step stops there; the branch resumes; a recipe that would change the data is refused with exit 2;
+    export-base --raw writes the trained weights, not the EMA."""
+    from safetensors.torch import load_file
+
+    from tools.toyworld import train_base
+    from tools.toyworld.checkpoint import load_sharded
+
+    src, br = tmp_path / "src", tmp_path / "br"
+    tools_main(["train-base", "--out", str(src), "--recipe", "v2d", "--minutes", "0.05", "--final-eval", "0",
+                "--smoke", "--threads", "1"])
+    source = json.loads((src / "state.json").read_text())
+    steps = source["unet_steps"]
+    seen = []
+
+    class Recording(torch.optim.AdamW):
+        def load_state_dict(self, sd):
+            seen.append(("restored", len(sd["state"])))
+            return super().load_state_dict(sd)
+
+        def step(self, closure=None):
+            seen.append([g["lr"] for g in self.param_groups])
+            return super().step(closure)
+
+    monkeypatch.setattr(train_base.torch.optim, "AdamW", Recording)
+    tools_main(["train-base", "--out", str(br), "--recipe", "v2e", "--branch-from", str(src), "--minutes", "5",
+                "--stop-at-step", str(steps + 2), "--final-eval", "0", "--smoke", "--threads", "1"])
+    state = json.loads((br / "state.json").read_text())
+    assert state["unet_steps"] == steps + 2 and state["branched_from"]["unet_steps"] == steps
+    assert state["config"]["cross_attn_qk_lr_mult"] == 10.0 and state["config"]["oracle_from"] is None
+    assert not [r for r in seen if isinstance(r, tuple)]  # no AdamW moments carried over
+    lrs = [r for r in seen if isinstance(r, list)]
+    assert len(lrs) == 2 and all(len(r) == 3 and r[1] == pytest.approx(10 * r[0]) for r in lrs)
+    chunk = next((src / "cache").glob("chunk-*.safetensors"))
+    assert (br / "cache" / chunk.name).stat().st_ino == chunk.stat().st_ino  # hard-linked, not recomputed
+    assert not any(r["phase"] == "gate" for r in map(json.loads, (br / "train.jsonl").read_text().splitlines()))
+    seen.clear()
+    tools_main(["train-base", "--out", str(br), "--resume", str(br), "--minutes", "5", "--stop-at-step",
+                str(steps + 3), "--final-eval", "0", "--smoke", "--threads", "1"])
+    assert [r for r in seen if isinstance(r, tuple)] and json.loads((br / "state.json").read_text())[
+        "unet_steps"] == steps + 3  # the branch's own moments restored on resume
+    for argv in (["--recipe", "v2b", "--branch-from", str(src), "--out", str(tmp_path / "b2")],  # other objects
+                 ["--recipe", "v2e", "--branch-from", str(src), "--out", str(br)],  # a run already there
+                 ["--recipe", "v2e", "--branch-from", str(tmp_path / "none"), "--out", str(tmp_path / "b3")]):
+        with pytest.raises(SystemExit) as exc:
+            tools_main(["train-base", *argv, "--minutes", "0.05", "--final-eval", "0", "--smoke"])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert "--branch-from" in err and "Traceback" not in err
+    assert not (tmp_path / "b2").exists() and not (tmp_path / "b3").exists()  # nothing written
+    dest = tmp_path / "raw"
+    tools_main(["export-base", "--ckpt", str(br), "--dest", str(dest), "--raw", "--oracle",
+                str(tmp_path / "o.safetensors")])
+    assert json.loads((dest / "training.json").read_text())["weights"] == "raw"
+    exported = load_file(str(next((dest / "unet").glob("*.safetensors"))))
+    raw, ema = load_sharded(br, "diffusion"), load_sharded(br, "ema")
+    key = next(k for k in exported if k.endswith("attn2.to_q.weight"))
+    assert torch.equal(exported[key], raw[f"unet.{key}"].half())
+    assert not torch.equal(exported[key], ema[f"unet.{key}"].half())
+
 def test_loss_gap_changes_one_word_and_measures_every_band(capsys):
     """tools.toyworld loss-gap (docs/toyworld.md): a changed attribute is another allowed value of that attribute
     only (a pattern never becomes solid, a white second colour becomes black), every timestep band is measured, and

@@ -56,7 +56,7 @@ def cmd_ceiling(args) -> None:
     from palpcompose.fsutil import atomic_write_text
     from palpcompose.models import load_pipeline, resolve_base_model
     from palpcompose.toyworld import ceiling
-    from palpcompose.toyworld.oracle import load_oracle
+    from palpcompose.toyworld.oracle import load_oracle, model_oracle_path
 
     if not 1 <= args.subjects <= len(ceiling.CEILING_SUBJECT_SEEDS):
         raise UserError(f"--subjects must be 1-{len(ceiling.CEILING_SUBJECT_SEEDS)} (got {args.subjects})")
@@ -72,7 +72,7 @@ def cmd_ceiling(args) -> None:
     if source.kind not in ("builtin", "folder"):
         raise UserError(f"--model {args.model}: the ceiling needs a diffusers folder or builtin:toy")
     choices = ceiling.model_world(source.location).color2_choices
-    oracle_path = Path(args.oracle) if args.oracle else ceiling.model_oracle_path(source.location)
+    oracle_path = Path(args.oracle) if args.oracle else model_oracle_path(source.location)
     report = ceiling.run_ceiling(pipe, load_oracle(oracle_path), args.subjects, tuple(args.seeds), args.steps,
                                  args.guidance_scale, old_bar_prompts=args.old_bar_prompts, color2_choices=choices)
     report["model"] = args.model

@@ -46,17 +46,6 @@ def model_world(folder: str | Path) -> World:
                     info.get("pattern_freq") or world.PATTERN_FREQ, info.get("pattern_angle") or world.PATTERN_ANGLE)
 
 
-# A candidate base model may carry the oracle that reads its decoder (tools/toyworld readout + export-base):
-# FOLDER/oracle.safetensors. Without one, the shipped oracle reads it.
-MODEL_ORACLE_FILE = "oracle.safetensors"
-
-
-def model_oracle_path(folder: str | Path) -> Path:
-    """The oracle that scores a model folder: its own `oracle.safetensors` when it has one, else the shipped one."""
-    own = Path(folder) / MODEL_ORACLE_FILE
-    return own if own.is_file() else oracle_mod.ORACLE_PATH
-
-
 def ceiling_subjects(n: int, color2_choices=None) -> list[world.Subject]:
     return [world.subject_from_seed(s, color2_choices) for s in CEILING_SUBJECT_SEEDS[:n]]
 

@@ -66,6 +66,18 @@ def oracle_targets(s: world.Scenes) -> dict[str, torch.Tensor]:
             "ambiance": s.ambiance}
 
 
+# A toy-world base model may carry the oracle that reads its decoder (tools/toyworld readout + export-base):
+# FOLDER/oracle.safetensors, that model's instrument. Without one, the shipped oracle reads it.
+MODEL_ORACLE_FILE = "oracle.safetensors"
+
+
+def model_oracle_path(folder: str | Path) -> Path:
+    """The oracle that scores a model folder: its own `oracle.safetensors` when it has one, else the shipped one
+    (also for a hub id or anything that is not a folder)."""
+    own = Path(folder) / MODEL_ORACLE_FILE
+    return own if own.is_file() else ORACLE_PATH
+
+
 def load_oracle(path: str | Path = ORACLE_PATH, device="cpu") -> Oracle:
     """The shipped oracle (fp16 safetensors), as an fp32 module in eval mode."""
     from safetensors.torch import load_file

@@ -27,7 +27,7 @@ from palpcompose.errors import PalpcomposeError, UserError
 def cmd_train_base(args) -> None:
     from dataclasses import replace
 
-    from tools.toyworld.train_base import RECIPES, config_from_state, train_base
+    from tools.toyworld.train_base import RECIPES, branch_mismatch, config_from_state, train_base
 
     resume = Path(args.resume) if args.resume else None
     if resume is not None and not (resume if resume.is_dir() else resume.parent).joinpath("state.json").is_file():
@@ -57,9 +57,13 @@ def cmd_train_base(args) -> None:
         if not (branch / "state.json").is_file():
             raise UserError(f"--branch-from {branch}: no state.json there; pass the folder a previous train-base wrote")
         if (Path(args.out) / "state.json").exists():
-            raise UserError(f"--out {args.out} already holds a run; continue it with --resume {args.out}")
+            raise UserError(f"--branch-from: --out {args.out} already holds a run; continue it with --resume "
+                            f"{args.out}")
         source = config_from_state(json.loads((branch / "state.json").read_text()).get("config", {}))
         cfg = replace(cfg, oracle_from=source.oracle_from)  # a branch reads the oracle its source read
+        if branch_mismatch(source, cfg):
+            raise UserError(f"--branch-from {branch} --recipe {args.recipe}: {branch_mismatch(source, cfg)}; "
+                            "pick a recipe of the same world")
     if args.stop_at_step is not None and args.stop_at_step < 1:
         raise UserError(f"--stop-at-step must be at least 1 (got {args.stop_at_step})")
     if args.threads:
@@ -72,18 +76,14 @@ def cmd_train_base(args) -> None:
                       latent_cache=min(cfg.latent_cache, 64), cache_chunk=32, cache_every_steps=2, gate_subjects=1,
                       gate_old_bar_prompts=4, gate_every_s=cfg.gate_every_s and 1e9,  # v2: the final gate only
                       ckpt_every_s=cfg.ckpt_every_s and 2.0, warmup_steps=5)
-    try:
-        result = train_base(Path(args.out), args.device, args.minutes, resume, cfg=cfg, final_eval=args.final_eval,
-                            more_oracle_minutes=args.more_oracle_minutes, stop_at_step=args.stop_at_step,
-                            branch_from=branch)
-    except ValueError as e:  # a branch whose recipe would change the source's data
-        raise UserError(f"--branch-from: {e}") from None
+    result = train_base(Path(args.out), args.device, args.minutes, resume, cfg=cfg, final_eval=args.final_eval,
+                        more_oracle_minutes=args.more_oracle_minutes, stop_at_step=args.stop_at_step,
+                        branch_from=branch)
     print(json.dumps(result, indent=2))
 
 
 def cmd_export_base(args) -> None:
-    from palpcompose.toyworld.ceiling import MODEL_ORACLE_FILE
-    from palpcompose.toyworld.oracle import ORACLE_PATH
+    from palpcompose.toyworld.oracle import MODEL_ORACLE_FILE, ORACLE_PATH
     from tools.toyworld.train_base import export_pipeline
 
     ckpt = Path(args.ckpt)
@@ -199,8 +199,10 @@ def cmd_probe(args) -> None:
     oracle_dir = Path(args.oracle) if args.oracle else None
     if oracle_dir is not None and not any(oracle_dir.glob("oracle-*.safetensors")):
         raise UserError(f"--oracle {oracle_dir}: no oracle-*.safetensors there; pass a read-out folder")
+    if args.siblings and freq is not None:
+        raise UserError("--siblings with --pattern-freq: the selection probe keeps the world's pattern geometry")
     run_probe(Path(args.out), n_subjects=args.subjects, steps=args.steps, batch=args.batch, pattern_freq=freq,
-              world_name=args.world, oracle_dir=oracle_dir, draw_only=args.draw_only)
+              world_name=args.world, oracle_dir=oracle_dir, draw_only=args.draw_only, siblings=args.siblings)
 
 
 def cmd_loss_gap(args) -> None:
@@ -313,6 +315,8 @@ def main(argv: list[str] | None = None) -> None:
                    "(default: the shipped oracle)")
     p.add_argument("--draw-only", action="store_true", help="draw (fine-tune and render) every subject and stop; "
                    "the same command without it later reads what was drawn (e.g. once --oracle has finished)")
+    p.add_argument("--siblings", action="store_true", help="the selection probe: each subject's three pattern "
+                   "siblings trained together, prompts differing in the pattern word only (selection.json)")
     p.add_argument("--threads", type=int, default=2)
     p.set_defaults(func=cmd_probe)
     p = sub.add_parser("loss-gap", help="what each prompt word is worth to the denoiser, per timestep band")

@@ -64,23 +64,33 @@ def world_and_reconstructions(pipe, subject, n: int, w: World) -> tuple[torch.Te
     return images, rec
 
 
-def fine_tune(pipe, subject, steps: int, batch: int, lr: float, log, w: World) -> None:
-    """The whole UNet on the subject's photo/day renders, text encoder and VAE frozen (v-prediction loss)."""
+def fine_tune(pipe, subject, steps: int, batch: int, lr: float, log, w: World, siblings: list | None = None) -> None:
+    """The whole UNet on the subject's photo/day renders, text encoder and VAE frozen (v-prediction loss).
+    `siblings` (the selection probe): subjects trained together, each sample one of them drawn at random, each with
+    its own described prompt."""
     from diffusers import DDPMScheduler
 
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
     unet, vae = pipe.unet, pipe.vae
     unet.train()
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
-    ids = pipe.tokenizer([described_prompt(subject)], padding="max_length", truncation=True,
+    group = siblings or [subject]
+    ids = pipe.tokenizer([described_prompt(s) for s in group], padding="max_length", truncation=True,
                          max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
     with torch.no_grad():
-        cond = pipe.text_encoder(ids)[0].expand(batch, -1, -1)
+        conds = pipe.text_encoder(ids)[0]  # (len(group), L, D)
+    cond = conds[:1].expand(batch, -1, -1)
     g = torch.Generator().manual_seed(subject.seed + 1)
     start = time.time()
     for step in range(steps):
         with torch.no_grad():
-            images = world.render(w.subject_scenes(subject, batch, g), g)
+            if siblings is None:
+                images = world.render(w.subject_scenes(subject, batch, g), g)
+            else:  # a random sibling per sample, rendered sibling by sibling, the prompts in the same order
+                which = torch.randint(len(group), (batch,), generator=g).sort().values
+                images = torch.cat([world.render(w.subject_scenes(group[k], int((which == k).sum()), g), g)
+                                    for k in range(len(group)) if (which == k).any()])
+                cond = conds[which]
             latents = vae.encode(images * 2 - 1).latent_dist.sample(generator=g) * vae.config.scaling_factor
         noise = torch.randn(latents.shape, generator=g)
         t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=g)
@@ -148,11 +158,66 @@ def read_probe(out: Path, subjects: list, w: World, oracle, oracle_name: str, me
     return report
 
 
+def pattern_siblings(subject: world.Subject) -> list[world.Subject]:
+    """The subject with each of the world's patterns (stripes, dots, checks): the same class, colours and pattern
+    geometry, so that their described prompts differ in the pattern word only."""
+    return [dataclasses.replace(subject, pattern=p) for p in range(1, len(world.PATTERNS))]
+
+
+def siblings_path(out: Path, seed: int) -> Path:
+    return out / f"siblings-{seed}.safetensors"
+
+
+def probe_siblings(out: Path, subject, w: World, steps: int, batch: int, lr: float, n_images: int, log) -> None:
+    """The selection probe for one subject: fine-tune a fresh builtin:toy on its three pattern siblings together,
+    then keep, per sibling, the renders of its described prompt before and after and the world's renders and their
+    reconstructions (one atomic file, read later as in probe_subject)."""
+    torch.manual_seed(subject.seed)
+    pipe = load_toy_pipeline()
+    group = pattern_siblings(subject)
+    images = {}
+    for sib in group:
+        images[f"before-{sib.pattern}"] = draw_renders(pipe, sib, n_images)
+        images[f"clean-{sib.pattern}"], images[f"vae_bound-{sib.pattern}"] = world_and_reconstructions(
+            pipe, sib, n_images, w)
+    fine_tune(pipe, subject, steps, batch, lr, log, w, siblings=group)
+    for sib in group:
+        images[f"after-{sib.pattern}"] = draw_renders(pipe, sib, n_images)
+    atomic_save_safetensors(siblings_path(out, subject.seed), images)
+
+
+@torch.no_grad()
+def read_siblings(out: Path, subjects: list, w: World, oracle, oracle_name: str, meta: dict) -> dict:
+    """Per sibling, the oracle's probability of the truth per head; the mean per head over every sibling;
+    selection.json and selection.png (rows: siblings; world renders | before | after)."""
+    from safetensors.torch import load_file
+
+    rows, strips = [], []
+    for subject in subjects:
+        images = load_file(str(siblings_path(out, subject.seed)))
+        for sib in pattern_siblings(subject):
+            row = {"seed": subject.seed, "pattern": world.PATTERNS[sib.pattern], "prompt": described_prompt(sib)}
+            for part in ("before", "after", "vae_bound", "clean"):
+                row[part] = _head_means(ceiling.identity_probs(oracle, images[f"{part}-{sib.pattern}"], sib)[0])
+            rows.append(row)
+            strips.append(torch.cat([images[f"clean-{sib.pattern}"][:4], images[f"before-{sib.pattern}"][:4],
+                                     images[f"after-{sib.pattern}"][:4]]))
+    summary = {part: {h: round(sum(r[part][h] for r in rows) / len(rows), 4) for h in HEADS}
+               for part in ("before", "after", "vae_bound", "clean")}
+    report = {"design": "docs/toyworld.md, 'The selection probe'", **meta, "world": w.name, "oracle": oracle_name,
+              "siblings": rows, "mean": summary}
+    atomic_write_text(out / "selection.json", json.dumps(report, indent=2) + "\n")
+    grid = torch.cat([torch.cat(list(s), dim=2) for s in strips], dim=1)
+    atomic_save_image(out / "selection.png", world.to_pil(grid))
+    return report
+
+
 def run_probe(out: Path, n_subjects: int = 4, steps: int = 300, batch: int = 16, lr: float = 1e-4,
               n_images: int = 16, pattern_freq: tuple[float, float] | None = None, world_name: str = "v2",
-              oracle_dir: Path | None = None, draw_only: bool = False) -> dict | None:
+              oracle_dir: Path | None = None, draw_only: bool = False, siblings: bool = False) -> dict | None:
     """Draw what is missing (subjects whose images file exists are kept), then read it all with the oracle
-    (`oracle_dir`: a read-out's; default the shipped one). `draw_only`: stop after drawing."""
+    (`oracle_dir`: a read-out's; default the shipped one). `draw_only`: stop after drawing. `siblings`: the
+    selection probe (each subject's three pattern siblings trained together; selection.json)."""
     w = WORLDS[world_name]
     out.mkdir(parents=True, exist_ok=True)
 
@@ -160,10 +225,11 @@ def run_probe(out: Path, n_subjects: int = 4, steps: int = 300, batch: int = 16,
         print(json.dumps(record), flush=True)
 
     subjects = [with_pattern_freq(w.subject(FIRST_SEED + i), pattern_freq) for i in range(n_subjects)]
+    path, draw = (siblings_path, probe_siblings) if siblings else (images_path, probe_subject)
     for subject in subjects:
-        if not images_path(out, subject.seed).is_file():
-            probe_subject(out, subject, w, steps, batch, lr, n_images, log)
-            log({"seed": subject.seed, "drawn": str(images_path(out, subject.seed))})
+        if not path(out, subject.seed).is_file():
+            draw(out, subject, w, steps, batch, lr, n_images, log)
+            log({"seed": subject.seed, "drawn": str(path(out, subject.seed))})
     if draw_only:
         return None
     oracle = oracle_mod.load_oracle()
@@ -171,8 +237,9 @@ def run_probe(out: Path, n_subjects: int = 4, steps: int = 300, batch: int = 16,
         oracle.load_state_dict(load_sharded(oracle_dir, "oracle"))
         oracle.eval()
     meta = {"steps": steps, "batch": batch, "lr": lr, "pattern_freq": pattern_freq}
-    report = read_probe(out, subjects, w, oracle, str(oracle_dir) if oracle_dir is not None else "shipped", meta)
-    for row in report["subjects"]:
+    read = read_siblings if siblings else read_probe
+    report = read(out, subjects, w, oracle, str(oracle_dir) if oracle_dir is not None else "shipped", meta)
+    for row in report["siblings" if siblings else "subjects"]:
         log(row)
     log({"mean": report["mean"]})
     return report

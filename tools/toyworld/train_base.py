@@ -157,6 +157,21 @@ def param_groups(unet, text_encoder, cfg: TrainConfig) -> list[dict]:
     return groups
 
 
+# what a branch must share with its source: the data (world, seed, cached latents), the text positions, the
+# objective and the instrument; everything else (rates, schedule, sizes) is what a branch may change
+BRANCH_KEEPS = ("seed", "solid_fraction", "color2_choices", "object_scale", "pattern_freq", "pattern_angle",
+                "latent_cache", "cache_chunk", "text_tokens", "prediction_type", "oracle_from", "init_from")
+
+
+def branch_mismatch(source: TrainConfig, cfg: TrainConfig) -> str:
+    """'' when `cfg` may branch from a checkpoint of `source`, else which setting differs."""
+    for name in BRANCH_KEEPS:
+        if getattr(source, name) != getattr(cfg, name):
+            return (f"the recipe's {name} ({getattr(cfg, name)!r}) differs from the checkpoint's "
+                    f"({getattr(source, name)!r}); a branch keeps its source's data")
+    return ""
+
+
 def config_from_state(saved: dict) -> TrainConfig:
     """The TrainConfig a checkpoint recorded (lists back to tuples; unknown keys ignored)."""
     names = {f.name for f in fields(TrainConfig)}
@@ -289,11 +304,8 @@ class Trainer:
 
     def _branch(self, source: Path) -> None:
         saved = config_from_state(json.loads((source / "state.json").read_text()).get("config", {}))
-        for name in ("seed", "solid_fraction", "color2_choices", "object_scale", "pattern_freq", "pattern_angle",
-                     "latent_cache", "cache_chunk", "text_tokens", "prediction_type", "oracle_from", "init_from"):
-            if getattr(saved, name) != getattr(self.cfg, name):
-                raise ValueError(f"branch from {source}: the recipe's {name} ({getattr(self.cfg, name)!r}) differs "
-                                 f"from the checkpoint's ({getattr(saved, name)!r}); a branch keeps its source's data")
+        if branch_mismatch(saved, self.cfg):
+            raise ValueError(f"branch from {source}: {branch_mismatch(saved, self.cfg)}")
         self._load(source)
         self.optim_state = None
         self.state["config"] = asdict(self.cfg)
