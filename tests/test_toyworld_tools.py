@@ -345,3 +345,53 @@ def test_loss_gap_and_legibility_refuse_a_wrong_folder_with_exit_2(tmp_path, cap
             tools_main(argv)
         assert exc.value.code == 2 and words in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_selection_probe_trains_three_pattern_siblings_whose_prompts_differ_in_the_pattern_word(
+        tmp_path, monkeypatch, capsys):
+    """probe --siblings (docs/toyworld.md, "The selection probe"): a subject's siblings keep everything but the
+    pattern; every fine-tuning batch mixes them, each image with its own sibling's prompt; the reading has one row
+    per sibling; --siblings with --pattern-freq is refused with exit 2."""
+    from palpcompose.toyworld import world
+    from palpcompose.toyworld.worlds import WORLDS
+    from tools.toyworld import probe
+
+    subject = WORLDS["v2c"].subject(probe.FIRST_SEED)
+    sibs = probe.pattern_siblings(subject)
+    assert [s.pattern for s in sibs] == [1, 2, 3]
+    prompts = [probe.described_prompt(s) for s in sibs]
+    assert len(set(prompts)) == 3
+    assert {p.replace(world.PATTERN_WORDS[world.PATTERNS[s.pattern]], "X") for p, s in zip(prompts, sibs)} == {
+        prompts[0].replace(world.PATTERN_WORDS["stripes"], "X")}
+    seen = []
+    real_render = probe.world.render
+
+    def recording_render(scenes, g):
+        seen.append((len(scenes.pattern), set(scenes.pattern.tolist())))
+        return real_render(scenes, g)
+
+    monkeypatch.setattr(probe.world, "render", recording_render)
+    pipe = probe.load_toy_pipeline()
+    conds = []
+    real_unet_forward = pipe.unet.forward
+    monkeypatch.setattr(pipe.unet, "forward", lambda x, t, c, **k: conds.append(c) or real_unet_forward(x, t, c, **k))
+    probe.fine_tune(pipe, subject, 2, 12, 1e-4, lambda r: None, WORLDS["v2c"], siblings=sibs)
+    assert sum(n for n, _ in seen) == 24 and all(len(p) == 1 for _, p in seen)  # one sibling per render call
+    assert len({tuple(c[-1, :4].tolist()) for c in conds[0].unbind(0)}) > 1  # several prompts in one batch
+    ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         return_tensors="pt").input_ids
+    with torch.no_grad():
+        states = pipe.text_encoder(ids)[0]
+    first_step = []  # the patterns of the first batch's images, in the order they were rendered
+    for n, ps in seen:
+        if len(first_step) < 12:
+            first_step += [next(iter(ps))] * n
+    assert len(first_step) == 12
+    for row, pattern in zip(conds[0], first_step):  # each image trained with its own sibling's prompt
+        assert torch.allclose(row, states[pattern - 1])
+    from tools.toyworld.__main__ import main as tools_main
+
+    with pytest.raises(SystemExit) as exc:
+        tools_main(["probe", "--siblings", "--pattern-freq", "1.3,1.7", "--out", str(tmp_path / "p")])
+    assert exc.value.code == 2 and "--siblings" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()

@@ -42,8 +42,10 @@ def load_toy_pipeline():
     from diffusers import StableDiffusionPipeline
 
     source = resolve_base_model("builtin:toy")
-    return StableDiffusionPipeline.from_pretrained(str(source.location), torch_dtype=torch.float32,
+    pipe = StableDiffusionPipeline.from_pretrained(str(source.location), torch_dtype=torch.float32,
                                                    safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def _head_means(p: torch.Tensor) -> dict:
