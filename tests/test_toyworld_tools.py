@@ -289,6 +289,14 @@ def test_a_branch_starts_from_a_checkpoints_weights_with_fresh_moments_and_keeps
                 str(steps + 3), "--final-eval", "0", "--smoke", "--threads", "1"])
     assert [r for r in seen if isinstance(r, tuple)] and json.loads((br / "state.json").read_text())[
         "unet_steps"] == steps + 3  # the branch's own moments restored on resume
+    # a resumed trainer's instruments are in eval mode: a gate reads the oracle with its running statistics and
+    # leaves them as they were (in training mode its BatchNorm read each batch's own and rewrote them)
+    resumed = train_base.Trainer(br, "cpu", train_base.config_from_state(
+        json.loads((br / "state.json").read_text())["config"]), br)
+    assert not resumed.oracle.training and not resumed.vae.training
+    buffers = {k: v.clone() for k, v in resumed.oracle.state_dict().items()}
+    resumed.gate()
+    assert all(torch.equal(v, resumed.oracle.state_dict()[k]) for k, v in buffers.items())
     for argv in (["--recipe", "v2b", "--branch-from", str(src), "--out", str(tmp_path / "b2")],  # other objects
                  ["--recipe", "v2e", "--branch-from", str(src), "--out", str(br)],  # a run already there
                  ["--recipe", "v2e", "--branch-from", str(tmp_path / "none"), "--out", str(tmp_path / "b3")]):

@@ -59,11 +59,6 @@ def cmd_train_base(args) -> None:
         if (Path(args.out) / "state.json").exists():
             raise UserError(f"--branch-from: --out {args.out} already holds a run; continue it with --resume "
                             f"{args.out}")
-        source = config_from_state(json.loads((branch / "state.json").read_text()).get("config", {}))
-        cfg = replace(cfg, oracle_from=source.oracle_from)  # a branch reads the oracle its source read
-        if branch_mismatch(source, cfg):
-            raise UserError(f"--branch-from {branch} --recipe {args.recipe}: {branch_mismatch(source, cfg)}; "
-                            "pick a recipe of the same world")
     if args.stop_at_step is not None and args.stop_at_step < 1:
         raise UserError(f"--stop-at-step must be at least 1 (got {args.stop_at_step})")
     if args.threads:
@@ -76,6 +71,12 @@ def cmd_train_base(args) -> None:
                       latent_cache=min(cfg.latent_cache, 64), cache_chunk=32, cache_every_steps=2, gate_subjects=1,
                       gate_old_bar_prompts=4, gate_every_s=cfg.gate_every_s and 1e9,  # v2: the final gate only
                       ckpt_every_s=cfg.ckpt_every_s and 2.0, warmup_steps=5)
+    if branch is not None:
+        source = config_from_state(json.loads((branch / "state.json").read_text()).get("config", {}))
+        cfg = replace(cfg, oracle_from=source.oracle_from)  # a branch reads the oracle its source read
+        if branch_mismatch(source, cfg):
+            raise UserError(f"--branch-from {branch} --recipe {args.recipe}: {branch_mismatch(source, cfg)}; "
+                            "pick a recipe of the same world")
     result = train_base(Path(args.out), args.device, args.minutes, resume, cfg=cfg, final_eval=args.final_eval,
                         more_oracle_minutes=args.more_oracle_minutes, stop_at_step=args.stop_at_step,
                         branch_from=branch)

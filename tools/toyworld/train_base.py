@@ -262,6 +262,10 @@ class Trainer:
             self._init_from(cfg.init_from)
         for m in (self.vae, self.text_encoder, self.unet, self.oracle):
             m.to(self.device)
+        # the VAE and the oracle are instruments outside their own phases (train_vae / train_oracle switch them to
+        # training): in eval mode, the oracle's BatchNorm reads with its running statistics and never updates them
+        self.vae.eval()
+        self.oracle.eval()
         if self.ema is None:
             self.ema = {k: v.detach().clone().float() for k, v in self._diffusion_params().items()}
         self.ema = {k: v.to(self.device) for k, v in self.ema.items()}
@@ -579,6 +583,7 @@ class Trainer:
 
         t0 = time.time()
         pipe = self.pipeline()
+        self.oracle.eval()
         report = ceiling.run_ceiling(pipe, self.oracle, self.cfg.gate_subjects, (0,), self.cfg.sample_steps, 5.0,
                                      old_bar_prompts=self.cfg.gate_old_bar_prompts,
                                      color2_choices=self.cfg.color2_choices)
@@ -633,6 +638,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, n: int, guidance_scale: float, steps: int, seed: int, pipe=None) -> dict[str, float]:
         pipe = pipe or self.pipeline()
+        self.oracle.eval()
         return evaluate_pipeline(pipe, self.oracle, n, guidance_scale, steps, seed, self.device, self.autocast)
 
 
