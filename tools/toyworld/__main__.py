@@ -202,8 +202,11 @@ def cmd_probe(args) -> None:
         raise UserError(f"--oracle {oracle_dir}: no oracle-*.safetensors there; pass a read-out folder")
     if args.siblings and freq is not None:
         raise UserError("--siblings with --pattern-freq: the selection probe keeps the world's pattern geometry")
+    if args.alone and not args.siblings:
+        raise UserError("--alone is the selection probe's control: use it with --siblings")
     run_probe(Path(args.out), n_subjects=args.subjects, steps=args.steps, batch=args.batch, pattern_freq=freq,
-              world_name=args.world, oracle_dir=oracle_dir, draw_only=args.draw_only, siblings=args.siblings)
+              world_name=args.world, oracle_dir=oracle_dir, draw_only=args.draw_only, siblings=args.siblings,
+              alone=args.alone)
 
 
 def cmd_loss_gap(args) -> None:
@@ -318,6 +321,8 @@ def main(argv: list[str] | None = None) -> None:
                    "the same command without it later reads what was drawn (e.g. once --oracle has finished)")
     p.add_argument("--siblings", action="store_true", help="the selection probe: each subject's three pattern "
                    "siblings trained together, prompts differing in the pattern word only (selection.json)")
+    p.add_argument("--alone", action="store_true", help="with --siblings: each sibling fine-tuned on its own "
+                   "(--steps each), the control that separates drawing a pattern from selecting it")
     p.add_argument("--threads", type=int, default=2)
     p.set_defaults(func=cmd_probe)
     p = sub.add_parser("loss-gap", help="what each prompt word is worth to the denoiser, per timestep band")

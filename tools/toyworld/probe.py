@@ -170,10 +170,12 @@ def siblings_path(out: Path, seed: int) -> Path:
     return out / f"siblings-{seed}.safetensors"
 
 
-def probe_siblings(out: Path, subject, w: World, steps: int, batch: int, lr: float, n_images: int, log) -> None:
+def probe_siblings(out: Path, subject, w: World, steps: int, batch: int, lr: float, n_images: int, log,
+                   alone: bool = False) -> None:
     """The selection probe for one subject: fine-tune a fresh builtin:toy on its three pattern siblings together,
     then keep, per sibling, the renders of its described prompt before and after and the world's renders and their
-    reconstructions (one atomic file, read later as in probe_subject)."""
+    reconstructions (one atomic file, read later as in probe_subject). `alone` (the draw-alone control): a fresh
+    builtin:toy per sibling, fine-tuned on that sibling only (`steps` each), the same images kept."""
     torch.manual_seed(subject.seed)
     pipe = load_toy_pipeline()
     group = pattern_siblings(subject)
@@ -182,9 +184,16 @@ def probe_siblings(out: Path, subject, w: World, steps: int, batch: int, lr: flo
         images[f"before-{sib.pattern}"] = draw_renders(pipe, sib, n_images)
         images[f"clean-{sib.pattern}"], images[f"vae_bound-{sib.pattern}"] = world_and_reconstructions(
             pipe, sib, n_images, w)
-    fine_tune(pipe, subject, steps, batch, lr, log, w, siblings=group)
-    for sib in group:
-        images[f"after-{sib.pattern}"] = draw_renders(pipe, sib, n_images)
+    if alone:
+        for sib in group:
+            torch.manual_seed(subject.seed)
+            pipe = load_toy_pipeline()
+            fine_tune(pipe, sib, steps, batch, lr, log, w)
+            images[f"after-{sib.pattern}"] = draw_renders(pipe, sib, n_images)
+    else:
+        fine_tune(pipe, subject, steps, batch, lr, log, w, siblings=group)
+        for sib in group:
+            images[f"after-{sib.pattern}"] = draw_renders(pipe, sib, n_images)
     atomic_save_safetensors(siblings_path(out, subject.seed), images)
 
 
@@ -216,10 +225,12 @@ def read_siblings(out: Path, subjects: list, w: World, oracle, oracle_name: str,
 
 def run_probe(out: Path, n_subjects: int = 4, steps: int = 300, batch: int = 16, lr: float = 1e-4,
               n_images: int = 16, pattern_freq: tuple[float, float] | None = None, world_name: str = "v2",
-              oracle_dir: Path | None = None, draw_only: bool = False, siblings: bool = False) -> dict | None:
+              oracle_dir: Path | None = None, draw_only: bool = False, siblings: bool = False,
+              alone: bool = False) -> dict | None:
     """Draw what is missing (subjects whose images file exists are kept), then read it all with the oracle
     (`oracle_dir`: a read-out's; default the shipped one). `draw_only`: stop after drawing. `siblings`: the
-    selection probe (each subject's three pattern siblings trained together; selection.json)."""
+    selection probe (each subject's three pattern siblings trained together; selection.json); with `alone`, each
+    sibling trained on its own (the draw-alone control)."""
     w = WORLDS[world_name]
     out.mkdir(parents=True, exist_ok=True)
 
@@ -227,10 +238,13 @@ def run_probe(out: Path, n_subjects: int = 4, steps: int = 300, batch: int = 16,
         print(json.dumps(record), flush=True)
 
     subjects = [with_pattern_freq(w.subject(FIRST_SEED + i), pattern_freq) for i in range(n_subjects)]
-    path, draw = (siblings_path, probe_siblings) if siblings else (images_path, probe_subject)
+    path = siblings_path if siblings else images_path
     for subject in subjects:
         if not path(out, subject.seed).is_file():
-            draw(out, subject, w, steps, batch, lr, n_images, log)
+            if siblings:
+                probe_siblings(out, subject, w, steps, batch, lr, n_images, log, alone=alone)
+            else:
+                probe_subject(out, subject, w, steps, batch, lr, n_images, log)
             log({"seed": subject.seed, "drawn": str(path(out, subject.seed))})
     if draw_only:
         return None
@@ -238,7 +252,8 @@ def run_probe(out: Path, n_subjects: int = 4, steps: int = 300, batch: int = 16,
     if oracle_dir is not None:
         oracle.load_state_dict(load_sharded(oracle_dir, "oracle"))
         oracle.eval()
-    meta = {"steps": steps, "batch": batch, "lr": lr, "pattern_freq": pattern_freq}
+    meta = {"steps": steps, "batch": batch, "lr": lr, "pattern_freq": pattern_freq,
+            **({"trained": "each sibling alone" if alone else "the siblings together"} if siblings else {})}
     read = read_siblings if siblings else read_probe
     report = read(out, subjects, w, oracle, str(oracle_dir) if oracle_dir is not None else "shipped", meta)
     for row in report["siblings" if siblings else "subjects"]:
