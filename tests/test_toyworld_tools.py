@@ -142,7 +142,8 @@ def test_warm_start_keeps_the_latent_scale_and_the_text_encoders_first_positions
     """The warm start keeps v1's latent scale, and cutting the positions to 32 leaves a causal text encoder's output
     for a short prompt unchanged."""
     from palpcompose.models import load_pipeline, resolve_base_model
-    from tools.toyworld.train_base import RECIPES, Trainer
+    from tools.toyworld.recipes import RECIPES
+    from tools.toyworld.train_base import Trainer
 
     trainer = Trainer(tmp_path / "ck", "cpu", RECIPES["v2"], None)
     pipe = load_pipeline(resolve_base_model("builtin:toy"), torch_dtype=torch.float32)
@@ -197,7 +198,7 @@ def test_legibility_reads_a_world_with_the_readouts_oracle_and_the_shipped_one(t
 def test_v2d_trains_the_text_encoder_at_five_times_the_unets_rate(tmp_path, monkeypatch):
     """RECIPES["v2d"] (docs/toyworld.md): two parameter groups, the text encoder's learning rate 5x the UNet's at
     every step of the schedule; v2c keeps one group at one rate."""
-    from tools.toyworld import train_base
+    from tools.toyworld import recipes, train_base
 
     seen = []
 
@@ -213,27 +214,27 @@ def test_v2d_trains_the_text_encoder_at_five_times_the_unets_rate(tmp_path, monk
     assert unet_steps, seen
     for (n_unet, lr_unet), (n_text, lr_text) in unet_steps:
         assert n_unet > n_text > 0 and lr_text == pytest.approx(5 * lr_unet)
-    assert train_base.RECIPES["v2c"].text_encoder_lr_mult == 1.0
+    assert recipes.RECIPES["v2c"].text_encoder_lr_mult == 1.0
 
 
 
 def test_param_groups_keep_old_layouts_and_put_the_cross_attention_query_and_key_apart():
-    """train_base.param_groups: one group (v1-v2c), UNet + text encoder (v2d), and for v2e the cross-attention's
+    """recipes.param_groups: one group (v1-v2c), UNet + text encoder (v2d), and for v2e the cross-attention's
     to_q/to_k (attn2 only, never the self-attention) in a group of their own at 10x."""
     import tempfile
     from dataclasses import replace
 
     from palpcompose.toyworld import tokenizer as tok_mod
-    from tools.toyworld import train_base
+    from tools.toyworld import recipes, train_base
 
     with tempfile.TemporaryDirectory() as tmp:
         _, te, unet = train_base.build_models(tok_mod.make_tokenizer(tmp, model_max_length=32), 32)
     n_unet, n_te = len(list(unet.parameters())), len(list(te.parameters()))
-    one = train_base.param_groups(unet, te, train_base.RECIPES["v2c"])
+    one = recipes.param_groups(unet, te, recipes.RECIPES["v2c"])
     assert [len(g["params"]) for g in one] == [n_unet + n_te]
-    two = train_base.param_groups(unet, te, train_base.RECIPES["v2d"])
+    two = recipes.param_groups(unet, te, recipes.RECIPES["v2d"])
     assert [(len(g["params"]), g["lr_mult"]) for g in two] == [(n_unet, 1.0), (n_te, 5.0)]
-    three = train_base.param_groups(unet, te, train_base.RECIPES["v2e"])
+    three = recipes.param_groups(unet, te, recipes.RECIPES["v2e"])
     names = {id(p): n for n, p in unet.named_parameters()}
     qk = [names[id(p)] for p in three[1]["params"]]
     blocks = sum(1 for n, _ in unet.named_modules() if n.endswith(".attn2"))
@@ -241,7 +242,7 @@ def test_param_groups_keep_old_layouts_and_put_the_cross_attention_query_and_key
     assert all(".attn2.to_q." in n or ".attn2.to_k." in n for n in qk)
     assert [g["lr_mult"] for g in three] == [1.0, 10.0, 5.0]
     assert sum(len(g["params"]) for g in three) == n_unet + n_te
-    qk_only = train_base.param_groups(unet, te, replace(train_base.RECIPES["v2c"], cross_attn_qk_lr_mult=10.0))
+    qk_only = recipes.param_groups(unet, te, replace(recipes.RECIPES["v2c"], cross_attn_qk_lr_mult=10.0))
     assert [g["lr_mult"] for g in qk_only] == [1.0, 10.0, 1.0]
 
 
@@ -253,7 +254,7 @@ def test_a_branch_starts_from_a_checkpoints_weights_with_fresh_moments_and_keeps
     export-base --raw writes the trained weights, not the EMA."""
     from safetensors.torch import load_file
 
-    from tools.toyworld import train_base
+    from tools.toyworld import recipes, train_base
     from tools.toyworld.checkpoint import load_sharded
 
     src, br = tmp_path / "src", tmp_path / "br"
@@ -291,7 +292,7 @@ def test_a_branch_starts_from_a_checkpoints_weights_with_fresh_moments_and_keeps
         "unet_steps"] == steps + 3  # the branch's own moments restored on resume
     # a resumed trainer's instruments are in eval mode: a gate reads the oracle with its running statistics and
     # leaves them as they were (in training mode its BatchNorm read each batch's own and rewrote them)
-    resumed = train_base.Trainer(br, "cpu", train_base.config_from_state(
+    resumed = train_base.Trainer(br, "cpu", recipes.config_from_state(
         json.loads((br / "state.json").read_text())["config"]), br)
     assert not resumed.oracle.training and not resumed.vae.training
     buffers = {k: v.clone() for k, v in resumed.oracle.state_dict().items()}
@@ -403,3 +404,37 @@ def test_the_selection_probe_trains_three_pattern_siblings_whose_prompts_differ_
         tools_main(["probe", "--siblings", "--pattern-freq", "1.3,1.7", "--out", str(tmp_path / "p")])
     assert exc.value.code == 2 and "--siblings" in capsys.readouterr().err
     assert not (tmp_path / "p").exists()
+
+
+def test_the_draw_alone_control_fine_tunes_a_fresh_model_per_sibling(tmp_path, monkeypatch, capsys):
+    """probe --siblings --alone (docs/toyworld.md, "The draw-alone control"): each sibling gets its own fresh
+    builtin:toy and a fine-tune on itself only; the file keeps the same images as the selection probe's;
+    --alone without --siblings is refused with exit 2."""
+    from safetensors.torch import load_file
+
+    from palpcompose.toyworld.worlds import WORLDS
+    from tools.toyworld import probe
+    from tools.toyworld.__main__ import main as tools_main
+
+    calls, pipes = [], []
+    real_load = probe.load_toy_pipeline
+
+    def counting_load():
+        pipes.append(real_load())
+        return pipes[-1]
+
+    monkeypatch.setattr(probe, "load_toy_pipeline", counting_load)
+    monkeypatch.setattr(probe, "fine_tune", lambda pipe, subject, steps, batch, lr, log, w, siblings=None:
+                        calls.append((id(pipe), subject.pattern, siblings)))
+    monkeypatch.setattr(probe, "draw_renders", lambda pipe, subject, n: torch.full((n, 3, 8, 8), subject.pattern / 4))
+    monkeypatch.setattr(probe, "world_and_reconstructions", lambda pipe, subject, n, w: (torch.zeros(n, 3, 8, 8),) * 2)
+    subject = WORLDS["v2c"].subject(probe.FIRST_SEED)
+    probe.probe_siblings(tmp_path, subject, WORLDS["v2c"], 5, 4, 1e-4, 2, lambda r: None, alone=True)
+    assert [(p, s) for _, p, s in calls] == [(1, None), (2, None), (3, None)]  # one sibling each, never together
+    assert len({pid for pid, _, _ in calls}) == 3 and len(pipes) == 4  # a fresh model per sibling
+    saved = load_file(str(probe.siblings_path(tmp_path, subject.seed)))
+    assert {k.split("-")[0] for k in saved} == {"before", "after", "clean", "vae_bound"}
+    assert float(saved["after-3"].mean()) == pytest.approx(0.75)
+    with pytest.raises(SystemExit) as exc:
+        tools_main(["probe", "--alone", "--out", str(tmp_path / "p")])
+    assert exc.value.code == 2 and "--siblings" in capsys.readouterr().err

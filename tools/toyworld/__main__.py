@@ -27,7 +27,8 @@ from palpcompose.errors import PalpcomposeError, UserError
 def cmd_train_base(args) -> None:
     from dataclasses import replace
 
-    from tools.toyworld.train_base import RECIPES, branch_mismatch, config_from_state, train_base
+    from tools.toyworld.recipes import RECIPES, branch_mismatch, config_from_state
+    from tools.toyworld.train_base import train_base
 
     resume = Path(args.resume) if args.resume else None
     if resume is not None and not (resume if resume.is_dir() else resume.parent).joinpath("state.json").is_file():
@@ -233,7 +234,7 @@ def cmd_legibility(args) -> None:
 def main(argv: list[str] | None = None) -> None:
     from palpcompose.models import BUILTIN_MODELS
     from palpcompose.toyworld.worlds import WORLDS
-    from tools.toyworld.train_base import RECIPES
+    from tools.toyworld.recipes import RECIPES
 
     v2_worlds = [name for name, w in WORLDS.items() if w.color2_choices]  # the worlds after v1 (white/black)
 

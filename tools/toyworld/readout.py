@@ -37,7 +37,8 @@ from palpcompose.toyworld import oracle as oracle_mod
 from palpcompose.toyworld.worlds import WORLDS, World, world_of
 from tools.toyworld import diagnose
 from tools.toyworld.checkpoint import digest, flat_optim, git_commit, load_sharded, restore_optim, save_sharded
-from tools.toyworld.train_base import build_vae, config_from_state
+from tools.toyworld.recipes import config_from_state
+from tools.toyworld.train_base import build_vae
 
 # held-out clean renders per world; v1's is the set of `python -m palpcompose.toyworld oracle-accuracy`
 EVAL_SEEDS = {"v1": 4242, "v2": 4243, "v2b": 4244, "v2c": 4245}
