@@ -110,7 +110,12 @@ def test_a_model_folders_own_oracle_is_its_instrument(tmp_path, toy_project, run
     assert scorer.oracle_path == model / toy_oracle.MODEL_ORACLE_FILE
     key = next(iter(own.state_dict()))
     assert torch.equal(scorer.oracle.state_dict()[key], own.state_dict()[key].half().float())
-    result = run_cli("eval", toy_project, "--oracle")
+    run = toy_project / "out" / "renders" / "20260101-000000"  # toy-world pictures scored as a render folder
+    toy_refs(run, seed=7, count=2, style="sketch")
+    (run / "render.json").write_text(json.dumps({"images": [
+        {"file": f"7-{i}.png", "model": "final", "step": 4, "prompt": TARGET, "text": "", "seed": i}
+        for i in range(2)]}))
+    result = run_cli("eval", toy_project, "--oracle", "--renders", run.name)
     assert result.code == 0, result.err
     assert json.loads((toy_project / "out" / "eval.json").read_text())["oracle"] == str(
         model / toy_oracle.MODEL_ORACLE_FILE)

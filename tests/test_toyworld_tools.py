@@ -427,7 +427,8 @@ def test_the_draw_alone_control_fine_tunes_a_fresh_model_per_sibling(tmp_path, m
     monkeypatch.setattr(probe, "fine_tune", lambda pipe, subject, steps, batch, lr, log, w, siblings=None:
                         calls.append((id(pipe), subject.pattern, siblings)))
     monkeypatch.setattr(probe, "draw_renders", lambda pipe, subject, n: torch.full((n, 3, 8, 8), subject.pattern / 4))
-    monkeypatch.setattr(probe, "world_and_reconstructions", lambda pipe, subject, n, w: (torch.zeros(n, 3, 8, 8),) * 2)
+    monkeypatch.setattr(probe, "world_and_reconstructions",
+                        lambda pipe, subject, n, w: (torch.zeros(n, 3, 8, 8), torch.zeros(n, 3, 8, 8)))
     subject = WORLDS["v2c"].subject(probe.FIRST_SEED)
     probe.probe_siblings(tmp_path, subject, WORLDS["v2c"], 5, 4, 1e-4, 2, lambda r: None, alone=True)
     assert [(p, s) for _, p, s in calls] == [(1, None), (2, None), (3, None)]  # one sibling each, never together
