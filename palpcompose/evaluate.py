@@ -34,6 +34,7 @@ from palpcompose import __version__, trackers
 from palpcompose.errors import UserError, command_line
 from palpcompose.fsutil import atomic_write_json
 from palpcompose.images import IMAGE_SUFFIXES
+from palpcompose.models import base_model_path
 from palpcompose.outputs import (
     CONTACT_SHEET_FILE,
     FINAL_NAME,
@@ -87,18 +88,6 @@ class PromptScores:
     details: list[dict] = field(default_factory=list)  # (N,) per-image extras (oracle elements, raw cosines)
 
 
-def _model_folder(project) -> Path:
-    """The project's base model as a folder path (builtin:NAME's folder, or the path as written, relative to the
-    project); a hub id or a file gives a path that is no folder."""
-    from palpcompose.models import BUILTIN_MODELS
-
-    spec = project.config.project.base_model.strip()
-    if spec in BUILTIN_MODELS:
-        return BUILTIN_MODELS[spec]
-    path = Path(spec).expanduser()
-    return path if path.is_absolute() else project.root / path
-
-
 class OracleScorer:
     """Text alignment and subject fidelity read by the toy world's oracle (see the module docstring)."""
 
@@ -111,7 +100,8 @@ class OracleScorer:
         self._oracle_module, self._world = toy_oracle, world
         # the instrument of the project's base model: its folder's own oracle when it has one (a toy-world model
         # exported with a read-out), else the shipped one
-        self.oracle_path = None if oracle is not None else toy_oracle.model_oracle_path(_model_folder(project))
+        self.oracle_path = None if oracle is not None else toy_oracle.model_oracle_path(
+            base_model_path(project.config.project.base_model, project.root))
         self.oracle = oracle if oracle is not None else toy_oracle.load_oracle(self.oracle_path)
         self.class_words = {k: s.class_name for k, s in project.config.subjects.items()}
         # What each subject is judged on, read once from its references.
@@ -167,6 +157,7 @@ class ClipScorer:
     """The paper's CLIP metrics from a local CLIP folder (transformers `CLIPModel` + tokenizer + image processor)."""
 
     name = "clip"
+    oracle_path = None  # eval.json's "oracle": none for CLIP
 
     def __init__(self, project, clip_path: str | Path, device: str = "cpu"):
         from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
@@ -410,7 +401,7 @@ def evaluate(project, *, clip=None, oracle: bool = False, renders=None, seeds=No
     data = {
         "palpcompose_version": __version__, "project": cfg.project.name, "base_model": cfg.project.base_model,
         "metric": scorer.name, "clip_model": str(clip) if clip is not None else None,
-        "oracle": str(scorer.oracle_path) if getattr(scorer, "oracle_path", None) else None, "renders": str(folder),
+        "oracle": str(scorer.oracle_path) if scorer.oracle_path else None, "renders": str(folder),
         "means_of": means_of, "guidance": top["guidance"], "text_alignment": top["text_alignment"],
         "subject_fidelity": top["subject_fidelity"], "subjects": subjects, "models": models, "images": rows,
     }

@@ -433,7 +433,8 @@ def test_the_draw_alone_control_fine_tunes_a_fresh_model_per_sibling(tmp_path, m
     probe.probe_siblings(tmp_path, subject, WORLDS["v2c"], 5, 4, 1e-4, 2, lambda r: None, alone=True)
     assert [(p, s) for _, p, s in calls] == [(1, None), (2, None), (3, None)]  # one sibling each, never together
     assert len({pid for pid, _, _ in calls}) == 3 and len(pipes) == 4  # a fresh model per sibling
-    saved = load_file(str(probe.siblings_path(tmp_path, subject.seed)))
+    assert not probe.siblings_path(tmp_path, subject.seed).exists()  # never taken for the selection probe's
+    saved = load_file(str(probe.siblings_path(tmp_path, subject.seed, alone=True)))
     assert {k.split("-")[0] for k in saved} == {"before", "after", "clean", "vae_bound"}
     assert float(saved["after-3"].mean()) == pytest.approx(0.75)
     with pytest.raises(SystemExit) as exc:

@@ -47,6 +47,17 @@ class BaseModelSource:
     # | "unknown"
 
 
+def base_model_path(spec: str, project_dir: Path | None = None) -> Path:
+    """Where on disk `spec` would be: a built-in model's folder, else the path as written (`~` expanded, relative to
+    `project_dir`, never the caller's working directory). Nothing is checked; a hub id gives a path that is not
+    there. `resolve_base_model` says what, if anything, is there."""
+    spec = spec.strip()
+    if spec in BUILTIN_MODELS:
+        return BUILTIN_MODELS[spec]
+    path = Path(spec).expanduser()
+    return project_dir / path if not path.is_absolute() and project_dir is not None else path
+
+
 def resolve_base_model(spec: str, project_dir: Path | None = None, allow_pickle: bool = False) -> BaseModelSource:
     """Say what `spec` refers to without loading its weights (a folder's model_index.json and a .safetensors file's
     header are read). Raises UserError when it cannot be a base model, or is a pickled file and `allow_pickle` is
@@ -61,9 +72,7 @@ def resolve_base_model(spec: str, project_dir: Path | None = None, allow_pickle:
                   else f"{spec} is not installed in this copy of palpcompose ({folder})")
         return BaseModelSource(spec, "builtin", str(folder), ok, detail, family="toy")
 
-    path = Path(spec).expanduser()
-    if not path.is_absolute() and project_dir is not None:  # as `images`: never the caller's working directory
-        path = project_dir / path
+    path = base_model_path(spec, project_dir)
     if path.is_dir():
         family = _check_pipeline_folder(path, allow_pickle)
         return BaseModelSource(spec, "folder", str(path), True, f"diffusers folder {path} ({FAMILY_NAMES[family]})",

@@ -75,9 +75,10 @@ def cmd_train_base(args) -> None:
     if branch is not None:
         source = config_from_state(json.loads((branch / "state.json").read_text()).get("config", {}))
         cfg = replace(cfg, oracle_from=source.oracle_from)  # a branch reads the oracle its source read
-        if branch_mismatch(source, cfg):
-            raise UserError(f"--branch-from {branch} --recipe {args.recipe}: {branch_mismatch(source, cfg)}; "
-                            "pick a recipe of the same world")
+        mismatch = branch_mismatch(source, cfg)
+        if mismatch:
+            raise UserError(f"--branch-from {branch} --recipe {args.recipe}: {mismatch}; pick a recipe of the same "
+                            "world")
     result = train_base(Path(args.out), args.device, args.minutes, resume, cfg=cfg, final_eval=args.final_eval,
                         more_oracle_minutes=args.more_oracle_minutes, stop_at_step=args.stop_at_step,
                         branch_from=branch)

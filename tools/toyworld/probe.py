@@ -48,6 +48,9 @@ def load_toy_pipeline():
     return pipe
 
 
+PARTS = ("before", "after", "vae_bound", "clean")  # the images a probe keeps, each read per head
+
+
 def _head_means(p: torch.Tensor) -> dict:
     return {h: round(float(p[:, j].mean()), 4) for j, h in enumerate(HEADS)}
 
@@ -144,19 +147,25 @@ def read_probe(out: Path, subjects: list, w: World, oracle, oracle_name: str, me
     for subject in subjects:
         images = load_file(str(images_path(out, subject.seed)))
         row = {"seed": subject.seed, "prompt": described_prompt(subject)}
-        for part in ("before", "after", "vae_bound", "clean"):
+        for part in PARTS:
             row[part] = _head_means(ceiling.identity_probs(oracle, images[part], subject)[0])
         rows.append(row)
         g = torch.Generator().manual_seed(subject.seed)
         refs = world.render(w.subject_scenes(subject, 4, g), g)
         strips.append(torch.cat([refs, images["before"][:4], images["after"][:4]]))
-    summary = {part: {h: round(sum(r[part][h] for r in rows) / len(rows), 4) for h in HEADS}
-               for part in ("before", "after", "vae_bound", "clean")}
-    report = {"design": "docs/toyworld.md, 'The capacity probe'", **meta, "world": w.name, "oracle": oracle_name,
-              "subjects": rows, "mean": summary}
-    atomic_write_text(out / "probe.json", json.dumps(report, indent=2) + "\n")
-    grid = torch.cat([torch.cat(list(s), dim=2) for s in strips], dim=1)  # rows: subjects; refs | v1 | fine-tuned
-    atomic_save_image(out / "probe.png", world.to_pil(grid))
+    # rows: subjects; refs | v1 | fine-tuned
+    return _write_report(out, "probe", "The capacity probe", "subjects", rows, strips, meta, w, oracle_name)
+
+
+def _write_report(out: Path, name: str, design: str, key: str, rows: list, strips: list, meta: dict, w: World,
+                  oracle_name: str) -> dict:
+    """NAME.json (the rows and their mean per part and head) and NAME.png (one strip of images per row)."""
+    summary = {part: {h: round(sum(r[part][h] for r in rows) / len(rows), 4) for h in HEADS} for part in PARTS}
+    report = {"design": f"docs/toyworld.md, '{design}'", **meta, "world": w.name, "oracle": oracle_name,
+              key: rows, "mean": summary}
+    atomic_write_text(out / f"{name}.json", json.dumps(report, indent=2) + "\n")
+    grid = torch.cat([torch.cat(list(s), dim=2) for s in strips], dim=1)
+    atomic_save_image(out / f"{name}.png", world.to_pil(grid))
     return report
 
 
@@ -166,8 +175,10 @@ def pattern_siblings(subject: world.Subject) -> list[world.Subject]:
     return [dataclasses.replace(subject, pattern=p) for p in range(1, len(world.PATTERNS))]
 
 
-def siblings_path(out: Path, seed: int) -> Path:
-    return out / f"siblings-{seed}.safetensors"
+def siblings_path(out: Path, seed: int, alone: bool = False) -> Path:
+    """The selection probe's images of one subject; the draw-alone control's under their own name, so that a folder
+    of one is never read as the other."""
+    return out / f"siblings{'-alone' if alone else ''}-{seed}.safetensors"
 
 
 def probe_siblings(out: Path, subject, w: World, steps: int, batch: int, lr: float, n_images: int, log,
@@ -194,33 +205,27 @@ def probe_siblings(out: Path, subject, w: World, steps: int, batch: int, lr: flo
         fine_tune(pipe, subject, steps, batch, lr, log, w, siblings=group)
         for sib in group:
             images[f"after-{sib.pattern}"] = draw_renders(pipe, sib, n_images)
-    atomic_save_safetensors(siblings_path(out, subject.seed), images)
+    atomic_save_safetensors(siblings_path(out, subject.seed, alone), images)
 
 
 @torch.no_grad()
-def read_siblings(out: Path, subjects: list, w: World, oracle, oracle_name: str, meta: dict) -> dict:
+def read_siblings(out: Path, subjects: list, w: World, oracle, oracle_name: str, meta: dict,
+                  alone: bool = False) -> dict:
     """Per sibling, the oracle's probability of the truth per head; the mean per head over every sibling;
     selection.json and selection.png (rows: siblings; world renders | before | after)."""
     from safetensors.torch import load_file
 
     rows, strips = [], []
     for subject in subjects:
-        images = load_file(str(siblings_path(out, subject.seed)))
+        images = load_file(str(siblings_path(out, subject.seed, alone)))
         for sib in pattern_siblings(subject):
             row = {"seed": subject.seed, "pattern": world.PATTERNS[sib.pattern], "prompt": described_prompt(sib)}
-            for part in ("before", "after", "vae_bound", "clean"):
+            for part in PARTS:
                 row[part] = _head_means(ceiling.identity_probs(oracle, images[f"{part}-{sib.pattern}"], sib)[0])
             rows.append(row)
             strips.append(torch.cat([images[f"clean-{sib.pattern}"][:4], images[f"before-{sib.pattern}"][:4],
                                      images[f"after-{sib.pattern}"][:4]]))
-    summary = {part: {h: round(sum(r[part][h] for r in rows) / len(rows), 4) for h in HEADS}
-               for part in ("before", "after", "vae_bound", "clean")}
-    report = {"design": "docs/toyworld.md, 'The selection probe'", **meta, "world": w.name, "oracle": oracle_name,
-              "siblings": rows, "mean": summary}
-    atomic_write_text(out / "selection.json", json.dumps(report, indent=2) + "\n")
-    grid = torch.cat([torch.cat(list(s), dim=2) for s in strips], dim=1)
-    atomic_save_image(out / "selection.png", world.to_pil(grid))
-    return report
+    return _write_report(out, "selection", "The selection probe", "siblings", rows, strips, meta, w, oracle_name)
 
 
 def run_probe(out: Path, n_subjects: int = 4, steps: int = 300, batch: int = 16, lr: float = 1e-4,
@@ -238,14 +243,14 @@ def run_probe(out: Path, n_subjects: int = 4, steps: int = 300, batch: int = 16,
         print(json.dumps(record), flush=True)
 
     subjects = [with_pattern_freq(w.subject(FIRST_SEED + i), pattern_freq) for i in range(n_subjects)]
-    path = siblings_path if siblings else images_path
     for subject in subjects:
-        if not path(out, subject.seed).is_file():
+        path = siblings_path(out, subject.seed, alone) if siblings else images_path(out, subject.seed)
+        if not path.is_file():
             if siblings:
                 probe_siblings(out, subject, w, steps, batch, lr, n_images, log, alone=alone)
             else:
                 probe_subject(out, subject, w, steps, batch, lr, n_images, log)
-            log({"seed": subject.seed, "drawn": str(path(out, subject.seed))})
+            log({"seed": subject.seed, "drawn": str(path)})
     if draw_only:
         return None
     oracle = oracle_mod.load_oracle()
@@ -254,8 +259,9 @@ def run_probe(out: Path, n_subjects: int = 4, steps: int = 300, batch: int = 16,
         oracle.eval()
     meta = {"steps": steps, "batch": batch, "lr": lr, "pattern_freq": pattern_freq,
             **({"trained": "each sibling alone" if alone else "the siblings together"} if siblings else {})}
-    read = read_siblings if siblings else read_probe
-    report = read(out, subjects, w, oracle, str(oracle_dir) if oracle_dir is not None else "shipped", meta)
+    oracle_name = str(oracle_dir) if oracle_dir is not None else "shipped"
+    report = (read_siblings(out, subjects, w, oracle, oracle_name, meta, alone) if siblings
+              else read_probe(out, subjects, w, oracle, oracle_name, meta))
     for row in report["siblings" if siblings else "subjects"]:
         log(row)
     log({"mean": report["mean"]})

@@ -185,9 +185,10 @@ class Trainer:
         self.state["prediction_type"] = self.cfg.prediction_type
 
     def _branch(self, source: Path) -> None:
-        saved = config_from_state(json.loads((source / "state.json").read_text()).get("config", {}))
-        if branch_mismatch(saved, self.cfg):
-            raise ValueError(f"branch from {source}: {branch_mismatch(saved, self.cfg)}")
+        mismatch = branch_mismatch(config_from_state(json.loads((source / "state.json").read_text()).get("config", {})),
+                                   self.cfg)
+        if mismatch:  # the CLI refuses this before anything is written; this guards other callers
+            raise ValueError(f"branch from {source}: {mismatch}")
         self._load(source)
         self.optim_state = None
         self.state["config"] = asdict(self.cfg)
@@ -461,7 +462,6 @@ class Trainer:
 
         t0 = time.time()
         pipe = self.pipeline()
-        self.oracle.eval()
         report = ceiling.run_ceiling(pipe, self.oracle, self.cfg.gate_subjects, (0,), self.cfg.sample_steps, 5.0,
                                      old_bar_prompts=self.cfg.gate_old_bar_prompts,
                                      color2_choices=self.cfg.color2_choices)
@@ -516,7 +516,6 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, n: int, guidance_scale: float, steps: int, seed: int, pipe=None) -> dict[str, float]:
         pipe = pipe or self.pipeline()
-        self.oracle.eval()
         return evaluate_pipeline(pipe, self.oracle, n, guidance_scale, steps, seed, self.device, self.autocast)
 
 
