@@ -21,7 +21,8 @@ MIN_GAIN, SE_MULT, MAX_LOSS_RISE, KEEP_FRACTION = 0.0015, 2.0, 0.003, 0.8
 def summary(report: dict) -> dict:
     rows = [r for r in report["bands"] if tuple(r["t"]) in BANDS]
     if len(rows) != len(BANDS):
-        raise SystemExit(f"{report.get('model')}: the loss-gap report lacks the bands t = 300-699")
+        raise SystemExit(f"error: {report.get('model')}: the loss-gap report lacks the bands t = 300-699; write it "
+                         "with tools.toyworld loss-gap (all ten bands)")
     out = {"loss_true": sum(r["loss_true"] for r in report["bands"]) / len(report["bands"])}
     for word in ("pattern", "color", "color2"):
         out[word] = sum(r[f"gap_{word}"] for r in rows) / len(rows)
@@ -50,6 +51,9 @@ def main(argv=None) -> None:
     names = args.names.split(",") if args.names else [Path(p).stem for p in args.reports]
     if len(names) != len(args.reports):
         parser.error("--names needs one name per report")
+    missing = [p for p in args.reports if not Path(p).is_file()]
+    if missing:
+        parser.error(f"no such loss-gap report: {', '.join(missing)} (write one with tools.toyworld loss-gap --json)")
     rows = {n: summary(json.loads(Path(p).read_text())) for n, p in zip(names, args.reports)}
     print(f"{'model':<10} {'pattern':>16} {'colour':>16} {'second colour':>16} {'L(true)':>8}")
     for n, r in rows.items():
